@@ -1,0 +1,37 @@
+# Every target runs inside .venv, which `make install` creates.
+PY      ?= .venv/bin/python
+PIP     ?= .venv/bin/pip
+MODEL   ?=
+OUT     ?= out
+TARGET  ?= edgellm-0.9
+DTYPE   ?= float16
+VERIFY  ?= 0
+ARGS    ?=
+
+.PHONY: install test test-fast export demo bench clean
+
+install:
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first and exactly: a CPU wheel of 2.13.0 lies on local disk, anything else pulls CUDA builds.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+
+test:
+	$(PY) -m pytest -q $(ARGS)
+
+export:
+	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1]"; exit 2; }
+	$(PY) -m onnx_rewriter export --model "$(MODEL)" --output_dir "$(OUT)" --target $(TARGET) --dtype $(DTYPE) $(if $(filter 1,$(VERIFY)),--verify) $(ARGS)
+
+# Builds the bundled tiny default checkpoint (random weights, local tokenizer), exports and verifies it.
+demo:
+	$(PY) -m onnx_rewriter.demo demo/checkpoint
+	$(MAKE) export MODEL=demo/checkpoint OUT=demo/out VERIFY=1 ARGS="--force"
+
+bench:
+	$(PY) bench/run.py $(ARGS)
+
+clean:
+	rm -rf demo out build *.egg-info .pytest_cache

@@ -1,0 +1,2 @@
+import logging
+logging.getLogger(__name__).addHandler(logging.NullHandler())
