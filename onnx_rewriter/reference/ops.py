@@ -1,0 +1,121 @@
+"""``AttentionPlugin`` for ``onnx.reference.ReferenceEvaluator(model, new_ops=REFERENCE_OPS)``.
+
+The evaluator keys custom ops by ``(op_domain, class __name__)``, so both classes below are
+named ``AttentionPlugin`` and differ only in ``op_domain`` (``trt`` / ``trt_edgellm``).
+Both dispatch on input count, since NVIDIA >= 0.8 writes ``trt_edgellm`` for the dense
+runtimes too:
+
+- 5: 0.5 target, packed qkv + the 4 dense inputs;
+- 7: 0.9 target, q, k, v + the 4 dense inputs;
+- 10: 0.11 paged form; 12 with the q/k-norm gammas at positions 6 and 7 (after
+  ``kv_page_table``, before ``query_start_offsets``), as NVIDIA's schema orders them.
+"""
+
+from __future__ import annotations
+
+import onnx.defs
+
+from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention
+
+
+def _import_op_run():
+    """Import ``onnx.reference.op_run`` whatever schemas are registered.
+
+    On first import it builds a name -> schema map and raises NotImplementedError when one op
+    name lives in two domains, which an ``AttentionPlugin`` schema registered for both ``trt``
+    and ``trt_edgellm`` is. Hide those schemas for the import, then put them back.
+    """
+    try:
+        from onnx.reference import op_run
+        return op_run
+    except NotImplementedError:
+        pass
+    hidden = []
+    for domain in ("trt", "trt_edgellm"):
+        try:
+            schema = onnx.defs.get_schema("AttentionPlugin", domain)
+        except onnx.defs.SchemaError:
+            continue
+        onnx.defs.deregister_schema(schema.name, schema.since_version, schema.domain)
+        hidden.append(schema)
+    try:
+        from onnx.reference import op_run
+    finally:
+        for schema in hidden:
+            onnx.defs.register_schema(schema)
+    return op_run
+
+
+OpRun = _import_op_run().OpRun
+
+
+def _unsupported(**flags) -> None:
+    on = [name for name, value in flags.items() if value]
+    if on:
+        raise NotImplementedError(f"AttentionPlugin reference does not model {', '.join(on)}")
+
+
+def _dense(inputs, attrs):
+    kwargs = dict(num_q_heads=int(attrs["num_q_heads"]), num_kv_heads=int(attrs["num_kv_heads"]),
+                  head_size=int(attrs["head_size"]),
+                  sliding_window_size=int(attrs.get("sliding_window_size", -1)),
+                  attention_scale=attrs.get("attention_scale"))
+    if len(inputs) == 7:
+        return dense_attention(*inputs, **kwargs)
+    if len(inputs) == 5:
+        return packed_qkv_dense_attention(*inputs, **kwargs)
+    raise ValueError(f"dense AttentionPlugin takes 5 or 7 inputs, got {len(inputs)}")
+
+
+def _paged(inputs, attrs):
+    qk_norm = bool(attrs.get("enable_qk_norm", 0))
+    if len(inputs) not in (10, 12) or qk_norm != (len(inputs) == 12):
+        raise ValueError(f"paged AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
+                         "(expected 10 without q/k-norm, 12 with it)")
+    inputs = list(inputs)
+    q_gamma = k_gamma = None
+    if qk_norm:
+        q_gamma, k_gamma = inputs.pop(6), inputs.pop(6)
+    return paged_attention(
+        *inputs, num_q_heads=int(attrs["num_q_heads"]), num_kv_heads=int(attrs["num_kv_heads"]),
+        head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
+        attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
+        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)),
+        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)))
+
+
+class _AttentionPluginBase(OpRun):
+    # No schema lookup: attributes arrive only when present on the node; defaults live here.
+    op_schema = None
+
+    def _run(self, *inputs, **attrs):
+        _unsupported(enable_tree_attention=attrs.get("enable_tree_attention", 0),
+                     enable_fp8_kv_cache=attrs.get("enable_fp8_kv_cache", 0),
+                     enable_kv_shared=attrs.get("enable_kv_shared", 0),
+                     enable_attention_sink=attrs.get("enable_attention_sink", 0),
+                     enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),
+                     enable_context_mask_selector=attrs.get("enable_context_mask_selector", 0))
+        if len(inputs) in (5, 7):
+            return _dense(inputs, attrs)
+        return _paged(inputs, attrs)
+
+
+class TrtAttentionPlugin(_AttentionPluginBase):
+    op_domain = "trt"
+
+
+class TrtEdgeLLMAttentionPlugin(_AttentionPluginBase):
+    op_domain = "trt_edgellm"
+
+
+for _cls in (TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin):
+    _cls.__name__ = "AttentionPlugin"  # the evaluator matches on the class name
+
+REFERENCE_OPS = [TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
+
+
+def reference_evaluator(model, **kwargs):
+    """``ReferenceEvaluator`` over ``model`` with the plugin ops (safe after schema registration)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model, new_ops=REFERENCE_OPS + list(kwargs.pop("new_ops", [])), **kwargs)

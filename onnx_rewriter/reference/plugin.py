@@ -1,0 +1,248 @@
+"""CPU (numpy) reference of EdgeLLM's ``AttentionPlugin`` (contract section 2).
+
+Both cache layouts (dense ``[B, 2, Hkv, cap, D]`` and the 0.11 paged pool) reduce to the
+same per-sequence problem: roped queries at known positions attend to the keys at
+positions ``0..kv_end-1`` (past keys read from the cache, new keys fresh). That core is
+``attend_sequence``; the layout functions only gather, rope, scatter.
+
+Everything is computed in float32. New keys/values enter attention at float32 precision
+(the kernel also uses the fresh tensors for the current chunk); past ones are read back
+from the cache in its own dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAGE_SIZE = 128  # tokens per KV page (fixed by the 0.11 runtime)
+
+_F32 = np.float32
+
+
+def _head_counts(num_q_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    return num_q_heads // num_kv_heads
+
+
+def _scale(attention_scale, head_size: int) -> float:
+    # The plugin attribute is absent or 0 when the default 1/sqrt(D) applies.
+    if attention_scale is None or float(attention_scale) == 0.0:
+        return 1.0 / float(np.sqrt(head_size))
+    return float(attention_scale)
+
+
+def apply_rope(x, cos_sin_rows, rotary_dim: int | None = None) -> np.ndarray:
+    """Rotate-half RoPE over the first R dims of ``x [..., S, H, D]``; dims >= R pass through.
+
+    ``cos_sin_rows [..., S, R]`` holds ``[cos(p·θ_0..θ_{R/2-1}) | sin(...)]`` per token.
+    """
+    x = np.asarray(x, dtype=_F32)
+    rows = np.asarray(cos_sin_rows, dtype=_F32)
+    r = rows.shape[-1] if rotary_dim is None else int(rotary_dim)
+    if rows.shape[-1] != r or r % 2 or r > x.shape[-1]:
+        raise ValueError(f"rope table width {rows.shape[-1]} vs rotary_dim {r}, head size {x.shape[-1]}")
+    half = r // 2
+    cos = rows[..., None, :half]  # broadcast over the head axis
+    sin = rows[..., None, half:]
+    x1, x2 = x[..., :half], x[..., half:r]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., r:]], axis=-1)
+
+
+def rms_norm_heads(x, weight, eps: float) -> np.ndarray:
+    """Per-head RMSNorm over the last axis (Qwen3-style q_norm / k_norm)."""
+    x = np.asarray(x, dtype=_F32)
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(var + _F32(eps)) * np.asarray(weight, dtype=_F32)
+
+
+def attend_sequence(q, k, v, q_positions, *, sliding_window_size: int = -1, scale: float) -> np.ndarray:
+    """Attention core for one sequence.
+
+    q ``[Sq, Hq, D]`` (roped), k/v ``[Sk, Hkv, D]`` holding positions ``0..Sk-1``
+    (k roped). A query at position p sees keys j with j <= p and, when W > 0, p - W < j
+    (HF Mistral convention). Query head h uses KV head h // (Hq/Hkv). Returns ``[Sq, Hq, D]``.
+    """
+    q = np.asarray(q, dtype=_F32)
+    k = np.asarray(k, dtype=_F32)
+    v = np.asarray(v, dtype=_F32)
+    sq, hq, d = q.shape
+    sk, hkv, _ = k.shape
+    group = _head_counts(hq, hkv)
+    qp = np.asarray(q_positions, dtype=np.int64)[:, None]
+    kp = np.arange(sk, dtype=np.int64)[None, :]
+    mask = kp <= qp
+    if sliding_window_size is not None and sliding_window_size > 0:
+        mask &= kp > qp - sliding_window_size
+    qg = q.reshape(sq, hkv, group, d)
+    scores = np.einsum("qhgd,khd->hgqk", qg, k) * _F32(scale)
+    scores = np.where(mask, scores, -np.inf)
+    peak = scores.max(axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)  # fully masked rows give 0, not NaN
+    prob = np.exp(scores - peak)
+    denom = prob.sum(axis=-1, keepdims=True)
+    prob = prob / np.where(denom > 0, denom, 1.0)
+    out = np.einsum("hgqk,khd->qhgd", prob.astype(_F32), v)
+    return out.reshape(sq, hq, d)
+
+
+def _dense_mode(start, batch: int, seq: int) -> str:
+    if start.size == 0:
+        return "prefill"
+    if start.size != batch:
+        raise ValueError(f"kvcache_start_index has {start.size} entries for batch {batch}")
+    return "chunked" if seq > 1 else "decode"
+
+
+def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
+                    num_q_heads: int, num_kv_heads: int, head_size: int,
+                    sliding_window_size: int = -1, attention_scale=None):
+    """0.9 plugin: q ``[B,S,Hq·D]``, k/v ``[B,S,Hkv·D]``, past_kv ``[B,2,Hkv,cap,D]``.
+
+    Row b's first n tokens are real, at positions ``past + t``:
+      prefill  (start shape [0]):   past = 0,            n = context_lengths[b]
+      chunked  (start [B], S > 1):  past = start[b],     n = context_lengths[b]
+      decode   (start [B], S == 1): past = ctx[b] - 1,   n = 1   (ctx = total incl. the new token)
+    Returns ``out [B,S,Hq,D]`` (q's dtype, padded rows 0) and ``present`` (past_kv's dtype)
+    with the real tokens' roped K / raw V written at ``[past, past+n)``; padded slots keep
+    their old contents (the kernel writes junk there; nothing reads it).
+    """
+    hq, hkv, d = num_q_heads, num_kv_heads, head_size
+    _head_counts(hq, hkv)
+    q = np.asarray(q)
+    b_sz, s = q.shape[:2]
+    qf = q.reshape(b_sz, s, hq, d).astype(_F32)
+    kf = np.asarray(k).reshape(b_sz, s, hkv, d).astype(_F32)
+    vf = np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32)
+    past_kv = np.asarray(past_kv)
+    present = past_kv.copy()
+    cap = past_kv.shape[3]
+    ctx = np.asarray(context_lengths).reshape(-1).astype(np.int64)
+    start = np.asarray(kvcache_start_index).reshape(-1).astype(np.int64)
+    table = np.asarray(rope_cos_sin, dtype=_F32)
+    if table.ndim != 3 or table.shape[0] not in (1, b_sz):
+        raise ValueError(f"rope_cos_sin must be [1 or B, P, R], got {table.shape}")
+    mode = _dense_mode(start, b_sz, s)
+    scale = _scale(attention_scale, d)
+    out = np.zeros((b_sz, s, hq, d), dtype=_F32)
+
+    for b in range(b_sz):
+        if mode == "decode":
+            past, n = int(ctx[b]) - 1, 1
+            if past < 0:
+                continue  # inactive row: nothing to compute or write
+        else:
+            past, n = (0 if mode == "prefill" else int(start[b])), int(ctx[b])
+        if not 0 <= n <= s:
+            raise ValueError(f"row {b}: {n} real tokens in a call of {s}")
+        end = past + n
+        rows = table[b if table.shape[0] == b_sz else 0]
+        if end > cap or end > rows.shape[0]:
+            raise ValueError(f"row {b}: kv end {end} exceeds cache capacity {cap} or rope rows {rows.shape[0]}")
+        if n == 0:
+            continue
+        qr = apply_rope(qf[b, :n], rows[past:end])
+        kr = apply_rope(kf[b, :n], rows[past:end])
+        keys = np.concatenate([present[b, 0, :, :past].transpose(1, 0, 2).astype(_F32), kr])
+        vals = np.concatenate([present[b, 1, :, :past].transpose(1, 0, 2).astype(_F32), vf[b, :n]])
+        out[b, :n] = attend_sequence(qr, keys, vals, past + np.arange(n),
+                                     sliding_window_size=sliding_window_size, scale=scale)
+        present[b, 0, :, past:end] = kr.transpose(1, 0, 2)
+        present[b, 1, :, past:end] = vf[b, :n].transpose(1, 0, 2)
+    return out.astype(q.dtype), present
+
+
+def split_qkv(qkv, num_q_heads: int, num_kv_heads: int, head_size: int):
+    """Split packed ``[..., (Hq+2Hkv)·D]`` into q ``[..., Hq·D]``, k, v ``[..., Hkv·D]``."""
+    qkv = np.asarray(qkv)
+    nq, nkv = num_q_heads * head_size, num_kv_heads * head_size
+    if qkv.shape[-1] != nq + 2 * nkv:
+        raise ValueError(f"packed qkv last dim {qkv.shape[-1]} != (Hq+2Hkv)·D = {nq + 2 * nkv}")
+    return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+
+
+def packed_qkv_dense_attention(qkv, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
+                               num_q_heads: int, num_kv_heads: int, head_size: int,
+                               sliding_window_size: int = -1, attention_scale=None):
+    """0.5 plugin: one packed ``qkv [B,S,(Hq+2Hkv)·D]``, then the 4 dense inputs."""
+    q, k, v = split_qkv(qkv, num_q_heads, num_kv_heads, head_size)
+    return dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index,
+                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                           sliding_window_size=sliding_window_size, attention_scale=attention_scale)
+
+
+def _page_slots(page_row, positions, n_flat_pages: int):
+    """Flat pool (page, slot) indices for token positions through one page-table row."""
+    idx = positions // PAGE_SIZE
+    if np.any(idx >= page_row.shape[0]):
+        raise ValueError(f"position {positions.max()} needs more than {page_row.shape[0]} pages")
+    pages = page_row[idx]
+    if np.any(pages < 0) or np.any(pages >= n_flat_pages):
+        raise ValueError(f"page table entry out of range for positions up to {positions.max()}")
+    return pages, positions % PAGE_SIZE
+
+
+def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
+                    query_start_offsets, attention_sequence_lengths, execution_phase_marker,
+                    context_sequence_count_carrier, *, num_q_heads: int, num_kv_heads: int,
+                    head_size: int, sliding_window_size: int = -1, attention_scale=None,
+                    q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
+                    qk_norm_post_rope: bool = False):
+    """0.11 plugin: token-major packed ``qkv [T,(Hq+2Hkv)·D]``, pool ``[2,num_pages,128,Hkv,D]``.
+
+    Sequence n owns tokens ``query_start_offsets[n] : +query_lengths[n]`` at positions
+    ``past_lengths[n] + t``; its token i lives at flat page ``kv_page_table[n, 0|1, i // 128]``
+    (K|V), slot ``i % 128``. ``rope_cos_sin [T,R]`` has one row per token. Tokens not
+    covered by any sequence get output 0. ``attention_sequence_lengths`` (= past + query),
+    ``execution_phase_marker`` and ``context_sequence_count_carrier`` are shape-only hints the
+    kernel uses to pick a code path; they carry no extra semantics, so they are not read.
+    Returns ``out [T,Hq,D]`` (qkv's dtype) and the updated pool (its own dtype).
+    """
+    del attention_sequence_lengths, execution_phase_marker, context_sequence_count_carrier
+    hq, hkv, d = num_q_heads, num_kv_heads, head_size
+    _head_counts(hq, hkv)
+    qkv = np.asarray(qkv)
+    t_all = qkv.shape[0]
+    q, k, v = (x.reshape(t_all, -1, d).astype(_F32) for x in split_qkv(qkv, hq, hkv, d))
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight go together")
+    table = np.asarray(rope_cos_sin, dtype=_F32).reshape(t_all, -1)
+
+    def rope_and_norm(x, w, rows):
+        if w is None:
+            return apply_rope(x, rows)
+        if qk_norm_post_rope:
+            return rms_norm_heads(apply_rope(x, rows), w, rms_norm_eps)
+        return apply_rope(rms_norm_heads(x, w, rms_norm_eps), rows)
+
+    kv_pool = np.asarray(kv_pool)
+    present = kv_pool.copy()
+    flat = present.reshape(2 * kv_pool.shape[1], PAGE_SIZE, hkv, d)  # a view: writes land in present
+    page_table = np.asarray(kv_page_table).astype(np.int64)
+    qlen = np.asarray(query_lengths).reshape(-1).astype(np.int64)
+    past_len = np.asarray(past_lengths).reshape(-1).astype(np.int64)
+    offsets = np.asarray(query_start_offsets).reshape(-1).astype(np.int64)
+    scale = _scale(attention_scale, d)
+    out = np.zeros((t_all, hq, d), dtype=_F32)
+
+    for n in range(qlen.shape[0]):
+        first, count, past = int(offsets[n]), int(qlen[n]), int(past_len[n])
+        if count <= 0:
+            continue
+        tok = slice(first, first + count)
+        if first + count > t_all:
+            raise ValueError(f"sequence {n}: tokens {first}..{first + count} beyond T={t_all}")
+        qr = rope_and_norm(q[tok], q_norm_weight, table[tok])
+        kr = rope_and_norm(k[tok], k_norm_weight, table[tok])
+        old = np.arange(past)
+        new = past + np.arange(count)
+        kpg, kslot = _page_slots(page_table[n, 0], old, flat.shape[0])
+        vpg, vslot = _page_slots(page_table[n, 1], old, flat.shape[0])
+        keys = np.concatenate([flat[kpg, kslot].astype(_F32), kr])
+        vals = np.concatenate([flat[vpg, vslot].astype(_F32), v[tok]])
+        out[tok] = attend_sequence(qr, keys, vals, new, sliding_window_size=sliding_window_size, scale=scale)
+        kpg, kslot = _page_slots(page_table[n, 0], new, flat.shape[0])
+        vpg, vslot = _page_slots(page_table[n, 1], new, flat.shape[0])
+        flat[kpg, kslot] = kr
+        flat[vpg, vslot] = v[tok]
+    return out.astype(qkv.dtype), present
