@@ -1,2 +1,29 @@
+"""onnx_rewriter: plain ONNX exports of HF decoder LLMs -> NVIDIA EdgeLLM (AttentionPlugin, KV cache).
+
+Python API mirroring the CLI:
+    onnx_rewriter.rewrite("base.onnx", "out", target="edgellm-0.9", dtype="float16")
+    onnx_rewriter.export(model="path/or/id", output_dir="out")
+    onnx_rewriter.verify("out", model="path/or/id")
+"""
+
 import logging
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def rewrite(in_path, out_dir, **options):
+    from .pipeline import rewrite as _rewrite
+
+    return _rewrite(in_path, out_dir, **options)
+
+
+def export(model, output_dir, **options):
+    from .export import export as _export
+
+    return _export(model, output_dir, **options)
+
+
+def verify(out_dir, **options):
+    from .reference.verify import verify as _verify
+
+    return _verify(out_dir, **options)

@@ -1,0 +1,135 @@
+"""Command line: `python -m onnx_rewriter IN.onnx OUT_DIR` plus `export`, `verify` and `inspect`.
+
+Every failure the user can fix ends in one line `error: ...` and exit code 2 (1 for a failed verify),
+without a traceback unless --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import RewriteError
+
+log = logging.getLogger("onnx_rewriter")
+COMMANDS = ("rewrite", "export", "verify", "inspect")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _rewrite_opts(p: argparse.ArgumentParser) -> None:
+    from . import targets
+
+    p.add_argument("--target", default=targets.DEFAULT, help=f"runtime contract: {', '.join(sorted(targets.TARGETS))}")
+    p.add_argument("--dtype", default="float16", help="float16 (runtime) or float32 (debugging)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--external-data", action="store_true", default=None,
+                   help="write weights to model.onnx.data (automatic above 2 GB)")
+    p.add_argument("--report", help="write the per-layer match report to this JSON file")
+
+
+def build_parser(cmd: str) -> argparse.ArgumentParser:
+    if cmd == "rewrite":
+        p = argparse.ArgumentParser(prog="python -m onnx_rewriter", description="Rewrite a plain ONNX export of a "
+                                    "decoder LLM for NVIDIA EdgeLLM. Other commands: export, verify, inspect.")
+        p.add_argument("input", help="baseline .onnx file")
+        p.add_argument("output_dir", help="output folder (created atomically)")
+        p.add_argument("--config", help="HF config.json to cross-check (default: one beside the input)")
+        p.add_argument("--tokenizer", help="tokenizer folder (default: the input's folder)")
+        _rewrite_opts(p)
+    elif cmd == "export":
+        p = argparse.ArgumentParser(prog="python -m onnx_rewriter export", description="Export an HF checkpoint "
+                                    "(id or folder) to ONNX and rewrite it.")
+        p.add_argument("--model", required=True, help="HF model id or local checkpoint folder")
+        p.add_argument("--output_dir", "--output-dir", required=True)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--trust_remote_code", action="store_true")
+        p.add_argument("--verify", action="store_true", help="run verify against the HF model afterwards")
+        _rewrite_opts(p)
+    elif cmd == "verify":
+        p = argparse.ArgumentParser(prog="python -m onnx_rewriter verify", description="Run a rewritten folder on "
+                                    "the CPU reference and compare logits with the HF model or a baseline ONNX.")
+        p.add_argument("out_dir")
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--model", help="HF checkpoint folder or id")
+        src.add_argument("--baseline", help="the baseline .onnx the folder was rewritten from")
+        p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill")
+    else:
+        p = argparse.ArgumentParser(prog="python -m onnx_rewriter inspect", description="Show what the rewriter "
+                                    "sees in a graph, without writing anything.")
+        p.add_argument("input")
+        p.add_argument("--target", default=None)
+    _common(p)
+    return p
+
+
+def _setup_logging(args) -> None:
+    level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
+                                              logging.INFO if args.verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _print_summary(run, out_dir) -> None:
+    n = sum(l.rewritten for l in run.report.layers)
+    print(run.report.table(), file=sys.stderr)
+    print(f"rewrote {n}/{len(run.report.layers)} layers for {run.options.target} in {run.report.seconds:.1f}s: "
+          f"{out_dir} ({', '.join(run.files)})")
+
+
+def _run(cmd: str, args) -> int:
+    from . import pipeline
+
+    if cmd == "rewrite":
+        run = pipeline.rewrite(args.input, args.output_dir, target=args.target, dtype=args.dtype, config=args.config,
+                               tokenizer=args.tokenizer, force=args.force, external_data=args.external_data)
+        _write_report(run, args.report)
+        _print_summary(run, args.output_dir)
+        return 0
+    if cmd == "export":
+        from .export import export
+
+        run = export(args.model, args.output_dir, target=args.target, dtype=args.dtype, device=args.device,
+                     trust_remote_code=args.trust_remote_code, force=args.force, external_data=args.external_data)
+        _write_report(run, args.report)
+        _print_summary(run, args.output_dir)
+        if args.verify:
+            from .reference.verify import verify
+
+            return 0 if verify(args.output_dir, model=args.model).passed else 1
+        return 0
+    if cmd == "verify":
+        from .reference.verify import verify
+
+        return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps).passed else 1
+    from .inspect import inspect
+
+    print(inspect(args.input, target=args.target))
+    return 0
+
+
+def _write_report(run, path) -> None:
+    if path:
+        with open(path, "w") as fh:
+            fh.write(run.report.to_json())
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "rewrite"
+    args = build_parser(cmd).parse_args(argv)
+    _setup_logging(args)
+    try:
+        return _run(cmd, args)
+    except RewriteError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; the output folder was left as it was", file=sys.stderr)
+        return 130

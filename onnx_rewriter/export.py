@@ -1,0 +1,120 @@
+"""HF checkpoint -> baseline ONNX (plain torch.onnx.export, no KV cache) -> rewrite.
+
+The baseline is `input_ids`, `attention_mask` -> `logits` with dynamic batch and sequence, exported with
+the dynamo exporter in fp32 (the rewriter converts to fp16 tensor by tensor while writing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import RewriteError
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
+    """AutoModelForCausalLM from an HF id or a local folder, with errors a user can act on."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = Path(model).is_dir()
+    if not local and (Path(model).exists() or model.startswith((".", "/"))):
+        raise RewriteError(f"'{model}' is not a checkpoint folder; give an HF model id or a folder with config.json")
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if local:
+            raise RewriteError(f"'{model}' has no readable config.json ({str(exc).splitlines()[0][:100]})") from None
+        raise RewriteError(f"cannot fetch '{model}' from the model hub (no network, or no such model); "
+                           f"download it elsewhere and pass the local folder") from None
+    except ValueError as exc:
+        raise RewriteError(f"unsupported model in '{model}': {str(exc).splitlines()[0][:160]}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0][:160]
+        if attn_implementation == "sdpa" and "sdpa" in msg.lower():
+            return load_model(model, device, trust_remote_code, "eager")
+        raise RewriteError(f"unsupported architecture '{getattr(config, 'model_type', '?')}': {msg}") from None
+    except OSError as exc:
+        raise RewriteError(f"cannot load the weights of '{model}': {str(exc).splitlines()[0][:160]}") from None
+    return m.to(device).eval(), config
+
+
+class _LogitsOnly:
+    """forward(input_ids, attention_mask) -> logits, without a cache (what the baseline graph computes)."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids, attention_mask):
+                return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+        return Wrapper(model)
+
+
+def export_baseline(model, path: Path, device: str = "cpu") -> Path:
+    """Export an HF model (already loaded) to `path` with the dynamo exporter."""
+    import torch
+
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
+    ids = torch.ones((2, 8), dtype=torch.int64, device=device)
+    mask = torch.ones_like(ids)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_LogitsOnly(model), (ids, mask), str(path), dynamo=True, external_data=True,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                          verbose=False)
+    return path
+
+
+def _save_tokenizer(model: str, into: Path) -> Path | None:
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(model).save_pretrained(into)
+        return into
+    except Exception as exc:  # a checkpoint without tokenizer still exports (with a warning later)
+        log.warning("no tokenizer for '%s': %s", model, str(exc).splitlines()[0][:120])
+        return None
+
+
+def export(model: str, output_dir, target: str | None = None, dtype: str = "float16", device: str = "cpu",
+           trust_remote_code: bool = False, force: bool = False, keep_baseline: str | None = None, **options):
+    """Export `model` (HF id or folder) and rewrite it into `output_dir`. Returns the rewrite run."""
+    from . import pipeline
+
+    from .output import OutputDir
+
+    OutputDir.precheck(Path(output_dir), force)
+    m, config = load_model(model, device, trust_remote_code)
+    work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_export_"))
+    try:
+        base = export_baseline(m, work / "model.onnx", device)
+        del m
+        (work / "config.json").write_text(json.dumps(config.to_dict(), default=str))
+        tok_dir = _save_tokenizer(model, work / "tokenizer")
+        opts = pipeline.Options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force,
+                                tokenizer=tok_dir or work, **options)
+        run = pipeline.rewrite(base, output_dir, opts)
+        if keep_baseline:
+            shutil.copytree(work, keep_baseline, dirs_exist_ok=True)
+        return run
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,220 @@
+"""Load a graph without its weights; write weights through, one tensor at a time.
+
+onnx-graphsurgeon materializes every tensor it is given (9.4 GB for a 2 GB model). So the proto is read
+with `load_external_data=False`: large tensors stay on disk as external-data references inside gs's
+LazyValues, small ones (shape constants, inv_freq, scales) are loaded inline so patterns can read them.
+On save, each large tensor is read through a memory map, converted and written to the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+from .errors import RewriteError
+
+log = logging.getLogger(__name__)
+
+# Tensors up to this many elements are loaded into memory; larger ones stay lazy.
+SMALL_TENSOR_ELEMENTS = 1 << 16
+# Alignment of tensors inside the output's external-data file (lets readers mmap them).
+ALIGN = 64
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+
+
+@dataclass
+class SourceModel:
+    """The graph (structure and small constants) plus where its large tensors live."""
+
+    graph: gs.Graph
+    path: Path
+    opset: int
+    ir_version: int
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def _numel(t: TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def _check_external(t: TensorProto, base_dir: Path) -> None:
+    info = external_data_helper.ExternalDataInfo(t)
+    file = base_dir / info.location
+    if not file.is_file():
+        raise RewriteError(
+            f"external data file '{info.location}' of tensor '{t.name}' is missing next to the model "
+            f"(looked in {base_dir}); copy it beside the .onnx file"
+        )
+    end = (info.offset or 0) + (info.length or 0)
+    if file.stat().st_size < end:
+        raise RewriteError(
+            f"external data file '{info.location}' is truncated ({file.stat().st_size} bytes, tensor "
+            f"'{t.name}' needs {end}); re-export the model"
+        )
+
+
+def load(path: str | os.PathLike) -> SourceModel:
+    path = Path(path)
+    if not path.exists():
+        raise RewriteError(f"input '{path}' does not exist; give the path of a .onnx file")
+    if not path.is_file():
+        raise RewriteError(f"input '{path}' is not a file; give the path of a .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends carry no useful text
+        raise RewriteError(f"'{path}' is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
+    if not model.graph.node:
+        raise RewriteError(f"'{path}' is not an ONNX model (no graph nodes); give a baseline export")
+    base_dir = path.parent
+    for t in _all_initializers(model.graph):
+        if t.data_location == TensorProto.EXTERNAL:
+            _check_external(t, base_dir)
+            if _numel(t) <= SMALL_TENSOR_ELEMENTS:
+                external_data_helper.load_external_data_for_tensor(t, str(base_dir))
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    meta = {p.key: p.value for p in model.metadata_props}
+    graph = gs.import_onnx(model)
+    return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta)
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+# ---------------------------------------------------------------- reading tensors
+
+
+def read_tensor(t: TensorProto, base_dir: Path) -> np.ndarray:
+    """A tensor's values; external data comes through a read-only memory map (no copy)."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    info = external_data_helper.ExternalDataInfo(t)
+    np_dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    if t.data_type == TensorProto.BFLOAT16:
+        np_dtype = np.uint16  # read raw bits; see to_dtype
+    mm = np.memmap(base_dir / info.location, dtype=np.uint8, mode="r", offset=info.offset or 0,
+                   shape=(info.length or _numel(t) * np.dtype(np_dtype).itemsize,))
+    arr = mm.view(np_dtype).reshape(tuple(t.dims))
+    if t.data_type == TensorProto.BFLOAT16:
+        return arr  # raw bits, flagged by the caller's knowledge of data_type
+    return arr
+
+
+def values_of(t: TensorProto, base_dir: Path) -> np.ndarray:
+    """Values as a numpy array of a real dtype (bf16 widened to float32)."""
+    arr = read_tensor(t, base_dir)
+    if t.data_type == TensorProto.BFLOAT16:
+        if arr.dtype == np.uint16:
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(arr, dtype=np.float32)
+    return arr
+
+
+def lazy_proto(c: gs.Constant) -> TensorProto | None:
+    vals = c._values
+    return vals.tensor if isinstance(vals, gs.ir.tensor.LazyValues) else None
+
+
+def constant_array(c: gs.Constant, base_dir: Path) -> np.ndarray:
+    proto = lazy_proto(c)
+    return values_of(proto, base_dir) if proto is not None else np.asarray(c.values)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def convert_float(arr: np.ndarray, proto_type: int, want: int) -> np.ndarray:
+    if proto_type == want:
+        return arr
+    if proto_type == TensorProto.BFLOAT16 and arr.dtype == np.uint16:
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(helper.tensor_dtype_to_np_dtype(want))
+
+
+class WeightWriter:
+    """Streams initializers into `<model>.data` (external) or inline raw_data, converting float dtypes."""
+
+    def __init__(self, out_model: Path, source_dir: Path, float_type: int, external: bool):
+        self.source_dir = source_dir
+        self.float_type = float_type
+        self.external = external
+        self.data_name = out_model.name + ".data"
+        self._fh = open(out_model.parent / self.data_name, "wb") if external else None
+        self._offset = 0
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+
+    def _target_type(self, t: TensorProto) -> int:
+        return self.float_type if t.data_type in FLOAT_TYPES else t.data_type
+
+    def rewrite(self, t: TensorProto) -> None:
+        """Replace `t`'s storage in place with converted data (inline or external)."""
+        want = self._target_type(t)
+        needs_convert = want != t.data_type
+        large = _numel(t) > SMALL_TENSOR_ELEMENTS
+        if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL:
+            return
+        arr = convert_float(read_tensor(t, self.source_dir), t.data_type, want)
+        raw = np.ascontiguousarray(arr).tobytes()
+        name, dims = t.name, list(t.dims)
+        t.Clear()
+        t.name, t.data_type = name, want
+        t.dims.extend(dims)
+        if self.external and large:
+            pad = (-self._offset) % ALIGN
+            self._fh.write(b"\0" * pad)
+            self._offset += pad
+            self._fh.write(raw)
+            external_data_helper.set_external_data(t, self.data_name, offset=self._offset, length=len(raw))
+            t.data_location = TensorProto.EXTERNAL
+            self._offset += len(raw)
+        else:
+            t.raw_data = raw
+
+
+def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: int, external: bool) -> list[str]:
+    """Write `model` with its weights converted to `float_type`; returns the file names written."""
+    writer = WeightWriter(out_path, source_dir, float_type, external)
+    try:
+        for t in _all_initializers(model.graph):
+            writer.rewrite(t)
+    finally:
+        writer.close()
+    onnx.save_model(model, str(out_path))
+    files = [out_path.name]
+    if external:
+        files.append(writer.data_name)
+    return files
+
+
+def weights_nbytes(graph: gs.Graph, float_itemsize: int) -> int:
+    """Output size of the graph's float weights, to decide on external data (2 GB protobuf limit)."""
+    total = 0
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            proto = lazy_proto(t)
+            dims = list(proto.dims) if proto is not None else list(t.shape)
+            n = int(np.prod(dims)) if dims else 1
+            dtype = proto.data_type if proto is not None else helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            total += n * (float_itemsize if dtype in FLOAT_TYPES else helper.tensor_dtype_to_np_dtype(dtype).itemsize)
+    return total

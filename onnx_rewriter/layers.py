@@ -1,0 +1,85 @@
+"""What the patterns hand to the targets: target-agnostic descriptions of matched subgraphs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+@dataclass
+class RopeTable:
+    """cos/sin computed from positions and an inv_freq constant, shared by the layers that use it."""
+
+    inv_freq: np.ndarray  # [R/2]
+    positions: gs.Tensor  # the tensor the angles are computed from
+    cos: gs.Tensor
+    sin: gs.Tensor
+    attention_scaling: float = 1.0
+
+
+@dataclass
+class RopeApply:
+    """rotate_half RoPE applied to `x` ([B, H, S, D] layout) over its first `rotary_dim` dims."""
+
+    x: gs.Tensor
+    table: RopeTable
+    rotary_dim: int
+    patterns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RepeatKV:
+    x: gs.Tensor  # [B, Hkv, T, D]
+    groups: int | None
+
+
+@dataclass
+class AttentionCore:
+    """softmax(q·kᵀ·scale + mask)·v with q, k, v in [B, H, S, D]; `out` is [B, Hq, S, D]."""
+
+    q: gs.Tensor
+    k: gs.Tensor
+    v: gs.Tensor
+    out: gs.Tensor
+    scale: float
+    mask: gs.Tensor | None
+
+
+@dataclass
+class QKNorm:
+    """Per-head RMSNorm on q or k before RoPE (Qwen3, Gemma3); stays in the graph for 0.5/0.9."""
+
+    weight: np.ndarray | None
+    eps: float | None
+
+
+@dataclass
+class AttentionLayer:
+    """One decoder layer's attention, ready for a target to replace with its plugin node.
+
+    q, k, v are the tensors entering RoPE / attention in [B, H, S, D] layout (q and k before RoPE).
+    The target must produce a tensor equivalent to `out` ([B, Hq, S, D]) and rebind its consumers.
+    """
+
+    index: int
+    q: gs.Tensor
+    k: gs.Tensor
+    v: gs.Tensor
+    out: gs.Tensor
+    num_q_heads: int
+    num_kv_heads: int
+    head_size: int
+    rotary_dim: int
+    rope: RopeTable
+    scale: float
+    mask: gs.Tensor | None
+    sliding_window: int | None = None
+    q_norm: QKNorm | None = None
+    k_norm: QKNorm | None = None
+    patterns: list[str] = field(default_factory=list)
+
+    @property
+    def default_scale(self) -> float:
+        return float(self.head_size) ** -0.5

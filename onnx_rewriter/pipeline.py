@@ -1,0 +1,220 @@
+"""The rewrite as a short list of named steps: load, normalize, match, check, build, write.
+
+`rewrite()` is the public entry point (the CLI is a thin shell around it). Each step is a function of
+the `Run` state so a caller can run, replace or inspect steps without reaching into internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import dtype as dtypes
+from . import engine, graph as graphio, schema, spec as specmod, targets
+from .errors import PatternMismatch, RewriteError
+from .layers import AttentionLayer
+from .normalize import normalize, replace_uses
+from .output import OutputDir
+from .probe import MaskProbe
+from .report import LayerReport, Report
+from .targets.base import B, S, Build
+
+log = logging.getLogger(__name__)
+
+ANCHOR_STAGE = "attention_layer"
+DROPPED_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+@dataclass
+class Options:
+    target: str = targets.DEFAULT
+    dtype: str = "float16"
+    config: str | Path | None = None  # an HF config.json to cross-check and complete ours
+    tokenizer: str | Path | None = None  # a folder with the tokenizer; default: beside the input
+    external_data: bool | None = None  # None: only when the weights pass 2 GB
+    force: bool = False  # replace a non-empty output folder
+    self_check: bool = True  # numerically check masks before fusing
+
+
+@dataclass
+class Run:
+    """State passed from step to step."""
+
+    in_path: Path
+    out_dir: Path | None
+    options: Options
+    report: Report = field(default_factory=Report)
+    source: graphio.SourceModel | None = None
+    ctx: engine.Context | None = None
+    layers: list[AttentionLayer] = field(default_factory=list)
+    embedding: tuple | None = None  # (weight constant, ids input)
+    inputs_embeds: gs.Variable | None = None
+    logits: gs.Tensor | None = None
+    spec: dict = field(default_factory=dict)
+    hf_config: dict | None = None
+    files: list[str] = field(default_factory=list)
+
+    def warn(self, msg: str) -> None:
+        self.report.warnings.append(msg)
+        log.warning(msg)
+
+
+def step_load(run: Run) -> None:
+    run.source = graphio.load(run.in_path)
+    if run.options.dtype not in dtypes.NAMES:
+        raise RewriteError(f"unknown --dtype '{run.options.dtype}'; choose float16 or float32")
+    cfg = run.options.config or (run.in_path.parent / "config.json")
+    if run.options.config or Path(cfg).is_file():
+        try:
+            run.hf_config = json.loads(Path(cfg).read_text())
+        except (OSError, ValueError) as exc:
+            raise RewriteError(f"cannot read config '{cfg}': {exc}") from None
+
+
+def step_normalize(run: Run) -> None:
+    normalize(run.source.graph)
+
+
+def step_match(run: Run) -> None:
+    from .patterns import STAGES, load_patterns
+
+    g = run.source.graph
+    try:
+        run.ctx = engine.run(g, STAGES, load_patterns(), info={"opset": run.source.opset})
+    except engine.Refuse as exc:
+        from .errors import UnsupportedModel
+
+        raise UnsupportedModel(f"{exc.reason}{exc.where()}") from None
+    anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention")]
+    if not anchors:
+        raise RewriteError("no attention found in the graph (no Softmax or Attention node); "
+                           "is this a decoder LLM export?")
+    for i, node in enumerate(anchors):
+        m = run.ctx.anchor_match(ANCHOR_STAGE, node)
+        if m is None:
+            why = "; ".join(x.describe() for x in run.ctx.anchor_misses(ANCHOR_STAGE, node))
+            run.report.layers.append(LayerReport(i, False, [], why or "not recognized"))
+            continue
+        layer = m.result
+        layer.index = i
+        run.layers.append(layer)
+        run.report.layers.append(LayerReport(i, True, layer.patterns, None))
+    bad = [l for l in run.report.layers if not l.rewritten]
+    if bad:
+        raise PatternMismatch(f"layer {bad[0].index} does not match: {bad[0].reason}"
+                              + (f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""))
+
+
+def step_embedding(run: Run) -> None:
+    """Replace the token-embedding Gather by the `inputs_embeds` graph input."""
+    g = run.source.graph
+    found = [m for m in run.ctx.matches.get("embedding", {}).values()]
+    found = [m for m in found if m.result[1].name == "input_ids"] or found
+    if len(found) != 1:
+        raise RewriteError(f"expected one token-embedding Gather on input_ids, found {len(found)}")
+    m = found[0]
+    weight, ids = m.result
+    vocab, hidden = (int(x) for x in graphio.lazy_proto(weight).dims) if graphio.lazy_proto(weight) is not None else weight.shape
+    emb = gs.Variable("inputs_embeds", dtype=m.out.dtype or np.float32, shape=[B, S, int(hidden)])
+    g.inputs.append(emb)
+    replace_uses(g, m.out, emb)
+    m.anchor.outputs.clear()
+    # Sequence and batch sizes used to come from Shape(input_ids / attention_mask): read them off
+    # inputs_embeds' first two dims instead.
+    for node in list(g.nodes):
+        if node.op == "Shape" and node.inputs[0].name in DROPPED_INPUTS:
+            end = node.attrs.get("end")
+            node.attrs["end"] = 2 if end is None or end > 2 else end
+            node.inputs[0] = emb
+    run.embedding = (weight, ids)
+    run.inputs_embeds = emb
+    outs = [t for t in g.outputs if t.name == "logits"] or g.outputs[:1]
+    run.logits = outs[0]
+    run.spec = specmod.model_spec(run.layers, vocab_size=vocab, hidden_size=hidden)
+
+
+def step_check(run: Run) -> None:
+    """Numbers before fusing: what the mask computes (causal? window?), and what the config says."""
+    if run.options.self_check:
+        probe = MaskProbe(run.source.graph, run.source.base_dir)
+        for layer in run.layers:
+            layer.sliding_window = probe.window_of(layer)
+        run.spec = specmod.model_spec(run.layers, run.spec["vocab_size"], run.spec["hidden_size"])
+    from .sidefiles import config_json
+
+    if run.hf_config is not None:
+        config_json.cross_check(run.spec, run.hf_config)
+    if not run.spec["default_rope"]:
+        run.warn("the model's RoPE frequencies are scaled (llama3/yarn/linear style); the runtime builds a "
+                 "plain RoPE table from config.json and ignores the scaling, so long contexts will differ")
+    targets.get(run.options.target).check(run.layers, run.warn)
+
+
+def step_build(run: Run) -> None:
+    target = targets.get(run.options.target)
+    float_type = dtypes.NAMES[run.options.dtype]
+    g = run.source.graph
+    dtypes.convert_graph(g, float_type)
+    target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
+                       float_type=float_type, opset=run.source.opset))
+    g.cleanup()
+    normalize(g)
+    leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})
+    if leftovers:
+        raise RewriteError(f"after the rewrite the graph still has {', '.join(leftovers)} nodes; refusing to "
+                           f"write a graph that was only partly understood")
+
+
+def to_model(run: Run) -> onnx.ModelProto:
+    target = targets.get(run.options.target)
+    g = run.source.graph
+    opset = target.opset or run.source.opset
+    model = gs.export_onnx(g, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(target.domain, 1)])
+    model.ir_version = max(run.source.ir_version, 10 if opset >= 21 else 8)
+    model.producer_name = "onnx_rewriter"
+    # Keep types only where inference cannot derive them: the plugin outputs (no inference function).
+    plugin_outs = {o for n in model.graph.node if n.op_type == "AttentionPlugin" for o in n.output}
+    keep = [vi for vi in model.graph.value_info if vi.name in plugin_outs]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
+    return model
+
+
+def step_write(run: Run) -> None:
+    from .sidefiles import writer
+
+    schema.register()
+    float_type = dtypes.NAMES[run.options.dtype]
+    size = graphio.weights_nbytes(run.source.graph, 2 if float_type == onnx.TensorProto.FLOAT16 else 4)
+    external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
+    model = to_model(run)
+    with OutputDir(run.out_dir, force=run.options.force) as tmp:
+        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external)
+        onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
+        run.files += writer.write_side_files(run, tmp)
+
+
+STEPS = [step_load, step_normalize, step_match, step_embedding, step_check, step_build, step_write]
+
+
+def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwargs) -> Run:
+    """Rewrite a baseline ONNX export into an EdgeLLM folder. Returns the run (files, report, spec)."""
+    options = options or Options(**kwargs)
+    run = Run(in_path=Path(in_path), out_dir=Path(out_dir) if out_dir is not None else None, options=options)
+    if run.out_dir is not None:
+        OutputDir.precheck(run.out_dir, options.force)
+    t0 = time.perf_counter()
+    for step in steps or STEPS:
+        log.debug("step %s", step.__name__)
+        step(run)
+    run.report.seconds = time.perf_counter() - t0
+    return run

@@ -1,0 +1,100 @@
+"""Run a rewritten EdgeLLM folder on the CPU the way the runtime drives it: prefill, then decode steps.
+
+The graph runs in `onnx.reference.ReferenceEvaluator` with the numpy AttentionPlugin as a custom op.
+Why not onnxruntime: ORT has no Python custom-op route without onnxruntime-extensions (whose builds lag
+ORT releases), and splitting the graph at every plugin node costs more code than it saves on tiny
+models. The evaluator runs a 2-layer tiny model's prefill in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from safetensors.numpy import load_file
+
+from ..errors import RewriteError
+from .ops import REFERENCE_OPS
+from .rope import runtime_rope_table
+
+
+def _evaluator(model_path: Path):
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(model_path))
+    return model, ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
+
+
+class Session:
+    """A loaded output folder: graph, embedding table, config; knows the graph's float dtype."""
+
+    def __init__(self, out_dir, rope_table: np.ndarray | None = None):
+        out_dir = Path(out_dir)
+        if not (out_dir / "model.onnx").is_file():
+            raise RewriteError(f"'{out_dir}' has no model.onnx; give a folder written by onnx_rewriter")
+        self.config = json.loads((out_dir / "config.json").read_text())
+        self.embedding = load_file(str(out_dir / "embedding.safetensors"))["embedding"]
+        self.model, self.evaluator = _evaluator(out_dir / "model.onnx")
+        inputs = {i.name: i for i in self.model.graph.input}
+        self.inputs = inputs
+        elem = inputs["inputs_embeds"].type.tensor_type.elem_type
+        self.float = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values_"))
+        self.max_positions = 512
+        self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embedding[ids].astype(self.float)
+
+    def run(self, feeds: dict) -> dict:
+        names = [o.name for o in self.model.graph.output]
+        return dict(zip(names, self.evaluator.run(None, feeds)))
+
+
+class DenseRunner:
+    """Batch-major dense-cache targets (edgellm-0.5, edgellm-0.9)."""
+
+    def __init__(self, session: Session, batch: int, capacity: int):
+        self.s = session
+        cfg = session.config
+        hkv, d = cfg["num_key_value_heads"], cfg["head_dim"]
+        self.cache = [np.zeros((batch, 2, hkv, capacity, d), dtype=session.float) for _ in range(session.num_layers)]
+        self.lengths = np.zeros(batch, dtype=np.int64)
+
+    def _step(self, embeds, context_lengths, start, last) -> np.ndarray:
+        feeds = {
+            "inputs_embeds": embeds,
+            "context_lengths": context_lengths.astype(np.int32),
+            "rope_rotary_cos_sin": self.s.rope_table[None],
+            "kvcache_start_index": start.astype(np.int32),
+            "last_token_ids": last.astype(np.int64).reshape(-1, 1),
+        }
+        feeds.update({f"past_key_values_{i}": c for i, c in enumerate(self.cache)})
+        out = self.s.run(feeds)
+        self.cache = [out[f"present_key_values_{i}"] for i in range(len(self.cache))]
+        return np.asarray(out["logits"], dtype=np.float32)[:, 0]
+
+    def prefill(self, rows: list[list[int]]) -> np.ndarray:
+        """Right-padded ragged prefill; returns each row's last-token logits [B, V]."""
+        s = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), s), dtype=np.int64)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = r
+        self.lengths = np.array([len(r) for r in rows])
+        return self._step(self.s.embed(ids), self.lengths, np.zeros((0,), np.int32), self.lengths - 1)
+
+    def decode(self, tokens: list[int]) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        start = self.lengths.copy()
+        self.lengths = self.lengths + 1
+        return self._step(self.s.embed(ids), self.lengths, start, np.zeros(len(tokens)))
+
+
+def runner_for(session: Session, batch: int, capacity: int):
+    if "kv_page_table" in session.inputs:
+        from .paged_runner import PagedRunner
+
+        return PagedRunner(session, batch, capacity)
+    return DenseRunner(session, batch, capacity)

@@ -1,0 +1,145 @@
+"""verify: run a rewritten folder (prefill + greedy decode) and compare logits with an oracle.
+
+The oracle is the HF model (`--model`) or the baseline ONNX it was rewritten from (`--baseline`, run
+with onnxruntime). Each row's full sequence goes through the oracle on its own, so padding and caches
+on the oracle side cannot hide an error on ours. Greedy tokens follow the oracle.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .runner import Session, runner_for
+
+log = logging.getLogger(__name__)
+
+FP32_REL = 1e-4
+FP16_COSINE = 0.999
+
+
+@dataclass
+class StepResult:
+    step: str
+    max_abs: float
+    rel: float
+    cosine: float
+    top1_agree: bool
+    top1_checked: bool
+
+
+@dataclass
+class VerifyResult:
+    steps: list[StepResult] = field(default_factory=list)
+    criterion: str = ""
+    passed: bool = False
+    rope_table_difference: float | None = None
+
+    def table(self) -> str:
+        rows = [f"{'step':<10}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
+        for s in self.steps:
+            top = ("same" if s.top1_agree else "DIFF") + ("" if s.top1_checked else " (margin tiny)")
+            rows.append(f"{s.step:<10}{s.max_abs:>11.3e}{s.rel:>11.3e}{s.cosine:>11.6f}  {top}")
+        return "\n".join(rows)
+
+
+class HFOracle:
+    def __init__(self, model: str):
+        from ..export import load_model
+
+        self.model, self.config = load_model(model)
+
+    def __call__(self, seq: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            ids = torch.tensor([seq])
+            return self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float().numpy()
+
+
+class OnnxOracle:
+    def __init__(self, path: str):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def __call__(self, seq: list[int]) -> np.ndarray:
+        ids = np.asarray([seq], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 "position_ids": np.arange(len(seq), dtype=np.int64)[None]}
+        out = self.sess.run(None, {k: v for k, v in feeds.items() if k in self.names})[0]
+        return np.asarray(out, dtype=np.float32)[0, -1]
+
+
+def compare(step: str, ours: np.ndarray, ref: np.ndarray) -> StepResult:
+    err = np.abs(ours - ref)
+    max_abs = float(err.max())
+    rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
+    cos = float(np.dot(ours, ref) / max(np.linalg.norm(ours) * np.linalg.norm(ref), 1e-30))
+    top2 = np.sort(ref)[-2:]
+    margin = float(top2[1] - top2[0])
+    return StepResult(step, max_abs, rel, cos, int(ours.argmax()) == int(ref.argmax()), margin > max_abs)
+
+
+def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    """Two ragged prompts (batch-2, right-padded prefill)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, 11).tolist(), rng.integers(3, vocab, 6).tolist()]
+
+
+def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
+           rows: list[list[int]] | None = None, quiet: bool = False) -> VerifyResult:
+    oracle = HFOracle(model) if model else OnnxOracle(baseline)
+    result = VerifyResult()
+    rope_table = None
+    if isinstance(oracle, HFOracle):
+        from .rope import model_rope_table, runtime_rope_table, table_difference
+
+        import json
+        from pathlib import Path
+
+        cfg = json.loads((Path(out_dir) / "config.json").read_text())
+        try:
+            model_table = model_rope_table(oracle.config, 512)
+            result.rope_table_difference = table_difference(runtime_rope_table(cfg, 512), model_table)
+            if rope == "model":
+                rope_table = model_table
+        except (ValueError, KeyError, AttributeError) as exc:
+            log.info("model RoPE table not computed: %s", exc)
+    session = Session(out_dir, rope_table=rope_table)
+    rows = rows or prompts(session.config["vocab_size"])
+    runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
+    seqs = [list(r) for r in rows]
+    ours = runner.prefill(seqs)
+    for k in range(steps + 1):
+        refs = np.stack([oracle(s) for s in seqs])
+        for b in range(len(seqs)):
+            result.steps.append(compare("prefill" if k == 0 else f"decode{k}", ours[b], refs[b]))
+        if k == steps:
+            break
+        nxt = [int(r.argmax()) for r in refs]
+        for s, t in zip(seqs, nxt):
+            s.append(t)
+        ours = runner.decode(nxt)
+    if session.float == np.float32:
+        result.criterion = f"fp32: relative error <= {FP32_REL} and identical top-1 at every step"
+        result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)
+    else:
+        result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
+                            f"margin exceeds the step's max abs error")
+        result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
+    if not quiet:
+        out = sys.stdout
+        print(result.table(), file=out)
+        if result.rope_table_difference is not None:
+            print(f"rope table: runtime (config.json) vs model max abs difference {result.rope_table_difference:.3e}"
+                  + (" -- the runtime will NOT reproduce the model's RoPE" if result.rope_table_difference > 1e-5 else ""),
+                  file=out)
+        print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
+    return result

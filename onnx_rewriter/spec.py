@@ -1,0 +1,39 @@
+"""Model dimensions read off the matched graph (no HF config needed), and what the RoPE constants say."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import AttentionLayer
+
+
+def rope_theta_of(inv_freq: np.ndarray, rotary_dim: int) -> float:
+    """theta such that inv_freq[i] = theta^(-2i/R); read from i = 1 (unchanged by llama3/yarn scaling)."""
+    if inv_freq.size < 2:
+        return 10000.0
+    return float(np.exp(-np.log(inv_freq[1]) * rotary_dim / 2.0))
+
+
+def is_default_rope(inv_freq: np.ndarray, rotary_dim: int, theta: float) -> bool:
+    expected = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    return bool(np.allclose(inv_freq, expected, rtol=1e-4, atol=0))
+
+
+def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int) -> dict:
+    l0 = layers[0]
+    theta = rope_theta_of(l0.rope.inv_freq, l0.rotary_dim)
+    windows = sorted({l.sliding_window for l in layers if l.sliding_window})
+    spec = {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(hidden_size),
+        "num_hidden_layers": len(layers),
+        "num_attention_heads": l0.num_q_heads,
+        "num_key_value_heads": l0.num_kv_heads,
+        "head_dim": l0.head_size,
+        "rotary_dim": l0.rotary_dim,
+        "rope_theta": round(theta, 6 if theta < 1e3 else 2),
+        "default_rope": is_default_rope(l0.rope.inv_freq, l0.rotary_dim, theta),
+    }
+    if windows:
+        spec["sliding_window"] = windows[-1]
+    return spec

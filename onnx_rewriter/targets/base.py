@@ -1,0 +1,158 @@
+"""What every target shares, and the pieces the batch-major dense targets (0.5, 0.9) have in common.
+
+A target receives the matched layers (target-agnostic) and owns everything the runtime contract
+decides: the plugin node, graph inputs and outputs, dtype boundaries, side files, version strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import RewriteError, UnsupportedModel
+from ..layers import AttentionLayer
+from ..normalize import replace_uses
+
+B, S, CAP, P, KV_START = "batch_size", "seq_len", "kv_cache_capacity", "rope_max_positions", "kv_start_batch"
+
+
+@dataclass
+class Build:
+    """What the pipeline hands a target: the graph, matched layers and graph-level facts."""
+
+    graph: gs.Graph
+    layers: list[AttentionLayer]
+    inputs_embeds: gs.Variable  # [B, S, H], already a graph input
+    logits: gs.Tensor  # the original logits output
+    float_type: int  # onnx.TensorProto.FLOAT16 or FLOAT
+    opset: int
+
+
+class Target:
+    name: str
+    edgellm_version: str
+    domain: str = "trt"
+    opset: int | None = None  # None: keep the input's
+    chat_template_file = "processed_chat_template.json"
+    prefill_head_sizes = (64, 72, 80, 128, 256)
+    max_group = 8
+
+    # -- capability checks: before anything is written
+    def check(self, layers: list[AttentionLayer], warn) -> None:
+        first = layers[0]
+        for l in layers[1:]:
+            if (l.num_q_heads, l.num_kv_heads, l.head_size, l.rotary_dim) != (
+                first.num_q_heads, first.num_kv_heads, first.head_size, first.rotary_dim):
+                raise UnsupportedModel(
+                    f"layer {l.index} has (q heads, kv heads, head size, rotary dims) = "
+                    f"{(l.num_q_heads, l.num_kv_heads, l.head_size, l.rotary_dim)} but layer 0 has "
+                    f"{(first.num_q_heads, first.num_kv_heads, first.head_size, first.rotary_dim)}; "
+                    f"the runtime needs uniform heads")
+        if first.head_size not in self.prefill_head_sizes:
+            warn(f"head size {first.head_size} has no {self.name} prefill kernel in the runtime "
+                 f"(built-in: {', '.join(map(str, self.prefill_head_sizes))}); the engine may not build")
+        if first.num_q_heads // first.num_kv_heads > self.max_group:
+            warn(f"{first.num_q_heads // first.num_kv_heads} q heads per kv head exceeds the runtime's "
+                 f"usual limit of {self.max_group}")
+
+    def build(self, b: Build) -> None:
+        raise NotImplementedError
+
+    def plugin_attrs(self, layer: AttentionLayer) -> dict:
+        return {
+            "num_q_heads": layer.num_q_heads, "num_kv_heads": layer.num_kv_heads, "head_size": layer.head_size,
+            "enable_tree_attention": 0, "enable_fp8_kv_cache": 0,
+            "sliding_window_size": layer.sliding_window if layer.sliding_window else -1,
+            "qkv_scales": [1.0, 1.0, 1.0],
+        }
+
+
+# ------------------------------------------------------------------ helpers for graph surgery
+
+
+class Emitter:
+    """Adds nodes with unique, readable names."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix, self.n = graph, prefix, 0
+
+    def node(self, op: str, inputs, attrs=None, dtype=None, shape=None, n_out=1, domain=None, name=None):
+        self.n += 1
+        base = name or f"{self.prefix}/{op}_{self.n}"
+        outs = [gs.Variable(f"{base}_out{k}" if n_out > 1 else f"{base}_out", dtype=dtype, shape=shape)
+                for k in range(n_out)]
+        node = gs.Node(op, name=base, inputs=list(inputs), outputs=outs, attrs=attrs or {}, domain=domain)
+        self.graph.nodes.append(node)
+        return outs if n_out > 1 else outs[0]
+
+    def const(self, name: str, values) -> gs.Constant:
+        self.n += 1
+        return gs.Constant(f"{self.prefix}/{name}_{self.n}", np.asarray(values))
+
+
+def to_bshd_flat(em: Emitter, x: gs.Tensor, heads: int, head_size: int) -> gs.Tensor:
+    """[B, H, S, D] -> [B, S, H*D] (normalize's Transpose/Reshape folding removes what cancels)."""
+    t = em.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
+    return em.node("Reshape", [t, em.const("shape", np.array([0, 0, heads * head_size], dtype=np.int64))])
+
+
+def prescale_q(em: Emitter, q: gs.Tensor, layer: AttentionLayer, np_float) -> gs.Tensor:
+    """Non-default softmax scale folded into q (RoPE is linear, so scaling q first is exact)."""
+    factor = layer.scale / layer.default_scale
+    if abs(factor - 1.0) < 1e-6:
+        return q
+    return em.node("Mul", [q, em.const("q_prescale", np.array(factor, dtype=np_float))])
+
+
+def lm_head_input(logits: gs.Tensor) -> tuple[gs.Node, int]:
+    """The MatMul that computes logits from the final hidden state: (node, index of the hidden input)."""
+    t = logits
+    for _ in range(8):
+        node = t.inputs[0] if t.inputs else None
+        if node is None:
+            break
+        if node.op in ("MatMul", "Gemm"):
+            return node, 0
+        # soft-capping, Casts, Identity between lm_head and the output are kept as they are
+        nxt = [i for i in node.inputs if not isinstance(i, gs.Constant)]
+        if len(nxt) != 1:
+            break
+        t = nxt[0]
+    raise RewriteError(f"cannot find the lm_head MatMul that produces '{logits.name}'; is this a causal LM export?")
+
+
+def gather_last_tokens(em: Emitter, graph: gs.Graph, logits: gs.Tensor, index_input: gs.Variable,
+                       batch_dims: int) -> None:
+    """Insert GatherND(hidden, Unsqueeze(index, -1)) before lm_head, so only needed rows are projected."""
+    mm, i = lm_head_input(logits)
+    hidden = mm.inputs[i]
+    idx = em.node("Unsqueeze", [index_input, em.const("axes", np.array([-1], dtype=np.int64))])
+    gathered = em.node("GatherND", [hidden, idx], {"batch_dims": batch_dims})
+    mm.inputs[i] = gathered
+
+
+def set_logits_output(em: Emitter, graph: gs.Graph, logits: gs.Tensor, shape) -> gs.Variable:
+    """The graph output `logits`, fp32, with the contract's shape."""
+    out = gs.Variable("logits", dtype=np.float32, shape=shape)
+    logits.name = "logits_pre_cast"
+    cast = gs.Node("Cast", name="logits/Cast", inputs=[logits], outputs=[out], attrs={"to": onnx.TensorProto.FLOAT})
+    graph.nodes.append(cast)
+    graph.outputs = [out if t is logits else t for t in graph.outputs]
+    return out
+
+
+def remove_inputs(graph: gs.Graph, names) -> None:
+    graph.cleanup()
+    for t in [t for t in graph.inputs if t.name in names]:
+        if t.outputs:
+            users = ", ".join(f"{n.op} '{n.name}'" for n in t.outputs[:3])
+            raise RewriteError(f"the rewritten graph still reads '{t.name}' (from {users}); "
+                               f"this export has a path the rewriter does not understand")
+        graph.inputs.remove(t)
+
+
+def rebind_output(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    replace_uses(graph, old, new)

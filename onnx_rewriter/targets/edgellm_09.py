@@ -1,0 +1,76 @@
+"""Target `edgellm-0.9` (runtimes 0.6 – 0.9.x): separate q, k, v; dense KV cache; batch-major I/O.
+
+Contract sections 1, 3 and 5: one AttentionPlugin per layer with 7 inputs
+(q, k, v, past_key_values_i, context_lengths, rope_rotary_cos_sin, kvcache_start_index).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, remove_inputs,
+                   rebind_output, set_logits_output, to_bshd_flat)
+
+
+class DenseTarget(Target):
+    """Shared by 0.5 and 0.9: they differ only in how q, k, v enter the plugin."""
+
+    packed_qkv = False
+
+    def attention_inputs(self, em, q, k, v):
+        if self.packed_qkv:
+            return [em.node("Concat", [q, k, v], {"axis": -1})]
+        return [q, k, v]
+
+    def build(self, b: Build) -> None:
+        g = b.graph
+        np_float = onnx.helper.tensor_dtype_to_np_dtype(b.float_type)
+        l0 = b.layers[0]
+        hkv, d, r = l0.num_kv_heads, l0.head_size, l0.rotary_dim
+
+        b.inputs_embeds.dtype = np_float
+        context_lengths = gs.Variable("context_lengths", np.int32, [B])
+        rope = gs.Variable("rope_rotary_cos_sin", np.float32, ["rope_batch", P, r])
+        start = gs.Variable("kvcache_start_index", np.int32, [KV_START])
+        last = gs.Variable("last_token_ids", np.int64, [B, 1])
+        pasts, presents = [], []
+        em = Emitter(g, "edgellm")
+        for layer in b.layers:
+            i = layer.index
+            lem = Emitter(g, f"layers.{i}/attn")
+            q = prescale_q(lem, to_bshd_flat(lem, layer.q, layer.num_q_heads, d), layer, np_float)
+            k = to_bshd_flat(lem, layer.k, hkv, d)
+            v = to_bshd_flat(lem, layer.v, hkv, d)
+            past = gs.Variable(f"past_key_values_{i}", np_float, [B, 2, hkv, CAP, d])
+            present = gs.Variable(f"present_key_values_{i}", np_float, [B, 2, hkv, CAP, d])
+            attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, [B, S, layer.num_q_heads, d])
+            g.nodes.append(gs.Node(
+                "AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
+                inputs=self.attention_inputs(lem, q, k, v) + [past, context_lengths, rope, start],
+                outputs=[attn, present], attrs=self.plugin_attrs(layer)))
+            # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
+            rebind_output(g, layer.out, lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}))
+            pasts.append(past)
+            presents.append(present)
+
+        gather_last_tokens(em, g, b.logits, last, batch_dims=1)
+        logits = set_logits_output(em, g, b.logits, [B, 1, "vocab_size" if b.logits.shape is None else b.logits.shape[-1]])
+        old = [t.name for t in g.inputs if t is not b.inputs_embeds]
+        g.inputs = [b.inputs_embeds] + pasts + [rope, context_lengths, start, last] + [
+            t for t in g.inputs if t is not b.inputs_embeds]
+        g.outputs = [logits] + presents
+        remove_inputs(g, old)
+
+
+class Edgellm09(DenseTarget):
+    name = "edgellm-0.9"
+    edgellm_version = "0.9.0"
+
+    def plugin_attrs(self, layer):
+        # attention_scale exists from 0.9.1 only; a non-default scale is pre-applied to q instead.
+        return super().plugin_attrs(layer)
+
+
+TARGET = Edgellm09()

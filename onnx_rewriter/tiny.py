@@ -1,0 +1,210 @@
+"""Tiny random-weight checkpoints with a locally trained tokenizer.
+
+Tests and `make demo` need real HF checkpoint folders (config.json, safetensors, tokenizer) of many
+architectures, but no model hub is reachable, so everything here is built from scratch: a byte-level
+BPE trained on the paragraphs below and a few-layer model per family. Same arguments, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Small but varied English: enough distinct pairs for ~60 BPE merges.
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A small model can still learn the shape of a sentence,
+even when its weights are random and its vocabulary is tiny.
+
+Once upon a time there was a little robot who lived in a workshop by the sea. Every morning the
+robot opened the windows, listened to the waves, and counted the boats that sailed past the harbour.
+When the weather was bad it stayed inside, reading old manuals about engines, lamps and clocks.
+
+Language models read text as tokens. A tokenizer splits words into pieces, and the model predicts
+the next piece from the ones before it. Attention lets every position look back at the earlier
+positions, and a cache of keys and values keeps that cheap while the answer is generated.
+
+Please answer the question in one short sentence. What is the capital of France? The capital of
+France is Paris. How many legs does a spider have? A spider has eight legs. Thank you for asking!
+
+Numbers matter too: 0 1 2 3 4 5 6 7 8 9, 10, 42, 100, 2024, 3.14 and 1e-6 all appear in configs.
+"""
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_VOCAB = 320  # 256 byte symbols + 6 specials + 58 merges
+
+# ChatML with an injected default system prompt and a Qwen3-style `enable_thinking` switch, so the
+# side-file code sees every feature it must extract (roles, default system, both generation prompts).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def build_tokenizer(out_dir, chat_template: str | None = "default"):
+    """Train the tiny BPE tokenizer and save it (transformers layout) into `out_dir`.
+
+    chat_template: "default" (ChatML above), None (a base model without template) or a Jinja string.
+    Returns the folder.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Byte-level: every string encodes, so <unk> never appears and tests can feed any text.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+
+    if chat_template == "default":
+        chat_template = DEFAULT_CHAT_TEMPLATE
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=256,
+    )
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    return out
+
+
+# --- model families ------------------------------------------------------------------------------
+
+# Shared by the llama-like families; each builder overrides what makes its family different.
+_BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    # 5x the HF default: with std 0.02 attention scores of a 64-wide model are ~0, every head just
+    # averages, and RoPE or mask bugs would barely move the logits.
+    initializer_range=0.1,
+)
+
+
+def _cfg(cls_name: str, base: dict | None = None, **kw):
+    import transformers
+
+    args = dict(_BASE if base is None else base)
+    args.update(kw)
+    return getattr(transformers, cls_name)(**args)
+
+
+def _no_head_dim(**kw):
+    # Qwen2 and Phi3 configs derive head_dim from hidden/heads and have no such field.
+    base = {k: v for k, v in _BASE.items() if k != "head_dim"}
+    base.update(kw)
+    return base
+
+
+FAMILIES = {
+    "llama": lambda: _cfg("LlamaConfig"),
+    "llama_tied": lambda: _cfg("LlamaConfig", tie_word_embeddings=True),
+    "smollm": lambda: _cfg(
+        "LlamaConfig", hidden_size=144, intermediate_size=384, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True,
+    ),
+    # transformers 5: scaling lives in `rope_parameters` together with rope_theta. With head_dim 16
+    # and original context 256, frequencies 0-1 stay as they are, 2 is smoothed, 3-7 are divided by 8
+    # (like the real model, whose highest frequencies are untouched).
+    "llama3": lambda: _cfg(
+        "LlamaConfig",
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+        },
+    ),
+    "qwen2": lambda: _cfg("Qwen2Config", _no_head_dim()),  # q/k/v biases are built into Qwen2
+    "qwen3": lambda: _cfg("Qwen3Config"),  # q_norm / k_norm built in
+    "mistral": lambda: _cfg("MistralConfig", sliding_window=None),
+    "mistral_window": lambda: _cfg("MistralConfig", sliding_window=8),
+    # Phi3 keeps partial_rotary_factor inside rope_parameters; fused qkv_proj and gate_up_proj.
+    "phi3": lambda: _cfg(
+        "Phi3Config", _no_head_dim(),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    ),
+    # head_dim * heads != hidden on purpose; MQA.
+    "gemma": lambda: _cfg("GemmaConfig", head_dim=32, num_key_value_heads=1, tie_word_embeddings=True),
+    "gemma2": lambda: _cfg(
+        "Gemma2Config", query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
+    ),
+    # Text-only Gemma3: one local (sliding) and one global layer, each with its own rope theta.
+    "gemma3": lambda: _cfg(
+        "Gemma3TextConfig", query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    # Interleaved (GPT-J style) partial rotary, LayerNorm, parallel attention+MLP.
+    "gptj": lambda: _cfg(
+        "GPTJConfig", {}, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_inner=128, n_positions=256,
+        tie_word_embeddings=False, initializer_range=0.1,
+    ),
+}
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int = 0,
+                     chat_template: str | None = "default", **config_overrides):
+    """Build a tiny random `family` model and its tokenizer into `out_dir` (HF layout). Returns the folder.
+
+    config_overrides are set on the transformers config after the family defaults (e.g. num_hidden_layers=3).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    out = build_tokenizer(out_dir, chat_template=chat_template)
+    tok = AutoTokenizer.from_pretrained(out)
+
+    config = FAMILIES[family]()
+    # Token ids must match the tokenizer (family defaults such as GPT-J's 50256 are out of range).
+    config.vocab_size = _round_up(len(tok))
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    if config.vocab_size < len(tok):
+        raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tok)})")
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model.to(getattr(torch, dtype)).eval()
+    model.config.dtype = dtype
+    model.save_pretrained(out)
+    return out
+
+
+def describe(path) -> dict:
+    """The saved config.json as a dict (handy in tests and the demo)."""
+    return json.loads((Path(path) / "config.json").read_text())

@@ -1,0 +1,57 @@
+"""A decoder layer's attention: roped q, k (through repeat_kv) and v (through repeat_kv) into the core.
+
+This is where the small matches meet: it checks that q and k are roped by the same table over the
+same dims, that k and v carry the same KV heads, and that the shapes agree, and it names the first
+check that fails so a refused layer says why.
+"""
+
+from onnx_rewriter.layers import AttentionLayer
+from onnx_rewriter.matching import check, static_dim
+
+ROPE_STAGES = ("rope_partial", "rope")
+
+
+class AttentionLayerPattern:
+    name = "attention_layer"
+    stage = "attention_layer"
+    anchors = ("Softmax", "Attention")
+
+    def match(self, node, ctx):
+        cm = ctx.anchor_match("attention_core", node)
+        if cm is None:
+            misses = ctx.anchor_misses("attention_core", node)
+            check(False, "; ".join(m.describe() for m in misses) or "attention core not recognized", node)
+        core = cm.result
+        qr = ctx.lookup(ROPE_STAGES, core.q)
+        check(qr is not None, f"q is not roped by a recognized RoPE ({ctx.why_not(ROPE_STAGES, core.q)})", node)
+        k_rep = ctx.lookup("repeat_kv", core.k)
+        v_rep = ctx.lookup("repeat_kv", core.v)
+        k_roped = k_rep.result.x if k_rep else core.k
+        v = v_rep.result.x if v_rep else core.v
+        kr = ctx.lookup(ROPE_STAGES, k_roped)
+        check(kr is not None, f"k is not roped by a recognized RoPE ({ctx.why_not(ROPE_STAGES, k_roped)})", node)
+        qr, kr = qr.result, kr.result
+        check(qr.table is kr.table, "q and k are roped with different cos/sin tables", node)
+        check(qr.rotary_dim == kr.rotary_dim, f"q and k rotate {qr.rotary_dim} and {kr.rotary_dim} dims", node)
+        d = static_dim(qr.x, -1)
+        hq, hkv = static_dim(qr.x, 1), static_dim(v, 1)
+        check(d is not None and hq is not None and hkv is not None, "head count or head size is not static in the graph", node)
+        check(static_dim(kr.x, -1) == d and static_dim(v, -1) == d, "q, k and v head sizes differ", node)
+        check(static_dim(kr.x, 1) == hkv, f"k has {static_dim(kr.x, 1)} heads but v has {hkv}", node)
+        check(hq % hkv == 0, f"{hq} q heads are not a multiple of {hkv} kv heads", node)
+        check(bool(k_rep) == bool(v_rep), "repeat_kv on only one of k and v", node)
+        if k_rep:
+            g = hq // hkv
+            check(k_rep.result.groups in (None, g) and v_rep.result.groups in (None, g), f"repeat_kv groups differ from {g}", node)
+        else:
+            check(hq == hkv, f"{hq} q heads attend to {hkv} kv heads without repeat_kv", node)
+        check(core.mask is not None, "attention has no mask; the plugin is always causal", node)
+        pats = sorted(set(qr.patterns + kr.patterns + [cm.pattern] + (["repeat_kv"] if k_rep else []) + [self.name]))
+        layer = AttentionLayer(
+            index=-1, q=qr.x, k=kr.x, v=v, out=core.out, num_q_heads=hq, num_kv_heads=hkv, head_size=d,
+            rotary_dim=qr.rotary_dim, rope=qr.table, scale=core.scale, mask=core.mask, patterns=pats,
+        )
+        return core.out, layer
+
+
+PATTERN = AttentionLayerPattern()

@@ -1,0 +1,20 @@
+"""The token-embedding lookup: Gather(W[V, H], input_ids) on axis 0, W a weight, ids a graph input."""
+
+from onnx_rewriter.matching import check, Reject
+import onnx_graphsurgeon as gs
+
+
+class Embedding:
+    name = "embedding"
+    stage = "embedding"
+    anchors = ("Gather",)
+
+    def match(self, node, ctx):
+        w, ids = node.inputs
+        check(node.attrs.get("axis", 0) == 0, "embedding: Gather is not on axis 0", node)
+        check(isinstance(w, gs.Constant) and len(w.shape) == 2, "embedding: table is not a 2-D weight", node)
+        check(ids in ctx.graph.inputs, "embedding: indices are not a graph input", node)
+        return node.outputs[0], (w, ids)
+
+
+PATTERN = Embedding()
