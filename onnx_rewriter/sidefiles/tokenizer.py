@@ -1,0 +1,67 @@
+"""Tokenizer side files: tokenizer.json, tokenizer_config.json, special_tokens_map.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from onnx_rewriter.errors import RewriteError
+
+# Any of these in a folder means a tokenizer is meant to be there.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# The named special tokens transformers knows, in the order transformers 4 wrote them.
+_NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def load_tokenizer(path):
+    """The tokenizer saved in folder `path`, or None when the folder has none."""
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a broken tokenizer is the user's to fix; say where and why in one line
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise RewriteError(f"cannot load the tokenizer in {folder}: {why}") from exc
+
+
+def special_tokens_map(tokenizer) -> dict:
+    """special_tokens_map.json as transformers 4 wrote it: named tokens plus additional_special_tokens."""
+    named = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if k in _NAMED and v is not None}
+    # transformers 5 calls them extra_special_tokens; older tokenizers still expose additional_*.
+    extra = (getattr(tokenizer, "extra_special_tokens", None)
+             or getattr(tokenizer, "additional_special_tokens", None))
+    if isinstance(extra, dict):  # multimodal tokenizers map names to tokens
+        extra = list(extra.values())
+    if extra:
+        named["additional_special_tokens"] = [str(t) for t in extra]
+    return named
+
+
+def write_tokenizer_files(tokenizer, out_dir) -> list[str]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir.
+
+    The chat template stays inline in tokenizer_config.json (save_jinja_files=False), the layout
+    every runtime reads; a separate chat_template.jinja is written only by write_chat_template_jinja.
+    Returns the file names written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    # save_pretrained may add files we don't ship (chat_template.jinja, vocab.json, ...): save aside, copy ours.
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp, save_jinja_files=False)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(tmp) / name).is_file():
+                shutil.copyfile(Path(tmp) / name, out / name)
+                written.append(name)
+    if "tokenizer.json" not in written:
+        raise RewriteError("the tokenizer has no fast (tokenizer.json) form; the runtime needs one")
+    text = json.dumps(special_tokens_map(tokenizer), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (out / "special_tokens_map.json").write_text(text, encoding="utf-8")
+    written.append("special_tokens_map.json")
+    return written
