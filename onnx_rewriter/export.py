@@ -19,8 +19,13 @@ from .errors import RewriteError
 log = logging.getLogger(__name__)
 
 
-def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
-    """AutoModelForCausalLM from an HF id or a local folder, with errors a user can act on."""
+def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False, attn_implementation: str = "sdpa",
+               torch_dtype: str = "float32"):
+    """AutoModelForCausalLM from an HF id or a local folder, with errors a user can act on.
+
+    `torch_dtype` "float32" (default: the baseline is exported in fp32 and narrowed tensor by tensor
+    while writing) or "auto" (the checkpoint's own dtype, e.g. to export a bf16 graph).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,12 +44,13 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation=attn_implementation,
+            dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
+            m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
     except ValueError as exc:
         msg = str(exc).splitlines()[0][:160]
         if attn_implementation == "sdpa" and "sdpa" in msg.lower():
-            return load_model(model, device, trust_remote_code, "eager")
+            return load_model(model, device, trust_remote_code, "eager", torch_dtype)
         raise RewriteError(f"unsupported architecture '{getattr(config, 'model_type', '?')}': {msg}") from None
     except OSError as exc:
         raise RewriteError(f"cannot load the weights of '{model}': {str(exc).splitlines()[0][:160]}") from None
@@ -68,19 +74,27 @@ class _LogitsOnly:
         return Wrapper(model)
 
 
-def export_baseline(model, path: Path, device: str = "cpu") -> Path:
-    """Export an HF model (already loaded) to `path` with the dynamo exporter."""
+def export_baseline(model, path: Path, device: str = "cpu", exporter: str = "dynamo", opset: int | None = None) -> Path:
+    """Export an HF model (already loaded) to `path`: dynamo (default) or TorchScript (`exporter="torchscript"`)."""
     import torch
 
-    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
     ids = torch.ones((2, 8), dtype=torch.int64, device=device)
     mask = torch.ones_like(ids)
+    names = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_LogitsOnly(model), (ids, mask), str(path), dynamo=True, external_data=True,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                          verbose=False)
+        if exporter == "dynamo":
+            # Shared named dims: one symbol for batch and one for seq across inputs (shape-based matching).
+            batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
+            torch.onnx.export(_LogitsOnly(model), (ids, mask), str(path), dynamo=True, external_data=True,
+                              dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                              opset_version=opset, verbose=False, **names)
+        elif exporter == "torchscript":
+            axes = {0: "batch", 1: "seq"}
+            torch.onnx.export(_LogitsOnly(model), (ids, mask), str(path), dynamo=False, opset_version=opset or 20,
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes}, **names)
+        else:
+            raise RewriteError(f"unknown exporter '{exporter}'; choose dynamo or torchscript")
     return path
 
 

@@ -85,6 +85,11 @@ def load(path: str | os.PathLike) -> SourceModel:
                 external_data_helper.load_external_data_for_tensor(t, str(base_dir))
                 t.data_location = TensorProto.DEFAULT
                 del t.external_data[:]
+    try:
+        # Static dims on intermediates let normalize fold run-time slice bounds (TorchScript exports).
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:  # custom ops or odd graphs: match without the extra shape info
+        log.debug("shape inference failed: %s", exc)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     meta = {p.key: p.value for p in model.metadata_props}
     graph = gs.import_onnx(model)

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper
+from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .matching import const, producer
@@ -46,13 +46,15 @@ def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 def _evaluate(node: gs.Node, values: list[np.ndarray]) -> list[np.ndarray] | None:
     names = [f"i{k}" if t.name else "" for k, t in enumerate(node.inputs)]
     outs = [f"o{k}" for k in range(len(node.outputs))]
-    proto = helper.make_node(node.op, names, outs, **node.attrs)
-    inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-              for n, v in zip(names, values) if n]
-    outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs]
-    model = helper.make_model(helper.make_graph([proto], "fold", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 21)])
+    attrs = {k: (numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, gs.Constant) else v)
+             for k, v in node.attrs.items()}
     try:
+        proto = helper.make_node(node.op, names, outs, **attrs)
+        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                  for n, v in zip(names, values) if n]
+        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs]
+        model = helper.make_model(helper.make_graph([proto], "fold", inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 21)])
         res = ReferenceEvaluator(model).run(None, {n: v for n, v in zip(names, values) if n})
     except Exception:  # leave anything the evaluator dislikes for the patterns to see
         return None
@@ -174,9 +176,25 @@ def _bypass_to(graph: gs.Graph, node: gs.Node, src: gs.Tensor) -> bool:
     return True
 
 
-def normalize(graph: gs.Graph) -> gs.Graph:
+def infer_shapes(graph: gs.Graph) -> gs.Graph:
+    """Re-run ONNX shape inference (weights stay lazy: gs exports their protos as they are)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        log.debug("shape inference failed: %s", exc)
+        return graph
+    return gs.import_onnx(model)
+
+
+def normalize(graph: gs.Graph, reinfer: bool = False) -> gs.Graph:
+    """Fold and simplify; with `reinfer`, shapes made static by folding are propagated and folded again."""
     n_fold = fold(graph)
     n_simp = simplify(graph)
+    if reinfer and n_fold:
+        graph = infer_shapes(graph)
+        n_fold += fold(graph)
+        n_simp += simplify(graph)
     graph.toposort()
     log.debug("normalize: %d folded, %d simplified", n_fold, n_simp)
     return graph

@@ -79,7 +79,7 @@ def step_load(run: Run) -> None:
 
 
 def step_normalize(run: Run) -> None:
-    normalize(run.source.graph)
+    run.source.graph = normalize(run.source.graph, reinfer=True)
 
 
 def step_match(run: Run) -> None:
