@@ -15,6 +15,8 @@ import onnx_graphsurgeon as gs
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 FLOAT_PROTO = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
+SMALL = 1 << 16  # as graph.SMALL_TENSOR_ELEMENTS: larger weights are converted while being written
+
 NAMES = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
 
 
@@ -33,11 +35,20 @@ def _narrow(values: np.ndarray, np_type) -> np.ndarray:
     return np.clip(values, info.min, info.max).astype(np_type)
 
 
-def convert_graph(graph: gs.Graph, proto_type: int) -> None:
+def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
+    """Narrow every float tensor to `proto_type`. Returns the names of the large weights whose
+    conversion is deferred to the writer (they stay on disk until then)."""
     np_type = onnx.helper.tensor_dtype_to_np_dtype(proto_type)
     keep_io = {t.name for t in graph.inputs + graph.outputs}
+    deferred = set()
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant):
+            lazy = t._values.tensor if isinstance(t._values, gs.ir.tensor.LazyValues) else None
+            if lazy is not None and lazy.data_type in FLOAT_PROTO and lazy.data_type != proto_type:
+                if _numel(lazy) > SMALL or lazy.data_location == onnx.TensorProto.EXTERNAL:
+                    deferred.add(t.name)
+                    continue
+                t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below
             if not isinstance(t._values, gs.ir.tensor.LazyValues) and _is_float(t.values.dtype):
                 t.values = _narrow(np.asarray(t.values), np_type)
         elif t.name in keep_io:
@@ -53,3 +64,48 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> None:
             c = node.attrs["value"]
             if _is_float(c.values.dtype):
                 node.attrs["value"] = gs.Constant(c.name, _narrow(np.asarray(c.values), np_type))
+    return deferred
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+def keep_fp32(graph: gs.Graph, cores) -> int:
+    """Run each RMSNorm core (x -> x·rsqrt(mean(x²)+eps)) in fp32 between explicit Casts.
+
+    Called after `convert_graph` narrowed everything; the cores' constants are widened back. The
+    entry tensor is read off the live graph (the embedding step may have replaced the matched one).
+    Returns how many islands were made.
+    """
+    n = 0
+    for core in cores:
+        first, last = core.nodes[0], core.nodes[-1]
+        if not last.outputs or not last.outputs[0].outputs:
+            continue
+        n += 1
+        name = last.name
+        x = first.inputs[0]
+        while x.inputs and x.inputs[0].op == "Cast":
+            x = x.inputs[0].inputs[0]
+        x32 = gs.Variable(f"{name}/x_fp32", dtype=np.float32)
+        graph.nodes.append(gs.Node("Cast", name=f"{name}/to_fp32", inputs=[x], outputs=[x32],
+                                   attrs={"to": onnx.TensorProto.FLOAT}))
+        inside = set(id(nd) for nd in core.nodes)
+        for nd in core.nodes:
+            for i, t in enumerate(nd.inputs):
+                src = t.inputs[0] if t.inputs else None
+                if isinstance(t, gs.Constant):
+                    if not isinstance(t._values, gs.ir.tensor.LazyValues) and _is_float(t.values.dtype):
+                        nd.inputs[i] = gs.Constant(f"{name}/c{i}_{nd.op}_fp32", np.asarray(t.values, dtype=np.float32))
+                elif src is None or id(src) not in inside:
+                    nd.inputs[i] = x32  # the entry (x, or a Cast of x the export kept)
+        out = last.outputs[0]
+        out16 = gs.Variable(f"{name}/out_fp16")
+        for user in list(out.outputs):
+            for i, t in enumerate(user.inputs):
+                if t is out:
+                    user.inputs[i] = out16
+        graph.nodes.append(gs.Node("Cast", name=f"{name}/to_fp16", inputs=[out], outputs=[out16],
+                                   attrs={"to": onnx.TensorProto.FLOAT16}))
+    return n

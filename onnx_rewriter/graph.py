@@ -157,8 +157,9 @@ def convert_float(arr: np.ndarray, proto_type: int, want: int) -> np.ndarray:
 class WeightWriter:
     """Streams initializers into `<model>.data` (external) or inline raw_data, converting float dtypes."""
 
-    def __init__(self, out_model: Path, source_dir: Path, float_type: int, external: bool):
+    def __init__(self, out_model: Path, source_dir: Path, float_type: int, external: bool, narrow: set[str]):
         self.source_dir = source_dir
+        self.narrow = narrow
         self.float_type = float_type
         self.external = external
         self.data_name = out_model.name + ".data"
@@ -170,7 +171,9 @@ class WeightWriter:
             self._fh.close()
 
     def _target_type(self, t: TensorProto) -> int:
-        return self.float_type if t.data_type in FLOAT_TYPES else t.data_type
+        # Only the weights the dtype pass deferred: other float tensors already have their final type
+        # (some deliberately fp32, e.g. RMSNorm constants).
+        return self.float_type if t.name in self.narrow and t.data_type in FLOAT_TYPES else t.data_type
 
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
@@ -197,9 +200,10 @@ class WeightWriter:
             t.raw_data = raw
 
 
-def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: int, external: bool) -> list[str]:
-    """Write `model` with its weights converted to `float_type`; returns the file names written."""
-    writer = WeightWriter(out_path, source_dir, float_type, external)
+def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: int, external: bool,
+         narrow: set[str] = frozenset()) -> list[str]:
+    """Write `model`, converting the weights named in `narrow` to `float_type`; returns the files written."""
+    writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow))
     try:
         for t in _all_initializers(model.graph):
             writer.rewrite(t)

@@ -60,6 +60,7 @@ class Run:
     spec: dict = field(default_factory=dict)
     hf_config: dict | None = None
     files: list[str] = field(default_factory=list)
+    narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
 
     def warn(self, msg: str) -> None:
         self.report.warnings.append(msg)
@@ -161,7 +162,9 @@ def step_build(run: Run) -> None:
     target = targets.get(run.options.target)
     float_type = dtypes.NAMES[run.options.dtype]
     g = run.source.graph
-    dtypes.convert_graph(g, float_type)
+    run.narrow = dtypes.convert_graph(g, float_type)
+    if float_type == onnx.TensorProto.FLOAT16:
+        dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
     target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
                        float_type=float_type, opset=run.source.opset))
     g.cleanup()
@@ -198,7 +201,7 @@ def step_write(run: Run) -> None:
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
     model = to_model(run)
     with OutputDir(run.out_dir, force=run.options.force) as tmp:
-        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external)
+        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow)
         onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
         run.files += writer.write_side_files(run, tmp)
 

@@ -11,6 +11,7 @@ import pkgutil
 
 STAGES = [
     "embedding",  # Gather(W, input_ids) that becomes the inputs_embeds input
+    "rms_norm",  # RMSNorm cores: kept in fp32 by the dtype pass
     "rope_table",  # cos/sin computed from positions and inv_freq
     "rope",  # rotate_half applied to q or k
     "rope_partial",  # rope over the first R dims, the rest passed through
