@@ -165,8 +165,10 @@ def step_build(run: Run) -> None:
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
+    from .sidefiles.config_json import max_positions
+
     target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
-                       float_type=float_type, opset=run.source.opset))
+                       float_type=float_type, opset=run.source.opset, rope_positions=max_positions(run.hf_config)))
     g.cleanup()
     normalize(g)
     leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})

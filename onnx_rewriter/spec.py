@@ -19,9 +19,17 @@ def is_default_rope(inv_freq: np.ndarray, rotary_dim: int, theta: float) -> bool
     return bool(np.allclose(inv_freq, expected, rtol=1e-4, atol=0))
 
 
+def runtime_rope_layer(layers: list[AttentionLayer]) -> AttentionLayer:
+    """The layer whose RoPE table config.json describes (the one table the runtime builds): the first
+    full-attention layer, else layer 0. Gemma3's local (windowed) layers use another theta; targets
+    bake those tables into the graph (targets.base.rope_input)."""
+    return next((l for l in layers if not l.sliding_window), layers[0])
+
+
 def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int) -> dict:
     l0 = layers[0]
-    theta = rope_theta_of(l0.rope.inv_freq, l0.rotary_dim)
+    ref = runtime_rope_layer(layers)
+    theta = rope_theta_of(ref.rope.inv_freq, ref.rotary_dim)
     windows = sorted({l.sliding_window for l in layers if l.sliding_window})
     spec = {
         "vocab_size": int(vocab_size),
@@ -32,7 +40,7 @@ def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int) 
         "head_dim": l0.head_size,
         "rotary_dim": l0.rotary_dim,
         "rope_theta": round(theta, 6 if theta < 1e3 else 2),
-        "default_rope": is_default_rope(l0.rope.inv_freq, l0.rotary_dim, theta),
+        "default_rope": is_default_rope(ref.rope.inv_freq, ref.rotary_dim, theta),
     }
     if windows:
         spec["sliding_window"] = windows[-1]

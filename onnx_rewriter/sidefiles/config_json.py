@@ -125,6 +125,11 @@ def _mismatch(field, conf, graph) -> RewriteError:
     )
 
 
+def max_positions(hf_config: dict | None) -> int:
+    """max_position_embeddings as config.json carries it: the rows of the runtime's RoPE table."""
+    return int(_hf_value(_llm_part(hf_config or {}), "max_position_embeddings") or DEFAULT_MAX_POSITIONS)
+
+
 def make_config_json(spec: dict, hf_config: dict | None, edgellm_version: str) -> dict:
     """The contract's config.json: graph values first, then the HF config, then defaults."""
     if not re.fullmatch(r"\d+\.\d+\.\d+", str(edgellm_version)):

@@ -29,6 +29,7 @@ class Build:
     logits: gs.Tensor  # the original logits output
     float_type: int  # onnx.TensorProto.FLOAT16 or FLOAT
     opset: int
+    rope_positions: int = 4096  # rows of a baked RoPE table: config.json's max_position_embeddings
 
 
 class Target:
@@ -105,6 +106,38 @@ def prescale_q(em: Emitter, q: gs.Tensor, layer: AttentionLayer, np_float) -> gs
     if abs(factor - 1.0) < 1e-6:
         return q
     return em.node("Mul", [q, em.const("q_prescale", np.array(factor, dtype=np_float))])
+
+
+def same_rope(a: AttentionLayer, b: AttentionLayer) -> bool:
+    ta, tb = a.rope, b.rope
+    return ta is tb or (a.rotary_dim == b.rotary_dim and ta.inv_freq.shape == tb.inv_freq.shape
+                        and np.allclose(ta.inv_freq, tb.inv_freq, rtol=1e-6, atol=0)
+                        and abs(ta.attention_scaling - tb.attention_scaling) <= 1e-6)
+
+
+def bake_rope_table(layer: AttentionLayer, positions: int, name: str) -> gs.Constant:
+    """The layer's own `[1, positions, R]` fp32 cos|sin table, computed as the model computes it (fp32
+    angles p·inv_freq, times attention_scaling). Costs positions·R·4 bytes per distinct table, e.g.
+    Gemma3-1B's local layers: 32768·256·4 = 32 MiB, once, shared by every layer using it."""
+    inv = np.asarray(layer.rope.inv_freq, dtype=np.float32).reshape(-1)
+    f = np.arange(positions, dtype=np.float32)[:, None] * inv[None, :]
+    table = np.concatenate([np.cos(f), np.sin(f)], axis=-1) * np.float32(layer.rope.attention_scaling)
+    return gs.Constant(name, np.ascontiguousarray(table[None].astype(np.float32)))
+
+
+def rope_input(layer: AttentionLayer, ref: AttentionLayer, shared: gs.Tensor, positions: int,
+               baked: dict) -> gs.Tensor:
+    """The runtime's `rope_rotary_cos_sin` input (built from config.json, i.e. `ref`'s table) for layers
+    roped like `ref`; a constant table baked into the graph for the others (Gemma3's local layers use
+    theta 1e4 where config.json and the global layers say 1e6). `baked` caches one constant per table."""
+    if same_rope(layer, ref):
+        return shared
+    for other, const_t in baked.values():
+        if same_rope(layer, other):
+            return const_t
+    const_t = bake_rope_table(layer, positions, f"rope_rotary_cos_sin_layer{layer.index}")
+    baked[layer.index] = (layer, const_t)
+    return const_t
 
 
 def lm_head_input(logits: gs.Tensor) -> tuple[gs.Node, int]:

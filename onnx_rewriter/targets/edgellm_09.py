@@ -10,8 +10,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..spec import runtime_rope_layer
 from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, remove_inputs,
-                   rebind_output, set_logits_output, to_bshd_flat)
+                   rebind_output, rope_input, set_logits_output, to_bshd_flat)
 
 
 class DenseTarget(Target):
@@ -37,6 +38,7 @@ class DenseTarget(Target):
         last = gs.Variable("last_token_ids", np.int64, [B, 1])
         pasts, presents = [], []
         em = Emitter(g, "edgellm")
+        ref, baked = runtime_rope_layer(b.layers), {}
         for layer in b.layers:
             i = layer.index
             lem = Emitter(g, f"layers.{i}/attn")
@@ -48,7 +50,8 @@ class DenseTarget(Target):
             attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, [B, S, layer.num_q_heads, d])
             g.nodes.append(gs.Node(
                 "AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
-                inputs=self.attention_inputs(lem, q, k, v) + [past, context_lengths, rope, start],
+                inputs=self.attention_inputs(lem, q, k, v) + [
+                    past, context_lengths, rope_input(layer, ref, rope, b.rope_positions, baked), start],
                 outputs=[attn, present], attrs=self.plugin_attrs(layer)))
             # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
             rebind_output(g, layer.out, lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}))
