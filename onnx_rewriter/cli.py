@@ -1,7 +1,7 @@
 """Command line: `python -m onnx_rewriter IN.onnx OUT_DIR` plus `export`, `verify` and `inspect`.
 
 Every failure the user can fix ends in one line `error: ...` and exit code 2 (1 for a failed verify),
-without a traceback unless --debug.
+without a traceback unless --debug. Anything else is a bug: `error: internal error (...)`, exit code 3.
 """
 
 from __future__ import annotations
@@ -69,14 +69,30 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
 
 
 def _setup_logging(args) -> None:
+    """Warnings (rope scaling, missing tokenizer, ...) show by default; -q hides them, -v/-vv add more.
+
+    The handler sits on our package logger (not via basicConfig, a no-op once anything configured the
+    root logger, e.g. pytest) and replaces the one a previous main() call installed.
+    """
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                               logging.INFO if args.verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    pkg = logging.getLogger("onnx_rewriter")
+    for h in [h for h in pkg.handlers if getattr(h, "_onnx_rewriter_cli", False)]:
+        pkg.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler._onnx_rewriter_cli = True
+    pkg.addHandler(handler)
+    pkg.setLevel(level)
+    pkg.propagate = False
+    for name in ("transformers", "huggingface_hub"):  # their warnings obey -q too
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
-def _print_summary(run, out_dir) -> None:
+def _print_summary(run, out_dir, quiet: bool = False) -> None:
     n = sum(l.rewritten for l in run.report.layers)
-    print(run.report.table(), file=sys.stderr)
+    if not quiet:
+        print(run.report.table(), file=sys.stderr)
     print(f"rewrote {n}/{len(run.report.layers)} layers for {run.options.target} in {run.report.seconds:.1f}s: "
           f"{out_dir} ({', '.join(run.files)})")
 
@@ -88,7 +104,7 @@ def _run(cmd: str, args) -> int:
         run = pipeline.rewrite(args.input, args.output_dir, target=args.target, dtype=args.dtype, config=args.config,
                                tokenizer=args.tokenizer, force=args.force, external_data=args.external_data)
         _write_report(run, args.report)
-        _print_summary(run, args.output_dir)
+        _print_summary(run, args.output_dir, args.quiet)
         return 0
     if cmd == "export":
         from .export import export
@@ -96,7 +112,7 @@ def _run(cmd: str, args) -> int:
         run = export(args.model, args.output_dir, target=args.target, dtype=args.dtype, device=args.device,
                      trust_remote_code=args.trust_remote_code, force=args.force, external_data=args.external_data)
         _write_report(run, args.report)
-        _print_summary(run, args.output_dir)
+        _print_summary(run, args.output_dir, args.quiet)
         if args.verify:
             from .reference.verify import verify
 
@@ -114,8 +130,28 @@ def _run(cmd: str, args) -> int:
 
 def _write_report(run, path) -> None:
     if path:
-        with open(path, "w") as fh:
-            fh.write(run.report.to_json())
+        try:
+            with open(path, "w") as fh:
+                fh.write(run.report.to_json())
+        except OSError as exc:
+            raise RewriteError(f"cannot write the report '{path}' ({exc.strerror}); choose another path") from None
+
+
+def _refused(exc: RewriteError, args) -> None:
+    """A refused rewrite still shows its table and writes --report (the failing layer and check)."""
+    run = getattr(exc, "run", None)
+    if run is None:
+        return
+    if run.report.layers and not args.quiet:
+        print(run.report.table(), file=sys.stderr)
+    try:
+        _write_report(run, getattr(args, "report", None))
+    except RewriteError as rep_exc:
+        log.warning("%s", rep_exc)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def main(argv=None) -> int:
@@ -123,13 +159,47 @@ def main(argv=None) -> int:
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "rewrite"
     args = build_parser(cmd).parse_args(argv)
     _setup_logging(args)
+    previous = _exit_on_sigterm()
     try:
         return _run(cmd, args)
     except RewriteError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _refused(exc, args)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; the output folder was left as it was", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the user's input: still one line, never a bare traceback
+        if args.debug:
+            raise
+        what = _one_line(f"{type(exc).__name__}: {exc}")[:300]
+        print(f"error: internal error ({what}); rerun with --debug for the traceback and please report it",
+              file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed (SIGKILL: see output.py).
+
+    Returns the previous handler (restored when main() returns), or None when none was installed.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None

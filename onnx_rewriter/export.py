@@ -6,13 +6,17 @@ the dynamo exporter in fp32 (the rewriter converts to fp16 tensor by tensor whil
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import RewriteError
 
@@ -26,35 +30,95 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
     `torch_dtype` "float32" (default: the baseline is exported in fp32 and narrowed tensor by tensor
     while writing) or "auto" (the checkpoint's own dtype, e.g. to export a bf16 graph).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/"))):
         raise RewriteError(f"'{model}' is not a checkpoint folder; give an HF model id or a folder with config.json")
+    hub = hub_kwargs(model)
+    if hub and not _in_hf_cache(model):  # say so before the slow torch/transformers imports
+        raise RewriteError(f"cannot fetch '{model}': {_offline_reason()} and it is not in the local HF cache; "
+                           f"download it where there is network and pass the local folder (--model path/to/folder)")
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, **hub)
     except OSError as exc:
         if local:
             raise RewriteError(f"'{model}' has no readable config.json ({str(exc).splitlines()[0][:100]})") from None
+        if hub:
+            raise RewriteError(f"cannot fetch '{model}': {_offline_reason()} and it is not in the local HF cache; "
+                               f"download it where there is network and pass the local folder "
+                               f"(--model path/to/folder)") from None
         raise RewriteError(f"cannot fetch '{model}' from the model hub (no network, or no such model); "
                            f"download it elsewhere and pass the local folder") from None
     except ValueError as exc:
         raise RewriteError(f"unsupported model in '{model}': {str(exc).splitlines()[0][:160]}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise RewriteError(f"'{model}' is an encoder-decoder model ({getattr(config, 'model_type', '?')}); "
+                           f"onnx_rewriter handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
             m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **hub)
     except ValueError as exc:
         msg = str(exc).splitlines()[0][:160]
         if attn_implementation == "sdpa" and "sdpa" in msg.lower():
             return load_model(model, device, trust_remote_code, "eager", torch_dtype)
-        raise RewriteError(f"unsupported architecture '{getattr(config, 'model_type', '?')}': {msg}") from None
+        raise RewriteError(f"unsupported architecture '{getattr(config, 'model_type', '?')}' ({msg}); onnx_rewriter "
+                           f"handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)") from None
     except OSError as exc:
         raise RewriteError(f"cannot load the weights of '{model}': {str(exc).splitlines()[0][:160]}") from None
     return m.to(device).eval(), config
+
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.lru_cache(maxsize=1)
+def _offline_reason() -> str | None:
+    """Why the model hub cannot be reached, or None. Asked once, before transformers tries: offline, its
+    client retries for ~30 s before giving up."""
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set (offline mode)"
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None  # through a proxy only the hub client can tell
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(f"the model hub ({host}) is unreachable: {exc.strerror or exc}")
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo itself has no timeout
+    t.start()
+    t.join(5)
+    return result[0] if result else f"the model hub ({host}) did not answer within 5 s"
+
+
+def hub_kwargs(model: str) -> dict:
+    """from_pretrained arguments for `model`: local_files_only when it is a hub id and the hub is out of reach."""
+    if Path(model).is_dir() or _offline_reason() is None:
+        return {}
+    log.info("%s; looking for '%s' in the local HF cache only", _offline_reason(), model)
+    return {"local_files_only": True}
+
+
+def _in_hf_cache(model: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except Exception:  # an odd id or cache layout: let transformers decide
+        return True
 
 
 class _LogitsOnly:
@@ -102,7 +166,7 @@ def _save_tokenizer(model: str, into: Path) -> Path | None:
     from transformers import AutoTokenizer
 
     try:
-        AutoTokenizer.from_pretrained(model).save_pretrained(into)
+        AutoTokenizer.from_pretrained(model, **hub_kwargs(model)).save_pretrained(into)
         return into
     except Exception as exc:  # a checkpoint without tokenizer still exports (with a warning later)
         log.warning("no tokenizer for '%s': %s", model, str(exc).splitlines()[0][:120])
@@ -116,6 +180,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
 
     from .output import OutputDir
 
+    pipeline.targets.get(target or pipeline.targets.DEFAULT)  # fail before the slow export
     OutputDir.precheck(Path(output_dir), force)
     m, config = load_model(model, device, trust_remote_code)
     work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_export_"))

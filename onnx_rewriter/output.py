@@ -1,16 +1,42 @@
 """Atomic output: everything is written into a temporary folder beside the target, renamed at the end.
 
 An interrupted run (exception, Ctrl-C, kill) leaves the previous state of the output folder untouched.
+Temporary names carry the writer's pid (`.NAME.tmp-PID-xxxx`, `.NAME.old-PID`): a SIGKILLed run cannot
+clean up after itself, so the next run removes the siblings whose writer is gone (and puts a previous
+folder back if the kill came between the two renames).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import RewriteError
+
+log = logging.getLogger(__name__)
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class OutputDir:
@@ -21,25 +47,47 @@ class OutputDir:
 
     @staticmethod
     def precheck(path: Path, force: bool) -> None:
-        """Fail before any work when the folder cannot be (re)placed."""
-        path = Path(path)
+        """Fail before any work when the folder cannot be (re)placed. Creates nothing."""
+        path = Path(path).absolute()
         if path.exists() and not path.is_dir():
             raise RewriteError(f"output '{path}' exists and is not a folder; choose another output path")
         if path.is_dir() and any(path.iterdir()) and not force:
-            raise RewriteError(f"output folder '{path}' exists and is not empty; pass --force to replace it")
-        parent = path.resolve().parent
-        if not parent.exists():
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise RewriteError(f"cannot create the output folder's parent '{parent}': {exc.strerror}") from None
-        if not os.access(parent, os.W_OK):
-            raise RewriteError(f"cannot write into '{parent}' (permission denied); choose another output folder")
+            raise RewriteError(f"output folder '{path}' exists and is not empty; pass --force to replace it "
+                               f"or choose another folder")
+        base = _nearest_existing(path.parent)
+        if not base.is_dir():
+            raise RewriteError(f"cannot create the output folder: '{base}' is a file, not a folder; "
+                               f"choose another output folder")
+        # os.access says yes to root even on read-only mounts: really try to create something.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".onnx_rewriter-probe-", dir=base))
+        except OSError as exc:
+            raise RewriteError(f"cannot write into '{base}' ({exc.strerror or exc}); choose another output "
+                               f"folder") from None
+
+    def _clean_stale(self, parent: Path) -> None:
+        """Remove temp siblings left by killed runs; restore a folder a kill left renamed aside."""
+        pat = re.compile(rf"^\.{re.escape(self.path.name)}\.(tmp|old)-(\d+)(-.*)?$")
+        for sib in sorted(parent.iterdir()):
+            m = pat.match(sib.name)
+            if not m or _pid_alive(int(m.group(2))):
+                continue
+            if m.group(1) == "old" and not self.path.exists():
+                log.warning("restoring '%s' from an interrupted run's '%s'", self.path, sib.name)
+                os.rename(sib, self.path)
+                continue
+            log.info("removing '%s' left by an interrupted run", sib)
+            shutil.rmtree(sib, ignore_errors=True)
 
     def __enter__(self) -> Path:
         self.precheck(self.path, self.force)
-        parent = self.path.resolve().parent
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=parent))
+        parent = self.path.absolute().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RewriteError(f"cannot create the output folder's parent '{parent}': {exc.strerror}") from None
+        self._clean_stale(parent)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-", dir=parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -215,11 +215,19 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     """Rewrite a baseline ONNX export into an EdgeLLM folder. Returns the run (files, report, spec)."""
     options = options or Options(**kwargs)
     run = Run(in_path=Path(in_path), out_dir=Path(out_dir) if out_dir is not None else None, options=options)
+    targets.get(options.target)  # an unknown target fails before any work
     if run.out_dir is not None:
         OutputDir.precheck(run.out_dir, options.force)
     t0 = time.perf_counter()
-    for step in steps or STEPS:
-        log.debug("step %s", step.__name__)
-        step(run)
+    try:
+        for step in steps or STEPS:
+            log.debug("step %s", step.__name__)
+            step(run)
+    except RewriteError as exc:
+        # A refusal keeps its report (which layer, which check) for --report and the table.
+        run.report.error = str(exc)
+        run.report.seconds = time.perf_counter() - t0
+        exc.run = run
+        raise
     run.report.seconds = time.perf_counter() - t0
     return run

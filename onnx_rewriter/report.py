@@ -1,4 +1,8 @@
-"""The match report: per layer, rewritten or not, by which patterns, and why not."""
+"""The match report: per layer, rewritten or not, by which patterns, and why not.
+
+A refused run keeps its report too (`error` says why), so `--report` and the table show which layer
+failed and at which check and node.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +23,22 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    error: str | None = None  # the refusal, when the run was refused
+
+    @property
+    def refused(self) -> bool:
+        return self.error is not None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        d = asdict(self)
+        d["status"] = "refused" if self.refused else "rewritten"
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     def table(self) -> str:
         rows = [f"{'layer':>5}  {'status':<9} detail"]
         for l in self.layers:
             detail = ", ".join(l.patterns) if l.rewritten else l.reason
-            rows.append(f"{l.index:>5}  {'rewritten' if l.rewritten else 'REFUSED':<9} {detail}")
+            # A refused run rewrites nothing: say "matched" for layers that were understood.
+            status = ("matched" if self.refused else "rewritten") if l.rewritten else "REFUSED"
+            rows.append(f"{l.index:>5}  {status:<9} {detail}")
         return "\n".join(rows)

@@ -32,8 +32,7 @@ class Session:
 
     def __init__(self, out_dir, rope_table: np.ndarray | None = None):
         out_dir = Path(out_dir)
-        if not (out_dir / "model.onnx").is_file():
-            raise RewriteError(f"'{out_dir}' has no model.onnx; give a folder written by onnx_rewriter")
+        self.check_folder(out_dir)
         self.config = json.loads((out_dir / "config.json").read_text())
         self.embedding = load_file(str(out_dir / "embedding.safetensors"))["embedding"]
         self.model, self.evaluator = _evaluator(out_dir / "model.onnx")
@@ -44,6 +43,16 @@ class Session:
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values_"))
         self.max_positions = 512
         self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
+
+    @staticmethod
+    def check_folder(out_dir) -> None:
+        out_dir = Path(out_dir)
+        if not out_dir.is_dir():
+            raise RewriteError(f"'{out_dir}' is not a folder; give a folder written by onnx_rewriter")
+        for name in ("model.onnx", "config.json", "embedding.safetensors"):
+            if not (out_dir / name).is_file():
+                raise RewriteError(f"'{out_dir}' has no {name}; give a folder written by onnx_rewriter "
+                                   f"(python -m onnx_rewriter IN.onnx {out_dir})")
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embedding[ids].astype(self.float)

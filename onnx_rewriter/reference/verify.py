@@ -64,6 +64,12 @@ class OnnxOracle:
     def __init__(self, path: str):
         import onnxruntime as ort
 
+        from pathlib import Path
+
+        from ..errors import RewriteError
+
+        if not Path(path).is_file():
+            raise RewriteError(f"baseline '{path}' does not exist; give the .onnx file the folder was rewritten from")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -95,6 +101,7 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
            rows: list[list[int]] | None = None, quiet: bool = False) -> VerifyResult:
+    Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     oracle = HFOracle(model) if model else OnnxOracle(baseline)
     result = VerifyResult()
     rope_table = None
