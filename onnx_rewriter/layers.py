@@ -36,6 +36,15 @@ class RepeatKV:
 
 
 @dataclass
+class KVCacheConcat:
+    """present = Concat(past, new) of an export that carries its own KV cache; the plugin replaces it."""
+
+    past: gs.Tensor  # graph input [B, Hkv, P, D]
+    new: gs.Tensor  # this call's k (roped) or v [B, Hkv, S, D]
+    present: gs.Tensor  # graph output [B, Hkv, P+S, D]
+
+
+@dataclass
 class AttentionCore:
     """softmax(q·kᵀ·scale + mask)·v with q, k, v in [B, H, S, D]; `out` is [B, Hq, S, D]."""
 

@@ -24,18 +24,26 @@ SHORT = 48  # probe length when no window hint is in sight
 MAX_PROBE = 4200  # covers 4096-token windows; [1, 1, S, S] stays under 100 MB
 
 
-def _feeds(graph: gs.Graph, s: int) -> dict:
+def _feeds(graph: gs.Graph, s: int, past: int = 0) -> dict:
     feeds = {}
     for t in graph.inputs:
         if t.name == "inputs_embeds":
             feeds[t.name] = np.zeros((1, s, t.shape[-1]), dtype=t.dtype)
         elif t.name == "position_ids":
-            feeds[t.name] = np.arange(s, dtype=np.int64)[None]
+            feeds[t.name] = np.arange(past, past + s, dtype=np.int64)[None]
         elif t.name == "attention_mask":
-            feeds[t.name] = np.ones((1, s), dtype=t.dtype or np.int64)
+            feeds[t.name] = np.ones((1, past + s), dtype=t.dtype or np.int64)
         elif t.name == "input_ids":
             feeds[t.name] = np.zeros((1, s), dtype=t.dtype or np.int64)
+        elif _is_cache_input(t):
+            # An export's own KV cache [B, Hkv, P, D]: batch 1, `past` cached tokens (values unused).
+            shape = [1 if i == 0 else d if isinstance(d, (int, np.integer)) else past for i, d in enumerate(t.shape)]
+            feeds[t.name] = np.zeros(shape, dtype=t.dtype)
     return feeds
+
+
+def _is_cache_input(t: gs.Tensor) -> bool:
+    return t.shape is not None and len(t.shape) == 4 and t.dtype is not None and np.issubdtype(t.dtype, np.floating)
 
 
 class MaskProbe:
@@ -43,7 +51,7 @@ class MaskProbe:
         self.graph = graph
         self._cache: dict[tuple[str, int], np.ndarray] = {}
 
-    def _eval(self, tensors: list[gs.Tensor], s: int) -> list[np.ndarray]:
+    def _eval(self, tensors: list[gs.Tensor], s: int, past: int = 0) -> list[np.ndarray]:
         key = tuple(t.name for t in tensors)
         sub = self.graph.copy()
         by_name = sub.tensors()
@@ -58,7 +66,7 @@ class MaskProbe:
                 raise PatternMismatch(f"the mask/position subgraph reads the large weight '{t.name}'; cannot check it")
         model = gs.export_onnx(sub, do_type_check=False)
         del model.graph.value_info[:]
-        feeds = {k: v for k, v in _feeds(sub, s).items() if k in {i.name for i in sub.inputs}}
+        feeds = {k: v for k, v in _feeds(sub, s, past).items() if k in {i.name for i in sub.inputs}}
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -88,6 +96,25 @@ class MaskProbe:
                 stack.extend(n.inputs)
         return best
 
+    def _check_with_past(self, layer: AttentionLayer, window: int | None, past: int = 5, s: int = 4) -> None:
+        """Exports with their own cache: with `past` cached tokens, token t must sit at position past + t
+        and see keys 0..past+t (within the window), as the plugin does after a chunked prefill."""
+        try:
+            m, pos = (np.asarray(x) for x in self._eval([layer.mask, layer.rope.positions], s, past))
+        except Exception as exc:
+            raise PatternMismatch(f"layer {layer.index}: cannot evaluate the attention mask with a past "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        allowed = (m if m.dtype == np.bool_ else m > -1.0)
+        allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (s, past + s)).reshape(-1, s, past + s)[0]
+        q, k = np.indices((s, past + s))
+        want = (k <= q + past) & ((q + past - k < window) if window else True)
+        if pos.size % s or not np.array_equal(pos.reshape(-1, s)[0], np.arange(past, past + s)):
+            raise PatternMismatch(f"layer {layer.index}: with {past} cached tokens the RoPE positions are "
+                                  f"{pos.reshape(-1)[:s].tolist()}, not {list(range(past, past + s))}")
+        if not np.array_equal(allowed, want):
+            raise PatternMismatch(f"layer {layer.index}: with {past} cached tokens the attention mask is not causal "
+                                  f"over cache and new tokens; the plugin cannot reproduce it")
+
     def window_of(self, layer: AttentionLayer) -> int | None:
         """None for plain causal, W for a sliding window; refuses anything else, naming the layer."""
         hint = self._hint(layer.mask)
@@ -105,10 +132,11 @@ class MaskProbe:
                                   f"(got {pos.reshape(-1)[:6].tolist()}...), the plugin cannot reproduce them")
         q, k = np.indices((s, s))
         causal = k <= q
-        if np.array_equal(allowed, causal):
-            return None
         w = int(allowed[-1].sum())
-        if 0 < w < s and np.array_equal(allowed, causal & (q - k < w)):
+        if np.array_equal(allowed, causal) or (0 < w < s and np.array_equal(allowed, causal & (q - k < w))):
+            w = None if np.array_equal(allowed, causal) else w
+            if any(_is_cache_input(t) for t in self.graph.inputs):
+                self._check_with_past(layer, w)
             return w
         raise PatternMismatch(f"layer {layer.index}: the attention mask is neither causal nor a causal sliding "
                               f"window (probe with {s} tokens); the plugin cannot reproduce it")

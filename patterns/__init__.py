@@ -15,6 +15,7 @@ STAGES = [
     "rope_table",  # cos/sin computed from positions and inv_freq
     "rope",  # rotate_half applied to q or k
     "rope_partial",  # rope over the first R dims, the rest passed through
+    "kv_cache",  # Concat(past_key_values input, new k/v) -> present output, in exports with a cache
     "repeat_kv",  # GQA head expansion
     "k_transpose",  # k^T as one 4-D Transpose or a 3-D Reshape/Transpose/Reshape sandwich
     "attention_core",  # softmax(q k^T * s + mask) v

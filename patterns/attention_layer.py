@@ -28,6 +28,11 @@ class AttentionLayerPattern:
         v_rep = ctx.lookup("repeat_kv", core.v)
         k_roped = k_rep.result.x if k_rep else core.k
         v = v_rep.result.x if v_rep else core.v
+        # An export with its own KV cache attends to Concat(past, new): the plugin keeps the cache.
+        k_cat, v_cat = ctx.lookup("kv_cache", k_roped), ctx.lookup("kv_cache", v)
+        check(bool(k_cat) == bool(v_cat), "a KV cache Concat on only one of k and v", node)
+        if k_cat:
+            k_roped, v = k_cat.result.new, v_cat.result.new
         kr = ctx.lookup(ROPE_STAGES, k_roped)
         check(kr is not None, f"k is not roped by a recognized RoPE ({ctx.why_not(ROPE_STAGES, k_roped)})", node)
         qr, kr = qr.result, kr.result
@@ -46,7 +51,8 @@ class AttentionLayerPattern:
         else:
             check(hq == hkv, f"{hq} q heads attend to {hkv} kv heads without repeat_kv", node)
         check(core.mask is not None, "attention has no mask; the plugin is always causal", node)
-        pats = sorted(set(qr.patterns + kr.patterns + [cm.pattern] + (["repeat_kv"] if k_rep else []) + [self.name]))
+        pats = sorted(set(qr.patterns + kr.patterns + [cm.pattern] + (["repeat_kv"] if k_rep else [])
+                          + (["kv_cache_concat"] if k_cat else []) + [self.name]))
         layer = AttentionLayer(
             index=-1, q=qr.x, k=kr.x, v=v, out=core.out, num_q_heads=hq, num_kv_heads=hkv, head_size=d,
             rotary_dim=qr.rotary_dim, rope=qr.table, scale=core.scale, mask=core.mask, patterns=pats,
