@@ -17,10 +17,9 @@ def rewrite(in_path, out_dir, **options):
     return _rewrite(in_path, out_dir, **options)
 
 
-def export(model, output_dir, **options):
-    from .export import export as _export
-
-    return _export(model, output_dir, **options)
+# Bound after the submodule of the same name is imported, so the function wins the attribute.
+# (export.py imports torch/transformers lazily: this import is cheap.)
+from .export import export  # noqa: E402
 
 
 def verify(out_dir, **options):
