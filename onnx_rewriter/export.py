@@ -142,6 +142,8 @@ def export_baseline(model, path: Path, device: str = "cpu", exporter: str = "dyn
     """Export an HF model (already loaded) to `path`: dynamo (default) or TorchScript (`exporter="torchscript"`)."""
     import torch
 
+    # torch's exporter warns about optional torchvision ops on every run: not our user's concern.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     ids = torch.ones((2, 8), dtype=torch.int64, device=device)
     mask = torch.ones_like(ids)
     names = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"])
