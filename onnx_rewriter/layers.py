@@ -58,10 +58,17 @@ class AttentionCore:
 
 @dataclass
 class QKNorm:
-    """Per-head RMSNorm on q or k before RoPE (Qwen3, Gemma3); stays in the graph for 0.5/0.9."""
+    """Per-head RMSNorm on q or k before RoPE (Qwen3, Gemma3); stays in the graph for 0.5/0.9.
+
+    Targets whose plugin normalizes (0.11) read `x`, the tensor entering the norm, and the gamma
+    `weight` (the effective multiplier, e.g. Gemma's 1 + w); `layout` is x's layout: "bshd" (Qwen3,
+    norm before the head transpose) or "bhsd" (Gemma3, after it).
+    """
 
     weight: np.ndarray | None
     eps: float | None
+    x: gs.Tensor | None = None
+    layout: str = "bshd"
 
 
 @dataclass

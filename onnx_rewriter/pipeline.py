@@ -184,7 +184,9 @@ def to_model(run: Run) -> onnx.ModelProto:
     model = gs.export_onnx(g, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(target.domain, 1)])
-    model.ir_version = max(run.source.ir_version, 10 if opset >= 21 else 8)
+    # The lowest IR version that may declare these opsets (opset 24 needs IR 12), never below the input's.
+    model.ir_version = max(run.source.ir_version,
+                           onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     model.producer_name = "onnx_rewriter"
     # Keep types only where inference cannot derive them: the plugin outputs (no inference function).
     plugin_outs = {o for n in model.graph.node if n.op_type == "AttentionPlugin" for o in n.output}

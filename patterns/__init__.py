@@ -12,6 +12,7 @@ import pkgutil
 STAGES = [
     "embedding",  # Gather(W, input_ids) that becomes the inputs_embeds input
     "rms_norm",  # RMSNorm cores: kept in fp32 by the dtype pass
+    "qk_norm",  # RMSNorm core times a 1-D gamma (q/k norm candidates for the 0.11 plugin)
     "rope_table",  # cos/sin computed from positions and inv_freq
     "rope",  # rotate_half applied to q or k
     "rope_partial",  # rope over the first R dims, the rest passed through

@@ -7,6 +7,7 @@ check that fails so a refused layer says why.
 
 from onnx_rewriter.layers import AttentionLayer
 from onnx_rewriter.matching import check, static_dim
+from onnx_rewriter.patterns._qk_norm import qk_norm_before
 
 ROPE_STAGES = ("rope_partial", "rope")
 
@@ -56,6 +57,7 @@ class AttentionLayerPattern:
         layer = AttentionLayer(
             index=-1, q=qr.x, k=kr.x, v=v, out=core.out, num_q_heads=hq, num_kv_heads=hkv, head_size=d,
             rotary_dim=qr.rotary_dim, rope=qr.table, scale=core.scale, mask=core.mask, patterns=pats,
+            q_norm=qk_norm_before(ctx, qr.x, d), k_norm=qk_norm_before(ctx, kr.x, d),
         )
         return core.out, layer
 

@@ -40,6 +40,7 @@ class Target:
     chat_template_file = "processed_chat_template.json"
     prefill_head_sizes = (64, 72, 80, 128, 256)
     max_group = 8
+    supports_sliding_window = True
 
     # -- capability checks: before anything is written
     def check(self, layers: list[AttentionLayer], warn) -> None:
@@ -58,6 +59,17 @@ class Target:
         if first.num_q_heads // first.num_kv_heads > self.max_group:
             warn(f"{first.num_q_heads // first.num_kv_heads} q heads per kv head exceeds the runtime's "
                  f"usual limit of {self.max_group}")
+        if first.head_size % 2 or first.rotary_dim % 2 or not 0 < first.rotary_dim <= first.head_size:
+            raise UnsupportedModel(f"head size {first.head_size} with {first.rotary_dim} rotary dims: the plugin's "
+                                   f"rotate_half RoPE needs an even rotary width within the head")
+        for l in layers:
+            # A non-default scale is fine (pre-applied to q, or the attention_scale attribute); a
+            # non-positive or non-finite one is a mismatch, not a model.
+            if not (np.isfinite(l.scale) and l.scale > 0):
+                raise UnsupportedModel(f"layer {l.index}: attention scale {l.scale} cannot be expressed by the plugin")
+            if l.sliding_window and not self.supports_sliding_window:
+                raise UnsupportedModel(f"layer {l.index} uses a sliding window of {l.sliding_window} tokens, which "
+                                       f"{self.name} cannot run")
 
     def build(self, b: Build) -> None:
         raise NotImplementedError
