@@ -138,7 +138,9 @@ def step_embedding(run: Run) -> None:
     run.inputs_embeds = emb
     outs = [t for t in g.outputs if t.name == "logits"] or g.outputs[:1]
     run.logits = outs[0]
-    run.spec = specmod.model_spec(run.layers, vocab_size=vocab, hidden_size=hidden)
+    # The MLP width is read off the weights only when no config.json says it (it is a heuristic).
+    run.spec = specmod.model_spec(run.layers, vocab_size=vocab, hidden_size=hidden,
+                                  graph=g if run.hf_config is None else None)
 
 
 def step_check(run: Run) -> None:
@@ -147,7 +149,8 @@ def step_check(run: Run) -> None:
         probe = MaskProbe(run.source.graph, run.source.base_dir)
         for layer in run.layers:
             layer.sliding_window = probe.window_of(layer)
-        run.spec = specmod.model_spec(run.layers, run.spec["vocab_size"], run.spec["hidden_size"])
+        run.spec = specmod.model_spec(run.layers, run.spec["vocab_size"], run.spec["hidden_size"],
+                                      run.source.graph if run.hf_config is None else None)
     from .sidefiles import config_json
 
     if run.hf_config is not None:
@@ -167,6 +170,10 @@ def step_build(run: Run) -> None:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
     from .sidefiles.config_json import max_positions
 
+    for layer in run.layers:  # Shape side branches must not keep the removed RoPE / attention alive
+        for gone, same in layer.same_shape:
+            for node in [n for n in gone.outputs if n.op == "Shape"]:
+                node.inputs[0] = same
     target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
                        float_type=float_type, opset=run.source.opset, rope_positions=max_positions(run.hf_config)))
     g.cleanup()

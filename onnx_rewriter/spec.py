@@ -26,7 +26,27 @@ def runtime_rope_layer(layers: list[AttentionLayer]) -> AttentionLayer:
     return next((l for l in layers if not l.sliding_window), layers[0])
 
 
-def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int) -> dict:
+def intermediate_size_of(graph, hidden_size: int, attn_width: int) -> int | None:
+    """The MLP width: the row count of the [I, H] weights MatMuls read (down_proj), the most common
+    one that is neither H nor the attention width (o_proj)."""
+    from collections import Counter
+
+    import onnx_graphsurgeon as gs
+
+    from .graph import lazy_proto
+
+    rows = Counter()
+    for node in graph.nodes:
+        if node.op != "MatMul" or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        proto = lazy_proto(node.inputs[1])
+        shape = list(proto.dims) if proto is not None else list(node.inputs[1].shape)
+        if len(shape) == 2 and shape[1] == hidden_size and shape[0] not in (hidden_size, attn_width):
+            rows[int(shape[0])] += 1
+    return rows.most_common(1)[0][0] if rows else None
+
+
+def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int, graph=None) -> dict:
     l0 = layers[0]
     ref = runtime_rope_layer(layers)
     theta = rope_theta_of(ref.rope.inv_freq, ref.rotary_dim)
@@ -44,4 +64,8 @@ def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int) 
     }
     if windows:
         spec["sliding_window"] = windows[-1]
+    if graph is not None:
+        inter = intermediate_size_of(graph, int(hidden_size), l0.num_q_heads * l0.head_size)
+        if inter:
+            spec["intermediate_size"] = inter
     return spec
