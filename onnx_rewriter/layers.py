@@ -95,6 +95,9 @@ class AttentionLayer:
     q_norm: QKNorm | None = None
     k_norm: QKNorm | None = None
     patterns: list[str] = field(default_factory=list)
+    # (tensor the rewrite removes, tensor of the very same shape that stays): TorchScript reads batch and
+    # sequence sizes off roped q/k through Shape side branches; those Shapes are moved to the stayer.
+    same_shape: list[tuple[gs.Tensor, gs.Tensor]] = field(default_factory=list)
 
     @property
     def default_scale(self) -> float:

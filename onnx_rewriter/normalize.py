@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from . import reshape_wildcard
 from .matching import const, producer
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,10 @@ def normalize(graph: gs.Graph, reinfer: bool = False) -> gs.Graph:
     n_fold = fold(graph)
     n_simp = simplify(graph)
     if reinfer and n_fold:
+        graph = infer_shapes(graph)
+        n_fold += fold(graph)
+        n_simp += simplify(graph)
+    if reinfer and reshape_wildcard.resolve(graph):  # TorchScript's view(B, S, -1, D): heads become static
         graph = infer_shapes(graph)
         n_fold += fold(graph)
         n_simp += simplify(graph)

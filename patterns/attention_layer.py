@@ -58,6 +58,7 @@ class AttentionLayerPattern:
             index=-1, q=qr.x, k=kr.x, v=v, out=core.out, num_q_heads=hq, num_kv_heads=hkv, head_size=d,
             rotary_dim=qr.rotary_dim, rope=qr.table, scale=core.scale, mask=core.mask, patterns=pats,
             q_norm=qk_norm_before(ctx, qr.x, d), k_norm=qk_norm_before(ctx, kr.x, d),
+            same_shape=[(core.q, qr.x), (k_roped, kr.x), (core.out, qr.x)],  # RoPE and attention keep q's shape
         )
         return core.out, layer
 
