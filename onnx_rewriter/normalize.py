@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from . import reshape_wildcard
+from . import bfloat16, reshape_wildcard
 from .matching import const, producer
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 def normalize(graph: gs.Graph, reinfer: bool = False) -> gs.Graph:
     """Fold and simplify; with `reinfer`, shapes made static by folding are propagated and folded again."""
+    bfloat16.widen(graph)  # a bf16 export reads as an fp32 one
     n_fold = fold(graph)
     n_simp = simplify(graph)
     if reinfer and n_fold:
