@@ -1,0 +1,52 @@
+"""PagedRunner: the metadata it builds for the 0.11 graph, and a prefill that spans two KV pages."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_rewriter.reference.paged_runner import PagedRunner
+from onnx_rewriter.reference.runner import Session, runner_for
+from onnx_rewriter.reference.verify import verify
+
+
+def test_metadata_and_pages(rewritten):
+    out, _ = rewritten("llama", "edgellm-0.11", "float32")
+    session = Session(out)
+    runner = runner_for(session, batch=2, capacity=200)
+    assert isinstance(runner, PagedRunner)
+    feeds_seen, run = [], session.run
+    session.run = lambda feeds: (feeds_seen.append(feeds), run(feeds))[1]
+    spare = runner.pools[0][:, 0].copy()  # pages go out in descending order: page 0 is nobody's
+
+    assert runner.prefill([[5, 6, 7], [8, 9]]).shape == (2, 320)
+    f = feeds_seen[-1]
+    assert f["inputs_embeds"].shape == (5, 64)
+    assert f["positions"].tolist() == [0, 1, 2, 0, 1]
+    assert f["query_start_offsets"].tolist() == [0, 3, 5] and f["query_lengths"].tolist() == [3, 2]
+    assert f["past_lengths"].tolist() == [0, 0] and f["attention_sequence_lengths"].tolist() == [3, 2]
+    assert len(f["execution_phase_marker"]) == 1 and len(f["context_sequence_count_carrier"]) == 2
+    assert f["logits_indices"].tolist() == [2, 4]
+    np.testing.assert_array_equal(f["rope_rotary_cos_sin"], session.rope_table[[0, 1, 2, 0, 1]])
+    # 2 pages per sequence (capacity 200), 5 pages in all: seq 0 owns 4, 3; seq 1 owns 2, 1. Only used pages.
+    assert f["kv_page_table"].tolist() == [[[4, -1], [9, -1]], [[2, -1], [7, -1]]]
+
+    runner.step([[1, 2], [3]])  # chunked prefill: past > 0 and more than one token
+    f = feeds_seen[-1]
+    assert len(f["execution_phase_marker"]) == 2 and len(f["context_sequence_count_carrier"]) == 1
+    assert f["positions"].tolist() == [3, 4, 2] and f["logits_indices"].tolist() == [1, 2]
+
+    runner.decode([10, 11])
+    f = feeds_seen[-1]
+    assert len(f["execution_phase_marker"]) == 3 and len(f["context_sequence_count_carrier"]) == 0
+    assert f["past_lengths"].tolist() == [5, 3] and f["positions"].tolist() == [5, 3]
+    assert f["logits_indices"].tolist() == [0, 1]
+    np.testing.assert_array_equal(runner.pools[0][:, 0], spare)  # nothing wrote to the spare page
+
+
+def test_prefill_across_a_page_boundary(rewritten):
+    """A 131-token prompt fills page 1 and spills into page 2 (pages out of order in the pool)."""
+    out, ckpt = rewritten("llama", "edgellm-0.11", "float32")
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(3, 320, 131).tolist(), rng.integers(3, 320, 4).tolist()]
+    result = verify(out, model=str(ckpt), rows=rows, steps=2, quiet=True)
+    assert result.passed, result.table()
