@@ -65,7 +65,7 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
                                                      trust_remote_code=trust_remote_code, **hub)
     except ValueError as exc:
         msg = str(exc).splitlines()[0][:160]
-        if attn_implementation == "sdpa" and "sdpa" in msg.lower():
+        if attn_implementation == "sdpa" and ("sdpa" in msg.lower() or "scaled_dot_product_attention" in msg):
             return load_model(model, device, trust_remote_code, "eager", torch_dtype)
         raise RewriteError(f"unsupported architecture '{getattr(config, 'model_type', '?')}' ({msg}); onnx_rewriter "
                            f"handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)") from None

@@ -4,6 +4,9 @@ from onnx_rewriter.matching import check, Reject
 import onnx_graphsurgeon as gs
 
 
+NOT_TOKEN_IDS = ("attention_mask", "position_ids", "cache_position")
+
+
 class Embedding:
     name = "embedding"
     stage = "embedding"
@@ -14,6 +17,9 @@ class Embedding:
         check(node.attrs.get("axis", 0) == 0, "embedding: Gather is not on axis 0", node)
         check(isinstance(w, gs.Constant) and len(w.shape) == 2, "embedding: table is not a 2-D weight", node)
         check(ids in ctx.graph.inputs, "embedding: indices are not a graph input", node)
+        # the runtime feeds the embeddings of the tokens: a lookup of the mask or positions is no token
+        # embedding (found by fuzzing: Gather(W, attention_mask) was fused as one)
+        check(ids.name not in NOT_TOKEN_IDS, f"embedding: Gather reads '{ids.name}', not the token ids", node)
         return node.outputs[0], (w, ids)
 
 

@@ -7,7 +7,7 @@ mask / positions computed from the past length become dead (the probe checks the
 """
 
 from onnx_rewriter.layers import KVCacheConcat
-from onnx_rewriter.matching import check
+from onnx_rewriter.matching import check, producer
 
 
 class KvCacheConcat:
@@ -22,6 +22,8 @@ class KvCacheConcat:
         rank = len(out.shape) if out.shape is not None else None
         check(node.attrs.get("axis") in (-2, 2) and rank in (None, 4), "kv cache: Concat is not on the sequence "
               "axis of a [B, H, T, D] tensor", node)
+        while (n := producer(past)) is not None and n.op in ("Concat", "Identity") and len(n.inputs) == 1:
+            past = n.inputs[0]  # TorchScript keeps a 1-input Concat on some past inputs
         check(past in ctx.graph.inputs, "kv cache: first part is not a graph input (past_key_values)", node)
         check(out in ctx.graph.outputs, "kv cache: result is not a graph output (present)", node)
         return out, KVCacheConcat(past=past, new=new, present=out)

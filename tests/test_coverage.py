@@ -147,7 +147,14 @@ ROWS = [
     Row("llama-opset23", "llama", export=dict(opset=23)),
     Row("llama-torchscript", "llama", export=dict(exporter="torchscript")),
     Row("qwen2-torchscript", "qwen2", export=dict(exporter="torchscript")),
+    Row("gemma3-torchscript", "gemma3", export=dict(exporter="torchscript"), config=dict(query_pre_attn_scalar=24),
+        windows=(8, -1), check=check_gemma3_tables),
+    pytest.param(Row("phi3-opset23", "phi3", export=dict(opset=23), check=check_partial_rotary), marks=pytest.mark.slow),
+    pytest.param(Row("gemma3-opset23", "gemma3", export=dict(opset=23), config=dict(query_pre_attn_scalar=24),
+                     windows=(8, -1), check=check_gemma3_tables), marks=pytest.mark.slow),
     Row("llama-kv-cache", "llama", export=dict(kv_cache=True), check=check_no_cache_io_left),
+    Row("llama-kv-cache-torchscript", "llama", export=dict(kv_cache=True, exporter="torchscript"),
+        check=check_no_cache_io_left),
     Row("llama-bf16", "llama", ckpt_dtype="bfloat16", export=dict(native_dtype=True), dtypes=("float16",),
         check=check_casts),
     pytest.param(Row("llama-fp16", "llama", ckpt_dtype="float16", export=dict(native_dtype=True),
@@ -171,7 +178,8 @@ def check_contract(model, row):
         assert "attention_scale" not in a  # 0.9.0: a non-default scale is pre-applied to q
 
 
-# Slow rows (--runslow) repeat what another row covers: eager attention (llama), a native-dtype export (bf16).
+# Slow rows (--runslow) repeat what another row covers (eager: llama; native dtype: bf16; opset 23: llama)
+# with one more dynamo export each.
 CASES = [pytest.param(row, dt, id=f"{row.id}-{dt}", marks=marks)
          for row, marks in ((r.values[0], r.marks) if hasattr(r, "values") else (r, ()) for r in ROWS)
          for dt in row.dtypes]
@@ -184,7 +192,7 @@ def test_rewritten_and_verified(models, tmp_path, row, dtype):
     run = pipeline.rewrite(row.baseline(models), out, dtype=dtype)
     model = onnx.load(str(out / "model.onnx"))
     check_contract(model, row)
-    if row.check and dtype == row.dtypes[0]:
+    if row.check:
         row.check(out, model, run, ckpt)
     res = verify(out, model=str(ckpt), steps=8, quiet=True, **row.verify_kw)
     assert res.passed, res.table()

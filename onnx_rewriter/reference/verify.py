@@ -119,7 +119,11 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
                 rope_table = model_table
         except (ValueError, KeyError, AttributeError) as exc:
             log.info("model RoPE table not computed: %s", exc)
+    if not isinstance(rope, str):  # an explicit [P, R] table (e.g. a model's own scaled frequencies)
+        rope_table = np.asarray(rope, dtype=np.float32)
     session = Session(out_dir, rope_table=rope_table)
+    if not isinstance(rope, str):  # an explicit [P, R] table (e.g. a model's own scaled frequencies)
+        rope_table = np.asarray(rope, dtype=np.float32)
     rows = rows or prompts(session.config["vocab_size"])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]

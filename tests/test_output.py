@@ -1,0 +1,179 @@
+"""Atomic output: a failed or killed run leaves the previous folder as it was and no temporary folders;
+the same input and options give byte-identical files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from onnx_rewriter import cli, pipeline
+from onnx_rewriter.output import OutputDir
+
+
+@pytest.fixture(scope="module")
+def llama(models):
+    return models.baseline("llama")
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+@pytest.fixture
+def previous(llama, tmp_path):
+    """An output folder from an earlier run (fp32, so a later fp16 run would change every byte)."""
+    out = tmp_path / "out"
+    pipeline.rewrite(llama, out, dtype="float32")
+    return out, snapshot(out)
+
+
+def test_exception_mid_write_keeps_previous(llama, previous, monkeypatch, capsys):
+    from onnx_rewriter.sidefiles import writer
+
+    out, before = previous
+
+    def fail(run, tmp):
+        assert (tmp / "model.onnx").is_file()  # really mid-write: the graph is already there
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_side_files", fail)
+    with pytest.raises(OSError):
+        pipeline.rewrite(llama, out, force=True)
+    assert snapshot(out) == before and siblings(out) == []
+    # Through the CLI the same failure is one line, exit 3.
+    assert cli.main([str(llama), str(out), "--force"]) == 3
+    assert "internal error (OSError" in capsys.readouterr().err
+    assert snapshot(out) == before and siblings(out) == []
+
+
+def test_refusal_mid_pipeline_keeps_previous(llama, previous, monkeypatch):
+    from onnx_rewriter.errors import RewriteError
+
+    out, before = previous
+
+    def refuse(run):
+        raise RewriteError("refused on purpose")
+
+    monkeypatch.setattr(pipeline, "STEPS", pipeline.STEPS[:-1] + [refuse])
+    with pytest.raises(RewriteError):
+        pipeline.rewrite(llama, out, force=True)
+    assert snapshot(out) == before and siblings(out) == []
+
+
+CHILD = """
+import os, sys, time
+from onnx_rewriter import cli, graph
+save = graph.save
+def slow_save(model, out_path, *a, **k):
+    files = save(model, out_path, *a, **k)
+    open(sys.argv[1], "w").write(str(out_path))  # tell the parent we are mid-write
+    time.sleep(600)
+    return files
+graph.save = slow_save
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def _kill_mid_write(tmp_path, argv) -> None:
+    flag = tmp_path / "mid-write"
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script), str(flag)] + [str(a) for a in argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never reached the write step"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_sigkill_mid_write_keeps_previous_and_next_run_cleans_up(llama, previous, tmp_path):
+    out, before = previous
+    _kill_mid_write(tmp_path, [llama, out, "--force", "-q"])
+    assert snapshot(out) == before  # the killed run replaced nothing
+    left = siblings(out)
+    assert len(left) == 1 and left[0].startswith(".out.tmp-")  # SIGKILL leaves its temp folder ...
+    pipeline.rewrite(llama, out, force=True)  # ... which the next run removes
+    assert siblings(out) == []
+    assert snapshot(out) != before
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_kill_between_renames_restores_previous(llama, previous):
+    """Killed after moving the old folder aside but before moving the new one in: the next run puts the
+    old folder back first (and then replaces it normally)."""
+    out, before = previous
+    aside = out.with_name(f".out.old-{_dead_pid()}")
+    os.rename(out, aside)
+    with OutputDir(out, force=True) as tmp:
+        assert snapshot(out) == before  # restored before anything else happens
+        (tmp / "new.txt").write_text("new")
+    assert snapshot(out) == {"new.txt": b"new"} and siblings(out) == []
+
+
+def test_live_writers_temp_folder_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    live = tmp_path / f".out.tmp-{os.getppid()}-abc"  # the pytest runner's parent: alive
+    live.mkdir()
+    with OutputDir(out) as tmp:
+        (tmp / "a").write_text("a")
+    assert live.is_dir() and (out / "a").is_file()
+
+
+def test_sigterm_unwinds_and_removes_temp(llama, previous, tmp_path):
+    out, before = previous
+    flag = tmp_path / "mid-write"
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, str(script), str(flag), str(llama), str(out), "--force"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the child never reached the write step"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert err.decode().strip().splitlines()[-1].startswith("error: interrupted")
+    assert snapshot(out) == before and siblings(out) == []
+
+
+def test_same_input_same_bytes(llama, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pipeline.rewrite(llama, a)
+    pipeline.rewrite(llama, b)
+    sa, sb = snapshot(a), snapshot(b)
+    assert sorted(sa) == sorted(sb)
+    different = [name for name in sa if sa[name] != sb[name]]
+    assert not different, f"files differ between two identical runs: {different}"
+
+
+def test_same_input_same_bytes_external_data(llama, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pipeline.rewrite(llama, a, external_data=True)
+    pipeline.rewrite(llama, b, external_data=True)
+    assert "model.onnx.data" in snapshot(a)
+    assert snapshot(a) == snapshot(b)
