@@ -85,15 +85,39 @@ def load(path: str | os.PathLike) -> SourceModel:
                 external_data_helper.load_external_data_for_tensor(t, str(base_dir))
                 t.data_location = TensorProto.DEFAULT
                 del t.external_data[:]
-    try:
-        # Static dims on intermediates let normalize fold run-time slice bounds (TorchScript exports).
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # custom ops or odd graphs: match without the extra shape info
-        log.debug("shape inference failed: %s", exc)
+    model = _infer_shapes(model, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     meta = {p.key: p.value for p in model.metadata_props}
     graph = gs.import_onnx(model)
     return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta)
+
+
+def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """Shapes and types of intermediates (static dims let normalize fold run-time slice bounds).
+
+    A graph that fails strict inference (wrong input ranks, mismatched dims, ...) is refused here: no
+    runtime would load it, and the rewrite would only fail later, less clearly. Data propagation alone
+    complaining is not a reason to refuse; then the lenient result is used.
+    """
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True, strict_mode=True)
+    except onnx.shape_inference.InferenceError:
+        pass
+    except Exception as exc:  # odd graphs: match without the extra shape info
+        log.debug("shape inference failed: %s", exc)
+        return model
+    try:
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        lines = [l.strip() for l in str(exc).replace("Inference error(s):", "\n").splitlines() if l.strip()]
+        first = next((l for l in lines if l.startswith("(op_type")), lines[0] if lines else "")
+        raise RewriteError(f"'{path}' is not a valid ONNX graph (shape inference: {first[:200]}); "
+                           f"re-export the model") from None
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        log.debug("shape inference failed: %s", exc)
+        return model
 
 
 def _all_initializers(graph: onnx.GraphProto):

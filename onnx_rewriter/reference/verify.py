@@ -122,8 +122,6 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if not isinstance(rope, str):  # an explicit [P, R] table (e.g. a model's own scaled frequencies)
         rope_table = np.asarray(rope, dtype=np.float32)
     session = Session(out_dir, rope_table=rope_table)
-    if not isinstance(rope, str):  # an explicit [P, R] table (e.g. a model's own scaled frequencies)
-        rope_table = np.asarray(rope, dtype=np.float32)
     rows = rows or prompts(session.config["vocab_size"])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
