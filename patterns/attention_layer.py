@@ -8,6 +8,7 @@ check that fails so a refused layer says why.
 from onnx_rewriter.layers import AttentionLayer
 from onnx_rewriter.matching import check, static_dim
 from onnx_rewriter.patterns._qk_norm import qk_norm_before
+from onnx_rewriter.patterns._same_shape import readers
 
 ROPE_STAGES = ("rope_partial", "rope")
 
@@ -41,7 +42,7 @@ class AttentionLayerPattern:
         check(qr.rotary_dim == kr.rotary_dim, f"q and k rotate {qr.rotary_dim} and {kr.rotary_dim} dims", node)
         d = static_dim(qr.x, -1)
         hq, hkv = static_dim(qr.x, 1), static_dim(v, 1)
-        check(d is not None and hq is not None and hkv is not None, "head count or head size is not static in the graph", node)
+        check(bool(d) and bool(hq) and bool(hkv), "head count or head size is not static (and positive) in the graph", node)
         check(static_dim(kr.x, -1) == d and static_dim(v, -1) == d, "q, k and v head sizes differ", node)
         check(static_dim(kr.x, 1) == hkv, f"k has {static_dim(kr.x, 1)} heads but v has {hkv}", node)
         check(hq % hkv == 0, f"{hq} q heads are not a multiple of {hkv} kv heads", node)
@@ -52,6 +53,8 @@ class AttentionLayerPattern:
         else:
             check(hq == hkv, f"{hq} q heads attend to {hkv} kv heads without repeat_kv", node)
         check(core.mask is not None, "attention has no mask; the plugin is always causal", node)
+        if node.op == "Softmax":
+            _check_per_token_output(core.out, hq, d, node, (core.q, qr.x))
         pats = sorted(set(qr.patterns + kr.patterns + [cm.pattern] + (["repeat_kv"] if k_rep else [])
                           + (["kv_cache_concat"] if k_cat else []) + [self.name]))
         layer = AttentionLayer(
@@ -61,6 +64,22 @@ class AttentionLayerPattern:
             same_shape=[(core.q, qr.x), (k_roped, kr.x), (core.out, qr.x)],  # RoPE and attention keep q's shape
         )
         return core.out, layer
+
+
+def _check_per_token_output(out, hq, d, node, same=()):
+    """The [B, H, S, D] output must go back to per-token rows (Transpose(0,2,1,3), then [.., H·D]) before
+    anything reads it. Otherwise the graph mixes tokens outside attention (found by fuzzing: a dropped or
+    permuted output Transpose), which no KV-cache decode can reproduce."""
+    check(len(out.outputs) > 0, "the attention output is not used", node)
+    # Shape side branches read sizes only; TorchScript's shape-keeping Reshape (sizes from q) is looked through.
+    for t in readers(out, same):
+        check(t.op == "Transpose" and list(t.attrs.get("perm", [])) == [0, 2, 1, 3],
+              f"the attention output is read by {t.op} '{t.name}', not by Transpose(0,2,1,3) back to [B, S, H, D]", t)
+        for r in t.outputs[0].outputs:
+            shape = r.outputs[0].shape if r.op == "Reshape" else None
+            if shape is not None:  # a symbolic last dim cannot be compared; a static one must be H·D
+                ok = len(shape) == 3 and (shape[-1] == hq * d or not isinstance(shape[-1], int))
+                check(ok, f"the attention output is reshaped to {list(shape)}, not [B, S, {hq * d}]", r)
 
 
 PATTERN = AttentionLayerPattern()
