@@ -68,25 +68,43 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(args) -> None:
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now: the handler outlives main(), and callers (tests) swap it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging(args):
     """Warnings (rope scaling, missing tokenizer, ...) show by default; -q hides them, -v/-vv add more.
 
     The handler sits on our package logger (not via basicConfig, a no-op once anything configured the
-    root logger, e.g. pytest) and replaces the one a previous main() call installed.
+    root logger, e.g. pytest). Returns a function that puts the loggers back as they were: main()
+    called in-process (tests, notebooks) leaves no trace.
     """
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose > 1 else
                                               logging.INFO if args.verbose else logging.WARNING)
     pkg = logging.getLogger("onnx_rewriter")
-    for h in [h for h in pkg.handlers if getattr(h, "_onnx_rewriter_cli", False)]:
-        pkg.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    others = [logging.getLogger(n) for n in ("transformers", "huggingface_hub")]
+    saved = [(lg, lg.level) for lg in [pkg] + others]
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    handler._onnx_rewriter_cli = True
     pkg.addHandler(handler)
     pkg.setLevel(level)
-    pkg.propagate = False
-    for name in ("transformers", "huggingface_hub"):  # their warnings obey -q too
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    for lg in others:  # their warnings obey -q too
+        lg.setLevel(max(level, logging.WARNING))
+
+    def restore():
+        pkg.removeHandler(handler)
+        for lg, lvl in saved:
+            lg.setLevel(lvl)
+
+    return restore
 
 
 def _print_summary(run, out_dir, quiet: bool = False) -> None:
@@ -158,7 +176,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "rewrite"
     args = build_parser(cmd).parse_args(argv)
-    _setup_logging(args)
+    restore_logging = _setup_logging(args)
     previous = _exit_on_sigterm()
     try:
         return _run(cmd, args)
@@ -179,6 +197,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 3
     finally:
+        restore_logging()
         if previous is not None:
             import signal
 

@@ -8,6 +8,7 @@ a subprocess's stderr.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, capsys, monkeypatch):
     """No network and no HF_HUB_OFFLINE: the CLI notices by itself instead of retrying for ~30 s."""
     import socket
 
-    from onnx_rewriter import export as export_mod
+    export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -293,7 +294,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, capsys, monkeypatch):
 
 
 def test_hub_id_offline_mode(tmp_path, capsys, monkeypatch):
-    from onnx_rewriter import export as export_mod
+    export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     export_mod._offline_reason.cache_clear()
@@ -319,7 +320,7 @@ def test_unsupported_architecture_checkpoint(tmp_path, capsys):
 
 
 def test_export_unknown_target_fails_before_loading(tmp_path, capsys, monkeypatch):
-    from onnx_rewriter import export as export_mod
+    export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
 
     monkeypatch.setattr(export_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     out = tmp_path / "out"
