@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from . import stream
 from .errors import RewriteError
 
 log = logging.getLogger(__name__)
@@ -187,8 +188,9 @@ class WeightWriter:
         self.float_type = float_type
         self.external = external
         self.data_name = out_model.name + ".data"
-        self._fh = open(out_model.parent / self.data_name, "wb") if external else None
+        self._fh = stream.AsyncWriter(open(out_model.parent / self.data_name, "wb")) if external else None
         self._offset = 0
+        self.progress = None  # callable(nbytes read), for a progress bar
 
     def close(self) -> None:
         if self._fh:
@@ -206,20 +208,26 @@ class WeightWriter:
         large = _numel(t) > SMALL_TENSOR_ELEMENTS
         if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL:
             return
-        arr = convert_float(read_tensor(t, self.source_dir), t.data_type, want)
-        raw = np.ascontiguousarray(arr).tobytes()
+        # Chunked read-convert-write (stream.py): the peak stays at a few MB per external tensor.
+        # The data is read from `t` before `t` is cleared and pointed at its new home.
+        raw, offset = None, None
+        if self.external and large:
+            self._fh.write(b"\0" * ((-self._offset) % ALIGN))
+            self._offset += (-self._offset) % ALIGN
+            offset = self._offset
+            self._offset += stream.write_tensor(t, self.source_dir, want, self._fh, progress=self.progress)
+        else:
+            raw = stream.tensor_bytes(t, self.source_dir, want, progress=self.progress)
         name, dims = t.name, list(t.dims)
         t.Clear()
         t.name, t.data_type = name, want
         t.dims.extend(dims)
-        if self.external and large:
-            pad = (-self._offset) % ALIGN
-            self._fh.write(b"\0" * pad)
-            self._offset += pad
-            self._fh.write(raw)
-            external_data_helper.set_external_data(t, self.data_name, offset=self._offset, length=len(raw))
+        if raw is None:
+            # set_external_data() insists on raw_data being present; the bytes already went to the file.
+            for k, v in (("location", self.data_name), ("offset", str(offset)), ("length", str(self._offset - offset))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
             t.data_location = TensorProto.EXTERNAL
-            self._offset += len(raw)
         else:
             t.raw_data = raw
 
@@ -227,10 +235,16 @@ class WeightWriter:
 def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: int, external: bool,
          narrow: set[str] = frozenset()) -> list[str]:
     """Write `model`, converting the weights named in `narrow` to `float_type`; returns the files written."""
+    from . import progress
+
     writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow))
+    tensors = list(_all_initializers(model.graph))
+    total = sum(_numel(t) * stream.np_dtype(t.data_type).itemsize for t in tensors if _numel(t) > SMALL_TENSOR_ELEMENTS)
     try:
-        for t in _all_initializers(model.graph):
-            writer.rewrite(t)
+        with progress.bar(total=total, desc="weights", nbytes=True) as pb:
+            writer.progress = pb.update
+            for t in tensors:
+                writer.rewrite(t)
     finally:
         writer.close()
     onnx.save_model(model, str(out_path))

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import dtype as dtypes
-from . import engine, graph as graphio, schema, spec as specmod, targets
+from . import engine, graph as graphio, progress, schema, spec as specmod, targets
 from .errors import PatternMismatch, RewriteError
 from .layers import AttentionLayer
 from .normalize import normalize, replace_uses
@@ -60,6 +60,7 @@ class Run:
     spec: dict = field(default_factory=dict)
     hf_config: dict | None = None
     files: list[str] = field(default_factory=list)
+    tokenizer_job: object | None = None  # tokenizer side files being written (sidefiles/tokenizer_job.py)
     narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
 
     def warn(self, msg: str) -> None:
@@ -204,7 +205,7 @@ def to_model(run: Run) -> onnx.ModelProto:
 
 
 def step_write(run: Run) -> None:
-    from .sidefiles import writer
+    from .sidefiles import tokenizer_job, writer
 
     schema.register()
     float_type = dtypes.NAMES[run.options.dtype]
@@ -212,9 +213,14 @@ def step_write(run: Run) -> None:
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
     model = to_model(run)
     with OutputDir(run.out_dir, force=run.options.force) as tmp:
-        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow)
-        onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
-        run.files += writer.write_side_files(run, tmp)
+        # Tokenizer files come from a child process while the weights stream (sidefiles/tokenizer_job.py).
+        run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run), targets.get(run.options.target)
+                                                .chat_template_file, tmp)
+        with run.tokenizer_job:
+            run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external,
+                                     run.narrow)
+            onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
+            run.files += writer.write_side_files(run, tmp)
 
 
 STEPS = [step_load, step_normalize, step_match, step_embedding, step_check, step_build, step_write]
@@ -228,10 +234,14 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     if run.out_dir is not None:
         OutputDir.precheck(run.out_dir, options.force)
     t0 = time.perf_counter()
+    steps = steps or STEPS
     try:
-        for step in steps or STEPS:
-            log.debug("step %s", step.__name__)
-            step(run)
+        names = [getattr(s, "__name__", "step").removeprefix("step_") for s in steps]
+        with progress.stages(names, "rewrite") as advance:
+            for step, name in zip(steps, names):
+                log.debug("step %s", name)
+                advance(name)
+                step(run)
     except RewriteError as exc:
         # A refusal keeps its report (which layer, which check) for --report and the table.
         run.report.error = str(exc)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import progress
 from .runner import Session, runner_for
 
 log = logging.getLogger(__name__)
@@ -125,9 +126,11 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     rows = rows or prompts(session.config["vocab_size"])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
+    pb = progress.bar(total=steps + 1, desc="verify")  # prefill + decode steps, on a terminal only
     ours = runner.prefill(seqs)
     for k in range(steps + 1):
         refs = np.stack([oracle(s) for s in seqs])
+        pb.update()
         for b in range(len(seqs)):
             result.steps.append(compare("prefill" if k == 0 else f"decode{k}", ours[b], refs[b]))
         if k == steps:
@@ -136,6 +139,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         for s, t in zip(seqs, nxt):
             s.append(t)
         ours = runner.decode(nxt)
+    pb.close()
     if session.float == np.float32:
         result.criterion = f"fp32: relative error <= {FP32_REL} and identical top-1 at every step"
         result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)

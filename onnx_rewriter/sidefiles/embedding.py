@@ -9,19 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
+import onnx
+from onnx import numpy_helper
 
-from .. import graph as graphio
+from .. import graph as graphio, stream
 
 FILE = "embedding.safetensors"
 
 
-def write_embedding(weight, source_dir: Path, out_dir: Path, np_float=np.float16, scale: float | None = None) -> str:
-    """`weight` is the gs Constant of the Gather; read through a memory map, converted once."""
+def write_embedding(weight, source_dir: Path, out_dir: Path, np_float=np.float16, scale: float | None = None,
+                    progress=None) -> str:
+    """`weight` is the gs Constant of the Gather; streamed from its source in chunks, converted on the way
+    (a 0.5B model's fp32 table is 545 MB: reading it whole would double the rewrite's peak memory)."""
     proto = graphio.lazy_proto(weight)
-    table = graphio.values_of(proto, source_dir) if proto is not None else np.asarray(weight.values)
-    table = np.asarray(table, dtype=np.float32 if scale else None)
-    if scale:
-        table = table * np.float32(scale)
-    save_file({"embedding": np.ascontiguousarray(table.astype(np_float))}, str(Path(out_dir) / FILE))
+    if proto is None:  # an in-memory constant (small graphs): wrap it so one code path writes both
+        proto = numpy_helper.from_array(np.ascontiguousarray(weight.values), "embedding")
+    want = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(np_float))
+    stream.write_safetensors(Path(out_dir) / FILE, "embedding", proto, source_dir, want, scale=scale, progress=progress)
     return FILE

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import targets
-from . import chat_template, config_json, tokenizer as tok
+from . import config_json, tokenizer_job as tokenizer_jobs
 from .embedding import write_embedding
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,16 @@ def write_side_files(run, out_dir: Path) -> list[str]:
     cfg = config_json.make_config_json(run.spec, run.hf_config, target.edgellm_version)
     config_json.write_config_json(cfg, out_dir)
     files.append("config.json")
-    tok_dir = Path(run.options.tokenizer) if run.options.tokenizer else run.in_path.parent
-    tokenizer = tok.load_tokenizer(tok_dir)
-    if tokenizer is None:
+    tok_dir = tokenizer_dir(run)
+    # Started by step_write next to the weight writing (a child process, see tokenizer_job.py), or here.
+    job = getattr(run, "tokenizer_job", None) or tokenizer_jobs.start(tok_dir, target.chat_template_file, out_dir)
+    written = job.result()
+    if written is None:
         missing = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", target.chat_template_file]
         run.warn(f"no tokenizer found in '{tok_dir}' (pass --tokenizer DIR); not written: {', '.join(missing)}")
         return files
-    files += tok.write_tokenizer_files(tokenizer, out_dir)
-    if target.chat_template_file == "chat_template.jinja":
-        files.append(chat_template.write_chat_template_jinja(tokenizer, out_dir).name)
-    else:
-        files.append(chat_template.write_processed_chat_template(tokenizer, out_dir).name)
-    return files
+    return files + written
+
+
+def tokenizer_dir(run) -> Path:
+    return Path(run.options.tokenizer) if run.options.tokenizer else run.in_path.parent

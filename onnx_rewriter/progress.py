@@ -1,0 +1,104 @@
+"""Progress bars for the slow parts (model load, export, rewrite steps, weight writing, verify).
+
+Shown only when stderr is a terminal, and never with -q: logs and captured output stay clean.
+Everything here is a no-op object when bars are off, so callers never branch on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """-q: no bars from us, transformers or the hub."""
+    global _quiet
+    _quiet = quiet
+    if not enabled():
+        _silence_hf()
+
+
+def enabled() -> bool:
+    try:
+        return not _quiet and sys.stderr.isatty()
+    except (AttributeError, ValueError):  # closed or replaced stderr
+        return False
+
+
+def _silence_hf() -> None:
+    # Only when already imported: importing transformers just to silence it costs seconds.
+    mods = sys.modules
+    if "transformers" in mods:
+        mods["transformers"].utils.logging.disable_progress_bar()
+    if "huggingface_hub" in mods:
+        mods["huggingface_hub"].utils.disable_progress_bars()
+
+
+class _Null:
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, s="", refresh=True):
+        pass
+
+    def refresh(self):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def bar(total=None, desc: str = "", nbytes: bool = False, leave: bool = False):
+    """A tqdm bar (bytes when `nbytes`), or a no-op stand-in when bars are off."""
+    if not enabled():
+        return _Null()
+    from tqdm import tqdm
+
+    kw = dict(unit="B", unit_scale=True, unit_divisor=1024) if nbytes else dict(unit="step")
+    return tqdm(total=total, desc=desc, leave=leave, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+@contextlib.contextmanager
+def stages(names: list[str], desc: str):
+    """A bar over named stages whose own work reports nothing (torch export): its clock keeps ticking.
+
+    Yields `advance(name)`: call it when entering each stage.
+    """
+    pb = bar(total=len(names), desc=desc)
+    if isinstance(pb, _Null):
+        if not enabled():
+            _silence_hf()
+        yield lambda name: None
+        return
+    stop = threading.Event()
+    started = [False]
+
+    def tick():  # tqdm redraws only on update(); refresh so elapsed time moves during long stages
+        while not stop.wait(1.0):
+            pb.refresh()
+
+    def advance(name: str) -> None:
+        if started[0]:
+            pb.update()
+        started[0] = True
+        pb.set_postfix_str(name)
+
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    try:
+        yield advance
+        if started[0]:
+            pb.update()
+    finally:
+        stop.set()
+        t.join()
+        pb.close()

@@ -1,0 +1,237 @@
+"""Scale and speed machinery: streamed weight writing, float conversion, mask probe reuse, tokenizer child,
+progress bars, summary sizes. Fast: synthetic tensors and the shared tiny exports only (bench/ has the
+large models)."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_rewriter import graph as graphio, stream
+
+EDGES = np.array([0.0, -0.0, 1e-8, -3e-7, 6e-5, 6.1e-5, 65504, 65519, 65520, -7e4, 1e5, np.inf, -np.inf, np.nan,
+                  1 / 3, np.pi], dtype=np.float32)
+
+
+def _external(tmp_path, name, arr, data_type=None, offset=128):
+    """A TensorProto whose bytes live in tmp_path/'w.bin' at `offset` (after some other bytes)."""
+    raw = np.ascontiguousarray(arr).tobytes()
+    with open(tmp_path / "w.bin", "wb") as fh:
+        fh.write(b"\x07" * offset + raw + b"\x09" * 64)
+    t = TensorProto(name=name, data_type=data_type or helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
+    for k, v in (("location", "w.bin"), ("offset", str(offset)), ("length", str(len(raw)))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = TensorProto.EXTERNAL
+    return t
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    return (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def test_caster_matches_numpy_bit_for_bit():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([EDGES, (rng.standard_normal(10_000) * 10 ** rng.uniform(-8, 5, 10_000)).astype(np.float32)])
+    out = np.empty(x.size, np.float16)
+    stream.Caster()(x, TensorProto.FLOAT, out, TensorProto.FLOAT16)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out.view(np.uint16), x.astype(np.float16).view(np.uint16))
+    bits = _bf16_bits(x)
+    f32 = np.empty(x.size, np.float32)
+    stream.Caster()(bits, TensorProto.BFLOAT16, f32, TensorProto.FLOAT)
+    assert np.array_equal(f32.view(np.uint32), bits.astype(np.uint32) << 16)
+    stream.Caster()(bits, TensorProto.BFLOAT16, out, TensorProto.FLOAT16)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out.view(np.uint16), f32.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64])
+def test_chunks_from_external_data(tmp_path, monkeypatch, dtype):
+    arr = (np.arange(10_007) * 3 - 7).astype(dtype).reshape(1, -1)
+    t = _external(tmp_path, "w", arr)
+    got = np.concatenate([c.copy() for c in stream.chunks(t, tmp_path, chunk_bytes=1000)])
+    assert np.array_equal(got, arr.reshape(-1))
+
+
+def test_write_tensor_converts_in_chunks_with_little_memory(tmp_path, monkeypatch):
+    """A 24 MB fp32 tensor through 1 MB chunks: the peak stays a few chunks, not the tensor (x1.5)."""
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1 << 20)
+    arr = np.random.default_rng(1).standard_normal((1536, 4096)).astype(np.float32)
+    t = _external(tmp_path, "w", arr)
+    del arr
+    tracemalloc.start()
+    with open(tmp_path / "out.bin", "wb") as fh:
+        n = stream.write_tensor(t, tmp_path, TensorProto.FLOAT16, fh)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 6 << 20
+    expect = np.fromfile(tmp_path / "w.bin", np.float32, offset=128, count=1536 * 4096).astype(np.float16)
+    assert n == expect.nbytes and np.array_equal(np.fromfile(tmp_path / "out.bin", np.float16), expect)
+
+
+@pytest.mark.parametrize("want,scale", [(TensorProto.FLOAT16, None), (TensorProto.FLOAT, None),
+                                        (TensorProto.FLOAT16, 8.0)])
+def test_safetensors_byte_identical_to_the_library(tmp_path, monkeypatch, want, scale):
+    from safetensors.numpy import save_file
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 4096)
+    table = np.random.default_rng(2).standard_normal((333, 24)).astype(np.float32)
+    bits = _bf16_bits(table)
+    t = _external(tmp_path, "emb", bits, data_type=TensorProto.BFLOAT16)
+    stream.write_safetensors(tmp_path / "ours.safetensors", "embedding", t, tmp_path, want, scale=scale)
+    ref = (bits.astype(np.uint32) << 16).view(np.float32) * np.float32(scale or 1.0)
+    save_file({"embedding": ref.astype(helper.tensor_dtype_to_np_dtype(want))}, str(tmp_path / "lib.safetensors"))
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+
+
+def test_async_writer_reports_write_errors(tmp_path):
+    class Broken:
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    w = stream.AsyncWriter(Broken())
+    with pytest.raises(OSError, match="No space"):
+        for _ in range(10):
+            w.write(b"x" * 100)
+        w.close()
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_save_streams_external_weights(tmp_path, external):
+    """graph.save on a model whose big weight is external: converted, aligned, loadable, checker-clean."""
+    src = tmp_path / "src"
+    src.mkdir()
+    w = np.random.default_rng(3).standard_normal((300, 256)).astype(np.float32)  # > SMALL_TENSOR_ELEMENTS
+    t = _external(src, "W", w)
+    small = numpy_helper.from_array(np.array([1, 256], np.int64), "s")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y0"]), helper.make_node("Reshape", ["y0", "s"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 300])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 256])], initializer=[t, small])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    out = tmp_path / "out"
+    out.mkdir()
+    files = graphio.save(model, out / "model.onnx", src, TensorProto.FLOAT16, external, narrow={"W"})
+    assert files == (["model.onnx", "model.onnx.data"] if external else ["model.onnx"])
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    by_name = {i.name: i for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer}
+    assert (by_name["W"].data_location == TensorProto.EXTERNAL) == external
+    assert by_name["s"].data_location != TensorProto.EXTERNAL  # small constants stay inline
+    if external:
+        assert int({e.key: e.value for e in by_name["W"].external_data}["offset"]) % graphio.ALIGN == 0
+    loaded = {i.name: i for i in onnx.load(str(out / "model.onnx")).graph.initializer}
+    assert np.array_equal(numpy_helper.to_array(loaded["W"]), w.astype(np.float16))
+
+
+def test_mask_probe_runs_once_for_all_layers(models, monkeypatch):
+    """Every layer shares one mask and one position path: one onnxruntime session each, not one per layer
+    (the old probe copied the whole graph per layer: 7 s of a 24-layer rewrite)."""
+    import onnxruntime as ort
+
+    from onnx_rewriter import pipeline
+
+    sessions = []
+    real = ort.InferenceSession
+
+    def counting(*a, **kw):
+        sessions.append(1)
+        return real(*a, **kw)
+
+    base = models.baseline("llama", num_hidden_layers=4)
+    run = pipeline.Run(in_path=base, out_dir=None, options=pipeline.Options())
+    for step in pipeline.STEPS[:4]:
+        step(run)
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    pipeline.step_check(run)
+    assert len(run.layers) == 4 and len(sessions) <= 2
+
+
+def test_tokenizer_child_writes_what_in_process_writes(models, tmp_path):
+    from onnx_rewriter.sidefiles import tokenizer_job
+
+    tok_dir = models.checkpoint("llama")
+    (tmp_path / "child").mkdir()
+    (tmp_path / "here").mkdir()
+    with tokenizer_job.Job((tok_dir, "processed_chat_template.json", tmp_path / "child")) as job:
+        child = job.result()
+    here = tokenizer_job.write_tokenizer_side_files(tok_dir, "processed_chat_template.json", tmp_path / "here")
+    assert child == here and len(here) == 4
+    for name in here:
+        assert (tmp_path / "child" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert tokenizer_job.Job((empty, "chat_template.jinja", tmp_path / "child")).result() is None
+
+
+def test_tokenizer_child_reports_a_broken_tokenizer(tmp_path):
+    from onnx_rewriter.errors import RewriteError
+    from onnx_rewriter.sidefiles import tokenizer_job
+
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(RewriteError, match="cannot load the tokenizer"):
+        tokenizer_job.Job((tmp_path, "chat_template.jinja", tmp_path)).result()
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):
+    from onnx_rewriter import progress
+
+    monkeypatch.setattr(progress, "_quiet", False)
+    assert not progress.enabled()  # pytest captures stderr: not a TTY
+    with progress.bar(total=3) as pb:
+        pb.update()
+    with progress.stages(["a", "b"], "x") as advance:
+        advance("a")
+        advance("b")
+    assert capsys.readouterr().err == ""
+
+
+def test_summary_lists_sizes(tmp_path):
+    from onnx_rewriter.cli import _sizes
+
+    (tmp_path / "model.onnx").write_bytes(b"x" * 2048)
+    (tmp_path / "model.onnx.data").write_bytes(b"x" * 3_000_000)
+    text = _sizes(tmp_path, ["model.onnx", "model.onnx.data"])
+    assert text == "model.onnx 2.0 kB, model.onnx.data 3.0 MB; 3.0 MB in all"
+
+
+def _unoptimized(ckpt):
+    import torch
+
+    from onnx_rewriter.export import _LogitsOnly, load_model
+
+    model, _ = load_model(str(ckpt))
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
+    with torch.no_grad():
+        return torch.onnx.export(_LogitsOnly(model).eval(), (ids, torch.ones_like(ids)), dynamo=True, optimize=False,
+                                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                                 input_names=["input_ids", "attention_mask"], output_names=["logits"])
+
+
+def _nodes(model: onnx.ModelProto) -> list:
+    return [(n.op_type, list(n.input), list(n.output), [a.SerializeToString() for a in n.attribute])
+            for n in model.graph.node]
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("phi3", marks=pytest.mark.slow),
+                                    pytest.param("gemma3", marks=pytest.mark.slow)])
+def test_lean_optimize_gives_the_default_graph(models, family):
+    """export._optimize drops onnxscript's multi-output rules (quadratic in graph size): same nodes."""
+    import copy
+
+    from onnx_rewriter.export import _optimize
+
+    prog = _unoptimized(models.checkpoint(family))
+    other = copy.copy(prog)
+    other.model = __import__("onnx_ir").from_proto(prog.model_proto)
+    prog.optimize()
+    _optimize(other)
+    assert _nodes(prog.model_proto) == _nodes(other.model_proto)
