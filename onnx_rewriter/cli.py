@@ -104,6 +104,9 @@ def _setup_logging(args):
         for lg, lvl in saved:
             lg.setLevel(lvl)
 
+    from . import progress
+
+    progress.set_quiet(args.quiet)  # bars: on a terminal only, never with -q
     return restore
 
 
@@ -112,7 +115,19 @@ def _print_summary(run, out_dir, quiet: bool = False) -> None:
     if not quiet:
         print(run.report.table(), file=sys.stderr)
     print(f"rewrote {n}/{len(run.report.layers)} layers for {run.options.target} in {run.report.seconds:.1f}s: "
-          f"{out_dir} ({', '.join(run.files)})")
+          f"{out_dir} ({_sizes(out_dir, run.files)})")
+
+
+def _sizes(out_dir, files) -> str:
+    """'model.onnx 0.1 MB, model.onnx.data 988 MB, ...; 1.3 GB in all'."""
+    import os
+
+    def fmt(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+    sizes = {f: os.path.getsize(os.path.join(out_dir, f)) for f in files if os.path.isfile(os.path.join(out_dir, f))}
+    parts = [f"{f} {fmt(sizes[f])}" if f in sizes else f for f in files]
+    return ", ".join(parts) + f"; {fmt(sum(sizes.values()))} in all"
 
 
 def _run(cmd: str, args) -> int:
