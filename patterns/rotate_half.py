@@ -1,11 +1,11 @@
 """RoPE as rotate_half: Add(Mul(x, cos'), Mul(Concat(Neg(Slice(x, h:)), Slice(x, :h)), sin')).
 
 cos' and sin' are the shared table broadcast over heads (Unsqueeze, maybe Cast / Mul(attention_scaling)).
+Step-1 half slices only: interleaved (GPT-J) pairs fail here and are refused by `rope_interleaved`.
 """
 
 import numpy as np
 
-from onnx_rewriter.engine import Refuse
 from onnx_rewriter.layers import RopeApply
 from onnx_rewriter.matching import check, const, expect, producer, skip, slice_bounds
 
@@ -29,18 +29,6 @@ def _table_operand(ctx, t):
                 t = n.inputs[1]
                 continue
         return t, scaling
-
-
-def _is_interleaved(rot):
-    """GPT-J style pairs (x[..., ::2], x[..., 1::2]) show up as step-2 Slices."""
-    for n in (producer(i) for i in rot.inputs):
-        while n is not None and n.op in ("Neg", "Unsqueeze", "Reshape"):
-            n = producer(n.inputs[0])
-        if n is not None and n.op == "Slice":
-            b = slice_bounds(n)
-            if b and b[3] == 2:
-                return True
-    return False
 
 
 class RotateHalf:
@@ -72,8 +60,6 @@ class RotateHalf:
         check(abs(cos_scale - ss) <= 1e-6 * max(1.0, abs(cos_scale)), "rope: cos and sin scaled differently", sin_mul)
         cat = producer(rot)
         check(cat is not None and cat.op == "Concat", "rope: rotate_half is not a Concat", sin_mul)
-        if _is_interleaved(cat):
-            raise Refuse("interleaved (GPT-J style) RoPE is not supported by the AttentionPlugin kernel", cat)
         check(len(cat.inputs) == 2 and cat.attrs.get("axis") in (-1, 3), "rope: rotate_half Concat is not 2-way on the last axis", cat)
         neg = expect(cat.inputs[0], "Neg", "rope: first half of rotate_half", cat)
         hi = expect(neg.inputs[0], "Slice", "rope: negated half", neg)
