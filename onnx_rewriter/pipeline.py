@@ -78,6 +78,11 @@ def step_load(run: Run) -> None:
             run.hf_config = json.loads(Path(cfg).read_text())
         except (OSError, ValueError) as exc:
             raise RewriteError(f"cannot read config '{cfg}': {exc}") from None
+    if run.out_dir is not None:  # tokenizer files: a child process writes them meanwhile (tokenizer_job.py)
+        from .sidefiles import tokenizer_job, writer
+
+        run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
+                                                targets.get(run.options.target).chat_template_file)
 
 
 def step_normalize(run: Run) -> None:
@@ -205,7 +210,7 @@ def to_model(run: Run) -> onnx.ModelProto:
 
 
 def step_write(run: Run) -> None:
-    from .sidefiles import tokenizer_job, writer
+    from .sidefiles import writer
 
     schema.register()
     float_type = dtypes.NAMES[run.options.dtype]
@@ -213,14 +218,9 @@ def step_write(run: Run) -> None:
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
     model = to_model(run)
     with OutputDir(run.out_dir, force=run.options.force) as tmp:
-        # Tokenizer files come from a child process while the weights stream (sidefiles/tokenizer_job.py).
-        run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run), targets.get(run.options.target)
-                                                .chat_template_file, tmp)
-        with run.tokenizer_job:
-            run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external,
-                                     run.narrow)
-            onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
-            run.files += writer.write_side_files(run, tmp)
+        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow)
+        onnx.checker.check_model(str(tmp / "model.onnx"), full_check=True)
+        run.files += writer.write_side_files(run, tmp)
 
 
 STEPS = [step_load, step_normalize, step_match, step_embedding, step_check, step_build, step_write]
@@ -248,5 +248,8 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
         run.report.seconds = time.perf_counter() - t0
         exc.run = run
         raise
+    finally:
+        if run.tokenizer_job is not None:
+            run.tokenizer_job.close()  # a no-op once its files are collected
     run.report.seconds = time.perf_counter() - t0
     return run

@@ -160,15 +160,18 @@ def test_tokenizer_child_writes_what_in_process_writes(models, tmp_path):
     tok_dir = models.checkpoint("llama")
     (tmp_path / "child").mkdir()
     (tmp_path / "here").mkdir()
-    with tokenizer_job.Job((tok_dir, "processed_chat_template.json", tmp_path / "child")) as job:
-        child = job.result()
+    job = tokenizer_job.Job(tok_dir, "processed_chat_template.json")
+    child = job.result(tmp_path / "child")
     here = tokenizer_job.write_tokenizer_side_files(tok_dir, "processed_chat_template.json", tmp_path / "here")
     assert child == here and len(here) == 4
     for name in here:
         assert (tmp_path / "child" / name).read_bytes() == (tmp_path / "here" / name).read_bytes(), name
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert tokenizer_job.Job((empty, "chat_template.jinja", tmp_path / "child")).result() is None
+    assert tokenizer_job.Job(empty, "chat_template.jinja").result(tmp_path / "child") is None
+    dropped = tokenizer_job.Job(tok_dir, "chat_template.jinja")  # a failed rewrite: the child is stopped
+    dropped.close()
+    assert dropped.proc.returncode is not None
 
 
 def test_tokenizer_child_reports_a_broken_tokenizer(tmp_path):
@@ -177,7 +180,7 @@ def test_tokenizer_child_reports_a_broken_tokenizer(tmp_path):
 
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(RewriteError, match="cannot load the tokenizer"):
-        tokenizer_job.Job((tmp_path, "chat_template.jinja", tmp_path)).result()
+        tokenizer_job.Job(tmp_path, "chat_template.jinja").result(tmp_path)
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch, capsys):

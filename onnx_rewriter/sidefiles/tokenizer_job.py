@@ -1,18 +1,20 @@
-"""Tokenizer side files, written by a lean child process while the parent streams the weights.
+"""Tokenizer side files, written by a lean child process while the parent rewrites the graph.
 
 They need transformers' AutoTokenizer, and importing it pulls in torch: ~5 s and ~250 MB, as much
 as the rest of a 0.5B rewrite. The tokenizer files need no torch, so when this process has not
-imported transformers yet (the `rewrite` CLI), a child imports it with torch hidden (~1.5 s, 70 MB)
-and runs alongside the weight writing. When transformers is already loaded (export, tests, notebooks)
+imported transformers yet (the `rewrite` CLI), a child imports it with torch hidden (~1.5 s, 70 MB),
+started when the graph is loaded. When transformers is already loaded (export, tests, notebooks)
 the work stays in-process, where it costs nothing extra. The files are the same either way.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from ..errors import RewriteError
@@ -37,17 +39,20 @@ def write_tokenizer_side_files(tok_dir, chat_template_file: str, out_dir) -> lis
 
 
 class Job:
-    """A running child; `result()` returns what write_tokenizer_side_files would have returned."""
+    """A child that writes the files in a scratch folder of its own and sends their bytes back over its
+    stdout (a few MB at most): no folder of ours for a SIGKILL to leave behind. `result(out_dir)` writes
+    them into `out_dir` and returns what write_tokenizer_side_files would have returned."""
 
-    def __init__(self, args: tuple):
-        self.args = args
+    def __init__(self, tok_dir, chat_template_file: str):
+        self.args = (tok_dir, chat_template_file)
         pkg_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", PYTHONPATH=os.pathsep.join(
             [pkg_root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__, *map(str, args)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, str(tok_dir), chat_template_file],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     env=env, text=True)
 
-    def result(self) -> list[str] | None:
+    def result(self, out_dir) -> list[str] | None:
         out, _ = self.proc.communicate()
         try:
             answer = json.loads(out.strip().splitlines()[-1])
@@ -56,51 +61,49 @@ class Job:
         if "error" in answer:  # the user's to fix (a broken tokenizer): same message as in-process
             raise RewriteError(answer["error"])
         if "files" not in answer:  # the child died oddly: redo it here, where errors show as usual
-            return write_tokenizer_side_files(*self.args)
-        return answer["files"]
+            return write_tokenizer_side_files(*self.args, out_dir)
+        if answer["files"] is None:
+            return None
+        for name, data in answer["files"].items():
+            (Path(out_dir) / name).write_bytes(base64.b64decode(data))
+        return list(answer["files"])
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.proc.returncode is None:  # never collected
-            if exc_type is not None:
-                self.proc.kill()  # the output folder is about to be removed: stop writing into it
-            self.proc.communicate()  # and never leave it writing into a folder that is renamed next
-        return False
+    def close(self) -> None:
+        """Stop the child if it still runs (the rewrite failed)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 class _InProcess:
-    def __init__(self, args: tuple):
-        self.args = args
+    def __init__(self, tok_dir, chat_template_file: str):
+        self.args = (tok_dir, chat_template_file)
 
-    def result(self):
-        return write_tokenizer_side_files(*self.args)
+    def result(self, out_dir):
+        return write_tokenizer_side_files(*self.args, out_dir)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def close(self) -> None:
+        pass
 
 
-def start(tok_dir, chat_template_file: str, out_dir):
-    """Start writing the tokenizer side files into `out_dir`; `.result()` collects them."""
-    args = (tok_dir, chat_template_file, out_dir)
+def start(tok_dir, chat_template_file: str):
+    """Start on the tokenizer side files; `.result(out_dir)` puts them in `out_dir`, `.close()` drops them."""
     if "transformers" in sys.modules or os.environ.get("ONNX_REWRITER_NO_TOKENIZER_JOB"):
-        return _InProcess(args)
+        return _InProcess(tok_dir, chat_template_file)
     try:
-        return Job(args)
+        return Job(tok_dir, chat_template_file)
     except OSError:  # cannot start a process here: fine, in-process then
-        return _InProcess(args)
+        return _InProcess(tok_dir, chat_template_file)
 
 
 def _main(argv: list[str]) -> int:
     sys.modules["torch"] = None  # transformers then skips torch (find_spec sees None): tokenizers need none
-    tok_dir, chat_template_file, out_dir = argv
+    tok_dir, chat_template_file = argv
     try:
-        files = write_tokenizer_side_files(tok_dir, chat_template_file, out_dir)
-        answer = {"files": files}
+        with tempfile.TemporaryDirectory(prefix="onnx_rewriter_tokenizer_") as tmp:
+            files = write_tokenizer_side_files(tok_dir, chat_template_file, tmp)
+            answer = {"files": None if files is None else  # in order: the names come back as written
+                      {f: base64.b64encode((Path(tmp) / f).read_bytes()).decode() for f in files}}
     except RewriteError as exc:
         answer = {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - the parent redoes the work in-process and reports it there

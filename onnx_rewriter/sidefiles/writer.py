@@ -22,9 +22,9 @@ def write_side_files(run, out_dir: Path) -> list[str]:
     config_json.write_config_json(cfg, out_dir)
     files.append("config.json")
     tok_dir = tokenizer_dir(run)
-    # Started by step_write next to the weight writing (a child process, see tokenizer_job.py), or here.
-    job = getattr(run, "tokenizer_job", None) or tokenizer_jobs.start(tok_dir, target.chat_template_file, out_dir)
-    written = job.result()
+    # Started by step_load (a child process, see tokenizer_job.py), or here.
+    job = getattr(run, "tokenizer_job", None) or tokenizer_jobs.start(tok_dir, target.chat_template_file)
+    written = job.result(out_dir)
     if written is None:
         missing = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", target.chat_template_file]
         run.warn(f"no tokenizer found in '{tok_dir}' (pass --tokenizer DIR); not written: {', '.join(missing)}")

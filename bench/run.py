@@ -1,0 +1,270 @@
+"""`make bench`: wall time and peak memory of our tools against their peers, measured in the same run.
+
+    .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b] [--verify tiny,0.5b] [--no-nvidia]
+
+Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache):
+  (a) rewrite: `python -m onnx_rewriter base.onnx out --external-data` vs onnxscript's `optimize_for_ort`
+      (bench/peer_ort.py) on the same fp32 dynamo baseline file;
+  (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
+      `tensorrt-edgellm-export` 0.11.0 (its own venv, bench/.venv-nvidia, since it pins its own
+      transformers/onnx), on the same bf16 checkpoint.
+Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
+from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
+Timings on a shared machine drift; the ratios compare tools measured back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / ".cache"
+NV_VENV = HERE / ".venv-nvidia"
+PY = sys.executable
+
+# Random weights, real dimensions. layer_types: transformers derives it from num_hidden_layers only at
+# construction, and build_checkpoint sets overrides afterwards.
+SIZES = {
+    "tiny": dict(num_hidden_layers=2, layer_types=["full_attention"] * 2),
+    # Qwen2.5-0.5B
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+                 initializer_range=0.02, layer_types=["full_attention"] * 24,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # DeepSeek-R1-Distill-Qwen-1.5B
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=131072,
+                 initializer_range=0.02, layer_types=["full_attention"] * 28,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def measure(name: str, cmd: list, env: dict | None = None) -> dict:
+    """Run `cmd` as a child; its output goes to bench/.cache/logs/<name>.log."""
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{name}.log", "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=dict(os.environ, **(env or {})))
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = (logs / f"{name}.log").read_text(errors="replace")
+    res = dict(name=name, rc=proc.returncode, wall_s=round(wall, 2), peak_mb=round(ru.ru_maxrss / 1024),
+               cpu_s=round(ru.ru_utime + ru.ru_stime, 2), log=str(logs / f"{name}.log"), tail=text[-600:])
+    log(f"  {name}: rc={res['rc']} wall {res['wall_s']} s, peak {res['peak_mb']} MB, cpu {res['cpu_s']} s")
+    return res
+
+
+def _python(code: str, *args) -> list:
+    return [PY, "-c", code, *map(str, args)]
+
+
+def checkpoint(size: str) -> Path:
+    path = CACHE / f"ckpt-{size}"
+    if not (path / "config.json").is_file():
+        log(f"building the {size} checkpoint (random bf16 weights) into {path}")
+        shutil.rmtree(path, ignore_errors=True)
+        code = ("import json, sys; from onnx_rewriter import tiny; "
+                "tiny.build_checkpoint('qwen2', sys.argv[1], dtype='bfloat16', **json.loads(sys.argv[2]))")
+        r = measure(f"build-{size}", _python(code, path, json.dumps(SIZES[size])))
+        if r["rc"]:
+            raise SystemExit(f"could not build the {size} checkpoint:\n{r['tail']}")
+    return path
+
+
+def baseline(size: str, ckpt: Path) -> tuple[Path, dict | None]:
+    """The fp32 dynamo export both rewriters read (config and tokenizer beside it, as users have them)."""
+    path = CACHE / f"base-{size}"
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx", None
+    log(f"exporting the {size} baseline (fp32, dynamo) into {path}")
+    shutil.rmtree(path, ignore_errors=True)
+    code = ("import sys, shutil, pathlib; from onnx_rewriter.export import load_model, export_baseline; "
+            "src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); out.mkdir(parents=True); "
+            "m, _ = load_model(str(src), torch_dtype='float32'); export_baseline(m, out / 'model.onnx'); "
+            "[shutil.copy(f, out / f.name) for f in src.iterdir() "
+            " if f.suffix in ('.json', '.jinja') and f.name != 'generation_config.json']")
+    r = measure(f"baseline-{size}", _python(code, ckpt, path))
+    if r["rc"]:
+        raise SystemExit(f"could not export the {size} baseline:\n{r['tail']}")
+    return path / "model.onnx", r
+
+
+def count_nodes(model_path: Path, op_type: str = "AttentionPlugin") -> int | None:
+    import onnx
+
+    if not model_path.is_file():
+        return None
+    return sum(n.op_type == op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node)
+
+
+def dir_mb(path: Path) -> int:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20) if path.exists() else 0
+
+
+# ---------------------------------------------------------------- (a) rewrite vs optimize_for_ort
+
+
+def bench_rewrite(size: str, base: Path) -> dict:
+    ours_out, ort_out = CACHE / f"out-rewrite-{size}", CACHE / f"out-ort-{size}"
+    for p in (ours_out, ort_out):
+        shutil.rmtree(p, ignore_errors=True)
+    # The peer first: a fair chance for both at a warm page cache (the baseline was just read or built).
+    ort = measure(f"ort-{size}", [PY, HERE / "peer_ort.py", base, ort_out])
+    ours = measure(f"rewrite-{size}", [PY, "-m", "onnx_rewriter", base, ours_out, "--external-data", "-q"])
+    try:
+        ort["fused"] = json.loads(ort["tail"].strip().splitlines()[-1])["attention_nodes"]
+    except (ValueError, IndexError, KeyError):
+        ort["fused"] = None
+    ours["fused"] = count_nodes(ours_out / "model.onnx")
+    ours["out_mb"], ort["out_mb"] = dir_mb(ours_out), dir_mb(ort_out)
+    return {"ours": ours, "peer": ort}
+
+
+# ---------------------------------------------------------------- (b) make export vs NVIDIA's exporter
+
+
+def nvidia_exporter() -> tuple[Path | None, str]:
+    """bench/.venv-nvidia with tensorrt-edgellm 0.11.0 (CPU torch first: the plain index pulls CUDA builds)."""
+    exe = NV_VENV / "bin" / "tensorrt-edgellm-export"
+    if exe.is_file():
+        return exe, ""
+    log(f"installing tensorrt-edgellm 0.11.0 into {NV_VENV} (once)")
+    base_py = getattr(sys, "_base_executable", None) or sys.executable
+    steps = [[base_py, "-m", "venv", NV_VENV],
+             [NV_VENV / "bin" / "pip", "install", "-q", "torch==2.13.0"],
+             [NV_VENV / "bin" / "pip", "install", "-q", "tensorrt-edgellm[export]==0.11.0"]]
+    for i, cmd in enumerate(steps):
+        r = measure(f"nvidia-install-{i}", cmd)
+        if r["rc"]:
+            return None, f"pip failed ({' '.join(map(str, cmd[-2:]))}): {r['tail'].strip().splitlines()[-1:]}"
+    return (exe, "") if exe.is_file() else (None, "the package installed no tensorrt-edgellm-export script")
+
+
+def bench_export(size: str, ckpt: Path, nvidia: bool, verify: bool, target: str) -> dict:
+    ours_out, nv_out = CACHE / f"out-export-{size}", CACHE / f"out-nvidia-{size}"
+    for p in (ours_out, nv_out):
+        shutil.rmtree(p, ignore_errors=True)
+    res = {}
+    # What `make export MODEL=... OUT=...` runs.
+    ours = measure(f"export-{size}", [PY, "-m", "onnx_rewriter", "export", "--model", ckpt, "--output_dir", ours_out,
+                                      "--target", target, "--dtype", "float16", "-q"])
+    ours["fused"] = count_nodes(ours_out / "model.onnx")
+    ours["out_mb"] = dir_mb(ours_out)
+    res["ours"] = ours
+    if verify and ours["rc"] == 0:
+        v = measure(f"verify-{size}", [PY, "-m", "onnx_rewriter", "verify", ours_out, "--model", ckpt])
+        ours["verified"] = v["rc"] == 0
+        ours["verify"] = v["tail"].strip().splitlines()[-1] if v["tail"].strip() else ""
+    if not nvidia:
+        res["peer_skipped"] = "--no-nvidia"
+        return res
+    exe, why = nvidia_exporter()
+    if exe is None:
+        log(f"  NVIDIA's exporter is not available: {why}")
+        res["peer_skipped"] = why
+        return res
+    nv = measure(f"nvidia-{size}", [exe, ckpt, nv_out], env={"CUDA_VISIBLE_DEVICES": ""})
+    if nv["rc"]:
+        lines = [l for l in nv["tail"].strip().splitlines() if l.strip()]
+        res["peer_skipped"] = f"tensorrt-edgellm-export failed (exit {nv['rc']}): {lines[-1] if lines else '?'}"
+        log(f"  {res['peer_skipped']}")
+    onnx_files = sorted(nv_out.rglob("model.onnx")) if nv_out.exists() else []
+    nv["fused"] = count_nodes(onnx_files[0]) if onnx_files else None
+    nv["out_mb"] = dir_mb(nv_out)
+    res["peer"] = nv
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.1f}x" if a and b else "-"
+
+
+def report(results: dict) -> None:
+    rows = [f"{'size':<6}{'what':<34}{'wall s':>8}{'peak MB':>9}{'cpu s':>8}{'out MB':>8}{'fused':>7}"]
+
+    def row(size, what, r):
+        if r is None:
+            return
+        ok = "" if r.get("rc", 0) == 0 else f"  (exit {r['rc']})"
+        rows.append(f"{size:<6}{what:<34}{r['wall_s']:>8}{r['peak_mb']:>9}{r['cpu_s']:>8}{r.get('out_mb', ''):>8}"
+                    f"{str(r.get('fused', '')):>7}{ok}")
+
+    for size, res in results.items():
+        row(size, "baseline export (fp32, once)", res.get("baseline"))
+        if "rewrite" in res:
+            a = res["rewrite"]
+            row(size, "rewrite (ours)", a["ours"])
+            row(size, "optimize_for_ort (onnxscript)", a["peer"])
+            rows.append(f"{'':<6}-> ours {ratio(a['peer']['wall_s'], a['ours']['wall_s'])} faster (wall), "
+                        f"{ratio(a['peer']['cpu_s'], a['ours']['cpu_s'])} less CPU, peak "
+                        f"{a['ours']['peak_mb']} vs {a['peer']['peak_mb']} MB")
+        if "export" in res:
+            b = res["export"]
+            row(size, "make export (ours)", b["ours"])
+            if "verified" in b["ours"]:
+                rows.append(f"{'':<6}   verify: {b['ours']['verify']}")
+            if "peer" in b:
+                row(size, "tensorrt-edgellm-export 0.11.0", b["peer"])
+            if "peer_skipped" in b:
+                rows.append(f"{'':<6}-> NVIDIA's exporter not compared: {b['peer_skipped']}")
+            elif b["peer"]["rc"] == 0:
+                rows.append(f"{'':<6}-> ours {ratio(b['peer']['wall_s'], b['ours']['wall_s'])} faster (wall), peak "
+                            f"{b['ours']['peak_mb']} vs {b['peer']['peak_mb']} MB")
+    small, big = results.get("0.5b", {}).get("rewrite"), results.get("1.5b", {}).get("rewrite")
+    if small and big:
+        rows.append(f"rewrite peak memory 1.5b / 0.5b: {big['ours']['peak_mb'] / small['ours']['peak_mb']:.2f}x "
+                    f"(target <= 1.5x)")
+    print("\n".join(rows))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="tiny,0.5b", help=f"comma list of {', '.join(SIZES)}")
+    p.add_argument("--only", choices=("rewrite", "export"), help="run one of the two comparisons")
+    p.add_argument("--verify", default="tiny,0.5b", help="sizes whose export output is also verified")
+    p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
+    p.add_argument("--export-target", default="edgellm-0.11",
+                   help="our export's target (default: the contract NVIDIA's 0.11.0 exporter writes)")
+    args = p.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = {}
+    for size in sizes:
+        log(f"== {size}")
+        ckpt = checkpoint(size)
+        res = results[size] = {}
+        if args.only in (None, "rewrite"):
+            base, built = baseline(size, ckpt)
+            res["baseline"] = built
+            res["rewrite"] = bench_rewrite(size, base)
+        if args.only in (None, "export"):
+            res["export"] = bench_export(size, ckpt, not args.no_nvidia, size in args.verify.split(","),
+                                         args.export_target)
+        (CACHE / "results.json").write_text(json.dumps(results, indent=1))
+    report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
