@@ -238,3 +238,48 @@ def test_lean_optimize_gives_the_default_graph(models, family):
     prog.optimize()
     _optimize(other)
     assert _nodes(prog.model_proto) == _nodes(other.model_proto)
+
+
+def test_inline_save_streams_weights_into_one_readable_file(tmp_path, monkeypatch):
+    """Inline output (no --external-data): weights are appended to model.onnx as extra `graph { initializer }`
+    records, never held in memory; onnx and onnxruntime read back exactly what onnx.save_model would give."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1 << 16)
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((300, 256)).astype(np.float32)
+    w2 = rng.standard_normal((256, 300)).astype(np.float32)
+    raw = b""
+    inits = []
+    for name, arr in (("W1", w1), ("W2", w2)):
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=arr.shape, data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", "w.bin"), ("offset", str(len(raw))), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        raw += arr.tobytes()
+        inits.append(t)
+    (src / "w.bin").write_bytes(raw)
+    bias = numpy_helper.from_array(np.arange(300, dtype=np.float16), "b")
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y0"]),
+             helper.make_node("Add", ["y0", "b"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 300])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 300])],
+                          initializer=[inits[0], bias, inits[1]])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert graphio.save(model, out / "model.onnx", src, TensorProto.FLOAT16, False, narrow={"W1", "W2"}) == \
+        ["model.onnx"]
+    graphio.check(out / "model.onnx")  # through the skeleton ...
+    assert [p.name for p in out.iterdir()] == ["model.onnx"]
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)  # ... and the whole file
+    loaded = onnx.load(str(out / "model.onnx"))
+    got = {i.name: numpy_helper.to_array(i) for i in loaded.graph.initializer}
+    assert sorted(got) == ["W1", "W2", "b"] and len(loaded.graph.node) == 3
+    assert np.array_equal(got["W1"], w1.astype(np.float16)) and np.array_equal(got["W2"], w2.astype(np.float16))
+    x = rng.standard_normal((2, 300)).astype(np.float16)
+    y = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = (x.astype(np.float32) @ got["W1"].astype(np.float32) @ got["W2"].astype(np.float32)) + np.arange(300)
+    assert np.allclose(y.astype(np.float32), ref, rtol=2e-2, atol=0.5)
