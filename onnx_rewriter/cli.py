@@ -110,11 +110,12 @@ def _setup_logging(args):
     return restore
 
 
-def _print_summary(run, out_dir, quiet: bool = False) -> None:
+def _print_summary(run, out_dir, quiet: bool = False, total_s: float | None = None) -> None:
     n = sum(l.rewritten for l in run.report.layers)
     if not quiet:
         print(run.report.table(), file=sys.stderr)
-    print(f"rewrote {n}/{len(run.report.layers)} layers for {run.options.target} in {run.report.seconds:.1f}s: "
+    took = f"{run.report.seconds:.1f}s" + (f" (export {total_s:.1f}s in all)" if total_s is not None else "")
+    print(f"rewrote {n}/{len(run.report.layers)} layers for {run.options.target} in {took}: "
           f"{out_dir} ({_sizes(out_dir, run.files)})")
 
 
@@ -140,12 +141,15 @@ def _run(cmd: str, args) -> int:
         _print_summary(run, args.output_dir, args.quiet)
         return 0
     if cmd == "export":
+        import time
+
         from .export import export
 
+        t0 = time.perf_counter()
         run = export(args.model, args.output_dir, target=args.target, dtype=args.dtype, device=args.device,
                      trust_remote_code=args.trust_remote_code, force=args.force, external_data=args.external_data)
         _write_report(run, args.report)
-        _print_summary(run, args.output_dir, args.quiet)
+        _print_summary(run, args.output_dir, args.quiet, total_s=time.perf_counter() - t0)
         if args.verify:
             from .reference.verify import verify
 

@@ -89,7 +89,15 @@ def load(path: str | os.PathLike) -> SourceModel:
     model = _infer_shapes(model, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     meta = {p.key: p.value for p in model.metadata_props}
-    graph = gs.import_onnx(model)
+    # gs warns about every bf16 tensor (no numpy type; it keeps the proto type, which is what we want)
+    # and about its missing `colored` module: noise to a user of a bf16 export.
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    try:
+        graph = gs.import_onnx(model)
+    finally:
+        G_LOGGER.severity = severity
     return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta)
 
 

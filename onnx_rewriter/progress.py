@@ -7,6 +7,7 @@ Everything here is a no-op object when bars are off, so callers never branch on 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 
@@ -14,7 +15,7 @@ _quiet = False
 
 
 def set_quiet(quiet: bool) -> None:
-    """-q: no bars from us, transformers or the hub."""
+    """The CLI's -q: no bars from us, transformers or the hub (nor when stderr is not a terminal)."""
     global _quiet
     _quiet = quiet
     if not enabled():
@@ -29,7 +30,9 @@ def enabled() -> bool:
 
 
 def _silence_hf() -> None:
-    # Only when already imported: importing transformers just to silence it costs seconds.
+    # Not imported yet: the hub's switch, which transformers also reads at import (importing transformers
+    # just to silence it would cost seconds). Already imported: their own switches.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     mods = sys.modules
     if "transformers" in mods:
         mods["transformers"].utils.logging.disable_progress_bar()
@@ -75,8 +78,6 @@ def stages(names: list[str], desc: str):
     """
     pb = bar(total=len(names), desc=desc)
     if isinstance(pb, _Null):
-        if not enabled():
-            _silence_hf()
         yield lambda name: None
         return
     stop = threading.Event()
