@@ -64,11 +64,15 @@ class Caster:
             return
         import onnxruntime as ort
 
-        binding = sess.io_binding()
         flat = np.ascontiguousarray(src).reshape(-1)
-        binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(flat, src_type))
-        binding.bind_output("y", "cpu", 0, dst.dtype, [flat.size], dst.ctypes.data)
-        sess.run_with_iobinding(binding)
+        try:
+            binding = sess.io_binding()
+            binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(flat, src_type))
+            binding.bind_output("y", "cpu", 0, dst.dtype, [flat.size], dst.ctypes.data)
+            sess.run_with_iobinding(binding)
+        except Exception:  # e.g. a bf16 output, which numpy cannot name for the binding: numpy from now on
+            self._sessions[(src_type, dst_type)] = None
+            dst[...] = _numpy_cast(src, src_type, dst_type)
 
 
 def _numpy_cast(src: np.ndarray, src_type: int, dst_type: int) -> np.ndarray:

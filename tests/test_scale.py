@@ -49,6 +49,9 @@ def test_caster_matches_numpy_bit_for_bit():
     stream.Caster()(bits, TensorProto.BFLOAT16, out, TensorProto.FLOAT16)
     with np.errstate(over="ignore"):
         assert np.array_equal(out.view(np.uint16), f32.astype(np.float16).view(np.uint16))
+    back = np.empty(x.size, np.uint16)  # to bf16: numpy's round to nearest even on the top 16 bits
+    stream.Caster()(f32, TensorProto.FLOAT, back, TensorProto.BFLOAT16)
+    assert np.array_equal(back, bits)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64])
