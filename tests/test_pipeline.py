@@ -12,18 +12,11 @@ import pytest
 from onnx_rewriter import pipeline, schema
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.reference.verify import verify
+from .graph_io import io_signature as _io
 
 CONTRACT_FILES = {"model.onnx", "embedding.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "processed_chat_template.json"}
 F16, F32, I32, I64 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64
-
-
-def _io(value_infos):
-    out = {}
-    for vi in value_infos:
-        t = vi.type.tensor_type
-        out[vi.name] = (t.elem_type, [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim])
-    return out
 
 
 @pytest.fixture(scope="module")

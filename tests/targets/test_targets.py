@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from onnx_rewriter import schema
 from onnx_rewriter.reference.verify import verify
+from ..graph_io import io_signature as _io
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral_window", "phi3")
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
@@ -45,14 +46,6 @@ def test_verify(rewritten, family, target, dtype):
 
 
 # ------------------------------------------------------------------ contract: what the file says
-
-
-def _io(value_infos):
-    out = {}
-    for vi in value_infos:
-        t = vi.type.tensor_type
-        out[vi.name] = (t.elem_type, [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim])
-    return out
 
 
 def _attrs(node):
