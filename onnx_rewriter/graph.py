@@ -147,13 +147,10 @@ def read_tensor(t: TensorProto, base_dir: Path) -> np.ndarray:
     info = external_data_helper.ExternalDataInfo(t)
     np_dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
     if t.data_type == TensorProto.BFLOAT16:
-        np_dtype = np.uint16  # read raw bits; see to_dtype
+        np_dtype = np.uint16  # raw bits: values_of / convert_float widen them
     mm = np.memmap(base_dir / info.location, dtype=np.uint8, mode="r", offset=info.offset or 0,
                    shape=(info.length or _numel(t) * np.dtype(np_dtype).itemsize,))
-    arr = mm.view(np_dtype).reshape(tuple(t.dims))
-    if t.data_type == TensorProto.BFLOAT16:
-        return arr  # raw bits, flagged by the caller's knowledge of data_type
-    return arr
+    return mm.view(np_dtype).reshape(tuple(t.dims))
 
 
 def values_of(t: TensorProto, base_dir: Path) -> np.ndarray:

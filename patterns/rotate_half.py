@@ -12,7 +12,7 @@ from onnx_rewriter.matching import check, const, expect, producer, skip, slice_b
 BROADCAST = ("Unsqueeze", "Cast", "Reshape", "Expand")
 
 
-def _table_operand(ctx, t):
+def _table_operand(t):
     """The rope table a cos'/sin' operand comes from, and the scaling multiplied into it."""
     scaling = 1.0
     while True:
@@ -42,7 +42,7 @@ class RotateHalf:
         # Find which Mul carries cos (x * cos') and which carries sin (rot(x) * sin').
         for cos_mul, sin_mul in (muls, muls[::-1]):
             for xi in (0, 1):
-                tab_t, cs = _table_operand(ctx, cos_mul.inputs[1 - xi])
+                tab_t, cs = _table_operand(cos_mul.inputs[1 - xi])
                 m = ctx.lookup("rope_table", tab_t)
                 if m is not None:
                     x = cos_mul.inputs[xi]
@@ -51,7 +51,7 @@ class RotateHalf:
 
     def _finish(self, node, ctx, x, table, cos_scale, sin_mul):
         for ri in (0, 1):
-            tab_t, ss = _table_operand(ctx, sin_mul.inputs[1 - ri])
+            tab_t, ss = _table_operand(sin_mul.inputs[1 - ri])
             if tab_t is table.sin:
                 rot = sin_mul.inputs[ri]
                 break
