@@ -53,6 +53,9 @@ def _numel(t: TensorProto) -> int:
 def _check_external(t: TensorProto, base_dir: Path) -> None:
     info = external_data_helper.ExternalDataInfo(t)
     file = base_dir / info.location
+    if Path(info.location).is_absolute() or ".." in Path(info.location).parts:
+        raise RewriteError(f"external data location '{info.location}' of tensor '{t.name}' is outside the model's "
+                           f"folder; ONNX external data must lie beside the .onnx file")
     if not file.is_file():
         raise RewriteError(
             f"external data file '{info.location}' of tensor '{t.name}' is missing next to the model "
@@ -83,7 +86,9 @@ def load(path: str | os.PathLike) -> SourceModel:
         if t.data_location == TensorProto.EXTERNAL:
             _check_external(t, base_dir)
             if _numel(t) <= SMALL_TENSOR_ELEMENTS:
-                external_data_helper.load_external_data_for_tensor(t, str(base_dir))
+                # Our own bounded read rather than onnx's: it refuses linked files, which is how an export
+                # references the checkpoint's weights (checkpoint_refs.py).
+                t.raw_data = np.ascontiguousarray(read_tensor(t, base_dir)).tobytes()
                 t.data_location = TensorProto.DEFAULT
                 del t.external_data[:]
     model = _infer_shapes(model, path)
@@ -144,13 +149,7 @@ def read_tensor(t: TensorProto, base_dir: Path) -> np.ndarray:
     """A tensor's values; external data comes through a read-only memory map (no copy)."""
     if t.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
-    info = external_data_helper.ExternalDataInfo(t)
-    np_dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    if t.data_type == TensorProto.BFLOAT16:
-        np_dtype = np.uint16  # raw bits: values_of / convert_float widen them
-    mm = np.memmap(base_dir / info.location, dtype=np.uint8, mode="r", offset=info.offset or 0,
-                   shape=(info.length or _numel(t) * np.dtype(np_dtype).itemsize,))
-    return mm.view(np_dtype).reshape(tuple(t.dims))
+    return stream.mapped(t, base_dir)  # bf16 as raw uint16 bits: values_of / convert_float widen them
 
 
 def values_of(t: TensorProto, base_dir: Path) -> np.ndarray:

@@ -3,7 +3,8 @@
 - Constant nodes become constant tensors; Identity and no-op Casts disappear;
 - nodes whose inputs are all small constants are evaluated (shape arithmetic, slice bounds, scales);
 - Shape of a tensor whose selected dims are static becomes a constant (TorchScript's side branches);
-- back-to-back Transposes that cancel, and Reshape of a Reshape, collapse (also after the rewrite).
+- back-to-back Transposes that cancel, and Reshape of a Reshape, collapse (also after the rewrite);
+- Transpose of a weight on disk becomes that weight read transposed when it is written.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from . import bfloat16, reshape_wildcard
+from . import bfloat16, reshape_wildcard, stream
 from .matching import const, producer
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,36 @@ def fold(graph: gs.Graph) -> int:
     return folded
 
 
+def fold_weight_transposes(graph: gs.Graph) -> int:
+    """Transpose(weight in external data) -> a constant that the writer reads transposed (stream.chunks).
+
+    `make export` leaves the checkpoint's weights untransposed so that the baseline can point into the
+    checkpoint (export.py, checkpoint_refs.py); this gives its rewrite the output a folded export gets,
+    without holding a weight in memory.
+    """
+    n = 0
+    for node in graph.nodes:
+        if node.op != "Transpose" or not node.outputs or node.outputs[0] in graph.outputs:
+            continue
+        src = node.inputs[0]
+        proto = src._values.tensor if isinstance(src, gs.Constant) and isinstance(src._values, gs.ir.tensor.LazyValues) else None
+        if proto is None or proto.data_location != onnx.TensorProto.EXTERNAL or stream.transposed(proto) is not None:
+            continue
+        perm = list(node.attrs.get("perm", range(len(proto.dims) - 1, -1, -1)))
+        folded = onnx.TensorProto()
+        folded.CopyFrom(proto)  # external: only the location, not the data
+        folded.name = node.outputs[0].name
+        del folded.dims[:]
+        folded.dims.extend(proto.dims[p] for p in perm)
+        folded.doc_string = stream.TRANSPOSED + ",".join(map(str, perm))
+        node.outputs[0].to_constant(gs.ir.tensor.LazyValues(folded))
+        node.outputs.clear()
+        n += 1
+    if n:
+        graph.cleanup()
+    return n
+
+
 def _bypass(graph: gs.Graph, node: gs.Node) -> bool:
     out = node.outputs[0]
     if out in graph.outputs and node.inputs[0] in graph.inputs:
@@ -191,7 +222,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 def normalize(graph: gs.Graph, reinfer: bool = False) -> gs.Graph:
     """Fold and simplify; with `reinfer`, shapes made static by folding are propagated and folded again."""
     bfloat16.widen(graph)  # a bf16 export reads as an fp32 one
-    n_fold = fold(graph)
+    n_fold = fold(graph) + fold_weight_transposes(graph)
     n_simp = simplify(graph)
     if reinfer and n_fold:
         graph = infer_shapes(graph)

@@ -31,6 +31,35 @@ def numel(t: TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
+# doc_string of a weight whose external data holds it untransposed (normalize.fold_weight_transposes):
+# it is read transposed. Only inside a rewrite; what is written has plain data and no marker.
+TRANSPOSED = "onnx_rewriter:transposed "
+
+
+def transposed(t: TensorProto) -> tuple[int, ...] | None:
+    """The perm `t` is read through, or None for a plain tensor."""
+    if not t.doc_string.startswith(TRANSPOSED):
+        return None
+    return tuple(int(p) for p in t.doc_string[len(TRANSPOSED):].split(","))
+
+
+def mapped(t: TensorProto, base_dir: Path) -> np.ndarray:
+    """An external tensor as a read-only memory map of its values (bf16 as uint16 bits), in `t`'s shape."""
+    info = external_data_helper.ExternalDataInfo(t)
+    perm = transposed(t)
+    dims = tuple(t.dims)
+    if perm is not None:
+        src = [0] * len(perm)
+        for i, p in enumerate(perm):
+            src[p] = dims[i]
+        dims = tuple(src)
+    mm = np.memmap(Path(base_dir) / info.location, dtype=np_dtype(t.data_type), mode="r", offset=info.offset or 0,
+                   shape=dims or (1,))
+    if not dims:
+        return mm.reshape(())
+    return mm if perm is None else mm.transpose(perm)
+
+
 class Caster:
     """dst[:] = src converted between ONNX float types, with onnxruntime (numpy as the fallback)."""
 
@@ -106,6 +135,15 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
     dt = np_dtype(t.data_type)
     n = numel(t)
     step = max(1, (chunk_bytes or CHUNK_BYTES) // dt.itemsize)
+    if t.data_location == TensorProto.EXTERNAL and transposed(t) is not None:
+        # Blocks of output rows, gathered from the memory map: strided reads, but each source page is
+        # faulted in once; the map goes when the tensor is done.
+        view = mapped(t, base_dir)
+        rows = max(1, step // max(1, n // max(1, t.dims[0])))
+        for start in range(0, t.dims[0], rows):
+            yield np.ascontiguousarray(view[start:start + rows]).reshape(-1)
+        del view
+        return
     if t.data_location == TensorProto.EXTERNAL:
         info = external_data_helper.ExternalDataInfo(t)
         buf = _scratch("read", min(step, n), dt)
@@ -279,7 +317,8 @@ def save_inline(model, path: Path, streamed: list, base_dir: Path, progress=None
         fh.write(head)
         pos += len(head)
         for src, want in streamed:
-            meta = TensorProto(name=src.name, data_type=want, dims=src.dims, doc_string=src.doc_string)
+            doc = "" if transposed(src) is not None else src.doc_string
+            meta = TensorProto(name=src.name, data_type=want, dims=src.dims, doc_string=doc)
             meta_bytes = meta.SerializeToString()
             raw_len = numel(src) * np_dtype(want).itemsize
             tensor_len = len(meta_bytes) + len(_field_header(_RAW_DATA, raw_len)) + raw_len

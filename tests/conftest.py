@@ -45,20 +45,24 @@ class Models:
         return self._done[key]
 
     def baseline(self, family: str, dtype: str = "float32", exporter: str = "dynamo", opset: int | None = None,
-                 attn: str = "sdpa", native_dtype: bool = False, kv_cache: bool = False, **overrides) -> Path:
+                 attn: str = "sdpa", native_dtype: bool = False, kv_cache: bool = False, refs: bool = False,
+                 **overrides) -> Path:
         """A plain export (no KV cache) of the family's tiny checkpoint; config and tokenizer beside it.
 
         native_dtype: export in the checkpoint's own dtype (a bf16 / fp16 graph) instead of fp32.
         kv_cache: an Optimum-style export with past_key_values inputs and present outputs (tests/kv_export.py).
+        refs: `make export`'s baseline: weights referenced in the checkpoint, weight transposes left unfolded.
         """
         import shutil
 
+        from onnx_rewriter import checkpoint_refs
         from onnx_rewriter.export import export_baseline, load_model
 
-        key = ("onnx", family, dtype, exporter, opset, attn, native_dtype, kv_cache, tuple(sorted(overrides.items())))
+        key = ("onnx", family, dtype, exporter, opset, attn, native_dtype, kv_cache, refs,
+               tuple(sorted(overrides.items())))
         if key not in self._done:
             ckpt = self.checkpoint(family, dtype, **overrides)
-            flags = (["native"] if native_dtype else []) + (["kv"] if kv_cache else [])
+            flags = (["native"] if native_dtype else []) + (["kv"] if kv_cache else []) + (["refs"] if refs else [])
             name = "_".join([family, dtype, exporter, str(opset), attn] + flags
                             + [f"{k}-{v}" for k, v in sorted(overrides.items())])
             out = self.root / "onnx" / name
@@ -70,7 +74,8 @@ class Models:
 
                 export_with_cache(model, config, out / "model.onnx", exporter=exporter)
             else:
-                export_baseline(model, out / "model.onnx", exporter=exporter, opset=opset)
+                files = checkpoint_refs.checkpoint_files(str(ckpt)) if refs else ()
+                export_baseline(model, out / "model.onnx", exporter=exporter, opset=opset, checkpoint=files)
             for f in ckpt.iterdir():
                 if f.suffix in (".json", ".jinja") and f.name != "generation_config.json":
                     shutil.copy(f, out / f.name)

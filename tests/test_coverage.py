@@ -157,6 +157,14 @@ ROWS = [
         check=check_no_cache_io_left),
     Row("llama-bf16", "llama", ckpt_dtype="bfloat16", export=dict(native_dtype=True), dtypes=("float16",),
         check=check_casts),
+    # `make export`'s baselines: weights referenced in the checkpoint, transposes folded while writing.
+    Row("llama-bf16-export", "llama", ckpt_dtype="bfloat16", export=dict(native_dtype=True, refs=True),
+        dtypes=("float16",), check=check_casts),
+    Row("qwen2-export", "qwen2", export=dict(refs=True), dtypes=("float16",)),
+    Row("phi3-export", "phi3", export=dict(refs=True), dtypes=("float16",), check=check_partial_rotary),
+    Row("gemma3-export", "gemma3", export=dict(refs=True), config=dict(query_pre_attn_scalar=24), windows=(8, -1),
+        dtypes=("float16",), check=check_gemma3_tables),
+    Row("llama_tied-export", "llama_tied", export=dict(refs=True), dtypes=("float16",)),
     pytest.param(Row("llama-fp16", "llama", ckpt_dtype="float16", export=dict(native_dtype=True),
                      dtypes=("float16",), check=check_casts), marks=pytest.mark.slow),
 ]

@@ -1,0 +1,132 @@
+"""Save the exported baseline with its weights left where they already are: in the checkpoint.
+
+A safetensors file is a JSON header followed by raw little-endian row-major tensors, which is exactly
+what ONNX external data points at (location, offset, length). So each initializer that is byte for byte
+a checkpoint tensor is written as a reference into that file (linked next to the baseline) instead of
+copying a gigabyte into `model.onnx.data` only for the rewrite to read it back: 9 of the ~35 s of a
+0.5B export. Every reference is checked by comparing bytes; the rest (computed constants, tensors the
+model changed on load, dtypes the checkpoint does not have) is saved the usual way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# safetensors dtype names -> onnx_ir DataType names
+_DTYPES = {"BF16": "BFLOAT16", "F16": "FLOAT16", "F32": "FLOAT", "F64": "DOUBLE", "I64": "INT64", "I32": "INT32",
+           "I8": "INT8", "U8": "UINT8", "BOOL": "BOOL"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    dtype: str  # onnx_ir DataType name
+    shape: tuple
+    offset: int  # from the start of the file
+    length: int
+
+
+def index(files) -> dict[str, Entry]:
+    """Tensor name -> where its bytes lie, from the headers of `files` (no tensor is read)."""
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name == "__metadata__" or info.get("dtype") not in _DTYPES:
+                continue
+            start, end = info["data_offsets"]
+            out[name] = Entry(Path(f), _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start)
+    return out
+
+
+def checkpoint_files(model: str) -> list[Path]:
+    """The safetensors files of `model` (a folder, or an HF id already in the local cache); [] if none."""
+    folder = Path(model)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.safetensors"]))
+        except Exception:  # not cached, or an odd layout: the baseline keeps its own copy of the weights
+            return []
+    return sorted(folder.glob("*.safetensors"))
+
+
+def save(program, path: Path, model, files) -> None:
+    """Save torch's ONNXProgram `program` (exported from `model`) to `path`, referencing checkpoint bytes."""
+    import onnx_ir as ir
+    import torch
+
+    entries = index(files) if files else {}
+    by_storage: dict[tuple, list[str]] = {}  # tied weights: lm_head.weight is model.embed_tokens.weight
+    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
+
+    base, links, shared, own = path.parent, {}, 0, []
+    base.mkdir(parents=True, exist_ok=True)
+    for value in program.model.graph.initializers.values():
+        tensor = value.const_value
+        raw = getattr(tensor, "raw", None)
+        entry = None
+        if isinstance(raw, torch.Tensor) and raw.is_contiguous() and raw.numel() > 0:
+            names = [value.name.removeprefix("m.")] + by_storage.get((raw.data_ptr(), tuple(raw.shape)), [])
+            entry = next((entries[n] for n in names if n in entries and _same(raw, tensor.dtype.name, entries[n])),
+                         None)
+        if entry is None:
+            if tensor is not None and tensor.nbytes > 1024:
+                own.append(value)
+            continue
+        if entry.file not in links:
+            links[entry.file] = _link(entry.file, base / f"checkpoint-{len(links)}.safetensors")
+        value.const_value = ir.ExternalTensor(links[entry.file], entry.offset, entry.length, tensor.dtype,
+                                              shape=tensor.shape, name=value.name, base_dir=str(base))
+        shared += entry.length
+    if own:  # everything else large goes to model.onnx.data, as torch's own save would put it
+        ext = ir.external_data.convert_tensors_to_external([v.const_value for v in own], str(base),
+                                                           f"{path.name}.data")
+        for v, t in zip(own, ext):
+            v.const_value = t
+    ir.save(program.model, str(path))
+    log.info("baseline: %.0f MB of weights referenced in the checkpoint, %d tensors saved with it",
+             shared / 1e6, len(own))
+
+
+def _same(raw, dtype: str, entry: Entry, chunk: int = 16 << 20) -> bool:
+    """Whether torch tensor `raw` holds exactly the bytes of `entry` (read in chunks: a memory map of the
+    checkpoint would count in the resident set next to the model's own copy)."""
+    import torch
+
+    if dtype != entry.dtype or tuple(raw.shape) != entry.shape:
+        return False
+    mine = raw.detach().view(-1).view(torch.uint8).numpy()
+    if mine.size != entry.length:
+        return False
+    buf = np.empty(min(chunk, entry.length), np.uint8)
+    with open(entry.file, "rb", buffering=0) as fh:
+        fh.seek(entry.offset)
+        for start in range(0, entry.length, chunk):
+            view = buf[: min(chunk, entry.length - start)]
+            if fh.readinto(view) != view.size or not np.array_equal(view, mine[start:start + view.size]):
+                return False
+    return True
+
+
+def _link(src: Path, dst: Path) -> str:
+    """Make `src` reachable as `dst` (hard link, else symbolic link); returns the name relative to dst's folder."""
+    src = src.resolve()  # HF cache snapshots are themselves links into blobs/
+    try:
+        os.link(src, dst)
+    except OSError:
+        os.symlink(src, dst)
+    return dst.name
