@@ -214,7 +214,8 @@ def _light_decomposition():
 
         with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as torch's own step does
             gm = program.graph_module
-            _fx_passes.insert_type_promotion_nodes(gm)
+            if lowering.needs_type_promotion(gm):
+                _fx_passes.insert_type_promotion_nodes(gm)
             program._graph_module = _fx_passes.remove_assertion_nodes(gm)
         return program
 
