@@ -83,12 +83,12 @@ def save(program, path: Path, model, files) -> None:
             names = [value.name.removeprefix("m.")] + by_storage.get((raw.data_ptr(), tuple(raw.shape)), [])
             entry = next((entries[n] for n in names if n in entries and _same(raw, tensor.dtype.name, entries[n])),
                          None)
-        if entry is None:
+        if entry is not None and entry.file not in links:
+            links[entry.file] = _link(entry.file, base / f"checkpoint-{len(links)}.safetensors")
+        if entry is None or links[entry.file] is None:
             if tensor is not None and tensor.nbytes > 1024:
                 own.append(value)
             continue
-        if entry.file not in links:
-            links[entry.file] = _link(entry.file, base / f"checkpoint-{len(links)}.safetensors")
         value.const_value = ir.ExternalTensor(links[entry.file], entry.offset, entry.length, tensor.dtype,
                                               shape=tensor.shape, name=value.name, base_dir=str(base))
         shared += entry.length
@@ -122,11 +122,14 @@ def _same(raw, dtype: str, entry: Entry, chunk: int = 16 << 20) -> bool:
     return True
 
 
-def _link(src: Path, dst: Path) -> str:
-    """Make `src` reachable as `dst` (hard link, else symbolic link); returns the name relative to dst's folder."""
+def _link(src: Path, dst: Path) -> str | None:
+    """Make `src` reachable as `dst` (hard link, else symbolic link): dst's name, or None if neither works."""
     src = src.resolve()  # HF cache snapshots are themselves links into blobs/
-    try:
-        os.link(src, dst)
-    except OSError:
-        os.symlink(src, dst)
-    return dst.name
+    for make in (os.link, os.symlink):
+        try:
+            make(src, dst)
+            return dst.name
+        except OSError as exc:
+            why = exc
+    log.info("cannot link %s beside the baseline (%s): its weights are copied", src, why)
+    return None

@@ -136,7 +136,7 @@ def fold_weight_transposes(graph: gs.Graph) -> int:
 
     `make export` leaves the checkpoint's weights untransposed so that the baseline can point into the
     checkpoint (export.py, checkpoint_refs.py); this gives its rewrite the output a folded export gets,
-    without holding a weight in memory.
+    without holding a weight in memory (the writer reads it through a memory map).
     """
     n = 0
     for node in graph.nodes:
@@ -145,6 +145,8 @@ def fold_weight_transposes(graph: gs.Graph) -> int:
         src = node.inputs[0]
         proto = src._values.tensor if isinstance(src, gs.Constant) and isinstance(src._values, gs.ir.tensor.LazyValues) else None
         if proto is None or proto.data_location != onnx.TensorProto.EXTERNAL or stream.transposed(proto) is not None:
+            continue
+        if len(src.outputs) != 1:  # tied weights (embedding = lm_head) keep their Transpose, as onnxscript does
             continue
         perm = list(node.attrs.get("perm", range(len(proto.dims) - 1, -1, -1)))
         folded = onnx.TensorProto()
@@ -219,10 +221,13 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     return gs.import_onnx(model)
 
 
-def normalize(graph: gs.Graph, reinfer: bool = False) -> gs.Graph:
-    """Fold and simplify; with `reinfer`, shapes made static by folding are propagated and folded again."""
+def normalize(graph: gs.Graph, reinfer: bool = False, weight_transposes: bool = False) -> gs.Graph:
+    """Fold and simplify; with `reinfer`, shapes made static by folding are propagated and folded again.
+
+    `weight_transposes`: fold Transpose(weight) too (before matching only: the dtype pass, which runs
+    later, must see the folded weights)."""
     bfloat16.widen(graph)  # a bf16 export reads as an fp32 one
-    n_fold = fold(graph) + fold_weight_transposes(graph)
+    n_fold = fold(graph) + (fold_weight_transposes(graph) if weight_transposes else 0)
     n_simp = simplify(graph)
     if reinfer and n_fold:
         graph = infer_shapes(graph)

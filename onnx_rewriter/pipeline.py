@@ -86,7 +86,7 @@ def step_load(run: Run) -> None:
 
 
 def step_normalize(run: Run) -> None:
-    run.source.graph = normalize(run.source.graph, reinfer=True)
+    run.source.graph = normalize(run.source.graph, reinfer=True, weight_transposes=True)
 
 
 def step_match(run: Run) -> None:

@@ -138,3 +138,19 @@ def test_weight_transposes_fold_while_writing(models, tmp_path):
                  if tuple(t.dims) == tuple(model.lm_head.weight.shape[::-1]))
         np.testing.assert_array_equal(w, model.lm_head.weight.detach().numpy().T)
 
+
+
+def test_unlinkable_checkpoint_is_copied(models, tmp_path, monkeypatch):
+    """No hard or symbolic link possible (another filesystem, no permission): the weights are copied."""
+    def refuse(*_):
+        raise PermissionError("not here")
+
+    monkeypatch.setattr(checkpoint_refs.os, "link", refuse)
+    monkeypatch.setattr(checkpoint_refs.os, "symlink", refuse)
+    ckpt = models.checkpoint("qwen2")
+    model, _ = load_model(str(ckpt))
+    path = export_baseline(model, tmp_path / "model.onnx", checkpoint=checkpoint_refs.checkpoint_files(str(ckpt)))
+    proto = onnx.load(str(path), load_external_data=False)
+    assert not [t.name for t in proto.graph.initializer
+                if any(e.value.startswith("checkpoint-") for e in t.external_data)]
+    np.testing.assert_allclose(_ort_logits(path, IDS), _torch_logits(model, IDS), atol=1e-4, rtol=1e-4)
