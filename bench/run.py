@@ -30,19 +30,18 @@ CACHE = HERE / ".cache"
 NV_VENV = HERE / ".venv-nvidia"
 PY = sys.executable
 
-# Random weights, real dimensions. layer_types: transformers derives it from num_hidden_layers only at
-# construction, and build_checkpoint sets overrides afterwards.
+# Random weights, real dimensions.
 SIZES = {
-    "tiny": dict(num_hidden_layers=2, layer_types=["full_attention"] * 2),
+    "tiny": dict(num_hidden_layers=2),
     # Qwen2.5-0.5B
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
-                 initializer_range=0.02, layer_types=["full_attention"] * 24,
+                 initializer_range=0.02,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
     # DeepSeek-R1-Distill-Qwen-1.5B
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=131072,
-                 initializer_range=0.02, layer_types=["full_attention"] * 28,
+                 initializer_range=0.02,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 

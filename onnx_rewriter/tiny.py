@@ -194,6 +194,12 @@ def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int 
         tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     for key, value in config_overrides.items():
         setattr(config, key, value)
+    types = getattr(config, "layer_types", None)
+    if "layer_types" not in config_overrides and isinstance(types, list) and types \
+            and len(types) != config.num_hidden_layers:
+        # transformers derives layer_types from the layer count only when the config is built: repeat the
+        # family's pattern over the new count (Gemma3's sliding/full alternation stays alternating).
+        config.layer_types = [types[i % len(types)] for i in range(config.num_hidden_layers)]
     if config.vocab_size < len(tok):
         raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tok)})")
 

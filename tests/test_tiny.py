@@ -105,3 +105,10 @@ def test_demo_is_idempotent(tmp_path, capsys):
     demo.main([str(out)])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert tiny.describe(out)["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("family,expect", [("qwen2", ["full_attention"] * 3),
+                                           ("gemma3", ["sliding_attention", "full_attention", "sliding_attention"])])
+def test_layer_count_override_repeats_the_layer_types(family, expect, tmp_path):
+    path = tiny.build_checkpoint(family, tmp_path, num_hidden_layers=3)
+    assert json.loads((path / "config.json").read_text())["layer_types"] == expect
