@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .graph import lazy_proto
+
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 FLOAT_PROTO = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -43,7 +45,7 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
     deferred = set()
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant):
-            lazy = t._values.tensor if isinstance(t._values, gs.ir.tensor.LazyValues) else None
+            lazy = lazy_proto(t)
             if lazy is not None and lazy.data_type in FLOAT_PROTO and lazy.data_type != proto_type:
                 if _numel(lazy) > SMALL or lazy.data_location == onnx.TensorProto.EXTERNAL:
                     deferred.add(t.name)

@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from . import bfloat16, reshape_wildcard, stream
+from .graph import lazy_proto
 from .matching import const, producer
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def fold_weight_transposes(graph: gs.Graph) -> int:
         if node.op != "Transpose" or not node.outputs or node.outputs[0] in graph.outputs:
             continue
         src = node.inputs[0]
-        proto = src._values.tensor if isinstance(src, gs.Constant) and isinstance(src._values, gs.ir.tensor.LazyValues) else None
+        proto = lazy_proto(src) if isinstance(src, gs.Constant) else None
         if proto is None or proto.data_location != onnx.TensorProto.EXTERNAL or stream.transposed(proto) is not None:
             continue
         if len(src.outputs) != 1:  # tied weights (embedding = lm_head) keep their Transpose, as onnxscript does

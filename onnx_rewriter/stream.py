@@ -48,11 +48,8 @@ def mapped(t: TensorProto, base_dir: Path) -> np.ndarray:
     info = external_data_helper.ExternalDataInfo(t)
     perm = transposed(t)
     dims = tuple(t.dims)
-    if perm is not None:
-        src = [0] * len(perm)
-        for i, p in enumerate(perm):
-            src[p] = dims[i]
-        dims = tuple(src)
+    if perm is not None:  # the source's own shape: dims under the inverse permutation
+        dims = tuple(dims[i] for i in np.argsort(perm))
     mm = np.memmap(Path(base_dir) / info.location, dtype=np_dtype(t.data_type), mode="r", offset=info.offset or 0,
                    shape=dims or (1,))
     if not dims:
@@ -136,13 +133,15 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
     n = numel(t)
     step = max(1, (chunk_bytes or CHUNK_BYTES) // dt.itemsize)
     if t.data_location == TensorProto.EXTERNAL and transposed(t) is not None:
-        # Blocks of output rows, gathered from the memory map: strided reads, but each source page is
-        # faulted in once; the map goes when the tensor is done.
+        # Blocks of output rows, gathered from the memory map into the reused buffer: strided reads,
+        # but each source page is faulted in once; the map goes when the tensor is done.
         view = mapped(t, base_dir)
-        rows = max(1, step // max(1, n // max(1, t.dims[0])))
+        rows = max(1, step // max(1, n // max(1, t.dims[0])))  # output rows per chunk
         for start in range(0, t.dims[0], rows):
-            yield np.ascontiguousarray(view[start:start + rows]).reshape(-1)
-        del view
+            block = view[start:start + rows]
+            buf = _scratch("read", block.size, dt).reshape(block.shape)
+            np.copyto(buf, block)
+            yield buf.reshape(-1)
         return
     if t.data_location == TensorProto.EXTERNAL:
         info = external_data_helper.ExternalDataInfo(t)
