@@ -109,6 +109,19 @@ def test_truncated_external_data(llama, tmp_path, capsys):
     assert_no_output(out)
 
 
+@pytest.mark.parametrize("where", ["../model.onnx.data", "/tmp/model.onnx.data"])
+def test_external_data_outside_the_model_folder(llama, tmp_path, capsys, where):
+    model = _copy_baseline(llama, tmp_path / "in")
+    proto = onnx.load(str(model), load_external_data=False)
+    t = next(t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+    next(e for e in t.external_data if e.key == "location").value = where
+    onnx.save(proto, str(model))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, model, out)
+    assert_refused(code, err, where, "outside the model's folder")
+    assert_no_output(out)
+
+
 def _cnn(path):
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
