@@ -13,6 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import lazy_proto
+from .layers import RMSNormCore
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 FLOAT_PROTO = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -73,7 +74,7 @@ def _numel(t: onnx.TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
-def keep_fp32(graph: gs.Graph, cores) -> int:
+def keep_fp32(graph: gs.Graph, cores: list[RMSNormCore]) -> int:
     """Run each RMSNorm core (x -> x·rsqrt(mean(x²)+eps)) in fp32 between explicit Casts.
 
     Called after `convert_graph` narrowed everything; the cores' constants are widened back. The

@@ -1,9 +1,10 @@
 """The pattern engine: runs the pattern library stage by stage and keeps every match and every miss.
 
 A pattern (one file in `patterns/`) declares a `stage`, the `anchors` it starts from (op types), and a
-`match(node, ctx)` that returns the tensor its match computes plus a result object, or raises `Reject`
-with a reason. Later stages look earlier results up by tensor (`ctx.lookup`), so small matches (RoPE,
-repeat_kv, the attention core) feed the layer-level match. The engine knows no pattern by name.
+`match(node, ctx)` that returns the tensor its match computes plus a result (a `layers.py` dataclass),
+or raises `Reject` with a reason (`Refuse`: the model cannot run at all; both from `matching.py`).
+Later stages look earlier results up by tensor (`ctx.lookup`), so small matches (RoPE, repeat_kv, the
+attention core) feed the layer-level match. The engine knows no pattern by name.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any, Iterable, Protocol
 
 import onnx_graphsurgeon as gs
 
-from .matching import Reject
+from .matching import Refuse, Reject
+
+__all__ = ["Context", "Match", "Miss", "Pattern", "Refuse", "Reject", "run"]  # Refuse: for callers of run()
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +28,6 @@ class Pattern(Protocol):
     anchors: tuple[str, ...]
 
     def match(self, node: gs.Node, ctx: "Context") -> tuple[gs.Tensor, Any]: ...
-
-
-class Refuse(Reject):
-    """The pattern understood the subgraph and knows the runtime cannot run it: stop, don't guess."""
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""What the patterns hand to the targets: target-agnostic descriptions of matched subgraphs."""
+"""What the patterns hand to the targets: target-agnostic descriptions of matched subgraphs.
+
+Every stage's match result is one of these (`Match.result`), in stage order.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+
+@dataclass
+class TokenEmbedding:
+    """Gather(weight[V, H], ids) on axis 0: the lookup the runtime does itself (inputs_embeds)."""
+
+    weight: gs.Constant
+    ids: gs.Tensor  # a graph input
+
+
+@dataclass
+class RMSNormCore:
+    """x * rsqrt(mean(x²) + eps), the gamma Mul excluded; the dtype pass keeps `nodes` in fp32."""
+
+    x: gs.Tensor  # input (before any Cast)
+    out: gs.Tensor
+    eps: float
+    nodes: list  # the nodes computing `out` from x
 
 
 @dataclass
@@ -33,6 +54,13 @@ class RopeApply:
 class RepeatKV:
     x: gs.Tensor  # [B, Hkv, T, D]
     groups: int | None
+
+
+@dataclass
+class KTranspose:
+    """k^T ([B, H, D, T]) computed from `k` ([B, H, T, D])."""
+
+    k: gs.Tensor
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""Small helpers patterns use to walk a graphsurgeon graph and to say why a match failed."""
+"""The pattern author's API: walk a graphsurgeon graph, say why a match failed, describe what matched.
+
+A pattern module imports from here only: the failure types (`Reject`, `Refuse`), the walking helpers
+and the result types it returns (defined in `layers.py`, re-exported here).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,18 @@ from typing import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from .layers import (AttentionCore, AttentionLayer, KTranspose, KVCacheConcat, QKNorm, RepeatKV, RMSNormCore,
+                     RopeApply, RopeTable, TokenEmbedding)
+
+__all__ = [
+    "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
+    "peel_scale", "skip", "static_dim", "slice_bounds", "CASTS",
+    "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "QKNorm", "RepeatKV", "RMSNormCore",
+    "RopeApply", "RopeTable", "TokenEmbedding",
+]
+
+CASTS = ("Cast",)  # the pass-through most patterns look through
 
 
 class Reject(Exception):
@@ -20,6 +36,10 @@ class Reject(Exception):
         if self.node is None:
             return ""
         return f" at {self.node.op} node '{self.node.name}'"
+
+
+class Refuse(Reject):
+    """The pattern understood the subgraph and knows the runtime cannot run it: stop, don't guess."""
 
 
 def check(cond, reason: str, node: gs.Node | None = None) -> None:
@@ -58,6 +78,11 @@ def scalar(t: gs.Tensor) -> float | None:
     return float(v.reshape(()))
 
 
+def is_weight(t: gs.Tensor) -> bool:
+    """A constant tensor (inline or still on disk), not something computed."""
+    return isinstance(t, gs.Constant)
+
+
 def attr(node: gs.Node, name: str, default=None):
     return node.attrs.get(name, default)
 
@@ -71,6 +96,19 @@ def split_const(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
     if ca is not None and cb is None:
         return b, ca
     return None
+
+
+def peel_scale(t: gs.Tensor, through: Iterable[str] = CASTS) -> tuple[gs.Tensor, float]:
+    """Walk up through Mul / Div by scalar constants (and `through` ops): (inner tensor, product of scales)."""
+    scale = 1.0
+    while True:
+        t = skip(t, through)
+        n = producer(t)
+        split = split_const(n) if n is not None and n.op in ("Mul", "Div") else None
+        if split is None or split[1].size != 1 or (n.op == "Div" and split[0] is not n.inputs[0]):
+            return t, scale
+        t, c = split[0], float(split[1].reshape(()))
+        scale = scale * c if n.op == "Mul" else scale / c
 
 
 def skip(t: gs.Tensor, ops: Iterable[str]) -> gs.Tensor:

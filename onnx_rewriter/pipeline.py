@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from . import dtype as dtypes
 from . import engine, graph as graphio, progress, schema, spec as specmod, targets
 from .errors import PatternMismatch, RewriteError
-from .layers import AttentionLayer
+from .layers import AttentionLayer, TokenEmbedding
 from .normalize import normalize, replace_uses
 from .output import OutputDir
 from .probe import MaskProbe
@@ -54,7 +54,7 @@ class Run:
     source: graphio.SourceModel | None = None
     ctx: engine.Context | None = None
     layers: list[AttentionLayer] = field(default_factory=list)
-    embedding: tuple | None = None  # (weight constant, ids input)
+    embedding: TokenEmbedding | None = None
     inputs_embeds: gs.Variable | None = None
     logits: gs.Tensor | None = None
     spec: dict = field(default_factory=dict)
@@ -94,7 +94,7 @@ def step_match(run: Run) -> None:
 
     g = run.source.graph
     try:
-        run.ctx = engine.run(g, STAGES, load_patterns(), info={"opset": run.source.opset})
+        run.ctx = engine.run(g, list(STAGES), load_patterns(), info={"opset": run.source.opset})
     except engine.Refuse as exc:
         from .errors import UnsupportedModel
 
@@ -123,11 +123,11 @@ def step_embedding(run: Run) -> None:
     """Replace the token-embedding Gather by the `inputs_embeds` graph input."""
     g = run.source.graph
     found = [m for m in run.ctx.matches.get("embedding", {}).values()]
-    found = [m for m in found if m.result[1].name == "input_ids"] or found
+    found = [m for m in found if m.result.ids.name == "input_ids"] or found
     if len(found) != 1:
         raise RewriteError(f"expected one token-embedding Gather on input_ids, found {len(found)}")
     m = found[0]
-    weight, ids = m.result
+    weight = m.result.weight
     vocab, hidden = (int(x) for x in graphio.lazy_proto(weight).dims) if graphio.lazy_proto(weight) is not None else weight.shape
     emb = gs.Variable("inputs_embeds", dtype=m.out.dtype or np.float32, shape=[B, S, int(hidden)])
     g.inputs.append(emb)
@@ -140,7 +140,7 @@ def step_embedding(run: Run) -> None:
             end = node.attrs.get("end")
             node.attrs["end"] = 2 if end is None or end > 2 else end
             node.inputs[0] = emb
-    run.embedding = (weight, ids)
+    run.embedding = m.result
     run.inputs_embeds = emb
     outs = [t for t in g.outputs if t.name == "logits"] or g.outputs[:1]
     run.logits = outs[0]

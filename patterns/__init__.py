@@ -1,37 +1,36 @@
 """The pattern library: one pattern per module, each exporting `PATTERN`.
 
-Stages run in the order below; a pattern names its stage. Adding a module here (with `PATTERN`) is all
-it takes for the engine to use it.
+Stages run in the order below, and inside a stage the patterns are tried in the order listed (the
+first that matches an anchor wins). Adding a pattern is a module here with `PATTERN` plus its line
+in `STAGES`.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
-STAGES = [
-    "embedding",  # Gather(W, input_ids) that becomes the inputs_embeds input
-    "rms_norm",  # RMSNorm cores: kept in fp32 by the dtype pass
-    "qk_norm",  # RMSNorm core times a 1-D gamma (q/k norm candidates for the 0.11 plugin)
-    "rope_table",  # cos/sin computed from positions and inv_freq
-    "rope",  # rotate_half applied to q or k
-    "rope_partial",  # rope over the first R dims, the rest passed through
-    "kv_cache",  # Concat(past_key_values input, new k/v) -> present output, in exports with a cache
-    "repeat_kv",  # GQA head expansion
-    "k_transpose",  # k^T as one 4-D Transpose or a 3-D Reshape/Transpose/Reshape sandwich
-    "attention_core",  # softmax(q k^T * s + mask) v
-    "attention_layer",  # the whole layer: projections' outputs in, attention output out
-]
+STAGES = {
+    "embedding": ["embedding"],  # Gather(W, input_ids) that becomes the inputs_embeds input
+    "rms_norm": ["rms_norm"],  # RMSNorm cores: kept in fp32 by the dtype pass
+    "qk_norm": ["qk_rmsnorm"],  # RMSNorm core times a 1-D gamma (q/k norm candidates for the 0.11 plugin)
+    "rope_table": ["rope_table_matmul", "rope_table_mul"],  # cos/sin computed from positions and inv_freq
+    # RoPE applied to q or k. rope_interleaved only refuses: it is tried where rotate_half failed.
+    "rope": ["onnx_rotary_embedding", "rotate_half", "rope_interleaved"],
+    "rope_partial": ["partial_rotary"],  # rope over the first R dims, the rest passed through
+    "kv_cache": ["kv_cache_concat"],  # Concat(past_key_values input, new k/v) -> present output
+    "repeat_kv": ["repeat_kv"],  # GQA head expansion
+    "k_transpose": ["k_transpose_3d", "k_transpose_4d"],  # k^T: one 4-D Transpose or a 3-D sandwich
+    "attention_core": ["attention_core", "onnx_attention_core"],  # softmax(q k^T * s + mask) v
+    "attention_layer": ["attention_layer"],  # the whole layer: projections' outputs in, attention output out
+}
 
 
 def load_patterns() -> list:
+    """Every pattern, stage by stage in the declared order."""
     pats = []
-    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if mod.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
-        pat = getattr(module, "PATTERN", None)
-        if pat is not None:
-            assert pat.stage in STAGES, f"{mod.name}: unknown stage {pat.stage}"
+    for stage, modules in STAGES.items():
+        for name in modules:
+            pat = importlib.import_module(f"{__name__}.{name}").PATTERN
+            assert pat.stage == stage, f"{name}: declares stage {pat.stage}, listed under {stage}"
             pats.append(pat)
     return pats

@@ -2,9 +2,7 @@
 
 from dataclasses import replace
 
-from onnx_rewriter.matching import producer, skip
-
-CASTS = ("Cast",)
+from onnx_rewriter.matching import CASTS, producer, skip
 
 
 def qk_norm_before(ctx, x, head_size):

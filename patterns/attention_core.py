@@ -5,31 +5,7 @@ Softmax) and eager attention (one scale Mul on the scores, additive mask, Casts 
 Soft-capping (Tanh on the scores, Gemma 2) is refused: the plugin cannot soft-cap.
 """
 
-from onnx_rewriter.engine import Refuse
-from onnx_rewriter.layers import AttentionCore
-from onnx_rewriter.matching import check, const, expect, producer, skip
-
-CASTS = ("Cast",)
-
-
-def _unscale(t):
-    """Strip scalar Mul/Div by constants: (inner tensor, product of scales, nodes)."""
-    scale = 1.0
-    while (n := producer(t)) is not None and n.op in ("Mul", "Div", "Cast"):
-        if n.op == "Cast":
-            t = n.inputs[0]
-            continue
-        c0, c1 = const(n.inputs[0]), const(n.inputs[1])
-        if c1 is not None and c1.size == 1:
-            scale = scale * float(c1.reshape(())) if n.op == "Mul" else scale / float(c1.reshape(()))
-            t = n.inputs[0]
-        elif n.op == "Mul" and c0 is not None and c0.size == 1:
-            scale *= float(c0.reshape(()))
-            t = n.inputs[1]
-        else:
-            break
-    return t, scale
-
+from onnx_rewriter.matching import CASTS, AttentionCore, Refuse, Reject, check, const, expect, peel_scale, producer, skip
 
 def _guarded_consumer(prob):
     """Follow Softmax's output through an IsNaN/Where guard and Casts to the P·V MatMul."""
@@ -51,8 +27,7 @@ def _guarded_consumer(prob):
             t = casts[0].outputs[0]
         else:
             break
-    raise_at = users[0] if users else None
-    check(False, "attention: Softmax output does not reach a MatMul with v", raise_at)
+    raise Reject("attention: Softmax output does not reach a MatMul with v", users[0] if users else None)
 
 
 class AttentionCorePattern:
@@ -69,24 +44,24 @@ class AttentionCorePattern:
         if add is not None and add.op == "Add":
             a, b = add.inputs
             # the score side is the one that leads to a MatMul through scalar scales
-            side = lambda t: producer(_unscale(t)[0])
+            side = lambda t: producer(peel_scale(t)[0])
             if side(a) is not None and side(a).op in ("MatMul", "Tanh"):
                 scores, mask = a, b
             elif side(b) is not None and side(b).op in ("MatMul", "Tanh"):
                 scores, mask = b, a
             else:
-                check(False, "attention: Softmax input is an Add but neither side is q·k^T", add)
-        inner, s_out = _unscale(scores)
+                raise Reject("attention: Softmax input is an Add but neither side is q·k^T", add)
+        inner, s_out = peel_scale(scores)
         if producer(inner) is not None and producer(inner).op == "Tanh":
             raise Refuse("attention logit soft-capping (Tanh on the scores, e.g. Gemma 2) cannot be expressed by the AttentionPlugin", producer(inner))
         qk = expect(inner, "MatMul", "attention scores", node)
-        q, s_q = _unscale(qk.inputs[0])
-        kt, s_k = _unscale(qk.inputs[1])
+        q, s_q = peel_scale(qk.inputs[0])
+        kt, s_k = peel_scale(qk.inputs[1])
         km = ctx.lookup("k_transpose", kt)
         check(km is not None, f"attention: k side of the scores is not k^T ({ctx.why_not('k_transpose', kt)})", qk)
         pv = _guarded_consumer(node.outputs[0])
         v = pv.inputs[1]
-        core = AttentionCore(q=q, k=km.result, v=v, out=pv.outputs[0], scale=s_out * s_q * s_k, mask=mask)
+        core = AttentionCore(q=q, k=km.result.k, v=v, out=pv.outputs[0], scale=s_out * s_q * s_k, mask=mask)
         return pv.outputs[0], core
 
 

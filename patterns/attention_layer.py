@@ -5,10 +5,10 @@ same dims, that k and v carry the same KV heads, and that the shapes agree, and 
 check that fails so a refused layer says why.
 """
 
-from onnx_rewriter.layers import AttentionLayer
-from onnx_rewriter.matching import check, static_dim
-from onnx_rewriter.patterns._qk_norm import qk_norm_before
-from onnx_rewriter.patterns._same_shape import readers
+from onnx_rewriter.matching import AttentionLayer, Reject, check, static_dim
+
+from ._qk_norm import qk_norm_before
+from ._same_shape import readers
 
 ROPE_STAGES = ("rope_partial", "rope")
 
@@ -22,7 +22,7 @@ class AttentionLayerPattern:
         cm = ctx.anchor_match("attention_core", node)
         if cm is None:
             misses = ctx.anchor_misses("attention_core", node)
-            check(False, "; ".join(m.describe() for m in misses) or "attention core not recognized", node)
+            raise Reject("; ".join(m.describe() for m in misses) or "attention core not recognized", node)
         core = cm.result
         qr = ctx.lookup(ROPE_STAGES, core.q)
         check(qr is not None, f"q is not roped by a recognized RoPE ({ctx.why_not(ROPE_STAGES, core.q)})", node)

@@ -1,6 +1,6 @@
 """k^T as dynamo writes it for sdpa: Reshape([B*H, T, D]) -> Transpose(0, 2, 1) -> Reshape([B, H, D, T])."""
 
-from onnx_rewriter.matching import check, expect
+from onnx_rewriter.matching import KTranspose, check, expect
 
 
 class KTranspose3d:
@@ -23,7 +23,7 @@ class KTranspose3d:
         d_out = node.outputs[0].shape[-2] if node.outputs[0].shape else None
         check(not (isinstance(d_in, int) and isinstance(d_out, int)) or d_in == d_out,
               f"k^T sandwich: head dim {d_in} does not end up at axis -2 ({d_out})", node)
-        return node.outputs[0], k
+        return node.outputs[0], KTranspose(k=k)
 
 
 PATTERN = KTranspose3d()

@@ -1,6 +1,6 @@
 """k^T as one Transpose(0, 1, 3, 2) of [B, H, T, D] (TorchScript, eager attention)."""
 
-from onnx_rewriter.matching import check
+from onnx_rewriter.matching import KTranspose, check
 
 
 class KTranspose4d:
@@ -10,7 +10,7 @@ class KTranspose4d:
 
     def match(self, node, ctx):
         check(list(node.attrs.get("perm", [])) == [0, 1, 3, 2], "k^T: perm is not (0,1,3,2)", node)
-        return node.outputs[0], node.inputs[0]
+        return node.outputs[0], KTranspose(k=node.inputs[0])
 
 
 PATTERN = KTranspose4d()

@@ -6,8 +6,7 @@ looks through this Concat to `new`; the target's own cache I/O replaces past and
 mask / positions computed from the past length become dead (the probe checks them with a past).
 """
 
-from onnx_rewriter.layers import KVCacheConcat
-from onnx_rewriter.matching import check, producer
+from onnx_rewriter.matching import KVCacheConcat, check, producer
 
 
 class KvCacheConcat:

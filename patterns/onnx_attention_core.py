@@ -7,9 +7,7 @@ that keeps its own cache (past_key/past_value inputs), an implicit causal flag w
 (the probe needs the mask to check it), or extra outputs.
 """
 
-from onnx_rewriter.engine import Refuse
-from onnx_rewriter.layers import AttentionCore
-from onnx_rewriter.matching import check, static_dim
+from onnx_rewriter.matching import AttentionCore, Refuse, check, static_dim
 
 
 def _given(node, i):

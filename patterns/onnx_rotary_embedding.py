@@ -8,37 +8,15 @@ keeps the identity check in attention_layer (q and k roped by the same table) me
 
 import numpy as np
 
-from onnx_rewriter.engine import Refuse
-from onnx_rewriter.layers import RopeApply, RopeTable
-from onnx_rewriter.matching import check, const, expect, producer, skip
+from onnx_rewriter.matching import CASTS, Refuse, RopeApply, RopeTable, check, expect, peel_scale, producer, skip
 
-PASS = ("Cast",)
-
-
-def _scaled(t):
-    """(tensor, scale) through an optional Mul by a scalar constant (attention_scaling)."""
-    n = producer(t)
-    if n is not None and n.op == "Mul":
-        for i in (0, 1):
-            c = const(n.inputs[i])
-            if c is not None and c.size == 1:
-                return n.inputs[1 - i], float(c.reshape(()))
-    return t, 1.0
-
+from ._rope_common import angles_matmul, angles_mul, positive_inv_freq
 
 def _freqs(angles, at):
-    """(inv_freq, positions) of f = Mul(Cast(Unsqueeze(positions)), inv_freq) or Transpose(MatMul(inv, pos))."""
+    """(inv_freq, positions) of f in the rope_table_mul or the rope_table_matmul form."""
     n = producer(angles)
-    if n is not None and n.op == "Transpose":
-        mm = expect(n.inputs[0], "MatMul", "rotary angles", n)
-        inv = const(skip(mm.inputs[0], ("Expand", "Cast", "Unsqueeze", "Reshape")))
-        check(inv is not None, "rotary angles: MatMul has no constant inv_freq operand", mm)
-        return inv, skip(mm.inputs[1], ("Cast", "Unsqueeze"))
-    mul = expect(angles, "Mul", "rotary angles", at)
-    a, b = mul.inputs
-    inv = const(b) if const(b) is not None else const(a)
-    check(inv is not None, "rotary angles: no constant inv_freq operand", mul)
-    return inv, skip(a if const(b) is not None else b, ("Cast", "Unsqueeze"))
+    form = angles_matmul if n is not None and n.op == "Transpose" else angles_mul
+    return form(angles, at, "rotary angles")
 
 
 class OnnxRotaryEmbedding:
@@ -54,19 +32,18 @@ class OnnxRotaryEmbedding:
               "RotaryEmbedding with position_ids (gathered cos/sin caches) is not recognized", node)
         x, cos_t, sin_t = node.inputs[:3]
         check(x.shape is not None and len(x.shape) == 4, "RotaryEmbedding input is not [B, H, S, D]", node)
-        cos_t, cs = _scaled(skip(cos_t, PASS))
-        sin_t, ss = _scaled(skip(sin_t, PASS))
+        cos_t, cs = peel_scale(cos_t, CASTS)
+        sin_t, ss = peel_scale(sin_t, CASTS)
         check(abs(cs - ss) <= 1e-6 * max(1.0, abs(cs)), "RotaryEmbedding: cos and sin scaled differently", node)
-        cos_n = expect(skip(cos_t, PASS), "Cos", "RotaryEmbedding cos", node)
-        sin_n = expect(skip(sin_t, PASS), "Sin", "RotaryEmbedding sin", node)
-        f = skip(cos_n.inputs[0], PASS)
-        check(skip(sin_n.inputs[0], PASS) is f, "RotaryEmbedding: cos and sin of different angles", node)
+        cos_n = expect(skip(cos_t, CASTS), "Cos", "RotaryEmbedding cos", node)
+        sin_n = expect(skip(sin_t, CASTS), "Sin", "RotaryEmbedding sin", node)
+        f = skip(cos_n.inputs[0], CASTS)
+        check(skip(sin_n.inputs[0], CASTS) is f, "RotaryEmbedding: cos and sin of different angles", node)
         tables = ctx.info.setdefault("onnx_rope_tables", {})
         table = tables.get(f.name)
         if table is None:
             inv, positions = _freqs(f, cos_n)
-            inv = np.asarray(inv, dtype=np.float64).reshape(-1)
-            check(inv.size >= 1 and np.all(inv > 0), "rotary angles: inv_freq is not positive", cos_n)
+            inv = positive_inv_freq(inv, cos_n, "rotary angles")
             table = tables[f.name] = RopeTable(inv_freq=inv, positions=positions, cos=cos_n.outputs[0],
                                                sin=sin_n.outputs[0], attention_scaling=cs)
         check(abs(table.attention_scaling - cs) <= 1e-6 * max(1.0, abs(cs)),

@@ -1,7 +1,6 @@
 """Partial rotary (Phi-3, partial_rotary_factor < 1): Concat(rope(Slice(x, :R)), Slice(x, R:))."""
 
-from onnx_rewriter.layers import RopeApply
-from onnx_rewriter.matching import check, expect, slice_bounds
+from onnx_rewriter.matching import RopeApply, check, expect, slice_bounds
 
 
 class PartialRotary:

@@ -6,10 +6,7 @@ constant multiplier is the gamma either way. Every RMSNorm with a 1-D gamma matc
 a per-head q/k norm (gamma of head size, directly before RoPE) is decided by `attention_layer`.
 """
 
-from onnx_rewriter.layers import QKNorm
-from onnx_rewriter.matching import check, const, skip, split_const
-
-CASTS = ("Cast",)
+from onnx_rewriter.matching import CASTS, QKNorm, check, const, skip, split_const
 
 
 class QKRMSNorm:

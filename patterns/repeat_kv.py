@@ -1,7 +1,6 @@
 """GQA repeat_kv: Reshape(Expand(Unsqueeze(x, 2), [B, Hkv, G, T, D]), [B, Hkv*G, T, D])."""
 
-from onnx_rewriter.layers import RepeatKV
-from onnx_rewriter.matching import check, const, expect, static_dim
+from onnx_rewriter.matching import RepeatKV, check, const, expect, static_dim
 
 
 class RepeatKv:

@@ -4,20 +4,7 @@ Not fused: the match tells the dtype pass where to keep fp32 (x² overflows fp16
 and real models' residual streams go there), exactly as HF computes RMSNorm in fp32.
 """
 
-from dataclasses import dataclass
-
-import onnx_graphsurgeon as gs
-
-from onnx_rewriter.matching import check, const, scalar, skip
-
-
-@dataclass
-class RMSNormCore:
-    x: gs.Tensor  # input (before any Cast)
-    out: gs.Tensor  # x * rsqrt(mean(x²) + eps)
-    eps: float
-    nodes: list  # the nodes computing `out` from x, to run in fp32
-
+from onnx_rewriter.matching import CASTS, RMSNormCore, check, const, scalar, skip
 
 def _only_user(t, ops):
     users = [n for n in t.outputs]
@@ -31,7 +18,7 @@ class RMSNorm:
 
     def match(self, node, ctx):
         check(scalar(node.inputs[1]) == 2.0, "rms_norm: Pow exponent is not 2", node)
-        x = skip(node.inputs[0], ("Cast",))
+        x = skip(node.inputs[0], CASTS)
         mean = _only_user(node.outputs[0], ("ReduceMean",))
         check(mean is not None, "rms_norm: x² is not only reduced by ReduceMean", node)
         axes = const(mean.inputs[1]) if len(mean.inputs) > 1 else mean.attrs.get("axes")
@@ -51,7 +38,7 @@ class RMSNorm:
         check(len(muls) == 1 and len(rec.outputs[0].outputs) == 1, "rms_norm: rsqrt has other users", rec)
         mul = muls[0]
         other = mul.inputs[0] if mul.inputs[1] is rec.outputs[0] else mul.inputs[1]
-        check(skip(other, ("Cast",)) is x, "rms_norm: rsqrt multiplies another tensor than x", mul)
+        check(skip(other, CASTS) is x, "rms_norm: rsqrt multiplies another tensor than x", mul)
         return mul.outputs[0], RMSNormCore(x=x, out=mul.outputs[0], eps=eps, nodes=[node, mean, add, sqrt, rec, mul])
 
 

@@ -7,8 +7,7 @@ matches, so rotate_half never gets as far as its own interleave check). The refu
 and does not depend on how the table is computed.
 """
 
-from onnx_rewriter.engine import Refuse
-from onnx_rewriter.matching import check, producer, skip, slice_bounds
+from onnx_rewriter.matching import Refuse, Reject, producer, skip, slice_bounds
 
 PASS = ("Neg", "Unsqueeze", "Reshape", "Cast")
 
@@ -31,7 +30,8 @@ class RopeInterleaved:
 
     def match(self, node, ctx):
         muls = [producer(i) for i in node.inputs]
-        check(all(m is not None and m.op == "Mul" for m in muls), "interleaved rope: Add of two Muls expected", node)
+        if not all(m is not None and m.op == "Mul" for m in muls):
+            raise Reject("interleaved rope: Add of two Muls expected", node)
         for mul in muls:
             for operand in mul.inputs:
                 cat = producer(skip(operand, ("Reshape", "Flatten", "Cast")))
@@ -41,7 +41,7 @@ class RopeInterleaved:
                     raise Refuse("interleaved (GPT-J style) RoPE rotates element pairs (x[..., ::2], x[..., 1::2]); "
                                  "the AttentionPlugin kernel only rotates halves (rotate_half), so this model "
                                  "cannot be rewritten", cat)
-        check(False, "not interleaved", node)
+        raise Reject("not interleaved", node)
 
 
 PATTERN = RopeInterleaved()

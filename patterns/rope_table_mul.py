@@ -3,10 +3,7 @@
 The older transformers-4 form (MatMul + Transpose) is `rope_table_matmul`.
 """
 
-from onnx_rewriter.layers import RopeTable
-from onnx_rewriter.matching import check, const, expect, skip
-
-from ._rope_common import table_from_angles
+from ._rope_common import angles_mul, table_from_angles
 
 
 class RopeTableMul:
@@ -15,15 +12,7 @@ class RopeTableMul:
     anchors = ("Cos",)
 
     def match(self, node, ctx):
-        def freqs(angles):
-            mul = expect(angles, "Mul", "rope angles", node)
-            a, b = mul.inputs
-            inv = const(b) if const(b) is not None else const(a)
-            pos = a if const(b) is not None else b
-            check(inv is not None, "rope angles: no constant inv_freq operand", mul)
-            return inv, skip(pos, ("Cast", "Unsqueeze")), [mul]
-
-        return table_from_angles(node, freqs)
+        return table_from_angles(node, lambda angles: angles_mul(angles, node, "rope angles"))
 
 
 PATTERN = RopeTableMul()

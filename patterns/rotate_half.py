@@ -6,29 +6,9 @@ Step-1 half slices only: interleaved (GPT-J) pairs fail here and are refused by 
 
 import numpy as np
 
-from onnx_rewriter.layers import RopeApply
-from onnx_rewriter.matching import check, const, expect, producer, skip, slice_bounds
+from onnx_rewriter.matching import Reject, RopeApply, check, expect, peel_scale, producer, skip, slice_bounds
 
 BROADCAST = ("Unsqueeze", "Cast", "Reshape", "Expand")
-
-
-def _table_operand(t):
-    """The rope table a cos'/sin' operand comes from, and the scaling multiplied into it."""
-    scaling = 1.0
-    while True:
-        t = skip(t, BROADCAST)
-        n = producer(t)
-        if n is not None and n.op == "Mul":
-            c = [const(i) for i in n.inputs]
-            if c[1] is not None and c[1].size == 1:
-                scaling *= float(c[1].reshape(()))
-                t = n.inputs[0]
-                continue
-            if c[0] is not None and c[0].size == 1:
-                scaling *= float(c[0].reshape(()))
-                t = n.inputs[1]
-                continue
-        return t, scaling
 
 
 class RotateHalf:
@@ -42,7 +22,7 @@ class RotateHalf:
         # Find which Mul carries cos (x * cos') and which carries sin (rot(x) * sin').
         for cos_mul, sin_mul in (muls, muls[::-1]):
             for xi in (0, 1):
-                tab_t, cs = _table_operand(cos_mul.inputs[1 - xi])
+                tab_t, cs = peel_scale(cos_mul.inputs[1 - xi], BROADCAST)
                 m = ctx.lookup("rope_table", tab_t)
                 if m is not None:
                     x = cos_mul.inputs[xi]
@@ -51,7 +31,7 @@ class RotateHalf:
 
     def _finish(self, node, ctx, x, table, cos_scale, sin_mul):
         for ri in (0, 1):
-            tab_t, ss = _table_operand(sin_mul.inputs[1 - ri])
+            tab_t, ss = peel_scale(sin_mul.inputs[1 - ri], BROADCAST)
             if tab_t is table.sin:
                 rot = sin_mul.inputs[ri]
                 break
@@ -79,8 +59,6 @@ class RotateHalf:
 
 
 def _reject(reason, node, ctx, muls):
-    from onnx_rewriter.matching import Reject
-
     # Name the table-level reason when a cos table candidate was seen but did not match.
     for m in muls:
         for i in m.inputs if m is not None else []:

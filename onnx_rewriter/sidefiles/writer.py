@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def write_side_files(run, out_dir: Path) -> list[str]:
     target = targets.get(run.options.target)
     np_float = np.float32 if run.options.dtype == "float32" else np.float16
-    files = [write_embedding(run.embedding[0], run.source.base_dir, out_dir, np_float)]
+    files = [write_embedding(run.embedding.weight, run.source.base_dir, out_dir, np_float)]
     cfg = config_json.make_config_json(run.spec, run.hf_config, target.edgellm_version)
     config_json.write_config_json(cfg, out_dir)
     files.append("config.json")
