@@ -14,8 +14,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .graph import SMALL_TENSOR_ELEMENTS
+from .stream import numel
+
 BF16 = onnx.TensorProto.BFLOAT16
-SMALL = 1 << 16  # as graph.SMALL_TENSOR_ELEMENTS: larger weights are converted while being written
 
 
 def _is_bf16(dtype) -> bool:
@@ -26,8 +28,8 @@ def _widen_constant(c: gs.Constant) -> bool:
     vals = c._values
     if isinstance(vals, gs.ir.tensor.LazyValues):
         t = vals.tensor
-        numel = int(np.prod(t.dims)) if len(t.dims) else 1
-        if t.data_type != BF16 or numel > SMALL or t.data_location == onnx.TensorProto.EXTERNAL:
+        # larger weights are converted while being written
+        if t.data_type != BF16 or numel(t) > SMALL_TENSOR_ELEMENTS or t.data_location == onnx.TensorProto.EXTERNAL:
             return False
         c.values = numpy_helper.to_array(t).astype(np.float32)
         return True

@@ -12,14 +12,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import lazy_proto
+from .graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
 from .layers import RMSNormCore
+from .stream import numel
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
-FLOAT_PROTO = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-
-SMALL = 1 << 16  # as graph.SMALL_TENSOR_ELEMENTS: larger weights are converted while being written
-
 NAMES = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
 
 
@@ -47,8 +44,9 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant):
             lazy = lazy_proto(t)
-            if lazy is not None and lazy.data_type in FLOAT_PROTO and lazy.data_type != proto_type:
-                if _numel(lazy) > SMALL or lazy.data_location == onnx.TensorProto.EXTERNAL:
+            if lazy is not None and lazy.data_type in FLOAT_TYPES and lazy.data_type != proto_type:
+                # large or on disk: converted while being written
+                if numel(lazy) > SMALL_TENSOR_ELEMENTS or lazy.data_location == onnx.TensorProto.EXTERNAL:
                     deferred.add(t.name)
                     continue
                 t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below
@@ -61,17 +59,13 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
             # Intermediate types are re-derived by shape inference; stale ones would contradict.
             t.dtype, t.shape = None, None
     for node in graph.nodes:
-        if node.op == "Cast" and node.attrs.get("to") in FLOAT_PROTO:
+        if node.op == "Cast" and node.attrs.get("to") in FLOAT_TYPES:
             node.attrs["to"] = proto_type
         if node.op in ("ConstantOfShape",) and isinstance(node.attrs.get("value"), gs.Constant):
             c = node.attrs["value"]
             if _is_float(c.values.dtype):
                 node.attrs["value"] = gs.Constant(c.name, _narrow(np.asarray(c.values), np_type))
     return deferred
-
-
-def _numel(t: onnx.TensorProto) -> int:
-    return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
 def keep_fp32(graph: gs.Graph, cores: list[RMSNormCore]) -> int:

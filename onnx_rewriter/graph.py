@@ -28,6 +28,7 @@ SMALL_TENSOR_ELEMENTS = 1 << 16
 # Alignment of tensors inside the output's external-data file (lets readers mmap them).
 ALIGN = 64
 
+# The float types the output's one float type replaces (dtype.py) and the writer converts.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
@@ -44,10 +45,6 @@ class SourceModel:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
-
-
-def _numel(t: TensorProto) -> int:
-    return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
 def _check_external(t: TensorProto, base_dir: Path) -> None:
@@ -85,7 +82,7 @@ def load(path: str | os.PathLike) -> SourceModel:
     for t in _all_initializers(model.graph):
         if t.data_location == TensorProto.EXTERNAL:
             _check_external(t, base_dir)
-            if _numel(t) <= SMALL_TENSOR_ELEMENTS:
+            if stream.numel(t) <= SMALL_TENSOR_ELEMENTS:
                 # Our own bounded read rather than onnx's: it refuses linked files, which is how an export
                 # references the checkpoint's weights (checkpoint_refs.py).
                 t.raw_data = np.ascontiguousarray(read_tensor(t, base_dir)).tobytes()
@@ -157,7 +154,7 @@ def values_of(t: TensorProto, base_dir: Path) -> np.ndarray:
     arr = read_tensor(t, base_dir)
     if t.data_type == TensorProto.BFLOAT16:
         if arr.dtype == np.uint16:
-            return (arr.astype(np.uint32) << 16).view(np.float32)
+            return stream.bf16_bits_to_fp32(arr)
         return np.asarray(arr, dtype=np.float32)
     return arr
 
@@ -179,7 +176,7 @@ def convert_float(arr: np.ndarray, proto_type: int, want: int) -> np.ndarray:
     if proto_type == want:
         return arr
     if proto_type == TensorProto.BFLOAT16 and arr.dtype == np.uint16:
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        arr = stream.bf16_bits_to_fp32(arr)
     return arr.astype(helper.tensor_dtype_to_np_dtype(want))
 
 
@@ -209,7 +206,7 @@ class WeightWriter:
         """Replace `t`'s storage in place with converted data (inline or external)."""
         want = self._target_type(t)
         needs_convert = want != t.data_type
-        large = _numel(t) > SMALL_TENSOR_ELEMENTS
+        large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
         if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL:
             return
         # Chunked read-convert-write (stream.py): the peak stays at a few MB per external tensor.
@@ -243,7 +240,7 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
 
     writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow))
     tensors = list(_all_initializers(model.graph))
-    total = sum(_numel(t) * stream.np_dtype(t.data_type).itemsize for t in tensors if _numel(t) > SMALL_TENSOR_ELEMENTS)
+    total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
     # Inline output: external-data weights are streamed into model.onnx at the end (stream.save_inline)
     # rather than held in the proto: the proto and its serialized copy would be twice the weights.
     inits = model.graph.initializer

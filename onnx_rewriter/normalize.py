@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from . import bfloat16, reshape_wildcard, stream
-from .graph import lazy_proto
+from .graph import SMALL_TENSOR_ELEMENTS, lazy_proto
 from .matching import const, producer
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ FOLDABLE = {
     "Squeeze", "Reshape", "Gather", "Slice", "Range", "Shape", "Equal", "Where", "Expand", "Transpose",
     "ConstantOfShape", "Less", "Greater", "Not", "And", "Or", "Max", "Min", "Floor", "Ceil", "Abs", "Size",
 }
-MAX_FOLD_ELEMENTS = 1 << 16
+MAX_FOLD_ELEMENTS = SMALL_TENSOR_ELEMENTS  # what may be folded is what a loaded graph keeps inline
 
 
 def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:

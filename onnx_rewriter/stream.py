@@ -31,6 +31,11 @@ def numel(t: TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
 
 
+def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
+    """bf16 values held as raw uint16 bits -> float32 (exact: bf16 is fp32's upper half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 # doc_string of a weight whose external data holds it untransposed (normalize.fold_weight_transposes):
 # it is read transposed. Only inside a rewrite; what is written has plain data and no marker.
 TRANSPOSED = "onnx_rewriter:transposed "
@@ -103,7 +108,7 @@ class Caster:
 
 def _numpy_cast(src: np.ndarray, src_type: int, dst_type: int) -> np.ndarray:
     if src_type == TensorProto.BFLOAT16:
-        src = (src.astype(np.uint32) << 16).view(np.float32)
+        src = bf16_bits_to_fp32(src)
     if dst_type == TensorProto.BFLOAT16:  # round to nearest even on the top 16 bits
         bits = np.asarray(src, np.float32).view(np.uint32)
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)

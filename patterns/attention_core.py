@@ -5,7 +5,8 @@ Softmax) and eager attention (one scale Mul on the scores, additive mask, Casts 
 Soft-capping (Tanh on the scores, Gemma 2) is refused: the plugin cannot soft-cap.
 """
 
-from onnx_rewriter.matching import CASTS, AttentionCore, Refuse, Reject, check, const, expect, peel_scale, producer, skip
+from onnx_rewriter.matching import (CASTS, AttentionCore, Refuse, Reject, check, const, expect, peel_scale, producer,
+                                   skip)
 
 def _guarded_consumer(prob):
     """Follow Softmax's output through an IsNaN/Where guard and Casts to the P·V MatMul."""

@@ -74,6 +74,27 @@ class Target:
     def build(self, b: Build) -> None:
         raise NotImplementedError
 
+    def plugin_layers(self, b: Build, np_float, cache_shape, out_shape, layer_inputs, layer_output):
+        """One AttentionPlugin per layer, its KV cache as graph input `past_key_values_i` and output
+        `present_key_values_i` of `cache_shape`. `layer_inputs(em, layer, past) -> (inputs, attrs)` adds
+        what feeds the plugin; `layer_output(em, attn)` turns the plugin's output (`out_shape(layer)`) back
+        into the core's [B, Hq, S, D], which replaces the layer's attention. Returns (pasts, presents)."""
+        g = b.graph
+        pasts, presents = [], []
+        for layer in b.layers:
+            i = layer.index
+            em = Emitter(g, f"layers.{i}/attn")
+            past = gs.Variable(f"past_key_values_{i}", np_float, list(cache_shape))
+            present = gs.Variable(f"present_key_values_{i}", np_float, list(cache_shape))
+            inputs, attrs = layer_inputs(em, layer, past)
+            attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, out_shape(layer))
+            g.nodes.append(gs.Node("AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
+                                   inputs=inputs, outputs=[attn, present], attrs=attrs))
+            replace_uses(g, layer.out, layer_output(em, attn))
+            pasts.append(past)
+            presents.append(present)
+        return pasts, presents
+
     def plugin_attrs(self, layer: AttentionLayer) -> dict:
         return {
             "num_q_heads": layer.num_q_heads, "num_kv_heads": layer.num_kv_heads, "head_size": layer.head_size,
@@ -169,8 +190,7 @@ def lm_head_input(logits: gs.Tensor) -> tuple[gs.Node, int]:
     raise RewriteError(f"cannot find the lm_head MatMul that produces '{logits.name}'; is this a causal LM export?")
 
 
-def gather_last_tokens(em: Emitter, graph: gs.Graph, logits: gs.Tensor, index_input: gs.Variable,
-                       batch_dims: int) -> None:
+def gather_last_tokens(em: Emitter, logits: gs.Tensor, index_input: gs.Variable, batch_dims: int) -> None:
     """Insert GatherND(hidden, Unsqueeze(index, -1)) before lm_head, so only needed rows are projected."""
     mm, i = lm_head_input(logits)
     hidden = mm.inputs[i]
@@ -179,7 +199,7 @@ def gather_last_tokens(em: Emitter, graph: gs.Graph, logits: gs.Tensor, index_in
     mm.inputs[i] = gathered
 
 
-def set_logits_output(em: Emitter, graph: gs.Graph, logits: gs.Tensor, shape) -> gs.Variable:
+def set_logits_output(graph: gs.Graph, logits: gs.Tensor, shape) -> gs.Variable:
     """The graph output `logits`, fp32, with the contract's shape."""
     out = gs.Variable("logits", dtype=np.float32, shape=shape)
     logits.name = "logits_pre_cast"
@@ -199,5 +219,12 @@ def remove_inputs(graph: gs.Graph, names) -> None:
         graph.inputs.remove(t)
 
 
-def rebind_output(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
-    replace_uses(graph, old, new)
+def set_io(b: Build, entry: gs.Variable, pasts, extra_inputs, logits: gs.Variable, presents) -> None:
+    """The contract's I/O order: `entry` (the embeddings input), the caches, the target's other inputs,
+    then what the body still reads; outputs logits and the caches. The export's own inputs (ids, mask,
+    positions) must be unread by now (remove_inputs says where they are not)."""
+    graph = b.graph
+    old = [t.name for t in graph.inputs if t is not b.inputs_embeds]
+    graph.inputs = [entry] + pasts + extra_inputs + [t for t in graph.inputs if t is not b.inputs_embeds]
+    graph.outputs = [logits] + presents
+    remove_inputs(graph, old)

@@ -19,8 +19,7 @@ import onnx_graphsurgeon as gs
 
 from ..layers import AttentionLayer
 from ..spec import runtime_rope_layer
-from .base import (Build, Emitter, Target, lm_head_input, rebind_output, remove_inputs, rope_input, set_logits_output,
-                   to_bshd_flat)
+from .base import Build, Emitter, Target, lm_head_input, rope_input, set_io, set_logits_output, to_bshd_flat
 
 PAGE_SIZE = 128  # tokens per KV page, fixed by the runtime
 T, N, PAGES = "num_tokens", "num_sequences", "num_pages"
@@ -105,11 +104,10 @@ class Edgellm011(Target):
         meta = {name: gs.Variable(name, dt, shape) for name, dt, shape in METADATA}
         named = {**meta, "rope_rotary_cos_sin": rope}
 
-        pasts, presents = [], []
         ref, baked, rows_of = runtime_rope_layer(b.layers), {}, {}
-        for layer in b.layers:
+
+        def layer_inputs(lem, layer, past):
             i = layer.index
-            lem = Emitter(g, f"layers.{i}/attn")
             layer_rope = rope_input(layer, ref, rope, b.rope_positions, baked)
             if layer_rope is not rope:
                 # A table config.json does not describe (Gemma3's local layers) is baked as [1, P, R];
@@ -128,8 +126,6 @@ class Edgellm011(Target):
             v = to_bshd_flat(lem, layer.v, hkv, d)
             packed = lem.node("Concat", [q, k, v], {"axis": -1})
             qkv = lem.node("Squeeze", [packed, lem.const("axes", np.array([0], dtype=np.int64))])
-            past = gs.Variable(f"past_key_values_{i}", np_float, [2, PAGES, PAGE_SIZE, hkv, d])
-            present = gs.Variable(f"present_key_values_{i}", np_float, [2, PAGES, PAGE_SIZE, hkv, d])
             gammas = []
             if norms:
                 gammas = [gs.Constant(f"layers.{i}/attn/{w}_norm_gamma", np.asarray(n.weight, dtype=np_float).reshape(-1))
@@ -137,27 +133,23 @@ class Edgellm011(Target):
             named["rope_rotary_cos_sin"] = layer_rope
             inputs = ([qkv, past] + [named[n] for n in PLUGIN_HEAD[2:]] + gammas
                       + [named[n] for n in PLUGIN_TAIL])
-            attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, [T, layer.num_q_heads, d])
-            g.nodes.append(gs.Node(
-                "AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
-                inputs=inputs, outputs=[attn, present], attrs=self.plugin_attrs(layer, norms)))
+            return inputs, self.plugin_attrs(layer, norms)
+
+        def layer_output(lem, attn):
             # [T, Hq, D] -> [1, Hq, T, D], the core's layout the graph continues from.
             batched = lem.node("Unsqueeze", [attn, lem.const("axes", np.array([0], dtype=np.int64))])
-            rebind_output(g, layer.out, lem.node("Transpose", [batched], {"perm": [0, 2, 1, 3]}))
-            pasts.append(past)
-            presents.append(present)
+            return lem.node("Transpose", [batched], {"perm": [0, 2, 1, 3]})
+
+        pasts, presents = self.plugin_layers(b, np_float, [2, PAGES, PAGE_SIZE, hkv, d],
+                                             lambda layer: [T, layer.num_q_heads, d], layer_inputs, layer_output)
 
         # Only the rows named by logits_indices reach lm_head: [1, T, H] -> [T, H] -> [N, H].
         mm, idx = lm_head_input(b.logits)
         rows = em.node("Squeeze", [mm.inputs[idx], em.const("axes", np.array([0], dtype=np.int64))])
         mm.inputs[idx] = em.node("Gather", [rows, meta["logits_indices"]], {"axis": 0})
         vocab = "vocab_size" if b.logits.shape is None else b.logits.shape[-1]
-        logits = set_logits_output(em, g, b.logits, ["num_logits", vocab])
-
-        old = [t.name for t in g.inputs if t is not body]
-        g.inputs = [embeds] + pasts + [rope] + list(meta.values()) + [t for t in g.inputs if t is not body]
-        g.outputs = [logits] + presents
-        remove_inputs(g, old)
+        logits = set_logits_output(g, b.logits, ["num_logits", vocab])
+        set_io(b, embeds, pasts, [rope] + list(meta.values()), logits, presents)
 
 
 TARGET = Edgellm011()

@@ -11,8 +11,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..spec import runtime_rope_layer
-from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, remove_inputs,
-                   rebind_output, rope_input, set_logits_output, to_bshd_flat)
+from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, rope_input, set_io,
+                   set_logits_output, to_bshd_flat)
 
 
 class DenseTarget(Target):
@@ -36,44 +36,31 @@ class DenseTarget(Target):
         rope = gs.Variable("rope_rotary_cos_sin", np.float32, ["rope_batch", P, r])
         start = gs.Variable("kvcache_start_index", np.int32, [KV_START])
         last = gs.Variable("last_token_ids", np.int64, [B, 1])
-        pasts, presents = [], []
         em = Emitter(g, "edgellm")
         ref, baked = runtime_rope_layer(b.layers), {}
-        for layer in b.layers:
-            i = layer.index
-            lem = Emitter(g, f"layers.{i}/attn")
+
+        def layer_inputs(lem, layer, past):
             q = prescale_q(lem, to_bshd_flat(lem, layer.q, layer.num_q_heads, d), layer, np_float)
             k = to_bshd_flat(lem, layer.k, hkv, d)
             v = to_bshd_flat(lem, layer.v, hkv, d)
-            past = gs.Variable(f"past_key_values_{i}", np_float, [B, 2, hkv, CAP, d])
-            present = gs.Variable(f"present_key_values_{i}", np_float, [B, 2, hkv, CAP, d])
-            attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, [B, S, layer.num_q_heads, d])
-            g.nodes.append(gs.Node(
-                "AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
-                inputs=self.attention_inputs(lem, q, k, v) + [
-                    past, context_lengths, rope_input(layer, ref, rope, b.rope_positions, baked), start],
-                outputs=[attn, present], attrs=self.plugin_attrs(layer)))
-            # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
-            rebind_output(g, layer.out, lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}))
-            pasts.append(past)
-            presents.append(present)
+            inputs = self.attention_inputs(lem, q, k, v) + [
+                past, context_lengths, rope_input(layer, ref, rope, b.rope_positions, baked), start]
+            return inputs, self.plugin_attrs(layer)
 
-        gather_last_tokens(em, g, b.logits, last, batch_dims=1)
-        logits = set_logits_output(em, g, b.logits, [B, 1, "vocab_size" if b.logits.shape is None else b.logits.shape[-1]])
-        old = [t.name for t in g.inputs if t is not b.inputs_embeds]
-        g.inputs = [b.inputs_embeds] + pasts + [rope, context_lengths, start, last] + [
-            t for t in g.inputs if t is not b.inputs_embeds]
-        g.outputs = [logits] + presents
-        remove_inputs(g, old)
+        # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
+        pasts, presents = self.plugin_layers(
+            b, np_float, [B, 2, hkv, CAP, d], lambda layer: [B, S, layer.num_q_heads, d], layer_inputs,
+            lambda lem, attn: lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}))
+
+        gather_last_tokens(em, b.logits, last, batch_dims=1)
+        logits = set_logits_output(g, b.logits, [B, 1, "vocab_size" if b.logits.shape is None else b.logits.shape[-1]])
+        set_io(b, b.inputs_embeds, pasts, [rope, context_lengths, start, last], logits, presents)
 
 
 class Edgellm09(DenseTarget):
+    # attention_scale exists from 0.9.1 only: the base attributes, a non-default scale pre-applied to q.
     name = "edgellm-0.9"
     edgellm_version = "0.9.0"
-
-    def plugin_attrs(self, layer):
-        # attention_scale exists from 0.9.1 only; a non-default scale is pre-applied to q instead.
-        return super().plugin_attrs(layer)
 
 
 TARGET = Edgellm09()
