@@ -240,7 +240,8 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
 
     writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow))
     tensors = list(_all_initializers(model.graph))
-    total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
+    total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize
+                for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
     # Inline output: external-data weights are streamed into model.onnx at the end (stream.save_inline)
     # rather than held in the proto: the proto and its serialized copy would be twice the weights.
     inits = model.graph.initializer
