@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.patterns.graphs import D, HKV, HQ, i64, layer, node, reasons, repeat_kv, result, rope_table_mul, \
-    rotate_half, run
+from tests.patterns.graphs import D, HKV, HQ, i64, layer, node, reasons, result, rope_table_mul, run
 
 
 def _rejected(L):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.patterns.graphs import INV_FREQ, Builder, i64, node, reasons, result, rope_table_mul, run
+from tests.patterns.graphs import INV_FREQ, Builder, node, reasons, result, rope_table_mul, run
 
 
 def _table(inv=INV_FREQ):
