@@ -167,8 +167,9 @@ def _error(exc: Exception):
     from onnx_rewriter.errors import RewriteError
 
     return RewriteError(
-        f"cannot reduce the chat template to role prefixes/suffixes ({exc}); "
-        "pass a tokenizer with a simpler template or edit processed_chat_template.json by hand"
+        f"cannot reduce the tokenizer's chat template to role prefixes/suffixes ({exc}); fix chat_template "
+        "in its tokenizer_config.json, pass another tokenizer (--tokenizer DIR), or pass --no-tokenizer and "
+        "add the tokenizer files and processed_chat_template.json by hand"
     )
 
 
