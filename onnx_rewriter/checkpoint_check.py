@@ -74,7 +74,7 @@ def weight_sizes(shapes: dict[str, tuple]) -> dict[str, tuple[int, str]]:
     return out
 
 
-def check(files, config: dict) -> None:
+def check(files, config: dict, config_name: str = "config.json") -> None:
     """Refuse a checkpoint whose config.json contradicts its safetensors files (naming both values)."""
     shapes: dict[str, tuple] = {}
     where: dict[str, Path] = {}
@@ -88,7 +88,7 @@ def check(files, config: dict) -> None:
     sizes = weight_sizes(shapes)
 
     def refuse(field, said, found, why):
-        raise RewriteError(f"config.json says {field}={said} but the weights have {found} ({why}); "
+        raise RewriteError(f"'{config_name}' says {field}={said} but the weights have {found} ({why}); "
                            f"fix config.json or use the checkpoint it belongs to")
 
     for field in ("num_hidden_layers", "hidden_size", "vocab_size", "intermediate_size"):

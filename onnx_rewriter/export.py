@@ -324,7 +324,7 @@ def _check_checkpoint(folder: Path | None) -> None:
     if not isinstance(config, dict):
         raise RewriteError(f"'{folder / 'config.json'}' holds a JSON {type(config).__name__}, not an object; "
                            f"replace it with the model's HF config.json")
-    checkpoint_check.check(sorted(folder.glob("*.safetensors")), config)
+    checkpoint_check.check(sorted(folder.glob("*.safetensors")), config, str(folder / "config.json"))
 
 
 def export(model: str, output_dir, target: str | None = None, dtype: str = "float16", device: str = "cpu",
@@ -351,6 +351,11 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
                                 what="--keep-baseline folder")
         OutputDir.precheck(keep_baseline, force, "--keep-baseline folder")
     _check_checkpoint(folder)
+    tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
+    if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
+        from .sidefiles.tokenizer import load_tokenizer
+
+        load_tokenizer(tok_dir)
     with progress.stages(["load", "export", "rewrite"], "export") as advance:
         advance("load")
         # The checkpoint's own dtype when it is bf16: half the memory and bytes of an fp32 export, 4x faster
