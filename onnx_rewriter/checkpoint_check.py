@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import RewriteError
 from .sidefiles.config_json import _get, _llm_part
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 
 
@@ -82,8 +82,8 @@ def check(files, config: dict, config_name: str = "config.json") -> None:
         for name, info in read_header(Path(f)).items():
             shapes[name] = tuple(info.get("shape", ()))
             where[name] = Path(f)
-    if not shapes or not isinstance(config, dict):
-        return
+    if not shapes or not isinstance(config, dict) or config.get("is_encoder_decoder"):
+        return  # an encoder-decoder is refused by name when loaded
     cfg = _llm_part(config)
     sizes = weight_sizes(shapes)
 

@@ -68,10 +68,14 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
 
 def check_paths(in_path: Path, out_dir: Path, options: Options) -> None:
     """The output may replace neither what we read nor a folder we did not write (safety.py)."""
-    files = {"the --config file": options.config} if options.config else {}
+    # `rewrite model.onnx out` in the model's folder is the common case: an output inside the input's
+    # folder destroys nothing; being or containing it would.
+    files = {"the input model's folder": Path(in_path).parent}
+    if options.config:
+        files["the --config file"] = options.config
     if options.tokenizer:
         files["the --tokenizer folder"] = options.tokenizer
-    safety.check_no_overlap(out_dir, {"the input model's folder": Path(in_path).parent}, files)
+    safety.check_no_overlap(out_dir, files=files)
     OutputDir.precheck(out_dir, options.force)
 
 

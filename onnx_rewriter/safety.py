@@ -1,8 +1,9 @@
 """What may be written where, decided before any work, for every command and the API.
 
 Two rules keep a user's files safe:
-- an output folder never is, contains or lies inside a folder we read from (the input model's folder,
-  the checkpoint), nor is or contains a file we read (config, tokenizer): `--force` changes nothing here;
+- an output folder never is, contains or lies inside the checkpoint an export reads, nor is or contains
+  anything else we read (the input model's folder, config, tokenizer): `--force` changes nothing here
+  (`rewrite model.onnx out` beside the model is the common case and destroys nothing, so it stays allowed);
 - `--force` only replaces a folder this tool wrote, recognised by its manifest (MANIFEST, listing every
   file written); a folder holding anything else is never deleted.
 Paths are compared after resolving symlinks, `.` and `..`, so every spelling of a folder is the same folder.
