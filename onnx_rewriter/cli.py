@@ -125,6 +125,13 @@ def _setup_logging(args):
     pkg.setLevel(level)
     for lg in others:  # their warnings obey -q too
         lg.setLevel(max(level, logging.WARNING))
+    # transformers resets its logger's level when it is first imported (later, lazily): tell it by its own
+    # variable too, or -q would still show its load report.
+    import os
+
+    env_was = os.environ.get("TRANSFORMERS_VERBOSITY")
+    if env_was is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = logging.getLevelName(max(level, logging.WARNING)).lower()
 
     from . import progress
 
@@ -136,6 +143,8 @@ def _setup_logging(args):
         for lg, lvl in saved:
             lg.setLevel(lvl)
         progress.set_stage_lines(lines_were)
+        if env_was is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
 
     return restore
 
@@ -168,8 +177,10 @@ def _run(cmd: str, args) -> int:
         from .safety import check_writable_file
 
         check_writable_file(args.report, "--report")  # now, not after the work
-    rewrite_opts = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
-                        tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer) if cmd in ("rewrite", "export") else {}
+    rewrite_opts = {}
+    if cmd in ("rewrite", "export"):
+        rewrite_opts = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
+                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer)
     if cmd == "rewrite":
         run = pipeline.rewrite(args.input, args.output_dir, config=args.config, **rewrite_opts)
         _write_report(run, args.report)
@@ -180,10 +191,6 @@ def _run(cmd: str, args) -> int:
 
         from .export import export
 
-        if args.verify:
-            from .reference.verify import check_steps
-
-            check_steps(8)
         t0 = time.perf_counter()
         run = export(args.model, args.output_dir, device=args.device, trust_remote_code=args.trust_remote_code,
                      keep_baseline=args.keep_baseline, **rewrite_opts)

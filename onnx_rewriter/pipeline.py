@@ -115,7 +115,8 @@ def step_load(run: Run) -> None:
         if not isinstance(run.hf_config, dict):
             raise RewriteError(f"config '{cfg}' holds a JSON {type(run.hf_config).__name__}, not an object; "
                                "give an HF config.json (an object with hidden_size, num_hidden_layers, ...)")
-    if run.out_dir is not None and not run.options.no_tokenizer:  # tokenizer files: a child process writes them meanwhile (tokenizer_job.py)
+    # tokenizer files: a child process writes them meanwhile (tokenizer_job.py)
+    if run.out_dir is not None and not run.options.no_tokenizer:
         from .sidefiles import tokenizer_job, writer
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),

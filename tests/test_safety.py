@@ -298,6 +298,22 @@ def test_full_disk(base, small_fs, capsys):
     assert list(small_fs.iterdir()) == [] and tree(base.parent) == before
 
 
+def test_full_temp_folder_during_export(ckpt, small_fs, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def big_baseline(model, path, *a, **k):  # what a real export writes there, only sooner
+        path.write_bytes(bytes(1 << 20))
+
+    monkeypatch.setattr(export_mod, "export_baseline", big_baseline)
+    monkeypatch.setattr(tempfile, "tempdir", str(small_fs))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "export with TMPDIR on a full filesystem", "export", "--model", ckpt,
+                           "--output-dir", out)
+    assert_refused(code, err, "cannot write the baseline export", str(small_fs), "no space left", "TMPDIR")
+    assert_no_output(out)
+    assert list(small_fs.iterdir()) == []
+
+
 def test_read_only_output(base, read_only_fs, capsys):
     out = read_only_fs / "out"
     code, _, err = run_cli(capsys, "output on a read-only filesystem", base, out)
