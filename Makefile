@@ -14,7 +14,7 @@ install:
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# torch first and exactly: a CPU wheel of 2.13.0 lies on local disk, anything else pulls CUDA builds.
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
 

@@ -16,54 +16,81 @@ log = logging.getLogger("onnx_rewriter")
 COMMANDS = ("rewrite", "export", "verify", "inspect")
 
 
+class _UsageError(Exception):
+    """A wrong command line: argparse's message, printed as our one `error:` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message}; see {self.prog} --help")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="quiet: only errors and the final result line (no tables, warnings, stage lines or bars)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _rewrite_opts(p: argparse.ArgumentParser) -> None:
-    from . import targets
+    from . import dtype, targets
 
-    p.add_argument("--target", default=targets.DEFAULT, help=f"runtime contract: {', '.join(sorted(targets.TARGETS))}")
-    p.add_argument("--dtype", default="float16", help="float16 (runtime) or float32 (debugging)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    p.add_argument("--external-data", action="store_true", default=None,
+    p.add_argument("--target", default=targets.DEFAULT, choices=sorted(targets.TARGETS),
+                   help=f"runtime contract (default: {targets.DEFAULT})")
+    p.add_argument("--dtype", default="float16", choices=sorted(dtype.NAMES),
+                   help="float type of the weights written: float16 (what the runtime runs; default) or float32 "
+                        "(debugging)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier output of onnx_rewriter (never a folder it did not write)")
+    p.add_argument("--external-data", "--external_data", dest="external_data", action="store_true", default=None,
                    help="write weights to model.onnx.data (automatic above 2 GB)")
-    p.add_argument("--report", help="write the per-layer match report to this JSON file")
+    p.add_argument("--report", metavar="FILE", help="write the per-layer match report to this JSON file")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="folder holding the tokenizer (default: the input's folder / the checkpoint)")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="write no tokenizer files (a warning says which are missing) instead of requiring them")
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "rewrite":
-        p = argparse.ArgumentParser(prog="python -m onnx_rewriter", description="Rewrite a plain ONNX export of a "
+        p = _Parser(prog="python -m onnx_rewriter", description="Rewrite a plain ONNX export of a "
                                     "decoder LLM for NVIDIA EdgeLLM. Other commands: export, verify, inspect.")
         p.add_argument("input", help="baseline .onnx file")
-        p.add_argument("output_dir", help="output folder (created atomically)")
-        p.add_argument("--config", help="HF config.json to cross-check (default: one beside the input)")
-        p.add_argument("--tokenizer", help="tokenizer folder (default: the input's folder)")
+        p.add_argument("output_dir", help="output folder (created atomically; must lie outside the input's folder)")
+        p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
         _rewrite_opts(p)
     elif cmd == "export":
-        p = argparse.ArgumentParser(prog="python -m onnx_rewriter export", description="Export an HF checkpoint "
+        p = _Parser(prog="python -m onnx_rewriter export", description="Export an HF checkpoint "
                                     "(id or folder) to ONNX and rewrite it.")
         p.add_argument("--model", required=True, help="HF model id or local checkpoint folder")
-        p.add_argument("--output_dir", "--output-dir", required=True)
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--trust_remote_code", action="store_true")
+        p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
+                       help="output folder (created atomically; must lie outside the checkpoint)")
+        p.add_argument("--device", default="cpu", help="torch device the model is loaded and traced on: cpu "
+                       "(default) or cuda[:N] (needs a CUDA build of torch)")
+        p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                       help="let transformers run the checkpoint's own Python code (only for checkpoints you trust)")
         p.add_argument("--verify", action="store_true", help="run verify against the HF model afterwards")
+        p.add_argument("--keep-baseline", metavar="DIR", help="also keep the baseline export (model.onnx, "
+                       "config.json, tokenizer) in DIR, ready for a later `rewrite`")
         _rewrite_opts(p)
     elif cmd == "verify":
-        p = argparse.ArgumentParser(prog="python -m onnx_rewriter verify", description="Run a rewritten folder on "
+        p = _Parser(prog="python -m onnx_rewriter verify", description="Run a rewritten folder on "
                                     "the CPU reference and compare logits with the HF model or a baseline ONNX.")
-        p.add_argument("out_dir")
+        p.add_argument("out_dir", help="a folder written by onnx_rewriter (model.onnx, config.json, ...)")
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--model", help="HF checkpoint folder or id")
-        src.add_argument("--baseline", help="the baseline .onnx the folder was rewritten from")
-        p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill")
+        src.add_argument("--baseline", metavar="FILE", help="the baseline .onnx the folder was rewritten from")
+        p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
     else:
-        p = argparse.ArgumentParser(prog="python -m onnx_rewriter inspect", description="Show what the rewriter "
-                                    "sees in a graph, without writing anything.")
-        p.add_argument("input")
-        p.add_argument("--target", default=None)
+        from . import targets
+
+        p = _Parser(prog="python -m onnx_rewriter inspect", description="Show what the rewriter "
+                                    "sees in a graph, without writing anything. Exit code 0: it would rewrite "
+                                    "the graph; 1: it would not (the verdict says why).")
+        p.add_argument("input", help="baseline .onnx file")
+        p.add_argument("--target", default=None, choices=sorted(targets.TARGETS),
+                       help=f"runtime contract (default: {targets.DEFAULT})")
+        p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
     _common(p)
     return p
 
@@ -98,15 +125,27 @@ def _setup_logging(args):
     pkg.setLevel(level)
     for lg in others:  # their warnings obey -q too
         lg.setLevel(max(level, logging.WARNING))
+    # transformers resets its logger's level when it is first imported (later, lazily): tell it by its own
+    # variable too, or -q would still show its load report.
+    import os
+
+    env_was = os.environ.get("TRANSFORMERS_VERBOSITY")
+    if env_was is None:
+        os.environ["TRANSFORMERS_VERBOSITY"] = logging.getLevelName(max(level, logging.WARNING)).lower()
+
+    from . import progress
+
+    progress.set_quiet(args.quiet)  # bars: on a terminal only, never with -q
+    lines_were = progress.set_stage_lines(True)  # off a terminal: one line per stage instead
 
     def restore():
         pkg.removeHandler(handler)
         for lg, lvl in saved:
             lg.setLevel(lvl)
+        progress.set_stage_lines(lines_were)
+        if env_was is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
 
-    from . import progress
-
-    progress.set_quiet(args.quiet)  # bars: on a terminal only, never with -q
     return restore
 
 
@@ -134,11 +173,18 @@ def _sizes(out_dir, files) -> str:
 def _run(cmd: str, args) -> int:
     from . import pipeline
 
+    if getattr(args, "report", None):
+        from .safety import check_writable_file
+
+        check_writable_file(args.report, "--report")  # now, not after the work
+    rewrite_opts = {}
+    if cmd in ("rewrite", "export"):
+        rewrite_opts = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
+                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer)
     if cmd == "rewrite":
-        run = pipeline.rewrite(args.input, args.output_dir, target=args.target, dtype=args.dtype, config=args.config,
-                               tokenizer=args.tokenizer, force=args.force, external_data=args.external_data)
+        run = pipeline.rewrite(args.input, args.output_dir, config=args.config, **rewrite_opts)
         _write_report(run, args.report)
-        _print_summary(run, args.output_dir, args.quiet)
+        _print_summary(run, run.out_dir, args.quiet)
         return 0
     if cmd == "export":
         import time
@@ -146,23 +192,25 @@ def _run(cmd: str, args) -> int:
         from .export import export
 
         t0 = time.perf_counter()
-        run = export(args.model, args.output_dir, target=args.target, dtype=args.dtype, device=args.device,
-                     trust_remote_code=args.trust_remote_code, force=args.force, external_data=args.external_data)
+        run = export(args.model, args.output_dir, device=args.device, trust_remote_code=args.trust_remote_code,
+                     keep_baseline=args.keep_baseline, **rewrite_opts)
         _write_report(run, args.report)
-        _print_summary(run, args.output_dir, args.quiet, total_s=time.perf_counter() - t0)
+        _print_summary(run, run.out_dir, args.quiet, total_s=time.perf_counter() - t0)
         if args.verify:
             from .reference.verify import verify
 
-            return 0 if verify(args.output_dir, model=args.model).passed else 1
+            return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet).passed else 1
         return 0
     if cmd == "verify":
         from .reference.verify import verify
 
-        return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps).passed else 1
-    from .inspect import inspect
+        return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
+                           quiet=args.quiet).passed else 1
+    from .inspect import analyze, render
 
-    print(inspect(args.input, target=args.target))
-    return 0
+    run = analyze(args.input, target=args.target, config=args.config)
+    print(render(run))
+    return 0 if run.report.error is None else 1
 
 
 def _write_report(run, path) -> None:
@@ -194,7 +242,14 @@ def _one_line(text: str) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "rewrite"
-    args = build_parser(cmd).parse_args(argv)
+    try:
+        args = build_parser(cmd).parse_args(argv)
+    except _UsageError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
     restore_logging = _setup_logging(args)
     previous = _exit_on_sigterm()
     try:
@@ -206,21 +261,38 @@ def main(argv=None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; the output folder was left as it was", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only folder: the user's to fix; anything else is a bug
+        if args.debug:
+            raise
+        from .safety import user_os_error
+
+        err = user_os_error(exc, "cannot write", "free some space or choose another folder")
+        if err is None:
+            return _internal_error(exc)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug, not the user's input: still one line, never a bare traceback
         if args.debug:
             raise
-        what = _one_line(f"{type(exc).__name__}: {exc}")[:300]
-        print(f"error: internal error ({what}); rerun with --debug for the traceback and please report it",
-              file=sys.stderr)
-        return 3
+        return _internal_error(exc)
     finally:
         restore_logging()
         if previous is not None:
             import signal
 
             signal.signal(signal.SIGTERM, previous)
+
+
+INTERRUPTED = "error: interrupted; no output was written (an existing output folder was left as it was)"
+
+
+def _internal_error(exc: BaseException) -> int:
+    what = _one_line(f"{type(exc).__name__}: {exc}")[:300]
+    print(f"error: internal error ({what}); rerun with --debug for the traceback and please report it",
+          file=sys.stderr)
+    return 3
 
 
 def _exit_on_sigterm():

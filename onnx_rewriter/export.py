@@ -261,26 +261,101 @@ def _optimize(prog, keep_weights: bool = False) -> None:
         rewriter._DEFAULT_REWRITE_RULES = default
 
 
+# What a checkpoint folder's tokenizer consists of (copied beside a kept baseline).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
 def _save_tokenizer(model: str, into: Path) -> Path | None:
+    """A hub checkpoint's tokenizer saved into `into`; None when it has none. A tokenizer that is there
+    but cannot be loaded is an error, as on the rewrite route (sidefiles/tokenizer.py)."""
     from transformers import AutoTokenizer
 
     try:
-        AutoTokenizer.from_pretrained(model, **hub_kwargs(model)).save_pretrained(into)
-        return into
-    except Exception as exc:  # a checkpoint without tokenizer still exports (with a warning later)
-        log.warning("no tokenizer for '%s': %s", model, str(exc).splitlines()[0][:120])
+        tok = AutoTokenizer.from_pretrained(model, **hub_kwargs(model))
+    except OSError as exc:  # no tokenizer files at all: the rewrite warns, as for any baseline without one
+        log.info("no tokenizer for '%s': %s", model, str(exc).splitlines()[0][:120])
         return None
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        raise RewriteError(f"cannot load the tokenizer of '{model}': {why}; fix it, pass --tokenizer DIR "
+                           f"or --no-tokenizer") from None
+    tok.save_pretrained(into)
+    return into
+
+
+def check_device(device: str) -> None:
+    """--device names a device this torch has (a CPU build has no cuda), before the model is loaded."""
+    import re
+
+    if device == "cpu":
+        return
+    if not re.fullmatch(r"(cuda|mps|xpu)(:\d+)?", device):
+        raise RewriteError(f"unknown --device '{device}'; choose cpu, cuda or cuda:N")
+    import torch
+
+    kind = device.split(":")[0]
+    backend = getattr(torch, kind, None)
+    if backend is None or not backend.is_available():
+        raise RewriteError(f"--device {device}: this torch ({torch.__version__}) has no usable {kind} device; "
+                           f"use --device cpu (or install a torch build with {kind} support)")
+    if ":" in device and int(device.split(":")[1]) >= backend.device_count():
+        raise RewriteError(f"--device {device}: only {backend.device_count()} {kind} device(s); use {kind}:0")
+
+
+def _checkpoint_folder(model: str) -> Path | None:
+    """The local folder the checkpoint is read from (a folder given, or the HF cache snapshot)."""
+    if Path(model).is_dir():
+        return Path(model)
+    files = checkpoint_refs.checkpoint_files(model) if not model.startswith((".", "/")) else []
+    return files[0].parent if files else None
+
+
+def _check_checkpoint(folder: Path | None) -> None:
+    """config.json against the safetensors headers: sizes agree, no file truncated (checkpoint_check.py)."""
+    from . import checkpoint_check
+
+    if folder is None or not (folder / "config.json").is_file():
+        return
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RewriteError(f"cannot read '{folder / 'config.json'}' ({exc}); fix or replace it") from None
+    if not isinstance(config, dict):
+        raise RewriteError(f"'{folder / 'config.json'}' holds a JSON {type(config).__name__}, not an object; "
+                           f"replace it with the model's HF config.json")
+    checkpoint_check.check(sorted(folder.glob("*.safetensors")), config, str(folder / "config.json"))
 
 
 def export(model: str, output_dir, target: str | None = None, dtype: str = "float16", device: str = "cpu",
            trust_remote_code: bool = False, force: bool = False, keep_baseline: str | None = None, **options):
-    """Export `model` (HF id or folder) and rewrite it into `output_dir`. Returns the rewrite run."""
-    from . import pipeline
+    """Export `model` (HF id or folder) and rewrite it into `output_dir`. Returns the rewrite run.
+
+    `keep_baseline`: a folder to keep the baseline export in (model.onnx, config.json, tokenizer files:
+    what a later `rewrite` of it needs). Every option is checked before the model is loaded.
+    """
+    from . import pipeline, safety
 
     from .output import OutputDir
 
-    pipeline.targets.get(target or pipeline.targets.DEFAULT)  # fail before the slow export
-    OutputDir.precheck(Path(output_dir), force)
+    opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
+    check_device(device)
+    folder = _checkpoint_folder(model)
+    out = safety.resolved(output_dir)
+    protected = {"the checkpoint": folder} if folder is not None else {}
+    files = {"the --tokenizer folder": opts.tokenizer} if opts.tokenizer else {}
+    safety.check_no_overlap(out, protected, files)
+    OutputDir.precheck(out, force)
+    if keep_baseline:
+        safety.check_no_overlap(keep_baseline, {**protected, "the output folder": out}, files,
+                                what="--keep-baseline folder")
+        OutputDir.precheck(keep_baseline, force, "--keep-baseline folder")
+    _check_checkpoint(folder)
+    tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
+    if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
+        from .sidefiles.tokenizer import load_tokenizer
+
+        load_tokenizer(tok_dir)
     with progress.stages(["load", "export", "rewrite"], "export") as advance:
         advance("load")
         # The checkpoint's own dtype when it is bf16: half the memory and bytes of an fp32 export, 4x faster
@@ -289,19 +364,39 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
         work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_export_"))
         try:
             advance("export")
-            base = export_baseline(m, work / "model.onnx", device, checkpoint=checkpoint_refs.checkpoint_files(model))
-            del m
-            (work / "config.json").write_text(json.dumps(config.to_dict(), default=str))
-            tok_dir = _save_tokenizer(model, work / "tokenizer")
-            opts = pipeline.Options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force,
-                                    tokenizer=tok_dir or work, **options)
+            with safety.os_errors(f"cannot write the baseline export in '{work}'",
+                                  "free some space there or point TMPDIR at a folder with room"):
+                base = export_baseline(m, work / "model.onnx", device,
+                                       checkpoint=checkpoint_refs.checkpoint_files(model))
+                del m
+                (work / "config.json").write_text(json.dumps(config.to_dict(), default=str))
+                # Beside the baseline, where a later rewrite of a kept baseline finds it; a local checkpoint's
+                # own tokenizer is read where it is, by the same code as on the rewrite route.
+                if opts.tokenizer is None and not opts.no_tokenizer:
+                    local = Path(model).is_dir()
+                    opts.tokenizer = Path(model) if local else _save_tokenizer(model, work) or work
+                    if keep_baseline and local:
+                        for f in _TOKENIZER_FILES:
+                            if (Path(model) / f).is_file():
+                                shutil.copyfile(Path(model) / f, work / f)
             advance("rewrite")
-            run = pipeline.rewrite(base, output_dir, opts)
+            run = pipeline.rewrite(base, out, opts)
             if keep_baseline:
-                shutil.copytree(work, keep_baseline, dirs_exist_ok=True)
+                _keep(work, keep_baseline, force)
             return run
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _keep(work: Path, keep_baseline, force: bool) -> None:
+    """Copy the baseline folder to `keep_baseline`, atomically like any output (links into the checkpoint
+    become copies: the kept baseline must not depend on where the checkpoint lies)."""
+    from .output import OutputDir
+
+    with OutputDir(keep_baseline, force=force) as tmp:
+        for f in sorted(work.iterdir()):
+            if f.is_file():
+                shutil.copy2(f.resolve(), tmp / f.name)
 
 
 def _is_bf16(config) -> bool:

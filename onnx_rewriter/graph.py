@@ -78,6 +78,7 @@ def load(path: str | os.PathLike) -> SourceModel:
         raise RewriteError(f"'{path}' is not a readable ONNX file ({type(exc).__name__}); re-export it") from None
     if not model.graph.node:
         raise RewriteError(f"'{path}' is not an ONNX model (no graph nodes); give a baseline export")
+    check_plain_export(model, path)
     base_dir = path.parent
     for t in _all_initializers(model.graph):
         if t.data_location == TensorProto.EXTERNAL:
@@ -101,6 +102,25 @@ def load(path: str | os.PathLike) -> SourceModel:
     finally:
         G_LOGGER.severity = severity
     return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta)
+
+
+# Opsets whose ops the patterns and probes are written for (Softmax/Unsqueeze/ReduceMean semantics of 13+,
+# Trilu 14) up to the newest onnx knows.
+MIN_OPSET = 14
+
+
+def check_plain_export(model: onnx.ModelProto, path) -> None:
+    """A baseline export we can read: no EdgeLLM graph (already rewritten), an opset in range."""
+    if any(n.op_type == "AttentionPlugin" for n in model.graph.node) or any(
+            i.name == "inputs_embeds" for i in model.graph.input) and not any(
+            i.name == "input_ids" for i in model.graph.input):
+        raise RewriteError(f"'{path}' is already an EdgeLLM graph (rewritten by onnx_rewriter: AttentionPlugin "
+                           f"nodes, inputs_embeds); give the plain export it was rewritten from")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is not None and not MIN_OPSET <= opset <= newest:
+        raise RewriteError(f"'{path}' uses ONNX opset {opset}; onnx_rewriter reads opsets {MIN_OPSET} to {newest}: "
+                           f"re-export the model with an opset in that range (torch.onnx.export's default is fine)")
 
 
 def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

@@ -23,9 +23,9 @@ _FIELDS = [
 
 def analyze(path, target: str | None = None, config=None) -> pipeline.Run:
     """The run after every step but build and write; `run.report.error` holds a refusal, if any."""
-    options = pipeline.Options(target=target or targets.DEFAULT, config=config)
-    targets.get(options.target)
+    options = pipeline.make_options(target=target or targets.DEFAULT, config=config)
     run = pipeline.Run(in_path=Path(path), out_dir=None, options=options)
+    run.warn = run.report.warnings.append  # render() prints them once, in the answer (no log line too)
     pipeline.step_load(run)  # an unreadable input is an error, not a report
     try:
         pipeline.step_normalize(run)

@@ -4,6 +4,8 @@ An interrupted run (exception, Ctrl-C, kill) leaves the previous state of the ou
 Temporary names carry the writer's pid (`.NAME.tmp-PID-xxxx`, `.NAME.old-PID`): a SIGKILLed run cannot
 clean up after itself, so the next run removes the siblings whose writer is gone (and puts a previous
 folder back if the kill came between the two renames).
+What may be replaced at all (only a folder this tool wrote, never one overlapping the input) is
+safety.py's rule; the folder is marked with its manifest when it is complete.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import safety
 from .errors import RewriteError
 
 log = logging.getLogger(__name__)
@@ -41,19 +44,19 @@ def _pid_alive(pid: int) -> bool:
 
 class OutputDir:
     def __init__(self, path: Path, force: bool = False):
-        self.path = Path(path)
+        self.path = safety.resolved(path)  # a symlinked output: its target is replaced, the link stays
         self.force = force
         self.tmp: Path | None = None
 
     @staticmethod
-    def precheck(path: Path, force: bool) -> None:
+    def precheck(path: Path, force: bool, what: str = "output folder") -> None:
         """Fail before any work when the folder cannot be (re)placed. Creates nothing."""
-        path = Path(path).absolute()
+        path = safety.resolved(path)
         if path.exists() and not path.is_dir():
             raise RewriteError(f"output '{path}' exists and is not a folder; choose another output path")
-        if path.is_dir() and any(path.iterdir()) and not force:
-            raise RewriteError(f"output folder '{path}' exists and is not empty; pass --force to replace it "
-                               f"or choose another folder")
+        if path.parent == path:
+            raise RewriteError(f"the {what} cannot be the root folder '{path}'; choose a folder of its own")
+        safety.check_replaceable(path, force, what)
         base = _nearest_existing(path.parent)
         if not base.is_dir():
             raise RewriteError(f"cannot create the output folder: '{base}' is a file, not a folder; "
@@ -93,15 +96,46 @@ class OutputDir:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            err = safety.user_os_error(exc, f"cannot write the output folder '{self.path}'",
+                                       "free some space or choose another output folder")
+            if err is not None:
+                raise err from None
             return False
-        os.chmod(self.tmp, 0o755)
-        for f in self.tmp.iterdir():
-            os.chmod(f, 0o644)
+        try:
+            safety.write_manifest(self.tmp)
+            os.chmod(self.tmp, 0o755)
+            for f in self.tmp.iterdir():
+                os.chmod(f, 0o644)
+            self._replace()
+        except BaseException as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            err = safety.user_os_error(exc, f"cannot write the output folder '{self.path}'",
+                                       "free some space or choose another output folder")
+            if err is not None:
+                raise err from None
+            raise
+        return False
+
+    def _replace(self) -> None:
+        cwd_inside = _cwd_within(self.path)  # `OUT` is `.`: the process would be left in a deleted folder
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.rename(self.path, old)
-            os.rename(self.tmp, self.path)
+            try:
+                os.rename(self.tmp, self.path)
+            except BaseException:
+                os.rename(old, self.path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.tmp, self.path)
+        if cwd_inside:
+            os.chdir(self.path)
+
+
+def _cwd_within(path: Path) -> bool:
+    try:
+        cwd = Path.cwd()
+    except OSError:
         return False
+    return cwd == path or path in cwd.parents

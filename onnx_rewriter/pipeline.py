@@ -6,6 +6,7 @@ the `Run` state so a caller can run, replace or inspect steps without reaching i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import dtype as dtypes
-from . import engine, graph as graphio, progress, schema, spec as specmod, targets
+from . import engine, graph as graphio, progress, safety, schema, spec as specmod, targets
 from .errors import PatternMismatch, RewriteError
 from .layers import AttentionLayer, TokenEmbedding
 from .normalize import normalize, replace_uses
@@ -39,8 +40,43 @@ class Options:
     config: str | Path | None = None  # an HF config.json to cross-check and complete ours
     tokenizer: str | Path | None = None  # a folder with the tokenizer; default: beside the input
     external_data: bool | None = None  # None: only when the weights pass 2 GB
-    force: bool = False  # replace a non-empty output folder
+    force: bool = False  # replace an earlier output of this tool (never a folder it did not write)
     self_check: bool = True  # numerically check masks before fusing
+    no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
+
+
+def make_options(options: Options | None = None, **kwargs) -> Options:
+    """Options from keyword arguments, every value checked: a typo fails here, before any work."""
+    if options is None:
+        known = sorted(f.name for f in dataclasses.fields(Options))
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise RewriteError(f"unknown option '{unknown[0]}'; the options are: {', '.join(known)}")
+        options = Options(**kwargs)
+    elif kwargs:
+        raise RewriteError(f"pass either options= or keyword options, not both ({', '.join(sorted(kwargs))})")
+    targets.get(options.target)  # an unknown target names the known ones
+    if options.dtype not in dtypes.NAMES:
+        raise RewriteError(f"unknown --dtype '{options.dtype}'; choose {' or '.join(dtypes.NAMES)}")
+    if options.config is not None and not Path(options.config).is_file():
+        raise RewriteError(f"--config '{options.config}' is not a file; give the path of a config.json")
+    if options.tokenizer is not None and not Path(options.tokenizer).is_dir():
+        raise RewriteError(f"--tokenizer '{options.tokenizer}' is not a folder; give the folder holding "
+                           f"tokenizer.json (or pass --no-tokenizer)")
+    return options
+
+
+def check_paths(in_path: Path, out_dir: Path, options: Options) -> None:
+    """The output may replace neither what we read nor a folder we did not write (safety.py)."""
+    # `rewrite model.onnx out` in the model's folder is the common case: an output inside the input's
+    # folder destroys nothing; being or containing it would.
+    files = {"the input model's folder": Path(in_path).parent}
+    if options.config:
+        files["the --config file"] = options.config
+    if options.tokenizer:
+        files["the --tokenizer folder"] = options.tokenizer
+    safety.check_no_overlap(out_dir, files=files)
+    OutputDir.precheck(out_dir, options.force)
 
 
 @dataclass
@@ -70,15 +106,17 @@ class Run:
 
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
-    if run.options.dtype not in dtypes.NAMES:
-        raise RewriteError(f"unknown --dtype '{run.options.dtype}'; choose float16 or float32")
     cfg = run.options.config or (run.in_path.parent / "config.json")
     if run.options.config or Path(cfg).is_file():
         try:
             run.hf_config = json.loads(Path(cfg).read_text())
         except (OSError, ValueError) as exc:
             raise RewriteError(f"cannot read config '{cfg}': {exc}") from None
-    if run.out_dir is not None:  # tokenizer files: a child process writes them meanwhile (tokenizer_job.py)
+        if not isinstance(run.hf_config, dict):
+            raise RewriteError(f"config '{cfg}' holds a JSON {type(run.hf_config).__name__}, not an object; "
+                               "give an HF config.json (an object with hidden_size, num_hidden_layers, ...)")
+    # tokenizer files: a child process writes them meanwhile (tokenizer_job.py)
+    if run.out_dir is not None and not run.options.no_tokenizer:
         from .sidefiles import tokenizer_job, writer
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
@@ -228,11 +266,11 @@ STEPS = [step_load, step_normalize, step_match, step_embedding, step_check, step
 
 def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwargs) -> Run:
     """Rewrite a baseline ONNX export into an EdgeLLM folder. Returns the run (files, report, spec)."""
-    options = options or Options(**kwargs)
-    run = Run(in_path=Path(in_path), out_dir=Path(out_dir) if out_dir is not None else None, options=options)
-    targets.get(options.target)  # an unknown target fails before any work
+    options = make_options(options, **kwargs)
+    run = Run(in_path=Path(in_path), out_dir=safety.resolved(out_dir) if out_dir is not None else None,
+              options=options)
     if run.out_dir is not None:
-        OutputDir.precheck(run.out_dir, options.force)
+        check_paths(run.in_path, run.out_dir, options)
     t0 = time.perf_counter()
     steps = steps or STEPS
     try:

@@ -1,7 +1,8 @@
 """Progress bars for the slow parts (model load, export, rewrite steps, weight writing, verify).
 
 Shown only when stderr is a terminal, and never with -q: logs and captured output stay clean.
-Everything here is a no-op object when bars are off, so callers never branch on it.
+Off a terminal (make, CI) the CLI asks for one line per stage instead (`set_stage_lines`), so a long
+export is not silence. Everything here is a no-op object when bars are off, so callers never branch on it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,17 @@ import contextlib
 import os
 import sys
 import threading
+import time
 
 _quiet = False
+_stage_lines = False
+
+
+def set_stage_lines(on: bool) -> bool:
+    """Print `desc: stage` lines where no bar is shown (the CLI, not -q). Returns the previous setting."""
+    global _stage_lines
+    previous, _stage_lines = _stage_lines, on
+    return previous
 
 
 def set_quiet(quiet: bool) -> None:
@@ -78,7 +88,15 @@ def stages(names: list[str], desc: str):
     """
     pb = bar(total=len(names), desc=desc)
     if isinstance(pb, _Null):
-        yield lambda name: None
+        if not (_stage_lines and not _quiet):
+            yield lambda name: None
+            return
+        t0 = time.perf_counter()
+
+        def line(name: str) -> None:
+            print(f"{desc}: {name} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+
+        yield line
         return
     stop = threading.Event()
     started = [False]

@@ -214,3 +214,21 @@ def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int 
 def describe(path) -> dict:
     """The saved config.json as a dict (handy in tests and the demo)."""
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m onnx_rewriter.tiny", description="Build a tiny random-weight HF "
+                                "checkpoint (config, safetensors, tokenizer) of one model family, for tests and demos.")
+    p.add_argument("family", choices=sorted(FAMILIES), help="model family")
+    p.add_argument("out_dir", help="folder to write the checkpoint into")
+    p.add_argument("--dtype", default="float32", choices=_DTYPES, help="weight dtype (default float32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    args = p.parse_args(argv)
+    print(build_checkpoint(args.family, args.out_dir, dtype=args.dtype, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

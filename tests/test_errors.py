@@ -218,7 +218,9 @@ def test_unknown_target(llama, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "STEPS", [never])
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, llama, out, "--target", "edgellm-9.9")
-    assert_refused(code, err, "unknown target 'edgellm-9.9'", "edgellm-0.9")
+    assert_refused(code, err, "--target", "invalid choice: 'edgellm-9.9'", "edgellm-0.9")
+    with pytest.raises(pipeline.RewriteError, match="unknown target 'edgellm-9.9'"):
+        pipeline.rewrite(llama, out, target="edgellm-9.9")
     assert_no_output(out)
 
 
@@ -236,13 +238,11 @@ def test_output_folder_not_empty(llama, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(capsys, llama, out)
-    assert_refused(code, err, "not empty", "--force")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    code, _, err = run_cli(capsys, llama, out, "--force", "-q")
-    assert code == 0, err
-    assert (out / "model.onnx").is_file() and not (out / "keep.txt").exists()
+    for force in ([], ["--force"]):  # a folder this tool did not write is never replaced
+        code, _, err = run_cli(capsys, llama, out, *force)
+        assert_refused(code, err, "'keep.txt'", "did not write", "choose another folder")
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
 def test_output_under_a_file(llama, tmp_path, capsys):
@@ -338,7 +338,7 @@ def test_export_unknown_target_fails_before_loading(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(export_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "export", "--model", tmp_path, "--output_dir", out, "--target", "nope")
-    assert_refused(code, err, "unknown target 'nope'")
+    assert_refused(code, err, "--target", "invalid choice: 'nope'")
     assert_no_output(out)
 
 

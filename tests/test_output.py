@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from onnx_rewriter import cli, pipeline
+from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.output import OutputDir
 
 
@@ -48,18 +49,18 @@ def test_exception_mid_write_keeps_previous(llama, previous, monkeypatch, capsys
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(writer, "write_side_files", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(RewriteError, match="No space left on device; free some space"):
         pipeline.rewrite(llama, out, force=True)
     assert snapshot(out) == before and siblings(out) == []
-    # Through the CLI the same failure is one line, exit 3.
-    assert cli.main([str(llama), str(out), "--force"]) == 3
-    assert "internal error (OSError" in capsys.readouterr().err
+    # Through the CLI a full disk is the user's to fix: one line naming the folder, exit 2.
+    assert cli.main([str(llama), str(out), "--force"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write the output folder '{out.resolve()}': No space left on device; free some space "
+        f"or choose another output folder")
     assert snapshot(out) == before and siblings(out) == []
 
 
 def test_refusal_mid_pipeline_keeps_previous(llama, previous, monkeypatch):
-    from onnx_rewriter.errors import RewriteError
-
     out, before = previous
 
     def refuse(run):
@@ -130,7 +131,8 @@ def test_kill_between_renames_restores_previous(llama, previous):
     with OutputDir(out, force=True) as tmp:
         assert snapshot(out) == before  # restored before anything else happens
         (tmp / "new.txt").write_text("new")
-    assert snapshot(out) == {"new.txt": b"new"} and siblings(out) == []
+    assert snapshot(out) == {".onnx_rewriter.json": b'{\n "written_by": "onnx_rewriter",\n "files": [\n  "new.txt"\n ]\n}\n',
+                             "new.txt": b"new"} and siblings(out) == []
 
 
 def test_live_writers_temp_folder_is_left_alone(tmp_path):

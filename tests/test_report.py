@@ -79,7 +79,7 @@ def test_inspect_explains_a_partial_match(llama, tmp_path, capsys):
     broken = break_rotate_half(llama, tmp_path / "in")
     before = sorted(p.name for p in (tmp_path / "in").iterdir())
     code, out, _ = run_cli(capsys, "inspect", broken)
-    assert code == 0
+    assert code == 1  # it would NOT rewrite
     rows = [line.split() for line in out.splitlines()]
     assert ["0", "matched"] in [r[:2] for r in rows] and ["1", "REFUSED"] in [r[:2] for r in rows]
     assert "verdict: would NOT rewrite" in out and "layer 1" in out
@@ -89,7 +89,7 @@ def test_inspect_explains_a_partial_match(llama, tmp_path, capsys):
 
 def test_inspect_of_a_non_llm(tmp_path, capsys):
     code, out, _ = run_cli(capsys, "inspect", _cnn(tmp_path / "cnn.onnx"))
-    assert code == 0 and "would NOT rewrite: no attention" in out
+    assert code == 1 and "would NOT rewrite: no attention" in out
 
 
 def test_inspect_missing_input_is_an_error(tmp_path, capsys):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import progress
+from .checks import check_baseline, check_steps
 from .runner import Session, runner_for
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ class VerifyResult:
     rope_table_difference: float | None = None
 
     def table(self) -> str:
-        rows = [f"{'step':<10}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
+        rows = [f"{'step':<14}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
         for s in self.steps:
             top = ("same" if s.top1_agree else "DIFF") + ("" if s.top1_checked else " (margin tiny)")
-            rows.append(f"{s.step:<10}{s.max_abs:>11.3e}{s.rel:>11.3e}{s.cosine:>11.6f}  {top}")
+            rows.append(f"{s.step:<14}{s.max_abs:>11.3e}{s.rel:>11.3e}{s.cosine:>11.6f}  {top}")
         return "\n".join(rows)
 
 
@@ -102,7 +103,10 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
            rows: list[list[int]] | None = None, quiet: bool = False) -> VerifyResult:
+    check_steps(steps)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
+    if baseline is not None:
+        check_baseline(baseline)
     oracle = HFOracle(model) if model else OnnxOracle(baseline)
     result = VerifyResult()
     rope_table = None
@@ -132,7 +136,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         refs = np.stack([oracle(s) for s in seqs])
         pb.update()
         for b in range(len(seqs)):
-            result.steps.append(compare("prefill" if k == 0 else f"decode{k}", ours[b], refs[b]))
+            result.steps.append(compare(("prefill" if k == 0 else f"decode{k}") + f"/row{b}", ours[b], refs[b]))
         if k == steps:
             break
         nxt = [int(r.argmax()) for r in refs]

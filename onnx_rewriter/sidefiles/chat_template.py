@@ -167,8 +167,9 @@ def _error(exc: Exception):
     from onnx_rewriter.errors import RewriteError
 
     return RewriteError(
-        f"cannot reduce the chat template to role prefixes/suffixes ({exc}); "
-        "pass a tokenizer with a simpler template or edit processed_chat_template.json by hand"
+        f"cannot reduce the chat template to role prefixes/suffixes ({exc}); fix the tokenizer's chat template "
+        "(tokenizer_config.json or chat_template.jinja), pass another tokenizer (--tokenizer DIR), or pass "
+        "--no-tokenizer and add the tokenizer files and processed_chat_template.json by hand"
     )
 
 

@@ -26,7 +26,8 @@ def load_tokenizer(path):
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # a broken tokenizer is the user's to fix; say where and why in one line
         why = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise RewriteError(f"cannot load the tokenizer in {folder}: {why}") from exc
+        raise RewriteError(f"cannot load the tokenizer in {folder}: {why}; fix or replace its tokenizer files, pass "
+                           f"another folder (--tokenizer DIR) or skip them (--no-tokenizer)") from exc
 
 
 def special_tokens_map(tokenizer) -> dict:

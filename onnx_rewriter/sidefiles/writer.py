@@ -22,11 +22,14 @@ def write_side_files(run, out_dir: Path) -> list[str]:
     config_json.write_config_json(cfg, out_dir)
     files.append("config.json")
     tok_dir = tokenizer_dir(run)
+    missing = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", target.chat_template_file]
+    if run.options.no_tokenizer:
+        run.warn(f"--no-tokenizer: not written: {', '.join(missing)} (the runtime needs them: add them by hand)")
+        return files
     # Started by step_load (a child process, see tokenizer_job.py), or here.
     job = getattr(run, "tokenizer_job", None) or tokenizer_jobs.start(tok_dir, target.chat_template_file)
     written = job.result(out_dir)
     if written is None:
-        missing = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", target.chat_template_file]
         run.warn(f"no tokenizer found in '{tok_dir}' (pass --tokenizer DIR); not written: {', '.join(missing)}")
         return files
     return files + written
