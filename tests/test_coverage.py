@@ -18,7 +18,6 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_rewriter import pipeline
-from onnx_rewriter.cli import main
 from onnx_rewriter.reference.verify import prompts, verify
 
 LAYERS = 2  # every tiny family
@@ -204,8 +203,6 @@ def test_rewritten_and_verified(models, tmp_path, row, dtype):
         row.check(out, model, run, ckpt)
     res = verify(out, model=str(ckpt), steps=8, quiet=True, **row.verify_kw)
     assert res.passed, res.table()
-    if dtype == "float16":
-        assert min(s.cosine for s in res.steps) >= 0.999
 
 
 def test_llama3_scaling_warned_and_verified_with_the_model_table(models, tmp_path):
@@ -225,19 +222,6 @@ def test_llama3_scaling_warned_and_verified_with_the_model_table(models, tmp_pat
 def test_verify_prompts_exceed_the_window():
     # mistral_window / gemma3 use an 8-token window; verify must run past it (prefill and decode).
     assert max(len(p) for p in prompts(320)) > 8
-
-
-@pytest.mark.parametrize("family,export,words", [
-    ("gemma2", dict(attn="eager"), ("soft-capping",)),
-    ("gptj", {}, ("interleaved", "GPT-J")),
-], ids=["gemma2-softcap", "gptj-interleaved"])
-def test_refused(models, tmp_path, capsys, family, export, words):
-    out = tmp_path / "out"
-    code = main([str(models.baseline(family, **export)), str(out), "--dtype", "float32"])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert all(w in err for w in words), err
-    assert not out.exists()
 
 
 def test_kv_cache_export_whose_positions_ignore_the_past_is_refused(models, tmp_path):
