@@ -119,9 +119,7 @@ def test_weight_transposes_fold_while_writing(models, tmp_path):
     model, _ = load_model(str(ckpt))
     base = export_baseline(model, tmp_path / "base" / "model.onnx",
                            checkpoint=checkpoint_refs.checkpoint_files(str(ckpt)))
-    for f in ckpt.iterdir():
-        if f.suffix in (".json", ".jinja") and f.name != "generation_config.json":
-            (tmp_path / "base" / f.name).write_bytes(f.read_bytes())
+    models.copy_side_files(ckpt, tmp_path / "base")
     unfolded = [n for n in onnx.load(str(base), load_external_data=False).graph.node if n.op_type == "Transpose"
                 and n.input[0].startswith("m.")]
     assert unfolded, "the baseline keeps the checkpoint's layout"
