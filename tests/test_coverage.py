@@ -166,6 +166,30 @@ ROWS = [
     Row("llama_tied-export", "llama_tied", export=dict(refs=True), dtypes=("float16",)),
     pytest.param(Row("llama-fp16", "llama", ckpt_dtype="float16", export=dict(native_dtype=True),
                      dtypes=("float16",), check=check_casts), marks=pytest.mark.slow),
+    # More families per flavour: one export each, --runslow only (docs/support.md gives their last run).
+    *(pytest.param(row, marks=pytest.mark.slow) for row in (
+        Row("qwen2-opset23", "qwen2", export=dict(opset=23)),
+        Row("qwen3-opset23", "qwen3", export=dict(opset=23), check=check_qk_norm_kept),
+        Row("mistral_window-opset23", "mistral_window", export=dict(opset=23), windows=(8, 8)),
+        Row("gemma-opset23", "gemma", export=dict(opset=23), heads=(4, 1, 32), check=check_gemma_embedding_scale),
+        Row("phi3-torchscript", "phi3", export=dict(exporter="torchscript"), check=check_partial_rotary),
+        Row("qwen3-torchscript", "qwen3", export=dict(exporter="torchscript"), check=check_qk_norm_kept),
+        Row("mistral_window-torchscript", "mistral_window", export=dict(exporter="torchscript"), windows=(8, 8)),
+        Row("gemma-torchscript", "gemma", export=dict(exporter="torchscript"), heads=(4, 1, 32),
+            check=check_gemma_embedding_scale),
+        Row("qwen2-kv-cache", "qwen2", export=dict(kv_cache=True), check=check_no_cache_io_left),
+        Row("phi3-kv-cache", "phi3", export=dict(kv_cache=True), check=check_no_cache_io_left),
+        Row("mistral_window-kv-cache", "mistral_window", export=dict(kv_cache=True), windows=(8, 8),
+            check=check_no_cache_io_left),
+        Row("qwen2-kv-cache-torchscript", "qwen2", export=dict(kv_cache=True, exporter="torchscript"),
+            check=check_no_cache_io_left),
+        Row("gemma3-kv-cache-torchscript", "gemma3", export=dict(kv_cache=True, exporter="torchscript"),
+            config=dict(query_pre_attn_scalar=24), windows=(8, -1), check=check_no_cache_io_left),
+        Row("qwen3-bf16", "qwen3", ckpt_dtype="bfloat16", export=dict(native_dtype=True), dtypes=("float16",),
+            check=check_casts),
+        Row("gemma3-bf16", "gemma3", ckpt_dtype="bfloat16", export=dict(native_dtype=True), dtypes=("float16",),
+            config=dict(query_pre_attn_scalar=24), windows=(8, -1), check=check_casts),
+    )),
 ]
 
 
