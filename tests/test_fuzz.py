@@ -45,9 +45,9 @@ FAMILIES = ("llama", "qwen2")
 # fp32 rounding (ORT vs the numpy reference) past verify's own 1e-4, so the fuzzer allows 1e-3.
 FP32_REL = 1e-3
 NO_EFFECT = 1e-6  # relative change of the baseline's logits below which a mutation changed nothing
-# verified / (verified + refused) among valid mutations with an effect above FP32_REL; measured 0.33 and
-# 0.35 on seeds 0..199 and 200..399 (docs/support.md), a rewriter refusing more than usual falls below.
-VERIFIED_FLOOR = 0.25
+# verified / (verified + refused) among valid mutations with an effect above FP32_REL: measured 0.74 (14 of
+# 19) on seeds 0..59; a rewriter that refuses what it used to fuse falls below.
+VERIFIED_FLOOR = 0.5
 STEPS = 2
 
 
