@@ -48,7 +48,7 @@ MUTANTS = [
         ("        if np.array_equal(allowed, causal) or (0 < w < s and",
          "        if True or (0 < w < s and"),
         ("            w = None if np.array_equal(allowed, causal) else w", "            w = None")]),
-    Mutant("baked RoPE table halves swapped (sin | cos)", "onnx_rewriter/targets/base.py", [
+    Mutant("baked RoPE table halves swapped (sin before cos)", "onnx_rewriter/targets/base.py", [
         ("    table = np.concatenate([np.cos(f), np.sin(f)], axis=-1)",
          "    table = np.concatenate([np.sin(f), np.cos(f)], axis=-1)")]),
     Mutant("sliding window off by one", "onnx_rewriter/targets/base.py", [
