@@ -8,7 +8,7 @@ DTYPE   ?= float16
 VERIFY  ?= 0
 ARGS    ?=
 
-.PHONY: install test test-fast export demo bench clean
+.PHONY: install test test-fast export demo bench mutants clean
 
 install:
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +32,10 @@ demo:
 
 bench:
 	$(PY) bench/run.py $(ARGS)
+
+# One deliberate rewriter bug at a time; a fast subset of the suite must fail on each (~10 min on 2 cores).
+mutants:
+	$(PY) tests/mutants.py --write docs/mutants.md $(ARGS)
 
 clean:
 	rm -rf demo out build *.egg-info .pytest_cache

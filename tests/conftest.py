@@ -1,7 +1,8 @@
 """Shared fixtures: tiny checkpoints and their baseline exports, built once per test session.
 
 Exports are the slow part (dynamo: ~8 s for a tiny model on 2 cores), so every test that needs the
-baseline of (family, flavour) asks `baseline(...)` and gets the cached file.
+baseline of (family, flavour) asks `baseline(...)` and gets the cached file. ONNX_REWRITER_TEST_MODELS=DIR
+keeps them across sessions (tests/mutants.py runs the suite once per mutant; the exports do not change).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+DONE = ".complete"  # marker beside a folder, written last: one without it (interrupted) is built again
+
+
 class Models:
     """Builds and caches checkpoints and baseline exports under one session folder."""
 
@@ -41,8 +45,22 @@ class Models:
         key = ("ckpt", family, dtype, tuple(sorted(overrides.items())))
         if key not in self._done:
             name = "_".join([family, dtype] + [f"{k}-{v}" for k, v in sorted(overrides.items())])
-            self._done[key] = tiny.build_checkpoint(family, self.root / "ckpt" / name, dtype=dtype, **overrides)
+            path = self.root / "ckpt" / name
+            if path.with_name(name + DONE).is_file():
+                self._done[key] = path
+            else:
+                self._done[key] = tiny.build_checkpoint(family, path, dtype=dtype, **overrides)
+                path.with_name(name + DONE).touch()
         return self._done[key]
+
+    @staticmethod
+    def copy_side_files(ckpt: Path, dst: Path) -> None:
+        """config.json, tokenizer and chat template beside a baseline, as `make export` leaves them."""
+        import shutil
+
+        for f in ckpt.iterdir():
+            if f.suffix in (".json", ".jinja") and f.name != "generation_config.json":
+                shutil.copy(f, dst / f.name)
 
     def baseline(self, family: str, dtype: str = "float32", exporter: str = "dynamo", opset: int | None = None,
                  attn: str = "sdpa", native_dtype: bool = False, kv_cache: bool = False, refs: bool = False,
@@ -53,8 +71,6 @@ class Models:
         kv_cache: an Optimum-style export with past_key_values inputs and present outputs (tests/kv_export.py).
         refs: `make export`'s baseline: weights referenced in the checkpoint, weight transposes left unfolded.
         """
-        import shutil
-
         from onnx_rewriter import checkpoint_refs
         from onnx_rewriter.export import export_baseline, load_model
 
@@ -66,6 +82,9 @@ class Models:
             name = "_".join([family, dtype, exporter, str(opset), attn] + flags
                             + [f"{k}-{v}" for k, v in sorted(overrides.items())])
             out = self.root / "onnx" / name
+            if out.with_name(name + DONE).is_file():
+                self._done[key] = out / "model.onnx"
+                return self._done[key]
             out.mkdir(parents=True, exist_ok=True)
             model, config = load_model(str(ckpt), attn_implementation=attn,
                                        torch_dtype="auto" if native_dtype else "float32")
@@ -76,13 +95,13 @@ class Models:
             else:
                 files = checkpoint_refs.checkpoint_files(str(ckpt)) if refs else ()
                 export_baseline(model, out / "model.onnx", exporter=exporter, opset=opset, checkpoint=files)
-            for f in ckpt.iterdir():
-                if f.suffix in (".json", ".jinja") and f.name != "generation_config.json":
-                    shutil.copy(f, out / f.name)
+            self.copy_side_files(ckpt, out)
+            out.with_name(name + DONE).touch()
             self._done[key] = out / "model.onnx"
         return self._done[key]
 
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Models:
-    return Models(tmp_path_factory.mktemp("models"))
+    keep = os.environ.get("ONNX_REWRITER_TEST_MODELS")
+    return Models(Path(keep) if keep else tmp_path_factory.mktemp("models"))

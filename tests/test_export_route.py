@@ -67,6 +67,8 @@ def test_light_route_gives_torchs_graph(models, tmp_path, family, monkeypatch):
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ops[0], ops[1], autojunk=False).get_opcodes():
         assert tag == "equal" or (tag == "insert" and set(ops[1][j1:j2]) <= {"Reshape", "Concat"}), \
             (tag, ops[0][i1:i2], ops[1][j1:j2])
+    # the same op types could still compute something else (an attribute, a constant): compare the numbers
+    np.testing.assert_allclose(_ort_logits(light, IDS), _ort_logits(full, IDS), rtol=1e-5, atol=1e-5)
 
 
 def test_mutating_op_falls_back_to_torch_decomposition(tmp_path):
@@ -119,9 +121,7 @@ def test_weight_transposes_fold_while_writing(models, tmp_path):
     model, _ = load_model(str(ckpt))
     base = export_baseline(model, tmp_path / "base" / "model.onnx",
                            checkpoint=checkpoint_refs.checkpoint_files(str(ckpt)))
-    for f in ckpt.iterdir():
-        if f.suffix in (".json", ".jinja") and f.name != "generation_config.json":
-            (tmp_path / "base" / f.name).write_bytes(f.read_bytes())
+    models.copy_side_files(ckpt, tmp_path / "base")
     unfolded = [n for n in onnx.load(str(base), load_external_data=False).graph.node if n.op_type == "Transpose"
                 and n.input[0].startswith("m.")]
     assert unfolded, "the baseline keeps the checkpoint's layout"

@@ -11,7 +11,6 @@ import pytest
 
 from onnx_rewriter import pipeline, schema
 from onnx_rewriter.errors import RewriteError
-from onnx_rewriter.reference.verify import verify
 from .graph_io import io_signature as _io
 
 CONTRACT_FILES = {"model.onnx", "embedding.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
@@ -97,7 +96,7 @@ def test_dimensions_come_from_the_graph_alone(models, tmp_path):
     run = pipeline.rewrite(lone / "model.onnx", tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]) == (64, 320, 2)
-    assert abs(cfg["rope_theta"] - 1e6) / 1e6 < 1e-4 or abs(cfg["rope_theta"] - 1e4) / 1e4 < 1e-4
+    assert cfg["rope_theta"] == pytest.approx(1e4, rel=1e-4)  # read off the graph's inv_freq
     assert any("tokenizer" in w and "processed_chat_template.json" in w for w in run.report.warnings)
     assert not (tmp_path / "out" / "tokenizer.json").exists()
 
@@ -111,17 +110,3 @@ def test_contradicting_config_is_an_error_naming_both_values(models, tmp_path):
     with pytest.raises(RewriteError, match=r"num_key_value_heads.*2.*4|num_key_value_heads.*4.*2"):
         pipeline.rewrite(base, tmp_path / "out", config=bad)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "mistral"])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_verify_against_transformers(models, tmp_path, family, dtype):
-    base = models.baseline(family)
-    out = tmp_path / "out"
-    pipeline.rewrite(base, out, dtype=dtype)
-    res = verify(out, model=str(models.checkpoint(family)), steps=8, quiet=True)
-    assert res.passed, res.table()
-    if dtype == "float32":
-        assert max(s.rel for s in res.steps) <= 1e-4 and all(s.top1_agree for s in res.steps)
-    else:
-        assert min(s.cosine for s in res.steps) >= 0.999

@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 from onnx_rewriter import pipeline
 from onnx_rewriter.cli import main
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.reference.verify import compare, verify
 
 
 def _rewire_rope(out, make_nodes):
@@ -19,11 +19,11 @@ def _rewire_rope(out, make_nodes):
     path = out / "model.onnx"
     model = onnx.load(str(path))
     r = [d.dim_value for d in next(i for i in model.graph.input if i.name == "rope_rotary_cos_sin")
-         .type.tensor_type.shape.dim][2]
+         .type.tensor_type.shape.dim][-1]
     nodes, inits = make_nodes("rope_rotary_cos_sin", "rope_broken", r)
     for n in model.graph.node:
         if n.op_type == "AttentionPlugin":
-            n.input[5] = "rope_broken"
+            n.input[list(n.input).index("rope_rotary_cos_sin")] = "rope_broken"
     rest = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes + rest)
@@ -39,7 +39,7 @@ def swap_halves(src, dst, r):
     return ([helper.make_node("Slice", [src, "h_lo", "h_mid", "h_ax"], ["rope_lo"]),
              helper.make_node("Slice", [src, "h_mid", "h_hi", "h_ax"], ["rope_hi"]),
              helper.make_node("Concat", ["rope_hi", "rope_lo"], [dst], axis=-1)],
-            [_c("h_lo", [0]), _c("h_mid", [r // 2]), _c("h_hi", [r]), _c("h_ax", [2])])
+            [_c("h_lo", [0]), _c("h_mid", [r // 2]), _c("h_hi", [r]), _c("h_ax", [-1])])
 
 
 def shift_positions(src, dst, r):
@@ -61,15 +61,35 @@ def llama_ckpt(models):
     return str(models.checkpoint("llama"))
 
 
-@pytest.mark.parametrize("breaker", [swap_halves, shift_positions])
-def test_broken_rope_fails_verify(models, tmp_path, llama_ckpt, breaker):
+# shift_positions tells decode from prefill by the dense [B, S, H] input; the paged target is token-major.
+@pytest.mark.parametrize("breaker,target,dtype", [
+    (swap_halves, "edgellm-0.9", "float32"), (shift_positions, "edgellm-0.9", "float32"),
+    (swap_halves, "edgellm-0.9", "float16"), (shift_positions, "edgellm-0.9", "float16"),
+    (swap_halves, "edgellm-0.11", "float16")],
+    ids=["halves-dense-fp32", "shift-dense-fp32", "halves-dense-fp16", "shift-dense-fp16", "halves-paged-fp16"])
+def test_broken_rope_fails_verify(models, tmp_path, llama_ckpt, breaker, target, dtype):
     out = tmp_path / "out"
-    pipeline.rewrite(models.baseline("llama"), out, dtype="float32")
+    pipeline.rewrite(models.baseline("llama"), out, target=target, dtype=dtype)
     assert verify(out, model=llama_ckpt, steps=2, quiet=True).passed
     _rewire_rope(out, breaker)
     res = verify(out, model=llama_ckpt, steps=2, quiet=True)
     assert not res.passed
     assert max(s.rel for s in res.steps) > 1e-2
+
+
+def test_fp16_top1_rule_stays_on_as_the_error_grows():
+    """A wrong top-1 fails fp16 verify however large the error; only a near-tie in the oracle excuses it."""
+    ref = np.linspace(-1.0, 1.0, 64, dtype=np.float32)  # top-2 margin 0.032: 3% of max |logit|
+    wrong = ref.copy()
+    wrong[[-1, 0]] = wrong[[0, -1]]  # the best token scored worst: max abs error 2.0
+    step = compare("decode1", wrong, ref)
+    assert step.max_abs == pytest.approx(2.0) and step.top1_checked and not step.top1_agree
+    tied = ref.copy()
+    tied[-2] = ref[-1] - 5e-3  # oracle's top-2 within 0.5% of max |logit|: a flip is fp16 noise
+    flipped = tied.copy()
+    flipped[-2], flipped[-1] = tied[-1], tied[-2]
+    step = compare("decode1", flipped, tied)
+    assert not step.top1_checked and not step.top1_agree
 
 
 def test_dropped_window_fails_verify(models, tmp_path):

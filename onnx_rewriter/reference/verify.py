@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 FP32_REL = 1e-4
 FP16_COSINE = 0.999
+# fp16 top-1 may differ only where the oracle's own top-2 are closer than this share of its largest |logit|:
+# a fixed tie, ~4x the relative logit error of correct fp16 runs (<= 2.3e-3 on the tiny families). A tie
+# measured by the step's own error would switch the check off exactly when the graph is most wrong.
+TOP1_TIE = 1e-2
 
 
 @dataclass
@@ -92,7 +96,8 @@ def compare(step: str, ours: np.ndarray, ref: np.ndarray) -> StepResult:
     cos = float(np.dot(ours, ref) / max(np.linalg.norm(ours) * np.linalg.norm(ref), 1e-30))
     top2 = np.sort(ref)[-2:]
     margin = float(top2[1] - top2[0])
-    return StepResult(step, max_abs, rel, cos, int(ours.argmax()) == int(ref.argmax()), margin > max_abs)
+    tie = TOP1_TIE * max(float(np.abs(ref).max()), 1e-12)
+    return StepResult(step, max_abs, rel, cos, int(ours.argmax()) == int(ref.argmax()), margin > tie)
 
 
 def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -149,7 +154,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)
     else:
         result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
-                            f"margin exceeds the step's max abs error")
+                            f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
         result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
     if not quiet:
         out = sys.stdout

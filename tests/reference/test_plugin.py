@@ -318,7 +318,10 @@ def _plugin_model(domain, input_specs, attrs):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)])
 
 
-def test_reference_evaluator_dense_node():
+@pytest.mark.parametrize("extra", [{}, {"sliding_window_size": 2}, {"attention_scale": 0.37}],
+                         ids=["default", "window", "scale"])
+def test_reference_evaluator_dense_node(extra):
+    """The node's attributes reach the kernel (a dropped window or scale would change nothing here)."""
     s = Seqs(CASES[1], [5, 3])
     q, k, v = (x.astype(np.float16) for x in s.batch([(0, 5), (0, 3)], 5))
     past = s.empty_cache(8).astype(np.float16)
@@ -329,13 +332,17 @@ def test_reference_evaluator_dense_node():
              ("rope_rotary_cos_sin", f), ("kvcache_start_index", i)]
     attrs = dict(num_q_heads=4, num_kv_heads=2, head_size=16, enable_tree_attention=0, enable_fp8_kv_cache=0,
                  sliding_window_size=-1, qkv_scales=[1.0, 1.0, 1.0])
+    attrs.update(extra)
     model = _plugin_model("trt", specs, attrs)
     from onnx.reference import ReferenceEvaluator
 
     out, present = ReferenceEvaluator(model, new_ops=REFERENCE_OPS).run(None, feeds)
-    expected = dense_attention(*feeds.values(), num_q_heads=4, num_kv_heads=2, head_size=16)
+    heads = dict(num_q_heads=4, num_kv_heads=2, head_size=16)
+    expected = dense_attention(*feeds.values(), **heads, **extra)
     np.testing.assert_array_equal(out, expected[0])
     np.testing.assert_array_equal(present, expected[1])
+    if extra:
+        assert np.abs(out - dense_attention(*feeds.values(), **heads)[0]).max() > 1e-2
 
 
 def test_reference_evaluator_paged_node_with_qk_norm():
@@ -363,11 +370,12 @@ def test_reference_evaluator_paged_node_with_qk_norm():
                                q_norm_weight=qw, k_norm_weight=kw, rms_norm_eps=1e-6)
     np.testing.assert_array_equal(out, expected[0])
     np.testing.assert_array_equal(present, expected[1])
-    with pytest.raises(Exception):  # enable_qk_norm=1 without the gammas is a rewriter bug
-        bad = _plugin_model("trt_edgellm", [(n, t) for j, (n, t) in enumerate(zip(names, types)) if j not in (6, 7)],
-                            attrs)
-        reference_evaluator(bad).run(None, {n: x for n, x in zip(names, values)
-                                                                 if n not in ("q_norm_gamma", "k_norm_gamma")})
+    # enable_qk_norm=1 without the gammas is a rewriter bug: the reference names it
+    bad = _plugin_model("trt_edgellm", [(n, t) for j, (n, t) in enumerate(zip(names, types)) if j not in (6, 7)],
+                        attrs)
+    evaluator = reference_evaluator(bad)
+    with pytest.raises(ValueError, match=r"10 inputs with enable_qk_norm=1 \(expected 10 without q/k-norm, 12"):
+        evaluator.run(None, {n: x for n, x in zip(names, values) if n not in ("q_norm_gamma", "k_norm_gamma")})
 
 
 def test_ops_import_survives_schemas_in_both_domains():

@@ -38,9 +38,7 @@ def random_norms(models, tmp_path_factory):
         base_dir = root / "onnx"
         base_dir.mkdir()
         export_baseline(model, base_dir / "model.onnx")
-        for f in ckpt.iterdir():
-            if f.suffix in (".json", ".jinja") and f.name != "generation_config.json":
-                shutil.copy(f, base_dir / f.name)
+        models.copy_side_files(ckpt, base_dir)
         done[family] = (ckpt, base_dir / "model.onnx")
         return done[family]
 
