@@ -161,10 +161,30 @@ def step_check(run: Run) -> None:
 
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
-    if not run.spec["default_rope"]:
-        run.warn("the model's RoPE frequencies are scaled (llama3/yarn/linear style); the runtime builds a "
-                 "plain RoPE table from config.json and ignores the scaling, so long contexts will differ")
+    exact_constants(run)
     targets.get(run.options.target).check(run.layers, run.warn)
+
+
+def exact_constants(run: Run) -> None:
+    """rope_theta and softmax scales as the checkpoint states them, not as rounded constants read back
+    (exact.py); the report's `snapped` lists each value written in place of the graph's."""
+    from . import exact
+    from .sidefiles import config_json
+
+    ref = specmod.runtime_rope_layer(run.layers)
+    theta, note = exact.snap_theta(ref.rope.inv_freq, ref.rotary_dim, config_json.rope_thetas(run.hf_config))
+    run.spec["rope_theta"] = theta
+    notes = [note]
+    weight = run.embedding[0]
+    proto = graphio.lazy_proto(weight)
+    float_type = proto.data_type if proto is not None else onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
+    scales = exact.config_scales(run.hf_config)
+    for layer in run.layers:
+        layer.scale, note = exact.snap_scale(layer.scale, layer.head_size, float_type, scales)
+        notes.append(note)
+    for note in dict.fromkeys(n for n in notes if n):  # one line for all layers that snapped alike
+        run.report.snapped.append(note)
+        log.info("%s", note)
 
 
 def step_build(run: Run) -> None:
@@ -174,14 +194,26 @@ def step_build(run: Run) -> None:
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
-    from .sidefiles.config_json import max_positions
+    from .reference.rope import runtime_rope_table
+    from .sidefiles.config_json import make_config_json
 
     for layer in run.layers:  # Shape side branches must not keep the removed RoPE / attention alive
         for gone, same in layer.same_shape:
             for node in [n for n in gone.outputs if n.op == "Shape"]:
                 node.inputs[0] = same
+    # The table the runtime will build from the config.json written beside the graph: layers whose own
+    # table differs from it get theirs baked in (targets.base.rope_input).
+    cfg = make_config_json(run.spec, run.hf_config, target.edgellm_version)
+    positions = cfg["max_position_embeddings"]
     target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
-                       float_type=float_type, opset=run.source.opset, rope_positions=max_positions(run.hf_config)))
+                       float_type=float_type, opset=run.source.opset, rope_positions=positions,
+                       runtime_rope=runtime_rope_table(cfg, positions)))
+    baked = [t for name, t in g.tensors().items()
+             if name.startswith("rope_rotary_cos_sin_layer") and isinstance(t, gs.Constant)]
+    if baked:
+        mib = sum(t.values.nbytes for t in baked) / 2**20
+        run.report.snapped.append(f"RoPE table baked into the graph for {len(baked)} distinct table(s) the runtime "
+                                  f"cannot build from config.json: {positions} positions, {mib:.2f} MiB")
     g.cleanup()
     normalize(g)
     leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})

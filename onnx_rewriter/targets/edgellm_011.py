@@ -18,7 +18,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..layers import AttentionLayer
-from ..spec import runtime_rope_layer
 from .base import (Build, Emitter, Target, lm_head_input, rebind_output, remove_inputs, rope_input, set_logits_output,
                    to_bshd_flat)
 
@@ -106,13 +105,13 @@ class Edgellm011(Target):
         named = {**meta, "rope_rotary_cos_sin": rope}
 
         pasts, presents = [], []
-        ref, baked, rows_of = runtime_rope_layer(b.layers), {}, {}
+        baked, rows_of = {}, {}
         for layer in b.layers:
             i = layer.index
             lem = Emitter(g, f"layers.{i}/attn")
-            layer_rope = rope_input(layer, ref, rope, b.rope_positions, baked)
+            layer_rope = rope_input(layer, b, rope, baked)
             if layer_rope is not rope:
-                # A table config.json does not describe (Gemma3's local layers) is baked as [1, P, R];
+                # A table config.json does not describe (llama3 scaling, Gemma3's local layers) is baked as [1, P, R];
                 # the plugin wants one row per token: Gather them by `positions`.
                 if layer_rope.name not in rows_of:
                     picked = em.node("Gather", [layer_rope, meta["positions"]], {"axis": 1})

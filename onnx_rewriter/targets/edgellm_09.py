@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..spec import runtime_rope_layer
 from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, remove_inputs,
                    rebind_output, rope_input, set_logits_output, to_bshd_flat)
 
@@ -38,7 +37,7 @@ class DenseTarget(Target):
         last = gs.Variable("last_token_ids", np.int64, [B, 1])
         pasts, presents = [], []
         em = Emitter(g, "edgellm")
-        ref, baked = runtime_rope_layer(b.layers), {}
+        baked = {}
         for layer in b.layers:
             i = layer.index
             lem = Emitter(g, f"layers.{i}/attn")
@@ -51,7 +50,7 @@ class DenseTarget(Target):
             g.nodes.append(gs.Node(
                 "AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
                 inputs=self.attention_inputs(lem, q, k, v) + [
-                    past, context_lengths, rope_input(layer, ref, rope, b.rope_positions, baked), start],
+                    past, context_lengths, rope_input(layer, b, rope, baked), start],
                 outputs=[attn, present], attrs=self.plugin_attrs(layer)))
             # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
             rebind_output(g, layer.out, lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}))
