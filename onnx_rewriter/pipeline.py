@@ -62,6 +62,7 @@ class Run:
     files: list[str] = field(default_factory=list)
     tokenizer_job: object | None = None  # tokenizer side files being written (sidefiles/tokenizer_job.py)
     narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
+    weights_float_type: int = onnx.TensorProto.FLOAT  # the input's weights: how finely its constants are rounded
 
     def warn(self, msg: str) -> None:
         self.report.warnings.append(msg)
@@ -70,6 +71,7 @@ class Run:
 
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
+    run.weights_float_type = weights_float_type(run.source.graph)
     if run.options.dtype not in dtypes.NAMES:
         raise RewriteError(f"unknown --dtype '{run.options.dtype}'; choose float16 or float32")
     cfg = run.options.config or (run.in_path.parent / "config.json")
@@ -83,6 +85,21 @@ def step_load(run: Run) -> None:
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
                                                 targets.get(run.options.target).chat_template_file)
+
+
+def weights_float_type(graph: gs.Graph) -> int:
+    """The float type most weight elements have (before bf16 is widened): how finely the graph's constants
+    were rounded. Read once at load; exact.py snaps within that rounding."""
+    from collections import Counter
+
+    counts = Counter()
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            proto = graphio.lazy_proto(t)
+            code = proto.data_type if proto is not None else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            counts[code] += int(np.prod(t.shape)) if t.shape else 1
+    floats = [(n, code) for code, n in counts.items() if code in dtypes.FLOAT_PROTO]
+    return max(floats)[1] if floats else onnx.TensorProto.FLOAT
 
 
 def step_normalize(run: Run) -> None:
@@ -175,12 +192,9 @@ def exact_constants(run: Run) -> None:
     theta, note = exact.snap_theta(ref.rope.inv_freq, ref.rotary_dim, config_json.rope_thetas(run.hf_config))
     run.spec["rope_theta"] = theta
     notes = [note]
-    weight = run.embedding[0]
-    proto = graphio.lazy_proto(weight)
-    float_type = proto.data_type if proto is not None else onnx.helper.np_dtype_to_tensor_dtype(weight.dtype)
     scales = exact.config_scales(run.hf_config)
     for layer in run.layers:
-        layer.scale, note = exact.snap_scale(layer.scale, layer.head_size, float_type, scales)
+        layer.scale, note = exact.snap_scale(layer.scale, layer.head_size, run.weights_float_type, scales)
         notes.append(note)
     for note in dict.fromkeys(n for n in notes if n):  # one line for all layers that snapped alike
         run.report.snapped.append(note)

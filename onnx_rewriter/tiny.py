@@ -194,6 +194,9 @@ def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int 
         tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     for key, value in config_overrides.items():
         setattr(config, key, value)
+    params = getattr(config, "rope_parameters", None)
+    if "rope_theta" in config_overrides and isinstance(params, dict) and "rope_theta" in params:
+        params["rope_theta"] = float(config_overrides["rope_theta"])  # transformers 5 reads it from here
     types = getattr(config, "layer_types", None)
     if "layer_types" not in config_overrides and isinstance(types, list) and types \
             and len(types) != config.num_hidden_layers:
