@@ -157,6 +157,11 @@ FAMILIES = {
         "Gemma3TextConfig", query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
         layer_types=["sliding_attention", "full_attention"],
     ),
+    # Granite: softmax scale attention_multiplier (not 1/sqrt(D)), embedding / residual / logits multipliers.
+    "granite": lambda: _cfg(
+        "GraniteConfig", attention_multiplier=0.0625, embedding_multiplier=12.0, residual_multiplier=0.22,
+        logits_scaling=8.0,
+    ),
     # Interleaved (GPT-J style) partial rotary, LayerNorm, parallel attention+MLP.
     "gptj": lambda: _cfg(
         "GPTJConfig", {}, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_inner=128, n_positions=256,
