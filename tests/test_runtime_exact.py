@@ -81,7 +81,13 @@ def _copy_without_config(baseline, dst):
     return dst / "model.onnx"
 
 
-@pytest.mark.parametrize("dtype,theta", [("float32", 1e6), ("float16", 5e5), ("bfloat16", 5e6)])
+# One theta per dtype by default; the full dtype x theta matrix with --runslow.
+DEFAULT_CASES = [("float32", 1e6), ("float16", 5e5), ("bfloat16", 5e6)]
+CASES = DEFAULT_CASES + [pytest.param(d, t, marks=pytest.mark.slow) for d in ("float32", "float16", "bfloat16")
+                         for t in (1e4, 5e5, 1e6, 5e6) if (d, t) not in DEFAULT_CASES]
+
+
+@pytest.mark.parametrize("dtype,theta", CASES)
 def test_constants_exact_from_rounded_graphs(models, tmp_path, dtype, theta):
     """fp32 / fp16 / bf16 graphs with and without the checkpoint's config: theta and the 0.11 scale are
     written exactly, and the report says what was snapped from what."""
