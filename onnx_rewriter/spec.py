@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .exact import snap_theta
 from .layers import AttentionLayer
-
-
-def rope_theta_of(inv_freq: np.ndarray, rotary_dim: int) -> float:
-    """theta such that inv_freq[i] = theta^(-2i/R); read from i = 1 (unchanged by llama3/yarn scaling)."""
-    if inv_freq.size < 2:
-        return 10000.0
-    return float(np.exp(-np.log(inv_freq[1]) * rotary_dim / 2.0))
 
 
 def is_default_rope(inv_freq: np.ndarray, rotary_dim: int, theta: float) -> bool:
@@ -49,7 +43,7 @@ def intermediate_size_of(graph, hidden_size: int, attn_width: int) -> int | None
 def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int, graph=None) -> dict:
     l0 = layers[0]
     ref = runtime_rope_layer(layers)
-    theta = rope_theta_of(ref.rope.inv_freq, ref.rotary_dim)
+    theta, _ = snap_theta(ref.rope.inv_freq, ref.rotary_dim)  # config.json's theta replaces it in step_check
     windows = sorted({l.sliding_window for l in layers if l.sliding_window})
     spec = {
         "vocab_size": int(vocab_size),
@@ -59,7 +53,7 @@ def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int, 
         "num_key_value_heads": l0.num_kv_heads,
         "head_dim": l0.head_size,
         "rotary_dim": l0.rotary_dim,
-        "rope_theta": round(theta, 6 if theta < 1e3 else 2),
+        "rope_theta": theta,
         "default_rope": is_default_rope(ref.rope.inv_freq, ref.rotary_dim, theta),
     }
     if windows:

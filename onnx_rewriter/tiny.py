@@ -157,6 +157,11 @@ FAMILIES = {
         "Gemma3TextConfig", query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
         layer_types=["sliding_attention", "full_attention"],
     ),
+    # Granite: softmax scale attention_multiplier (not 1/sqrt(D)), embedding / residual / logits multipliers.
+    "granite": lambda: _cfg(
+        "GraniteConfig", attention_multiplier=0.0625, embedding_multiplier=12.0, residual_multiplier=0.22,
+        logits_scaling=8.0,
+    ),
     # Interleaved (GPT-J style) partial rotary, LayerNorm, parallel attention+MLP.
     "gptj": lambda: _cfg(
         "GPTJConfig", {}, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_inner=128, n_positions=256,
@@ -194,6 +199,9 @@ def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int 
         tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     for key, value in config_overrides.items():
         setattr(config, key, value)
+    params = getattr(config, "rope_parameters", None)
+    if "rope_theta" in config_overrides and isinstance(params, dict) and "rope_theta" in params:
+        params["rope_theta"] = float(config_overrides["rope_theta"])  # transformers 5 reads it from here
     types = getattr(config, "layer_types", None)
     if "layer_types" not in config_overrides and isinstance(types, list) and types \
             and len(types) != config.num_hidden_layers:

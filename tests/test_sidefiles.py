@@ -209,7 +209,7 @@ def test_config_json_default_rope():
         "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
         "rope_theta": 10000.0, "rope_scaling": None, "partial_rotary_factor": 1.0, "rms_norm_eps": 1e-5,
-        "model_type": "llm", "edgellm_version": "0.9.0",
+        "model_type": "llm", "edgellm_version": "0.9.0", "kv_cache_dtype": "fp16",
     }
 
 
@@ -224,6 +224,15 @@ def test_config_json_llama3_rope_parameters():
     old = _hf(rope_theta=500000.0, rope_scaling={k: v for k, v in rp.items() if k != "rope_theta"})
     del old["rope_parameters"]
     assert cj.make_config_json(dict(SPEC, rope_theta=500000.0), old, "0.9.0") == cfg
+
+
+def test_config_json_longrope_names_original_context_at_top_level():
+    # The runtime computes longrope itself and reads original_max_position_embeddings at the top level.
+    rp = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0] * 8, "short_factor": [1.0] * 8,
+          "original_max_position_embeddings": 64}
+    cfg = cj.make_config_json(SPEC, _hf(rope_parameters=rp), "0.9.0")
+    assert cfg["original_max_position_embeddings"] == 64
+    assert cfg["rope_scaling"]["long_factor"] == [1.0] * 8
 
 
 def test_config_json_graph_wins_and_defaults():

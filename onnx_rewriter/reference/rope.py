@@ -1,8 +1,8 @@
 """RoPE cos/sin tables: what the EdgeLLM runtime feeds the plugin vs what the HF model uses.
 
 Row p of a table is ``[cos(p·θ_0) … cos(p·θ_{R/2-1}) | sin(p·θ_0) … sin(p·θ_{R/2-1})]``.
-``verify`` compares the two to report models whose RoPE the runtime reproduces only
-approximately (llama3 / yarn / linear scaling, which the runtime treats as plain default).
+The rewriter compares the two to decide which layers may use the runtime's table (the others get their
+own table baked into the graph), and ``verify`` checks the written folder the same way.
 """
 
 from __future__ import annotations
@@ -14,21 +14,62 @@ def _rotary_dim(head_dim: int, partial_rotary_factor) -> int:
     return int(head_dim * float(1.0 if partial_rotary_factor is None else partial_rotary_factor))
 
 
+# rope_scaling types the runtime reads (collectRopeConfig); any other (llama3, linear, yarn, ...) is built as
+# plain default RoPE from rope_theta, so the rewriter bakes those models' tables into the graph instead.
+RUNTIME_ROPE_TYPES = ("default", "dynamic", "longrope")
+
+
+def runtime_rope_type(config: dict) -> str:
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("type") or scaling.get("rope_type") or "default"
+    return kind if kind in RUNTIME_ROPE_TYPES else "default"
+
+
 def runtime_rope_table(config: dict, num_positions: int) -> np.ndarray:
     """``[P, R]`` float32 table as the runtime builds it from an EdgeLLM ``config.json``.
 
-    ``rope_scaling`` is deliberately not applied: the runtime treats llama3 / yarn / linear
-    as plain default RoPE (contract section 2). Arithmetic mirrors HF's float32 default path
-    (inv_freq in float32, p·inv_freq in float32) so an unscaled model compares equal.
+    Mirrors the runtime's initializer: angle = p · rotaryScale / theta^(2d/R) in fp32. llama3 / yarn /
+    linear are built as plain default (the runtime does not know them); dynamic is the default table up
+    to max_position_embeddings (theta rescaled by an NTK ``alpha`` when given); longrope uses the short
+    factors (sequences up to original_max_position_embeddings) times HF's attention factor.
     """
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     r = _rotary_dim(head_dim, config.get("partial_rotary_factor"))
-    theta = float(config.get("rope_theta") or 10000.0)
-    exponents = np.arange(0, r, 2, dtype=np.int64).astype(np.float32) / np.float32(r)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    theta = np.float32(config.get("rope_theta") or 10000.0)
+    scaling, kind = config.get("rope_scaling") or {}, runtime_rope_type(config)
+    if kind == "dynamic" and scaling.get("alpha"):
+        theta = np.float32(theta * np.float32(scaling["alpha"]) ** np.float32(head_dim / (head_dim - 2.0)))
+    exponents = np.float32(2.0) * np.arange(r // 2, dtype=np.float32) / np.float32(r)
+    divisor = np.power(theta, exponents).astype(np.float32)
+    gain = np.float32(1.0)
+    if kind == "longrope":
+        divisor = (divisor * np.asarray(scaling["short_factor"], dtype=np.float32)).astype(np.float32)
+        original = config.get("original_max_position_embeddings") or config["max_position_embeddings"]
+        factor = config["max_position_embeddings"] / original
+        gain = np.float32(1.0 if factor <= 1.0 else np.sqrt(1 + np.log(factor) / np.log(original)))
     pos = np.arange(num_positions, dtype=np.float32)
-    freqs = pos[:, None] * inv_freq[None, :]
-    return np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1).astype(np.float32)
+    freqs = (pos[:, None] / divisor[None, :]).astype(np.float32)
+    return (np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1) * gain).astype(np.float32)
+
+
+def table_tolerance(num_positions: int) -> np.ndarray:
+    """Per-row tolerance when comparing two tables built in fp32: fp16 resolution (2^-11, what the fp16
+    attention sees) plus two fp32 ulps of the largest angle p·inv_freq (inv_freq <= 1), which the two
+    sides may round differently. ``[P, 1]``."""
+    pos = np.arange(num_positions, dtype=np.float32)
+    return (2.0 ** -11 + 2.0 * np.spacing(np.maximum(pos, 1.0)))[:, None]
+
+
+def first_difference(table, model, tolerance=None) -> tuple[float, int | None]:
+    """(max |table - model|, first position where it exceeds the tolerance or None) over common rows."""
+    a, b = np.asarray(table, dtype=np.float32), np.asarray(model, dtype=np.float32)
+    if a.shape[-1] != b.shape[-1]:
+        return float("inf"), 0
+    rows = min(a.shape[-2], b.shape[-2])
+    err = np.abs(a[..., :rows, :] - b[..., :rows, :]).reshape(rows, -1) if rows else np.zeros((0, 1))
+    tol = table_tolerance(rows) if tolerance is None else tolerance
+    bad = np.nonzero(np.any(err > tol, axis=-1))[0]
+    return (float(err.max()) if rows else 0.0), (int(bad[0]) if bad.size else None)
 
 
 def model_rope_table(hf_config, num_positions: int, layer_type: str | None = None) -> np.ndarray:

@@ -33,6 +33,14 @@ _ALIASES = {
     "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"),
     "rms_norm_eps": ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon"),
 }
+# Keys the runtimes' config parser requires (0.8+ refuse a config.json without kv_cache_dtype); every target
+# writes all of them. tests/test_sidefiles.py checks each target's output against this list.
+REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
+    "partial_rotary_factor", "rms_norm_eps", "model_type", "edgellm_version", "kv_cache_dtype",
+)
+KV_CACHE_DTYPE = "fp16"  # the only cache the rewriter emits; "fp8" once an FP8 cache exists
 # rope_parameters entries that are not scaling parameters (old configs kept them at the top level).
 _NOT_SCALING = ("rope_theta", "partial_rotary_factor")
 
@@ -71,6 +79,11 @@ def _rope_thetas(hf: dict) -> list[float]:
         return [float(v["rope_theta"]) for v in rp.values() if v.get("rope_theta") is not None]
     flat = _rope_parameters(hf) or {}
     return [float(flat["rope_theta"])] if flat.get("rope_theta") is not None else []
+
+
+def rope_thetas(hf_config: dict | None) -> list[float]:
+    """Every rope theta an HF config names, whatever its layout."""
+    return _rope_thetas(_llm_part(hf_config or {}))
 
 
 def rope_scaling(hf: dict | None) -> dict | None:
@@ -159,7 +172,14 @@ def make_config_json(spec: dict, hf_config: dict | None, edgellm_version: str) -
         "rms_norm_eps": float(pick("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
         "model_type": "llm",
         "edgellm_version": str(edgellm_version),
+        "kv_cache_dtype": KV_CACHE_DTYPE,
     }
+    scaling = cfg["rope_scaling"] or {}
+    if scaling.get("rope_type") == "longrope":
+        # The runtime computes longrope itself and reads this at the top level (collectRopeConfig).
+        cfg["original_max_position_embeddings"] = int(
+            scaling.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+            or cfg["max_position_embeddings"])
     if cfg["intermediate_size"] is None:
         log.warning("intermediate_size is known neither from the graph nor from config.json; writing null")
     if spec.get("sliding_window") is not None:  # beyond the contract's list, for runtimes that window

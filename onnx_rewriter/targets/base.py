@@ -30,6 +30,7 @@ class Build:
     float_type: int  # onnx.TensorProto.FLOAT16 or FLOAT
     opset: int
     rope_positions: int = 4096  # rows of a baked RoPE table: config.json's max_position_embeddings
+    runtime_rope: np.ndarray | None = None  # [P, R]: the table the runtime builds from the written config.json
 
 
 class Target:
@@ -148,29 +149,40 @@ def same_rope(a: AttentionLayer, b: AttentionLayer) -> bool:
                         and abs(ta.attention_scaling - tb.attention_scaling) <= 1e-6)
 
 
-def bake_rope_table(layer: AttentionLayer, positions: int, name: str) -> gs.Constant:
-    """The layer's own `[1, positions, R]` fp32 cos|sin table, computed as the model computes it (fp32
-    angles p·inv_freq, times attention_scaling). Costs positions·R·4 bytes per distinct table, e.g.
-    Gemma3-1B's local layers: 32768·256·4 = 32 MiB, once, shared by every layer using it."""
+def layer_rope_table(layer: AttentionLayer, positions: int) -> np.ndarray:
+    """The layer's own `[positions, R]` fp32 cos|sin table, computed as the model computes it (fp32 angles
+    p·inv_freq, times attention_scaling)."""
     inv = np.asarray(layer.rope.inv_freq, dtype=np.float32).reshape(-1)
     f = np.arange(positions, dtype=np.float32)[:, None] * inv[None, :]
     table = np.concatenate([np.cos(f), np.sin(f)], axis=-1) * np.float32(layer.rope.attention_scaling)
-    return gs.Constant(name, np.ascontiguousarray(table[None].astype(np.float32)))
+    return np.ascontiguousarray(table.astype(np.float32))
 
 
-def rope_input(layer: AttentionLayer, ref: AttentionLayer, shared: gs.Tensor, positions: int,
-               baked: dict) -> gs.Tensor:
-    """The runtime's `rope_rotary_cos_sin` input (built from config.json, i.e. `ref`'s table) for layers
-    roped like `ref`; a constant table baked into the graph for the others (Gemma3's local layers use
-    theta 1e4 where config.json and the global layers say 1e6). `baked` caches one constant per table."""
-    if same_rope(layer, ref):
-        return shared
-    for other, const_t in baked.values():
+def rope_input(layer: AttentionLayer, b: Build, shared: gs.Tensor, baked: dict) -> gs.Tensor:
+    """What the layer's plugin reads as `rope_rotary_cos_sin`: the runtime's input (`shared`) where the
+    table the runtime builds from config.json equals the layer's own at every position up to
+    max_position_embeddings; otherwise the layer's table baked into the graph as a `[1, P, R]` constant.
+
+    Decided by comparing the numbers, not by rope type, and alike on every target: no runtime release
+    these targets name builds llama3 / linear / yarn tables (they become plain default RoPE there;
+    rotaryScale-style "proportional" RoPE, which could express linear, is newer than 0.11.0), and
+    Gemma3's local layers use another theta than config.json. dynamic (below its trigger length) and
+    longrope are built by the runtime itself. Cost: P·R·4 bytes per distinct table, shared by the layers
+    using it (Llama-3.2-1B: 131072·64·4 = 32 MiB; Gemma3-1B's local layers: 32768·256·4 = 32 MiB). The
+    runtime still binds its `rope_rotary_cos_sin` input even when no layer reads it: it stays a graph input.
+    `baked` caches one decision per distinct table."""
+    from ..reference.rope import first_difference
+
+    for other, tensor in baked.values():
         if same_rope(layer, other):
-            return const_t
-    const_t = bake_rope_table(layer, positions, f"rope_rotary_cos_sin_layer{layer.index}")
-    baked[layer.index] = (layer, const_t)
-    return const_t
+            return tensor
+    table = layer_rope_table(layer, b.rope_positions)
+    if b.runtime_rope is not None and first_difference(b.runtime_rope, table)[1] is None:
+        tensor = shared
+    else:
+        tensor = gs.Constant(f"rope_rotary_cos_sin_layer{layer.index}", table[None])
+    baked[layer.index] = (layer, tensor)
+    return tensor
 
 
 def lm_head_input(logits: gs.Tensor) -> tuple[gs.Node, int]:

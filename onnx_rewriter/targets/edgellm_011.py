@@ -18,7 +18,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..layers import AttentionLayer
-from ..spec import runtime_rope_layer
 from .base import Build, Emitter, Target, lm_head_input, rope_input, set_io, set_logits_output, to_bshd_flat
 
 PAGE_SIZE = 128  # tokens per KV page, fixed by the runtime
@@ -104,13 +103,13 @@ class Edgellm011(Target):
         meta = {name: gs.Variable(name, dt, shape) for name, dt, shape in METADATA}
         named = {**meta, "rope_rotary_cos_sin": rope}
 
-        ref, baked, rows_of = runtime_rope_layer(b.layers), {}, {}
+        baked, rows_of = {}, {}
 
         def layer_inputs(lem, layer, past):
             i = layer.index
-            layer_rope = rope_input(layer, ref, rope, b.rope_positions, baked)
+            layer_rope = rope_input(layer, b, rope, baked)
             if layer_rope is not rope:
-                # A table config.json does not describe (Gemma3's local layers) is baked as [1, P, R];
+                # A table config.json does not describe (llama3 scaling, Gemma3's local layers) is baked as [1, P, R];
                 # the plugin wants one row per token: Gather them by `positions`.
                 if layer_rope.name not in rows_of:
                     picked = em.node("Gather", [layer_rope, meta["positions"]], {"axis": 1})

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..spec import runtime_rope_layer
 from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, rope_input, set_io,
                    set_logits_output, to_bshd_flat)
 
@@ -37,14 +36,14 @@ class DenseTarget(Target):
         start = gs.Variable("kvcache_start_index", np.int32, [KV_START])
         last = gs.Variable("last_token_ids", np.int64, [B, 1])
         em = Emitter(g, "edgellm")
-        ref, baked = runtime_rope_layer(b.layers), {}
+        baked = {}
 
         def layer_inputs(lem, layer, past):
             q = prescale_q(lem, to_bshd_flat(lem, layer.q, layer.num_q_heads, d), layer, np_float)
             k = to_bshd_flat(lem, layer.k, hkv, d)
             v = to_bshd_flat(lem, layer.v, hkv, d)
             inputs = self.attention_inputs(lem, q, k, v) + [
-                past, context_lengths, rope_input(layer, ref, rope, b.rope_positions, baked), start]
+                past, context_lengths, rope_input(layer, b, rope, baked), start]
             return inputs, self.plugin_attrs(layer)
 
         # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].

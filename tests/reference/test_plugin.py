@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from onnx_rewriter.reference.ops import REFERENCE_OPS, reference_evaluator
 from onnx_rewriter.reference.plugin import (PAGE_SIZE, apply_rope, dense_attention,
                                             packed_qkv_dense_attention, paged_attention)
-from onnx_rewriter.reference.rope import model_rope_table, runtime_rope_table, table_difference
+from onnx_rewriter.reference.rope import first_difference, model_rope_table, runtime_rope_table, table_difference
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -212,7 +212,9 @@ def test_rope_tables():
     plain = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=5e5)
     runtime = runtime_rope_table({"head_dim": 16, "rope_theta": 5e5, "rope_scaling": None}, 2048)
     assert runtime.shape == (2048, 16) and runtime.dtype == np.float32
-    assert table_difference(model_rope_table(plain, 2048), runtime) < 1e-5
+    # The runtime divides p by theta^(2d/R) where HF multiplies by inv_freq: equal up to fp32 rounding.
+    assert table_difference(model_rope_table(plain, 2048), runtime) < 1e-3
+    assert first_difference(runtime, model_rope_table(plain, 2048))[1] is None
     scaled = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -221,6 +223,10 @@ def test_rope_tables():
                                  "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 2048)
     np.testing.assert_array_equal(llama3, runtime)  # the runtime ignores llama3 scaling
     assert table_difference(model_rope_table(scaled, 2048), llama3) > 1e-2
+    assert first_difference(llama3, model_rope_table(scaled, 2048))[1] == 1  # already wrong at position 1
+    dynamic = runtime_rope_table({"head_dim": 16, "rope_theta": 5e5, "rope_scaling": {"rope_type": "dynamic",
+                                                                                        "factor": 4.0}}, 2048)
+    np.testing.assert_array_equal(dynamic, runtime)  # dynamic is plain up to max_position_embeddings
     partial = runtime_rope_table({"hidden_size": 64, "num_attention_heads": 4, "partial_rotary_factor": 0.5}, 4)
     assert partial.shape == (4, 8)
 
