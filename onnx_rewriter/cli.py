@@ -31,6 +31,14 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="write weights to model.onnx.data (automatic above 2 GB)")
     p.add_argument("--report", help="write the per-layer match report to this JSON file")
+    # deployment features (onnx_rewriter/features/): options -> pipeline.Options fields of the same name
+    p.add_argument("--quantize", choices=["int4"], help="int4: INT4 weight-only linears (groupwise RTN, G=128)")
+    p.add_argument("--int4-plugin-version", type=int, choices=[1, 2], help="INT4 plugin layout on edgellm-0.11 "
+                   "(default 2, Int4GroupwiseGemmPluginV2)")
+
+
+def _feature_opts(args) -> dict:
+    return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version}
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
@@ -136,7 +144,8 @@ def _run(cmd: str, args) -> int:
 
     if cmd == "rewrite":
         run = pipeline.rewrite(args.input, args.output_dir, target=args.target, dtype=args.dtype, config=args.config,
-                               tokenizer=args.tokenizer, force=args.force, external_data=args.external_data)
+                               tokenizer=args.tokenizer, force=args.force, external_data=args.external_data,
+                               **_feature_opts(args))
         _write_report(run, args.report)
         _print_summary(run, args.output_dir, args.quiet)
         return 0
@@ -147,7 +156,8 @@ def _run(cmd: str, args) -> int:
 
         t0 = time.perf_counter()
         run = export(args.model, args.output_dir, target=args.target, dtype=args.dtype, device=args.device,
-                     trust_remote_code=args.trust_remote_code, force=args.force, external_data=args.external_data)
+                     trust_remote_code=args.trust_remote_code, force=args.force, external_data=args.external_data,
+                     **_feature_opts(args))
         _write_report(run, args.report)
         _print_summary(run, args.output_dir, args.quiet, total_s=time.perf_counter() - t0)
         if args.verify:

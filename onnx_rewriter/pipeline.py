@@ -41,6 +41,9 @@ class Options:
     external_data: bool | None = None  # None: only when the weights pass 2 GB
     force: bool = False  # replace a non-empty output folder
     self_check: bool = True  # numerically check masks before fusing
+    # deployment features (features/): each option selects a feature module
+    quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
+    int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Run:
     files: list[str] = field(default_factory=list)
     tokenizer_job: object | None = None  # tokenizer side files being written (sidefiles/tokenizer_job.py)
     narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
+    features: list = field(default_factory=list)  # features.Feature objects, their hooks run in order
 
     def warn(self, msg: str) -> None:
         self.report.warnings.append(msg)
@@ -164,7 +168,10 @@ def step_check(run: Run) -> None:
     if not run.spec["default_rope"]:
         run.warn("the model's RoPE frequencies are scaled (llama3/yarn/linear style); the runtime builds a "
                  "plain RoPE table from config.json and ignores the scaling, so long contexts will differ")
-    targets.get(run.options.target).check(run.layers, run.warn)
+    target = targets.get(run.options.target)
+    target.check(run.layers, run.warn)
+    for feature in run.features:
+        feature.check(run, target)
 
 
 def step_build(run: Run) -> None:
@@ -180,8 +187,11 @@ def step_build(run: Run) -> None:
         for gone, same in layer.same_shape:
             for node in [n for n in gone.outputs if n.op == "Shape"]:
                 node.inputs[0] = same
-    target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
-                       float_type=float_type, opset=run.source.opset, rope_positions=max_positions(run.hf_config)))
+    build = Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
+                  float_type=float_type, opset=run.source.opset, rope_positions=max_positions(run.hf_config))
+    target.build(build)
+    for feature in run.features:
+        feature.apply(run, build)
     g.cleanup()
     normalize(g)
     leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})
@@ -202,7 +212,7 @@ def to_model(run: Run) -> onnx.ModelProto:
                            onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     model.producer_name = "onnx_rewriter"
     # Keep types only where inference cannot derive them: the plugin outputs (no inference function).
-    plugin_outs = {o for n in model.graph.node if n.op_type == "AttentionPlugin" for o in n.output}
+    plugin_outs = {o for n in model.graph.node if n.domain in schema.DOMAINS for o in n.output}
     keep = [vi for vi in model.graph.value_info if vi.name in plugin_outs]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
@@ -213,6 +223,9 @@ def step_write(run: Run) -> None:
     from .sidefiles import writer
 
     schema.register()
+    for feature in run.features:
+        for args in feature.schemas():
+            schema.register_op(*args)
     float_type = dtypes.NAMES[run.options.dtype]
     size = graphio.weights_nbytes(run.source.graph, 2 if float_type == onnx.TensorProto.FLOAT16 else 4)
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
@@ -231,6 +244,9 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     options = options or Options(**kwargs)
     run = Run(in_path=Path(in_path), out_dir=Path(out_dir) if out_dir is not None else None, options=options)
     targets.get(options.target)  # an unknown target fails before any work
+    from .features import selected
+
+    run.features = selected(options)  # an unknown feature option too
     if run.out_dir is not None:
         OutputDir.precheck(run.out_dir, options.force)
     t0 = time.perf_counter()

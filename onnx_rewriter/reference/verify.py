@@ -38,6 +38,15 @@ class VerifyResult:
     criterion: str = ""
     passed: bool = False
     rope_table_difference: float | None = None
+    # INT4 folders: the dequantized model (the oracle above) against the original one, per step
+    quantization: list[StepResult] = field(default_factory=list)
+
+    def quantization_line(self) -> str:
+        q = self.quantization
+        agree = sum(s.top1_agree for s in q)
+        return (f"INT4 quantization error (dequantized vs original model, same tokens): min cosine "
+                f"{min(s.cosine for s in q):.6f}, mean cosine {np.mean([s.cosine for s in q]):.6f}, "
+                f"top-1 agreement {agree}/{len(q)}")
 
     def table(self) -> str:
         rows = [f"{'step':<10}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
@@ -104,6 +113,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
            rows: list[list[int]] | None = None, quiet: bool = False) -> VerifyResult:
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     oracle = HFOracle(model) if model else OnnxOracle(baseline)
+    original = _int4_oracle(out_dir, model, oracle)
+    if original is not None:  # compare with the dequantized model; report the INT4 cost separately
+        oracle, original = original, oracle
     result = VerifyResult()
     rope_table = None
     if isinstance(oracle, HFOracle):
@@ -133,6 +145,8 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         pb.update()
         for b in range(len(seqs)):
             result.steps.append(compare("prefill" if k == 0 else f"decode{k}", ours[b], refs[b]))
+            if original is not None:
+                result.quantization.append(compare(result.steps[-1].step, refs[b], original(seqs[b])))
         if k == steps:
             break
         nxt = [int(r.argmax()) for r in refs]
@@ -154,5 +168,27 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             print(f"rope table: runtime (config.json) vs model max abs difference {result.rope_table_difference:.3e}"
                   + (" -- the runtime will NOT reproduce the model's RoPE" if result.rope_table_difference > 1e-5 else ""),
                   file=out)
+        if result.quantization:
+            print(result.quantization_line(), file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
     return result
+
+
+def _int4_oracle(out_dir, model, oracle):
+    """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
+    dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
+    import onnx
+    from pathlib import Path
+
+    if not model:
+        return None
+    graph = onnx.load(str(Path(out_dir) / "model.onnx"))
+    from ..features.int4 import int4_nodes, load_dequantized
+
+    nodes = int4_nodes(graph)
+    if not nodes:
+        return None
+    deq = HFOracle(model)
+    pairs = load_dequantized(deq.model, nodes)
+    log.info("INT4 weights loaded into: %s", ", ".join(name for _, name in pairs))
+    return deq
