@@ -44,6 +44,7 @@ class Options:
     # deployment features (features/): each option selects a feature module
     quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
     int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
+    int4_checkpoint: str | None = None  # an AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take
 
 
 @dataclass

@@ -53,9 +53,10 @@ def _rank(t) -> int | None:
 class Int4(Feature):
     name = "int4"
 
-    def __init__(self, method: str = "rtn", plugin_version: int | None = None):
-        self.method = method
+    def __init__(self, method: str = "rtn", plugin_version: int | None = None, checkpoint: str | None = None):
+        self.method = method  # "rtn", or "checkpoint": the codes of an AWQ/GPTQ checkpoint
         self.plugin_version = plugin_version
+        self.checkpoint = checkpoint
 
     # ------------------------------------------------------------------ hooks
 
@@ -76,6 +77,7 @@ class Int4(Feature):
         lm_head, _ = lm_head_input(build.logits)
         domain = _domain(g)
         entries = []
+        source = _CheckpointCodes(self.checkpoint) if self.checkpoint else None
         for node in [n for n in g.nodes if n.op == "MatMul"]:
             w = node.inputs[1]
             if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
@@ -83,8 +85,16 @@ class Int4(Feature):
             k, n = (int(d) for d in w.shape)
             entry = {"node": node.name, "weight": w.name, "K": k, "N": n}
             reason = "lm_head stays FP16" if node is lm_head else self._breaks(node, k, n)
+            prefix = None
+            if reason is None and source is not None:
+                prefix = source.find(constant_array(w, run.source.base_dir))
+                reason = None if prefix else "not quantized in the checkpoint"
             if reason:
                 entries.append({**entry, "int4": False, "reason": reason})
+                continue
+            if prefix:
+                extra = self._replace_from_checkpoint(g, node, source, prefix, k, n, domain)
+                entries.append({**entry, "int4": True, "op": OPS[self.version], "linear": prefix, **extra})
                 continue
             self._replace(g, node, w, k, n, domain, run.source.base_dir)
             entries.append({**entry, "int4": True, "op": OPS[self.version]})
@@ -121,27 +131,79 @@ class Int4(Feature):
         return None
 
     def _replace(self, g: gs.Graph, node: gs.Node, w: gs.Constant, k: int, n: int, domain: str, base_dir) -> None:
+        self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain,
+                   lambda: int4_layout.rtn(constant_array(w, base_dir).astype(np.float16)))
+
+    def _emit(self, g: gs.Graph, node: gs.Node, x, out, k: int, n: int, domain: str, codes) -> None:
+        """The plugin node reading x; `codes()` -> (U [N, K], scales), called when the writer needs them."""
         pack = int4_layout.PACKERS[self.version][0]
         rows = (n // 2, k) if self.version == 1 else (-(-n // 128) * -(-k // 64) * 8, 512)
         cache: dict = {}
 
         def part(i):  # qweight and scales come from one read of the weight; each is written once
             if not cache:
-                u, scales = int4_layout.rtn(constant_array(w, base_dir).astype(np.float16))
+                u, scales = codes()
                 cache.update({0: pack(u), 1: scales})
             return cache.pop(i)
 
         base = node.name
         qweight = computed_constant(f"{base}/qweight", np.int8, rows, lambda: part(0))
         scales = computed_constant(f"{base}/scales", np.float16, (k // G, n), lambda: part(1))
-        out = node.outputs[0]
         out.dtype = np.float16
         plugin = gs.Node(OPS[self.version], name=f"{base}/{OPS[self.version]}", domain=domain,
-                         inputs=[node.inputs[0], qweight, scales], outputs=[out],
+                         inputs=[x, qweight, scales], outputs=[out],
                          attrs={"gemm_n": n, "gemm_k": k, "group_size": G})
         node.outputs.clear()
         node.inputs.clear()
         g.nodes.append(plugin)
+
+    def _replace_from_checkpoint(self, g, node, source, prefix: str, k: int, n: int, domain: str) -> dict:
+        """The checkpoint's own codes: Gather(x, perm) first for act-order; where a nibble would clip, U = q and
+        the zero-point term is added after the plugin: y += groupsum(x) @ C (quantized_checkpoint.py)."""
+        lin = source.ck.linear(prefix)
+        _, corr, perm = lin.plugin()
+        x, out = node.inputs[0], node.outputs[0]
+        name = node.name
+        if perm is not None:
+            x = _op(g, "Gather", f"{name}/act_order", [x, gs.Constant(f"{name}/perm", perm.astype(np.int64))],
+                    {"axis": -1})
+        plugin_out = out
+        if corr is not None:
+            plugin_out = gs.Variable(f"{name}/int4_out", np.float16)
+        self._emit(g, node, x, plugin_out, k, n, domain,
+                   lambda: (lambda c: (c.plugin()[0], c.scales))(source.ck.linear(prefix)))
+        if corr is not None:
+            grouped = _op(g, "Reshape", f"{name}/groups", [x, gs.Constant(f"{name}/group_shape",
+                                                                          np.array([0, 0, k // G, G], np.int64))])
+            sums = _op(g, "ReduceSum", f"{name}/group_sums", [grouped, gs.Constant(f"{name}/axes",
+                                                                                   np.array([-1], np.int64))],
+                       {"keepdims": 0})
+            term = _op(g, "MatMul", f"{name}/zero_point", [sums, gs.Constant(f"{name}/zero_point_c", corr)])
+            g.nodes.append(gs.Node("Add", name=f"{name}/zero_point_add", inputs=[plugin_out, term], outputs=[out]))
+        return {"act_order": perm is not None, "zero_point_correction": corr is not None}
+
+
+def _op(g: gs.Graph, op: str, name: str, inputs, attrs=None) -> gs.Variable:
+    out = gs.Variable(f"{name}_out", np.float16)
+    g.nodes.append(gs.Node(op, name=name, inputs=inputs, outputs=[out], attrs=attrs or {}))
+    return out
+
+
+class _CheckpointCodes:
+    """Finds the checkpoint linear a traced weight came from: the traced weight is its dequantized value,
+    so the fp16 bytes identify it (a weight the checkpoint did not quantize is found nowhere)."""
+
+    def __init__(self, folder):
+        import hashlib
+
+        from ..quantized_checkpoint import Checkpoint
+
+        self.ck = Checkpoint(folder)
+        self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()
+        self.by_value = {self._hash(self.ck.linear(p).dequantized()): p for p in self.ck.prefixes}
+
+    def find(self, w_kn: np.ndarray) -> str | None:
+        return self.by_value.get(self._hash(np.asarray(w_kn).astype(np.float16)))
 
 
 def _domain(g: gs.Graph) -> str:
@@ -165,7 +227,8 @@ def _qkv_concat_plugins(g: gs.Graph, domain: str) -> None:
 def from_options(options) -> Int4:
     if options.quantize != "int4":
         raise UnsupportedModel(f"unknown --quantize '{options.quantize}'; choose int4")
-    return Int4(plugin_version=getattr(options, "int4_plugin_version", None))
+    ck = getattr(options, "int4_checkpoint", None)
+    return Int4("checkpoint" if ck else "rtn", getattr(options, "int4_plugin_version", None), ck)
 
 
 # ---------------------------------------------------------------------- verify: the same numbers in transformers

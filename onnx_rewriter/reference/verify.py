@@ -177,11 +177,18 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
 def _int4_oracle(out_dir, model, oracle):
     """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
     dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
-    import onnx
+    import json
     from pathlib import Path
+
+    import onnx
 
     if not model:
         return None
+    cfg = Path(model) / "config.json"
+    from ..quantized_checkpoint import quantization
+
+    if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
+        return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
     graph = onnx.load(str(Path(out_dir) / "model.onnx"))
     from ..features.int4 import int4_nodes, load_dequantized
 
