@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import lazy_proto
+from .graph import is_computed, lazy_proto
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 FLOAT_PROTO = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -47,7 +47,7 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
         if isinstance(t, gs.Constant):
             lazy = lazy_proto(t)
             if lazy is not None and lazy.data_type in FLOAT_PROTO and lazy.data_type != proto_type:
-                if _numel(lazy) > SMALL or lazy.data_location == onnx.TensorProto.EXTERNAL:
+                if _numel(lazy) > SMALL or lazy.data_location == onnx.TensorProto.EXTERNAL or is_computed(lazy):
                     deferred.add(t.name)
                     continue
                 t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below

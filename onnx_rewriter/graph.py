@@ -182,6 +182,10 @@ def computed_constant(name: str, dtype, shape, produce) -> gs.Constant:
     return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
 
 
+def is_computed(t: TensorProto) -> bool:
+    return t.doc_string.startswith(COMPUTED)
+
+
 def _materialize(t: TensorProto) -> None:
     """Fill a computed tensor's raw_data (the writer then handles it like any inline tensor)."""
     arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
@@ -231,7 +235,7 @@ class WeightWriter:
 
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
-        if t.doc_string.startswith(COMPUTED):
+        if is_computed(t):
             _materialize(t)
         want = self._target_type(t)
         needs_convert = want != t.data_type

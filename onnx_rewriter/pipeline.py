@@ -75,6 +75,11 @@ class Run:
 
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
+    from .features import implied
+
+    run.features += implied(run)
+    for feature in run.features:
+        feature.prepare(run)
     if run.options.dtype not in dtypes.NAMES:
         raise RewriteError(f"unknown --dtype '{run.options.dtype}'; choose float16 or float32")
     cfg = run.options.config or (run.in_path.parent / "config.json")

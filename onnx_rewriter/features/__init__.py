@@ -3,6 +3,7 @@
 A feature is one module with one `Feature` object. It declares, per target, what it emits and refuses
 targets that cannot express it; the pipeline only runs the selected features' hooks in order:
 
+- `prepare(run)`        at the end of step_load: turn input-specific ops into what the patterns match;
 - `check(run, target)`  in step_check, before anything is built: refuse (UnsupportedModel) or warn;
 - `apply(run, build)`   in step_build, right after the target built its plugin graph;
 - `config(run, cfg)`    when config.json is made: the keys the feature adds or changes;
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 class Feature:
     name = "feature"
+
+    def prepare(self, run) -> None:
+        pass
 
     def check(self, run, target) -> None:
         pass
@@ -39,3 +43,14 @@ def selected(options) -> list[Feature]:
 
         out.append(from_options(options))
     return out
+
+
+def implied(run) -> list[Feature]:
+    """Features the input itself needs, unless already selected: MatMulNBits weights need INT4."""
+    if any(f.name == "int4" for f in run.features):
+        return []
+    if any(n.op == "MatMulNBits" for n in run.source.graph.nodes):
+        from .int4 import Int4
+
+        return [Int4()]
+    return []

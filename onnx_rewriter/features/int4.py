@@ -60,6 +60,13 @@ class Int4(Feature):
 
     # ------------------------------------------------------------------ hooks
 
+    def prepare(self, run) -> None:
+        from ..quantized_onnx import convert
+
+        self.onnx_codes = convert(run.source.graph, run.source.base_dir)
+        if self.onnx_codes:
+            self.method = "onnx"
+
     def check(self, run, target) -> None:
         plan = PLANS.get(target.name)
         if plan is None:
@@ -77,7 +84,7 @@ class Int4(Feature):
         lm_head, _ = lm_head_input(build.logits)
         domain = _domain(g)
         entries = []
-        source = _CheckpointCodes(self.checkpoint) if self.checkpoint else None
+        source = self._source(run)
         for node in [n for n in g.nodes if n.op == "MatMul"]:
             w = node.inputs[1]
             if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
@@ -87,13 +94,13 @@ class Int4(Feature):
             reason = "lm_head stays FP16" if node is lm_head else self._breaks(node, k, n)
             prefix = None
             if reason is None and source is not None:
-                prefix = source.find(constant_array(w, run.source.base_dir))
-                reason = None if prefix else "not quantized in the checkpoint"
+                prefix = source.find(w)
+                reason = None if prefix else f"not quantized in the {self.method}"
             if reason:
                 entries.append({**entry, "int4": False, "reason": reason})
                 continue
             if prefix:
-                extra = self._replace_from_checkpoint(g, node, source, prefix, k, n, domain)
+                extra = self._replace_from_codes(g, node, source, prefix, k, n, domain)
                 entries.append({**entry, "int4": True, "op": OPS[self.version], "linear": prefix, **extra})
                 continue
             self._replace(g, node, w, k, n, domain, run.source.base_dir)
@@ -117,6 +124,14 @@ class Int4(Feature):
         return out + [("QkvConcatPlugin", ["q", "k", "v"], ["qkv"], {})]
 
     # ------------------------------------------------------------------ pieces
+
+    def _source(self, run):
+        """Where the codes come from: None (RTN), the checkpoint, or the input ONNX's MatMulNBits."""
+        if self.checkpoint:
+            return _CheckpointCodes(self.checkpoint, run.source.base_dir)
+        if getattr(self, "onnx_codes", None):
+            return _OnnxCodes(self.onnx_codes, run.source.base_dir)
+        return None
 
     def _breaks(self, node, k: int, n: int) -> str | None:
         """Why this linear cannot be INT4 on the target (contract: leave it FP16), or None."""
@@ -157,10 +172,10 @@ class Int4(Feature):
         node.inputs.clear()
         g.nodes.append(plugin)
 
-    def _replace_from_checkpoint(self, g, node, source, prefix: str, k: int, n: int, domain: str) -> dict:
-        """The checkpoint's own codes: Gather(x, perm) first for act-order; where a nibble would clip, U = q and
+    def _replace_from_codes(self, g, node, source, prefix: str, k: int, n: int, domain: str) -> dict:
+        """The input's own codes (checkpoint or ONNX): Gather(x, perm) first for act-order; where a nibble would clip, U = q and
         the zero-point term is added after the plugin: y += groupsum(x) @ C (quantized_checkpoint.py)."""
-        lin = source.ck.linear(prefix)
+        lin = source.linear(prefix)
         _, corr, perm = lin.plugin()
         x, out = node.inputs[0], node.outputs[0]
         name = node.name
@@ -171,7 +186,7 @@ class Int4(Feature):
         if corr is not None:
             plugin_out = gs.Variable(f"{name}/int4_out", np.float16)
         self._emit(g, node, x, plugin_out, k, n, domain,
-                   lambda: (lambda c: (c.plugin()[0], c.scales))(source.ck.linear(prefix)))
+                   lambda: (lambda c: (c.plugin()[0], c.scales))(source.linear(prefix)))
         if corr is not None:
             grouped = _op(g, "Reshape", f"{name}/groups", [x, gs.Constant(f"{name}/group_shape",
                                                                           np.array([0, 0, k // G, G], np.int64))])
@@ -193,17 +208,33 @@ class _CheckpointCodes:
     """Finds the checkpoint linear a traced weight came from: the traced weight is its dequantized value,
     so the fp16 bytes identify it (a weight the checkpoint did not quantize is found nowhere)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, base_dir):
         import hashlib
 
         from ..quantized_checkpoint import Checkpoint
 
-        self.ck = Checkpoint(folder)
+        self.ck, self.base_dir = Checkpoint(folder), base_dir
         self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()
         self.by_value = {self._hash(self.ck.linear(p).dequantized()): p for p in self.ck.prefixes}
+        self.linear = self.ck.linear
 
-    def find(self, w_kn: np.ndarray) -> str | None:
-        return self.by_value.get(self._hash(np.asarray(w_kn).astype(np.float16)))
+    def find(self, w: gs.Constant) -> str | None:
+        return self.by_value.get(self._hash(np.asarray(constant_array(w, self.base_dir)).astype(np.float16)))
+
+
+class _OnnxCodes:
+    """The MatMulNBits codes `quantized_onnx.convert` kept, by the name of the weight that replaced them."""
+
+    def __init__(self, codes: dict, base_dir):
+        self.codes, self.base_dir = codes, base_dir
+
+    def find(self, w: gs.Constant) -> str | None:
+        return w.name if w.name in self.codes else None
+
+    def linear(self, key: str):
+        from ..quantized_onnx import linear
+
+        return linear(self.codes[key], self.base_dir)
 
 
 def _domain(g: gs.Graph) -> str:
