@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from .errors import UnsupportedModel
-from .graph import computed_constant, constant_array
+from .graph import computed_constant, constant_array, lazy_proto
 from .quantized_checkpoint import Linear
 
 GROUP = 128
@@ -59,7 +61,8 @@ def linear(c: Codes, base_dir) -> Linear:
 
 
 def convert(graph: gs.Graph, base_dir) -> dict:
-    """MatMulNBits -> MatMul (+ Add for a bias) in place; returns {weight constant name: its Codes}."""
+    """MatMulNBits -> MatMul (+ Add for a bias), blocked int4 DequantizeLinear -> MatMul's weight, in place;
+    returns {weight constant name: a function reading its codes as a Linear}."""
     codes = {}
     for node in [n for n in graph.nodes if n.op == "MatMulNBits"]:
         name = node.name
@@ -79,7 +82,7 @@ def convert(graph: gs.Graph, base_dir) -> dict:
         c = Codes(name, k, n, blk, node.inputs[1], node.inputs[2], zp)
         w = computed_constant(f"{name}/weight", dtype, (k, n),
                               lambda c=c: linear(c, base_dir).dequantized().astype(dtype))
-        codes[w.name] = c
+        codes[w.name] = lambda c=c: linear(c, base_dir)
         bias = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
         mm_out = out if bias is None else gs.Variable(f"{name}/matmul_out", out.dtype)
         graph.nodes.append(gs.Node("MatMul", name=f"{name}/MatMul", inputs=[a, w], outputs=[mm_out]))
@@ -87,7 +90,54 @@ def convert(graph: gs.Graph, base_dir) -> dict:
             graph.nodes.append(gs.Node("Add", name=f"{name}/bias", inputs=[mm_out, bias], outputs=[out]))
         node.inputs.clear()
         node.outputs.clear()
+    codes.update(_blocked_dq(graph, base_dir))
     if codes:
         graph.cleanup().toposort()
     return codes
 
+
+
+_INT4 = {onnx.TensorProto.INT4: 8, onnx.TensorProto.UINT4: 0}  # added to a code to make it 0..15
+
+
+def _blocked_dq(graph: gs.Graph, base_dir) -> dict:
+    """DequantizeLinear(int4/uint4 [K, N], scales [K/blk, N], zero points, axis=0, block_size) feeding a MatMul's
+    weight input -> that weight as a computed constant; the codes are kept."""
+    codes = {}
+    for node in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.attrs.get("block_size")]:
+        src = node.inputs[0]
+        proto = lazy_proto(src) if isinstance(src, gs.Constant) else None
+        users = node.outputs[0].outputs
+        if proto is None or proto.data_type not in _INT4 or len(proto.dims) != 2 \
+                or any(u.op != "MatMul" or u.inputs[1] is not node.outputs[0] for u in users):
+            continue
+        blk, axis = int(node.attrs["block_size"]), int(node.attrs.get("axis", 1))
+        if axis != 0 or blk != GROUP:
+            raise UnsupportedModel(f"DequantizeLinear '{node.name}': blocks of {blk} along axis {axis}; the INT4 "
+                                   f"plugin takes groups of {GROUP} input channels (axis 0 of the MatMul weight)")
+        if not all(isinstance(t, gs.Constant) for t in node.inputs[1:] if t.name):
+            raise UnsupportedModel(f"DequantizeLinear '{node.name}': scales and zero points must be initializers")
+        k, n = (int(d) for d in proto.dims)
+        scale = node.inputs[1]
+        zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+
+        def read(proto=proto, scale=scale, zp=zp, k=k):
+            shift = _INT4[proto.data_type]
+            q = numpy_helper.to_array(proto, str(base_dir)).astype(np.int16) + shift
+            z = (numpy_helper.to_array(lazy_proto(zp) or _inline(zp), str(base_dir)).astype(np.int16) + shift
+                 if zp is not None else np.full((k // GROUP, q.shape[1]), shift, np.int16))
+            s = np.asarray(constant_array(scale, base_dir), dtype=np.float16)
+            return Linear(q=q, z=z, scales=s, g_idx=np.arange(k) // GROUP, group=GROUP)
+
+        dtype = np.dtype(np.float32 if scale.dtype is None else scale.dtype)
+        w = computed_constant(f"{node.name}/weight", dtype, (k, n),
+                              lambda read=read, dtype=dtype: read().dequantized().astype(dtype))
+        for user in users:
+            user.inputs[1] = w
+        node.outputs.clear()
+        codes[w.name] = read
+    return codes
+
+
+def _inline(c: gs.Constant) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(c.values), c.name)

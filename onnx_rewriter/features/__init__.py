@@ -46,10 +46,12 @@ def selected(options) -> list[Feature]:
 
 
 def implied(run) -> list[Feature]:
-    """Features the input itself needs, unless already selected: MatMulNBits weights need INT4."""
+    """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
+    weights need INT4."""
     if any(f.name == "int4" for f in run.features):
         return []
-    if any(n.op == "MatMulNBits" for n in run.source.graph.nodes):
+    if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))
+           for n in run.source.graph.nodes):
         from .int4 import Int4
 
         return [Int4()]

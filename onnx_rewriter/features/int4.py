@@ -223,7 +223,8 @@ class _CheckpointCodes:
 
 
 class _OnnxCodes:
-    """The MatMulNBits codes `quantized_onnx.convert` kept, by the name of the weight that replaced them."""
+    """The codes `quantized_onnx.convert` kept (MatMulNBits, blocked DequantizeLinear), by the name of the
+    weight that replaced them."""
 
     def __init__(self, codes: dict, base_dir):
         self.codes, self.base_dir = codes, base_dir
@@ -232,9 +233,7 @@ class _OnnxCodes:
         return w.name if w.name in self.codes else None
 
     def linear(self, key: str):
-        from ..quantized_onnx import linear
-
-        return linear(self.codes[key], self.base_dir)
+        return self.codes[key]()
 
 
 def _domain(g: gs.Graph) -> str:

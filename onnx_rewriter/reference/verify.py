@@ -82,6 +82,9 @@ class OnnxOracle:
             raise RewriteError(f"baseline '{path}' does not exist; give the .onnx file the folder was rewritten from")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits computing with int8 activations by
+        # default (2% off the graph's own math); the oracle must compute what the graph says.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.sess.get_inputs()]
 
