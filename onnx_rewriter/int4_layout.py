@@ -1,7 +1,8 @@
 """INT4 weight bytes the EdgeLLM `Int4GroupwiseGemmPlugin` (V1) and `...V2` read, and groupwise RTN.
 
 Everything works on U[N, K], the *biased nibble* in [0, 15] of output channel n, input channel k: the
-runtime computes w[n, k] = (U[n, k] - 8) * scales[k // G, n] (fp16) and y = x @ w.T (docs/architecture.md, "INT4 weight-only linears").
+runtime computes w[n, k] = (U[n, k] - 8) * scales[k // G, n] (fp16) and y = x @ w.T
+(docs/architecture.md, "INT4 weight-only linears").
 
 - V1 ("AWQ swizzle", every target): int8 [N/2, K]. Inside each 32-wide K block, position i holds
   source column P[i] = 8*(i % 4) + i // 4; then each 4x64 block of rows is flattened row-major into

@@ -68,7 +68,8 @@ def convert(graph: gs.Graph, base_dir) -> dict:
         name = node.name
         k, n, blk, bits = (int(node.attrs.get(a, 0)) for a in ("K", "N", "block_size", "bits"))
         if bits != 4:
-            raise UnsupportedModel(f"MatMulNBits '{name}' has {bits}-bit weights; only 4-bit converts to the INT4 plugin")
+            raise UnsupportedModel(f"MatMulNBits '{name}' has {bits}-bit weights; only 4-bit converts to the "
+                                   f"INT4 plugin")
         if blk != GROUP:
             raise UnsupportedModel(f"MatMulNBits '{name}' has block size {blk}; the INT4 plugin has group size "
                                    f"{GROUP} only (re-quantize with block_size={GROUP})")

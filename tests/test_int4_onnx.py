@@ -1,5 +1,5 @@
-"""MatMulNBits and blocked-DequantizeLinear graphs (onnxruntime's quantizer) convert to the INT4 plugin without going back to FP16 and
-verify against onnxruntime running the quantized graph itself."""
+"""MatMulNBits and blocked-DequantizeLinear graphs (onnxruntime's quantizer) convert to the INT4 plugin without
+going back to FP16 and verify against onnxruntime running the quantized graph itself."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ q/k/v reach the attention plugin. A linear that breaks a constraint stays FP16 a
 lm_head and the embedding (a Gather) always stay FP16. A bias stays the graph's own fp16 Add after the
 plugin, as NVIDIA emits it.
 
-Weights are rounded to fp16 (the FP16 model) and quantized while the writer streams them (graph.computed_constant): one weight is in memory
-at a time.
+Weights are rounded to fp16 (the FP16 model) and quantized while the writer streams them
+(graph.computed_constant): one weight is in memory at a time.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class Int4(Feature):
             prefix = None
             if reason is None and source is not None:
                 prefix = source.find(w)
-                reason = None if prefix else f"not quantized in the {self.method}"
+                reason = None if prefix else f"not quantized in the {'checkpoint' if self.checkpoint else 'input ONNX'}"
             if reason:
                 entries.append({**entry, "int4": False, "reason": reason})
                 continue
@@ -110,9 +110,10 @@ class Int4(Feature):
             _qkv_concat_plugins(g, domain)
         run.report.features[self.name] = {"method": self.method, "plugin": OPS[self.version], "group_size": G,
                                           "linears": entries}
-        kept = [e for e in entries if not e["int4"] and e["reason"] != "lm_head stays FP16"]
+        body = [e for e in entries if e.get("reason") != "lm_head stays FP16"]
+        kept = [e for e in body if not e["int4"]]
         if kept:
-            run.warn(f"--quantize int4: {len(kept)} of {len(entries) - 1} linears stay FP16 (first: "
+            run.warn(f"--quantize int4: {len(kept)} of {len(body)} linears stay FP16 (first: "
                      f"{kept[0]['node']}: {kept[0]['reason']}); the report lists each")
         if not packed:
             raise UnsupportedModel(f"--quantize int4: no linear can be INT4 on this target "
@@ -173,8 +174,8 @@ class Int4(Feature):
         g.nodes.append(plugin)
 
     def _replace_from_codes(self, g, node, source, prefix: str, k: int, n: int, domain: str) -> dict:
-        """The input's own codes (checkpoint or ONNX): Gather(x, perm) first for act-order; where a nibble would clip, U = q and
-        the zero-point term is added after the plugin: y += groupsum(x) @ C (quantized_checkpoint.py)."""
+        """The input's own codes (checkpoint or ONNX): Gather(x, perm) first for act-order; where a nibble would
+        clip, U = q and the zero-point term is added after the plugin: y += groupsum(x) @ C (quantized_checkpoint.py)."""
         lin = source.linear(prefix)
         _, corr, perm = lin.plugin()
         x, out = node.inputs[0], node.outputs[0]
