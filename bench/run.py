@@ -8,6 +8,7 @@ Per size (random-weight bf16 checkpoints with real model dimensions, built once 
   (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
       `tensorrt-edgellm-export` 0.11.0 (its own venv, bench/.venv-nvidia, since it pins its own
       transformers/onnx), on the same bf16 checkpoint.
+  (c) quantize: the same baseline rewritten FP16 and with `--quantize int4` (time, peak RSS, output size).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
 from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
 Timings on a shared machine drift; the ratios compare tools measured back to back.
@@ -153,6 +154,24 @@ def bench_rewrite(size: str, base: Path, repeat: int) -> dict:
     return {"ours": ours, "peer": ort}
 
 
+# ---------------------------------------------------------------- (c) --quantize int4 vs the FP16 rewrite
+
+
+def bench_quantize(size: str, base: Path) -> dict:
+    """The same baseline rewritten FP16 and INT4 (RTN): wall, peak RSS (one weight in memory at a time,
+    so flat in model size), output size."""
+    res = {}
+    for key, extra in (("fp16", []), ("int4", ["--quantize", "int4"])):
+        out = CACHE / f"out-{key}-{size}"
+        shutil.rmtree(out, ignore_errors=True)
+        res[key] = measure(f"quantize-{key}-{size}", [PY, "-m", "onnx_rewriter", base, out, "--external-data", "-q",
+                                                      *extra])
+        res[key]["out_mb"] = dir_mb(out)
+        res[key]["fused"] = count_nodes(out / "model.onnx", "Int4GroupwiseGemmPlugin") if key == "int4" else None
+        drop_outputs(out)
+    return res
+
+
 # ---------------------------------------------------------------- (b) make export vs NVIDIA's exporter
 
 
@@ -237,6 +256,12 @@ def report(results: dict) -> None:
                         f"{ratio(a['peer']['cpu_s'], a['ours']['cpu_s'])} less CPU, peak "
                         f"{a['ours']['peak_mb']} vs {a['peer']['peak_mb']} MB; all walls: ours {a['ours']['walls']}, "
                         f"peer {a['peer']['walls']}")
+        if "quantize" in res:
+            c = res["quantize"]
+            row(size, "rewrite FP16", c["fp16"])
+            row(size, "rewrite --quantize int4 (RTN)", c["int4"])
+            rows.append(f"{'':<6}-> INT4 output {c['int4']['out_mb'] / max(c['fp16']['out_mb'], 1):.2f}x the FP16 one"
+                        f" ('fused' = INT4 GEMM nodes)")
         if "export" in res:
             b = res["export"]
             row(size, "make export (ours)", b["ours"])
@@ -259,7 +284,7 @@ def report(results: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,0.5b", help=f"comma list of {', '.join(SIZES)}")
-    p.add_argument("--only", choices=("rewrite", "export"), help="run one of the two comparisons")
+    p.add_argument("--only", choices=("rewrite", "export", "quantize"), help="run one of the comparisons")
     p.add_argument("--verify", default="tiny,0.5b", help="sizes whose export output is also verified")
     p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
     p.add_argument("--repeat", type=int, default=3, help="runs of each rewrite tool (the fastest counts)")
@@ -283,6 +308,8 @@ def main(argv=None) -> int:
             base, built = baseline(size, ckpt)
             res["baseline"] = built
             res["rewrite"] = bench_rewrite(size, base, args.repeat)
+        if args.only in (None, "quantize"):
+            res["quantize"] = bench_quantize(size, baseline(size, ckpt)[0])
         if args.only in (None, "export"):
             res["export"] = bench_export(size, ckpt, not args.no_nvidia, size in args.verify.split(","),
                                          args.export_target)

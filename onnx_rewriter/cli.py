@@ -49,6 +49,14 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
                    help="folder holding the tokenizer (default: the input's folder / the checkpoint)")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="write no tokenizer files (a warning says which are missing) instead of requiring them")
+    # deployment features (onnx_rewriter/features/): options -> pipeline.Options fields of the same name
+    p.add_argument("--quantize", choices=["int4"], help="int4: INT4 weight-only linears (groupwise RTN, G=128)")
+    p.add_argument("--int4-plugin-version", type=int, choices=[1, 2], help="INT4 plugin layout on edgellm-0.11 "
+                   "(default 2, Int4GroupwiseGemmPluginV2)")
+
+
+def _feature_opts(args) -> dict:
+    return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version}
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
@@ -180,7 +188,7 @@ def _run(cmd: str, args) -> int:
     rewrite_opts = {}
     if cmd in ("rewrite", "export"):
         rewrite_opts = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
-                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer)
+                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, **_feature_opts(args))
     if cmd == "rewrite":
         run = pipeline.rewrite(args.input, args.output_dir, config=args.config, **rewrite_opts)
         _write_report(run, args.report)

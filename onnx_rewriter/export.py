@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from . import checkpoint_refs, progress
+from . import checkpoint_refs, progress, quantized_checkpoint
 from .errors import RewriteError
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,11 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
-            m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code, **hub)
+            if local and quantized_checkpoint.quantization(config) is not None:  # AWQ / GPTQ: dequantized weights
+                m = quantized_checkpoint.load_model(model, config, dtype, attn_implementation)
+            else:
+                m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
+                                                         trust_remote_code=trust_remote_code, **hub)
     except ValueError as exc:
         msg = str(exc).splitlines()[0][:160]
         if attn_implementation == "sdpa" and ("sdpa" in msg.lower() or "scaled_dot_product_attention" in msg):
@@ -379,6 +382,8 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
                         for f in _TOKENIZER_FILES:
                             if (Path(model) / f).is_file():
                                 shutil.copyfile(Path(model) / f, work / f)
+            if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
+                opts.quantize, opts.int4_checkpoint = "int4", str(model)
             advance("rewrite")
             run = pipeline.rewrite(base, out, opts)
             if keep_baseline:

@@ -184,6 +184,34 @@ def lazy_proto(c: gs.Constant) -> TensorProto | None:
     return vals.tensor if isinstance(vals, gs.ir.tensor.LazyValues) else None
 
 
+# Constants whose values are computed when the writer reaches them (e.g. INT4 packing of one weight): the
+# graph holds only name, type and dims, so a quantized model never sits in memory at once.
+COMPUTED = "onnx_rewriter:computed "
+_PRODUCERS: dict[str, object] = {}
+
+
+def computed_constant(name: str, dtype, shape, produce) -> gs.Constant:
+    """A constant whose values `produce()` returns at write time (called once)."""
+    key = f"{len(_PRODUCERS)}:{id(produce)}:{name}"
+    _PRODUCERS[key] = produce
+    proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape),
+                        doc_string=COMPUTED + key)
+    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+
+
+def is_computed(t: TensorProto) -> bool:
+    return t.doc_string.startswith(COMPUTED)
+
+
+def _materialize(t: TensorProto) -> None:
+    """Fill a computed tensor's raw_data (the writer then handles it like any inline tensor)."""
+    arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
+    if tuple(arr.shape) != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type:
+        raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared {tuple(t.dims)}")
+    t.doc_string = ""
+    t.raw_data = arr.tobytes()
+
+
 def constant_array(c: gs.Constant, base_dir: Path) -> np.ndarray:
     proto = lazy_proto(c)
     return values_of(proto, base_dir) if proto is not None else np.asarray(c.values)
@@ -224,6 +252,8 @@ class WeightWriter:
 
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
+        if is_computed(t):
+            _materialize(t)
         want = self._target_type(t)
         needs_convert = want != t.data_type
         large = stream.numel(t) > SMALL_TENSOR_ELEMENTS

@@ -44,6 +44,10 @@ class Options:
     self_check: bool = True  # numerically check masks before fusing
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
 
+    # deployment features (features/): each option selects a feature module
+    quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
+    int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
+    int4_checkpoint: str | None = None  # an AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take
 
 def make_options(options: Options | None = None, **kwargs) -> Options:
     """Options from keyword arguments, every value checked: a typo fails here, before any work."""
@@ -99,6 +103,7 @@ class Run:
     tokenizer_job: object | None = None  # tokenizer side files being written (sidefiles/tokenizer_job.py)
     narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
     weights_float_type: int = onnx.TensorProto.FLOAT  # the input's weights: how finely its constants are rounded
+    features: list = field(default_factory=list)  # features.Feature objects, their hooks run in order
 
     def warn(self, msg: str) -> None:
         self.report.warnings.append(msg)
@@ -108,6 +113,11 @@ class Run:
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
     run.weights_float_type = weights_float_type(run.source.graph)
+    from .features import implied
+
+    run.features += implied(run)
+    for feature in run.features:
+        feature.prepare(run)
     cfg = run.options.config or (run.in_path.parent / "config.json")
     if run.options.config or Path(cfg).is_file():
         try:
@@ -217,7 +227,10 @@ def step_check(run: Run) -> None:
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
     exact_constants(run)
-    targets.get(run.options.target).check(run.layers, run.warn)
+    target = targets.get(run.options.target)
+    target.check(run.layers, run.warn)
+    for feature in run.features:
+        feature.check(run, target)
 
 
 def exact_constants(run: Run) -> None:
@@ -257,9 +270,12 @@ def step_build(run: Run) -> None:
     # table differs from it get theirs baked in (targets.base.rope_input).
     cfg = make_config_json(run.spec, run.hf_config, target.edgellm_version)
     positions = cfg["max_position_embeddings"]
-    target.build(Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
-                       float_type=float_type, opset=run.source.opset, rope_positions=positions,
-                       runtime_rope=runtime_rope_table(cfg, positions)))
+    build = Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
+                  float_type=float_type, opset=run.source.opset, rope_positions=positions,
+                  runtime_rope=runtime_rope_table(cfg, positions))
+    target.build(build)
+    for feature in run.features:
+        feature.apply(run, build)
     baked = [t for name, t in g.tensors().items()
              if name.startswith("rope_rotary_cos_sin_layer") and isinstance(t, gs.Constant)]
     if baked:
@@ -286,7 +302,7 @@ def to_model(run: Run) -> onnx.ModelProto:
                            onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
     model.producer_name = "onnx_rewriter"
     # Keep types only where inference cannot derive them: the plugin outputs (no inference function).
-    plugin_outs = {o for n in model.graph.node if n.op_type == "AttentionPlugin" for o in n.output}
+    plugin_outs = {o for n in model.graph.node if n.domain in schema.DOMAINS for o in n.output}
     keep = [vi for vi in model.graph.value_info if vi.name in plugin_outs]
     del model.graph.value_info[:]
     model.graph.value_info.extend(keep)
@@ -297,6 +313,9 @@ def step_write(run: Run) -> None:
     from .sidefiles import writer
 
     schema.register()
+    for feature in run.features:
+        for args in feature.schemas():
+            schema.register_op(*args)
     float_type = dtypes.NAMES[run.options.dtype]
     size = graphio.weights_nbytes(run.source.graph, 2 if float_type == onnx.TensorProto.FLOAT16 else 4)
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
@@ -315,6 +334,9 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     options = make_options(options, **kwargs)
     run = Run(in_path=Path(in_path), out_dir=safety.resolved(out_dir) if out_dir is not None else None,
               options=options)
+    from .features import selected
+
+    run.features = selected(options)  # an unknown feature option too
     if run.out_dir is not None:
         check_paths(run.in_path, run.out_dir, options)
     t0 = time.perf_counter()

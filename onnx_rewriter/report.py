@@ -25,6 +25,7 @@ class Report:
     snapped: list[str] = field(default_factory=list)  # exact values written in place of rounded graph constants
     seconds: float = 0.0
     error: str | None = None  # the refusal, when the run was refused
+    features: dict = field(default_factory=dict)  # per feature (features/): what it changed and what it left
 
     @property
     def refused(self) -> bool:

@@ -50,3 +50,24 @@ def register() -> None:
         )
         onnx.defs.register_schema(schema)
     _registered = True
+
+
+def register_op(name: str, inputs: list[str], outputs: list[str], attributes: dict, doc: str = "") -> None:
+    """Register a schema for another plugin op `name` in both domains (idempotent), at version 1 like
+    AttentionPlugin: the output declares each custom domain at opset 1. Every input and output gets its own
+    type variable (the plugins mix fp16 activations with int8 weights)."""
+    register()
+    types = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")]
+    for domain in DOMAINS:
+        try:
+            onnx.defs.get_schema(name, 1, domain)
+            continue
+        except onnx.defs.SchemaError:
+            pass
+        params = [(n, f"T{k}") for k, n in enumerate(inputs + outputs)]
+        onnx.defs.register_schema(OpSchema(
+            name, domain, 1, doc=doc or f"EdgeLLM {name} (TensorRT plugin).",
+            inputs=[OpSchema.FormalParameter(n, t) for n, t in params[:len(inputs)]],
+            outputs=[OpSchema.FormalParameter(n, t) for n, t in params[len(inputs):]],
+            type_constraints=[(t, types, "") for _, t in params],
+            attributes=[OpSchema.Attribute(a, kind, "", required=True) for a, kind in attributes.items()]))

@@ -13,17 +13,22 @@ runtimes too:
 
 from __future__ import annotations
 
+import numpy as np
 import onnx.defs
 
+from .int4 import int4_gemm
 from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention
+
+# Custom ops a rewritten graph may hold, per name; each is registered for both NVIDIA domains.
+CUSTOM_OPS = ("AttentionPlugin", "Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2", "QkvConcatPlugin")
 
 
 def _import_op_run():
     """Import ``onnx.reference.op_run`` whatever schemas are registered.
 
     On first import it builds a name -> schema map and raises NotImplementedError when one op
-    name lives in two domains, which an ``AttentionPlugin`` schema registered for both ``trt``
-    and ``trt_edgellm`` is. Hide those schemas for the import, then put them back.
+    name lives in two domains, which our plugin schemas registered for both ``trt`` and
+    ``trt_edgellm`` are. Hide those schemas for the import, then put them back.
     """
     try:
         from onnx.reference import op_run
@@ -31,13 +36,14 @@ def _import_op_run():
     except NotImplementedError:
         pass
     hidden = []
-    for domain in ("trt", "trt_edgellm"):
-        try:
-            schema = onnx.defs.get_schema("AttentionPlugin", domain)
-        except onnx.defs.SchemaError:
-            continue
-        onnx.defs.deregister_schema(schema.name, schema.since_version, schema.domain)
-        hidden.append(schema)
+    for name in CUSTOM_OPS:
+        for domain in ("trt", "trt_edgellm"):
+            try:
+                schema = onnx.defs.get_schema(name, domain)
+            except onnx.defs.SchemaError:
+                continue
+            onnx.defs.deregister_schema(schema.name, schema.since_version, schema.domain)
+            hidden.append(schema)
     try:
         from onnx.reference import op_run
     finally:
@@ -111,7 +117,34 @@ class TrtEdgeLLMAttentionPlugin(_AttentionPluginBase):
 for _cls in (TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin):
     _cls.__name__ = "AttentionPlugin"  # the evaluator matches on the class name
 
-REFERENCE_OPS = [TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
+class _Int4Base(OpRun):
+    op_schema = None
+    version = 1
+
+    def _run(self, x, qweight, scales, gemm_n=None, gemm_k=None, group_size=None):
+        return (int4_gemm(x, qweight, scales, gemm_n=int(gemm_n), gemm_k=int(gemm_k), group_size=int(group_size),
+                          version=self.version),)
+
+
+class _QkvConcatBase(OpRun):
+    op_schema = None
+
+    def _run(self, q, k, v):
+        return (np.concatenate([q, k, v], axis=-1),)
+
+
+def _per_domain(base, name: str, **fields) -> list:
+    classes = []
+    for domain in ("trt", "trt_edgellm"):
+        cls = type(name, (base,), {"op_domain": domain, **fields})
+        classes.append(cls)
+    return classes
+
+
+REFERENCE_OPS = ([TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
+                 + _per_domain(_Int4Base, "Int4GroupwiseGemmPlugin", version=1)
+                 + _per_domain(_Int4Base, "Int4GroupwiseGemmPluginV2", version=2)
+                 + _per_domain(_QkvConcatBase, "QkvConcatPlugin"))
 
 
 def reference_evaluator(model, **kwargs):

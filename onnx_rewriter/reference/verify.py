@@ -44,6 +44,15 @@ class VerifyResult:
     passed: bool = False
     rope_table_difference: float | None = None
     rope_checks: list = field(default_factory=list)  # rope_check.RopeCheck per group of layers
+    # INT4 folders: the dequantized model (the oracle above) against the original one, per step
+    quantization: list[StepResult] = field(default_factory=list)
+
+    def quantization_line(self) -> str:
+        q = self.quantization
+        agree = sum(s.top1_agree for s in q)
+        return (f"INT4 quantization error (dequantized vs original model, same tokens): min cosine "
+                f"{min(s.cosine for s in q):.6f}, mean cosine {np.mean([s.cosine for s in q]):.6f}, "
+                f"top-1 agreement {agree}/{len(q)}")
 
     def table(self) -> str:
         rows = [f"{'step':<14}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
@@ -79,6 +88,9 @@ class OnnxOracle:
             raise RewriteError(f"baseline '{path}' does not exist; give the .onnx file the folder was rewritten from")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits computing with int8 activations by
+        # default (2% off the graph's own math); the oracle must compute what the graph says.
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.sess.get_inputs()]
 
@@ -130,6 +142,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if baseline is not None:
         check_baseline(baseline)
     oracle = HFOracle(model) if model else OnnxOracle(baseline)
+    original = _int4_oracle(out_dir, model, oracle)
+    if original is not None:  # compare with the dequantized model; report the INT4 cost separately
+        oracle, original = original, oracle
     result = VerifyResult()
     rope_table = None
     if isinstance(oracle, HFOracle):
@@ -147,6 +162,8 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         pb.update()
         for b in range(len(seqs)):
             result.steps.append(compare(("prefill" if k == 0 else f"decode{k}") + f"/row{b}", ours[b], refs[b]))
+            if original is not None:
+                result.quantization.append(compare(result.steps[-1].step, refs[b], original(seqs[b])))
         if k == steps:
             break
         nxt = [int(r.argmax()) for r in refs]
@@ -169,5 +186,34 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         print(result.table(), file=out)
         for check in result.rope_checks:
             print(check.line(), file=out)
+        if result.quantization:
+            print(result.quantization_line(), file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
     return result
+
+
+def _int4_oracle(out_dir, model, oracle):
+    """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
+    dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    if not model:
+        return None
+    cfg = Path(model) / "config.json"
+    from ..quantized_checkpoint import quantization
+
+    if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
+        return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
+    graph = onnx.load(str(Path(out_dir) / "model.onnx"))
+    from ..features.int4 import int4_nodes, load_dequantized
+
+    nodes = int4_nodes(graph)
+    if not nodes:
+        return None
+    deq = HFOracle(model)
+    pairs = load_dequantized(deq.model, nodes)
+    log.info("INT4 weights loaded into: %s", ", ".join(name for _, name in pairs))
+    return deq

@@ -19,6 +19,8 @@ def write_side_files(run, out_dir: Path) -> list[str]:
     np_float = np.float32 if run.options.dtype == "float32" else np.float16
     files = [write_embedding(run.embedding.weight, run.source.base_dir, out_dir, np_float)]
     cfg = config_json.make_config_json(run.spec, run.hf_config, target.edgellm_version)
+    for feature in run.features:  # the keys a deployment feature adds (features/)
+        feature.config(run, cfg)
     config_json.write_config_json(cfg, out_dir)
     files.append("config.json")
     tok_dir = tokenizer_dir(run)

@@ -1,0 +1,58 @@
+"""Deployment features: optional changes to a rewritten graph (INT4 weights, later FP8 KV, VLM, LoRA).
+
+A feature is one module with one `Feature` object. It declares, per target, what it emits and refuses
+targets that cannot express it; the pipeline only runs the selected features' hooks in order:
+
+- `prepare(run)`        at the end of step_load: turn input-specific ops into what the patterns match;
+- `check(run, target)`  in step_check, before anything is built: refuse (UnsupportedModel) or warn;
+- `apply(run, build)`   in step_build, right after the target built its plugin graph;
+- `config(run, cfg)`    when config.json is made: the keys the feature adds or changes;
+- `schemas()`           OpSchemas of the ops it emits (registered before the file is checked).
+
+Features read the target-agnostic matches (run.layers, run.ctx) and the graph; they never reach into a
+target's code. `selected(options)` turns the options into the feature list (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+
+class Feature:
+    name = "feature"
+
+    def prepare(self, run) -> None:
+        pass
+
+    def check(self, run, target) -> None:
+        pass
+
+    def apply(self, run, build) -> None:
+        pass
+
+    def config(self, run, cfg: dict) -> None:
+        pass
+
+    def schemas(self) -> list:
+        return []
+
+
+def selected(options) -> list[Feature]:
+    """The features the options ask for, in the order their hooks run."""
+    out: list[Feature] = []
+    if getattr(options, "quantize", None):
+        from .int4 import from_options
+
+        out.append(from_options(options))
+    return out
+
+
+def implied(run) -> list[Feature]:
+    """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
+    weights need INT4."""
+    if any(f.name == "int4" for f in run.features):
+        return []
+    if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))
+           for n in run.source.graph.nodes):
+        from .int4 import Int4
+
+        return [Int4()]
+    return []

@@ -1,0 +1,304 @@
+"""INT4 weight-only linears: each decoder MatMul with a constant [K, N] weight becomes EdgeLLM's groupwise
+INT4 GEMM plugin (G = 128), its weight packed in the target's layout (int4_layout.py).
+
+Per target (`PLANS`): which plugin layouts the runtime has, the N divisibility its kernels need, and how
+q/k/v reach the attention plugin. A linear that breaks a constraint stays FP16 and the report says why;
+lm_head and the embedding (a Gather) always stay FP16. A bias stays the graph's own fp16 Add after the
+plugin, as NVIDIA emits it.
+
+Weights are rounded to fp16 (the FP16 model) and quantized while the writer streams them
+(graph.computed_constant): one weight is in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx.defs import OpSchema
+
+from .. import int4_layout
+from ..errors import UnsupportedModel
+from ..graph import computed_constant, constant_array
+from ..targets.base import lm_head_input
+from . import Feature
+
+G = int4_layout.GROUP
+OPS = {1: "Int4GroupwiseGemmPlugin", 2: "Int4GroupwiseGemmPluginV2"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What INT4 looks like on one target."""
+
+    versions: tuple[int, ...]  # plugin layouts the runtime has; the first is the default
+    n_multiple: dict  # per version: N must be a multiple of this
+    qkv: str  # how q/k/v enter attention: as the target wires them, or through QkvConcatPlugin
+
+
+PLANS = {
+    # 0.4-0.6 runtimes launch the GEMM on an n/128 grid with no fallback: N % 128 (0.9 covers 0.6.x too).
+    "edgellm-0.5": Plan((1,), {1: 128}, "target"),
+    "edgellm-0.9": Plan((1,), {1: 128}, "target"),
+    # 0.11: GEMV handles N % 8 for V1; V2's repacker needs N % 64. INT4 q/k/v go through QkvConcatPlugin.
+    "edgellm-0.11": Plan((2, 1), {1: 8, 2: 64}, "QkvConcatPlugin"),
+}
+
+
+def _rank(t) -> int | None:
+    return len(t.shape) if getattr(t, "shape", None) is not None else None
+
+
+class Int4(Feature):
+    name = "int4"
+
+    def __init__(self, method: str = "rtn", plugin_version: int | None = None, checkpoint: str | None = None):
+        self.method = method  # "rtn", or "checkpoint": the codes of an AWQ/GPTQ checkpoint
+        self.plugin_version = plugin_version
+        self.checkpoint = checkpoint
+
+    # ------------------------------------------------------------------ hooks
+
+    def prepare(self, run) -> None:
+        from ..quantized_onnx import convert
+
+        self.onnx_codes = convert(run.source.graph, run.source.base_dir)
+        if self.onnx_codes:
+            self.method = "onnx"
+
+    def check(self, run, target) -> None:
+        plan = PLANS.get(target.name)
+        if plan is None:
+            raise UnsupportedModel(f"--quantize int4: target {target.name} has no INT4 GEMM plugin")
+        if run.options.dtype != "float16":
+            raise UnsupportedModel("--quantize int4 needs --dtype float16: the INT4 plugin takes and returns fp16 only")
+        version = self.plugin_version or plan.versions[0]
+        if version not in plan.versions:
+            raise UnsupportedModel(f"--int4-plugin-version {version}: {target.name} has only "
+                                   f"{', '.join(OPS[v] for v in plan.versions)}")
+        self.version, self.plan = version, plan
+
+    def apply(self, run, build) -> None:
+        g = build.graph
+        lm_head, _ = lm_head_input(build.logits)
+        domain = _domain(g)
+        entries = []
+        source = self._source(run)
+        for node in [n for n in g.nodes if n.op == "MatMul"]:
+            w = node.inputs[1]
+            if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
+                continue
+            k, n = (int(d) for d in w.shape)
+            entry = {"node": node.name, "weight": w.name, "K": k, "N": n}
+            reason = "lm_head stays FP16" if node is lm_head else self._breaks(node, k, n)
+            prefix = None
+            if reason is None and source is not None:
+                prefix = source.find(w)
+                reason = None if prefix else f"not quantized in the {'checkpoint' if self.checkpoint else 'input ONNX'}"
+            if reason:
+                entries.append({**entry, "int4": False, "reason": reason})
+                continue
+            if prefix:
+                extra = self._replace_from_codes(g, node, source, prefix, k, n, domain)
+                entries.append({**entry, "int4": True, "op": OPS[self.version], "linear": prefix, **extra})
+                continue
+            self._replace(g, node, w, k, n, domain, run.source.base_dir)
+            entries.append({**entry, "int4": True, "op": OPS[self.version]})
+        packed = sum(e["int4"] for e in entries)
+        if packed and self.plan.qkv == "QkvConcatPlugin":
+            _qkv_concat_plugins(g, domain)
+        run.report.features[self.name] = {"method": self.method, "plugin": OPS[self.version], "group_size": G,
+                                          "linears": entries}
+        body = [e for e in entries if e.get("reason") != "lm_head stays FP16"]
+        kept = [e for e in body if not e["int4"]]
+        if kept:
+            run.warn(f"--quantize int4: {len(kept)} of {len(body)} linears stay FP16 (first: "
+                     f"{kept[0]['node']}: {kept[0]['reason']}); the report lists each")
+        if not packed:
+            raise UnsupportedModel(f"--quantize int4: no linear can be INT4 on this target "
+                                   f"({entries[0]['reason'] if entries else 'no MatMul with a constant weight'})")
+
+    def schemas(self) -> list:
+        ints = {a: OpSchema.AttrType.INT for a in ("gemm_n", "gemm_k", "group_size")}
+        out = [(op, ["input", "qweight", "scales"], ["output"], ints) for op in OPS.values()]
+        return out + [("QkvConcatPlugin", ["q", "k", "v"], ["qkv"], {})]
+
+    # ------------------------------------------------------------------ pieces
+
+    def _source(self, run):
+        """Where the codes come from: None (RTN), the checkpoint, or the input ONNX's MatMulNBits."""
+        if self.checkpoint:
+            return _CheckpointCodes(self.checkpoint, run.source.base_dir)
+        if getattr(self, "onnx_codes", None):
+            return _OnnxCodes(self.onnx_codes, run.source.base_dir)
+        return None
+
+    def _breaks(self, node, k: int, n: int) -> str | None:
+        """Why this linear cannot be INT4 on the target (contract: leave it FP16), or None."""
+        if k % G:
+            return f"K={k} is not a multiple of the group size {G}"
+        m = self.plan.n_multiple[self.version]
+        if n % m:
+            return f"N={n} is not a multiple of {m} ({OPS[self.version]})"
+        rank = _rank(node.inputs[0])
+        if rank is not None and rank != 3:
+            return f"input has rank {rank}; the plugin takes [d0, d1, K]"
+        return None
+
+    def _replace(self, g: gs.Graph, node: gs.Node, w: gs.Constant, k: int, n: int, domain: str, base_dir) -> None:
+        self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain,
+                   lambda: int4_layout.rtn(constant_array(w, base_dir).astype(np.float16)))
+
+    def _emit(self, g: gs.Graph, node: gs.Node, x, out, k: int, n: int, domain: str, codes) -> None:
+        """The plugin node reading x; `codes()` -> (U [N, K], scales), called when the writer needs them."""
+        pack = int4_layout.PACKERS[self.version][0]
+        rows = (n // 2, k) if self.version == 1 else (-(-n // 128) * -(-k // 64) * 8, 512)
+        cache: dict = {}
+
+        def part(i):  # qweight and scales come from one read of the weight; each is written once
+            if not cache:
+                u, scales = codes()
+                cache.update({0: pack(u), 1: scales})
+            return cache.pop(i)
+
+        base = node.name
+        qweight = computed_constant(f"{base}/qweight", np.int8, rows, lambda: part(0))
+        scales = computed_constant(f"{base}/scales", np.float16, (k // G, n), lambda: part(1))
+        out.dtype = np.float16
+        plugin = gs.Node(OPS[self.version], name=f"{base}/{OPS[self.version]}", domain=domain,
+                         inputs=[x, qweight, scales], outputs=[out],
+                         attrs={"gemm_n": n, "gemm_k": k, "group_size": G})
+        node.outputs.clear()
+        node.inputs.clear()
+        g.nodes.append(plugin)
+
+    def _replace_from_codes(self, g, node, source, prefix: str, k: int, n: int, domain: str) -> dict:
+        """The input's own codes (checkpoint or ONNX): Gather(x, perm) first for act-order; where a nibble would
+        clip, U = q and the zero-point term is added after the plugin: y += groupsum(x) @ C (quantized_checkpoint.py)."""
+        lin = source.linear(prefix)
+        _, corr, perm = lin.plugin()
+        x, out = node.inputs[0], node.outputs[0]
+        name = node.name
+        if perm is not None:
+            x = _op(g, "Gather", f"{name}/act_order", [x, gs.Constant(f"{name}/perm", perm.astype(np.int64))],
+                    {"axis": -1})
+        plugin_out = out
+        if corr is not None:
+            plugin_out = gs.Variable(f"{name}/int4_out", np.float16)
+        self._emit(g, node, x, plugin_out, k, n, domain,
+                   lambda: (lambda c: (c.plugin()[0], c.scales))(source.linear(prefix)))
+        if corr is not None:
+            grouped = _op(g, "Reshape", f"{name}/groups", [x, gs.Constant(f"{name}/group_shape",
+                                                                          np.array([0, 0, k // G, G], np.int64))])
+            sums = _op(g, "ReduceSum", f"{name}/group_sums", [grouped, gs.Constant(f"{name}/axes",
+                                                                                   np.array([-1], np.int64))],
+                       {"keepdims": 0})
+            term = _op(g, "MatMul", f"{name}/zero_point", [sums, gs.Constant(f"{name}/zero_point_c", corr)])
+            g.nodes.append(gs.Node("Add", name=f"{name}/zero_point_add", inputs=[plugin_out, term], outputs=[out]))
+        return {"act_order": perm is not None, "zero_point_correction": corr is not None}
+
+
+def _op(g: gs.Graph, op: str, name: str, inputs, attrs=None) -> gs.Variable:
+    out = gs.Variable(f"{name}_out", np.float16)
+    g.nodes.append(gs.Node(op, name=name, inputs=inputs, outputs=[out], attrs=attrs or {}))
+    return out
+
+
+class _CheckpointCodes:
+    """Finds the checkpoint linear a traced weight came from: the traced weight is its dequantized value,
+    so the fp16 bytes identify it (a weight the checkpoint did not quantize is found nowhere)."""
+
+    def __init__(self, folder, base_dir):
+        import hashlib
+
+        from ..quantized_checkpoint import Checkpoint
+
+        self.ck, self.base_dir = Checkpoint(folder), base_dir
+        self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()
+        self.by_value = {self._hash(self.ck.linear(p).dequantized()): p for p in self.ck.prefixes}
+        self.linear = self.ck.linear
+
+    def find(self, w: gs.Constant) -> str | None:
+        return self.by_value.get(self._hash(np.asarray(constant_array(w, self.base_dir)).astype(np.float16)))
+
+
+class _OnnxCodes:
+    """The codes `quantized_onnx.convert` kept (MatMulNBits, blocked DequantizeLinear), by the name of the
+    weight that replaced them."""
+
+    def __init__(self, codes: dict, base_dir):
+        self.codes, self.base_dir = codes, base_dir
+
+    def find(self, w: gs.Constant) -> str | None:
+        return w.name if w.name in self.codes else None
+
+    def linear(self, key: str):
+        return self.codes[key]()
+
+
+def _domain(g: gs.Graph) -> str:
+    """The domain the target wrote its AttentionPlugin in (NVIDIA writes the GEMM plugin in the same one)."""
+    return next(n.domain for n in g.nodes if n.op == "AttentionPlugin")
+
+
+def _qkv_concat_plugins(g: gs.Graph, domain: str) -> None:
+    """0.11: the packed qkv Concat in front of each AttentionPlugin becomes QkvConcatPlugin (NVIDIA: a plain
+    Concat of INT4 outputs can be elided on SM >= 100 and corrupt the strided V write)."""
+    for attn in [n for n in g.nodes if n.op == "AttentionPlugin"]:
+        squeeze = attn.inputs[0].inputs[0] if attn.inputs[0].inputs else None
+        concat = squeeze.inputs[0].inputs[0] if squeeze is not None and squeeze.inputs[0].inputs else None
+        if squeeze is None or squeeze.op != "Squeeze" or concat is None or concat.op != "Concat" \
+                or len(concat.inputs) != 3:
+            raise UnsupportedModel(f"--quantize int4: cannot find the packed q/k/v Concat of '{attn.name}'")
+        concat.op, concat.domain, concat.attrs = "QkvConcatPlugin", domain, {}
+        concat.outputs[0].dtype = np.float16
+
+
+def from_options(options) -> Int4:
+    if options.quantize != "int4":
+        raise UnsupportedModel(f"unknown --quantize '{options.quantize}'; choose int4")
+    ck = getattr(options, "int4_checkpoint", None)
+    return Int4("checkpoint" if ck else "rtn", getattr(options, "int4_plugin_version", None), ck)
+
+
+# ---------------------------------------------------------------------- verify: the same numbers in transformers
+
+
+def int4_nodes(model) -> list[tuple[str, np.ndarray]]:
+    """(node name, scales [K/G, N]) of every INT4 GEMM node."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    return [(n.name, numpy_helper.to_array(inits[n.input[2]])) for n in model.graph.node if n.op_type in OPS.values()]
+
+
+def load_dequantized(hf_model, nodes) -> list[tuple[str, str]]:
+    """Put the RTN-dequantized weight into each transformers Linear an INT4 node holds; returns (node, linear).
+
+    Computed from the model's own weights, never from the packed bytes, so a packing bug fails verify. A node
+    is paired with the Linear whose RTN scales equal the node's scales exactly (scales are stored unpacked).
+    """
+    import torch
+
+    linears = {name: m for name, m in hf_model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized: dict = {}
+    pairs = []
+    for node, scales in nodes:
+        n, k = scales.shape[1], scales.shape[0] * G
+        same = []
+        for name, m in linears.items():
+            if tuple(m.weight.shape) != (n, k):
+                continue
+            if name not in quantized:
+                quantized[name] = int4_layout.rtn(m.weight.detach().float().numpy().T.astype(np.float16))
+            if np.array_equal(quantized[name][1], scales):
+                same.append(name)
+        if len(same) != 1:
+            raise UnsupportedModel(f"verify: INT4 node '{node}' matches {len(same)} linears of the model by its "
+                                   f"scales (expected 1); was the folder made from this model?")
+        u, s = quantized[same[0]]
+        with torch.no_grad():
+            linears[same[0]].weight.copy_(torch.from_numpy(int4_layout.dequantize(u, s).astype(np.float32)))
+        pairs.append((node, same[0]))
+    return pairs

@@ -1,0 +1,177 @@
+"""INT4 checkpoints (AutoAWQ GEMM packing, GPTQ): their codes, their dequantized weights, and the plugin's U.
+
+`make export` traces the model with the checkpoint's own dequantized weights (w = (q - z) * s, in fp16) and
+the INT4 feature then writes the checkpoint's own codes and scales into the plugin, never re-quantizing.
+
+The plugin has no zero point: it computes (U - 8) * s. Where q - z + 8 fits a nibble for every weight
+of a linear, U = q - z + 8 is exact. Where some would clip (asymmetric checkpoints), the linear uses
+U = q and adds the constant part outside the plugin: (q - z) * s = (q - 8) * s + (8 - z) * s, the second
+term fixed per (group, output column), so y += groupsum(x) @ C with C[g, n] = (8 - z[g, n]) * s[g, n].
+
+Formats (docs/architecture.md, "INT4 checkpoints"):
+- AWQ: qweight int32 [K, N/8], nibble j of column c = output channel 8c + AWQ_ORDER[j]; qzeros likewise
+  [K/G, N/8]; scales fp16 [K/G, N].
+- GPTQ: qweight int32 [K/8, N], nibble j of row r = input channel 8r + j; qzeros int32 [K/G, N/8],
+  nibble j of column c = output channel 8c + j, stored as zero - 1 unless symmetric with every stored
+  zero 8; scales fp16 [K/G, N]; optional g_idx [K] (act-order: the group of each input channel).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RewriteError
+
+AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble slot j holds channel 8c + AWQ_ORDER[j]
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantization(config) -> dict | None:
+    """The checkpoint's quantization_config when it is one we read (AWQ GEMM or GPTQ, 4 bits), else None;
+    any other quantization is refused."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = str(qc.get("quant_method", "")).lower()
+    if method not in ("awq", "gptq"):
+        raise RewriteError(f"quantized checkpoint ({method or 'unknown method'}) is not supported; "
+                           f"onnx_rewriter reads AutoAWQ (GEMM) and GPTQ INT4 checkpoints")
+    bits = int(qc.get("bits", qc.get("w_bit", 4)))
+    version = str(qc.get("version", "gemm")).lower()
+    if bits != 4 or (method == "awq" and version != "gemm"):
+        raise RewriteError(f"{method} checkpoint with {bits} bits, packing '{version}': only 4-bit "
+                           f"{'GEMM packing' if method == 'awq' else 'weights'} are supported")
+    return qc
+
+
+def _nibbles(words: np.ndarray, axis: int) -> np.ndarray:
+    """int32 words -> 8 nibbles each along `axis` (nibble j = bits 4j..4j+3)."""
+    w = np.asarray(words).astype(np.uint32)
+    nib = (w[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF  # [..., 8]
+    nib = np.moveaxis(nib, -1, axis + 1) if axis != w.ndim - 1 else nib
+    shape = list(w.shape)
+    shape[axis] *= 8
+    return nib.reshape(shape).astype(np.int16)
+
+
+@dataclass
+class Linear:
+    """One quantized linear's codes: q [K, N], z [K/G, N] (actual zeros), scales fp16 [K/G, N], g_idx [K]."""
+
+    q: np.ndarray
+    z: np.ndarray
+    scales: np.ndarray
+    g_idx: np.ndarray
+    group: int
+
+    @property
+    def shape_kn(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantized(self) -> np.ndarray:
+        """w [K, N] fp16: (q - z[g_idx[k]]) * s[g_idx[k]], rounded once (what the checkpoint means)."""
+        g = self.g_idx
+        return ((self.q - self.z[g]).astype(np.float32) * self.scales[g].astype(np.float32)).astype(np.float16)
+
+    def act_order(self) -> np.ndarray | None:
+        """The input permutation that makes groups contiguous (None when it is the identity)."""
+        perm = np.argsort(self.g_idx, kind="stable")
+        if np.array_equal(perm, np.arange(len(perm))):
+            return None
+        counts = np.bincount(self.g_idx, minlength=self.scales.shape[0])
+        if np.any(counts != self.group):
+            raise RewriteError(f"act-order g_idx puts {counts.min()}..{counts.max()} channels in a group, "
+                               f"not {self.group}: the scale rows would not line up")
+        return perm
+
+    def plugin(self):
+        """(U [N, K] for the plugin, in gathered order, correction C [K/G, N] fp16 or None, perm or None)."""
+        perm = self.act_order()
+        order = perm if perm is not None else np.arange(self.q.shape[0])
+        q, zk = self.q[order], self.z[self.g_idx[order]]  # now group k // G, as the plugin reads the scales
+        u = q - zk + 8
+        if u.min() >= 0 and u.max() <= 15:
+            return u.T.astype(np.uint8), None, perm
+        corr = ((8 - self.z).astype(np.float32) * self.scales.astype(np.float32)).astype(np.float16)
+        return q.T.astype(np.uint8), corr, perm
+
+
+def read(qc: dict, tensors: dict) -> Linear:
+    """Decode one linear from its tensors (numpy arrays keyed by suffix)."""
+    method = qc["quant_method"].lower()
+    group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+    scales = np.asarray(tensors["scales"], dtype=np.float16)
+    n = scales.shape[1]
+    if method == "awq":
+        q = _nibbles(tensors["qweight"], 1)  # [K, N] in slot order
+        inv = np.argsort(np.tile(AWQ_ORDER, n // 8) + np.repeat(np.arange(0, n, 8), 8))
+        q = q[:, inv]
+        z = _nibbles(tensors["qzeros"], 1)[:, inv]
+    else:
+        q = _nibbles(tensors["qweight"], 0)  # [K, N]
+        qz = tensors.get("qzeros")
+        if qz is None or qz.size == 0:  # empty qzeros: symmetric
+            z = np.full(scales.shape, 8, dtype=np.int16)
+        else:
+            z = _nibbles(qz, 1)
+            offset = 0 if qc.get("sym", False) and np.all(z == 8) else 1
+            z = z + offset
+    k = q.shape[0]
+    g_idx = tensors.get("g_idx")
+    g_idx = np.arange(k) // group if g_idx is None else np.asarray(g_idx, dtype=np.int64)
+    return Linear(q=q, z=z, scales=scales, g_idx=g_idx, group=group)
+
+
+class Checkpoint:
+    """The quantized linears of a local checkpoint folder, read lazily from its safetensors."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self.qc = quantization(json.loads((self.folder / "config.json").read_text()))
+        self._where: dict = {}
+        for f in sorted(self.folder.glob("*.safetensors")):
+            with safe_open(str(f), "np") as fh:
+                for key in fh.keys():
+                    self._where[key] = f
+        self.prefixes = sorted(k[: -len(".qweight")] for k in self._where if k.endswith(".qweight"))
+
+    def tensor(self, key: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), "np") as fh:
+            return fh.get_tensor(key)
+
+    def linear(self, prefix: str) -> Linear:
+        return read(self.qc, {s: self.tensor(f"{prefix}.{s}") for s in SUFFIXES if f"{prefix}.{s}" in self._where})
+
+    def plain(self) -> dict:
+        """Every tensor that is not part of a quantized linear."""
+        parts = {f"{p}.{s}" for p in self.prefixes for s in SUFFIXES}
+        return {k: self.tensor(k) for k in self._where if k not in parts}
+
+
+def load_model(folder, config, dtype, attn_implementation: str):
+    """The transformers model of a quantized checkpoint, holding its dequantized weights (fp16 values)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ck = Checkpoint(folder)
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.plain().items()}
+    for p in ck.prefixes:
+        state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(ck.linear(p).dequantized().T))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RewriteError(f"quantized checkpoint '{folder}' does not fit its config: missing "
+                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.to(dtype).eval()
