@@ -146,7 +146,7 @@ def weights_float_type(graph: gs.Graph) -> int:
             proto = graphio.lazy_proto(t)
             code = proto.data_type if proto is not None else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
             counts[code] += int(np.prod(t.shape)) if t.shape else 1
-    floats = [(n, code) for code, n in counts.items() if code in dtypes.FLOAT_PROTO]
+    floats = [(n, code) for code, n in counts.items() if code in graphio.FLOAT_TYPES]
     return max(floats)[1] if floats else onnx.TensorProto.FLOAT
 
 
