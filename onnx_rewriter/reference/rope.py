@@ -52,12 +52,12 @@ def runtime_rope_table(config: dict, num_positions: int) -> np.ndarray:
     return (np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1) * gain).astype(np.float32)
 
 
-def table_tolerance(num_positions: int) -> np.ndarray:
+def table_tolerance(num_positions: int, fp16: bool = True) -> np.ndarray:
     """Per-row tolerance when comparing two tables built in fp32: fp16 resolution (2^-11, what the fp16
-    attention sees) plus two fp32 ulps of the largest angle p·inv_freq (inv_freq <= 1), which the two
-    sides may round differently. ``[P, 1]``."""
+    attention sees; 1e-6 for an fp32 graph) plus two fp32 ulps of the largest angle p·inv_freq
+    (inv_freq <= 1), which the two sides may round differently. ``[P, 1]``."""
     pos = np.arange(num_positions, dtype=np.float32)
-    return (2.0 ** -11 + 2.0 * np.spacing(np.maximum(pos, 1.0)))[:, None]
+    return ((2.0 ** -11 if fp16 else 1e-6) + 2.0 * np.spacing(np.maximum(pos, 1.0)))[:, None]
 
 
 def first_difference(table, model, tolerance=None) -> tuple[float, int | None]:

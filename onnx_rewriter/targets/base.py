@@ -171,13 +171,14 @@ def rope_input(layer: AttentionLayer, b: Build, shared: gs.Tensor, baked: dict) 
     using it (Llama-3.2-1B: 131072·64·4 = 32 MiB; Gemma3-1B's local layers: 32768·256·4 = 32 MiB). The
     runtime still binds its `rope_rotary_cos_sin` input even when no layer reads it: it stays a graph input.
     `baked` caches one decision per distinct table."""
-    from ..reference.rope import first_difference
+    from ..reference.rope import first_difference, table_tolerance
 
     for other, tensor in baked.values():
         if same_rope(layer, other):
             return tensor
     table = layer_rope_table(layer, b.rope_positions)
-    if b.runtime_rope is not None and first_difference(b.runtime_rope, table)[1] is None:
+    tolerance = table_tolerance(b.rope_positions, fp16=b.float_type == onnx.TensorProto.FLOAT16)
+    if b.runtime_rope is not None and first_difference(b.runtime_rope, table, tolerance)[1] is None:
         tensor = shared
     else:
         tensor = gs.Constant(f"rope_rotary_cos_sin_layer{layer.index}", table[None])
