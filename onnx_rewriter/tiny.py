@@ -160,7 +160,7 @@ FAMILIES = {
     # Granite: softmax scale attention_multiplier (not 1/sqrt(D)), embedding / residual / logits multipliers.
     "granite": lambda: _cfg(
         "GraniteConfig", attention_multiplier=0.0625, embedding_multiplier=12.0, residual_multiplier=0.22,
-        logits_scaling=8.0,
+        logits_scaling=2.0,
     ),
     # Interleaved (GPT-J style) partial rotary, LayerNorm, parallel attention+MLP.
     "gptj": lambda: _cfg(
