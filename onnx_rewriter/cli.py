@@ -197,7 +197,7 @@ def _run(cmd: str, args) -> int:
     if cmd == "export":
         import time
 
-        from .export import export
+        from .hf.export import export
 
         t0 = time.perf_counter()
         run = export(args.model, args.output_dir, device=args.device, trust_remote_code=args.trust_remote_code,
@@ -214,7 +214,7 @@ def _run(cmd: str, args) -> int:
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
                            quiet=args.quiet).passed else 1
-    from .inspect import analyze, render
+    from .inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)
     print(render(run))

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, is_computed, lazy_proto
 from .layers import RMSNormCore
-from .stream import numel
+from .modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, is_computed, lazy_proto
+from .modelio.stream import numel
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 NAMES = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
@@ -46,7 +46,8 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
             lazy = lazy_proto(t)
             if lazy is not None and lazy.data_type in FLOAT_TYPES and lazy.data_type != proto_type:
                 # large or on disk: converted while being written
-                if numel(lazy) > SMALL_TENSOR_ELEMENTS or lazy.data_location == onnx.TensorProto.EXTERNAL or is_computed(lazy):
+                on_disk = lazy.data_location == onnx.TensorProto.EXTERNAL
+                if numel(lazy) > SMALL_TENSOR_ELEMENTS or on_disk or is_computed(lazy):
                     deferred.add(t.name)
                     continue
                 t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below

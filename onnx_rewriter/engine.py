@@ -10,8 +10,9 @@ attention core) feed the layer-level match. The engine knows no pattern by name.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import onnx_graphsurgeon as gs
 
@@ -27,7 +28,7 @@ class Pattern(Protocol):
     stage: str
     anchors: tuple[str, ...]
 
-    def match(self, node: gs.Node, ctx: "Context") -> tuple[gs.Tensor, Any]: ...
+    def match(self, node: gs.Node, ctx: Context) -> tuple[gs.Tensor, Any]: ...
 
 
 @dataclass

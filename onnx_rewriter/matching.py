@@ -6,13 +6,23 @@ and the result types it returns (defined in `layers.py`, re-exported here).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import (AttentionCore, AttentionLayer, KTranspose, KVCacheConcat, QKNorm, RepeatKV, RMSNormCore,
-                     RopeApply, RopeTable, TokenEmbedding)
+from .layers import (
+    AttentionCore,
+    AttentionLayer,
+    KTranspose,
+    KVCacheConcat,
+    QKNorm,
+    RepeatKV,
+    RMSNormCore,
+    RopeApply,
+    RopeTable,
+    TokenEmbedding,
+)
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",

@@ -17,9 +17,10 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from . import bfloat16, reshape_wildcard, stream
-from .graph import SMALL_TENSOR_ELEMENTS, lazy_proto
+from . import reshape_wildcard
 from .matching import const, producer
+from .modelio import bfloat16, stream
+from .modelio.graph import SMALL_TENSOR_ELEMENTS, lazy_proto
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
                 node.inputs[i] = new
     if old in graph.outputs:
         idx = graph.outputs.index(old)
-        ident = gs.Node("Identity", name=f"{old.name}_id", inputs=[new], outputs=[gs.Variable(old.name, old.dtype, old.shape)])
+        ident = gs.Node("Identity", name=f"{old.name}_id", inputs=[new],
+                        outputs=[gs.Variable(old.name, old.dtype, old.shape)])
         old.name = old.name + "_old"
         graph.nodes.append(ident)
         graph.outputs[idx] = ident.outputs[0]
@@ -183,7 +185,8 @@ def simplify(graph: gs.Graph) -> int:
             changed += _bypass(graph, node)
         elif node.op == "Cast":
             src = node.inputs[0]
-            want = helper.tensor_dtype_to_np_dtype(node.attrs["to"]) if node.attrs["to"] != onnx.TensorProto.BFLOAT16 else None
+            to = node.attrs["to"]
+            want = helper.tensor_dtype_to_np_dtype(to) if to != onnx.TensorProto.BFLOAT16 else None
             if src.dtype is not None and want is not None and np.dtype(src.dtype) == want:
                 changed += _bypass(graph, node)
         elif node.op == "Transpose":

@@ -18,14 +18,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import dtype as dtypes
-from . import engine, graph as graphio, progress, safety, schema, spec as specmod, targets
+from . import engine, progress, safety, targets
+from . import spec as specmod
 from .errors import PatternMismatch, RewriteError
 from .layers import AttentionLayer, TokenEmbedding
+from .modelio import graph as graphio
+from .modelio import schema
+from .modelio.output import OutputDir
 from .normalize import normalize, replace_uses
-from .output import OutputDir
 from .probe import MaskProbe
 from .report import LayerReport, Report
-from .targets.base import B, S, Build
+from .targets.base import B, Build, S
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +196,8 @@ def step_embedding(run: Run) -> None:
         raise RewriteError(f"expected one token-embedding Gather on input_ids, found {len(found)}")
     m = found[0]
     weight = m.result.weight
-    vocab, hidden = (int(x) for x in graphio.lazy_proto(weight).dims) if graphio.lazy_proto(weight) is not None else weight.shape
+    lazy = graphio.lazy_proto(weight)
+    vocab, hidden = (int(x) for x in lazy.dims) if lazy is not None else weight.shape
     emb = gs.Variable("inputs_embeds", dtype=m.out.dtype or np.float32, shape=[B, S, int(hidden)])
     g.inputs.append(emb)
     replace_uses(g, m.out, emb)

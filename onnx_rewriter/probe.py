@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 

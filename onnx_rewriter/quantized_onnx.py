@@ -17,8 +17,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
 from .errors import UnsupportedModel
-from .graph import computed_constant, constant_array, lazy_proto
-from .quantized_checkpoint import Linear
+from .hf.quantized_checkpoint import Linear
+from .modelio.graph import computed_constant, constant_array, lazy_proto
 
 GROUP = 128
 
@@ -82,7 +82,7 @@ def convert(graph: gs.Graph, base_dir) -> dict:
         zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
         c = Codes(name, k, n, blk, node.inputs[1], node.inputs[2], zp)
         w = computed_constant(f"{name}/weight", dtype, (k, n),
-                              lambda c=c: linear(c, base_dir).dequantized().astype(dtype))
+                              lambda c=c, dtype=dtype: linear(c, base_dir).dequantized().astype(dtype))
         codes[w.name] = lambda c=c: linear(c, base_dir)
         bias = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
         mm_out = out if bias is None else gs.Variable(f"{name}/matmul_out", out.dtype)

@@ -27,7 +27,7 @@ def intermediate_size_of(graph, hidden_size: int, attn_width: int) -> int | None
 
     import onnx_graphsurgeon as gs
 
-    from .graph import lazy_proto
+    from .modelio.graph import lazy_proto
 
     rows = Counter()
     for node in graph.nodes:

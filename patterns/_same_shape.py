@@ -34,8 +34,9 @@ def keeps_shape(reshape, x, sources) -> bool:
     for k, part in enumerate(parts):
         v = const(part)
         if v is not None:
-            wildcards += int(v.reshape(-1)[0]) == -1  # one -1 is what the three others leave: x's dim
-            if int(v.reshape(-1)[0]) != -1 and not (isinstance(x.shape[k], int) and int(v.reshape(-1)[0]) == x.shape[k]):
+            want = int(v.reshape(-1)[0])
+            wildcards += want == -1  # one -1 is what the three others leave: x's dim
+            if want != -1 and not (isinstance(x.shape[k], int) and want == x.shape[k]):
                 return False
             continue
         g = producer(skip(part, ("Unsqueeze", "Cast", "Reshape")))

@@ -5,8 +5,19 @@ Softmax) and eager attention (one scale Mul on the scores, additive mask, Casts 
 Soft-capping (Tanh on the scores, Gemma 2) is refused: the plugin cannot soft-cap.
 """
 
-from onnx_rewriter.matching import (CASTS, AttentionCore, Refuse, Reject, check, const, expect, peel_scale, producer,
-                                   skip)
+from onnx_rewriter.matching import (
+    CASTS,
+    AttentionCore,
+    Refuse,
+    Reject,
+    check,
+    const,
+    expect,
+    peel_scale,
+    producer,
+    skip,
+)
+
 
 def _guarded_consumer(prob):
     """Follow Softmax's output through an IsNaN/Where guard and Casts to the P·V MatMul."""
@@ -21,8 +32,10 @@ def _guarded_consumer(prob):
         if where:
             w = where[0]
             isnan = producer(w.inputs[0])
-            check(isnan is not None and isnan.op == "IsNaN" and isnan.inputs[0] is t, "attention: Where after Softmax is not a NaN guard", w)
-            check(const(w.inputs[1]) is not None and float(abs(const(w.inputs[1])).max()) == 0.0, "attention: NaN guard does not write 0", w)
+            check(isnan is not None and isnan.op == "IsNaN" and isnan.inputs[0] is t,
+                  "attention: Where after Softmax is not a NaN guard", w)
+            check(const(w.inputs[1]) is not None and float(abs(const(w.inputs[1])).max()) == 0.0,
+                  "attention: NaN guard does not write 0", w)
             t = w.outputs[0]
         elif len(casts) == 1 and len(users) == 1:
             t = casts[0].outputs[0]
@@ -54,7 +67,8 @@ class AttentionCorePattern:
                 raise Reject("attention: Softmax input is an Add but neither side is q·k^T", add)
         inner, s_out = peel_scale(scores)
         if producer(inner) is not None and producer(inner).op == "Tanh":
-            raise Refuse("attention logit soft-capping (Tanh on the scores, e.g. Gemma 2) cannot be expressed by the AttentionPlugin", producer(inner))
+            raise Refuse("attention logit soft-capping (Tanh on the scores, e.g. Gemma 2) cannot be expressed by the "
+                         "AttentionPlugin", producer(inner))
         qk = expect(inner, "MatMul", "attention scores", node)
         q, s_q = peel_scale(qk.inputs[0])
         kt, s_k = peel_scale(qk.inputs[1])

@@ -42,14 +42,16 @@ class AttentionLayerPattern:
         check(qr.rotary_dim == kr.rotary_dim, f"q and k rotate {qr.rotary_dim} and {kr.rotary_dim} dims", node)
         d = static_dim(qr.x, -1)
         hq, hkv = static_dim(qr.x, 1), static_dim(v, 1)
-        check(bool(d) and bool(hq) and bool(hkv), "head count or head size is not static (and positive) in the graph", node)
+        check(bool(d) and bool(hq) and bool(hkv),
+              "head count or head size is not static (and positive) in the graph", node)
         check(static_dim(kr.x, -1) == d and static_dim(v, -1) == d, "q, k and v head sizes differ", node)
         check(static_dim(kr.x, 1) == hkv, f"k has {static_dim(kr.x, 1)} heads but v has {hkv}", node)
         check(hq % hkv == 0, f"{hq} q heads are not a multiple of {hkv} kv heads", node)
         check(bool(k_rep) == bool(v_rep), "repeat_kv on only one of k and v", node)
         if k_rep:
             g = hq // hkv
-            check(k_rep.result.groups in (None, g) and v_rep.result.groups in (None, g), f"repeat_kv groups differ from {g}", node)
+            check(k_rep.result.groups in (None, g) and v_rep.result.groups in (None, g),
+                  f"repeat_kv groups differ from {g}", node)
         else:
             check(hq == hkv, f"{hq} q heads attend to {hkv} kv heads without repeat_kv", node)
         check(core.mask is not None, "attention has no mask; the plugin is always causal", node)

@@ -12,6 +12,7 @@ from onnx_rewriter.matching import CASTS, Refuse, RopeApply, RopeTable, check, e
 
 from ._rope_common import angles_matmul, angles_mul, positive_inv_freq
 
+
 def _freqs(angles, at):
     """(inv_freq, positions) of f in the rope_table_mul or the rope_table_matmul form."""
     n = producer(angles)

@@ -9,7 +9,8 @@ class PartialRotary:
     anchors = ("Concat",)
 
     def match(self, node, ctx):
-        check(len(node.inputs) == 2 and node.attrs.get("axis") in (-1, 3), "partial rope: not a 2-way last-axis Concat", node)
+        check(len(node.inputs) == 2 and node.attrs.get("axis") in (-1, 3),
+              "partial rope: not a 2-way last-axis Concat", node)
         m = ctx.lookup("rope", node.inputs[0])
         check(m is not None, "partial rope: first part is not a RoPE", node)
         rope = m.result
@@ -21,7 +22,8 @@ class PartialRotary:
         bh, bt = slice_bounds(head), slice_bounds(tail)
         check(bh is not None and bt is not None, "partial rope: Slice bounds are not constant", head)
         check(bh[:2] == (0, r) and bh[2] in (-1, 3) and bh[3] == 1, f"partial rope: roped part is not [0:{r}]", head)
-        check(bt[0] == r and bt[2] in (-1, 3) and bt[3] == 1, f"partial rope: pass-through part does not start at {r}", tail)
+        check(bt[0] == r and bt[2] in (-1, 3) and bt[3] == 1,
+              f"partial rope: pass-through part does not start at {r}", tail)
         return node.outputs[0], RopeApply(x=x, table=rope.table, rotary_dim=r, patterns=rope.patterns + [self.name])
 
 

@@ -20,7 +20,8 @@ class QKRMSNorm:
         split = split_const(node)
         check(split is not None, "qk_norm: Mul has no constant operand", node)
         other, gamma = split
-        check(gamma.ndim == 1 and gamma.size > 1, f"qk_norm: constant operand of shape {list(gamma.shape)} is not a 1-D gamma", node)
+        check(gamma.ndim == 1 and gamma.size > 1,
+              f"qk_norm: constant operand of shape {list(gamma.shape)} is not a 1-D gamma", node)
         core = ctx.lookup("rms_norm", skip(other, CASTS))
         check(core is not None, f"qk_norm: gamma multiplies something that is not an RMSNorm core "
                                 f"({ctx.why_not('rms_norm', skip(other, CASTS))})", node)
@@ -29,11 +30,13 @@ class QKRMSNorm:
     def _onnx_op(self, node):
         check(len(node.inputs) >= 2, "qk_norm: RMSNormalization without scale", node)
         gamma = const(node.inputs[1])
-        check(gamma is not None and gamma.ndim == 1, "qk_norm: RMSNormalization scale is not a constant 1-D gamma", node)
+        check(gamma is not None and gamma.ndim == 1, "qk_norm: RMSNormalization scale is not a constant 1-D gamma",
+              node)
         x = node.inputs[0]
         rank = len(x.shape) if x.shape is not None else None
         axis = node.attrs.get("axis", -1)
-        check(axis == -1 or (rank is not None and axis == rank - 1), f"qk_norm: RMSNormalization axis {axis} is not the last", node)
+        check(axis == -1 or (rank is not None and axis == rank - 1),
+              f"qk_norm: RMSNormalization axis {axis} is not the last", node)
         return node.outputs[0], QKNorm(weight=gamma, eps=float(node.attrs.get("epsilon", 1e-5)), x=skip(x, CASTS))
 
 

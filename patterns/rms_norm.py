@@ -6,6 +6,7 @@ and real models' residual streams go there), exactly as HF computes RMSNorm in f
 
 from onnx_rewriter.matching import CASTS, RMSNormCore, check, const, scalar, skip
 
+
 def _only_user(t, ops):
     users = [n for n in t.outputs]
     return users[0] if len(users) == 1 and users[0].op in ops else None
@@ -22,7 +23,8 @@ class RMSNorm:
         mean = _only_user(node.outputs[0], ("ReduceMean",))
         check(mean is not None, "rms_norm: x² is not only reduced by ReduceMean", node)
         axes = const(mean.inputs[1]) if len(mean.inputs) > 1 else mean.attrs.get("axes")
-        check(axes is not None and list(map(int, list(axes.reshape(-1) if hasattr(axes, "reshape") else axes))) in ([-1], [2]),
+        axes = None if axes is None else [int(a) for a in (axes.reshape(-1) if hasattr(axes, "reshape") else axes)]
+        check(axes in ([-1], [2]),
               "rms_norm: ReduceMean is not over the last axis", mean)
         add = _only_user(mean.outputs[0], ("Add",))
         check(add is not None, "rms_norm: no + eps", mean)

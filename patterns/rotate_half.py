@@ -40,11 +40,13 @@ class RotateHalf:
         check(abs(cos_scale - ss) <= 1e-6 * max(1.0, abs(cos_scale)), "rope: cos and sin scaled differently", sin_mul)
         cat = producer(rot)
         check(cat is not None and cat.op == "Concat", "rope: rotate_half is not a Concat", sin_mul)
-        check(len(cat.inputs) == 2 and cat.attrs.get("axis") in (-1, 3), "rope: rotate_half Concat is not 2-way on the last axis", cat)
+        check(len(cat.inputs) == 2 and cat.attrs.get("axis") in (-1, 3),
+              "rope: rotate_half Concat is not 2-way on the last axis", cat)
         neg = expect(cat.inputs[0], "Neg", "rope: first half of rotate_half", cat)
         hi = expect(neg.inputs[0], "Slice", "rope: negated half", neg)
         lo = expect(cat.inputs[1], "Slice", "rope: second half of rotate_half", cat)
-        check(hi.inputs[0] is x and lo.inputs[0] is x, "rope: rotate_half slices another tensor than the one multiplied by cos", cat)
+        check(hi.inputs[0] is x and lo.inputs[0] is x,
+              "rope: rotate_half slices another tensor than the one multiplied by cos", cat)
         d = 2 * table.inv_freq.size
         bh, bl = slice_bounds(hi), slice_bounds(lo)
         check(bh is not None and bl is not None, "rope: rotate_half Slice bounds are not constant", hi)
@@ -53,7 +55,8 @@ class RotateHalf:
         check(bl[0] == 0 and bl[1] == d // 2, f"rope: lower half is [{bl[0]}:{bl[1]}], expected [0:{d // 2}]", lo)
         check(bh[0] == d // 2 and bh[1] >= d, f"rope: upper half is [{bh[0]}:{bh[1]}], expected [{d // 2}:{d}]", hi)
         xd = x.shape[-1] if x.shape else None
-        check(xd in (None, d) or not isinstance(xd, (int, np.integer)), f"rope: x has {xd} dims but the table {d}", node)
+        check(xd in (None, d) or not isinstance(xd, (int, np.integer)), f"rope: x has {xd} dims but the table {d}",
+              node)
         table.attention_scaling = cos_scale
         return node.outputs[0], RopeApply(x=x, table=table, rotary_dim=d, patterns=[self.name])
 

@@ -40,7 +40,7 @@ class Models:
         self._done: dict = {}
 
     def checkpoint(self, family: str, dtype: str = "float32", **overrides) -> Path:
-        from onnx_rewriter import tiny
+        from onnx_rewriter.hf import tiny
 
         key = ("ckpt", family, dtype, tuple(sorted(overrides.items())))
         if key not in self._done:
@@ -71,8 +71,8 @@ class Models:
         kv_cache: an Optimum-style export with past_key_values inputs and present outputs (tests/kv_export.py).
         refs: `make export`'s baseline: weights referenced in the checkpoint, weight transposes left unfolded.
         """
-        from onnx_rewriter import checkpoint_refs
-        from onnx_rewriter.export import export_baseline, load_model
+        from onnx_rewriter.hf import checkpoint_refs
+        from onnx_rewriter.hf.export import export_baseline, load_model
 
         key = ("onnx", family, dtype, exporter, opset, attn, native_dtype, kv_cache, refs,
                tuple(sorted(overrides.items())))

@@ -115,7 +115,8 @@ def _perturb(v: np.ndarray, rng: random.Random) -> np.ndarray:
         else:
             flat[k] = flat[k] * (1 + 1e-3)
     elif np.issubdtype(v.dtype, np.integer):
-        flat[k] = flat[k] + rng.choice([-2, -1, 1, 2]) if rng.random() < 0.7 else rng.choice([-1, 0, 1, 2, 4, 8, 1 << 30])
+        nudge = rng.random() < 0.7
+        flat[k] = flat[k] + rng.choice([-2, -1, 1, 2]) if nudge else rng.choice([-1, 0, 1, 2, 4, 8, 1 << 30])
     elif v.dtype == np.bool_:
         flat[k] = not flat[k]
     return v
@@ -178,7 +179,8 @@ def perturb_constant(g: Graph, rng: random.Random):
     v = g.const_value(node.input[i])
     nv = _perturb(v, rng)
     g.set_const(node, i, nv, rng, "perturbed")
-    return f"constant {node.op_type} '{node.name}' input {i}: {v.reshape(-1)[:8].tolist()} -> {nv.reshape(-1)[:8].tolist()}"
+    before, after = v.reshape(-1)[:8].tolist(), nv.reshape(-1)[:8].tolist()
+    return f"constant {node.op_type} '{node.name}' input {i}: {before} -> {after}"
 
 
 def perturb_inv_freq(g: Graph, rng: random.Random):

@@ -40,7 +40,8 @@ def export_with_cache(model, config, path: Path, exporter: str = "dynamo") -> Pa
             # Shared named dims; the mask length (past + seq) gets its own symbol: export.Dim cannot add two dims.
             batch = torch.export.Dim("batch", min=1, max=1024)
             seq, plen = torch.export.Dim("seq", min=1, max=4096), torch.export.Dim("past", min=1, max=4096)
-            shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim("total", max=8192)},
+            shapes = {"input_ids": {0: batch, 1: seq},
+                      "attention_mask": {0: batch, 1: torch.export.Dim("total", max=8192)},
                       "past": tuple({0: batch, 2: plen} for _ in past)}
             torch.onnx.export(WithCache(model), (ids, mask, past), str(path), dynamo=True, external_data=True,
                               dynamic_shapes=shapes, **names)

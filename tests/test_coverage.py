@@ -9,8 +9,8 @@ is the table these rows back.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -148,7 +148,8 @@ ROWS = [
     Row("qwen2-torchscript", "qwen2", export=dict(exporter="torchscript")),
     Row("gemma3-torchscript", "gemma3", export=dict(exporter="torchscript"), config=dict(query_pre_attn_scalar=24),
         windows=(8, -1), check=check_gemma3_tables),
-    pytest.param(Row("phi3-opset23", "phi3", export=dict(opset=23), check=check_partial_rotary), marks=pytest.mark.slow),
+    pytest.param(Row("phi3-opset23", "phi3", export=dict(opset=23), check=check_partial_rotary),
+                 marks=pytest.mark.slow),
     pytest.param(Row("gemma3-opset23", "gemma3", export=dict(opset=23), config=dict(query_pre_attn_scalar=24),
                      windows=(8, -1), check=check_gemma3_tables), marks=pytest.mark.slow),
     Row("llama-kv-cache", "llama", export=dict(kv_cache=True), check=check_no_cache_io_left),

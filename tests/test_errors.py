@@ -189,7 +189,7 @@ def nonuniform(models, tmp_path_factory):
     """A real export of a 2-layer llama whose layer 1 has 4 kv heads (layer 0: 2)."""
     from transformers.models.llama.modeling_llama import LlamaAttention
 
-    from onnx_rewriter.export import export_baseline, load_model
+    from onnx_rewriter.hf.export import export_baseline, load_model
 
     model, _ = load_model(str(models.checkpoint("llama")))
     cfg = copy.deepcopy(model.config)
@@ -286,7 +286,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, capsys, monkeypatch):
     """No network and no HF_HUB_OFFLINE: the CLI notices by itself instead of retrying for ~30 s."""
     import socket
 
-    export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
+    export_mod = importlib.import_module("onnx_rewriter.hf.export")  # the package re-exports a function of that name
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -310,7 +310,7 @@ def test_hub_id_without_network_fails_fast(tmp_path, capsys, monkeypatch):
 
 
 def test_hub_id_offline_mode(tmp_path, capsys, monkeypatch):
-    export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
+    export_mod = importlib.import_module("onnx_rewriter.hf.export")  # the package re-exports a function of that name
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     export_mod._offline_reason.cache_clear()
@@ -336,7 +336,7 @@ def test_unsupported_architecture_checkpoint(tmp_path, capsys):
 
 
 def test_export_unknown_target_fails_before_loading(tmp_path, capsys, monkeypatch):
-    export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
+    export_mod = importlib.import_module("onnx_rewriter.hf.export")  # the package re-exports a function of that name
 
     monkeypatch.setattr(export_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     out = tmp_path / "out"

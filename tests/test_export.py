@@ -20,8 +20,8 @@ def test_make_export_writes_the_contract_files(models, tmp_path):
     ckpt = models.checkpoint("llama")
     out = tmp_path / "out"
     env = dict(os.environ, PY=sys.executable)
-    proc = subprocess.run(["make", "-s", "-C", str(REPO), "export", f"MODEL={ckpt}", f"OUT={out}", f"PY={sys.executable}",
-                           "VERIFY=1"], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), "export", f"MODEL={ckpt}", f"OUT={out}",
+                           f"PY={sys.executable}", "VERIFY=1"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p.name for p in out.iterdir()} == FILES | {".onnx_rewriter.json"}  # + the manifest (safety.py)
     assert "verify PASSED" in proc.stdout

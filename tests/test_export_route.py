@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from onnx_rewriter import checkpoint_refs, lowering  # noqa: E402
-from onnx_rewriter.export import _LogitsOnly, export_baseline, load_model  # noqa: E402
+from onnx_rewriter.hf import checkpoint_refs, lowering  # noqa: E402
+from onnx_rewriter.hf.export import _LogitsOnly, export_baseline, load_model  # noqa: E402
 
 
 def _ort_logits(path, ids):
@@ -54,11 +54,11 @@ def test_light_route_gives_torchs_graph(models, tmp_path, family, monkeypatch):
     """Skipping torch's retrace (and its type-promotion rerun when no cast is due) changes nothing in the
     graph: the same ops, in the same order, less at most a Reshape to the shape its input already has
     (which the retrace does not always see through)."""
-    import difflib
     import contextlib
+    import difflib
     import importlib
 
-    export = importlib.import_module("onnx_rewriter.export")
+    export = importlib.import_module("onnx_rewriter.hf.export")
     model, _ = load_model(str(models.checkpoint(family)))
     light = export_baseline(model, tmp_path / "light.onnx")
     monkeypatch.setattr(export, "_light_decomposition", contextlib.nullcontext)

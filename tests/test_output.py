@@ -15,7 +15,7 @@ import pytest
 
 from onnx_rewriter import cli, pipeline
 from onnx_rewriter.errors import RewriteError
-from onnx_rewriter.output import OutputDir
+from onnx_rewriter.modelio.output import OutputDir
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_refusal_mid_pipeline_keeps_previous(llama, previous, monkeypatch):
 
 CHILD = """
 import os, sys, time
-from onnx_rewriter import cli, graph
+from onnx_rewriter import cli
+from onnx_rewriter.modelio import graph
 save = graph.save
 def slow_save(model, out_path, *a, **k):
     files = save(model, out_path, *a, **k)
@@ -131,7 +132,8 @@ def test_kill_between_renames_restores_previous(llama, previous):
     with OutputDir(out, force=True) as tmp:
         assert snapshot(out) == before  # restored before anything else happens
         (tmp / "new.txt").write_text("new")
-    assert snapshot(out) == {".onnx_rewriter.json": b'{\n "written_by": "onnx_rewriter",\n "files": [\n  "new.txt"\n ]\n}\n',
+    manifest = b'{\n "written_by": "onnx_rewriter",\n "files": [\n  "new.txt"\n ]\n}\n'
+    assert snapshot(out) == {".onnx_rewriter.json": manifest,
                              "new.txt": b"new"} and siblings(out) == []
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_rewriter import pipeline, schema
+from onnx_rewriter import pipeline
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.modelio import schema
+
 from .graph_io import io_signature as _io
 
 CONTRACT_FILES = {"model.onnx", "embedding.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",

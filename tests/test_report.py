@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import onnx
+import pytest
 from onnx import numpy_helper
 
-from onnx_rewriter import cli
-
-from .test_errors import _cnn, _copy_baseline, break_rotate_half, run_cli
-
-import pytest
+from .test_errors import _cnn, break_rotate_half, run_cli
 
 
 @pytest.fixture(scope="module")

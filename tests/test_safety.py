@@ -29,7 +29,7 @@ from onnx_rewriter.errors import RewriteError
 from .test_errors import assert_no_output, assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
-export_mod = importlib.import_module("onnx_rewriter.export")  # the package re-exports a function of that name
+export_mod = importlib.import_module("onnx_rewriter.hf.export")  # the package re-exports a function of that name
 
 
 def run_cli(capsys, case, *argv):
@@ -489,9 +489,9 @@ def test_every_option_has_help_and_one_spelling():
 
 
 def test_tiny_module_help():
-    done = subprocess.run([sys.executable, "-m", "onnx_rewriter.tiny", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "onnx_rewriter.hf.tiny", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
-    assert done.returncode == 0 and "usage: python -m onnx_rewriter.tiny" in done.stdout and "llama" in done.stdout
+    assert done.returncode == 0 and "usage: python -m onnx_rewriter.hf.tiny" in done.stdout and "llama" in done.stdout
 
 
 def test_inspect_exit_code_and_warnings_once(base, tmp_path, capsys):
@@ -518,7 +518,8 @@ def test_verify_quiet_and_rows_labelled(base, tmp_path, capsys):
 
 CHILD = """
 import sys, time
-from onnx_rewriter import cli, graph
+from onnx_rewriter import cli
+from onnx_rewriter.modelio import graph
 save = graph.save
 def slow_save(model, out_path, *a, **k):
     files = save(model, out_path, *a, **k)

@@ -4,7 +4,6 @@ large models)."""
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 
 import numpy as np
@@ -12,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_rewriter import graph as graphio, stream
+from onnx_rewriter.modelio import graph as graphio
+from onnx_rewriter.modelio import stream
 
 EDGES = np.array([0.0, -0.0, 1e-8, -3e-7, 6e-5, 6.1e-5, 65504, 65519, 65520, -7e4, 1e5, np.inf, -np.inf, np.nan,
                   1 / 3, np.pi], dtype=np.float32)
@@ -116,7 +116,8 @@ def test_save_streams_external_weights(tmp_path, external):
     w = np.random.default_rng(3).standard_normal((300, 256)).astype(np.float32)  # > SMALL_TENSOR_ELEMENTS
     t = _external(src, "W", w)
     small = numpy_helper.from_array(np.array([1, 256], np.int64), "s")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y0"]), helper.make_node("Reshape", ["y0", "s"], ["y"])],
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y0"]), helper.make_node("Reshape", ["y0", "s"], ["y"])]
+    g = helper.make_graph(nodes,
                           "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 300])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 256])], initializer=[t, small])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
@@ -211,7 +212,7 @@ def test_summary_lists_sizes(tmp_path):
 def _unoptimized(ckpt):
     import torch
 
-    from onnx_rewriter.export import _LogitsOnly, load_model
+    from onnx_rewriter.hf.export import _LogitsOnly, load_model
 
     model, _ = load_model(str(ckpt))
     ids = torch.ones((2, 8), dtype=torch.int64)
@@ -233,7 +234,7 @@ def test_lean_optimize_gives_the_default_graph(models, family):
     """export._optimize drops onnxscript's multi-output rules (quadratic in graph size): same nodes."""
     import copy
 
-    from onnx_rewriter.export import _optimize
+    from onnx_rewriter.hf.export import _optimize
 
     prog = _unoptimized(models.checkpoint(family))
     other = copy.copy(prog)

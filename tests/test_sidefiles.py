@@ -7,8 +7,8 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from onnx_rewriter import tiny  # noqa: E402
 from onnx_rewriter.errors import RewriteError  # noqa: E402
+from onnx_rewriter.hf import tiny  # noqa: E402
 from onnx_rewriter.sidefiles import chat_template as ct  # noqa: E402
 from onnx_rewriter.sidefiles import config_json as cj  # noqa: E402
 from onnx_rewriter.sidefiles import tokenizer as tk  # noqa: E402
@@ -54,8 +54,10 @@ LLAMA3_LIKE = (
     "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set sm = messages[0]['content'] %}"
     "{%- set messages = messages[1:] %}{%- else %}{%- set sm = '' %}{%- endif %}"
     "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday: 1 Jan\\n' + sm + '<|eot_id|>' }}"
-    "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
 

@@ -20,7 +20,7 @@ from onnx.defs import OpSchema
 
 from .. import int4_layout
 from ..errors import UnsupportedModel
-from ..graph import computed_constant, constant_array
+from ..modelio.graph import computed_constant, constant_array
 from ..targets.base import lm_head_input
 from . import Feature
 
@@ -175,7 +175,8 @@ class Int4(Feature):
 
     def _replace_from_codes(self, g, node, source, prefix: str, k: int, n: int, domain: str) -> dict:
         """The input's own codes (checkpoint or ONNX): Gather(x, perm) first for act-order; where a nibble would
-        clip, U = q and the zero-point term is added after the plugin: y += groupsum(x) @ C (quantized_checkpoint.py)."""
+        clip, U = q and the zero-point term is added after the plugin: y += groupsum(x) @ C
+        (quantized_checkpoint.py)."""
         lin = source.linear(prefix)
         _, corr, perm = lin.plugin()
         x, out = node.inputs[0], node.outputs[0]
@@ -212,7 +213,7 @@ class _CheckpointCodes:
     def __init__(self, folder, base_dir):
         import hashlib
 
-        from ..quantized_checkpoint import Checkpoint
+        from ..hf.quantized_checkpoint import Checkpoint
 
         self.ck, self.base_dir = Checkpoint(folder), base_dir
         self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()

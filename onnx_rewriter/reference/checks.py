@@ -21,7 +21,7 @@ def check_baseline(path) -> None:
     """--baseline is a plain export computing logits from input_ids, not a rewritten folder's graph."""
     import onnx
 
-    from ..graph import check_plain_export
+    from ..modelio.graph import check_plain_export
 
     p = Path(path)
     if not p.is_file():

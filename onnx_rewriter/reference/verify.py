@@ -64,7 +64,7 @@ class VerifyResult:
 
 class HFOracle:
     def __init__(self, model: str):
-        from ..export import load_model
+        from ..hf.export import load_model
 
         self.model, self.config = load_model(model)
 
@@ -78,9 +78,9 @@ class HFOracle:
 
 class OnnxOracle:
     def __init__(self, path: str):
-        import onnxruntime as ort
-
         from pathlib import Path
+
+        import onnxruntime as ort
 
         from ..errors import RewriteError
 
@@ -203,7 +203,7 @@ def _int4_oracle(out_dir, model, oracle):
     if not model:
         return None
     cfg = Path(model) / "config.json"
-    from ..quantized_checkpoint import quantization
+    from ..hf.quantized_checkpoint import quantization
 
     if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .. import graph as graphio, stream
+from ..modelio import graph as graphio
+from ..modelio import stream
 
 FILE = "embedding.safetensors"
 

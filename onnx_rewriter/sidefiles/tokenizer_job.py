@@ -25,7 +25,8 @@ def write_tokenizer_side_files(tok_dir, chat_template_file: str, out_dir) -> lis
 
     Returns the names written, or None when `tok_dir` holds no tokenizer.
     """
-    from . import chat_template, tokenizer as tok
+    from . import chat_template
+    from . import tokenizer as tok
 
     tokenizer = tok.load_tokenizer(tok_dir)
     if tokenizer is None:

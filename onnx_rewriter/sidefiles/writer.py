@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import targets
-from . import config_json, tokenizer_job as tokenizer_jobs
+from . import config_json
+from . import tokenizer_job as tokenizer_jobs
 from .embedding import write_embedding
 
 log = logging.getLogger(__name__)

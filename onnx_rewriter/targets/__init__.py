@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..errors import RewriteError
 from .base import Target
+from .edgellm_011 import TARGET as _E011
 from .edgellm_05 import TARGET as _E05
 from .edgellm_09 import TARGET as _E09
-from .edgellm_011 import TARGET as _E011
 
 DEFAULT = "edgellm-0.9"
 TARGETS: dict[str, Target] = {t.name: t for t in (_E05, _E09, _E011)}

@@ -113,7 +113,8 @@ class Edgellm011(Target):
                 # the plugin wants one row per token: Gather them by `positions`.
                 if layer_rope.name not in rows_of:
                     picked = em.node("Gather", [layer_rope, meta["positions"]], {"axis": 1})
-                    rows_of[layer_rope.name] = em.node("Squeeze", [picked, em.const("axes", np.array([0], dtype=np.int64))])
+                    rows_of[layer_rope.name] = em.node("Squeeze",
+                            [picked, em.const("axes", np.array([0], dtype=np.int64))])
                 layer_rope = rows_of[layer_rope.name]
             norms = moved_norms(layer)
             if norms:
@@ -127,7 +128,8 @@ class Edgellm011(Target):
             qkv = lem.node("Squeeze", [packed, lem.const("axes", np.array([0], dtype=np.int64))])
             gammas = []
             if norms:
-                gammas = [gs.Constant(f"layers.{i}/attn/{w}_norm_gamma", np.asarray(n.weight, dtype=np_float).reshape(-1))
+                gammas = [gs.Constant(f"layers.{i}/attn/{w}_norm_gamma",
+                                      np.asarray(n.weight, dtype=np_float).reshape(-1))
                           for w, n in zip("qk", norms)]
             named["rope_rotary_cos_sin"] = layer_rope
             inputs = ([qkv, past] + [named[n] for n in PLUGIN_HEAD[2:]] + gammas

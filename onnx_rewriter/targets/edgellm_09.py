@@ -10,8 +10,22 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import (B, CAP, KV_START, P, S, Build, Emitter, Target, gather_last_tokens, prescale_q, rope_input, set_io,
-                   set_logits_output, to_bshd_flat)
+from .base import (
+    CAP,
+    KV_START,
+    B,
+    Build,
+    Emitter,
+    P,
+    S,
+    Target,
+    gather_last_tokens,
+    prescale_q,
+    rope_input,
+    set_io,
+    set_logits_output,
+    to_bshd_flat,
+)
 
 
 class DenseTarget(Target):

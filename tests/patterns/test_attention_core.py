@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_rewriter.matching import Refuse
-from tests.patterns.graphs import D, HKV, HQ, Builder, attention_core, node, reasons, result, run
+from tests.patterns.graphs import HKV, HQ, Builder, D, attention_core, node, reasons, result, run
 
 
 def _core(mask=True):

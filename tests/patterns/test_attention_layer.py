@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.patterns.graphs import D, HKV, HQ, i64, layer, node, reasons, result, rope_table_mul, run
+from tests.patterns.graphs import HKV, HQ, D, i64, layer, node, reasons, result, rope_table_mul, run
 
 
 def _rejected(L):
@@ -184,6 +184,6 @@ def _normed_layer(layout):
 def test_qk_norm_before_rope(layout):
     L = _normed_layer(layout)
     m = result(run(L.graph()), "attention_layer", L.core.softmax)
-    for norm, heads in ((m.q_norm, HQ), (m.k_norm, HKV)):
+    for norm in (m.q_norm, m.k_norm):
         assert norm is not None and norm.layout == layout and norm.eps == pytest.approx(1e-6)
         np.testing.assert_allclose(norm.weight, np.linspace(0.5, 1.5, D), rtol=1e-6)

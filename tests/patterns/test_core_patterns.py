@@ -6,7 +6,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnx_rewriter import engine, graph as graphio
+from onnx_rewriter import engine
+from onnx_rewriter.modelio import graph as graphio
 from onnx_rewriter.normalize import normalize
 from onnx_rewriter.patterns import STAGES, load_patterns
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.patterns.graphs import D, HKV, Builder, i64, node, reasons, result, run
+from tests.patterns.graphs import HKV, Builder, D, i64, node, reasons, result, run
 
 
 def _sandwich(flat_shape=("BH", "S", D), out_shape=("B", HKV, D, "S")):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.patterns.graphs import D, HKV, Builder, node, reasons, result, run
+from tests.patterns.graphs import HKV, Builder, D, node, reasons, result, run
 
 
 def _kt(perm):

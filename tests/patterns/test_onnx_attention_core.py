@@ -6,7 +6,7 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnx_rewriter.matching import Refuse
-from tests.patterns.graphs import D, HQ, Builder, node, reasons, result, run
+from tests.patterns.graphs import HQ, Builder, D, node, reasons, result, run
 
 
 def _attention(q_shape=("B", HQ, "S", D), mask=True, n_out=1, **attrs):

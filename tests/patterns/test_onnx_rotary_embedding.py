@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_rewriter.matching import Refuse
-from tests.patterns.graphs import D, INV_FREQ, Builder, i64, node, reasons, result, run
+from tests.patterns.graphs import INV_FREQ, Builder, D, i64, node, reasons, result, run
 
 
 def _rotary(x_shape=("B", 4, "S", D), inv=INV_FREQ, form="mul", **attrs):

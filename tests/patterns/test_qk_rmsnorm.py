@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.patterns.graphs import D, Builder, i64, node, reasons, result, run
+from tests.patterns.graphs import Builder, D, i64, node, reasons, result, run
 
 GAMMA = np.linspace(0.5, 1.5, D).astype(np.float32)
 

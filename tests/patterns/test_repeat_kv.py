@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.patterns.graphs import D, HKV, Builder, i64, node, reasons, repeat_kv, result, run
+from tests.patterns.graphs import HKV, Builder, D, i64, node, reasons, repeat_kv, result, run
 
 
 def _rep(groups=2):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from onnx_rewriter.matching import Refuse
-from tests.patterns.graphs import D, Builder, i64, node, reasons, run
+from tests.patterns.graphs import Builder, D, i64, node, reasons, run
 
 
 def _interleaved(step=2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.patterns.graphs import D, Builder, i64, node, reasons, result, rope_table_mul, rotate_half, run
+from tests.patterns.graphs import Builder, D, i64, node, reasons, result, rope_table_mul, rotate_half, run
 
 
 def _rope(x_shape=("B", 4, "S", D)):

@@ -11,8 +11,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 from onnx_rewriter.reference.ops import REFERENCE_OPS, reference_evaluator
-from onnx_rewriter.reference.plugin import (PAGE_SIZE, apply_rope, dense_attention,
-                                            packed_qkv_dense_attention, paged_attention)
+from onnx_rewriter.reference.plugin import (
+    PAGE_SIZE,
+    apply_rope,
+    dense_attention,
+    packed_qkv_dense_attention,
+    paged_attention,
+)
 from onnx_rewriter.reference.rope import first_difference, model_rope_table, runtime_rope_table, table_difference
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,8 @@ def random_norms(models, tmp_path_factory):
         if family in done:
             return done[family]
         import torch
-        from onnx_rewriter.export import export_baseline, load_model
+
+        from onnx_rewriter.hf.export import export_baseline, load_model
 
         root = tmp_path_factory.mktemp(f"{family}_norms")
         ckpt = root / "ckpt"

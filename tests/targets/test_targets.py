@@ -14,8 +14,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnx_rewriter import schema
+from onnx_rewriter.modelio import schema
 from onnx_rewriter.reference.verify import verify
+
 from ..graph_io import io_signature as _io
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral_window", "phi3")

@@ -52,7 +52,7 @@ def widen(graph: gs.Graph) -> int:
         if node.op == "Cast" and node.attrs.get("to") == BF16:
             node.attrs["to"] = onnx.TensorProto.FLOAT
             n += 1
-        for key, value in list(node.attrs.items()):
+        for value in list(node.attrs.values()):
             if isinstance(value, gs.Constant) and _widen_constant(value):
                 n += 1
     return n

@@ -24,8 +24,9 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from . import checkpoint_refs, progress, quantized_checkpoint
-from .errors import RewriteError
+from .. import progress
+from ..errors import RewriteError
+from . import checkpoint_refs, quantized_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +338,8 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     `keep_baseline`: a folder to keep the baseline export in (model.onnx, config.json, tokenizer files:
     what a later `rewrite` of it needs). Every option is checked before the model is loaded.
     """
-    from . import pipeline, safety
-
-    from .output import OutputDir
+    from .. import pipeline, safety
+    from ..modelio.output import OutputDir
 
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     check_device(device)
@@ -356,7 +356,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     _check_checkpoint(folder)
     tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
     if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
-        from .sidefiles.tokenizer import load_tokenizer
+        from ..sidefiles.tokenizer import load_tokenizer
 
         load_tokenizer(tok_dir)
     with progress.stages(["load", "export", "rewrite"], "export") as advance:
@@ -396,7 +396,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
 def _keep(work: Path, keep_baseline, force: bool) -> None:
     """Copy the baseline folder to `keep_baseline`, atomically like any output (links into the checkpoint
     become copies: the kept baseline must not depend on where the checkpoint lies)."""
-    from .output import OutputDir
+    from ..modelio.output import OutputDir
 
     with OutputDir(keep_baseline, force=force) as tmp:
         for f in sorted(work.iterdir()):

@@ -227,7 +227,7 @@ def describe(path) -> dict:
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m onnx_rewriter.tiny", description="Build a tiny random-weight HF "
+    p = argparse.ArgumentParser(prog="python -m onnx_rewriter.hf.tiny", description="Build a tiny random-weight HF "
                                 "checkpoint (config, safetensors, tokenizer) of one model family, for tests and demos.")
     p.add_argument("family", choices=sorted(FAMILIES), help="model family")
     p.add_argument("out_dir", help="folder to write the checkpoint into")

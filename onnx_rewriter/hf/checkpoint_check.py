@@ -13,8 +13,8 @@ import re
 import struct
 from pathlib import Path
 
-from .errors import RewriteError
-from .sidefiles.config_json import _get, _llm_part
+from ..errors import RewriteError
+from ..sidefiles.config_json import _get, _llm_part
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")

@@ -70,7 +70,8 @@ def save(program, path: Path, model, files) -> None:
 
     entries = index(files) if files else {}
     by_storage: dict[tuple, list[str]] = {}  # tied weights: lm_head.weight is model.embed_tokens.weight
-    for name, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, p in tensors:
         by_storage.setdefault((p.data_ptr(), tuple(p.shape)), []).append(name)
 
     base, links, shared, own = path.parent, {}, 0, []

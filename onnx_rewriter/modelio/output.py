@@ -17,8 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import safety
-from .errors import RewriteError
+from .. import safety
+from ..errors import RewriteError
 
 log = logging.getLogger(__name__)
 

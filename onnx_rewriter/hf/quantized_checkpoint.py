@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RewriteError
+from ..errors import RewriteError
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble slot j holds channel 8c + AWQ_ORDER[j]
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
