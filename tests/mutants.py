@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Fast tests that reach the plugin attributes, the probe, the baked RoPE table and the scale: ~1/10 of the suite.
 SUBSET = [
     "tests/test_mask_probe.py",
+    "tests/reference/test_int4.py",
     "tests/test_verify.py::test_dropped_window_fails_verify",
     "tests/targets/test_targets.py::test_paged_non_default_scale_is_the_attribute",
     "tests/test_coverage.py::test_rewritten_and_verified[llama-float32]",
@@ -60,6 +61,8 @@ MUTANTS = [
         ('"attention_scale": float(layer.scale),', '"attention_scale": float(layer.default_scale),')]),
     Mutant("k and v swapped at the plugin", "onnx_rewriter/targets/edgellm_09.py", [
         ("        return [q, k, v]", "        return [q, v, k]")]),
+    Mutant("INT4 V1 nibble order flipped in the packer", "onnx_rewriter/int4_layout.py", [
+        ("    words = tuples[..., 0] | tuples[..., 1] << 4 |", "    words = tuples[..., 1] | tuples[..., 0] << 4 |")]),
 ]
 
 
