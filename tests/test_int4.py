@@ -115,7 +115,7 @@ def test_cli_quantize_and_report(models, tmp_path, capsys):
 
 def test_export_quantize_streams_checkpoint_weights(models, tmp_path):
     """`make export` route: the baseline references the checkpoint's weights (read transposed while writing)."""
-    from onnx_rewriter.hf import export
+    from onnx_rewriter import export
 
     ckpt = models.checkpoint("llama", **DIMS)
     run = export(str(ckpt), tmp_path / "out", target="edgellm-0.11", quantize="int4")

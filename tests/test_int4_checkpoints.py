@@ -50,7 +50,7 @@ def test_clip_rule_would_lose_information():
 
 
 def _export(models, tmp_path, fmt, target, **kw):
-    from onnx_rewriter.hf import export
+    from onnx_rewriter import export
     from onnx_rewriter.reference.verify import verify
 
     ck = qp.write(models.checkpoint("qwen2", **DIMS), tmp_path / f"ck_{fmt}", fmt.split("_")[0], **kw)

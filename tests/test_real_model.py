@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from onnx_rewriter.hf import export
+from onnx_rewriter import export
 from onnx_rewriter.hf.gguf_checkpoint import checkpoint_from_gguf, packaged_gguf
 from onnx_rewriter.reference.generate import chat_prompt, eos_ids, greedy, hf_greedy
 from onnx_rewriter.reference.verify import verify
