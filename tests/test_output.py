@@ -17,6 +17,8 @@ from onnx_rewriter import cli, pipeline
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio.output import OutputDir
 
+from .processes import signal_mid_write
+
 
 @pytest.fixture(scope="module")
 def llama(models):
@@ -154,12 +156,7 @@ def test_sigterm_unwinds_and_removes_temp(llama, previous, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.Popen([sys.executable, str(script), str(flag), str(llama), str(out), "--force"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), "the child never reached the write step"
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = signal_mid_write(proc, flag, signal.SIGTERM)
     assert proc.returncode == 130, err.decode()[-2000:]
     assert err.decode().strip().splitlines()[-1].startswith("error: interrupted")
     assert snapshot(out) == before and siblings(out) == []

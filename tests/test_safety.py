@@ -7,6 +7,7 @@ ONNX_REWRITER_CASES=FILE to collect a table of (case, exit code, first line of t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -26,6 +27,7 @@ import onnx_rewriter
 from onnx_rewriter import cli, pipeline, safety
 from onnx_rewriter.errors import RewriteError
 
+from .processes import signal_mid_write
 from .test_errors import assert_no_output, assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,20 +275,25 @@ def _mount_tmpfs(where: Path, options: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()[:100]}")
 
 
+@contextlib.contextmanager
+def _tmpfs(folder: Path, options: str):
+    _mount_tmpfs(folder, options)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    _mount_tmpfs(mnt, "size=128k")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    with _tmpfs(tmp_path / "small", "size=128k") as mnt:
+        yield mnt
 
 
 @pytest.fixture
 def read_only_fs(tmp_path):
-    mnt = tmp_path / "ro"
-    _mount_tmpfs(mnt, "size=1m,ro")
-    yield mnt
-    subprocess.run(["umount", str(mnt)], check=True)
+    with _tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
+        yield mnt
 
 
 def test_full_disk(base, small_fs, capsys):
@@ -541,12 +548,7 @@ def test_ctrl_c_mid_write(base, tmp_path):
     script.write_text(textwrap.dedent(CHILD))
     proc = subprocess.Popen([sys.executable, str(script), str(flag), str(base), str(out)], env=_child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), "the child never reached the write step"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = signal_mid_write(proc, flag, signal.SIGINT)
     record("Ctrl-C mid-write", proc.returncode, err)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines() == [cli.INTERRUPTED] or err.strip().splitlines()[-1] == cli.INTERRUPTED
