@@ -7,11 +7,14 @@ on the oracle side cannot hide an error on ours. Greedy tokens follow the oracle
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import onnx
 
 from .. import progress
 from .checks import check_baseline, check_steps
@@ -195,11 +198,6 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
 def _int4_oracle(out_dir, model, oracle):
     """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
     dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
-    import json
-    from pathlib import Path
-
-    import onnx
-
     if not model:
         return None
     cfg = Path(model) / "config.json"

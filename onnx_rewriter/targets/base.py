@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from ..errors import RewriteError, UnsupportedModel
 from ..layers import AttentionLayer
 from ..normalize import replace_uses
+from ..reference.rope import first_difference, table_tolerance
 
 B, S, CAP, P, KV_START = "batch_size", "seq_len", "kv_cache_capacity", "rope_max_positions", "kv_start_batch"
 
@@ -171,8 +172,6 @@ def rope_input(layer: AttentionLayer, b: Build, shared: gs.Tensor, baked: dict) 
     using it (Llama-3.2-1B: 131072·64·4 = 32 MiB; Gemma3-1B's local layers: 32768·256·4 = 32 MiB). The
     runtime still binds its `rope_rotary_cos_sin` input even when no layer reads it: it stays a graph input.
     `baked` caches one decision per distinct table."""
-    from ..reference.rope import first_difference, table_tolerance
-
     for other, tensor in baked.values():
         if same_rope(layer, other):
             return tensor
