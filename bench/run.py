@@ -79,7 +79,7 @@ def checkpoint(size: str) -> Path:
     if not (path / "config.json").is_file():
         log(f"building the {size} checkpoint (random bf16 weights) into {path}")
         shutil.rmtree(path, ignore_errors=True)
-        code = ("import json, sys; from onnx_rewriter import tiny; "
+        code = ("import json, sys; from onnx_rewriter.hf import tiny; "
                 "tiny.build_checkpoint('qwen2', sys.argv[1], dtype='bfloat16', **json.loads(sys.argv[2]))")
         r = measure(f"build-{size}", _python(code, path, json.dumps(SIZES[size])))
         if r["rc"]:
