@@ -130,3 +130,29 @@ class AttentionLayer:
     @property
     def default_scale(self) -> float:
         return float(self.head_size) ** -0.5
+
+
+@dataclass
+class VitRope:
+    """Vision-tower RoPE over the whole head: x·cos + rotate_half(x)·sin, cos/sin = Cos/Sin(Concat(a, a)),
+    `angles` the per-patch angles (the `rotary_pos_emb` input, maybe permuted into window order)."""
+
+    x: gs.Tensor  # [T, H, D]
+    out: gs.Tensor
+    angles: gs.Tensor  # [T, D/2]
+    head_size: int
+
+
+@dataclass
+class VitAttention:
+    """One vision block's bidirectional attention: softmax(q k^T * scale + mask) v over [T, H, D] tensors,
+    q and k rotated by the same `VitRope` tables; `mask` an additive [T, T] segment mask (probed later)."""
+
+    q: gs.Tensor  # [T, H, D], after RoPE: the plugin's inputs
+    k: gs.Tensor
+    v: gs.Tensor
+    out: gs.Tensor  # [T, H, D]
+    mask: gs.Tensor
+    scale: float
+    num_heads: int | None
+    head_size: int

@@ -22,13 +22,15 @@ from .layers import (
     RopeApply,
     RopeTable,
     TokenEmbedding,
+    VitAttention,
+    VitRope,
 )
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
     "peel_scale", "skip", "static_dim", "slice_bounds", "CASTS",
     "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "QKNorm", "RepeatKV", "RMSNormCore",
-    "RopeApply", "RopeTable", "TokenEmbedding",
+    "RopeApply", "RopeTable", "TokenEmbedding", "VitAttention", "VitRope",
 ]
 
 CASTS = ("Cast",)  # the pass-through most patterns look through

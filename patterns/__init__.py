@@ -24,11 +24,17 @@ STAGES = {
     "attention_layer": ["attention_layer"],  # the whole layer: projections' outputs in, attention output out
 }
 
+# Vision encoders (onnx_rewriter/vision/): a separate library, run only on vision-tower exports.
+VISION_STAGES = {
+    "vit_rope": ["vit_rope"],  # x·cos + rotate_half(x)·sin with cos/sin = Cos/Sin(Concat(a, a)) on [T, H, D]
+    "vit_attention": ["vit_attention"],  # softmax(q k^T * s + mask) v over [T, H, D], q/k through vit_rope
+}
 
-def load_patterns() -> list:
-    """Every pattern, stage by stage in the declared order."""
+
+def load_patterns(stages: dict = STAGES) -> list:
+    """Every pattern of `stages` (the decoder library by default), stage by stage in the declared order."""
     pats = []
-    for stage, modules in STAGES.items():
+    for stage, modules in stages.items():
         for name in modules:
             pat = importlib.import_module(f"{__name__}.{name}").PATTERN
             assert pat.stage == stage, f"{name}: declares stage {pat.stage}, listed under {stage}"

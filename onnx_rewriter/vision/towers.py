@@ -15,12 +15,12 @@ import importlib
 import torch
 from torch import nn
 
-# Graph input names per family, in order (docs/contract.md, "Vision encoder").
+# Traced inputs per family, in order (docs/contract.md, "Vision encoder"). `max_seqlen_carrier` is
+# shape-only: nothing computes with it, so the rewrite adds it as the plugins' input.
 INPUTS = {
     "qwen2_5_vl": ["input", "rotary_pos_emb", "cu_seqlens", "cu_window_seqlens", "window_index",
-                   "reverse_window_index", "max_seqlen_carrier"],
-    "qwen3_vl": ["input", "rotary_pos_emb", "cu_seqlens", "fast_pos_embed_idx", "fast_pos_embed_weight",
-                 "max_seqlen_carrier"],
+                   "reverse_window_index"],
+    "qwen3_vl": ["input", "rotary_pos_emb", "cu_seqlens", "fast_pos_embed_idx", "fast_pos_embed_weight"],
 }
 _MODULES = {"qwen2_5_vl": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
             "qwen3_vl": "transformers.models.qwen3_vl.modeling_qwen3_vl"}
@@ -65,8 +65,7 @@ class _Tower(nn.Module):
 class Qwen25VLTower(_Tower):
     family = "qwen2_5_vl"
 
-    def forward(self, input, rotary_pos_emb, cu_seqlens, cu_window_seqlens, window_index, reverse_window_index,
-                max_seqlen_carrier):
+    def forward(self, input, rotary_pos_emb, cu_seqlens, cu_window_seqlens, window_index, reverse_window_index):
         vis = self.visual
         unit = vis.spatial_merge_unit
         x = vis.patch_embed(input)
@@ -85,8 +84,7 @@ class Qwen25VLTower(_Tower):
 class Qwen3VLTower(_Tower):
     family = "qwen3_vl"
 
-    def forward(self, input, rotary_pos_emb, cu_seqlens, fast_pos_embed_idx, fast_pos_embed_weight,
-                max_seqlen_carrier):
+    def forward(self, input, rotary_pos_emb, cu_seqlens, fast_pos_embed_idx, fast_pos_embed_weight):
         vis = self.visual
         x = vis.patch_embed(input)
         pos = (vis.pos_embed(fast_pos_embed_idx) * fast_pos_embed_weight[:, :, None]).sum(0)
