@@ -53,6 +53,20 @@ class Models:
                 path.with_name(name + DONE).touch()
         return self._done[key]
 
+    def vlm_checkpoint(self, family: str, dtype: str = "float32") -> Path:
+        """A tiny random Qwen2.5-VL / Qwen3-VL checkpoint (onnx_rewriter.hf.tiny_vlm), built once."""
+        from onnx_rewriter.hf import tiny_vlm
+
+        key = ("vlm", family, dtype)
+        if key not in self._done:
+            name = f"{family}_{dtype}"
+            path = self.root / "vlm" / name
+            if not path.with_name(name + DONE).is_file():
+                tiny_vlm.build_vlm_checkpoint(family, path, dtype=dtype)
+                path.with_name(name + DONE).touch()
+            self._done[key] = path
+        return self._done[key]
+
     @staticmethod
     def copy_side_files(ckpt: Path, dst: Path) -> None:
         """config.json, tokenizer and chat template beside a baseline, as `make export` leaves them."""
