@@ -78,6 +78,19 @@ def _attentions(graph: gs.Graph, depth: int) -> list:
     return attns
 
 
+def _scale(attn, block: int, target: str) -> float:
+    """The plugin's attention_scale: exactly 1/sqrt(D) when the graph's constant is that value rounded to
+    its float type (an fp16 export stores 0.17676 for 1/sqrt(32)); runtimes before 0.9.1 ignore the
+    attribute, so `edgellm-0.9` refuses any other scale."""
+    default = attn.head_size ** -0.5
+    if any(np.dtype(t).type(attn.scale) == np.dtype(t).type(default) for t in (np.float16, np.float32)):
+        return default
+    if target == "edgellm-0.9":
+        raise UnsupportedModel(f"vision block {block}: attention scale {attn.scale:g} is not 1/sqrt(head_size); "
+                               "ViTAttentionPlugin before runtime 0.9.1 ignores attention_scale")
+    return float(attn.scale)
+
+
 def rewrite(plain: Path, out: Path, vision_config, target: str, feeds: dict) -> dict:
     """Rewrite the plain export `plain` into `out` (model.onnx + model.onnx.data) for `target`.
 
@@ -98,18 +111,16 @@ def rewrite(plain: Path, out: Path, vision_config, target: str, feeds: dict) -> 
         if attn.num_heads not in (None, heads) or attn.head_size * heads != int(vision_config.hidden_size):
             raise PatternMismatch(f"vision block {block}: {attn.num_heads} heads of {attn.head_size} do not match "
                                   f"vision_config ({heads} heads, hidden {vision_config.hidden_size})")
-        if target == "edgellm-0.9" and abs(attn.scale * attn.head_size ** 0.5 - 1) > 1e-6:
-            raise UnsupportedModel(f"vision block {block}: attention scale {attn.scale:g} is not 1/sqrt(head_size); "
-                                   "ViTAttentionPlugin before runtime 0.9.1 ignores attention_scale")
+        scale = _scale(attn, block, target)
         segment = segments[attn.mask.name]
         attn.out.inputs.clear()  # the Transpose back to [T, H, D] is replaced by the plugin's output
         graph.nodes.append(gs.Node(
             plugin.OP, name=f"/visual/blocks.{block}/attn/{plugin.OP}", domain=plugin.DOMAIN,
             inputs=[attn.q, attn.k, attn.v, inputs[segment], carrier if segment == "cu_seqlens" else window_carrier],
-            outputs=[attn.out], attrs=attrs_for(heads, attn.head_size, float(attn.scale))))
+            outputs=[attn.out], attrs=attrs_for(heads, attn.head_size, scale)))
         blocks.append({"block": block, "attention": "full" if segment == "cu_seqlens" else "window",
                        "segments": segment, "num_heads": heads, "head_size": attn.head_size,
-                       "attention_scale": float(attn.scale)})
+                       "attention_scale": scale})
     graph.inputs.append(carrier)
     graph.cleanup().toposort()
     result = gs.export_onnx(graph)
