@@ -50,10 +50,11 @@ def check_options(config, target: str, dtype: str) -> str:
 
 
 def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "float16", checkpoint=None,
-                  force: bool = False) -> dict:
+                  force: bool = False, plain=None, keep_plain=None) -> dict:
     """Export and rewrite `model`'s vision tower into `<out_dir>/visual/`; returns the report.
 
     `checkpoint`: the checkpoint folder (for preprocessor_config.json); default the model's own path.
+    `plain`: a plain export of this tower made before (`keep_plain`, same dtype): skips the torch export.
     """
     import torch
 
@@ -66,7 +67,10 @@ def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "flo
     visual = copy.deepcopy(tower_of(model)).to(getattr(torch, dtype)).eval()
     work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_visual_"))
     try:
-        plain = export.export_tower(family, visual, work / "plain.onnx", float_type=DTYPES[dtype])
+        if plain is None:
+            plain = export.export_tower(family, visual, work / "plain.onnx", float_type=DTYPES[dtype])
+            if keep_plain is not None:
+                shutil.copyfile(plain, keep_plain)
         feeds = export.example_feeds(family, visual, DTYPES[dtype])
         with OutputDir(Path(out_dir) / "visual", force=force) as tmp:
             report = rewrite.rewrite(plain, tmp / "model.onnx", visual.config, target, feeds)
