@@ -19,7 +19,7 @@ from ..errors import RewriteError, UnsupportedModel
 from . import plugin, sidefiles
 from .towers import TOWERS
 
-__all__ = ["FAMILIES", "export_visual", "verify_visual"]
+__all__ = ["FAMILIES", "export_visual", "tower_of", "verify_visual"]
 
 FAMILIES = tuple(TOWERS)
 DTYPES = {"float16": np.float16, "float32": np.float32}

@@ -26,10 +26,17 @@ NEGATIVE = -1e4  # a masked-out score: the fp16 minimum (-65504) or lower
 
 def segment_mask_ok(mask: np.ndarray, cu: np.ndarray) -> bool:
     """True when `mask` is 0 inside every segment of `cu` and strongly negative across segments."""
-    seg = np.searchsorted(np.asarray(cu)[1:], np.arange(mask.shape[-1]), side="right")
+    tokens = int(np.asarray(cu)[-1])
+    seg = np.searchsorted(np.asarray(cu)[1:], np.arange(tokens), side="right")
     same = seg[:, None] == seg[None, :]
-    mask = np.asarray(mask, dtype=np.float32).reshape(mask.shape[-2:])
-    return mask.shape == same.shape and bool(np.all(mask[same] == 0) and np.all(mask[~same] <= NEGATIVE))
+    mask = np.asarray(mask, dtype=np.float32)
+    if mask.ndim > 2 and all(d == 1 for d in mask.shape[:-2]):
+        mask = mask.reshape(mask.shape[-2:])
+    try:
+        mask = np.broadcast_to(mask, same.shape)  # a broadcast mask (one value for all) is checked as such
+    except ValueError:
+        return False
+    return bool(np.all(mask[same] == 0) and np.all(mask[~same] <= NEGATIVE))
 
 
 def _probe_masks(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict:
