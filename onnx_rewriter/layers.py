@@ -38,6 +38,10 @@ class RopeTable:
     cos: gs.Tensor
     sin: gs.Tensor
     attention_scaling: float = 1.0
+    # M-RoPE (Qwen2.5-VL / Qwen3-VL): positions are [3, B, S] (t, h, w) and frequency pair i reads one of
+    # the rows; sections [sT, sH, sW] in HF's mrope_section terms, interleaved as Qwen3-VL does.
+    mrope_section: list[int] | None = None
+    mrope_interleaved: bool = False
 
 
 @dataclass
