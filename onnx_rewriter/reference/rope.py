@@ -116,3 +116,28 @@ def table_difference(a, b) -> float:
     if rows == 0:
         return 0.0
     return float(np.max(np.abs(a[..., :rows, :] - b[..., :rows, :])))
+
+
+def mrope_axes(sections, interleaved: bool, half: int) -> np.ndarray:
+    """Per frequency pair i < R/2, the position row (0 t, 1 h, 2 w) the runtime's M-RoPE kernel reads:
+    non-interleaved (Qwen2/2.5-VL) t, then h for sH pairs, then w; interleaved (Qwen3-VL) h where
+    i % 3 == 1 and i < 3·sH, w where i % 3 == 2 and i < 3·sW, t elsewhere."""
+    _, s_h, s_w = (int(s) for s in sections)
+    i = np.arange(half)
+    if interleaved:
+        return np.where((i % 3 == 1) & (i < 3 * s_h), 1, np.where((i % 3 == 2) & (i < 3 * s_w), 2, 0))
+    return np.where(i < half - s_h - s_w, 0, np.where(i < half - s_w, 1, 2))
+
+
+def runtime_mrope_table(config: dict, positions) -> np.ndarray:
+    """``[N, R]`` float32 rows for N tokens with 3-D positions ``[3, N]`` (t, h, w), as the runtime fills
+    its M-RoPE table from an EdgeLLM ``config.json`` (``rope_scaling.mrope_section``, ``rope_theta``)."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    r = _rotary_dim(head_dim, config.get("partial_rotary_factor"))
+    scaling = config.get("rope_scaling") or {}
+    axes = mrope_axes(scaling["mrope_section"], bool(scaling.get("mrope_interleaved")), r // 2)
+    theta = np.float32(config.get("rope_theta") or 10000.0)
+    divisor = np.power(theta, np.float32(2.0) * np.arange(r // 2, dtype=np.float32) / np.float32(r)).astype(np.float32)
+    pos = np.asarray(positions, dtype=np.float32)[axes]  # [R/2, N]: each pair's own row
+    freqs = (pos.T / divisor[None, :]).astype(np.float32)
+    return np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1).astype(np.float32)
