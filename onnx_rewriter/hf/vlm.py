@@ -154,6 +154,7 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
                 run = pipeline.rewrite(base, tmp / "llm", opts)
                 advance("visual")
                 _visual(vlm, model, tmp, opts)
+            run.out_dir = out / "llm"  # where the rewrite's folder now lies
             if keep_baseline:
                 from .export import _keep
 
@@ -169,4 +170,4 @@ def _visual(vlm, model: str, out: Path, opts) -> None:
     except ImportError:
         log.warning("onnx_rewriter.vision is not installed: wrote llm/ only (no visual/ encoder)")
         return
-    export_visual(vlm, out / "visual", target=opts.target, dtype=opts.dtype, checkpoint=model)
+    export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)  # writes out/visual/

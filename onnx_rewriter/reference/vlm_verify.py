@@ -76,9 +76,8 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
     from ..hf.tiny_vlm import synthetic_images
     from ..hf.vlm import load_vlm
 
-    out_dir = Path(out_dir)
-    if (out_dir / "llm").is_dir():
-        out_dir = out_dir / "llm"
+    root = Path(out_dir)
+    out_dir = root / "llm" if (root / "llm").is_dir() else root
     vlm, config = load_vlm(model)
     image = image if image is not None else synthetic_images()[0]
     tok, (img_row, text_row) = _inputs(model, vlm, image)
@@ -138,6 +137,10 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
         result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
                             f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
         result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
+    visual = _verify_visual(root, vlm, image, quiet)
+    if visual is not None and not visual.passed:
+        result.passed = False
+        result.criterion += "; and the vision encoder's features match the tower's"
     if not quiet:
         grid = img_row["image_grid_thw"][0].tolist()
         print(f"image row: {int((img_row['input_ids'] == image_token).sum())} image tokens (grid t,h,w {grid}), "
@@ -145,3 +148,17 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
         print(result.table())
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=sys.stdout)
     return result
+
+
+def _verify_visual(root: Path, vlm, image, quiet: bool):
+    """The `visual/` encoder beside `llm/`, by onnx_rewriter.vision when both are there; else None."""
+    if not (root / "visual" / "model.onnx").is_file():
+        return None
+    try:
+        from ..vision import verify_visual
+    except ImportError:
+        return None
+    res = verify_visual(root, vlm, images=[image])
+    if not quiet:
+        print(f"visual/: {res.table()}\nvisual {'PASSED' if res.passed else 'FAILED'} ({res.criterion})")
+    return res
