@@ -185,7 +185,12 @@ def run_subgraph(graph: gs.Graph, outputs: list[gs.Tensor], feeds: list[tuple[gs
     for o in model.graph.output:
         if o.type.HasField("tensor_type"):
             o.type.tensor_type.ClearField("shape")
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run([t.name for t in outputs], {t.name: v for t, v in feeds})
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return sess.run([t.name for t in outputs], {t.name: v for t, v in feeds})
+    except Exception as exc:  # onnxruntime's own error types: the subgraph is not what the caller expects
+        raise Reject(f"subgraph cannot be evaluated ({str(exc).splitlines()[0][:120]})", outputs[0].inputs[0]
+                     if outputs[0].inputs else None) from None
