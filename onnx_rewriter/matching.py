@@ -22,13 +22,14 @@ from .layers import (
     RopeApply,
     RopeTable,
     TokenEmbedding,
+    mrope_axes,
 )
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
     "peel_scale", "skip", "static_dim", "slice_bounds", "run_subgraph", "CASTS",
     "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "QKNorm", "RepeatKV", "RMSNormCore",
-    "RopeApply", "RopeTable", "TokenEmbedding",
+    "RopeApply", "RopeTable", "TokenEmbedding", "mrope_axes",
 ]
 
 CASTS = ("Cast",)  # the pass-through most patterns look through

@@ -10,7 +10,7 @@ non-interleaved sections (T…T H…H W…W) or Qwen3-VL's interleave (H at i �
 
 import numpy as np
 
-from onnx_rewriter.matching import Reject, RopeTable, check, producer, run_subgraph, skip
+from onnx_rewriter.matching import Reject, RopeTable, check, mrope_axes, producer, run_subgraph, skip
 
 from ._rope_common import angles_mul, positive_inv_freq
 
@@ -57,17 +57,12 @@ def _picks(graph, trig, table_half, half):
 
 
 def sections_of(g: np.ndarray) -> tuple[list[int], bool] | None:
-    """([sT, sH, sW], interleaved) whose runtime axis pick is g, or None."""
-    half = g.size
+    """([sT, sH, sW], interleaved) whose runtime row pick is g, or None."""
     s_h, s_w = int((g == 1).sum()), int((g == 2).sum())
-    sections = [half - s_h - s_w, s_h, s_w]
-    plain = np.repeat([0, 1, 2], sections)
-    i = np.arange(half)
-    inter = np.where((i % 3 == 1) & (i < 3 * s_h), 1, np.where((i % 3 == 2) & (i < 3 * s_w), 2, 0))
-    if np.array_equal(g, plain):
-        return sections, False
-    if np.array_equal(g, inter):
-        return sections, True
+    sections = [g.size - s_h - s_w, s_h, s_w]
+    for interleaved in (False, True):
+        if np.array_equal(g, mrope_axes(sections, interleaved, g.size)):
+            return sections, interleaved
     return None
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..layers import mrope_axes
+
 
 def _rotary_dim(head_dim: int, partial_rotary_factor) -> int:
     return int(head_dim * float(1.0 if partial_rotary_factor is None else partial_rotary_factor))
@@ -116,17 +118,6 @@ def table_difference(a, b) -> float:
     if rows == 0:
         return 0.0
     return float(np.max(np.abs(a[..., :rows, :] - b[..., :rows, :])))
-
-
-def mrope_axes(sections, interleaved: bool, half: int) -> np.ndarray:
-    """Per frequency pair i < R/2, the position row (0 t, 1 h, 2 w) the runtime's M-RoPE kernel reads:
-    non-interleaved (Qwen2/2.5-VL) t, then h for sH pairs, then w; interleaved (Qwen3-VL) h where
-    i % 3 == 1 and i < 3·sH, w where i % 3 == 2 and i < 3·sW, t elsewhere."""
-    _, s_h, s_w = (int(s) for s in sections)
-    i = np.arange(half)
-    if interleaved:
-        return np.where((i % 3 == 1) & (i < 3 * s_h), 1, np.where((i % 3 == 2) & (i < 3 * s_w), 2, 0))
-    return np.where(i < half - s_h - s_w, 0, np.where(i < half - s_w, 1, 2))
 
 
 def runtime_mrope_table(config: dict, positions) -> np.ndarray:
