@@ -29,6 +29,17 @@ class RMSNormCore:
     nodes: list  # the nodes computing `out` from x
 
 
+def mrope_axes(sections, interleaved: bool, half: int) -> np.ndarray:
+    """Per frequency pair i < R/2, the position row (0 t, 1 h, 2 w) an M-RoPE table reads, as the runtime
+    picks it from `mrope_section` [sT, sH, sW]: non-interleaved (Qwen2/2.5-VL) t, then h for sH pairs,
+    then w; interleaved (Qwen3-VL) h where i % 3 == 1 and i < 3·sH, w where i % 3 == 2 and i < 3·sW."""
+    _, s_h, s_w = (int(s) for s in sections)
+    i = np.arange(half)
+    if interleaved:
+        return np.where((i % 3 == 1) & (i < 3 * s_h), 1, np.where((i % 3 == 2) & (i < 3 * s_w), 2, 0))
+    return np.where(i < half - s_h - s_w, 0, np.where(i < half - s_w, 1, 2))
+
+
 @dataclass
 class RopeTable:
     """cos/sin computed from positions and an inv_freq constant, shared by the layers that use it."""
@@ -38,6 +49,10 @@ class RopeTable:
     cos: gs.Tensor
     sin: gs.Tensor
     attention_scaling: float = 1.0
+    # M-RoPE (Qwen2.5-VL / Qwen3-VL): positions are [3, B, S] (t, h, w) and frequency pair i reads one of
+    # the rows; sections [sT, sH, sW] in HF's mrope_section terms, interleaved as Qwen3-VL does.
+    mrope_section: list[int] | None = None
+    mrope_interleaved: bool = False
 
 
 @dataclass

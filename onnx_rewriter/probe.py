@@ -30,6 +30,8 @@ def _feeds(graph: gs.Graph, s: int, past: int = 0) -> dict:
             feeds[t.name] = np.zeros((1, s, t.shape[-1]), dtype=t.dtype)
         elif t.name == "position_ids":
             feeds[t.name] = np.arange(past, past + s, dtype=np.int64)[None]
+            if t.shape is not None and len(t.shape) == 3:  # M-RoPE's [3, B, S]: text tokens, t = h = w
+                feeds[t.name] = np.repeat(feeds[t.name][None], 3, axis=0)
         elif t.name == "attention_mask":
             feeds[t.name] = np.ones((1, past + s), dtype=t.dtype or np.int64)
         elif t.name == "input_ids":

@@ -13,7 +13,8 @@ STAGES = {
     "embedding": ["embedding"],  # Gather(W, input_ids) that becomes the inputs_embeds input
     "rms_norm": ["rms_norm"],  # RMSNorm cores: kept in fp32 by the dtype pass
     "qk_norm": ["qk_rmsnorm"],  # RMSNorm core times a 1-D gamma (q/k norm candidates for the 0.11 plugin)
-    "rope_table": ["rope_table_matmul", "rope_table_mul"],  # cos/sin computed from positions and inv_freq
+    # cos/sin computed from positions and inv_freq; M-RoPE: picked per frequency from [3, B, S] positions
+    "rope_table": ["rope_table_matmul", "rope_table_mul", "mrope_table"],
     # RoPE applied to q or k. rope_interleaved only refuses: it is tried where rotate_half failed.
     "rope": ["onnx_rotary_embedding", "rotate_half", "rope_interleaved"],
     "rope_partial": ["partial_rotary"],  # rope over the first R dims, the rest passed through
