@@ -62,7 +62,8 @@ def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "flo
     from . import export, rewrite
 
     family = check_options(model.config, target, dtype)
-    checkpoint = Path(checkpoint or getattr(model.config, "_name_or_path", "") or ".")
+    checkpoint = checkpoint or getattr(model.config, "_name_or_path", None)
+    checkpoint = Path(checkpoint) if checkpoint else None
     sidefiles.preprocessor_config(checkpoint)  # fail before the slow export
     visual = copy.deepcopy(tower_of(model)).to(getattr(torch, dtype)).eval()
     work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_visual_"))

@@ -18,7 +18,6 @@ from .. import engine
 from ..errors import PatternMismatch, UnsupportedModel
 from ..patterns import VISION_STAGES, load_patterns
 from . import plugin
-from .host import max_seqlen_carrier
 
 SEGMENT_INPUTS = ("cu_seqlens", "cu_window_seqlens")  # full blocks, window blocks
 NEGATIVE = -1e4  # a masked-out score: the fp16 minimum (-65504) or lower
@@ -108,9 +107,10 @@ def rewrite(plain: Path, out: Path, vision_config, target: str, feeds: dict) -> 
     attns = _attentions(graph, int(vision_config.depth))
     segments = _segments(attns, model, feeds)
     carrier = gs.Variable("max_seqlen_carrier", dtype=np.int32, shape=["max_seqlen"])
-    window = max_seqlen_carrier(np.array([0, (vision_config.window_size // vision_config.patch_size) ** 2])) \
-        if "cu_window_seqlens" in segments.values() else None
-    window_carrier = gs.Constant("window_seqlen_carrier", window) if window is not None else None
+    window_carrier = None
+    if "cu_window_seqlens" in segments.values():  # the longest window: (window_size / patch_size)² patches
+        window_len = (vision_config.window_size // vision_config.patch_size) ** 2
+        window_carrier = gs.Constant("window_seqlen_carrier", np.zeros(window_len, dtype=np.int32))
     inputs = {t.name: t for t in graph.inputs}
     blocks = []
     for block, attn in attns:

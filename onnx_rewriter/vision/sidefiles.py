@@ -52,9 +52,10 @@ def preprocessor_config(checkpoint: Path | None) -> dict:
             return json.loads(pre.read_text())
         if proc.is_file() and isinstance(json.loads(proc.read_text()).get("image_processor"), dict):
             return json.loads(proc.read_text())["image_processor"]
-    raise RewriteError(f"no preprocessor_config.json (or processor_config.json with an image_processor) in "
-                       f"'{checkpoint}'; the runtime's vision runner reads patch_size, merge_size, image_mean and "
-                       "image_std from it: give the checkpoint folder (checkpoint=...)")
+    where = f"in '{checkpoint}'" if checkpoint is not None else "(no checkpoint folder known)"
+    raise RewriteError(f"no preprocessor_config.json (or processor_config.json with an image_processor) {where}; "
+                       "the runtime's vision runner reads patch_size, merge_size, image_mean and image_std from it: "
+                       "give the checkpoint folder (checkpoint=...)")
 
 
 def write(folder: Path, config, checkpoint: Path | None) -> list[str]:
