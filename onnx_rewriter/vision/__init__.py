@@ -19,7 +19,7 @@ from ..errors import RewriteError, UnsupportedModel
 from . import plugin, sidefiles
 from .towers import TOWERS
 
-__all__ = ["FAMILIES", "export_visual", "tower_of", "verify_visual"]
+__all__ = ["FAMILIES", "export_visual", "precheck", "tower_of", "verify_visual"]
 
 FAMILIES = tuple(TOWERS)
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -49,6 +49,16 @@ def check_options(config, target: str, dtype: str) -> str:
     return family_of(config)
 
 
+def precheck(config, target: str, dtype: str, checkpoint=None) -> tuple[str, Path | None]:
+    """Everything export_visual can refuse before the slow steps (target, dtype, family, the checkpoint's
+    preprocessor config). Returns (family, checkpoint folder)."""
+    family = check_options(config, target, dtype)
+    checkpoint = checkpoint or getattr(config, "_name_or_path", None)
+    checkpoint = Path(checkpoint) if checkpoint else None
+    sidefiles.preprocessor_config(checkpoint)
+    return family, checkpoint
+
+
 def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "float16", checkpoint=None,
                   force: bool = False, plain=None, keep_plain=None) -> dict:
     """Export and rewrite `model`'s vision tower into `<out_dir>/visual/`; returns the report.
@@ -61,10 +71,7 @@ def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "flo
     from ..modelio.output import OutputDir
     from . import export, rewrite
 
-    family = check_options(model.config, target, dtype)
-    checkpoint = checkpoint or getattr(model.config, "_name_or_path", None)
-    checkpoint = Path(checkpoint) if checkpoint else None
-    sidefiles.preprocessor_config(checkpoint)  # fail before the slow export
+    family, checkpoint = precheck(model.config, target, dtype, checkpoint)
     visual = copy.deepcopy(tower_of(model)).to(getattr(torch, dtype)).eval()
     work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_visual_"))
     try:

@@ -63,3 +63,13 @@ def test_unknown_family_is_refused():
     config = transformers.Qwen2VLConfig()
     with pytest.raises(RewriteError, match="no vision encoder route for model_type 'qwen2_vl'"):
         check_options(config, "edgellm-0.9", "float16")
+
+
+def test_precheck_needs_the_preprocessor_config(tmp_path):
+    from onnx_rewriter.vision import precheck
+
+    config = _config(mrope_section=[12, 10, 10])
+    with pytest.raises(RewriteError, match="no preprocessor_config.json"):
+        precheck(config, "edgellm-0.11", "float16", tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    assert precheck(config, "edgellm-0.11", "float16", tmp_path) == ("qwen3_vl", tmp_path)
