@@ -34,7 +34,11 @@ def _feeds(graph: gs.Graph, s: int, past: int = 0) -> dict:
         if t.name == "inputs_embeds":
             feeds[t.name] = np.zeros((b, s, t.shape[-1]), dtype=t.dtype)
         elif t.name == "position_ids":
-            feeds[t.name] = np.tile(np.arange(past, past + s, dtype=np.int64), (b, 1))
+            if t.shape is not None and len(t.shape) == 3:  # M-RoPE's [3, B, S]: text tokens, t = h = w
+                rows = t.shape[1] if isinstance(t.shape[1], (int, np.integer)) and t.shape[1] > 0 else BATCH
+                feeds[t.name] = np.tile(np.arange(past, past + s, dtype=np.int64), (3, rows, 1))
+            else:
+                feeds[t.name] = np.tile(np.arange(past, past + s, dtype=np.int64), (b, 1))
         elif t.name == "attention_mask":
             feeds[t.name] = np.ones((b, past + s), dtype=t.dtype or np.int64)
         elif t.name == "input_ids":
