@@ -77,6 +77,8 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
     from ..hf.vlm import load_vlm
 
     root = Path(out_dir)
+    if root.name == "llm" and not (root / "llm").is_dir():  # the llm/ folder itself (export --verify)
+        root = root.parent
     out_dir = root / "llm" if (root / "llm").is_dir() else root
     vlm, config = load_vlm(model)
     image = image if image is not None else synthetic_images()[0]
