@@ -141,6 +141,7 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
         vlm, config = load_vlm(model)
+        _precheck_visual(config, model, opts)  # a missing preprocessor config fails now, not after the LLM
         work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_vlm_"))
         try:
             advance("export")
@@ -162,6 +163,14 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
             return run
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _precheck_visual(config, model: str, opts) -> None:
+    try:
+        from ..vision import precheck
+    except ImportError:
+        return
+    precheck(config, opts.target, opts.dtype, checkpoint=model)
 
 
 def _visual(vlm, model: str, out: Path, opts) -> None:
