@@ -67,17 +67,24 @@ def stem(name: str) -> str:
     return name.replace("/", ".").rsplit(".", 1)[0][1:]
 
 
+_TOPS = ("model", "transformer", "lm_head")  # the children of HF *ForCausalLM modules
+
+
+def _unwrap(path: str) -> str:
+    """Cut a wrapper's prefix before the model's own top module (our export wraps the model as `m`)."""
+    parts = path.split(".")
+    if parts[0] not in _TOPS:
+        for i, p in enumerate(parts):
+            if p in _TOPS:
+                return ".".join(parts[i:])
+    return path
+
+
 def _from_weight(w) -> str | None:
     name = getattr(w, "name", "") or ""
     if not name.endswith(".weight") or "/" in name:
         return None
-    path = name[: -len(".weight")]
-    parts = path.split(".")
-    # a wrapper prefix before the model's own top module (e.g. our export's `m.`)
-    for top in ("model", "lm_head", "transformer"):
-        if top in parts[1:] and parts[0] not in ("model", "lm_head", "transformer"):
-            return ".".join(parts[parts.index(top):])
-    return path
+    return name[: -len(".weight")]
 
 
 def is_linear(node: gs.Node) -> bool:
@@ -95,14 +102,13 @@ def name_linears(graph: gs.Graph, paths: dict[str, str], lm_head: gs.Node | None
         if node is lm_head:
             path = "lm_head"
         elif _PATH_NODE.match(node.name or ""):
-            named += 1
-            continue
+            path = stem(node.name)
         else:
             path = paths.get(node.name) or _from_weight(node.inputs[1])
         if not path:
             unnamed.append(node.name)
             continue
-        new = node_name(path, node.op)
+        new = node_name(_unwrap(path), node.op)
         k = 0
         while new in taken and new != node.name:  # two GEMMs of one module: keep names unique
             k += 1

@@ -211,13 +211,13 @@ def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:
 
     if not model:
         raise RewriteError("--lora-adapter needs --model: the oracle is the model with the adapter merged")
-    graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
-    inputs = lora_inputs(graph)
+    model_proto = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
+    inputs = lora_inputs(model_proto)
     if not inputs:
         raise RewriteError(f"'{out_dir}' has no LoRA inputs; rewrite it with --lora")
-    if any(n.op_type.startswith("Int4Groupwise") for n in graph.node):
+    if any(n.op_type.startswith("Int4Groupwise") for n in model_proto.graph.node):
         raise RewriteError("verify --lora-adapter compares FP16 folders; this one has INT4 linears")
-    elem = next(i for i in graph.input if i.name == "inputs_embeds").type.tensor_type.elem_type
+    elem = next(i for i in model_proto.graph.input if i.name == "inputs_embeds").type.tensor_type.elem_type
     return adapter_feeds(lora_adapter, inputs, onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
