@@ -161,12 +161,18 @@ def _nvidia_bin() -> Path | None:
 
 @pytest.mark.skipif(_nvidia_bin() is None, reason="NVIDIA's tensorrt-edgellm-insert-lora is not installed "
                                                   "(set EDGELLM_NVIDIA_BIN or run make bench)")
-def test_nvidia_insert_lora_on_our_output_equals_our_lora(qwen2, adapter, tmp_path):
+@pytest.mark.parametrize("int4", [False, True])
+def test_nvidia_insert_lora_on_our_output_equals_our_lora(models, qwen2, adapter, tmp_path, int4):
     """insert-lora on our plain output finds every linear under the adapter's names: same inputs and LoRA nodes
-    as --lora, and its graph verifies with the adapter."""
+    as --lora (FP16 MatMuls on 0.9; INT4 V2 plugins on 0.11), and its FP16 graph verifies with the adapter."""
     base, ckpt = qwen2
-    pipeline.rewrite(base, tmp_path / "plain")
-    pipeline.rewrite(base, tmp_path / "ours", lora=True)
+    opts = {}
+    if int4:  # K and N multiples of 128
+        base = models.baseline("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                               num_key_value_heads=8)
+        opts = dict(quantize="int4", target="edgellm-0.11")
+    pipeline.rewrite(base, tmp_path / "plain", **opts)
+    pipeline.rewrite(base, tmp_path / "ours", lora=True, **opts)
     subprocess.run([str(_nvidia_bin() / "tensorrt-edgellm-insert-lora"), "--onnx_dir", str(tmp_path / "plain")],
                    check=True, capture_output=True, timeout=300)
     theirs = onnx.load(str(tmp_path / "plain" / "lora_model.onnx"))
@@ -179,6 +185,9 @@ def test_nvidia_insert_lora_on_our_output_equals_our_lora(qwen2, adapter, tmp_pa
 
     assert lora(theirs) == lora(ours)
     assert len(lora(ours)[0]) == 2 * len(STEMS)
+    if int4:
+        assert sum(n.op_type == "Int4GroupwiseGemmPluginV2" for n in ours.graph.node) == len(STEMS)
+        return
     (tmp_path / "plain" / "model.onnx").unlink()
     (tmp_path / "plain" / "lora_model.onnx").rename(tmp_path / "plain" / "model.onnx")
     res = verify(tmp_path / "plain", model=str(ckpt), lora_adapter=str(adapter), steps=2, quiet=True)
