@@ -95,6 +95,7 @@ def test_reduced_vocab_qwen2_verifies(models, tok_dir, corpus, tmp_path, target)
     assert load_file(str(out / "embedding.safetensors"))["embedding"].shape == (320, 64)  # stays whole
     res = verify(out, model=str(ckpt), steps=4, quiet=True)
     assert res.passed, res.table()
+    assert res.reduced_vocab == (r, 320)
 
 
 def test_tied_head_gets_its_own_cut_copy_and_greedy_text_maps_back(models, tok_dir, corpus, tmp_path):

@@ -49,6 +49,7 @@ class VerifyResult:
     rope_checks: list = field(default_factory=list)  # rope_check.RopeCheck per group of layers
     # INT4 folders: the dequantized model (the oracle above) against the original one, per step
     quantization: list[StepResult] = field(default_factory=list)
+    reduced_vocab: tuple[int, int] | None = None  # (kept, full) for a --reduce-vocab folder
 
     def quantization_line(self) -> str:
         q = self.quantization
@@ -162,6 +163,8 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     session = Session(out_dir, rope_table=rope_table, lora=lora)
     # reduced vocabulary: our logits are the oracle's at the kept ids; greedy picks among the kept ids
     cut = (lambda x: x) if session.vocab_map is None else (lambda x: x[..., session.vocab_map])
+    if session.vocab_map is not None:
+        result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
     rows = rows or prompts(session.config["vocab_size"])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
@@ -198,6 +201,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             print(check.line(), file=out)
         if result.quantization:
             print(result.quantization_line(), file=out)
+        if result.reduced_vocab:
+            print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
+                  f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
     return result
 
