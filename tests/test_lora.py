@@ -65,7 +65,27 @@ def test_stem_rule_and_names():
     assert linear_names.stem("node_MatMul_9") == "ode_MatMul_9"  # why NVIDIA's own exports cannot bind (§13.4)
 
 
-@pytest.mark.parametrize("family,flavour", [("qwen2", {}), ("llama", {"exporter": "torchscript"})])
+def test_name_sources_on_a_hand_built_graph():
+    """Metadata path, a path-style name under a wrapper (TorchScript of our wrapper: `/m/model/...`), a
+    `<module>.weight` initializer, and nothing (kept, listed)."""
+    import onnx_graphsurgeon as gs
+
+    x = gs.Variable("x", np.float32, [1, 2, 4])
+    nodes = []
+    for i, (name, wname) in enumerate([("node_MatMul_1", "val_1"), ("/m/model/layers.3/mlp/up_proj/MatMul", "w2"),
+                                       ("node_linear_7", "m.model.layers.0.self_attn.o_proj.weight"),
+                                       ("node_MatMul_9", "val_9"), ("node_lm", "val_lm")]):
+        nodes.append(gs.Node("MatMul", name=name, inputs=[x, gs.Constant(wname, np.ones((4, 4), np.float32))],
+                             outputs=[gs.Variable(f"y{i}", np.float32)]))
+    g = gs.Graph(nodes=nodes, inputs=[x], outputs=[n.outputs[0] for n in nodes])
+    res = linear_names.name_linears(g, {"node_MatMul_1": "model.layers.12.self_attn.q_proj"}, nodes[-1])
+    assert [n.name for n in nodes] == ["/model/layers.12/self_attn/q_proj/MatMul", "/model/layers.3/mlp/up_proj/MatMul",
+                                       "/model/layers.0/self_attn/o_proj/MatMul", "node_MatMul_9", "/lm_head/MatMul"]
+    assert res == {"named": 4, "unnamed": ["node_MatMul_9"]}
+
+
+@pytest.mark.parametrize("family,flavour", [
+    ("qwen2", {}), pytest.param("llama", {"exporter": "torchscript"}, marks=pytest.mark.slow)])
 def test_linears_are_named_after_their_modules_without_lora(models, tmp_path, family, flavour):
     """What insert-lora derives its binding names from; lm_head's name keeps it out."""
     pipeline.rewrite(models.baseline(family, **flavour), tmp_path / "out")
@@ -161,7 +181,7 @@ def _nvidia_bin() -> Path | None:
 
 @pytest.mark.skipif(_nvidia_bin() is None, reason="NVIDIA's tensorrt-edgellm-insert-lora is not installed "
                                                   "(set EDGELLM_NVIDIA_BIN or run make bench)")
-@pytest.mark.parametrize("int4", [False, True])
+@pytest.mark.parametrize("int4", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_nvidia_insert_lora_on_our_output_equals_our_lora(models, qwen2, adapter, tmp_path, int4):
     """insert-lora on our plain output finds every linear under the adapter's names: same inputs and LoRA nodes
     as --lora (FP16 MatMuls on 0.9; INT4 V2 plugins on 0.11), and its FP16 graph verifies with the adapter."""
