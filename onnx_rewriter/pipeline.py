@@ -219,6 +219,9 @@ def step_embedding(run: Run) -> None:
     for node in list(g.nodes):
         if node.op == "Shape" and node.inputs[0].name in DROPPED_INPUTS:
             end = node.attrs.get("end")
+            if len(node.inputs[0].shape or ()) == 3:  # M-RoPE position_ids [3, B, S]: dims 1, 2 are B, S
+                node.attrs["start"] = max(node.attrs.get("start", 0) - 1, 0)
+                end = None if end is None else end - 1
             node.attrs["end"] = 2 if end is None or end > 2 else end
             node.inputs[0] = emb
     run.embedding = m.result
@@ -294,7 +297,8 @@ def step_build(run: Run) -> None:
     positions = cfg["max_position_embeddings"]
     build = Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
                   float_type=float_type, opset=run.source.opset, rope_positions=positions,
-                  runtime_rope=runtime_rope_table(cfg, positions))
+                  runtime_rope=runtime_rope_table(cfg, positions),
+                  kept_inputs=tuple(t for f in run.features for t in f.kept_inputs(run)))
     target.build(build)
     for feature in run.features:
         feature.apply(run, build)

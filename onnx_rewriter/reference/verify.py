@@ -146,6 +146,12 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
            rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None) -> VerifyResult:
     check_steps(steps)
+    from ..hf.vlm import vlm_type
+
+    if model and vlm_type(model) and baseline is None and rows is None:  # image+text and text-only prompts
+        from .vlm_verify import verify_vlm
+
+        return verify_vlm(out_dir, model, steps=steps, quiet=quiet)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     if baseline is not None:
         check_baseline(baseline)
