@@ -8,7 +8,8 @@ targets that cannot express it; the pipeline only runs the selected features' ho
 - `kept_inputs(run)`    in step_build: the export's own graph inputs the feature keeps (targets drop the rest);
 - `apply(run, build)`   in step_build, right after the target built its plugin graph;
 - `config(run, cfg)`    when config.json is made: the keys the feature adds or changes;
-- `schemas()`           OpSchemas of the ops it emits (registered before the file is checked).
+- `schemas()`           OpSchemas of the ops it emits (registered before the file is checked);
+- `files(run, out_dir)` side files it writes beside model.onnx (returns their names).
 
 Features read the target-agnostic matches (run.layers, run.ctx) and the graph; they never reach into a
 target's code. `selected(options)` turns the options into the feature list (docs/architecture.md).
@@ -38,6 +39,9 @@ class Feature:
     def schemas(self) -> list:
         return []
 
+    def files(self, run, out_dir) -> list[str]:
+        return []
+
 
 def selected(options) -> list[Feature]:
     """The features the options ask for, in the order their hooks run."""
@@ -46,6 +50,14 @@ def selected(options) -> list[Feature]:
         from .int4 import from_options
 
         out.append(from_options(options))
+    if getattr(options, "reduce_vocab", False):
+        from .reduced_vocab import from_options as reduced_vocab
+
+        out.append(reduced_vocab(options))
+    if getattr(options, "lora", False):  # after INT4: LoRA attaches to the INT4 plugins too
+        from .lora import Lora
+
+        out.append(Lora())
     return out
 
 

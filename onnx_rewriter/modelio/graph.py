@@ -41,6 +41,7 @@ class SourceModel:
     opset: int
     ir_version: int
     metadata: dict = field(default_factory=dict)
+    module_paths: dict = field(default_factory=dict)  # linear node name -> HF module path (linear_names.py)
 
     @property
     def base_dir(self) -> Path:
@@ -92,6 +93,9 @@ def load(path: str | os.PathLike) -> SourceModel:
     model = _infer_shapes(model, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     meta = {p.key: p.value for p in model.metadata_props}
+    from ..linear_names import module_paths
+
+    paths = module_paths(model)  # node metadata: onnx-graphsurgeon drops it
     # gs warns about every bf16 tensor (no numpy type; it keeps the proto type, which is what we want)
     # and about its missing `colored` module: noise to a user of a bf16 export.
     from onnx_graphsurgeon.logger import G_LOGGER
@@ -101,7 +105,8 @@ def load(path: str | os.PathLike) -> SourceModel:
         graph = gs.import_onnx(model)
     finally:
         G_LOGGER.severity = severity
-    return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta)
+    return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta,
+                       module_paths=paths)
 
 
 # Opsets whose ops the patterns and probes are written for (Softmax/Unsqueeze/ReduceMean semantics of 13+,

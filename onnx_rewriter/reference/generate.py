@@ -43,7 +43,7 @@ def greedy(out_dir, prompt: list[int], max_new_tokens: int, eos: set[int] = froz
     logits = runner.prefill([list(prompt)])
     tokens: list[int] = []
     for _ in range(max_new_tokens):
-        tokens.append(int(logits[0].argmax()))
+        tokens.append(session.token(logits[0].argmax()))  # a reduced vocabulary maps back to token ids
         if tokens[-1] in eos or len(tokens) == max_new_tokens:
             break
         logits = runner.decode([tokens[-1]])

@@ -30,7 +30,7 @@ def _evaluator(model_path: Path):
 class Session:
     """A loaded output folder: graph, embedding table, config; knows the graph's float dtype."""
 
-    def __init__(self, out_dir, rope_table: np.ndarray | None = None):
+    def __init__(self, out_dir, rope_table: np.ndarray | None = None, lora: dict | None = None):
         out_dir = Path(out_dir)
         self.check_folder(out_dir)
         self.config = json.loads((out_dir / "config.json").read_text())
@@ -43,6 +43,17 @@ class Session:
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values_"))
         self.max_positions = 512
         self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
+        from ..features.reduced_vocab import load_map
+        from .lora import dummy_feeds, lora_inputs
+
+        self.vocab_map = load_map(out_dir)  # logits index i is token vocab_map[i] (None: the full vocabulary)
+        # LoRA slots: the given adapter tensors, rank-0 dummies elsewhere (as the runtime binds them)
+        self.lora_inputs = lora_inputs(self.model)
+        self.lora = {**dummy_feeds(self.lora_inputs, self.float), **(lora or {})}
+
+    def token(self, index: int) -> int:
+        """The token id of logits index `index`."""
+        return int(index) if self.vocab_map is None else int(self.vocab_map[index])
 
     @staticmethod
     def check_folder(out_dir) -> None:
@@ -69,7 +80,7 @@ class Session:
 
     def run(self, feeds: dict) -> dict:
         names = [o.name for o in self.model.graph.output]
-        return dict(zip(names, self.evaluator.run(None, feeds)))
+        return dict(zip(names, self.evaluator.run(None, {**self.lora, **feeds})))
 
 
 class DenseRunner:
