@@ -42,6 +42,10 @@ def selected(options) -> list[Feature]:
         from .int4 import from_options
 
         out.append(from_options(options))
+    if getattr(options, "kv_cache", "fp16") == "fp8":
+        from .fp8_kv import from_options as fp8_kv
+
+        out.append(fp8_kv(options))
     return out
 
 
