@@ -28,6 +28,10 @@ FP16_COSINE = 0.999
 # a fixed tie, ~4x the relative logit error of correct fp16 runs (<= 2.3e-3 on the tiny families). A tie
 # measured by the step's own error would switch the check off exactly when the graph is most wrong.
 TOP1_TIE = 1e-2
+# An FP8 KV cache must cost no more than this (logit cosine vs the model, every step): a scale that saturates
+# or underflows the cache passes the tight check (the oracle rounds with the same scales) but fails here.
+# Correct calibrated scales measured >= 0.9968 on the tiny families.
+FP8_COSINE = 0.99
 
 
 @dataclass
@@ -47,13 +51,15 @@ class VerifyResult:
     passed: bool = False
     rope_table_difference: float | None = None
     rope_checks: list = field(default_factory=list)  # rope_check.RopeCheck per group of layers
-    # INT4 folders: the dequantized model (the oracle above) against the original one, per step
+    # INT4 / FP8-KV folders: the oracle above (dequantized weights, FP8 cache rounding) against the original
+    # model, per step; `quantized` names what differs
     quantization: list[StepResult] = field(default_factory=list)
+    quantized: str = "INT4"
 
     def quantization_line(self) -> str:
         q = self.quantization
         agree = sum(s.top1_agree for s in q)
-        return (f"INT4 quantization error (dequantized vs original model, same tokens): min cosine "
+        return (f"{self.quantized} quantization error (quantized oracle vs original model, same tokens): min cosine "
                 f"{min(s.cosine for s in q):.6f}, mean cosine {np.mean([s.cosine for s in q]):.6f}, "
                 f"top-1 agreement {agree}/{len(q)}")
 
@@ -146,6 +152,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         check_baseline(baseline)
     oracle = HFOracle(model) if model else OnnxOracle(baseline)
     original = _int4_oracle(out_dir, model, oracle)
+    int4 = original is not None
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
     result = VerifyResult()
@@ -156,6 +163,18 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         rope_table = np.asarray(rope, dtype=np.float32)
     session = Session(out_dir, rope_table=rope_table)
     rows = rows or prompts(session.config["vocab_size"])
+    fp8_scales = _fp8_scales(out_dir)
+    if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
+        if not isinstance(oracle, HFOracle):
+            from ..errors import RewriteError
+
+            raise RewriteError("verify --baseline cannot simulate the folder's FP8 KV cache; verify with --model")
+        from .fp8_oracle import Fp8Oracle
+
+        if original is None:
+            original = HFOracle(model)
+        result.quantized = "FP8 KV cache" if result.quantized == "INT4" and not int4 else "INT4 + FP8 KV cache"
+        oracle = Fp8Oracle(oracle, fp8_scales, rows)
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
     pb = progress.bar(total=steps + 1, desc="verify")  # prefill + decode steps, on a terminal only
@@ -181,6 +200,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
                             f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
         result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
+    if fp8_scales and not int4:
+        result.criterion += f"; FP8 KV cache cost: cosine >= {FP8_COSINE} vs the model at every step"
+        result.passed = result.passed and all(s.cosine >= FP8_COSINE for s in result.quantization)
     if any(not c.ok for c in result.rope_checks):  # logits of short prompts cannot show a long-context error
         result.passed = False
         result.criterion += "; every layer's RoPE table equals the model's up to max_position_embeddings"
@@ -193,6 +215,12 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             print(result.quantization_line(), file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
     return result
+
+
+def _fp8_scales(out_dir) -> list:
+    from ..features.fp8_kv import graph_scales
+
+    return graph_scales(onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False))
 
 
 def _int4_oracle(out_dir, model, oracle):
