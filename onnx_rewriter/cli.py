@@ -57,7 +57,8 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
                    help="fp8: FP8 (E4M3) KV cache, scales from --kv-scales or calibrated (amax/448 per layer)")
     p.add_argument("--kv-scales", metavar="DIR", help="ModelOpt checkpoint folder with k_proj.k_scale / "
                    "v_proj.v_scale (default: calibrate on the baseline)")
-    p.add_argument("--calibration", metavar="FILE", help="calibration prompts, one a line (default: a small bundled set)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration prompts, one a line (default: a small bundled set)")
 
 
 def _feature_opts(args) -> dict:

@@ -72,7 +72,8 @@ class DenseRunner:
         self.s = session
         cfg = session.config
         hkv, d = cfg["num_key_value_heads"], cfg["head_dim"]
-        self.cache = [np.zeros((batch, 2, hkv, capacity, d), dtype=session.cache_dtype) for _ in range(session.num_layers)]
+        self.cache = [np.zeros((batch, 2, hkv, capacity, d), dtype=session.cache_dtype)
+                      for _ in range(session.num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
 
     def _step(self, embeds, context_lengths, start, last) -> np.ndarray:
