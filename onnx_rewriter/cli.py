@@ -96,6 +96,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         src.add_argument("--model", help="HF checkpoint folder or id")
         src.add_argument("--baseline", metavar="FILE", help="the baseline .onnx the folder was rewritten from")
         p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
+        p.add_argument("--fp16-model", metavar="DIR", help="the unquantized model an AWQ/GPTQ --model was made "
+                       "from: also report the INT4 error against it")
     else:
         from . import targets
 
@@ -220,7 +222,7 @@ def _run(cmd: str, args) -> int:
         from .reference.verify import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
-                           quiet=args.quiet).passed else 1
+                           quiet=args.quiet, fp16_model=args.fp16_model).passed else 1
     from .inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)

@@ -145,16 +145,20 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
-           rows: list[list[int]] | None = None, quiet: bool = False) -> VerifyResult:
+           rows: list[list[int]] | None = None, quiet: bool = False, fp16_model: str | None = None) -> VerifyResult:
+    """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
+    reported against it."""
     check_steps(steps)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     if baseline is not None:
         check_baseline(baseline)
     oracle = HFOracle(model) if model else OnnxOracle(baseline)
     original = _int4_oracle(out_dir, model, oracle)
-    int4 = original is not None
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
+    elif fp16_model:
+        original = HFOracle(fp16_model)
+    int4 = original is not None
     result = VerifyResult()
     rope_table = None
     if isinstance(oracle, HFOracle):
