@@ -68,14 +68,15 @@ def token_rows(run, texts: list[str]) -> list[list[int]]:
 class BaselineSession:
     """The baseline ONNX in onnxruntime with extra outputs `names` (intermediate tensors)."""
 
-    def __init__(self, path: Path, names: list[str]):
+    def __init__(self, path: Path, names: list[str], skip_missing: bool = False):
         import onnxruntime as ort
 
         model = onnx.load(str(path), load_external_data=False)
         known = {o for n in model.graph.node for o in n.output}
         missing = [n for n in names if n not in known]
-        if missing:
+        if missing and not skip_missing:
             raise RewriteError(f"calibration: tensor '{missing[0]}' is not in the baseline '{path}' as exported")
+        names = [n for n in names if n in known]
         have = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
         opts = ort.SessionOptions()
@@ -134,3 +135,41 @@ def calibrate_kv(run, path: str | None) -> list[tuple[float, float]]:
         sess.close()
     scales = np.where(amax > 0, amax / fp8.E4M3_MAX, 1.0).astype(np.float32)
     return [(float(k), float(v)) for k, v in scales]
+
+
+ROWS = 256  # activation rows kept per linear for the INT4 scale search
+
+
+def linear_inputs(run, path: str | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per MatMul weight name: (mean |x| per input channel [K], up to ROWS rows of x [m, K]) over the
+    calibration prompts, x the MatMul's input in the baseline. A linear whose input the baseline does not
+    hold under the same name (normalization made it) is left out."""
+    import onnx_graphsurgeon as gs
+
+    linears = {}
+    for node in run.source.graph.nodes:
+        if node.op == "MatMul" and isinstance(node.inputs[1], gs.Constant) and len(node.inputs[1].shape) == 2 \
+                and not isinstance(node.inputs[0], gs.Constant):
+            linears.setdefault(node.inputs[0].name, []).append(node.inputs[1].name)
+    rows = token_rows(run, prompts(path))
+    sess = BaselineSession(run.in_path, list(linears), skip_missing=True)
+    sums: dict = {}
+    kept: dict = {}
+    count = 0
+    try:
+        for ids in rows:
+            out = sess(ids)
+            count += len(ids)
+            for name, x in out.items():
+                x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+                sums[name] = sums.get(name, 0) + np.abs(x).sum(axis=0)
+                kept[name] = np.concatenate([kept[name], x]) if name in kept else x
+    finally:
+        sess.close()
+    out = {}
+    for name, total in sums.items():
+        x = kept[name]
+        pick = np.linspace(0, len(x) - 1, min(ROWS, len(x))).astype(int)
+        for w in linears[name]:
+            out[w] = (total / count, x[pick])
+    return out

@@ -53,6 +53,8 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int4"], help="int4: INT4 weight-only linears (groupwise RTN, G=128)")
     p.add_argument("--int4-plugin-version", type=int, choices=[1, 2], help="INT4 plugin layout on edgellm-0.11 "
                    "(default 2, Int4GroupwiseGemmPluginV2)")
+    p.add_argument("--int4-method", choices=["rtn", "awq"], default="rtn", help="awq: activation-aware "
+                   "per-channel scales searched on the calibration prompts (a pre_quant_scale Mul per linear)")
     p.add_argument("--kv-cache", choices=["fp16", "fp8"], default="fp16",
                    help="fp8: FP8 (E4M3) KV cache, scales from --kv-scales or calibrated (amax/448 per layer)")
     p.add_argument("--kv-scales", metavar="DIR", help="ModelOpt checkpoint folder with k_proj.k_scale / "
@@ -63,6 +65,7 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
 
 def _feature_opts(args) -> dict:
     return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version, "kv_cache": args.kv_cache,
+            "int4_method": args.int4_method,
             "kv_scales": args.kv_scales, "calibration": args.calibration}
 
 

@@ -51,6 +51,7 @@ class Options:
     quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
     int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
     int4_checkpoint: str | None = None  # an AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take
+    int4_method: str = "rtn"  # "awq": activation-aware per-channel scales searched on --calibration (int4_awq.py)
     kv_cache: str = "fp16"  # "fp8": FP8 (E4M3) KV cache (features/fp8_kv.py)
     calibration: str | Path | None = None  # prompts file (one a line) for calibrated scales; None: bundled set
     kv_scales: str | Path | None = None  # a ModelOpt checkpoint folder holding k_scale / v_scale per layer
@@ -70,6 +71,10 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
         raise RewriteError(f"unknown --dtype '{options.dtype}'; choose {' or '.join(dtypes.NAMES)}")
     if options.config is not None and not Path(options.config).is_file():
         raise RewriteError(f"--config '{options.config}' is not a file; give the path of a config.json")
+    if options.int4_method not in ("rtn", "awq"):
+        raise RewriteError(f"unknown --int4-method '{options.int4_method}'; choose rtn or awq")
+    if options.int4_method != "rtn" and options.quantize != "int4":
+        raise RewriteError(f"--int4-method {options.int4_method} needs --quantize int4")
     if options.kv_cache not in ("fp16", "fp8"):
         raise RewriteError(f"unknown --kv-cache '{options.kv_cache}'; choose fp16 or fp8")
     if options.calibration is not None and not Path(options.calibration).is_file():
