@@ -43,7 +43,8 @@ def _words(nib, axis):
     nib = np.moveaxis(np.asarray(nib, np.uint32), axis, -1)
     nib = nib.reshape(nib.shape[:-1] + (nib.shape[-1] // 8, 8))
     words = (nib << (4 * np.arange(8, dtype=np.uint32))).sum(-1, dtype=np.uint32)
-    return np.moveaxis(words, -1, axis).view(np.int32)
+    # contiguous: safetensors.numpy writes an array's buffer as it lies in memory, strides ignored
+    return np.ascontiguousarray(np.moveaxis(words, -1, axis)).view(np.int32)
 
 
 def awq_tensors(w_kn):
@@ -84,7 +85,7 @@ def write(fp_ckpt, out, method: str, **kw) -> Path:
             tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
         else:
             tensors[key] = value
-    save_file(tensors, str(out / "model.safetensors"))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "model.safetensors"))
     cfg = json.loads((out / "config.json").read_text())
     qc = {"quant_method": method, "bits": 4, "group_size": 128}
     qc.update({"version": "gemm", "zero_point": True} if method == "awq" else

@@ -40,6 +40,23 @@ def test_codes_decode_and_plugin_math_is_exact(fmt):
     np.testing.assert_allclose(y, x @ lin.dequantized().astype(np.float32), rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq_act"])
+def test_written_checkpoint_holds_the_fp16_weights(models, tmp_path, fmt):
+    """The files `quant_packers.write` leaves decode to the FP16 model's weights within one quantization step
+    (a packer writing a non-contiguous array's buffer once made every AWQ/GPTQ test model noise)."""
+    from safetensors.numpy import load_file
+
+    fp16 = models.checkpoint("qwen2", **DIMS)
+    ck = qp.write(fp16, tmp_path / "ck", fmt.split("_")[0], **({"act_order": True} if fmt == "gptq_act" else {}))
+    state = load_file(str(fp16 / "model.safetensors"))
+    checkpoint = qc.Checkpoint(ck)
+    assert len(checkpoint.prefixes) == 14
+    for p in checkpoint.prefixes:
+        lin = checkpoint.linear(p)
+        err = np.abs(lin.dequantized().astype(np.float32) - state[f"{p}.weight"].T)
+        assert err.max() <= lin.scales.astype(np.float32).max(), p
+
+
 def test_clip_rule_would_lose_information():
     """NVIDIA's clip(q - z + 8, 0, 15) on an asymmetric checkpoint changes weights; ours does not."""
     lin = qc.read({"quant_method": "awq"}, qp.awq_tensors(np.random.default_rng(2).standard_normal((128, 64))
