@@ -209,6 +209,9 @@ class Int4(Feature):
         _, corr, perm = lin.plugin()
         x, out = node.inputs[0], node.outputs[0]
         name = node.name
+        pqs = getattr(lin, "pre_quant_scale", None)  # ModelOpt AWQ: Mul(x, pre_quant_scale) first (section 7.9)
+        if pqs is not None:
+            x = _op(g, "Mul", f"{name}/pre_quant_scale_mul", [x, gs.Constant(f"{name}/pre_quant_scale", pqs)])
         if perm is not None:
             x = _op(g, "Gather", f"{name}/act_order", [x, gs.Constant(f"{name}/perm", perm.astype(np.int64))],
                     {"axis": -1})
@@ -225,7 +228,8 @@ class Int4(Feature):
                        {"keepdims": 0})
             term = _op(g, "MatMul", f"{name}/zero_point", [sums, gs.Constant(f"{name}/zero_point_c", corr)])
             g.nodes.append(gs.Node("Add", name=f"{name}/zero_point_add", inputs=[plugin_out, term], outputs=[out]))
-        return {"act_order": perm is not None, "zero_point_correction": corr is not None}
+        return {"act_order": perm is not None, "zero_point_correction": corr is not None,
+                "pre_quant_scale": pqs is not None}
 
 
 def _op(g: gs.Graph, op: str, name: str, inputs, attrs=None) -> gs.Variable:
