@@ -132,3 +132,13 @@ def test_cli_refusals(models, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("error:") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fp8_kv_with_int4_weights(models, tmp_path):
+    dims = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
+    out = tmp_path / "out"
+    pipeline.rewrite(models.baseline("llama", **dims), out, target="edgellm-0.11", quantize="int4", kv_cache="fp8")
+    res = verify(out, model=str(models.checkpoint("llama", **dims)), steps=3, quiet=True)
+    # the oracle holds the INT4 weights and rounds the cache; the cost line covers both
+    assert res.passed and res.quantized == "INT4 + FP8 KV cache", res.table()

@@ -1,4 +1,4 @@
-"""Deployment features: optional changes to a rewritten graph (INT4 weights, later FP8 KV, VLM, LoRA).
+"""Deployment features: optional changes to a rewritten graph (INT4 weights, FP8 KV cache; later VLM, LoRA).
 
 A feature is one module with one `Feature` object. It declares, per target, what it emits and refuses
 targets that cannot express it; the pipeline only runs the selected features' hooks in order:
