@@ -8,7 +8,9 @@ Per size (random-weight bf16 checkpoints with real model dimensions, built once 
   (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
       `tensorrt-edgellm-export` 0.11.0 (its own venv, bench/.venv-nvidia, since it pins its own
       transformers/onnx), on the same bf16 checkpoint.
-  (c) quantize: the same baseline rewritten FP16 and with `--quantize int4` (time, peak RSS, output size).
+  (c) quantize: the same baseline rewritten FP16, with `--quantize int4` (RTN) and with `--int4-method awq`
+      (time, peak RSS, output size), and the logit agreement of RTN and AWQ with the model on held-out
+      prompts (bench/int4_agreement.py).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
 from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
 Timings on a shared machine drift; the ratios compare tools measured back to back.
@@ -157,18 +159,24 @@ def bench_rewrite(size: str, base: Path, repeat: int) -> dict:
 # ---------------------------------------------------------------- (c) --quantize int4 vs the FP16 rewrite
 
 
-def bench_quantize(size: str, base: Path) -> dict:
-    """The same baseline rewritten FP16 and INT4 (RTN): wall, peak RSS (one weight in memory at a time,
-    so flat in model size), output size."""
+def bench_quantize(size: str, base: Path, ckpt: Path) -> dict:
+    """The same baseline rewritten FP16, INT4 RTN and INT4 activation-aware: wall, peak RSS (RTN keeps one
+    weight in memory at a time, so flat in model size; AWQ also runs the baseline in onnxruntime to
+    calibrate), output size; then each INT4 model's logit agreement with the FP model on held-out prompts."""
     res = {}
-    for key, extra in (("fp16", []), ("int4", ["--quantize", "int4"])):
+    runs = (("fp16", []), ("int4", ["--quantize", "int4"]),
+            ("int4-awq", ["--quantize", "int4", "--int4-method", "awq"]))
+    for key, extra in runs:
         out = CACHE / f"out-{key}-{size}"
         shutil.rmtree(out, ignore_errors=True)
         res[key] = measure(f"quantize-{key}-{size}", [PY, "-m", "onnx_rewriter", base, out, "--external-data", "-q",
                                                       *extra])
         res[key]["out_mb"] = dir_mb(out)
-        res[key]["fused"] = count_nodes(out / "model.onnx", "Int4GroupwiseGemmPlugin") if key == "int4" else None
-        drop_outputs(out)
+        res[key]["fused"] = count_nodes(out / "model.onnx", "Int4GroupwiseGemmPlugin") if key != "fp16" else None
+    agree = measure(f"quantize-agreement-{size}", [PY, HERE / "int4_agreement.py", ckpt,
+                                                   *(f"{k}={CACHE / f'out-{k}-{size}'}" for k in ("int4", "int4-awq"))])
+    res["agreement"] = json.loads(agree["tail"].strip().splitlines()[-1]) if agree["rc"] == 0 else None
+    drop_outputs(*(CACHE / f"out-{k}-{size}" for k, _ in runs))
     return res
 
 
@@ -260,8 +268,12 @@ def report(results: dict) -> None:
             c = res["quantize"]
             row(size, "rewrite FP16", c["fp16"])
             row(size, "rewrite --quantize int4 (RTN)", c["int4"])
+            row(size, "rewrite --int4-method awq", c.get("int4-awq"))
             rows.append(f"{'':<6}-> INT4 output {c['int4']['out_mb'] / max(c['fp16']['out_mb'], 1):.2f}x the FP16 one"
                         f" ('fused' = INT4 GEMM nodes)")
+            for k, a in (c.get("agreement") or {}).items():
+                rows.append(f"{'':<6}-> {k} vs the model, held-out prompts: cosine mean {a['cosine_mean']}, min "
+                            f"{a['cosine_min']}, top-1 {a['top1']}")
         if "export" in res:
             b = res["export"]
             row(size, "make export (ours)", b["ours"])
@@ -309,7 +321,7 @@ def main(argv=None) -> int:
             res["baseline"] = built
             res["rewrite"] = bench_rewrite(size, base, args.repeat)
         if args.only in (None, "quantize"):
-            res["quantize"] = bench_quantize(size, baseline(size, ckpt)[0])
+            res["quantize"] = bench_quantize(size, baseline(size, ckpt)[0], ckpt)
         if args.only in (None, "export"):
             res["export"] = bench_export(size, ckpt, not args.no_nvidia, size in args.verify.split(","),
                                          args.export_target)

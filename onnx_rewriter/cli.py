@@ -61,10 +61,20 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-multiple", type=int, metavar="N", help="pad the reduced vocabulary to a multiple of N")
     p.add_argument("--lora", action="store_true", help="LoRA inputs (dynamic rank) on every linear but lm_head, "
                    "bound to adapters at run time")
+    p.add_argument("--int4-method", choices=["rtn", "awq"], default="rtn", help="awq: activation-aware "
+                   "per-channel scales searched on the calibration prompts (a pre_quant_scale Mul per linear)")
+    p.add_argument("--kv-cache", choices=["fp16", "fp8"], default="fp16",
+                   help="fp8: FP8 (E4M3) KV cache, scales from --kv-scales or calibrated (amax/448 per layer)")
+    p.add_argument("--kv-scales", metavar="DIR", help="ModelOpt checkpoint folder with k_proj.k_scale / "
+                   "v_proj.v_scale (default: calibrate on the baseline)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration prompts, one a line (default: a small bundled set)")
 
 
 def _feature_opts(args) -> dict:
     return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version,
+            "int4_method": args.int4_method, "kv_cache": args.kv_cache, "kv_scales": args.kv_scales,
+            "calibration": args.calibration,
             "reduce_vocab": args.reduce_vocab, "vocab_corpus": args.vocab_corpus, "keep_tokens": args.keep_tokens,
             "vocab_multiple": args.vocab_multiple, "lora": args.lora}
 
@@ -101,6 +111,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
         p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
                        "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
+        p.add_argument("--fp16-model", metavar="DIR", help="the unquantized model an AWQ/GPTQ --model was made "
+                       "from: also report the INT4 error against it")
     else:
         from . import targets
 
@@ -225,7 +237,8 @@ def _run(cmd: str, args) -> int:
         from .reference.verify import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
-                           quiet=args.quiet, lora_adapter=args.lora_adapter).passed else 1
+                           quiet=args.quiet, lora_adapter=args.lora_adapter,
+                           fp16_model=args.fp16_model).passed else 1
     from .inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)

@@ -26,6 +26,7 @@ from .layers import (
     VitRope,
     mrope_axes,
 )
+from .modelio.graph import is_computed
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
@@ -78,8 +79,8 @@ def const(t: gs.Tensor) -> np.ndarray | None:
     """Values of a small constant tensor, or None (large weights stay lazy and are never read here)."""
     if isinstance(t, gs.Constant):
         vals = t._values
-        if isinstance(vals, gs.ir.tensor.LazyValues) and vals.tensor.data_location == 1:
-            return None
+        if isinstance(vals, gs.ir.tensor.LazyValues) and (vals.tensor.data_location == 1 or is_computed(vals.tensor)):
+            return None  # on disk, or computed only when written (graph.computed_constant)
         return np.asarray(t.values)
     return None
 

@@ -58,6 +58,10 @@ class Options:
     lora: bool = False  # LoRA inputs on every linear (features/lora.py); keeps projections unfused
     fuse_qkv: bool = True  # q/k/v projections as one MatMul (targets/...)
     fuse_gate_up: bool = True  # gate/up projections as one MatMul (targets/...)
+    int4_method: str = "rtn"  # "awq": activation-aware per-channel scales searched on --calibration (int4_awq.py)
+    kv_cache: str = "fp16"  # "fp8": FP8 (E4M3) KV cache (features/fp8_kv.py)
+    calibration: str | Path | None = None  # prompts file (one a line) for calibrated scales; None: bundled set
+    kv_scales: str | Path | None = None  # a ModelOpt checkpoint folder holding k_scale / v_scale per layer
 
 def make_options(options: Options | None = None, **kwargs) -> Options:
     """Options from keyword arguments, every value checked: a typo fails here, before any work."""
@@ -74,6 +78,18 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
         raise RewriteError(f"unknown --dtype '{options.dtype}'; choose {' or '.join(dtypes.NAMES)}")
     if options.config is not None and not Path(options.config).is_file():
         raise RewriteError(f"--config '{options.config}' is not a file; give the path of a config.json")
+    if options.int4_method not in ("rtn", "awq"):
+        raise RewriteError(f"unknown --int4-method '{options.int4_method}'; choose rtn or awq")
+    if options.int4_method != "rtn" and options.quantize != "int4":
+        raise RewriteError(f"--int4-method {options.int4_method} needs --quantize int4")
+    if options.kv_cache not in ("fp16", "fp8"):
+        raise RewriteError(f"unknown --kv-cache '{options.kv_cache}'; choose fp16 or fp8")
+    if options.calibration is not None and not Path(options.calibration).is_file():
+        raise RewriteError(f"--calibration '{options.calibration}' is not a file; give a text file, one prompt a line")
+    if options.kv_scales is not None and not Path(options.kv_scales).is_dir():
+        raise RewriteError(f"--kv-scales '{options.kv_scales}' is not a folder; give a ModelOpt checkpoint folder")
+    if options.kv_scales is not None and options.kv_cache != "fp8":
+        raise RewriteError("--kv-scales needs --kv-cache fp8")
     if options.tokenizer is not None and not Path(options.tokenizer).is_dir():
         raise RewriteError(f"--tokenizer '{options.tokenizer}' is not a folder; give the folder holding "
                            f"tokenizer.json (or pass --no-tokenizer)")

@@ -40,6 +40,23 @@ def test_codes_decode_and_plugin_math_is_exact(fmt):
     np.testing.assert_allclose(y, x @ lin.dequantized().astype(np.float32), rtol=1e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("fmt", ["awq", "gptq_act"])
+def test_written_checkpoint_holds_the_fp16_weights(models, tmp_path, fmt):
+    """The files `quant_packers.write` leaves decode to the FP16 model's weights within one quantization step
+    (a packer writing a non-contiguous array's buffer once made every AWQ/GPTQ test model noise)."""
+    from safetensors.numpy import load_file
+
+    fp16 = models.checkpoint("qwen2", **DIMS)
+    ck = qp.write(fp16, tmp_path / "ck", fmt.split("_")[0], **({"act_order": True} if fmt == "gptq_act" else {}))
+    state = load_file(str(fp16 / "model.safetensors"))
+    checkpoint = qc.Checkpoint(ck)
+    assert len(checkpoint.prefixes) == 14
+    for p in checkpoint.prefixes:
+        lin = checkpoint.linear(p)
+        err = np.abs(lin.dequantized().astype(np.float32) - state[f"{p}.weight"].T)
+        assert err.max() <= lin.scales.astype(np.float32).max(), p
+
+
 def test_clip_rule_would_lose_information():
     """NVIDIA's clip(q - z + 8, 0, 15) on an asymmetric checkpoint changes weights; ours does not."""
     lin = qc.read({"quant_method": "awq"}, qp.awq_tensors(np.random.default_rng(2).standard_normal((128, 64))
@@ -86,3 +103,25 @@ def test_awq_export_slow(models, tmp_path, target):
 def test_gptq_sym_act_order_slow(models, tmp_path, target):
     linears = _export(models, tmp_path, "gptq", target, sym=True, act_order=True)
     assert not any(e["zero_point_correction"] for e in linears.values())
+
+
+def test_modelopt_codes_decode_exactly():
+    w = np.random.default_rng(3).standard_normal((256, 64)).astype(np.float32) * 0.1
+    t = qp.modelopt_tensors(w)
+    lin = qc.read_modelopt({"quant_method": "modelopt", "quant_algo": "W4A16_AWQ"}, t)
+    # what the packer meant: q = round((W / pqs) / s) in [-8, 7]; U = q + 8; scales = weight_scale^T
+    pqs = t["pre_quant_scale"].astype(np.float32)
+    s = t["weight_scale"].astype(np.float16).astype(np.float32)  # [N, K/G]
+    q = np.clip(np.rint((w / pqs[:, None]).T.reshape(64, 2, 128) / s[..., None]), -8, 7).reshape(64, 256)
+    assert np.array_equal(lin.u.astype(np.int16) - 8, q) and np.array_equal(lin.scales, s.T.astype(np.float16))
+    # the traced weight is the plugin's (U - 8) * s seen through x * pqs, and it approximates W
+    x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
+    y_graph = (x * pqs) @ ((lin.u.T.astype(np.float32) - 8) * np.repeat(s.T, 128, axis=0))
+    np.testing.assert_allclose(y_graph, x @ lin.dequantized().astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert np.linalg.norm(lin.dequantized().astype(np.float32) - w) < 0.25 * np.linalg.norm(w)  # measured 0.21
+
+
+def test_modelopt_w4a16_awq_export_verifies(models, tmp_path):
+    linears = _export(models, tmp_path, "modelopt", "edgellm-0.11")
+    assert len(linears) == 14 and all(e["pre_quant_scale"] and not e["zero_point_correction"]
+                                      for e in linears.values())

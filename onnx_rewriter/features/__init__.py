@@ -1,4 +1,4 @@
-"""Deployment features: optional changes to a rewritten graph (INT4 weights, later FP8 KV, VLM, LoRA).
+"""Deployment features: optional changes to a rewritten graph (INT4 weights, FP8 KV cache; later VLM, LoRA).
 
 A feature is one module with one `Feature` object. It declares, per target, what it emits and refuses
 targets that cannot express it; the pipeline only runs the selected features' hooks in order:
@@ -58,6 +58,10 @@ def selected(options) -> list[Feature]:
         from .lora import Lora
 
         out.append(Lora())
+    if getattr(options, "kv_cache", "fp16") == "fp8":
+        from .fp8_kv import from_options as fp8_kv
+
+        out.append(fp8_kv(options))
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
-from .. import int4_layout
+from .. import int4_awq, int4_layout
 from ..errors import UnsupportedModel
 from ..modelio.graph import computed_constant, constant_array
 from ..targets.base import lm_head_input
@@ -53,10 +53,15 @@ def _rank(t) -> int | None:
 class Int4(Feature):
     name = "int4"
 
-    def __init__(self, method: str = "rtn", plugin_version: int | None = None, checkpoint: str | None = None):
-        self.method = method  # "rtn", or "checkpoint": the codes of an AWQ/GPTQ checkpoint
+    def __init__(self, method: str = "rtn", plugin_version: int | None = None, checkpoint: str | None = None,
+                 calibration: str | None = None):
+        # "rtn"; "awq": activation-aware scales searched on calibration activations (int4_awq.py);
+        # "checkpoint": the codes of an AWQ/GPTQ checkpoint; "onnx": those of MatMulNBits / blocked DQ
+        self.method = method
         self.plugin_version = plugin_version
         self.checkpoint = checkpoint
+        self.calibration = calibration
+        self.activations: dict = {}
 
     # ------------------------------------------------------------------ hooks
 
@@ -78,6 +83,10 @@ class Int4(Feature):
             raise UnsupportedModel(f"--int4-plugin-version {version}: {target.name} has only "
                                    f"{', '.join(OPS[v] for v in plan.versions)}")
         self.version, self.plan = version, plan
+        if self.method == "awq":
+            from ..calibration import linear_inputs
+
+            self.activations = linear_inputs(run, self.calibration)
 
     def apply(self, run, build) -> None:
         g = build.graph
@@ -103,8 +112,8 @@ class Int4(Feature):
                 extra = self._replace_from_codes(g, node, source, prefix, k, n, domain)
                 entries.append({**entry, "int4": True, "op": OPS[self.version], "linear": prefix, **extra})
                 continue
-            self._replace(g, node, w, k, n, domain, run.source.base_dir)
             entries.append({**entry, "int4": True, "op": OPS[self.version]})
+            self._replace(g, node, w, k, n, domain, run.source.base_dir, entries[-1])
         packed = sum(e["int4"] for e in entries)
         if packed and self.plan.qkv == "QkvConcatPlugin":
             _qkv_concat_plugins(g, domain)
@@ -146,24 +155,43 @@ class Int4(Feature):
             return f"input has rank {rank}; the plugin takes [d0, d1, K]"
         return None
 
-    def _replace(self, g: gs.Graph, node: gs.Node, w: gs.Constant, k: int, n: int, domain: str, base_dir) -> None:
-        self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain,
-                   lambda: int4_layout.rtn(constant_array(w, base_dir).astype(np.float16)))
+    def _replace(self, g: gs.Graph, node: gs.Node, w: gs.Constant, k: int, n: int, domain: str, base_dir,
+                 entry: dict) -> None:
+        stats = self.activations.get(w.name)
+        if stats is None:
+            if self.method == "awq":
+                entry["awq"] = "no calibration activations (its input is not a baseline tensor): RTN"
+            self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain,
+                       lambda: int4_layout.rtn(constant_array(w, base_dir).astype(np.float16)))
+            return
 
-    def _emit(self, g: gs.Graph, node: gs.Node, x, out, k: int, n: int, domain: str, codes) -> None:
-        """The plugin node reading x; `codes()` -> (U [N, K], scales), called when the writer needs them."""
+        def codes():  # searched when the writer reaches the weight; the report entry gets the outcome
+            wk = constant_array(w, base_dir).astype(np.float16)
+            s, alpha, rtn_err, err = int4_awq.search(wk, *stats)
+            entry.update(awq_alpha=alpha, rtn_output_error=rtn_err, awq_output_error=err)
+            return (*int4_awq.quantize(wk, s), (1.0 / s).astype(np.float16))
+
+        self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain, codes, pre_quant_scale=True)
+
+    def _emit(self, g: gs.Graph, node: gs.Node, x, out, k: int, n: int, domain: str, codes,
+              pre_quant_scale: bool = False) -> None:
+        """The plugin node reading x; `codes()` -> (U [N, K], scales[, pre_quant_scale [K]]), called when the
+        writer needs them. With a pre_quant_scale the plugin reads Mul(x, pre_quant_scale) (section 7.9)."""
         pack = int4_layout.PACKERS[self.version][0]
         rows = (n // 2, k) if self.version == 1 else (-(-n // 128) * -(-k // 64) * 8, 512)
         cache: dict = {}
 
-        def part(i):  # qweight and scales come from one read of the weight; each is written once
+        def part(i):  # qweight, scales (and the pre_quant_scale) come from one read of the weight
             if not cache:
-                u, scales = codes()
-                cache.update({0: pack(u), 1: scales})
+                cache.update(enumerate(codes()))
+                cache[0] = pack(cache[0])
             return cache.pop(i)
 
         # `/model/layers.0/mlp/down_proj/Int4GroupwiseGemmPlugin`: the module path names it (contract §13.5)
         base = node.name.removesuffix("/MatMul")
+        if pre_quant_scale:
+            pqs = computed_constant(f"{base}/pre_quant_scale", np.float16, (k,), lambda: part(2))
+            x = _op(g, "Mul", f"{base}/pre_quant_scale_mul", [x, pqs])
         qweight = computed_constant(f"{base}/qweight", np.int8, rows, lambda: part(0))
         scales = computed_constant(f"{base}/scales", np.float16, (k // G, n), lambda: part(1))
         out.dtype = np.float16
@@ -182,6 +210,9 @@ class Int4(Feature):
         _, corr, perm = lin.plugin()
         x, out = node.inputs[0], node.outputs[0]
         name = node.name
+        pqs = getattr(lin, "pre_quant_scale", None)  # ModelOpt AWQ: Mul(x, pre_quant_scale) first (section 7.9)
+        if pqs is not None:
+            x = _op(g, "Mul", f"{name}/pre_quant_scale_mul", [x, gs.Constant(f"{name}/pre_quant_scale", pqs)])
         if perm is not None:
             x = _op(g, "Gather", f"{name}/act_order", [x, gs.Constant(f"{name}/perm", perm.astype(np.int64))],
                     {"axis": -1})
@@ -198,7 +229,8 @@ class Int4(Feature):
                        {"keepdims": 0})
             term = _op(g, "MatMul", f"{name}/zero_point", [sums, gs.Constant(f"{name}/zero_point_c", corr)])
             g.nodes.append(gs.Node("Add", name=f"{name}/zero_point_add", inputs=[plugin_out, term], outputs=[out]))
-        return {"act_order": perm is not None, "zero_point_correction": corr is not None}
+        return {"act_order": perm is not None, "zero_point_correction": corr is not None,
+                "pre_quant_scale": pqs is not None}
 
 
 def _op(g: gs.Graph, op: str, name: str, inputs, attrs=None) -> gs.Variable:
@@ -261,18 +293,29 @@ def from_options(options) -> Int4:
     if options.quantize != "int4":
         raise UnsupportedModel(f"unknown --quantize '{options.quantize}'; choose int4")
     ck = getattr(options, "int4_checkpoint", None)
-    return Int4("checkpoint" if ck else "rtn", getattr(options, "int4_plugin_version", None), ck)
+    method = "checkpoint" if ck else getattr(options, "int4_method", "rtn")
+    return Int4(method, getattr(options, "int4_plugin_version", None), ck, getattr(options, "calibration", None))
 
 
 # ---------------------------------------------------------------------- verify: the same numbers in transformers
 
 
-def int4_nodes(model) -> list[tuple[str, np.ndarray]]:
-    """(node name, scales [K/G, N]) of every INT4 GEMM node."""
+def int4_nodes(model) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(node name, scales [K/G, N], pre_quant_scale [K] or None) of every INT4 GEMM node."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    return [(n.name, numpy_helper.to_array(inits[n.input[2]])) for n in model.graph.node if n.op_type in OPS.values()]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in OPS.values():
+            continue
+        mul = producer.get(n.input[0])
+        pqs = None
+        if mul is not None and mul.op_type == "Mul" and mul.name.endswith("/pre_quant_scale_mul"):
+            pqs = numpy_helper.to_array(inits[mul.input[1]])
+        out.append((n.name, numpy_helper.to_array(inits[n.input[2]]), pqs))
+    return out
 
 
 def load_dequantized(hf_model, nodes) -> list[tuple[str, str]]:
@@ -280,27 +323,35 @@ def load_dequantized(hf_model, nodes) -> list[tuple[str, str]]:
 
     Computed from the model's own weights, never from the packed bytes, so a packing bug fails verify. A node
     is paired with the Linear whose RTN scales equal the node's scales exactly (scales are stored unpacked).
+    With a pre_quant_scale p (activation-aware INT4) the node holds RTN(diag(1/p) W) and reads x * p; p is a
+    power of two, so the Linear gets exactly dequant(RTN(W / p)) * p.
     """
     import torch
 
     linears = {name: m for name, m in hf_model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantized: dict = {}
     pairs = []
-    for node, scales in nodes:
+    for node, scales, pqs in nodes:
         n, k = scales.shape[1], scales.shape[0] * G
+        s = None if pqs is None else (1.0 / pqs.astype(np.float32)).astype(np.float32)
         same = []
         for name, m in linears.items():
             if tuple(m.weight.shape) != (n, k):
                 continue
-            if name not in quantized:
-                quantized[name] = int4_layout.rtn(m.weight.detach().float().numpy().T.astype(np.float16))
-            if np.array_equal(quantized[name][1], scales):
-                same.append(name)
+            key = (name, None if s is None else s.tobytes())
+            if key not in quantized:
+                w = m.weight.detach().float().numpy().T.astype(np.float16)
+                quantized[key] = int4_layout.rtn(w) if s is None else int4_awq.quantize(w, s)
+            if np.array_equal(quantized[key][1], scales):
+                same.append(key)
         if len(same) != 1:
             raise UnsupportedModel(f"verify: INT4 node '{node}' matches {len(same)} linears of the model by its "
                                    f"scales (expected 1); was the folder made from this model?")
-        u, s = quantized[same[0]]
+        u, sc = quantized[same[0]]
+        w = int4_layout.dequantize(u, sc).astype(np.float32)  # [N, K]
+        if pqs is not None:
+            w = w * pqs.astype(np.float32)[None, :]
         with torch.no_grad():
-            linears[same[0]].weight.copy_(torch.from_numpy(int4_layout.dequantize(u, s).astype(np.float32)))
-        pairs.append((node, same[0]))
+            linears[same[0][0]].weight.copy_(torch.from_numpy(w))
+        pairs.append((node, same[0][0]))
     return pairs

@@ -82,6 +82,8 @@ def check(files, config: dict, config_name: str = "config.json") -> None:
         for name, info in read_header(Path(f)).items():
             shapes[name] = tuple(info.get("shape", ()))
             where[name] = Path(f)
+    for name in [n for n in shapes if n.endswith(".weight") and f"{n}_scale" in shapes and len(shapes[n]) == 2]:
+        shapes[name] = (2 * shapes[name][0], shapes[name][1])  # ModelOpt INT4 [N/2, K]: two rows per byte row
     if not shapes or not isinstance(config, dict) or config.get("is_encoder_decoder"):
         return  # an encoder-decoder is refused by name when loaded
     cfg = _llm_part(config)

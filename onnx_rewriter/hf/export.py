@@ -388,6 +388,11 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
                                 shutil.copyfile(Path(model) / f, work / f)
             if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
                 opts.quantize, opts.int4_checkpoint = "int4", str(model)
+            if opts.kv_cache == "fp8" and opts.kv_scales is None and Path(model).is_dir():
+                from ..features.fp8_kv import has_checkpoint_scales
+
+                if has_checkpoint_scales(model):  # a ModelOpt FP8-KV checkpoint: its own scales, no calibration
+                    opts.kv_scales = str(model)
             advance("rewrite")
             run = pipeline.rewrite(base, out, opts)
             if keep_baseline:

@@ -14,6 +14,10 @@ Formats (docs/architecture.md, "INT4 checkpoints"):
 - GPTQ: qweight int32 [K/8, N], nibble j of row r = input channel 8r + j; qzeros int32 [K/G, N/8],
   nibble j of column c = output channel 8c + j, stored as zero - 1 unless symmetric with every stored
   zero 8; scales fp16 [K/G, N]; optional g_idx [K] (act-order: the group of each input channel).
+- ModelOpt W4A16_AWQ (quant_method "modelopt", quant_algo W4A16 + AWQ): weight uint8 [N/2, K], low nibble
+  row 2i, high nibble row 2i + 1, two's complement q in [-8, 7]; weight_scale fp32 [N, K/G]; optional
+  pre_quant_scale fp16 [K], which the graph applies as Mul(x, pre_quant_scale) before the plugin. U = q + 8
+  (exact: symmetric), plugin scales = weight_scale^T in fp16. The traced weight is dequant * pre_quant_scale.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..errors import RewriteError
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble slot j holds channel 8c + AWQ_ORDER[j]
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+MODELOPT_SUFFIXES = ("weight", "weight_scale", "pre_quant_scale")
 
 
 def quantization(config) -> dict | None:
@@ -38,9 +43,15 @@ def quantization(config) -> dict | None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = str(qc.get("quant_method", "")).lower()
+    if method == "modelopt":
+        algo = str(qc.get("quant_algo", "")).upper()
+        if "W4A16" not in algo or "AWQ" not in algo:
+            raise RewriteError(f"ModelOpt checkpoint with quant_algo '{algo}' is not supported; onnx_rewriter "
+                               f"reads ModelOpt W4A16_AWQ, AutoAWQ (GEMM) and GPTQ INT4 checkpoints")
+        return qc
     if method not in ("awq", "gptq"):
         raise RewriteError(f"quantized checkpoint ({method or 'unknown method'}) is not supported; "
-                           f"onnx_rewriter reads AutoAWQ (GEMM) and GPTQ INT4 checkpoints")
+                           f"onnx_rewriter reads AutoAWQ (GEMM), GPTQ and ModelOpt W4A16_AWQ INT4 checkpoints")
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     version = str(qc.get("version", "gemm")).lower()
     if bits != 4 or (method == "awq" and version != "gemm"):
@@ -101,6 +112,41 @@ class Linear:
         return q.T.astype(np.uint8), corr, perm
 
 
+@dataclass
+class ModelOptLinear:
+    """A ModelOpt W4A16_AWQ linear: U [N, K] (q + 8), scales fp16 [K/G, N], pre_quant_scale fp16 [K] or None."""
+
+    u: np.ndarray
+    scales: np.ndarray
+    pre_quant_scale: np.ndarray | None
+    group: int
+
+    def dequantized(self) -> np.ndarray:
+        """The traced weight [K, N] fp16: the plugin's (U - 8) * s, times pre_quant_scale per input channel."""
+        per_k = np.repeat(self.scales.astype(np.float32), self.group, axis=0)  # [K, N]
+        w = ((self.u.T.astype(np.float32) - 8) * per_k).astype(np.float16)
+        if self.pre_quant_scale is None:
+            return w
+        return (w.astype(np.float32) * self.pre_quant_scale.astype(np.float32)[:, None]).astype(np.float16)
+
+    def plugin(self):
+        return self.u, None, None
+
+
+def read_modelopt(qc: dict, tensors: dict) -> ModelOptLinear:
+    group = int(qc.get("group_size", 128))
+    packed = np.asarray(tensors["weight"], dtype=np.uint8)  # [N/2, K]
+    lo, hi = packed & 0xF, packed >> 4
+    nib = np.stack([lo, hi], axis=1).reshape(-1, packed.shape[1])  # row 2i low, 2i + 1 high
+    u = ((nib.astype(np.int16) + 8) % 16).astype(np.uint8)  # two's complement q -> q + 8
+    scales = np.asarray(tensors["weight_scale"], dtype=np.float32).T.astype(np.float16)
+    if scales.shape != (u.shape[1] // group, u.shape[0]):
+        raise RewriteError(f"ModelOpt weight_scale {tuple(scales.shape[::-1])} does not fit weight "
+                           f"{tuple(packed.shape)} with group size {group}")
+    pqs = tensors.get("pre_quant_scale")
+    return ModelOptLinear(u, scales, None if pqs is None else np.asarray(pqs, np.float16).reshape(-1), group)
+
+
 def read(qc: dict, tensors: dict) -> Linear:
     """Decode one linear from its tensors (numpy arrays keyed by suffix)."""
     method = qc["quant_method"].lower()
@@ -140,7 +186,9 @@ class Checkpoint:
             with safe_open(str(f), "np") as fh:
                 for key in fh.keys():
                     self._where[key] = f
-        self.prefixes = sorted(k[: -len(".qweight")] for k in self._where if k.endswith(".qweight"))
+        self.modelopt = str(self.qc.get("quant_method", "")).lower() == "modelopt"
+        marker = ".weight_scale" if self.modelopt else ".qweight"
+        self.prefixes = sorted(k[: -len(marker)] for k in self._where if k.endswith(marker))
 
     def tensor(self, key: str) -> np.ndarray:
         from safetensors import safe_open
@@ -148,11 +196,16 @@ class Checkpoint:
         with safe_open(str(self._where[key]), "np") as fh:
             return fh.get_tensor(key)
 
-    def linear(self, prefix: str) -> Linear:
-        return read(self.qc, {s: self.tensor(f"{prefix}.{s}") for s in SUFFIXES if f"{prefix}.{s}" in self._where})
+    def linear(self, prefix: str) -> Linear | ModelOptLinear:
+        suffixes = MODELOPT_SUFFIXES if self.modelopt else SUFFIXES
+        tensors = {s: self.tensor(f"{prefix}.{s}") for s in suffixes if f"{prefix}.{s}" in self._where}
+        return (read_modelopt if self.modelopt else read)(self.qc, tensors)
 
     def plain(self) -> dict:
-        """Every tensor that is not part of a quantized linear."""
+        """Every tensor that is not part of a quantized linear (ModelOpt's activation amax/scales included)."""
+        if self.modelopt:
+            own = tuple(f"{p}." for p in self.prefixes)
+            return {k: self.tensor(k) for k in self._where if not (k.startswith(own) and not k.endswith(".bias"))}
         parts = {f"{p}.{s}" for p in self.prefixes for s in SUFFIXES}
         return {k: self.tensor(k) for k in self._where if k not in parts}
 

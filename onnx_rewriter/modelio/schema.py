@@ -31,7 +31,8 @@ def register() -> None:
     # onnx.reference indexes schemas by bare name on first import and rejects one name in two
     # domains; importing it first keeps ReferenceEvaluator usable after registration.
     import onnx.reference.op_run  # noqa: F401
-    types = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")]
+    types = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "float8e4m3fn", "int32", "int64", "int8",
+                                                 "uint8", "bool")]
     for domain in DOMAINS:
         try:
             onnx.defs.get_schema("AttentionPlugin", 1, domain)
@@ -57,7 +58,8 @@ def register_op(name: str, inputs: list[str], outputs: list[str], attributes: di
     AttentionPlugin: the output declares each custom domain at opset 1. Every input and output gets its own
     type variable (the plugins mix fp16 activations with int8 weights)."""
     register()
-    types = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "int32", "int64", "int8", "uint8", "bool")]
+    types = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "float8e4m3fn", "int32", "int64", "int8",
+                                                 "uint8", "bool")]
     for domain in DOMAINS:
         try:
             onnx.defs.get_schema(name, 1, domain)

@@ -9,6 +9,10 @@ runtimes too:
 - 7: 0.9 target, q, k, v + the 4 dense inputs;
 - 10: 0.11 paged form; 12 with the q/k-norm gammas at positions 6 and 7 (after
   ``kv_page_table``, before ``query_start_offsets``), as NVIDIA's schema orders them.
+
+With ``enable_fp8_kv_cache=1`` the cache is FLOAT8E4M3FN and the k/v scales come from the
+``qkv_scales`` attribute ([q, k, v]; runtimes >= 0.7) or, on the 0.5 form, from one extra last
+input ``k_v_scale_quant_orig`` fp32 [2] (6 inputs).
 """
 
 from __future__ import annotations
@@ -63,11 +67,26 @@ def _unsupported(**flags) -> None:
         raise NotImplementedError(f"AttentionPlugin reference does not model {', '.join(on)}")
 
 
-def _dense(inputs, attrs):
+def _kv_scales(inputs, attrs):
+    """(inputs without a scale input, (k_scale, v_scale) or None) for the plugin's FP8 cache settings."""
+    if not int(attrs.get("enable_fp8_kv_cache", 0)):
+        return inputs, None
+    if len(inputs) in (6, 8):  # the 0.5 form: an extra last input [k_scale, v_scale]
+        return inputs[:-1], np.asarray(inputs[-1], dtype=np.float32).reshape(-1)
+    scales = attrs.get("qkv_scales")
+    if scales is None or len(scales) != 3:
+        raise ValueError(f"enable_fp8_kv_cache=1 needs qkv_scales with 3 entries (or the 0.5 scale input), "
+                         f"got {scales}")
+    if float(scales[0]) != 1.0:  # the q scale only feeds the FP8 FMHA path (SM 100+), not modelled here
+        raise NotImplementedError(f"AttentionPlugin reference does not model q_scale {scales[0]} != 1")
+    return inputs, np.asarray(scales[1:], dtype=np.float32)
+
+
+def _dense(inputs, attrs, kv_scales=None):
     kwargs = dict(num_q_heads=int(attrs["num_q_heads"]), num_kv_heads=int(attrs["num_kv_heads"]),
                   head_size=int(attrs["head_size"]),
                   sliding_window_size=int(attrs.get("sliding_window_size", -1)),
-                  attention_scale=attrs.get("attention_scale"))
+                  attention_scale=attrs.get("attention_scale"), kv_scales=kv_scales)
     if len(inputs) == 7:
         return dense_attention(*inputs, **kwargs)
     if len(inputs) == 5:
@@ -75,7 +94,7 @@ def _dense(inputs, attrs):
     raise ValueError(f"dense AttentionPlugin takes 5 or 7 inputs, got {len(inputs)}")
 
 
-def _paged(inputs, attrs):
+def _paged(inputs, attrs, kv_scales=None):
     qk_norm = bool(attrs.get("enable_qk_norm", 0))
     if len(inputs) not in (10, 12) or qk_norm != (len(inputs) == 12):
         raise ValueError(f"paged AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
@@ -89,7 +108,7 @@ def _paged(inputs, attrs):
         head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
         attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
         rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)),
-        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)))
+        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)), kv_scales=kv_scales)
 
 
 class _AttentionPluginBase(OpRun):
@@ -98,14 +117,14 @@ class _AttentionPluginBase(OpRun):
 
     def _run(self, *inputs, **attrs):
         _unsupported(enable_tree_attention=attrs.get("enable_tree_attention", 0),
-                     enable_fp8_kv_cache=attrs.get("enable_fp8_kv_cache", 0),
                      enable_kv_shared=attrs.get("enable_kv_shared", 0),
                      enable_attention_sink=attrs.get("enable_attention_sink", 0),
                      enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),
                      enable_context_mask_selector=attrs.get("enable_context_mask_selector", 0))
+        inputs, kv_scales = _kv_scales(list(inputs), attrs)
         if len(inputs) in (5, 7):
-            return _dense(inputs, attrs)
-        return _paged(inputs, attrs)
+            return _dense(inputs, attrs, kv_scales)
+        return _paged(inputs, attrs, kv_scales)
 
 
 class TrtAttentionPlugin(_AttentionPluginBase):

@@ -29,7 +29,7 @@ class PagedRunner:
         order = np.arange(self.num_pages)[::-1]
         self.pages = order[:batch * self.pages_per_seq].reshape(batch, self.pages_per_seq)
         rng = np.random.default_rng(0)
-        self.pools = [rng.standard_normal((2, self.num_pages, PAGE_SIZE, hkv, d)).astype(session.float)
+        self.pools = [rng.standard_normal((2, self.num_pages, PAGE_SIZE, hkv, d)).astype(session.cache_dtype)
                       for _ in range(session.num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
 

@@ -7,12 +7,15 @@ positions ``0..kv_end-1`` (past keys read from the cache, new keys fresh). That 
 
 Everything is computed in float32. New keys/values enter attention at float32 precision
 (the kernel also uses the fresh tensors for the current chunk); past ones are read back
-from the cache in its own dtype.
+from the cache in its own dtype. With an FP8 cache (``kv_scales`` = (k_scale, v_scale)) the
+cache holds fp8(x / scale) and past entries are read back as fp8 * scale (reference/fp8.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from . import fp8
 
 PAGE_SIZE = 128  # tokens per KV page (fixed by the 0.11 runtime)
 
@@ -86,6 +89,21 @@ def attend_sequence(q, k, v, q_positions, *, sliding_window_size: int = -1, scal
     return out.reshape(sq, hq, d)
 
 
+def _cache_codec(kv_scales, cache):
+    """(read, write) for cache entries of K (i = 0) or V (i = 1): plain casts, or the FP8 cache's encode/decode."""
+    is_fp8 = np.asarray(cache).dtype == fp8.E4M3
+    if (kv_scales is not None) != is_fp8:
+        raise ValueError(f"KV cache dtype {np.asarray(cache).dtype} with "
+                         f"{'FP8 scales' if kv_scales is not None else 'no FP8 scales'}: enable_fp8_kv_cache and "
+                         "the cache dtype disagree")
+    if kv_scales is None:
+        return (lambda x, i: np.asarray(x).astype(_F32)), (lambda x, i: x)
+    scales = [float(s) for s in np.asarray(kv_scales, dtype=_F32).reshape(-1)]
+    if len(scales) != 2 or not all(np.isfinite(s) and s > 0 for s in scales):
+        raise ValueError(f"FP8 KV scales must be 2 positive numbers (k, v), got {scales}")
+    return (lambda x, i: fp8.decode(x, scales[i])), (lambda x, i: fp8.encode(x, scales[i]))
+
+
 def _dense_mode(start, batch: int, seq: int) -> str:
     if start.size == 0:
         return "prefill"
@@ -96,7 +114,7 @@ def _dense_mode(start, batch: int, seq: int) -> str:
 
 def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
                     num_q_heads: int, num_kv_heads: int, head_size: int,
-                    sliding_window_size: int = -1, attention_scale=None):
+                    sliding_window_size: int = -1, attention_scale=None, kv_scales=None):
     """0.9 plugin: q ``[B,S,Hq·D]``, k/v ``[B,S,Hkv·D]``, past_kv ``[B,2,Hkv,cap,D]``.
 
     Row b's first n tokens are real, at positions ``past + t``:
@@ -116,6 +134,7 @@ def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_sta
     vf = np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32)
     past_kv = np.asarray(past_kv)
     present = past_kv.copy()
+    read, write = _cache_codec(kv_scales, past_kv)
     cap = past_kv.shape[3]
     ctx = np.asarray(context_lengths).reshape(-1).astype(np.int64)
     start = np.asarray(kvcache_start_index).reshape(-1).astype(np.int64)
@@ -143,12 +162,12 @@ def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_sta
             continue
         qr = apply_rope(qf[b, :n], rows[past:end])
         kr = apply_rope(kf[b, :n], rows[past:end])
-        keys = np.concatenate([present[b, 0, :, :past].transpose(1, 0, 2).astype(_F32), kr])
-        vals = np.concatenate([present[b, 1, :, :past].transpose(1, 0, 2).astype(_F32), vf[b, :n]])
+        keys = np.concatenate([read(present[b, 0, :, :past], 0).transpose(1, 0, 2), kr])
+        vals = np.concatenate([read(present[b, 1, :, :past], 1).transpose(1, 0, 2), vf[b, :n]])
         out[b, :n] = attend_sequence(qr, keys, vals, past + np.arange(n),
                                      sliding_window_size=sliding_window_size, scale=scale)
-        present[b, 0, :, past:end] = kr.transpose(1, 0, 2)
-        present[b, 1, :, past:end] = vf[b, :n].transpose(1, 0, 2)
+        present[b, 0, :, past:end] = write(kr.transpose(1, 0, 2), 0)
+        present[b, 1, :, past:end] = write(vf[b, :n].transpose(1, 0, 2), 1)
     return out.astype(q.dtype), present
 
 
@@ -163,12 +182,13 @@ def split_qkv(qkv, num_q_heads: int, num_kv_heads: int, head_size: int):
 
 def packed_qkv_dense_attention(qkv, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
                                num_q_heads: int, num_kv_heads: int, head_size: int,
-                               sliding_window_size: int = -1, attention_scale=None):
+                               sliding_window_size: int = -1, attention_scale=None, kv_scales=None):
     """0.5 plugin: one packed ``qkv [B,S,(Hq+2Hkv)·D]``, then the 4 dense inputs."""
     q, k, v = split_qkv(qkv, num_q_heads, num_kv_heads, head_size)
     return dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index,
                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
-                           sliding_window_size=sliding_window_size, attention_scale=attention_scale)
+                           sliding_window_size=sliding_window_size, attention_scale=attention_scale,
+                           kv_scales=kv_scales)
 
 
 def _page_slots(page_row, positions, n_flat_pages: int):
@@ -187,7 +207,7 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
                     context_sequence_count_carrier, *, num_q_heads: int, num_kv_heads: int,
                     head_size: int, sliding_window_size: int = -1, attention_scale=None,
                     q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
-                    qk_norm_post_rope: bool = False):
+                    qk_norm_post_rope: bool = False, kv_scales=None):
     """0.11 plugin: token-major packed ``qkv [T,(Hq+2Hkv)·D]``, pool ``[2,num_pages,128,Hkv,D]``.
 
     Sequence n owns tokens ``query_start_offsets[n] : +query_lengths[n]`` at positions
@@ -217,6 +237,7 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
 
     kv_pool = np.asarray(kv_pool)
     present = kv_pool.copy()
+    read, write = _cache_codec(kv_scales, kv_pool)
     flat = present.reshape(2 * kv_pool.shape[1], PAGE_SIZE, hkv, d)  # a view: writes land in present
     page_table = np.asarray(kv_page_table).astype(np.int64)
     qlen = np.asarray(query_lengths).reshape(-1).astype(np.int64)
@@ -238,11 +259,11 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
         new = past + np.arange(count)
         kpg, kslot = _page_slots(page_table[n, 0], old, flat.shape[0])
         vpg, vslot = _page_slots(page_table[n, 1], old, flat.shape[0])
-        keys = np.concatenate([flat[kpg, kslot].astype(_F32), kr])
-        vals = np.concatenate([flat[vpg, vslot].astype(_F32), v[tok]])
+        keys = np.concatenate([read(flat[kpg, kslot], 0), kr])
+        vals = np.concatenate([read(flat[vpg, vslot], 1), v[tok]])
         out[tok] = attend_sequence(qr, keys, vals, new, sliding_window_size=sliding_window_size, scale=scale)
         kpg, kslot = _page_slots(page_table[n, 0], new, flat.shape[0])
         vpg, vslot = _page_slots(page_table[n, 1], new, flat.shape[0])
-        flat[kpg, kslot] = kr
-        flat[vpg, vslot] = v[tok]
+        flat[kpg, kslot] = write(kr, 0)
+        flat[vpg, vslot] = write(v[tok], 1)
     return out.astype(qkv.dtype), present

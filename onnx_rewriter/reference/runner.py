@@ -41,6 +41,9 @@ class Session:
         elem = inputs["inputs_embeds"].type.tensor_type.elem_type
         self.float = onnx.helper.tensor_dtype_to_np_dtype(elem)
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values_"))
+        # the cache's own dtype: the float type, or FLOAT8E4M3FN with an FP8 KV cache
+        self.cache_dtype = onnx.helper.tensor_dtype_to_np_dtype(
+            inputs["past_key_values_0"].type.tensor_type.elem_type) if self.num_layers else self.float
         self.max_positions = 512
         self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
         from ..features.reduced_vocab import load_map
@@ -90,7 +93,8 @@ class DenseRunner:
         self.s = session
         cfg = session.config
         hkv, d = cfg["num_key_value_heads"], cfg["head_dim"]
-        self.cache = [np.zeros((batch, 2, hkv, capacity, d), dtype=session.float) for _ in range(session.num_layers)]
+        self.cache = [np.zeros((batch, 2, hkv, capacity, d), dtype=session.cache_dtype)
+                      for _ in range(session.num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
 
     def _step(self, ids, context_lengths, start, last) -> np.ndarray:

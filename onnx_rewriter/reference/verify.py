@@ -28,6 +28,10 @@ FP16_COSINE = 0.999
 # a fixed tie, ~4x the relative logit error of correct fp16 runs (<= 2.3e-3 on the tiny families). A tie
 # measured by the step's own error would switch the check off exactly when the graph is most wrong.
 TOP1_TIE = 1e-2
+# An FP8 KV cache must cost no more than this (logit cosine vs the model, every step): a scale that saturates
+# or underflows the cache passes the tight check (the oracle rounds with the same scales) but fails here.
+# Correct calibrated scales measured >= 0.9968 on the tiny families.
+FP8_COSINE = 0.99
 
 
 @dataclass
@@ -47,14 +51,16 @@ class VerifyResult:
     passed: bool = False
     rope_table_difference: float | None = None
     rope_checks: list = field(default_factory=list)  # rope_check.RopeCheck per group of layers
-    # INT4 folders: the dequantized model (the oracle above) against the original one, per step
+    # INT4 / FP8-KV folders: the oracle above (dequantized weights, FP8 cache rounding) against the original
+    # model, per step; `quantized` names what differs
     quantization: list[StepResult] = field(default_factory=list)
     reduced_vocab: tuple[int, int] | None = None  # (kept, full) for a --reduce-vocab folder
+    quantized: str = "INT4"
 
     def quantization_line(self) -> str:
         q = self.quantization
         agree = sum(s.top1_agree for s in q)
-        return (f"INT4 quantization error (dequantized vs original model, same tokens): min cosine "
+        return (f"{self.quantized} quantization error (quantized oracle vs original model, same tokens): min cosine "
                 f"{min(s.cosine for s in q):.6f}, mean cosine {np.mean([s.cosine for s in q]):.6f}, "
                 f"top-1 agreement {agree}/{len(q)}")
 
@@ -144,7 +150,10 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
-           rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None) -> VerifyResult:
+           rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None,
+           fp16_model: str | None = None) -> VerifyResult:
+    """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
+    reported against it."""
     check_steps(steps)
     from ..hf.vlm import vlm_type
 
@@ -160,6 +169,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     original = _int4_oracle(out_dir, model, oracle)
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
+    elif fp16_model:
+        original = HFOracle(fp16_model)
+    int4 = original is not None
     result = VerifyResult()
     rope_table = None
     if isinstance(oracle, HFOracle):
@@ -172,6 +184,18 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if session.vocab_map is not None:
         result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
     rows = rows or prompts(session.config["vocab_size"])
+    fp8_scales = _fp8_scales(out_dir)
+    if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
+        if not isinstance(oracle, HFOracle):
+            from ..errors import RewriteError
+
+            raise RewriteError("verify --baseline cannot simulate the folder's FP8 KV cache; verify with --model")
+        from .fp8_oracle import Fp8Oracle
+
+        if original is None:
+            original = HFOracle(model)
+        result.quantized = "FP8 KV cache" if result.quantized == "INT4" and not int4 else "INT4 + FP8 KV cache"
+        oracle = Fp8Oracle(oracle, fp8_scales, rows)
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
     pb = progress.bar(total=steps + 1, desc="verify")  # prefill + decode steps, on a terminal only
@@ -197,6 +221,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
                             f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
         result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
+    if fp8_scales and not int4:
+        result.criterion += f"; FP8 KV cache cost: cosine >= {FP8_COSINE} vs the model at every step"
+        result.passed = result.passed and all(s.cosine >= FP8_COSINE for s in result.quantization)
     if any(not c.ok for c in result.rope_checks):  # logits of short prompts cannot show a long-context error
         result.passed = False
         result.criterion += "; every layer's RoPE table equals the model's up to max_position_embeddings"
@@ -231,6 +258,12 @@ def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:
         raise RewriteError("verify --lora-adapter compares FP16 folders; this one has INT4 linears")
     elem = next(i for i in model_proto.graph.input if i.name == "inputs_embeds").type.tensor_type.elem_type
     return adapter_feeds(lora_adapter, inputs, onnx.helper.tensor_dtype_to_np_dtype(elem))
+
+
+def _fp8_scales(out_dir) -> list:
+    from ..features.fp8_kv import graph_scales
+
+    return graph_scales(onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False))
 
 
 def _int4_oracle(out_dir, model, oracle):

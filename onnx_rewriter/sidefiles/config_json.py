@@ -40,7 +40,7 @@ REQUIRED_KEYS = (
     "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
     "partial_rotary_factor", "rms_norm_eps", "model_type", "edgellm_version", "kv_cache_dtype",
 )
-KV_CACHE_DTYPE = "fp16"  # the only cache the rewriter emits; "fp8" once an FP8 cache exists
+KV_CACHE_DTYPE = "fp16"  # features/fp8_kv.py writes "fp8" for an FP8 cache
 # rope_parameters entries that are not scaling parameters (old configs kept them at the top level).
 _NOT_SCALING = ("rope_theta", "partial_rotary_factor")
 

@@ -1,0 +1,53 @@
+"""Activation-aware INT4 (AWQ-style): per input channel scales s that make RTN keep the channels that carry
+large activations, searched on calibration activations.
+
+y = x W = (x / s) (diag(s) W): the plugin quantizes diag(s) W and reads x / s, which the graph computes with
+a `Mul(x, pre_quant_scale)` in front of the plugin (contract part 2 section 7.9; pre_quant_scale = 1 / s).
+s is a power of two, so W * s, 1 / s and x / s are exact in fp16 and verify can rebuild the same weights.
+
+The search (as AWQ): s = mean|x|^a per channel, normalised to a geometric mean of 1, for a in GRID; the a
+whose quantized output is closest to x W on the calibration rows wins. a = 0 is plain RTN (s = 1), so the
+chosen scales never do worse than RTN on the calibration set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import int4_layout
+
+GRID = tuple(np.round(np.arange(0.0, 1.01, 0.125), 3))
+MAX_EXP = 8  # |log2 s| <= 8: keeps x / s and W * s well inside fp16's range
+
+
+def pow2_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
+    """s = 2^round(log2(mean|x|^alpha / geometric mean)), fp32 [K]; all ones for alpha = 0."""
+    if alpha == 0:
+        return np.ones(mean_abs.shape, np.float32)
+    logs = alpha * np.log2(np.maximum(np.asarray(mean_abs, np.float64), 1e-8))
+    logs -= logs.mean()
+    return np.exp2(np.clip(np.rint(logs), -MAX_EXP, MAX_EXP)).astype(np.float32)
+
+
+def quantize(w_kn: np.ndarray, s: np.ndarray):
+    """RTN of diag(s) W (fp16 W; exact: s is a power of two) -> (U [N, K], scales [K/G, N])."""
+    return int4_layout.rtn((np.asarray(w_kn, np.float16).astype(np.float32) * s[:, None]).astype(np.float16))
+
+
+def search(w_kn: np.ndarray, mean_abs: np.ndarray, x_rows: np.ndarray):
+    """(s, alpha, rtn error, chosen error): errors are the relative Frobenius error of the output on x_rows."""
+    w = np.asarray(w_kn, np.float16).astype(np.float32)
+    x = np.asarray(x_rows, np.float32)
+    ref = x @ w
+    norm = max(float(np.linalg.norm(ref)), 1e-30)
+    best = None
+    for alpha in GRID:
+        s = pow2_scales(mean_abs, float(alpha))
+        u, scales = quantize(w, s)
+        deq = int4_layout.dequantize(u, scales).astype(np.float32).T  # [K, N]: diag(s) W as the plugin holds it
+        err = float(np.linalg.norm((x / s) @ deq - ref)) / norm
+        if best is None or err < best[2]:
+            best = (s, float(alpha), err)
+        if alpha == 0:
+            rtn_err = err
+    return best[0], best[1], rtn_err, best[2]
