@@ -80,3 +80,18 @@ def test_awq_verifies_and_beats_rtn_on_held_out_prompts(salient, tmp_path):
 def test_awq_needs_int4(models, tmp_path):
     with pytest.raises(RewriteError, match="--int4-method awq needs --quantize int4"):
         pipeline.rewrite(models.baseline("qwen2"), tmp_path / "out", int4_method="awq")
+
+
+def test_lora_reads_the_unscaled_input(salient, tmp_path):
+    """LoRA's A multiplies the layer's own x, not the AWQ-scaled x the INT4 plugin reads."""
+    ck, base = salient
+    pipeline.rewrite(base, tmp_path / "out", target="edgellm-0.11", quantize="int4", int4_method="awq", lora=True)
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    muls = {n.name: n for n in model.graph.node if n.name.endswith("/pre_quant_scale_mul")}
+    lora_a = [n for n in model.graph.node if n.name.endswith("/lora_matmul_A")]
+    assert len(muls) == 14 and len(lora_a) == 14
+    for n in lora_a:
+        stem = n.name.rsplit("/", 2)[0]
+        mul = next(m for name, m in muls.items() if name.startswith(stem + "/"))
+        assert n.input[0] == mul.input[0], (n.name, made_by.get(n.input[0]).name)

@@ -32,10 +32,12 @@ INT4_OPS = ("Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2")
 def _gemm(node: gs.Node):
     """(x, K, N) of a GEMM LoRA attaches to, or None."""
     if node.op in INT4_OPS:
+        # act-order permutes the plugin's input and AWQ scales it (pre_quant_scale); LoRA's A reads the
+        # layer's own x
         x = node.inputs[0]
-        src = x.inputs[0] if x.inputs else None
-        if src is not None and src.op == "Gather" and src.name.endswith("/act_order"):
-            x = src.inputs[0]  # act-order permutes the plugin's input; LoRA's A reads the layer's own x
+        while x.inputs and (x.inputs[0].op, x.inputs[0].name.rsplit("/", 1)[-1]) in (
+                ("Gather", "act_order"), ("Mul", "pre_quant_scale_mul")):
+            x = x.inputs[0].inputs[0]
         return x, int(node.attrs["gemm_k"]), int(node.attrs["gemm_n"])
     if is_linear(node):
         k, n = (int(d) for d in node.inputs[1].shape)
