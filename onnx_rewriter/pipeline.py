@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import dtype as dtypes
-from . import engine, progress, safety, targets
+from . import engine, progress, projections, safety, targets
 from . import spec as specmod
 from .errors import PatternMismatch, RewriteError
 from .layers import AttentionLayer, TokenEmbedding
@@ -46,6 +46,7 @@ class Options:
     force: bool = False  # replace an earlier output of this tool (never a folder it did not write)
     self_check: bool = True  # numerically check masks before fusing
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
+    fuse_qkv: bool = True  # q/k/v projections as one MatMul (FP16 linears; off for INT4 and LoRA)
 
     # deployment features (features/): each option selects a feature module
     quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
@@ -260,6 +261,9 @@ def step_build(run: Run) -> None:
     target = targets.get(run.options.target)
     float_type = dtypes.NAMES[run.options.dtype]
     g = run.source.graph
+    # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 keeps q/k/v apart.
+    fuse = run.options.fuse_qkv and not any(f.name == "int4" for f in run.features)
+    projections.prepare(g, run.layers, fuse)
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])

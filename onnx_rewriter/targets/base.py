@@ -135,6 +135,25 @@ def to_bshd_flat(em: Emitter, x: gs.Tensor, heads: int, head_size: int) -> gs.Te
     return em.node("Reshape", [t, em.const("shape", np.array([0, 0, heads * head_size], dtype=np.int64))])
 
 
+def flat_input(em: Emitter, layer: AttentionLayer, x: gs.Tensor, heads: int, head_size: int,
+               layout: str = "bhsd") -> gs.Tensor:
+    """`x` ([B, H, S, D], or [B, S, H, D] for "bshd") as [B, S, H·D]: the projection output it is a view of
+    (projections.find_views, no node), else a Transpose / Reshape."""
+    src = layer.views.get(x.name)
+    if src is not None:
+        return src
+    if layout == "bshd":
+        return em.node("Reshape", [x, em.const("shape", np.array([0, 0, heads * head_size], dtype=np.int64))])
+    return to_bshd_flat(em, x, heads, head_size)
+
+
+def pack_qkv(em: Emitter, q: gs.Tensor, k: gs.Tensor, v: gs.Tensor) -> gs.Tensor:
+    """q, k, v concatenated on the last axis: the fused projection itself where they are its Split's parts."""
+    from ..projections import packed
+
+    return packed([q, k, v]) or em.node("Concat", [q, k, v], {"axis": -1})
+
+
 def prescale_q(em: Emitter, q: gs.Tensor, layer: AttentionLayer, np_float) -> gs.Tensor:
     """Non-default softmax scale folded into q (RoPE is linear, so scaling q first is exact)."""
     factor = layer.scale / layer.default_scale
