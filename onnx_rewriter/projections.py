@@ -10,6 +10,8 @@ Runs in step_build before the dtype pass, while the graph still carries inferred
   (`Reshape` to `[B, S, H, D]`, then `Transpose(0, 2, 1, 3)` for the `[B, H, S, D]` layout), checked on
   the inferred shapes. A target feeds the plugin from it instead of emitting the reverse Transpose and
   Reshape; a packed target then finds the three parts of one Split and takes the fused output whole.
+  Likewise the `[B, S, Hq·D]` tensor o_proj reads from the attention output: the target reshapes the
+  plugin's output into it directly (one Reshape instead of Transpose/Unsqueeze/Reshape).
 """
 
 from __future__ import annotations
@@ -96,7 +98,31 @@ def find_views(layer: AttentionLayer) -> dict:
         flat = _viewed(t, layout)
         if flat is not None:
             views[t.name] = flat
+    flat = _output_view(layer)
+    if flat is not None:
+        views[layer.out.name] = flat
     return views
+
+
+def _output_view(layer: AttentionLayer) -> gs.Tensor | None:
+    """The [B, S, Hq·D] tensor the attention output ([B, Hq, S, D]) reaches through Transpose(BHSD) and a
+    Reshape that only merges the heads (same leading dims on the inferred shapes), each its sole user."""
+    out = layer.out
+    if len(out.outputs) != 1:
+        return None
+    tr = out.outputs[0]
+    if tr.op != "Transpose" or list(tr.attrs.get("perm", [])) != BHSD or len(tr.outputs[0].outputs) != 1:
+        return None
+    rs = tr.outputs[0].outputs[0]
+    if rs.op != "Reshape" or rs.inputs[0] is not tr.outputs[0]:
+        return None
+    flat = rs.outputs[0]
+    s_in, s_out = out.shape, flat.shape
+    if s_in is None or s_out is None or len(s_in) != 4 or len(s_out) != 3 or any(d is None for d in (*s_in, *s_out)):
+        return None
+    if [s_in[0], s_in[2]] != list(s_out[:2]) or not all(isinstance(d, int) for d in (s_in[1], s_in[3], s_out[2])):
+        return None
+    return flat if s_in[1] * s_in[3] == s_out[2] else None
 
 
 def _concat_constant(name: str, parts: list[gs.Constant]) -> gs.Constant | None:

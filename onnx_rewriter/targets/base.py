@@ -76,11 +76,13 @@ class Target:
     def build(self, b: Build) -> None:
         raise NotImplementedError
 
-    def plugin_layers(self, b: Build, np_float, cache_shape, out_shape, layer_inputs, layer_output):
+    def plugin_layers(self, b: Build, np_float, cache_shape, out_shape, layer_inputs, layer_output, flat_shape):
         """One AttentionPlugin per layer, its KV cache as graph input `past_key_values_i` and output
         `present_key_values_i` of `cache_shape`. `layer_inputs(em, layer, past) -> (inputs, attrs)` adds
         what feeds the plugin; `layer_output(em, attn)` turns the plugin's output (`out_shape(layer)`) back
-        into the core's [B, Hq, S, D], which replaces the layer's attention. Returns (pasts, presents)."""
+        into the core's [B, Hq, S, D], which replaces the layer's attention. Where o_proj reads a checked
+        head-merging view of it (`layer.views`), one Reshape of the plugin's output to `flat_shape(layer)`
+        replaces that view instead. Returns (pasts, presents)."""
         g = b.graph
         pasts, presents = [], []
         for layer in b.layers:
@@ -92,7 +94,12 @@ class Target:
             attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, out_shape(layer))
             g.nodes.append(gs.Node("AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
                                    inputs=inputs, outputs=[attn, present], attrs=attrs))
-            replace_uses(g, layer.out, layer_output(em, attn))
+            flat = layer.views.get(layer.out.name)
+            if flat is not None:
+                shape = em.const("shape", np.array(flat_shape(layer), dtype=np.int64))
+                replace_uses(g, flat, em.node("Reshape", [attn, shape]))
+            else:
+                replace_uses(g, layer.out, layer_output(em, attn))
             pasts.append(past)
             presents.append(present)
         return pasts, presents

@@ -145,7 +145,8 @@ class Edgellm011(Target):
             return lem.node("Transpose", [batched], {"perm": [0, 2, 1, 3]})
 
         pasts, presents = self.plugin_layers(b, np_float, [2, PAGES, PAGE_SIZE, hkv, d],
-                                             lambda layer: [T, layer.num_q_heads, d], layer_inputs, layer_output)
+                                             lambda layer: [T, layer.num_q_heads, d], layer_inputs, layer_output,
+                                             lambda layer: [1, -1, layer.num_q_heads * d])
 
         # Only the rows named by logits_indices reach lm_head: [1, T, H] -> [T, H] -> [N, H].
         mm, idx = lm_head_input(b.logits)
