@@ -3,12 +3,14 @@
     .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b] [--verify tiny,0.5b] [--no-nvidia]
 
 Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache):
-  (a) rewrite: `python -m onnx_rewriter base.onnx out --external-data` vs onnxscript's `optimize_for_ort`
+  (a) rewrite: `python -m onnx_rewriter base.onnx out` (default options) vs onnxscript's `optimize_for_ort`
       (bench/peer_ort.py) on the same fp32 dynamo baseline file;
   (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
       `tensorrt-edgellm-export` 0.11.0 (its own venv, bench/.venv-nvidia, since it pins its own
       transformers/onnx), on the same bf16 checkpoint.
-  (c) quantize: the same baseline rewritten FP16 and with `--quantize int4` (time, peak RSS, output size).
+  (c) quantize: the same baseline rewritten FP16 and with `--quantize int4` (time, peak RSS, output size);
+  (d) graph: the same baseline rewritten for every target: nodes, nodes per layer and plumbing ops, against
+      NVIDIA's 0.11.0 export of the same checkpoint (size `smol`: the real SmolLM2-135M `make demo` builds).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
 from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
 Timings on a shared machine drift; the ratios compare tools measured back to back.
@@ -173,8 +175,8 @@ def bench_rewrite(size: str, base: Path, repeat: int) -> dict:
     runs = {"ort": [], "ours": []}
     for i in range(repeat):
         pair = [("ort", f"ort-{size}-{i}", [PY, HERE / "peer_ort.py", base, ort_out], ort_out),
-                ("ours", f"rewrite-{size}-{i}", [PY, "-m", "onnx_rewriter", base, ours_out, "--external-data", "-q"],
-                 ours_out)]
+                # default options, as users run it (inline model.onnx under 2 GB)
+                ("ours", f"rewrite-{size}-{i}", [PY, "-m", "onnx_rewriter", base, ours_out, "-q"], ours_out)]
         for key, name, cmd, out in (pair if i % 2 == 0 else pair[::-1]):
             shutil.rmtree(out, ignore_errors=True)
             runs[key].append(measure(name, cmd))
