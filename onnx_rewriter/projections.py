@@ -125,17 +125,32 @@ def _output_view(layer: AttentionLayer) -> gs.Tensor | None:
     return flat if s_in[1] * s_in[3] == s_out[2] else None
 
 
+def _proto(c: gs.Constant, want: int):
+    """A loaded constant as a TensorProto of the stored type `want` of its siblings: a bf16 checkpoint's small
+    weights were widened to fp32 on load (exactly, which is checked) and go back to bf16 bits."""
+    from onnx import TensorProto, numpy_helper
+
+    arr = np.ascontiguousarray(np.asarray(c.values))
+    if want == TensorProto.BFLOAT16 and arr.dtype == np.float32:
+        bits = arr.view(np.uint32)
+        if (bits & 0xFFFF).any():
+            return None
+        return TensorProto(name=c.name, data_type=want, dims=arr.shape,
+                           raw_data=(bits >> 16).astype(np.uint16).tobytes())
+    return numpy_helper.from_array(arr, c.name)
+
+
 def _concat_constant(name: str, parts: list[gs.Constant]) -> gs.Constant | None:
     """The constants concatenated on the last axis: in memory when all are small arrays, else declared
     and streamed at write time. None when their stored types differ."""
     protos = [lazy_proto(c) for c in parts]
     if all(p is None for p in protos):
         return gs.Constant(name, np.concatenate([np.asarray(c.values) for c in parts], axis=-1))
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto
 
-    protos = [p if p is not None else numpy_helper.from_array(np.asarray(c.values), c.name)
-              for p, c in zip(protos, parts)]
-    if len({p.data_type for p in protos}) != 1:
+    want = next(p.data_type for p in protos if p is not None)
+    protos = [p if p is not None else _proto(c, want) for p, c in zip(protos, parts)]
+    if any(p is None or p.data_type != want for p in protos):
         return None
     proto = stream.concatenated(name, protos)
     proto.data_location = TensorProto.EXTERNAL  # never read as inline data (matching.const skips it)

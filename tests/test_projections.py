@@ -114,3 +114,16 @@ def test_concatenated_streams_row_blocks_from_every_kind_of_source(tmp_path):
     half = np.concatenate([ch.copy() for ch in stream.converted(t, tmp_path, TensorProto.FLOAT16)])
     np.testing.assert_array_equal(half.reshape(37, 32), want.astype(np.float16))
     np.testing.assert_array_equal(stream.array(t, tmp_path), want)
+
+
+def test_loaded_fp32_weight_joins_bf16_siblings_only_when_exact():
+    """A bf16 checkpoint's small weights are widened on load; they rejoin their bf16 siblings as bf16 bits."""
+    import onnx_graphsurgeon as gs
+
+    from onnx_rewriter.projections import _proto
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4) * 0.5
+    p = _proto(gs.Constant("a", a), TensorProto.BFLOAT16)
+    assert p.data_type == TensorProto.BFLOAT16
+    np.testing.assert_array_equal(stream.bf16_bits_to_fp32(stream.array(p, ".")), a)
+    assert _proto(gs.Constant("b", a + np.float32(1e-3)), TensorProto.BFLOAT16) is None
