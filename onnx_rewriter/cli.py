@@ -53,10 +53,20 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int4"], help="int4: INT4 weight-only linears (groupwise RTN, G=128)")
     p.add_argument("--int4-plugin-version", type=int, choices=[1, 2], help="INT4 plugin layout on edgellm-0.11 "
                    "(default 2, Int4GroupwiseGemmPluginV2)")
+    p.add_argument("--reduce-vocab", action="store_true", help="cut lm_head to the tokens of --vocab-corpus / "
+                   "--keep-tokens plus the special, EOS and chat-template tokens (writes vocab_map.safetensors)")
+    p.add_argument("--vocab-corpus", nargs="+", metavar="FILE", help="text files whose tokens the reduced "
+                   "vocabulary keeps (tokenized with the model's tokenizer)")
+    p.add_argument("--keep-tokens", metavar="FILE", help="a file of token ids the reduced vocabulary keeps")
+    p.add_argument("--vocab-multiple", type=int, metavar="N", help="pad the reduced vocabulary to a multiple of N")
+    p.add_argument("--lora", action="store_true", help="LoRA inputs (dynamic rank) on every linear but lm_head, "
+                   "bound to adapters at run time")
 
 
 def _feature_opts(args) -> dict:
-    return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version}
+    return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version,
+            "reduce_vocab": args.reduce_vocab, "vocab_corpus": args.vocab_corpus, "keep_tokens": args.keep_tokens,
+            "vocab_multiple": args.vocab_multiple, "lora": args.lora}
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
@@ -89,6 +99,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         src.add_argument("--model", help="HF checkpoint folder or id")
         src.add_argument("--baseline", metavar="FILE", help="the baseline .onnx the folder was rewritten from")
         p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
+        p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
+                       "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
     else:
         from . import targets
 
@@ -213,7 +225,7 @@ def _run(cmd: str, args) -> int:
         from .reference.verify import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
-                           quiet=args.quiet).passed else 1
+                           quiet=args.quiet, lora_adapter=args.lora_adapter).passed else 1
     from .inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)

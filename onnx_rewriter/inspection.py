@@ -53,6 +53,9 @@ def render(run: pipeline.Run) -> str:
         lines.append("config read off the graph:")
         show = lambda v: ("yes" if v else "no") if isinstance(v, bool) else v
         lines += [f"  {label:<24}{show(spec[key])}" for key, label in _FIELDS if spec.get(key) is not None]
+        if spec.get("mrope_section"):
+            kind = "interleaved" if spec.get("mrope_interleaved") else "sectioned"
+            lines.append(f"  {'M-RoPE sections (t,h,w)':<24}{spec['mrope_section']} {kind}")
         if "sliding_window" not in spec and run.layers and run.options.self_check and run.report.error is None:
             lines.append(f"  {'sliding window':<24}none (causal)")
     if run.report.layers:

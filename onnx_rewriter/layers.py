@@ -29,6 +29,17 @@ class RMSNormCore:
     nodes: list  # the nodes computing `out` from x
 
 
+def mrope_axes(sections, interleaved: bool, half: int) -> np.ndarray:
+    """Per frequency pair i < R/2, the position row (0 t, 1 h, 2 w) an M-RoPE table reads, as the runtime
+    picks it from `mrope_section` [sT, sH, sW]: non-interleaved (Qwen2/2.5-VL) t, then h for sH pairs,
+    then w; interleaved (Qwen3-VL) h where i % 3 == 1 and i < 3·sH, w where i % 3 == 2 and i < 3·sW."""
+    _, s_h, s_w = (int(s) for s in sections)
+    i = np.arange(half)
+    if interleaved:
+        return np.where((i % 3 == 1) & (i < 3 * s_h), 1, np.where((i % 3 == 2) & (i < 3 * s_w), 2, 0))
+    return np.where(i < half - s_h - s_w, 0, np.where(i < half - s_w, 1, 2))
+
+
 @dataclass
 class RopeTable:
     """cos/sin computed from positions and an inv_freq constant, shared by the layers that use it."""
@@ -38,6 +49,10 @@ class RopeTable:
     cos: gs.Tensor
     sin: gs.Tensor
     attention_scaling: float = 1.0
+    # M-RoPE (Qwen2.5-VL / Qwen3-VL): positions are [3, B, S] (t, h, w) and frequency pair i reads one of
+    # the rows; sections [sT, sH, sW] in HF's mrope_section terms, interleaved as Qwen3-VL does.
+    mrope_section: list[int] | None = None
+    mrope_interleaved: bool = False
 
 
 @dataclass
@@ -132,3 +147,29 @@ class AttentionLayer:
     @property
     def default_scale(self) -> float:
         return float(self.head_size) ** -0.5
+
+
+@dataclass
+class VitRope:
+    """Vision-tower RoPE over the whole head: x·cos + rotate_half(x)·sin, cos/sin = Cos/Sin(Concat(a, a)),
+    `angles` the per-patch angles (the `rotary_pos_emb` input, maybe permuted into window order)."""
+
+    x: gs.Tensor  # [T, H, D]
+    out: gs.Tensor
+    angles: gs.Tensor  # [T, D/2]
+    head_size: int
+
+
+@dataclass
+class VitAttention:
+    """One vision block's bidirectional attention: softmax(q k^T * scale + mask) v over [T, H, D] tensors,
+    q and k rotated by the same `VitRope` tables; `mask` an additive [T, T] segment mask (probed later)."""
+
+    q: gs.Tensor  # [T, H, D], after RoPE: the plugin's inputs
+    k: gs.Tensor
+    v: gs.Tensor
+    out: gs.Tensor  # [T, H, D]
+    mask: gs.Tensor
+    scale: float
+    num_heads: int | None
+    head_size: int

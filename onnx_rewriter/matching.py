@@ -22,13 +22,16 @@ from .layers import (
     RopeApply,
     RopeTable,
     TokenEmbedding,
+    VitAttention,
+    VitRope,
+    mrope_axes,
 )
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
-    "peel_scale", "skip", "static_dim", "slice_bounds", "CASTS",
+    "peel_scale", "skip", "static_dim", "slice_bounds", "run_subgraph", "CASTS",
     "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "QKNorm", "RepeatKV", "RMSNormCore",
-    "RopeApply", "RopeTable", "TokenEmbedding",
+    "RopeApply", "RopeTable", "TokenEmbedding", "VitAttention", "VitRope", "mrope_axes",
 ]
 
 CASTS = ("Cast",)  # the pass-through most patterns look through
@@ -149,3 +152,48 @@ def slice_bounds(node: gs.Node) -> tuple[int, int, int, int] | None:
     axis = int(axes.reshape(-1)[0]) if axes is not None else 0
     step = int(steps.reshape(-1)[0]) if steps is not None else 1
     return int(start.reshape(-1)[0]), int(end.reshape(-1)[0]), axis, step
+
+
+def run_subgraph(graph: gs.Graph, outputs: list[gs.Tensor], feeds: list[tuple[gs.Tensor, np.ndarray]]):
+    """Run the nodes between `feeds` ((tensor, array) pairs, any tensors) and `outputs` in onnxruntime, for
+    patterns that read by numbers what a small data-movement subgraph does. Every other leaf must be a
+    small constant (Reject otherwise). Returns the output arrays."""
+    import onnx
+    import onnxruntime as ort
+
+    fed = {id(t) for t, _ in feeds}
+    nodes, seen, stack = [], set(), list(outputs)
+    while stack:
+        t = stack.pop()
+        if id(t) in seen or id(t) in fed:
+            continue
+        seen.add(id(t))
+        if isinstance(t, gs.Constant):
+            check(const(t) is not None, f"subgraph reads the large weight '{t.name}'")
+            continue
+        check(bool(t.inputs), f"subgraph reads '{t.name}', which is not fed")
+        n = t.inputs[0]
+        if id(n) not in seen:
+            seen.add(id(n))
+            nodes.append(n)
+            stack.extend(x for x in n.inputs if x.name)
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    nodes.sort(key=lambda n: order.get(id(n), -1))
+    sub = gs.Graph(nodes=nodes, inputs=[t for t, _ in feeds], outputs=list(outputs), opset=graph.opset,
+                   import_domains=graph.import_domains, ir_version=graph.ir_version)
+    model = gs.export_onnx(sub, do_type_check=False)
+    del model.graph.value_info[:]
+    for vi, (t, v) in zip(model.graph.input, feeds):  # the fed arrays' types, whatever the graph says
+        vi.CopyFrom(onnx.helper.make_tensor_value_info(t.name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), None))
+    for o in model.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return sess.run([t.name for t in outputs], {t.name: v for t, v in feeds})
+    except Exception as exc:  # onnxruntime's own error types: the subgraph is not what the caller expects
+        raise Reject(f"subgraph cannot be evaluated ({str(exc).splitlines()[0][:120]})", outputs[0].inputs[0]
+                     if outputs[0].inputs else None) from None

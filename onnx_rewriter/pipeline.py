@@ -46,12 +46,18 @@ class Options:
     force: bool = False  # replace an earlier output of this tool (never a folder it did not write)
     self_check: bool = True  # numerically check masks before fusing
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
-    fuse_qkv: bool = True  # q/k/v projections as one MatMul (FP16 linears; off for INT4 and LoRA)
 
     # deployment features (features/): each option selects a feature module
     quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
     int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
     int4_checkpoint: str | None = None  # an AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take
+    reduce_vocab: bool = False  # cut lm_head to the kept tokens (features/reduced_vocab.py)
+    vocab_corpus: list | None = None  # text files whose tokens stay
+    keep_tokens: str | Path | None = None  # a file of token ids that stay
+    vocab_multiple: int | None = None  # pad the kept count up to a multiple of this
+    lora: bool = False  # LoRA inputs on every linear (features/lora.py); keeps projections unfused
+    fuse_qkv: bool = True  # q/k/v projections as one MatMul (projections.py; FP16 linears: off with INT4, LoRA)
+    fuse_gate_up: bool = True  # reserved: gate/up stay two MatMuls today (no node saved; see docs/contract.md)
 
 def make_options(options: Options | None = None, **kwargs) -> Options:
     """Options from keyword arguments, every value checked: a typo fails here, before any work."""
@@ -71,6 +77,11 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
     if options.tokenizer is not None and not Path(options.tokenizer).is_dir():
         raise RewriteError(f"--tokenizer '{options.tokenizer}' is not a folder; give the folder holding "
                            f"tokenizer.json (or pass --no-tokenizer)")
+    from .features import reduced_vocab
+
+    reduced_vocab.check_options(options)
+    if options.lora:  # LoRA binds per projection (q, k, v, gate, up): they must stay separate MatMuls
+        options.fuse_qkv = options.fuse_gate_up = False
     return options
 
 
@@ -208,6 +219,9 @@ def step_embedding(run: Run) -> None:
     for node in list(g.nodes):
         if node.op == "Shape" and node.inputs[0].name in DROPPED_INPUTS:
             end = node.attrs.get("end")
+            if len(node.inputs[0].shape or ()) == 3:  # M-RoPE position_ids [3, B, S]: dims 1, 2 are B, S
+                node.attrs["start"] = max(node.attrs.get("start", 0) - 1, 0)
+                end = None if end is None else end - 1
             node.attrs["end"] = 2 if end is None or end > 2 else end
             node.inputs[0] = emb
     run.embedding = m.result
@@ -267,7 +281,13 @@ def step_build(run: Run) -> None:
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
+    from .linear_names import name_linears
     from .reference.rope import runtime_rope_table
+    from .targets.base import lm_head_input
+
+    # path-style linear names, as NVIDIA's insert-lora tool needs them (linear_names.py)
+    names = name_linears(g, run.source.module_paths, lm_head_input(run.logits)[0])
+    log.debug("linear names: %s", names)
     from .sidefiles.config_json import make_config_json
 
     for layer in run.layers:  # Shape side branches must not keep the removed RoPE / attention alive
@@ -280,7 +300,8 @@ def step_build(run: Run) -> None:
     positions = cfg["max_position_embeddings"]
     build = Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
                   float_type=float_type, opset=run.source.opset, rope_positions=positions,
-                  runtime_rope=runtime_rope_table(cfg, positions))
+                  runtime_rope=runtime_rope_table(cfg, positions),
+                  kept_inputs=tuple(t for f in run.features for t in f.kept_inputs(run)))
     target.build(build)
     for feature in run.features:
         feature.apply(run, build)

@@ -20,25 +20,48 @@ from .matching import const
 log = logging.getLogger(__name__)
 
 SHORT = 48  # probe length when no window hint is in sight
-MAX_PROBE = 4200  # covers 4096-token windows; [1, 1, S, S] stays under 100 MB
+MAX_PROBE = 4200  # covers 4096-token windows; [2, 1, S, S] stays under 200 MB
+# Two batch rows (unless an input fixes batch 1): a mask or position path that only works for batch 1
+# (a constant where the batch dim belongs) fails to run here instead of being fused into a graph the
+# baseline never computed.
+BATCH = 2
 
 
 def _feeds(graph: gs.Graph, s: int, past: int = 0) -> dict:
     feeds = {}
     for t in graph.inputs:
+        b = t.shape[0] if t.shape and isinstance(t.shape[0], (int, np.integer)) and t.shape[0] > 0 else BATCH
         if t.name == "inputs_embeds":
-            feeds[t.name] = np.zeros((1, s, t.shape[-1]), dtype=t.dtype)
+            feeds[t.name] = np.zeros((b, s, t.shape[-1]), dtype=t.dtype)
         elif t.name == "position_ids":
-            feeds[t.name] = np.arange(past, past + s, dtype=np.int64)[None]
+            if t.shape is not None and len(t.shape) == 3:  # M-RoPE's [3, B, S]: text tokens, t = h = w
+                rows = t.shape[1] if isinstance(t.shape[1], (int, np.integer)) and t.shape[1] > 0 else BATCH
+                feeds[t.name] = np.tile(np.arange(past, past + s, dtype=np.int64), (3, rows, 1))
+            else:
+                feeds[t.name] = np.tile(np.arange(past, past + s, dtype=np.int64), (b, 1))
         elif t.name == "attention_mask":
-            feeds[t.name] = np.ones((1, past + s), dtype=t.dtype or np.int64)
+            feeds[t.name] = np.ones((b, past + s), dtype=t.dtype or np.int64)
         elif t.name == "input_ids":
-            feeds[t.name] = np.zeros((1, s), dtype=t.dtype or np.int64)
+            feeds[t.name] = np.zeros((b, s), dtype=t.dtype or np.int64)
         elif _is_cache_input(t):
-            # An export's own KV cache [B, Hkv, P, D]: batch 1, `past` cached tokens (values unused).
-            shape = [1 if i == 0 else d if isinstance(d, (int, np.integer)) else past for i, d in enumerate(t.shape)]
+            # An export's own KV cache [B, Hkv, P, D]: `past` cached tokens (values unused).
+            shape = [b if i == 0 else d if isinstance(d, (int, np.integer)) else past
+                     for i, d in enumerate(t.shape)]
             feeds[t.name] = np.zeros(shape, dtype=t.dtype)
     return feeds
+
+
+def _one_row(rows: np.ndarray, what: str) -> np.ndarray:
+    """The rows of identical batch rows (and heads) must agree: the plugin applies one rule to all."""
+    if not all(np.array_equal(r, rows[0]) for r in rows[1:]):
+        raise PatternMismatch(f"the {what} differs between identical batch rows; the plugin cannot reproduce it")
+    return rows[0]
+
+
+def _positions_are(pos: np.ndarray, s: int, start: int) -> bool:
+    """Every row of the probed positions is start..start+s-1."""
+    return pos.size % s == 0 and np.array_equal(_one_row(pos.reshape(-1, s), "RoPE positions"),
+                                                np.arange(start, start + s))
 
 
 def _is_cache_input(t: gs.Tensor) -> bool:
@@ -99,7 +122,7 @@ class MaskProbe:
             m = np.asarray(self._eval([mask], s)[0])
             allowed = m if m.dtype == np.bool_ else (m > -1.0)
             allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (s, s))
-            self._cache[key] = allowed.reshape(-1, s, s)[0]
+            self._cache[key] = _one_row(allowed.reshape(-1, s, s), "attention mask")
         return self._cache[key]
 
     def _hint(self, mask: gs.Tensor) -> int:
@@ -126,10 +149,11 @@ class MaskProbe:
             raise PatternMismatch(f"layer {layer.index}: cannot evaluate the attention mask with a past "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
         allowed = (m if m.dtype == np.bool_ else m > -1.0)
-        allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (s, past + s)).reshape(-1, s, past + s)[0]
+        allowed = _one_row(np.broadcast_to(allowed, allowed.shape[:-2] + (s, past + s)).reshape(-1, s, past + s),
+                           "attention mask")
         q, k = np.indices((s, past + s))
         want = (k <= q + past) & ((q + past - k < window) if window else True)
-        if pos.size % s or not np.array_equal(pos.reshape(-1, s)[0], np.arange(past, past + s)):
+        if not _positions_are(pos, s, past):
             raise PatternMismatch(f"layer {layer.index}: with {past} cached tokens the RoPE positions are "
                                   f"{pos.reshape(-1)[:s].tolist()}, not {list(range(past, past + s))}")
         if not np.array_equal(allowed, want):
@@ -148,7 +172,7 @@ class MaskProbe:
         except Exception as exc:
             raise PatternMismatch(f"layer {layer.index}: cannot evaluate the attention mask ({type(exc).__name__}: "
                                   f"{str(exc).splitlines()[0][:120]})") from None
-        if pos.size % s or not np.array_equal(pos.reshape(-1, s)[0], np.arange(s)):
+        if not _positions_are(pos, s, 0):
             raise PatternMismatch(f"layer {layer.index}: RoPE positions are not 0..S-1 "
                                   f"(got {pos.reshape(-1)[:6].tolist()}...), the plugin cannot reproduce them")
         q, k = np.indices((s, s))

@@ -58,6 +58,9 @@ def model_spec(layers: list[AttentionLayer], vocab_size: int, hidden_size: int, 
     }
     if windows:
         spec["sliding_window"] = windows[-1]
+    if ref.rope.mrope_section:  # M-RoPE: frequency pairs per t/h/w row, as read off the graph
+        spec["mrope_section"] = list(ref.rope.mrope_section)
+        spec["mrope_interleaved"] = ref.rope.mrope_interleaved
     if graph is not None:
         inter = intermediate_size_of(graph, int(hidden_size), l0.num_q_heads * l0.head_size)
         if inter:

@@ -1,6 +1,6 @@
 """k^T as dynamo writes it for sdpa: Reshape([B*H, T, D]) -> Transpose(0, 2, 1) -> Reshape([B, H, D, T])."""
 
-from onnx_rewriter.matching import KTranspose, check, expect
+from onnx_rewriter.matching import KTranspose, check, const, expect, producer, static_dim
 
 
 class KTranspose3d:
@@ -23,7 +23,22 @@ class KTranspose3d:
         d_out = node.outputs[0].shape[-2] if node.outputs[0].shape else None
         check(not (isinstance(d_in, int) and isinstance(d_out, int)) or d_in == d_out,
               f"k^T sandwich: head dim {d_in} does not end up at axis -2 ({d_out})", node)
+        # The flat Reshape must merge B and H: a fixed leading entry other than B·H (a constant 1 where -1
+        # belongs) computes k^T only for one batch size, which the plugin would silently generalize.
+        lead = _leading_entry(flat.inputs[1])
+        b, h = static_dim(k, 0), static_dim(k, 1)
+        check(lead in (None, -1) or (b is not None and h is not None and lead == b * h),
+              f"k^T sandwich: Reshape fixes B*H to {lead}", flat)
         return node.outputs[0], KTranspose(k=k)
+
+
+def _leading_entry(shape) -> int | None:
+    """The first entry of a Reshape's target shape when it is a constant (alone or at the head of a Concat)."""
+    v = const(shape)
+    if v is None:
+        cat = producer(shape)
+        v = const(cat.inputs[0]) if cat is not None and cat.op == "Concat" and cat.inputs else None
+    return int(v.reshape(-1)[0]) if v is not None and v.size else None
 
 
 PATTERN = KTranspose3d()

@@ -53,6 +53,35 @@ class Models:
                 path.with_name(name + DONE).touch()
         return self._done[key]
 
+    def vlm_checkpoint(self, family: str, dtype: str = "float32") -> Path:
+        """A tiny random Qwen2.5-VL / Qwen3-VL checkpoint (onnx_rewriter.hf.tiny_vlm), built once."""
+        from onnx_rewriter.hf import tiny_vlm
+
+        key = ("vlm", family, dtype)
+        if key not in self._done:
+            name = f"{family}_{dtype}"
+            path = self.root / "vlm" / name
+            if not path.with_name(name + DONE).is_file():
+                tiny_vlm.build_vlm_checkpoint(family, path, dtype=dtype)
+                path.with_name(name + DONE).touch()
+            self._done[key] = path
+        return self._done[key]
+
+    def vlm_baseline(self, family: str) -> Path:
+        """The plain export of a tiny VLM's text decoder (hf/vlm.py), VLM config.json beside it."""
+        from onnx_rewriter.hf.vlm import export_text_baseline, load_vlm
+
+        key = ("vlm-onnx", family)
+        if key not in self._done:
+            ckpt = self.vlm_checkpoint(family)
+            out = self.root / "vlm-onnx" / family
+            if not out.with_name(family + DONE).is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                export_text_baseline(*load_vlm(str(ckpt)), out / "model.onnx")
+                out.with_name(family + DONE).touch()
+            self._done[key] = out / "model.onnx"
+        return self._done[key]
+
     @staticmethod
     def copy_side_files(ckpt: Path, dst: Path) -> None:
         """config.json, tokenizer and chat template beside a baseline, as `make export` leaves them."""

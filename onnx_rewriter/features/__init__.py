@@ -5,9 +5,11 @@ targets that cannot express it; the pipeline only runs the selected features' ho
 
 - `prepare(run)`        at the end of step_load: turn input-specific ops into what the patterns match;
 - `check(run, target)`  in step_check, before anything is built: refuse (UnsupportedModel) or warn;
+- `kept_inputs(run)`    in step_build: the export's own graph inputs the feature keeps (targets drop the rest);
 - `apply(run, build)`   in step_build, right after the target built its plugin graph;
 - `config(run, cfg)`    when config.json is made: the keys the feature adds or changes;
-- `schemas()`           OpSchemas of the ops it emits (registered before the file is checked).
+- `schemas()`           OpSchemas of the ops it emits (registered before the file is checked);
+- `files(run, out_dir)` side files it writes beside model.onnx (returns their names).
 
 Features read the target-agnostic matches (run.layers, run.ctx) and the graph; they never reach into a
 target's code. `selected(options)` turns the options into the feature list (docs/architecture.md).
@@ -25,6 +27,9 @@ class Feature:
     def check(self, run, target) -> None:
         pass
 
+    def kept_inputs(self, run) -> list:
+        return []
+
     def apply(self, run, build) -> None:
         pass
 
@@ -32,6 +37,9 @@ class Feature:
         pass
 
     def schemas(self) -> list:
+        return []
+
+    def files(self, run, out_dir) -> list[str]:
         return []
 
 
@@ -42,17 +50,30 @@ def selected(options) -> list[Feature]:
         from .int4 import from_options
 
         out.append(from_options(options))
+    if getattr(options, "reduce_vocab", False):
+        from .reduced_vocab import from_options as reduced_vocab
+
+        out.append(reduced_vocab(options))
+    if getattr(options, "lora", False):  # after INT4: LoRA attaches to the INT4 plugins too
+        from .lora import Lora
+
+        out.append(Lora())
     return out
 
 
 def implied(run) -> list[Feature]:
     """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
-    weights need INT4."""
+    weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder."""
+    from .vlm import Vlm, is_mrope_graph
+
+    out: list[Feature] = []
+    if is_mrope_graph(run.source.graph):
+        out.append(Vlm())
     if any(f.name == "int4" for f in run.features):
-        return []
+        return out
     if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))
            for n in run.source.graph.nodes):
         from .int4 import Int4
 
-        return [Int4()]
-    return []
+        out.append(Int4())
+    return out

@@ -162,7 +162,8 @@ class Int4(Feature):
                 cache.update({0: pack(u), 1: scales})
             return cache.pop(i)
 
-        base = node.name
+        # `/model/layers.0/mlp/down_proj/Int4GroupwiseGemmPlugin`: the module path names it (contract §13.5)
+        base = node.name.removesuffix("/MatMul")
         qweight = computed_constant(f"{base}/qweight", np.int8, rows, lambda: part(0))
         scales = computed_constant(f"{base}/scales", np.float16, (k // G, n), lambda: part(1))
         out.dtype = np.float16

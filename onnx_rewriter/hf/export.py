@@ -340,7 +340,11 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     """
     from .. import pipeline, safety
     from ..modelio.output import OutputDir
+    from .vlm import export_vlm, vlm_type
 
+    if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
+        return export_vlm(model, output_dir, target=target, dtype=dtype, force=force, keep_baseline=keep_baseline,
+                          **options)
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     check_device(device)
     folder = _checkpoint_folder(model)

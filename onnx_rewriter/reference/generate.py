@@ -7,11 +7,17 @@ from pathlib import Path
 from .runner import Session, runner_for
 
 
+def load_tokenizer(folder):
+    """The tokenizer of a rewritten folder. Its config.json is the runtime's (model_type "llm"), which
+    transformers would read and warn about; an empty config stops it from looking."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    return AutoTokenizer.from_pretrained(str(folder), config=PretrainedConfig())
+
+
 def chat_prompt(tokenizer_dir, question: str) -> list[int]:
     """Token ids of a one-turn chat with the generation prompt, rendered by the model's own template."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   tokenize=True, return_dict=True)["input_ids"]
     return [int(i) for i in ids]
@@ -37,7 +43,7 @@ def greedy(out_dir, prompt: list[int], max_new_tokens: int, eos: set[int] = froz
     logits = runner.prefill([list(prompt)])
     tokens: list[int] = []
     for _ in range(max_new_tokens):
-        tokens.append(int(logits[0].argmax()))
+        tokens.append(session.token(logits[0].argmax()))  # a reduced vocabulary maps back to token ids
         if tokens[-1] in eos or len(tokens) == max_new_tokens:
             break
         logits = runner.decode([tokens[-1]])

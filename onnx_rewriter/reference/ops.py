@@ -18,9 +18,11 @@ import onnx.defs
 
 from .int4 import int4_gemm
 from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention
+from .vit_attention import vit_attention
 
 # Custom ops a rewritten graph may hold, per name; each is registered for both NVIDIA domains.
-CUSTOM_OPS = ("AttentionPlugin", "Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2", "QkvConcatPlugin")
+CUSTOM_OPS = ("AttentionPlugin", "Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2", "QkvConcatPlugin",
+              "ViTAttentionPlugin")
 
 
 def _import_op_run():
@@ -133,6 +135,17 @@ class _QkvConcatBase(OpRun):
         return (np.concatenate([q, k, v], axis=-1),)
 
 
+class _ViTAttentionBase(OpRun):
+    op_schema = None
+
+    def _run(self, q, k, v, cu_seqlens, max_seqlen_carrier, num_heads=None, head_size=None, attention_scale=None,
+             qkv_scales=None):
+        if qkv_scales is not None and list(qkv_scales) != [1.0, 1.0, 1.0]:
+            raise NotImplementedError("ViTAttentionPlugin reference does not model FP8 qkv_scales")
+        return (vit_attention(q, k, v, cu_seqlens, max_seqlen_carrier, num_heads=int(num_heads),
+                              head_size=int(head_size), attention_scale=attention_scale),)
+
+
 def _per_domain(base, name: str, **fields) -> list:
     classes = []
     for domain in ("trt", "trt_edgellm"):
@@ -144,7 +157,8 @@ def _per_domain(base, name: str, **fields) -> list:
 REFERENCE_OPS = ([TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPlugin", version=1)
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPluginV2", version=2)
-                 + _per_domain(_QkvConcatBase, "QkvConcatPlugin"))
+                 + _per_domain(_QkvConcatBase, "QkvConcatPlugin")
+                 + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin"))
 
 
 def reference_evaluator(model, **kwargs):

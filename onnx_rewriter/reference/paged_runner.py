@@ -58,7 +58,8 @@ class PagedRunner:
         context = int(np.count_nonzero(qlen > 1)) if phase != DECODE else 0
         feeds = {
             "inputs_embeds": self.s.embed(ids),
-            "rope_rotary_cos_sin": self.s.rope_table[positions],
+            "rope_rotary_cos_sin": np.concatenate([self.s.rope_rows(n, p + np.arange(q))
+                                                   for n, (p, q) in enumerate(zip(past, qlen))]),
             "positions": positions.astype(np.int32),
             "query_start_offsets": offsets.astype(np.int32),
             "query_lengths": qlen.astype(np.int32),
@@ -71,6 +72,7 @@ class PagedRunner:
             "logits_indices": np.maximum(offsets[1:] - 1, 0).astype(np.int64),
         }
         feeds.update({f"past_key_values_{i}": p for i, p in enumerate(self.pools)})
+        feeds.update(self.s.step_inputs(ids))
         out = self.s.run(feeds)
         self.pools = [out[f"present_key_values_{i}"] for i in range(len(self.pools))]
         self.lengths = past + qlen

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..layers import mrope_axes
+
 
 def _rotary_dim(head_dim: int, partial_rotary_factor) -> int:
     return int(head_dim * float(1.0 if partial_rotary_factor is None else partial_rotary_factor))
@@ -116,3 +118,17 @@ def table_difference(a, b) -> float:
     if rows == 0:
         return 0.0
     return float(np.max(np.abs(a[..., :rows, :] - b[..., :rows, :])))
+
+
+def runtime_mrope_table(config: dict, positions) -> np.ndarray:
+    """``[N, R]`` float32 rows for N tokens with 3-D positions ``[3, N]`` (t, h, w), as the runtime fills
+    its M-RoPE table from an EdgeLLM ``config.json`` (``rope_scaling.mrope_section``, ``rope_theta``)."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    r = _rotary_dim(head_dim, config.get("partial_rotary_factor"))
+    scaling = config.get("rope_scaling") or {}
+    axes = mrope_axes(scaling["mrope_section"], bool(scaling.get("mrope_interleaved")), r // 2)
+    theta = np.float32(config.get("rope_theta") or 10000.0)
+    divisor = np.power(theta, np.float32(2.0) * np.arange(r // 2, dtype=np.float32) / np.float32(r)).astype(np.float32)
+    pos = np.asarray(positions, dtype=np.float32)[axes]  # [R/2, N]: each pair's own row
+    freqs = (pos.T / divisor[None, :]).astype(np.float32)
+    return np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1).astype(np.float32)

@@ -30,7 +30,7 @@ def _evaluator(model_path: Path):
 class Session:
     """A loaded output folder: graph, embedding table, config; knows the graph's float dtype."""
 
-    def __init__(self, out_dir, rope_table: np.ndarray | None = None):
+    def __init__(self, out_dir, rope_table: np.ndarray | None = None, lora: dict | None = None):
         out_dir = Path(out_dir)
         self.check_folder(out_dir)
         self.config = json.loads((out_dir / "config.json").read_text())
@@ -43,6 +43,17 @@ class Session:
         self.num_layers = sum(1 for n in inputs if n.startswith("past_key_values_"))
         self.max_positions = 512
         self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
+        from ..features.reduced_vocab import load_map
+        from .lora import dummy_feeds, lora_inputs
+
+        self.vocab_map = load_map(out_dir)  # logits index i is token vocab_map[i] (None: the full vocabulary)
+        # LoRA slots: the given adapter tensors, rank-0 dummies elsewhere (as the runtime binds them)
+        self.lora_inputs = lora_inputs(self.model)
+        self.lora = {**dummy_feeds(self.lora_inputs, self.float), **(lora or {})}
+
+    def token(self, index: int) -> int:
+        """The token id of logits index `index`."""
+        return int(index) if self.vocab_map is None else int(self.vocab_map[index])
 
     @staticmethod
     def check_folder(out_dir) -> None:
@@ -57,9 +68,19 @@ class Session:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embedding[ids].astype(self.float)
 
+    def step_inputs(self, ids: np.ndarray) -> dict:
+        """Inputs beyond the target's own for the tokens `ids` (the VLM verify feeds deepstack here)."""
+        return {}
+
+    def rope_rows(self, seq: int, positions: np.ndarray) -> np.ndarray:
+        """Table rows of sequence `seq` at KV positions `positions`: one shared table, or one per
+        sequence ([B, P, R], M-RoPE)."""
+        t = self.rope_table
+        return t[positions] if t.ndim == 2 else t[seq, positions]
+
     def run(self, feeds: dict) -> dict:
         names = [o.name for o in self.model.graph.output]
-        return dict(zip(names, self.evaluator.run(None, feeds)))
+        return dict(zip(names, self.evaluator.run(None, {**self.lora, **feeds})))
 
 
 class DenseRunner:
@@ -72,15 +93,17 @@ class DenseRunner:
         self.cache = [np.zeros((batch, 2, hkv, capacity, d), dtype=session.float) for _ in range(session.num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
 
-    def _step(self, embeds, context_lengths, start, last) -> np.ndarray:
+    def _step(self, ids, context_lengths, start, last) -> np.ndarray:
+        table = self.s.rope_table
         feeds = {
-            "inputs_embeds": embeds,
+            "inputs_embeds": self.s.embed(ids),
             "context_lengths": context_lengths.astype(np.int32),
-            "rope_rotary_cos_sin": self.s.rope_table[None],
+            "rope_rotary_cos_sin": table if table.ndim == 3 else table[None],  # M-RoPE: one table per row
             "kvcache_start_index": start.astype(np.int32),
             "last_token_ids": last.astype(np.int64).reshape(-1, 1),
         }
         feeds.update({f"past_key_values_{i}": c for i, c in enumerate(self.cache)})
+        feeds.update(self.s.step_inputs(ids))
         out = self.s.run(feeds)
         self.cache = [out[f"present_key_values_{i}"] for i in range(len(self.cache))]
         return np.asarray(out["logits"], dtype=np.float32)[:, 0]
@@ -92,13 +115,13 @@ class DenseRunner:
         for b, r in enumerate(rows):
             ids[b, :len(r)] = r
         self.lengths = np.array([len(r) for r in rows])
-        return self._step(self.s.embed(ids), self.lengths, np.zeros((0,), np.int32), self.lengths - 1)
+        return self._step(ids, self.lengths, np.zeros((0,), np.int32), self.lengths - 1)
 
     def decode(self, tokens: list[int]) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         start = self.lengths.copy()
         self.lengths = self.lengths + 1
-        return self._step(self.s.embed(ids), self.lengths, start, np.zeros(len(tokens)))
+        return self._step(ids, self.lengths, start, np.zeros(len(tokens)))
 
 
 def runner_for(session: Session, batch: int, capacity: int):

@@ -49,6 +49,7 @@ class VerifyResult:
     rope_checks: list = field(default_factory=list)  # rope_check.RopeCheck per group of layers
     # INT4 folders: the dequantized model (the oracle above) against the original one, per step
     quantization: list[StepResult] = field(default_factory=list)
+    reduced_vocab: tuple[int, int] | None = None  # (kept, full) for a --reduce-vocab folder
 
     def quantization_line(self) -> str:
         q = self.quantization
@@ -66,10 +67,14 @@ class VerifyResult:
 
 
 class HFOracle:
-    def __init__(self, model: str):
+    def __init__(self, model: str, lora_adapter: str | None = None):
         from ..hf.export import load_model
 
         self.model, self.config = load_model(model)
+        if lora_adapter:  # transformers + PEFT, the adapter merged into the weights
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(lora_adapter)).merge_and_unload().eval()
 
     def __call__(self, seq: list[int]) -> np.ndarray:
         import torch
@@ -139,12 +144,19 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
-           rows: list[list[int]] | None = None, quiet: bool = False) -> VerifyResult:
+           rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None) -> VerifyResult:
     check_steps(steps)
+    from ..hf.vlm import vlm_type
+
+    if model and vlm_type(model) and baseline is None and rows is None:  # image+text and text-only prompts
+        from .vlm_verify import verify_vlm
+
+        return verify_vlm(out_dir, model, steps=steps, quiet=quiet)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     if baseline is not None:
         check_baseline(baseline)
-    oracle = HFOracle(model) if model else OnnxOracle(baseline)
+    lora = _lora_feeds(out_dir, model, lora_adapter)
+    oracle = HFOracle(model, lora_adapter) if model else OnnxOracle(baseline)
     original = _int4_oracle(out_dir, model, oracle)
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
@@ -154,22 +166,26 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         rope_table = check_rope_tables(result, out_dir, oracle.config, rope)
     if not isinstance(rope, str):  # an explicit [P, R] table (e.g. a model's own scaled frequencies)
         rope_table = np.asarray(rope, dtype=np.float32)
-    session = Session(out_dir, rope_table=rope_table)
+    session = Session(out_dir, rope_table=rope_table, lora=lora)
+    # reduced vocabulary: our logits are the oracle's at the kept ids; greedy picks among the kept ids
+    cut = (lambda x: x) if session.vocab_map is None else (lambda x: x[..., session.vocab_map])
+    if session.vocab_map is not None:
+        result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
     rows = rows or prompts(session.config["vocab_size"])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
     pb = progress.bar(total=steps + 1, desc="verify")  # prefill + decode steps, on a terminal only
     ours = runner.prefill(seqs)
     for k in range(steps + 1):
-        refs = np.stack([oracle(s) for s in seqs])
+        refs = cut(np.stack([oracle(s) for s in seqs]))
         pb.update()
         for b in range(len(seqs)):
             result.steps.append(compare(("prefill" if k == 0 else f"decode{k}") + f"/row{b}", ours[b], refs[b]))
             if original is not None:
-                result.quantization.append(compare(result.steps[-1].step, refs[b], original(seqs[b])))
+                result.quantization.append(compare(result.steps[-1].step, refs[b], cut(original(seqs[b]))))
         if k == steps:
             break
-        nxt = [int(r.argmax()) for r in refs]
+        nxt = [session.token(r.argmax()) for r in refs]
         for s, t in zip(seqs, nxt):
             s.append(t)
         ours = runner.decode(nxt)
@@ -191,8 +207,30 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             print(check.line(), file=out)
         if result.quantization:
             print(result.quantization_line(), file=out)
+        if result.reduced_vocab:
+            print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
+                  f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
     return result
+
+
+def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:
+    """The adapter's A/B matrices under the folder's LoRA input names (reference/lora.py), or None."""
+    if lora_adapter is None:
+        return None
+    from ..errors import RewriteError
+    from .lora import adapter_feeds, lora_inputs
+
+    if not model:
+        raise RewriteError("--lora-adapter needs --model: the oracle is the model with the adapter merged")
+    model_proto = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
+    inputs = lora_inputs(model_proto)
+    if not inputs:
+        raise RewriteError(f"'{out_dir}' has no LoRA inputs; rewrite it with --lora")
+    if any(n.op_type.startswith("Int4Groupwise") for n in model_proto.graph.node):
+        raise RewriteError("verify --lora-adapter compares FP16 folders; this one has INT4 linears")
+    elem = next(i for i in model_proto.graph.input if i.name == "inputs_embeds").type.tensor_type.elem_type
+    return adapter_feeds(lora_adapter, inputs, onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
 def _int4_oracle(out_dir, model, oracle):

@@ -24,6 +24,8 @@ def write_side_files(run, out_dir: Path) -> list[str]:
         feature.config(run, cfg)
     config_json.write_config_json(cfg, out_dir)
     files.append("config.json")
+    for feature in run.features:
+        files += feature.files(run, out_dir)
     tok_dir = tokenizer_dir(run)
     missing = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", target.chat_template_file]
     if run.options.no_tokenizer:

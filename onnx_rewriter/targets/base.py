@@ -32,6 +32,7 @@ class Build:
     opset: int
     rope_positions: int = 4096  # rows of a baked RoPE table: config.json's max_position_embeddings
     runtime_rope: np.ndarray | None = None  # [P, R]: the table the runtime builds from the written config.json
+    kept_inputs: tuple = ()  # the export's inputs a feature keeps (VLM deepstack), after the target's own
 
 
 class Target:
@@ -262,7 +263,9 @@ def set_io(b: Build, entry: gs.Variable, pasts, extra_inputs, logits: gs.Variabl
     then what the body still reads; outputs logits and the caches. The export's own inputs (ids, mask,
     positions) must be unread by now (remove_inputs says where they are not)."""
     graph = b.graph
-    old = [t.name for t in graph.inputs if t is not b.inputs_embeds]
-    graph.inputs = [entry] + pasts + extra_inputs + [t for t in graph.inputs if t is not b.inputs_embeds]
+    kept = [t for t in graph.inputs if any(t is k for k in b.kept_inputs)]
+    rest = [t for t in graph.inputs if t is not b.inputs_embeds and not any(t is k for k in kept)]
+    old = [t.name for t in rest]
+    graph.inputs = [entry] + pasts + extra_inputs + kept + rest
     graph.outputs = [logits] + presents
     remove_inputs(graph, old)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from tests.patterns.graphs import HKV, Builder, D, i64, node, reasons, result, run
 
 
-def _sandwich(flat_shape=("BH", "S", D), out_shape=("B", HKV, D, "S")):
+def _sandwich(flat_shape=("BH", "S", D), out_shape=("B", HKV, D, "S"), lead=-1):
     b = Builder()
     k = b.input("k", ["B", HKV, "S", D])
-    flat = b.op("Reshape", k, i64(-1, 0, D), shape=list(flat_shape))
+    flat = b.op("Reshape", k, i64(lead, 0, D), shape=list(flat_shape))
     tr = b.op("Transpose", flat, perm=[0, 2, 1])
     kt = b.op("Reshape", tr, i64(0, HKV, D, -1), shape=list(out_shape))
     return b, k, flat, tr, kt
@@ -49,3 +49,8 @@ def test_ranks():
 def test_head_dim_does_not_end_at_axis_minus_2():
     b, k, flat, tr, kt = _sandwich(out_shape=("B", HKV, 4, 2 * D))
     assert _rejected(b, kt) == [f"k_transpose_3d: k^T sandwich: head dim {D} does not end up at axis -2 (4)"]
+
+
+def test_flat_reshape_fixes_the_batch():
+    b, k, flat, tr, kt = _sandwich(lead=1)
+    assert _rejected(b, kt) == ["k_transpose_3d: k^T sandwich: Reshape fixes B*H to 1"]

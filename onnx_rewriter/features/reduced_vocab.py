@@ -1,0 +1,246 @@
+"""Reduced output vocabulary (`--reduce-vocab`): lm_head keeps only the tokens a corpus or a list needs.
+
+The runtime reads `vocab_map.safetensors` (`{"vocab_map": int32 [R]}`, unique, ascending, < V) and
+config.json's `reduced_vocab_size` = R; `vocab_size` stays V. Only lm_head changes: its weight becomes
+the kept rows (`[H, R]` as our MatMul holds it), so `logits` is `[..., R]` and the runtime maps sampled
+index i back to token `vocab_map[i]`. The embedding table stays whole; a tied head gets its own cut copy
+(a new constant; the embedding is written from the untouched table).
+
+Always kept, whatever the corpus: the tokenizer's special tokens (bos, eos, pad, unk and every added
+token marked special), every `eos_token_id` of config.json and generation_config.json, and the tokens of
+the chat template's role prefixes, suffixes, generation prompts and default system prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import RewriteError, UnsupportedModel
+from ..modelio.graph import computed_constant, constant_array
+from . import Feature
+
+# Runtime 0.5 already honours reduced_vocab_size; every target cuts lm_head alike (contract §12).
+TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
+MAP_FILE = "vocab_map.safetensors"
+
+
+def check_options(options) -> None:
+    """Option errors before any work (pipeline.make_options)."""
+    corpus = list(options.vocab_corpus or [])
+    if not options.reduce_vocab:
+        for flag, value in (("--vocab-corpus", corpus), ("--keep-tokens", options.keep_tokens),
+                            ("--vocab-multiple", options.vocab_multiple)):
+            if value:
+                raise RewriteError(f"{flag} needs --reduce-vocab")
+        return
+    if not corpus and not options.keep_tokens:
+        raise RewriteError("--reduce-vocab needs the tokens to keep: --vocab-corpus FILE... and/or --keep-tokens FILE")
+    for f in corpus + ([options.keep_tokens] if options.keep_tokens else []):
+        if not Path(f).is_file():
+            raise RewriteError(f"'{f}' is not a file; give text files (--vocab-corpus) or a file of token ids "
+                               f"(--keep-tokens)")
+    m = options.vocab_multiple
+    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+        raise RewriteError(f"--vocab-multiple {m!r}: give a positive integer (e.g. 64)")
+
+
+def _read_text(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RewriteError(f"cannot read '{path}' as UTF-8 text ({exc}); give plain text files") from None
+
+
+def read_token_ids(path, vocab: int) -> list[int]:
+    """Token ids separated by whitespace or commas; `#` starts a comment."""
+    text = "\n".join(line.split("#", 1)[0] for line in _read_text(path).splitlines())
+    ids = []
+    for word in re.split(r"[\s,]+", text.strip()):
+        if not word:
+            continue
+        if not re.fullmatch(r"\d+", word):
+            raise RewriteError(f"--keep-tokens '{path}': '{word}' is not a token id; give integers (one per line "
+                               f"or separated by commas)")
+        if int(word) >= vocab:
+            raise RewriteError(f"--keep-tokens '{path}': token id {word} is outside the vocabulary (size {vocab})")
+        ids.append(int(word))
+    return ids
+
+
+def eos_ids(folders) -> set[int]:
+    """`eos_token_id` (an int or a list) of every config.json / generation_config.json in `folders`."""
+    out: set[int] = set()
+    for folder in folders:
+        for name in ("config.json", "generation_config.json"):
+            path = Path(folder) / name
+            if not path.is_file():
+                continue
+            try:
+                cfg = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for c in (cfg, cfg.get("text_config") or {}) if isinstance(cfg, dict) else ():
+                value = c.get("eos_token_id")
+                out.update(int(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
+    return out
+
+
+def special_ids(tok) -> set[int]:
+    """bos/eos/pad/unk and every added token marked special (eos falls back to pad, as NVIDIA's selection)."""
+    ids = {int(i) for i in tok.all_special_ids if i is not None}
+    ids.update(int(i) for i, t in getattr(tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False))
+    return ids
+
+
+def chat_template_ids(tok) -> set[int]:
+    """Tokens of the chat template's fixed strings (role prefixes/suffixes, prompts, default system)."""
+    from ..sidefiles.chat_template import processed_chat_template
+
+    if not getattr(tok, "chat_template", None):
+        return set()
+    try:
+        t = processed_chat_template(tok)
+    except Exception as exc:  # the template is the tokenizer side files' to refuse; here it only adds tokens
+        raise RewriteError(f"--reduce-vocab: cannot read the chat template's role tokens ({exc})") from None
+    texts = [s for role in t["roles"].values() for s in role.values()]
+    texts += [t.get("generation_prompt", ""), t.get("generation_prompt_thinking", ""),
+              t.get("default_system_prompt", "")]
+    return {int(i) for s in texts if s for i in tok(s, add_special_tokens=False)["input_ids"]}
+
+
+def select(tok, vocab: int, corpus, keep_file, eos_folders, multiple: int | None) -> tuple[np.ndarray, dict]:
+    """The sorted kept ids and where each group came from."""
+    groups = {
+        "corpus": {int(i) for f in corpus for i in tok(_read_text(f), add_special_tokens=False)["input_ids"]},
+        "keep_tokens": set(read_token_ids(keep_file, vocab)) if keep_file else set(),
+        "special": special_ids(tok),
+        "eos": eos_ids(eos_folders) | ({int(tok.eos_token_id)} if tok.eos_token_id is not None else set()),
+        "chat_template": chat_template_ids(tok),
+    }
+    outside = sorted(i for g in ("special", "eos") for i in groups[g] if not 0 <= i < vocab)
+    if outside:
+        raise UnsupportedModel(f"--reduce-vocab: token id {outside[0]} (special or EOS) is outside the model's "
+                               f"vocabulary of {vocab}; the tokenizer does not belong to this model")
+    kept = set().union(*groups.values())
+    padding = 0
+    if multiple and len(kept) % multiple:
+        # pad with the lowest unused ids (deterministic) up to the runtime's preferred multiple, at most V
+        free = (i for i in range(vocab) if i not in kept)
+        for _ in range(min(multiple - len(kept) % multiple, vocab - len(kept))):
+            kept.add(next(free))
+            padding += 1
+    counts = {g: len(v) for g, v in groups.items()}
+    counts["padding"] = padding
+    info = {"kept_from": counts, "special_ids": sorted(groups["special"]), "eos_ids": sorted(groups["eos"])}
+    return np.array(sorted(kept), dtype=np.int32), info
+
+
+class ReducedVocab(Feature):
+    name = "reduced_vocab"
+
+    def __init__(self, corpus=(), keep_tokens=None, multiple: int | None = None):
+        self.corpus, self.keep_tokens, self.multiple = list(corpus or []), keep_tokens, multiple
+        self.vocab_map: np.ndarray | None = None
+
+    def check(self, run, target) -> None:
+        if target.name not in TARGETS:
+            raise UnsupportedModel(f"--reduce-vocab: target {target.name} has no reduced vocabulary")
+        from ..sidefiles.tokenizer import load_tokenizer
+        from ..sidefiles.writer import tokenizer_dir
+
+        tok_dir = tokenizer_dir(run)
+        tok = load_tokenizer(tok_dir)
+        if tok is None:
+            raise RewriteError(f"--reduce-vocab needs the model's tokenizer; none found in '{tok_dir}' "
+                               f"(pass --tokenizer DIR)")
+        vocab = int(run.spec["vocab_size"])
+        folders = [tok_dir, Path(run.options.config).parent if run.options.config else run.in_path.parent]
+        self.vocab_map, self.info = select(tok, vocab, self.corpus, self.keep_tokens, folders, self.multiple)
+        self.vocab = vocab
+
+    def apply(self, run, build) -> None:
+        from ..targets.base import lm_head_input
+
+        g = build.graph
+        head, _ = lm_head_input(build.logits)
+        vmap, vocab = self.vocab_map, self.vocab
+        r = len(vmap)
+        np_float = onnx.helper.tensor_dtype_to_np_dtype(build.float_type)
+        base_dir = run.source.base_dir
+        before = after = 0
+        # lm_head's weight, then any per-token constant after it (a bias): cut along the vocabulary axis
+        node, t = head, None
+        while node is not None:
+            for i, c in enumerate(node.inputs):
+                if not isinstance(c, gs.Constant) or not c.shape or int(np.prod(c.shape)) <= 1:
+                    continue
+                axis = self._vocab_axis(node, i, c, vocab)
+                if axis is None:
+                    continue
+                shape = list(c.shape)
+                before += int(np.prod(shape)) * np.dtype(np_float).itemsize
+                shape[axis] = r
+                after += int(np.prod(shape)) * np.dtype(np_float).itemsize
+                node.inputs[i] = computed_constant(
+                    f"{node.name}/reduced_vocab_{i}", np_float, shape,
+                    lambda c=c, axis=axis: np.take(constant_array(c, base_dir), vmap, axis=axis).astype(np_float))
+            t = node.outputs[0]
+            if t.shape is not None and len(t.shape) and t.shape[-1] == vocab:
+                t.shape = list(t.shape[:-1]) + [r]
+            node = t.outputs[0] if len(t.outputs) == 1 and t not in g.outputs else None
+        if before == 0:
+            raise UnsupportedModel(f"--reduce-vocab: lm_head '{head.name}' has no constant [H, {vocab}] weight to cut")
+        for out in g.outputs:
+            if out.name == "logits" and out.shape is not None:
+                out.shape = list(out.shape[:-1]) + [r]
+        run.report.features[self.name] = {
+            "vocab_size": vocab, "reduced_vocab_size": r, **self.info,
+            "lm_head_bytes": before, "lm_head_bytes_reduced": after, "lm_head_bytes_saved": before - after}
+        import logging
+
+        logging.getLogger(__name__).info(
+            "reduced vocabulary: %d of %d tokens kept; lm_head %d -> %d bytes (%.1f%% saved)",
+            r, vocab, before, after, 100.0 * (before - after) / before)
+
+    @staticmethod
+    def _vocab_axis(node, i: int, c: gs.Constant, vocab: int) -> int | None:
+        shape = [int(d) for d in c.shape]
+        if node.op == "Gemm" and i == 1:
+            axis = 0 if node.attrs.get("transB", 0) else 1
+            return axis if shape[axis] == vocab else None
+        if shape[-1] == vocab:  # MatMul's [H, V] weight; an Add's [V] bias
+            return len(shape) - 1
+        return None
+
+    def config(self, run, cfg: dict) -> None:
+        cfg["reduced_vocab_size"] = int(len(self.vocab_map))
+
+    def files(self, run, out_dir) -> list[str]:
+        from safetensors.numpy import save_file
+
+        save_file({"vocab_map": np.ascontiguousarray(self.vocab_map, dtype=np.int32)}, str(Path(out_dir) / MAP_FILE))
+        return [MAP_FILE]
+
+
+def from_options(options) -> ReducedVocab:
+    return ReducedVocab(options.vocab_corpus, options.keep_tokens, options.vocab_multiple)
+
+
+def load_map(out_dir) -> np.ndarray | None:
+    """The folder's vocab_map (None when it has the full vocabulary), checked as the runtime checks it."""
+    path = Path(out_dir) / MAP_FILE
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path))
+    vmap = tensors.get("vocab_map")
+    if len(tensors) != 1 or vmap is None or vmap.dtype != np.int32 or vmap.ndim != 1:
+        raise RewriteError(f"'{path}' must hold exactly one int32 1-D tensor 'vocab_map'")
+    return vmap.astype(np.int64)

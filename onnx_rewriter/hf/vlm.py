@@ -1,0 +1,182 @@
+"""Qwen2.5-VL / Qwen3-VL: the text decoder's plain export and the two-part `make export` folder.
+
+The baseline of the text decoder is what a plain export of the HF decoder computes, with the inputs the
+model's own multimodal forward feeds it: `input_ids`, `attention_mask`, `position_ids` [3, B, S] (the
+t/h/w rows of M-RoPE; the section interleave is computed in the graph) and, for Qwen3-VL, one
+`deepstack_embeds_{i}` [B, S, H] per deepstack level, added to the hidden state after decoder layer i
+(zeros at text tokens, which is what HF's masked add computes). The rewrite then matches the M-RoPE
+table (patterns/mrope_table.py) and the VLM feature (features/vlm.py) shapes the rest per target.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ..errors import RewriteError
+
+log = logging.getLogger(__name__)
+
+VLM_MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
+
+
+def vlm_type(model: str) -> str | None:
+    """The VLM model_type of a local checkpoint folder, or None (a text LLM, or not a folder)."""
+    cfg = Path(model) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        kind = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if kind in VLM_MODEL_TYPES else None
+
+
+def num_deepstack(config) -> int:
+    """Nd: one deepstack input per vision deepstack index (0 for Qwen2.5-VL)."""
+    vision = getattr(config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or [])
+
+
+def load_vlm(model: str, dtype: str = "float32"):
+    """The HF VLM (Qwen*VLForConditionalGeneration) and its config, from a local folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise RewriteError(f"cannot load the VLM '{model}': {str(exc).splitlines()[0][:160]}") from None
+    return m.eval(), config
+
+
+def text_decoder(vlm):
+    """forward(input_ids, attention_mask, position_ids[3,B,S], deepstack tuple) -> logits, no cache."""
+    import torch
+
+    lm, head = vlm.model.language_model, vlm.lm_head
+    nd = num_deepstack(vlm.config)
+
+    class TextDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm, self.head = lm, head
+            self._deepstack = ()
+            # hidden = layer_i(hidden) + deepstack_i for i < Nd, as the runtime's graph computes it
+            for i in range(nd):
+                lm.layers[i].register_forward_hook(self._add(i))
+
+        def _add(self, i):
+            def hook(module, args, output):
+                return output + self._deepstack[i] if self._deepstack else output
+            return hook
+
+        def forward(self, input_ids, attention_mask, position_ids, deepstack=()):
+            self._deepstack = deepstack
+            embeds = self.lm.embed_tokens(input_ids)
+            out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False)
+            self._deepstack = ()
+            return self.head(out.last_hidden_state)
+
+    return TextDecoder().eval()
+
+
+def export_text_baseline(vlm, config, path: Path) -> Path:
+    """The text decoder's plain dynamo export (fp32) to `path`; config.json written beside it."""
+    import torch
+
+    from .export import _light_decomposition, _optimize
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    nd = num_deepstack(config)
+    hidden = config.text_config.hidden_size
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    pos = torch.arange(8).view(1, 1, -1).expand(3, 2, -1).contiguous()
+    deep = tuple(torch.zeros((2, 8, hidden)) for _ in range(nd))
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {1: batch, 2: seq}}
+    args = (ids, mask, pos)
+    if nd:
+        dyn["deepstack"], args = tuple({0: batch, 1: seq} for _ in range(nd)), args + (deep,)
+    names = ["input_ids", "attention_mask", "position_ids"] + [f"deepstack_embeds_{i}" for i in range(nd)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with _light_decomposition():
+            prog = torch.onnx.export(text_decoder(vlm), args, dynamo=True, optimize=False,
+                                     dynamic_shapes=dyn, input_names=names, output_names=["logits"],
+                                     verbose=False)
+        _optimize(prog)
+        prog.save(str(path))
+        del prog
+        gc.collect()
+    (path.parent / "config.json").write_text(json.dumps(config.to_dict(), default=str))
+    return path
+
+
+def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "float16", force: bool = False,
+               keep_baseline: str | None = None, **options):
+    """`make export` of a Qwen VLM: `<out>/llm/` (the rewritten text decoder) and `<out>/visual/` (the
+    vision encoder, by `onnx_rewriter.vision.export_visual` when that module is installed). Returns the
+    LLM rewrite run."""
+    from .. import pipeline, progress, safety
+    from ..modelio.output import OutputDir
+
+    opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
+    out = safety.resolved(output_dir)
+    safety.check_no_overlap(out, {"the checkpoint": Path(model)}, {})
+    OutputDir.precheck(out, force)
+    from ..features.vlm import check_target
+
+    check_target(opts.target)  # before the slow steps: a target the contract has no VLM route for
+    with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
+        advance("load")
+        vlm, config = load_vlm(model)
+        _precheck_visual(config, model, opts)  # a missing preprocessor config fails now, not after the LLM
+        work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_vlm_"))
+        try:
+            advance("export")
+            with safety.os_errors(f"cannot write the baseline export in '{work}'",
+                                  "free some space there or point TMPDIR at a folder with room"):
+                base = export_text_baseline(vlm, config, work / "model.onnx")
+            if opts.tokenizer is None and not opts.no_tokenizer:
+                opts.tokenizer = Path(model)
+            with OutputDir(out, force=force) as tmp:
+                advance("rewrite")
+                run = pipeline.rewrite(base, tmp / "llm", opts)
+                advance("visual")
+                _visual(vlm, model, tmp, opts)
+            run.out_dir = out / "llm"  # where the rewrite's folder now lies
+            if keep_baseline:
+                from .export import _keep
+
+                _keep(work, keep_baseline, force)
+            return run
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _precheck_visual(config, model: str, opts) -> None:
+    try:
+        from ..vision import precheck
+    except ImportError:
+        return
+    precheck(config, opts.target, opts.dtype, checkpoint=model)
+
+
+def _visual(vlm, model: str, out: Path, opts) -> None:
+    try:
+        from ..vision import export_visual
+    except ImportError:
+        log.warning("onnx_rewriter.vision is not installed: wrote llm/ only (no visual/ encoder)")
+        return
+    export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)  # writes out/visual/
