@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b] [--verify tiny,0.5b] [--no-nvidia]
 
 Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache):
-  (a) rewrite: `python -m onnx_rewriter base.onnx out --external-data` vs onnxscript's `optimize_for_ort`
+  (a) rewrite: `python -m onnx_rewriter base.onnx out` (default options) vs onnxscript's `optimize_for_ort`
       (bench/peer_ort.py) on the same fp32 dynamo baseline file;
   (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
       `tensorrt-edgellm-export` 0.11.0 (its own venv, bench/.venv-nvidia, since it pins its own
@@ -11,6 +11,8 @@ Per size (random-weight bf16 checkpoints with real model dimensions, built once 
   (c) quantize: the same baseline rewritten FP16, with `--quantize int4` (RTN) and with `--int4-method awq`
       (time, peak RSS, output size), and the logit agreement of RTN and AWQ with the model on held-out
       prompts (bench/int4_agreement.py).
+  (d) graph: the same baseline rewritten for every target: nodes, nodes per layer and plumbing ops, against
+      NVIDIA's 0.11.0 export of the same checkpoint (size `smol`: the real SmolLM2-135M `make demo` builds).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
 from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
 Timings on a shared machine drift; the ratios compare tools measured back to back.
@@ -41,6 +43,8 @@ SIZES = {
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
                  initializer_range=0.02,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # SmolLM2-135M-Instruct, the real pretrained 30-layer Llama `make demo` builds (onnx_rewriter.hf.demo)
+    "smol": None,
     # DeepSeek-R1-Distill-Qwen-1.5B
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=131072,
@@ -79,11 +83,15 @@ def _python(code: str, *args) -> list:
 def checkpoint(size: str) -> Path:
     path = CACHE / f"ckpt-{size}"
     if not (path / "config.json").is_file():
-        log(f"building the {size} checkpoint (random bf16 weights) into {path}")
         shutil.rmtree(path, ignore_errors=True)
-        code = ("import json, sys; from onnx_rewriter.hf import tiny; "
-                "tiny.build_checkpoint('qwen2', sys.argv[1], dtype='bfloat16', **json.loads(sys.argv[2]))")
-        r = measure(f"build-{size}", _python(code, path, json.dumps(SIZES[size])))
+        if SIZES[size] is None:
+            log(f"building the real {size} checkpoint (make demo's) into {path}")
+            r = measure(f"build-{size}", [PY, "-m", "onnx_rewriter.hf.demo", path])
+        else:
+            log(f"building the {size} checkpoint (random bf16 weights) into {path}")
+            code = ("import json, sys; from onnx_rewriter.hf import tiny; "
+                    "tiny.build_checkpoint('qwen2', sys.argv[1], dtype='bfloat16', **json.loads(sys.argv[2]))")
+            r = measure(f"build-{size}", _python(code, path, json.dumps(SIZES[size])))
         if r["rc"]:
             raise SystemExit(f"could not build the {size} checkpoint:\n{r['tail']}")
     return path
@@ -115,6 +123,36 @@ def count_nodes(model_path: Path, op_type: str = "AttentionPlugin") -> int | Non
     return sum(n.op_type == op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node)
 
 
+def graph_stats(model_path: Path) -> dict | None:
+    """Node count, layers (AttentionPlugin nodes), op histogram and nodes per layer: the median over
+    consecutive plugins of how many nodes plugin i+1 needs that plugin i does not (its ancestors), i.e. one
+    layer's MLP, norms, projections, plumbing and plugin, whatever the nodes are named."""
+    import onnx
+
+    if model_path is None or not model_path.is_file():
+        return None
+    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
+    made_by = {o: i for i, n in enumerate(nodes) for o in n.output}
+
+    def ancestors(i: int) -> set:
+        seen, todo = set(), [i]
+        while todo:
+            j = todo.pop()
+            if j not in seen:
+                seen.add(j)
+                todo += [made_by[t] for t in nodes[j].input if t in made_by]
+        return seen
+
+    plugins = [i for i, n in enumerate(nodes) if n.op_type == "AttentionPlugin"]
+    anc = [ancestors(i) for i in plugins]
+    diffs = sorted(len(b - a) for a, b in zip(anc, anc[1:]))
+    hist: dict[str, int] = {}
+    for n in nodes:
+        hist[n.op_type] = hist.get(n.op_type, 0) + 1
+    return dict(nodes=len(nodes), layers=len(plugins), per_layer=diffs[len(diffs) // 2] if diffs else None,
+                ops=dict(sorted(hist.items(), key=lambda kv: -kv[1])))
+
+
 KEEP_OUTPUTS = False
 
 
@@ -139,8 +177,8 @@ def bench_rewrite(size: str, base: Path, repeat: int) -> dict:
     runs = {"ort": [], "ours": []}
     for i in range(repeat):
         pair = [("ort", f"ort-{size}-{i}", [PY, HERE / "peer_ort.py", base, ort_out], ort_out),
-                ("ours", f"rewrite-{size}-{i}", [PY, "-m", "onnx_rewriter", base, ours_out, "--external-data", "-q"],
-                 ours_out)]
+                # default options, as users run it (inline model.onnx under 2 GB)
+                ("ours", f"rewrite-{size}-{i}", [PY, "-m", "onnx_rewriter", base, ours_out, "-q"], ours_out)]
         for key, name, cmd, out in (pair if i % 2 == 0 else pair[::-1]):
             shutil.rmtree(out, ignore_errors=True)
             runs[key].append(measure(name, cmd))
@@ -200,6 +238,20 @@ def nvidia_exporter() -> tuple[Path | None, str]:
     return (exe, "") if exe.is_file() else (None, "the package installed no tensorrt-edgellm-export script")
 
 
+def nvidia_graph(size: str, ckpt: Path) -> dict | None:
+    exe, why = nvidia_exporter()
+    if exe is None:
+        log(f"  NVIDIA's exporter is not available: {why}")
+        return None
+    out = CACHE / f"out-nvidia-graph-{size}"
+    shutil.rmtree(out, ignore_errors=True)
+    r = measure(f"nvidia-graph-{size}", [exe, ckpt, out], env={"CUDA_VISIBLE_DEVICES": ""})
+    files = sorted(out.rglob("model.onnx")) if out.exists() else []
+    g = graph_stats(files[0]) if files and r["rc"] == 0 else None
+    drop_outputs(out)
+    return g
+
+
 def bench_export(size: str, ckpt: Path, nvidia: bool, verify: bool, target: str) -> dict:
     ours_out, nv_out = CACHE / f"out-export-{size}", CACHE / f"out-nvidia-{size}"
     for p in (ours_out, nv_out):
@@ -209,6 +261,7 @@ def bench_export(size: str, ckpt: Path, nvidia: bool, verify: bool, target: str)
     ours = measure(f"export-{size}", [PY, "-m", "onnx_rewriter", "export", "--model", ckpt, "--output_dir", ours_out,
                                       "--target", target, "--dtype", "float16", "-q"])
     ours["fused"] = count_nodes(ours_out / "model.onnx")
+    ours["graph"] = graph_stats(ours_out / "model.onnx")
     ours["out_mb"] = dir_mb(ours_out)
     res["ours"] = ours
     if verify and ours["rc"] == 0:
@@ -231,10 +284,54 @@ def bench_export(size: str, ckpt: Path, nvidia: bool, verify: bool, target: str)
         log(f"  {res['peer_skipped']}")
     onnx_files = sorted(nv_out.rglob("model.onnx")) if nv_out.exists() else []
     nv["fused"] = count_nodes(onnx_files[0]) if onnx_files else None
+    nv["graph"] = graph_stats(onnx_files[0]) if onnx_files and nv["rc"] == 0 else None
     nv["out_mb"] = dir_mb(nv_out)
     res["peer"] = nv
     drop_outputs(nv_out)
     return res
+
+
+# ---------------------------------------------------------------- (d) graphs: ours per target vs NVIDIA's
+
+
+TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
+SHOWN_OPS = ("MatMul", "Gemm", "Reshape", "Concat", "Split", "Unsqueeze", "Squeeze", "Transpose", "Shape")
+
+
+def bench_graphs(size: str, base: Path) -> dict:
+    """The same baseline rewritten for every target (default options, untimed): graph_stats of each."""
+    res = {}
+    for target in TARGETS:
+        out = CACHE / f"out-graph-{size}-{target}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = measure(f"graph-{size}-{target}", [PY, "-m", "onnx_rewriter", base, out, "--target", target, "-q",
+                                               "--no-tokenizer"])
+        res[target] = graph_stats(out / "model.onnx") if r["rc"] == 0 else None
+        drop_outputs(out)
+    return res
+
+
+def graph_rows(size: str, graphs: dict, peer: dict | None) -> list[str]:
+    """Per target: nodes, nodes per layer and the plumbing ops, ours against NVIDIA's 0.11.0 export of the
+    same checkpoint (NVIDIA writes the 0.11 contract only: the 0.5 / 0.9 rows compare against that too)."""
+    head = (f"{'size':<6}{'graph':<26}{'nodes':>7}{'/layer':>8}{'ratio':>7}  "
+            + " ".join(f"{op:>9}" for op in SHOWN_OPS))
+    rows = [head]
+
+    def row(what, g, ratio_to=None):
+        if g is None:
+            rows.append(f"{size:<6}{what:<26}   (failed)")
+            return
+        r = f"{g['per_layer'] / ratio_to['per_layer']:.2f}" if ratio_to and g["per_layer"] else "-"
+        rows.append(f"{size:<6}{what:<26}{g['nodes']:>7}{str(g['per_layer']):>8}{r:>7}  "
+                    + " ".join(f"{g['ops'].get(op, 0):>9}" for op in SHOWN_OPS))
+
+    row("NVIDIA 0.11.0 export", peer)
+    for target, g in graphs.items():
+        row(f"ours {target}", g, peer)
+    rows.append(f"{'':<6}-> ratio: our nodes per layer / NVIDIA's (its 0.11 graph for every target); 'MatMul' "
+                f"per layer: q/k/v as one, o, gate, up, down")
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -286,6 +383,10 @@ def report(results: dict) -> None:
             elif b["peer"]["rc"] == 0:
                 rows.append(f"{'':<6}-> ours {ratio(b['peer']['wall_s'], b['ours']['wall_s'])} faster (wall), peak "
                             f"{b['ours']['peak_mb']} vs {b['peer']['peak_mb']} MB")
+    for size, res in results.items():
+        if "graphs" in res:
+            peer = res.get("export", {}).get("peer", {}).get("graph") or res.get("graph_peer")
+            rows.extend(graph_rows(size, res["graphs"], peer))
     small, big = results.get("0.5b", {}).get("rewrite"), results.get("1.5b", {}).get("rewrite")
     if small and big:
         rows.append(f"rewrite peak memory 1.5b / 0.5b: {big['ours']['peak_mb'] / small['ours']['peak_mb']:.2f}x "
@@ -296,7 +397,7 @@ def report(results: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,0.5b", help=f"comma list of {', '.join(SIZES)}")
-    p.add_argument("--only", choices=("rewrite", "export", "quantize"), help="run one of the comparisons")
+    p.add_argument("--only", choices=("rewrite", "export", "quantize", "graph"), help="run one of the comparisons")
     p.add_argument("--verify", default="tiny,0.5b", help="sizes whose export output is also verified")
     p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
     p.add_argument("--repeat", type=int, default=3, help="runs of each rewrite tool (the fastest counts)")
@@ -325,6 +426,10 @@ def main(argv=None) -> int:
         if args.only in (None, "export"):
             res["export"] = bench_export(size, ckpt, not args.no_nvidia, size in args.verify.split(","),
                                          args.export_target)
+        if args.only in (None, "graph"):
+            res["graphs"] = bench_graphs(size, baseline(size, ckpt)[0])
+            if args.only == "graph" and not args.no_nvidia:  # NVIDIA's graph without the timed comparison
+                res["graph_peer"] = nvidia_graph(size, ckpt)
         (CACHE / "results.json").write_text(json.dumps(results, indent=1))
     report(results)
     return 0

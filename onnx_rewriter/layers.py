@@ -141,6 +141,8 @@ class AttentionLayer:
     # (tensor the rewrite removes, tensor of the very same shape that stays): TorchScript reads batch and
     # sequence sizes off roped q/k through Shape side branches; those Shapes are moved to the stayer.
     same_shape: list[tuple[gs.Tensor, gs.Tensor]] = field(default_factory=list)
+    # name of q / k / v / a q-k norm input -> the flat [B, S, H·D] tensor it is a pure view of (projections.py)
+    views: dict[str, gs.Tensor] = field(default_factory=dict)
 
     @property
     def default_scale(self) -> float:

@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import dtype as dtypes
-from . import engine, progress, safety, targets
+from . import engine, progress, projections, safety, targets
 from . import spec as specmod
 from .errors import PatternMismatch, RewriteError
 from .layers import AttentionLayer, TokenEmbedding
@@ -56,8 +56,7 @@ class Options:
     keep_tokens: str | Path | None = None  # a file of token ids that stay
     vocab_multiple: int | None = None  # pad the kept count up to a multiple of this
     lora: bool = False  # LoRA inputs on every linear (features/lora.py); keeps projections unfused
-    fuse_qkv: bool = True  # q/k/v projections as one MatMul (targets/...)
-    fuse_gate_up: bool = True  # gate/up projections as one MatMul (targets/...)
+    fuse_qkv: bool = True  # q/k/v projections as one MatMul (projections.py; FP16 linears: off with INT4, LoRA)
     int4_method: str = "rtn"  # "awq": activation-aware per-channel scales searched on --calibration (int4_awq.py)
     kv_cache: str = "fp16"  # "fp8": FP8 (E4M3) KV cache (features/fp8_kv.py)
     calibration: str | Path | None = None  # prompts file (one a line) for calibrated scales; None: bundled set
@@ -97,7 +96,7 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
 
     reduced_vocab.check_options(options)
     if options.lora:  # LoRA binds per projection (q, k, v, gate, up): they must stay separate MatMuls
-        options.fuse_qkv = options.fuse_gate_up = False
+        options.fuse_qkv = False
     return options
 
 
@@ -291,6 +290,9 @@ def step_build(run: Run) -> None:
     target = targets.get(run.options.target)
     float_type = dtypes.NAMES[run.options.dtype]
     g = run.source.graph
+    # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 keeps q/k/v apart.
+    fuse = run.options.fuse_qkv and not any(f.name == "int4" for f in run.features)
+    projections.prepare(g, run.layers, fuse)
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])

@@ -88,8 +88,14 @@ def test_name_sources_on_a_hand_built_graph():
     ("qwen2", {}), pytest.param("llama", {"exporter": "torchscript"}, marks=pytest.mark.slow)])
 def test_linears_are_named_after_their_modules_without_lora(models, tmp_path, family, flavour):
     """What insert-lora derives its binding names from; lm_head's name keeps it out."""
-    pipeline.rewrite(models.baseline(family, **flavour), tmp_path / "out")
+    pipeline.rewrite(models.baseline(family, **flavour), tmp_path / "out", fuse_qkv=False)
     assert _linear_names(tmp_path / "out") == sorted([linear_names.node_name(s) for s in STEMS] + ["/lm_head/MatMul"])
+    # by default q/k/v are one MatMul (projections.py), named after the fused module
+    pipeline.rewrite(models.baseline(family, **flavour), tmp_path / "fused")
+    qkv = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    fused = [s for s in STEMS if s.split(".", 3)[3] not in qkv]
+    fused += [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]
+    assert _linear_names(tmp_path / "fused") == sorted([linear_names.node_name(s) for s in fused] + ["/lm_head/MatMul"])
 
 
 @pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
@@ -97,7 +103,7 @@ def test_lora_inputs_and_adapter_verify(qwen2, adapter, tmp_path, target):
     base, ckpt = qwen2
     out = tmp_path / "out"
     run = pipeline.rewrite(base, out, target=target, lora=True)
-    assert run.options.fuse_qkv is False and run.options.fuse_gate_up is False
+    assert run.options.fuse_qkv is False
     assert [s["binding"] for s in run.report.features["lora"]["slots"]] == STEMS
     model = onnx.load(str(out / "model.onnx"))
     dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
@@ -191,7 +197,8 @@ def test_nvidia_insert_lora_on_our_output_equals_our_lora(models, qwen2, adapter
         base = models.baseline("qwen2", hidden_size=128, intermediate_size=256, num_attention_heads=8,
                                num_key_value_heads=8)
         opts = dict(quantize="int4", target="edgellm-0.11")
-    pipeline.rewrite(base, tmp_path / "plain", **opts)
+    # q/k/v unfused, as --lora has them (fused, insert-lora would bind one qkv_proj slot, as on NVIDIA's exports)
+    pipeline.rewrite(base, tmp_path / "plain", fuse_qkv=False, **opts)
     pipeline.rewrite(base, tmp_path / "ours", lora=True, **opts)
     subprocess.run([str(_nvidia_bin() / "tensorrt-edgellm-insert-lora"), "--onnx_dir", str(tmp_path / "plain")],
                    check=True, capture_output=True, timeout=300)

@@ -174,6 +174,8 @@ def _all_initializers(graph: onnx.GraphProto):
 
 def read_tensor(t: TensorProto, base_dir: Path) -> np.ndarray:
     """A tensor's values; external data comes through a read-only memory map (no copy)."""
+    if stream.concat_sources(t) is not None:
+        return stream.array(t, base_dir)
     if t.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     return stream.mapped(t, base_dir)  # bf16 as raw uint16 bits: values_of / convert_float widen them
@@ -267,7 +269,8 @@ class WeightWriter:
         want = self._target_type(t)
         needs_convert = want != t.data_type
         large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
-        if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL:
+        if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL \
+                and not stream.derived(t):
             return
         # Chunked read-convert-write (stream.py): the peak stays at a few MB per external tensor.
         # The data is read from `t` before `t` is cleared and pointed at its new home.
@@ -305,7 +308,7 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
     # Inline output: external-data weights are streamed into model.onnx at the end (stream.save_inline)
     # rather than held in the proto: the proto and its serialized copy would be twice the weights.
     inits = model.graph.initializer
-    later = {t.name for t in inits if not external and t.data_location == TensorProto.EXTERNAL}
+    later = {t.name for t in inits if not external and (t.data_location == TensorProto.EXTERNAL or stream.derived(t))}
     streamed = []
     try:
         with progress.bar(total=total, desc="weights", nbytes=True) as pb:

@@ -48,6 +48,44 @@ def transposed(t: TensorProto) -> tuple[int, ...] | None:
     return tuple(int(p) for p in t.doc_string[len(TRANSPOSED):].split(","))
 
 
+# doc_string of a weight that is its sources concatenated on the last axis (projections.fuse_qkv): it is
+# read through them, so a fused weight is streamed like any other. Only inside a rewrite, like TRANSPOSED.
+CONCAT = "onnx_rewriter:concat "
+_CONCATS: dict[str, list[TensorProto]] = {}
+
+
+def concatenated(name: str, sources: list[TensorProto]) -> TensorProto:
+    """A tensor declared as `sources` (same type, same leading dims) concatenated on their last axis."""
+    dims = list(sources[0].dims[:-1]) + [sum(s.dims[-1] for s in sources)]
+    key = f"{len(_CONCATS)}:{name}"
+    _CONCATS[key] = sources
+    return TensorProto(name=name, data_type=sources[0].data_type, dims=dims, doc_string=CONCAT + key)
+
+
+def concat_sources(t: TensorProto) -> list[TensorProto] | None:
+    return _CONCATS.get(t.doc_string[len(CONCAT):]) if t.doc_string.startswith(CONCAT) else None
+
+
+def derived(t: TensorProto) -> bool:
+    """Read through a marker (transposed or concatenated): what is written carries no doc_string."""
+    return transposed(t) is not None or t.doc_string.startswith(CONCAT)
+
+
+def array(t: TensorProto, base_dir: Path) -> np.ndarray:
+    """`t`'s values in its own dtype (bf16 as uint16 bits) and shape, without a copy where it is on disk."""
+    sources = concat_sources(t)
+    if sources is not None:
+        return np.concatenate([array(s, base_dir) for s in sources], axis=-1)
+    if t.data_location == TensorProto.EXTERNAL:
+        return mapped(t, base_dir)
+    if t.HasField("raw_data"):
+        return np.frombuffer(t.raw_data, dtype=np_dtype(t.data_type)).reshape(tuple(t.dims))
+    arr = numpy_helper.to_array(t)
+    if t.data_type == TensorProto.BFLOAT16:
+        arr = arr.view(np.uint16) if arr.dtype.itemsize == 2 else arr.astype(np.uint16)
+    return arr
+
+
 def mapped(t: TensorProto, base_dir: Path) -> np.ndarray:
     """An external tensor as a read-only memory map of its values (bf16 as uint16 bits), in `t`'s shape."""
     info = external_data_helper.ExternalDataInfo(t)
@@ -137,6 +175,21 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
     dt = np_dtype(t.data_type)
     n = numel(t)
     step = max(1, (chunk_bytes or CHUNK_BYTES) // dt.itemsize)
+    sources = concat_sources(t)
+    if sources is not None:
+        # Blocks of rows, each row the sources' rows side by side: one source block at a time in memory.
+        parts = [array(s, base_dir).reshape(-1, s.dims[-1]) for s in sources]
+        width, total = int(t.dims[-1]), parts[0].shape[0]
+        rows = max(1, step // width)
+        for start in range(0, total, rows):
+            stop = min(total, start + rows)
+            buf = _scratch("read", (stop - start) * width, dt).reshape(stop - start, width)
+            col = 0
+            for p in parts:
+                buf[:, col:col + p.shape[1]] = p[start:stop]
+                col += p.shape[1]
+            yield buf.reshape(-1)
+        return
     if t.data_location == TensorProto.EXTERNAL and transposed(t) is not None:
         # Blocks of output rows, gathered from the memory map into the reused buffer: strided reads,
         # but each source page is faulted in once; the map goes when the tensor is done.
@@ -321,7 +374,7 @@ def save_inline(model, path: Path, streamed: list, base_dir: Path, progress=None
         fh.write(head)
         pos += len(head)
         for src, want in streamed:
-            doc = "" if transposed(src) is not None else src.doc_string
+            doc = "" if derived(src) else src.doc_string
             meta = TensorProto(name=src.name, data_type=want, dims=src.dims, doc_string=doc)
             meta_bytes = meta.SerializeToString()
             raw_len = numel(src) * np_dtype(want).itemsize

@@ -77,11 +77,13 @@ class Target:
     def build(self, b: Build) -> None:
         raise NotImplementedError
 
-    def plugin_layers(self, b: Build, np_float, cache_shape, out_shape, layer_inputs, layer_output):
+    def plugin_layers(self, b: Build, np_float, cache_shape, out_shape, layer_inputs, layer_output, flat_shape):
         """One AttentionPlugin per layer, its KV cache as graph input `past_key_values_i` and output
         `present_key_values_i` of `cache_shape`. `layer_inputs(em, layer, past) -> (inputs, attrs)` adds
         what feeds the plugin; `layer_output(em, attn)` turns the plugin's output (`out_shape(layer)`) back
-        into the core's [B, Hq, S, D], which replaces the layer's attention. Returns (pasts, presents)."""
+        into the core's [B, Hq, S, D], which replaces the layer's attention. Where o_proj reads a checked
+        head-merging view of it (`layer.views`), one Reshape of the plugin's output to `flat_shape(layer)`
+        replaces that view instead. Returns (pasts, presents)."""
         g = b.graph
         pasts, presents = [], []
         for layer in b.layers:
@@ -93,7 +95,12 @@ class Target:
             attn = gs.Variable(f"layers.{i}/attn/AttentionPlugin_out", np_float, out_shape(layer))
             g.nodes.append(gs.Node("AttentionPlugin", name=f"layers.{i}/attn/AttentionPlugin", domain=self.domain,
                                    inputs=inputs, outputs=[attn, present], attrs=attrs))
-            replace_uses(g, layer.out, layer_output(em, attn))
+            flat = layer.views.get(layer.out.name)
+            if flat is not None:
+                shape = em.const("shape", np.array(flat_shape(layer), dtype=np.int64))
+                replace_uses(g, flat, em.node("Reshape", [attn, shape]))
+            else:
+                replace_uses(g, layer.out, layer_output(em, attn))
             pasts.append(past)
             presents.append(present)
         return pasts, presents
@@ -134,6 +141,25 @@ def to_bshd_flat(em: Emitter, x: gs.Tensor, heads: int, head_size: int) -> gs.Te
     """[B, H, S, D] -> [B, S, H*D] (normalize's Transpose/Reshape folding removes what cancels)."""
     t = em.node("Transpose", [x], {"perm": [0, 2, 1, 3]})
     return em.node("Reshape", [t, em.const("shape", np.array([0, 0, heads * head_size], dtype=np.int64))])
+
+
+def flat_input(em: Emitter, layer: AttentionLayer, x: gs.Tensor, heads: int, head_size: int,
+               layout: str = "bhsd") -> gs.Tensor:
+    """`x` ([B, H, S, D], or [B, S, H, D] for "bshd") as [B, S, H·D]: the projection output it is a view of
+    (projections.find_views, no node), else a Transpose / Reshape."""
+    src = layer.views.get(x.name)
+    if src is not None:
+        return src
+    if layout == "bshd":
+        return em.node("Reshape", [x, em.const("shape", np.array([0, 0, heads * head_size], dtype=np.int64))])
+    return to_bshd_flat(em, x, heads, head_size)
+
+
+def pack_qkv(em: Emitter, q: gs.Tensor, k: gs.Tensor, v: gs.Tensor) -> gs.Tensor:
+    """q, k, v concatenated on the last axis: the fused projection itself where they are its Split's parts."""
+    from ..projections import packed
+
+    return packed([q, k, v]) or em.node("Concat", [q, k, v], {"axis": -1})
 
 
 def prescale_q(em: Emitter, q: gs.Tensor, layer: AttentionLayer, np_float) -> gs.Tensor:

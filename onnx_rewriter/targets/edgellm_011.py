@@ -18,7 +18,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..layers import AttentionLayer
-from .base import Build, Emitter, Target, lm_head_input, rope_input, set_io, set_logits_output, to_bshd_flat
+from .base import (
+    Build,
+    Emitter,
+    Target,
+    flat_input,
+    lm_head_input,
+    pack_qkv,
+    rope_input,
+    set_io,
+    set_logits_output,
+)
 
 PAGE_SIZE = 128  # tokens per KV page, fixed by the runtime
 T, N, PAGES = "num_tokens", "num_sequences", "num_pages"
@@ -50,13 +60,6 @@ def moved_norms(layer: AttentionLayer):
     if abs(qn.eps - kn.eps) > 1e-12 * max(1.0, abs(qn.eps)):
         return None
     return qn, kn
-
-
-def _flat(em: Emitter, norm, heads: int, d: int) -> gs.Tensor:
-    """The norm's input as [B, S, H·D]."""
-    if norm.layout == "bshd":
-        return em.node("Reshape", [norm.x, em.const("shape", np.array([0, 0, heads * d], dtype=np.int64))])
-    return to_bshd_flat(em, norm.x, heads, d)
 
 
 class Edgellm011(Target):
@@ -117,14 +120,14 @@ class Edgellm011(Target):
                             [picked, em.const("axes", np.array([0], dtype=np.int64))])
                 layer_rope = rows_of[layer_rope.name]
             norms = moved_norms(layer)
-            if norms:
-                q = _flat(lem, norms[0], layer.num_q_heads, d)
-                k = _flat(lem, norms[1], hkv, d)
+            if norms:  # the norms' inputs: the plugin normalizes
+                q = flat_input(lem, layer, norms[0].x, layer.num_q_heads, d, norms[0].layout)
+                k = flat_input(lem, layer, norms[1].x, hkv, d, norms[1].layout)
             else:
-                q = to_bshd_flat(lem, layer.q, layer.num_q_heads, d)
-                k = to_bshd_flat(lem, layer.k, hkv, d)
-            v = to_bshd_flat(lem, layer.v, hkv, d)
-            packed = lem.node("Concat", [q, k, v], {"axis": -1})
+                q = flat_input(lem, layer, layer.q, layer.num_q_heads, d)
+                k = flat_input(lem, layer, layer.k, hkv, d)
+            v = flat_input(lem, layer, layer.v, hkv, d)
+            packed = pack_qkv(lem, q, k, v)
             qkv = lem.node("Squeeze", [packed, lem.const("axes", np.array([0], dtype=np.int64))])
             gammas = []
             if norms:
@@ -142,7 +145,8 @@ class Edgellm011(Target):
             return lem.node("Transpose", [batched], {"perm": [0, 2, 1, 3]})
 
         pasts, presents = self.plugin_layers(b, np_float, [2, PAGES, PAGE_SIZE, hkv, d],
-                                             lambda layer: [T, layer.num_q_heads, d], layer_inputs, layer_output)
+                                             lambda layer: [T, layer.num_q_heads, d], layer_inputs, layer_output,
+                                             lambda layer: [1, -1, layer.num_q_heads * d])
 
         # Only the rows named by logits_indices reach lm_head: [1, T, H] -> [T, H] -> [N, H].
         mm, idx = lm_head_input(b.logits)

@@ -19,12 +19,13 @@ from .base import (
     P,
     S,
     Target,
+    flat_input,
     gather_last_tokens,
+    pack_qkv,
     prescale_q,
     rope_input,
     set_io,
     set_logits_output,
-    to_bshd_flat,
 )
 
 
@@ -35,7 +36,7 @@ class DenseTarget(Target):
 
     def attention_inputs(self, em, q, k, v):
         if self.packed_qkv:
-            return [em.node("Concat", [q, k, v], {"axis": -1})]
+            return [pack_qkv(em, q, k, v)]
         return [q, k, v]
 
     def build(self, b: Build) -> None:
@@ -53,9 +54,9 @@ class DenseTarget(Target):
         baked = {}
 
         def layer_inputs(lem, layer, past):
-            q = prescale_q(lem, to_bshd_flat(lem, layer.q, layer.num_q_heads, d), layer, np_float)
-            k = to_bshd_flat(lem, layer.k, hkv, d)
-            v = to_bshd_flat(lem, layer.v, hkv, d)
+            q = prescale_q(lem, flat_input(lem, layer, layer.q, layer.num_q_heads, d), layer, np_float)
+            k = flat_input(lem, layer, layer.k, hkv, d)
+            v = flat_input(lem, layer, layer.v, hkv, d)
             inputs = self.attention_inputs(lem, q, k, v) + [
                 past, context_lengths, rope_input(layer, b, rope, baked), start]
             return inputs, self.plugin_attrs(layer)
@@ -63,7 +64,8 @@ class DenseTarget(Target):
         # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
         pasts, presents = self.plugin_layers(
             b, np_float, [B, 2, hkv, CAP, d], lambda layer: [B, S, layer.num_q_heads, d], layer_inputs,
-            lambda lem, attn: lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}))
+            lambda lem, attn: lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}),
+            lambda layer: [0, 0, layer.num_q_heads * d])
 
         gather_last_tokens(em, b.logits, last, batch_dims=1)
         logits = set_logits_output(g, b.logits, [B, 1, "vocab_size" if b.logits.shape is None else b.logits.shape[-1]])
