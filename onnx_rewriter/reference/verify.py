@@ -214,13 +214,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             s.append(t)
         ours = runner.decode(nxt)
     pb.close()
-    if session.float == np.float32:
-        result.criterion = f"fp32: relative error <= {FP32_REL} and identical top-1 at every step"
-        result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)
-    else:
-        result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
-                            f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
-        result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
+    judge(result, session.float)
     if fp8_scales and not int4:
         result.criterion += f"; FP8 KV cache cost: cosine >= {FP8_COSINE} vs the model at every step"
         result.passed = result.passed and all(s.cosine >= FP8_COSINE for s in result.quantization)
@@ -239,6 +233,17 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
                   f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
     return result
+
+
+def judge(result: VerifyResult, float_type) -> None:
+    """The pass rule for the folder's float type: fp32 exact to rounding, fp16 by cosine and top-1."""
+    if float_type == np.float32:
+        result.criterion = f"fp32: relative error <= {FP32_REL} and identical top-1 at every step"
+        result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)
+    else:
+        result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
+                            f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
+        result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
 
 
 def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from .rope import runtime_mrope_table
 from .runner import Session, runner_for
-from .verify import FP16_COSINE, FP32_REL, TOP1_TIE, VerifyResult, compare
+from .verify import VerifyResult, compare, judge
 
 PROMPT = "Describe the picture in one short sentence."
 TEXT_PROMPT = "What is the capital of France?"
@@ -132,13 +132,7 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
         for s, t in zip(seqs, nxt):
             s.append(t)
         ours = runner.decode(nxt)
-    if session.float == np.float32:
-        result.criterion = f"fp32: relative error <= {FP32_REL} and identical top-1 at every step"
-        result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)
-    else:
-        result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
-                            f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
-        result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
+    judge(result, session.float)
     visual = _verify_visual(root, vlm, image, quiet)
     if visual is not None and not visual.passed:
         result.passed = False
