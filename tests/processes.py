@@ -8,6 +8,12 @@ import time
 from pathlib import Path
 
 
+def default_sigint() -> None:
+    """preexec_fn for a child that must see Ctrl-C: a shell's background job (`cmd &`, nohup) starts with
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def signal_mid_write(proc: subprocess.Popen, flag: Path, sig: int = signal.SIGINT, wait_s: float = 120):
     """Sends `sig` once `flag` exists (the child writes it at its write step); returns (returncode, stderr)."""
     deadline = time.monotonic() + wait_s

@@ -27,7 +27,7 @@ import onnx_rewriter
 from onnx_rewriter import cli, pipeline, safety
 from onnx_rewriter.errors import RewriteError
 
-from .processes import signal_mid_write
+from .processes import default_sigint, signal_mid_write
 from .test_errors import assert_no_output, assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -547,7 +547,7 @@ def test_ctrl_c_mid_write(base, tmp_path):
     flag, script = tmp_path / "flag", tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD))
     proc = subprocess.Popen([sys.executable, str(script), str(flag), str(base), str(out)], env=_child_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     _, err = signal_mid_write(proc, flag, signal.SIGINT)
     record("Ctrl-C mid-write", proc.returncode, err)
     assert proc.returncode == 130, err[-2000:]
@@ -560,12 +560,14 @@ def test_ctrl_c_during_imports(base, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "onnx_rewriter", "export", "--model", base.parent, "--output-dir",
                              out], env=_child_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)
     time.sleep(1.0)  # inside the imports (torch, transformers take seconds)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     record("Ctrl-C during imports", proc.returncode, err)
-    assert proc.returncode == 130, err[-2000:]
+    # 130, or death by SIGINT itself when the signal lands inside a C extension's import (seen once in
+    # about 10 runs, after the one-line message): a shell reports both as $? = 130.
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert "Traceback" not in err
     assert [l for l in err.splitlines() if l.startswith("error:")] == [l for l in err.splitlines() if l.strip()][-1:]
     assert err.strip().splitlines()[-1].startswith("error: interrupted")
