@@ -165,6 +165,19 @@ class _ViTAttentionBase(OpRun):
                               head_size=int(head_size), attention_scale=attention_scale),)
 
 
+class Sigmoid(OpRun):
+    """onnx.reference's Sigmoid, without its warnings: its np.where evaluates both branches, and the one it
+    discards overflows for |x| > 88 (a SiLU in every MLP of a real model). Same numbers."""
+    op_domain = ""
+    op_schema = None
+
+    def _run(self, x):
+        from onnx.reference.ops.op_sigmoid import sigmoid
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            return (sigmoid(x).astype(x.dtype),)
+
+
 def _per_domain(base, name: str, **fields) -> list:
     classes = []
     for domain in ("trt", "trt_edgellm"):
@@ -177,7 +190,7 @@ REFERENCE_OPS = ([TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPlugin", version=1)
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPluginV2", version=2)
                  + _per_domain(_QkvConcatBase, "QkvConcatPlugin")
-                 + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin"))
+                 + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin") + [Sigmoid])
 
 
 def reference_evaluator(model, **kwargs):
