@@ -164,9 +164,11 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     if baseline is not None:
         check_baseline(baseline)
-    lora = _lora_feeds(out_dir, model, lora_adapter)
+    # the graph once, without external weights: LoRA inputs, FP8 scales and INT4 nodes are read from it
+    graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
+    lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle = HFOracle(model, lora_adapter) if model else OnnxOracle(baseline)
-    original = _int4_oracle(out_dir, model, oracle)
+    original = _int4_oracle(graph, out_dir, model)
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
     elif fp16_model:
@@ -184,7 +186,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if session.vocab_map is not None:
         result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
     rows = rows or prompts(session.config["vocab_size"])
-    fp8_scales = _fp8_scales(out_dir)
+    from ..features.fp8_kv import graph_scales
+
+    fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         if not isinstance(oracle, HFOracle):
             from ..errors import RewriteError
@@ -246,7 +250,7 @@ def judge(result: VerifyResult, float_type) -> None:
         result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
 
 
-def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:
+def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
     """The adapter's A/B matrices under the folder's LoRA input names (reference/lora.py), or None."""
     if lora_adapter is None:
         return None
@@ -255,7 +259,6 @@ def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:
 
     if not model:
         raise RewriteError("--lora-adapter needs --model: the oracle is the model with the adapter merged")
-    model_proto = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     inputs = lora_inputs(model_proto)
     if not inputs:
         raise RewriteError(f"'{out_dir}' has no LoRA inputs; rewrite it with --lora")
@@ -265,13 +268,7 @@ def _lora_feeds(out_dir, model, lora_adapter) -> dict | None:
     return adapter_feeds(lora_adapter, inputs, onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
-def _fp8_scales(out_dir) -> list:
-    from ..features.fp8_kv import graph_scales
-
-    return graph_scales(onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False))
-
-
-def _int4_oracle(out_dir, model, oracle):
+def _int4_oracle(graph, out_dir, model):
     """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
     dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
     if not model:
@@ -281,9 +278,12 @@ def _int4_oracle(out_dir, model, oracle):
 
     if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
-    graph = onnx.load(str(Path(out_dir) / "model.onnx"))
-    from ..features.int4 import int4_nodes, load_dequantized
+    from ..features.int4 import OPS, int4_nodes, load_dequantized
 
+    if not any(n.op_type in OPS.values() for n in graph.graph.node):
+        return None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
+        onnx.load_external_data_for_model(graph, str(Path(out_dir)))  # the scales int4_nodes reads
     nodes = int4_nodes(graph)
     if not nodes:
         return None
