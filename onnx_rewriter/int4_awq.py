@@ -34,6 +34,15 @@ def quantize(w_kn: np.ndarray, s: np.ndarray):
     return int4_layout.rtn((np.asarray(w_kn, np.float16).astype(np.float32) * s[:, None]).astype(np.float16))
 
 
+def quantize_packed(w_kn: np.ndarray, s: np.ndarray, version: int):
+    """quantize() packed for the plugin, a block of whole groups at a time (int4_layout.rtn_packed)."""
+    w = np.asarray(w_kn, np.float16)
+    rows = int4_layout.block_rows(w.shape[1])
+    blocks = ((k0, (w[k0:k0 + rows].astype(np.float32) * s[k0:k0 + rows, None]).astype(np.float16))
+              for k0 in range(0, w.shape[0], rows))
+    return int4_layout.rtn_packed(blocks, *w.shape, version)
+
+
 def search(w_kn: np.ndarray, mean_abs: np.ndarray, x_rows: np.ndarray):
     """(s, alpha, rtn error, chosen error): errors are the relative Frobenius error of the output on x_rows."""
     w = np.asarray(w_kn, np.float16).astype(np.float32)

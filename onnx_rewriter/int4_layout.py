@@ -126,3 +126,53 @@ def rtn(w_kn: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.ndarray]:
     s[s == 0] = 1.0
     q = np.clip(np.rint(g / s.astype(np.float32)[:, None, :]), -8, 7).reshape(k, n)
     return (q.T + 8).astype(np.uint8), s
+
+
+# ---------------------------------------------------------------- quantizing in bounded blocks
+
+# fp32 bytes of weight quantized at once: RTN and packing make several temporaries of a block, so a whole
+# 8960 x 1536 matrix at once cost 600 MB of peak (bench/README.md); a block of whole groups costs ~25 MB.
+BLOCK_BYTES = 4 << 20
+
+
+def block_rows(n: int, group: int = GROUP) -> int:
+    """Input channels (rows of the [K, N] weight) per block: whole groups, about BLOCK_BYTES of fp32."""
+    return max(group, BLOCK_BYTES // (4 * n) // group * group)
+
+
+def packed_shape(n: int, k: int, version: int) -> tuple[int, int]:
+    return (n // 2, k) if version == 1 else (-(-n // 128) * -(-k // 64) * 8, 512)
+
+
+def _place(out: np.ndarray, packed: np.ndarray, k0: int, kb: int, n: int, k: int, version: int) -> None:
+    """Put the packed bytes of U[:, k0:k0+kb] (kb a multiple of 64) where pack(U) has them.
+
+    V1: the int16 words of row block r are [N/4, K], word 64*kb' + g inside K block kb': columns of words.
+    V2: row (b*kt + t)*8 + j holds K tile t of N block b: tiles t0.. of every N block."""
+    if version == 1:
+        out.view("<u2").reshape(n // 4, k)[:, k0:k0 + kb] = packed.view("<u2").reshape(n // 4, kb)
+    else:
+        nb, t0, tb = -(-n // 128), k0 // 64, kb // 64
+        out.reshape(nb, k // 64 * 8, 512)[:, t0 * 8:(t0 + tb) * 8] = packed.reshape(nb, tb * 8, 512)
+
+
+def rtn_packed(blocks, k: int, n: int, version: int, group: int = GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """RTN and packing of a [K, N] weight read as row blocks `(k0, w[k0:k0+kb])` (fp16, whole groups, kb a
+    multiple of 64) -> (qweight, scales [K/G, N]), byte for byte PACKERS[version][0](rtn(w)) and rtn's scales
+    (RTN is per group, packing per 64-wide K tile), with the temporaries of one block only."""
+    pack = PACKERS[version][0]
+    out = np.empty(packed_shape(n, k, version), np.int8)
+    scales = np.empty((k // group, n), np.float16)
+    done = 0
+    for k0, wb in blocks:
+        kb = wb.shape[0]
+        if k0 != done or kb % group or wb.shape[1] != n:
+            raise ValueError(f"rtn_packed: block at row {k0} of shape {wb.shape} does not continue a [{k}, {n}] "
+                             f"weight in whole groups")
+        u, s = rtn(wb, group)
+        scales[k0 // group:(k0 + kb) // group] = s
+        _place(out, pack(u), k0, kb, n, k, version)
+        done += kb
+    if done != k:
+        raise ValueError(f"rtn_packed: blocks cover {done} of {k} rows")
+    return out, scales

@@ -7,7 +7,8 @@ lm_head and the embedding (a Gather) always stay FP16. A bias stays the graph's 
 plugin, as NVIDIA emits it.
 
 Weights are rounded to fp16 (the FP16 model) and quantized while the writer streams them
-(graph.computed_constant): one weight is in memory at a time.
+(graph.computed_constant), RTN a block of whole groups at a time (int4_layout.rtn_packed): the peak does not
+grow with the largest weight.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnx.defs import OpSchema
 
 from .. import int4_awq, int4_layout
 from ..errors import UnsupportedModel
-from ..modelio.graph import computed_constant, constant_array
+from ..modelio.graph import computed_constant, constant_array, constant_row_blocks
 from ..targets.base import lm_head_input
 from . import Feature
 
@@ -161,30 +162,30 @@ class Int4(Feature):
         if stats is None:
             if self.method == "awq":
                 entry["awq"] = "no calibration activations (its input is not a baseline tensor): RTN"
+            # read and quantized a block of whole groups at a time: the peak does not follow the largest weight
+            blocks = lambda: constant_row_blocks(w, base_dir, int4_layout.block_rows(n))  # noqa: E731
             self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain,
-                       lambda: int4_layout.rtn(constant_array(w, base_dir).astype(np.float16)))
+                       lambda: int4_layout.rtn_packed(blocks(), k, n, self.version))
             return
 
         def codes():  # searched when the writer reaches the weight; the report entry gets the outcome
             wk = constant_array(w, base_dir).astype(np.float16)
             s, alpha, rtn_err, err = int4_awq.search(wk, *stats)
             entry.update(awq_alpha=alpha, rtn_output_error=rtn_err, awq_output_error=err)
-            return (*int4_awq.quantize(wk, s), (1.0 / s).astype(np.float16))
+            return (*int4_awq.quantize_packed(wk, s, self.version), (1.0 / s).astype(np.float16))
 
         self._emit(g, node, node.inputs[0], node.outputs[0], k, n, domain, codes, pre_quant_scale=True)
 
     def _emit(self, g: gs.Graph, node: gs.Node, x, out, k: int, n: int, domain: str, codes,
               pre_quant_scale: bool = False) -> None:
-        """The plugin node reading x; `codes()` -> (U [N, K], scales[, pre_quant_scale [K]]), called when the
-        writer needs them. With a pre_quant_scale the plugin reads Mul(x, pre_quant_scale) (section 7.9)."""
-        pack = int4_layout.PACKERS[self.version][0]
-        rows = (n // 2, k) if self.version == 1 else (-(-n // 128) * -(-k // 64) * 8, 512)
+        """The plugin node reading x; `codes()` -> (qweight packed, scales[, pre_quant_scale [K]]), called when
+        the writer needs them. With a pre_quant_scale the plugin reads Mul(x, pre_quant_scale) (section 7.9)."""
+        rows = int4_layout.packed_shape(n, k, self.version)
         cache: dict = {}
 
         def part(i):  # qweight, scales (and the pre_quant_scale) come from one read of the weight
             if not cache:
                 cache.update(enumerate(codes()))
-                cache[0] = pack(cache[0])
             return cache.pop(i)
 
         # `/model/layers.0/mlp/down_proj/Int4GroupwiseGemmPlugin`: the module path names it (contract §13.5)
@@ -220,7 +221,8 @@ class Int4(Feature):
         if corr is not None:
             plugin_out = gs.Variable(f"{name}/int4_out", np.float16)
         self._emit(g, node, x, plugin_out, k, n, domain,
-                   lambda: (lambda c: (c.plugin()[0], c.scales))(source.linear(prefix)))
+                   lambda: (lambda c: (int4_layout.PACKERS[self.version][0](c.plugin()[0]), c.scales))(
+                       source.linear(prefix)))
         if corr is not None:
             grouped = _op(g, "Reshape", f"{name}/groups", [x, gs.Constant(f"{name}/group_shape",
                                                                           np.array([0, 0, k // G, G], np.int64))])

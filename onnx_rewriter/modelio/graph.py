@@ -215,11 +215,16 @@ def is_computed(t: TensorProto) -> bool:
     return t.doc_string.startswith(COMPUTED)
 
 
-def _materialize(t: TensorProto) -> None:
-    """Fill a computed tensor's raw_data (the writer then handles it like any inline tensor)."""
+def _produce(t: TensorProto) -> np.ndarray:
     arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
     if tuple(arr.shape) != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type:
         raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared {tuple(t.dims)}")
+    return arr
+
+
+def _materialize(t: TensorProto) -> None:
+    """Fill a computed tensor's raw_data (the writer then handles it like any inline tensor)."""
+    arr = _produce(t)
     t.doc_string = ""
     t.raw_data = arr.tobytes()
 
@@ -227,6 +232,23 @@ def _materialize(t: TensorProto) -> None:
 def constant_array(c: gs.Constant, base_dir: Path) -> np.ndarray:
     proto = lazy_proto(c)
     return values_of(proto, base_dir) if proto is not None else np.asarray(c.values)
+
+
+def constant_row_blocks(c: gs.Constant, base_dir: Path, rows: int, dtype=np.float16):
+    """Yield (row, block) of a 2-D constant, `rows` rows at a time, converted to `dtype`: read in chunks
+    (stream.chunks), never the whole tensor at once. Each block is a fresh array."""
+    proto = lazy_proto(c)
+    if proto is None:
+        arr = np.asarray(c.values)
+        for start in range(0, arr.shape[0], rows):
+            yield start, arr[start:start + rows].astype(dtype)
+        return
+    width = int(proto.dims[1])
+    start = 0
+    for chunk in stream.chunks(proto, base_dir, chunk_bytes=rows * width * stream.np_dtype(proto.data_type).itemsize):
+        block = convert_float(chunk, proto.data_type, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+        yield start, np.array(block, dtype=dtype).reshape(-1, width)
+        start += chunk.size // width
 
 
 # ---------------------------------------------------------------- writing
@@ -264,11 +286,16 @@ class WeightWriter:
 
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
-        if is_computed(t):
+        large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
+        computed = None
+        if is_computed(t) and self.external and large:
+            # Straight to the file: bytes put in raw_data stay in the proto's upb arena after Clear(), so each
+            # quantized weight would add to the peak until the whole model is freed.
+            computed = _produce(t)
+        elif is_computed(t):
             _materialize(t)
         want = self._target_type(t)
         needs_convert = want != t.data_type
-        large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
         if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL \
                 and not stream.derived(t):
             return
@@ -279,7 +306,15 @@ class WeightWriter:
             self._fh.write(b"\0" * ((-self._offset) % ALIGN))
             self._offset += (-self._offset) % ALIGN
             offset = self._offset
-            self._offset += stream.write_tensor(t, self.source_dir, want, self._fh, progress=self.progress)
+            if computed is not None:
+                data = memoryview(computed.reshape(-1)).cast("B")
+                for start in range(0, len(data), stream.CHUNK_BYTES):
+                    self._fh.write(data[start:start + stream.CHUNK_BYTES])
+                self._offset += len(data)
+                if self.progress is not None:
+                    self.progress(len(data))
+            else:
+                self._offset += stream.write_tensor(t, self.source_dir, want, self._fh, progress=self.progress)
         else:
             raw = stream.tensor_bytes(t, self.source_dir, want, progress=self.progress)
         name, dims = t.name, list(t.dims)

@@ -1,0 +1,85 @@
+"""INT4 quantized in bounded blocks (int4_layout.rtn_packed): byte for byte the whole-matrix RTN and packing,
+so the peak memory does not follow the largest weight while the output stays the same."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_rewriter import int4_awq, int4_layout, pipeline
+from onnx_rewriter.modelio import graph as graphio
+
+RNG = np.random.default_rng(7)
+
+
+def _weight(k, n):
+    w = RNG.standard_normal((k, n)).astype(np.float32) * 0.05
+    w[:, 3] *= 40  # an outlier column: its groups get other scales than their neighbours
+    w[128:256] = 0  # an all-zero group (scale 1)
+    return w.astype(np.float16)
+
+
+@pytest.mark.parametrize("version, k, n", [(1, 384, 136), (1, 512, 8), (2, 384, 200), (2, 640, 64)])
+@pytest.mark.parametrize("rows", [128, 256, 384])
+def test_blocks_equal_whole_matrix(version, k, n, rows):
+    w = _weight(k, n)
+    u, scales = int4_layout.rtn(w)
+    blocks = ((k0, w[k0:k0 + rows]) for k0 in range(0, k, rows))
+    qweight, got_scales = int4_layout.rtn_packed(blocks, k, n, version)
+    assert qweight.tobytes() == int4_layout.PACKERS[version][0](u).tobytes()
+    assert got_scales.tobytes() == scales.tobytes()
+
+
+def test_blocks_must_continue_in_whole_groups():
+    w = _weight(256, 64)
+    with pytest.raises(ValueError, match="does not continue"):
+        int4_layout.rtn_packed([(0, w[:64]), (64, w[64:])], 256, 64, 1)
+    with pytest.raises(ValueError, match="cover 128 of 256"):
+        int4_layout.rtn_packed([(0, w[:128])], 256, 64, 1)
+
+
+def test_block_rows():
+    assert int4_layout.block_rows(8960) == 128  # 4.6 MB of fp32 a block
+    assert int4_layout.block_rows(896) == 1152
+    assert int4_layout.block_rows(1 << 20) == 128  # never less than one group
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_awq_blocks_equal_whole_matrix(version, monkeypatch):
+    monkeypatch.setattr(int4_layout, "BLOCK_BYTES", 1)  # one group a block
+    w = _weight(512, 128)
+    s = np.exp2(RNG.integers(-3, 4, 512)).astype(np.float32)
+    u, scales = int4_awq.quantize(w, s)
+    qweight, got_scales = int4_awq.quantize_packed(w, s, version)
+    assert qweight.tobytes() == int4_layout.PACKERS[version][0](u).tobytes()
+    assert got_scales.tobytes() == scales.tobytes()
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+def test_rewrite_in_blocks_is_byte_identical(models, tmp_path, monkeypatch, target):
+    """The folder written one group at a time equals the one written a whole weight at a time. The small-
+    tensor limit is lowered so every qweight takes the writer's external path (written straight from the
+    producer, not through raw_data)."""
+    base = models.baseline("qwen2", hidden_size=128, intermediate_size=384, num_attention_heads=8,
+                           num_key_value_heads=8)
+    monkeypatch.setattr(graphio, "SMALL_TENSOR_ELEMENTS", 1024)
+    blocks = []
+    rtn = int4_layout.rtn
+    monkeypatch.setattr(int4_layout, "rtn", lambda w, group=128: (blocks.append(w.shape[0]), rtn(w, group))[1])
+    outs = {}
+    for name, nbytes in (("whole", 1 << 40), ("groups", 1)):
+        monkeypatch.setattr(int4_layout, "BLOCK_BYTES", nbytes)
+        blocks.clear()
+        pipeline.rewrite(base, tmp_path / name, target=target, quantize="int4", external_data=True)
+        outs[name] = (_files(tmp_path / name), list(blocks))
+    # 2 layers x (q, k, v, o, gate, up: K = 128; down: K = 384)
+    assert outs["whole"][1] == [128] * 6 + [384] + [128] * 6 + [384]
+    assert outs["groups"][1] == ([128] * 6 + [128] * 3) * 2
+    assert sorted(outs["whole"][0]) == sorted(outs["groups"][0])
+    assert "model.onnx.data" in outs["whole"][0]
+    for name, data in outs["whole"][0].items():
+        assert outs["groups"][0][name] == data, name
