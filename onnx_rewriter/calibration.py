@@ -65,51 +65,212 @@ def token_rows(run, texts: list[str]) -> list[list[int]]:
     return rows
 
 
-class BaselineSession:
-    """The baseline ONNX in onnxruntime with extra outputs `names` (intermediate tensors)."""
+# Weight bytes per onnxruntime session: onnxruntime copies every initializer it is given (the memory-mapped
+# files included), so the baseline runs in segments of about this much, one session alive at a time.
+SEGMENT_BYTES = 256 << 20
+
+
+class Baseline:
+    """The baseline ONNX run in onnxruntime for the tensors `names` (intermediates), segment by segment.
+
+    Memory (0.5B fp32 baseline: 6.1 GB as one session, bench/README.md): the graph is cut to the nodes those
+    tensors need (no lm_head: a tied one is a Transpose of the embedding, which onnxruntime folds into a copy)
+    and split after a wanted tensor every SEGMENT_BYTES of weights; the tensors a later segment reads are
+    carried per prompt (hidden states, mask, RoPE tables: a few MB). The embedding Gather reads its rows from
+    the memory map in numpy (a copy of values either way). Each segment runs the nodes the whole graph runs,
+    with the same session settings, so the values are those of one session (tests/test_calibration.py).
+    """
 
     def __init__(self, path: Path, names: list[str], skip_missing: bool = False):
-        import onnxruntime as ort
-
         model = onnx.load(str(path), load_external_data=False)
         known = {o for n in model.graph.node for o in n.output}
         missing = [n for n in names if n not in known]
         if missing and not skip_missing:
             raise RewriteError(f"calibration: tensor '{missing[0]}' is not in the baseline '{path}' as exported")
-        names = [n for n in names if n in known]
-        have = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # The weights stay in the baseline's files, memory-mapped and handed to onnxruntime by name.
-        files = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
-        maps = [np.memmap(Path(path).parent / f, dtype=np.uint8, mode="r") for f in files]
-        if files:
-            opts.add_external_initializers_from_files_in_memory(files, maps, [m.size for m in maps])
-        self.sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        del maps
-        self.names = names
-        self.inputs = self.sess.get_inputs()
+        self.names = [n for n in names if n in known]
+        _keep_only(model.graph, self.names)
+        _inline_small(model.graph, Path(path).parent)
+        self.model, self.dir = model, Path(path).parent
+        inits = {t.name: t for t in model.graph.initializer}
+        inputs = {i.name for i in model.graph.input}
+        self.row_reads = [n for n in model.graph.node if _row_read(n, inits, inputs)]
+        nodes = [n for n in model.graph.node if not any(n is r for r in self.row_reads)]
+        self.segments = _segments(nodes, inits, set(self.names))
 
-    def close(self) -> None:
-        self.sess = None
+    def run(self, rows: list[list[int]]):
+        """Yield (prompt index, {name: value}) for every prompt, segment after segment (so each name's
+        values come prompt by prompt, in order)."""
+        import onnxruntime as ort
 
-    def __call__(self, ids: list[int]) -> dict[str, np.ndarray]:
-        n = len(ids)
-        feeds = {}
-        for i in self.inputs:
-            if i.name == "input_ids":
-                feeds[i.name] = np.asarray([ids], np.int64)
-            elif i.name == "attention_mask":
-                feeds[i.name] = np.ones((1, n), np.int64)
-            elif i.name == "position_ids":
-                feeds[i.name] = np.arange(n, dtype=np.int64)[None]
-            elif "past" in i.name:  # a KV-cache export: an empty past [1, H, 0, D]
-                dims = [d if isinstance(d, int) else (1 if k == 0 else 0) for k, d in enumerate(i.shape)]
-                feeds[i.name] = np.zeros(dims, np.float16 if "float16" in i.type else np.float32)
-            else:
-                raise RewriteError(f"calibration: cannot feed the baseline's input '{i.name}'")
-        return dict(zip(self.names, self.sess.run(self.names, feeds)))
+        from .modelio import stream
+
+        graph = self.model.graph
+        inits = {t.name: t for t in graph.initializer}
+        carried = [_feeds(graph.input, ids) for ids in rows]
+        for node in self.row_reads:
+            table = stream.mapped(inits[node.input[0]], self.dir)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            for values in carried:
+                values[node.output[0]] = np.take(table, values[node.input[1]], axis=axis)
+            del table
+        files = sorted({e.value for t in graph.initializer for e in t.external_data if e.key == "location"})
+        for seg in self.segments:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            # The weights stay in the baseline's files, memory-mapped and handed to onnxruntime by name.
+            maps = [np.memmap(self.dir / f, dtype=np.uint8, mode="r") for f in files]
+            if files:
+                opts.add_external_initializers_from_files_in_memory(files, maps, [m.size for m in maps])
+            sub = _submodel(self.model, seg, carried[0])
+            sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            del maps, sub
+            for i, values in enumerate(carried):
+                got = dict(zip(seg.outputs, sess.run(seg.outputs, {n: values[n] for n in seg.inputs})))
+                values.update(got)
+                yield i, {n: v for n, v in got.items() if n in seg.wanted}
+            sess = None
+            for values in carried:  # what no later segment reads
+                for n in [n for n in values if n not in seg.later]:
+                    del values[n]
+
+
+class _Segment:
+    def __init__(self, nodes, inputs, outputs, wanted, later):
+        self.nodes, self.inputs, self.outputs, self.wanted, self.later = nodes, inputs, outputs, wanted, later
+
+
+def _inline_small(graph: onnx.GraphProto, base_dir: Path) -> None:
+    """Small external tensors (axes, shapes) into the proto: onnxruntime's shape inference reads their values
+    and cannot from in-memory external data."""
+    from .modelio import stream
+
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and stream.numel(t) <= 1024:
+            t.raw_data = np.ascontiguousarray(stream.mapped(t, base_dir)).tobytes()
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+
+
+def _row_read(node, inits, inputs) -> bool:
+    """A Gather of a float weight by a graph input (the embedding lookup by input_ids)."""
+    return node.op_type == "Gather" and node.input[0] in inits and node.input[1] in inputs \
+        and inits[node.input[0]].data_location == onnx.TensorProto.EXTERNAL \
+        and inits[node.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def _segments(nodes, inits, wanted: set) -> list[_Segment]:
+    """Split the (topologically sorted) nodes after a wanted tensor's producer once a segment holds
+    SEGMENT_BYTES of weights."""
+    from .modelio import stream
+
+    groups, cur, nbytes, seen = [], [], 0, set()
+    for node in nodes:
+        cur.append(node)
+        for name in [*node.input, *_outer_names(node)]:
+            if name in inits and name not in seen:
+                seen.add(name)
+                nbytes += stream.numel(inits[name]) * stream.np_dtype(inits[name].data_type).itemsize
+        if nbytes >= SEGMENT_BYTES and any(o in wanted for o in node.output):
+            groups.append(cur)
+            cur, nbytes, seen = [], 0, set()
+    if cur:
+        groups.append(cur)
+    reads = [{i for n in g for i in (*n.input, *_outer_names(n)) if i and i not in inits} for g in groups]
+    segments = []
+    for j, group in enumerate(groups):
+        made = [o for n in group for o in n.output if o]
+        later = set().union(*reads[j + 1:]) if j + 1 < len(groups) else set()
+        produced = set(made)
+        outputs = [o for o in made if o in wanted or o in later]
+        inputs = sorted(reads[j] - produced)
+        segments.append(_Segment(group, inputs, outputs, wanted & produced, later))
+    return segments
+
+
+def _submodel(model: onnx.ModelProto, seg: _Segment, values: dict) -> onnx.ModelProto:
+    """The model holding one segment's nodes: its inputs typed from the first prompt's values."""
+    from onnx import helper
+
+    sub = onnx.ModelProto()
+    sub.CopyFrom(model)
+    g = sub.graph
+    used = {i for n in seg.nodes for i in (*n.input, *_outer_names(n))}
+    declared = {i.name: i for i in model.graph.input}
+    del g.node[:]
+    g.node.extend(seg.nodes)
+    inits = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.input[:]
+    g.input.extend(declared[n] if n in declared else helper.make_tensor_value_info(
+        n, helper.np_dtype_to_tensor_dtype(values[n].dtype), [None] * values[n].ndim) for n in seg.inputs)
+    del g.output[:]
+    g.output.extend(onnx.ValueInfoProto(name=n) for n in seg.outputs)
+    names = used | {o for n in seg.nodes for o in n.output}
+    infos = [v for v in g.value_info if v.name in names]
+    del g.value_info[:]
+    g.value_info.extend(infos)
+    return sub
+
+
+def _feeds(inputs, ids: list[int]) -> dict[str, np.ndarray]:
+    n = len(ids)
+    feeds = {}
+    for i in inputs:
+        if i.name == "input_ids":
+            feeds[i.name] = np.asarray([ids], np.int64)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, n), np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(n, dtype=np.int64)[None]
+        elif "past" in i.name:  # a KV-cache export: an empty past [1, H, 0, D]
+            dims = [d.dim_value if d.HasField("dim_value") else (1 if k == 0 else 0)
+                    for k, d in enumerate(i.type.tensor_type.shape.dim)]
+            feeds[i.name] = np.zeros(dims, np.float16 if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+                                     else np.float32)
+        else:
+            raise RewriteError(f"calibration: cannot feed the baseline's input '{i.name}'")
+    return feeds
+
+
+def _keep_only(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Make `names` the graph's only outputs and drop every node, initializer and input they do not need."""
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, todo, seen = set(), list(names), set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        node = producer.get(t)
+        if node is None or id(node) in needed:
+            continue
+        needed.add(id(node))
+        todo.extend(i for i in node.input if i)
+        todo.extend(_outer_names(node))
+    kept = [n for n in graph.node if id(n) in needed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.output[:]
+    graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    used = {i for n in graph.node for i in (*n.input, *_outer_names(n))}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    inputs = [i for i in graph.input if i.name in used]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _outer_names(node) -> list[str]:
+    """Names a node's subgraphs (If / Loop / Scan bodies) read from the enclosing graph (a superset)."""
+    out = []
+    for attr in node.attribute:
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for n in g.node:
+                out.extend(i for i in n.input if i)
+                out.extend(_outer_names(n))
+    return out
 
 
 def calibrate_kv(run, path: str | None) -> list[tuple[float, float]]:
@@ -121,18 +282,15 @@ def calibrate_kv(run, path: str | None) -> list[tuple[float, float]]:
 
     rows = token_rows(run, prompts(path))
     names = [t.name for layer in run.layers for t in (layer.k, layer.v)]
-    sess = BaselineSession(run.in_path, names)
+    which = {t.name: (i, j) for i, layer in enumerate(run.layers) for j, t in enumerate((layer.k, layer.v))}
     amax = np.zeros((len(run.layers), 2))
-    try:
-        for ids in rows:
-            out = sess(ids)
-            for i, layer in enumerate(run.layers):
-                k = np.asarray(out[layer.k.name], np.float32).transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
-                k = apply_rope(k, layer_rope_table(layer, len(ids)))  # dims past rotary_dim pass through
-                v = np.asarray(out[layer.v.name], np.float32)
-                amax[i] = np.maximum(amax[i], [np.abs(k).max(), np.abs(v).max()])
-    finally:
-        sess.close()
+    for p, out in Baseline(run.in_path, names).run(rows):
+        for name, x in out.items():
+            i, j = which[name]
+            x = np.asarray(x, np.float32)
+            if j == 0:  # K: [B, S, Hkv, D], roped as the runtime stores it (dims past rotary_dim pass through)
+                x = apply_rope(x.transpose(0, 2, 1, 3), layer_rope_table(run.layers[i], len(rows[p])))
+            amax[i, j] = max(amax[i, j], np.abs(x).max())
     scales = np.where(amax > 0, amax / fp8.E4M3_MAX, 1.0).astype(np.float32)
     return [(float(k), float(v)) for k, v in scales]
 
@@ -152,24 +310,21 @@ def linear_inputs(run, path: str | None) -> dict[str, tuple[np.ndarray, np.ndarr
                 and not isinstance(node.inputs[0], gs.Constant):
             linears.setdefault(node.inputs[0].name, []).append(node.inputs[1].name)
     rows = token_rows(run, prompts(path))
-    sess = BaselineSession(run.in_path, list(linears), skip_missing=True)
     sums: dict = {}
     kept: dict = {}
-    count = 0
-    try:
-        for ids in rows:
-            out = sess(ids)
-            count += len(ids)
-            for name, x in out.items():
-                x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-                sums[name] = sums.get(name, 0) + np.abs(x).sum(axis=0)
-                kept[name] = np.concatenate([kept[name], x]) if name in kept else x
-    finally:
-        sess.close()
+    count = sum(len(ids) for ids in rows)
+    # the rows kept: evenly spaced over all prompts' tokens; each prompt keeps only its own (not every row)
+    pick = np.linspace(0, count - 1, min(ROWS, count)).astype(int)
+    starts = np.cumsum([0, *map(len, rows)])
+    for p, out in Baseline(run.in_path, list(linears), skip_missing=True).run(rows):
+        mine = pick[(pick >= starts[p]) & (pick < starts[p + 1])] - starts[p]
+        for name, x in out.items():
+            x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + np.abs(x).sum(axis=0)
+            kept.setdefault(name, []).append(x[mine])
     out = {}
     for name, total in sums.items():
-        x = kept[name]
-        pick = np.linspace(0, len(x) - 1, min(ROWS, len(x))).astype(int)
+        x = np.concatenate(kept[name])
         for w in linears[name]:
-            out[w] = (total / count, x[pick])
+            out[w] = (total / count, x)
     return out

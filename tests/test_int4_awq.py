@@ -77,6 +77,26 @@ def test_awq_verifies_and_beats_rtn_on_held_out_prompts(salient, tmp_path):
     assert costs["awq"] > costs["rtn"] + 0.03, costs
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_segmented_calibration_chooses_the_same_scales(salient, tmp_path, monkeypatch):
+    """Calibration in one onnxruntime session or in one segment per wanted tensor: the same activations,
+    so the same chosen scales and the same folder, byte for byte."""
+    from onnx_rewriter import calibration
+
+    _, base = salient
+    folders, alphas = {}, {}
+    for name, nbytes in (("one", 1 << 40), ("many", 1)):
+        monkeypatch.setattr(calibration, "SEGMENT_BYTES", nbytes)
+        run = pipeline.rewrite(base, tmp_path / name, target="edgellm-0.11", quantize="int4", int4_method="awq",
+                               external_data=True)
+        folders[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir() if p.is_file()}
+        alphas[name] = [e["awq_alpha"] for e in run.report.features["int4"]["linears"] if e["int4"]]
+    assert alphas["one"] == alphas["many"] and sum(a > 0 for a in alphas["one"]) >= 7
+    assert folders["one"].keys() == folders["many"].keys()
+    for f, data in folders["one"].items():
+        assert folders["many"][f] == data, f
+
+
 def test_awq_needs_int4(models, tmp_path):
     with pytest.raises(RewriteError, match="--int4-method awq needs --quantize int4"):
         pipeline.rewrite(models.baseline("qwen2"), tmp_path / "out", int4_method="awq")
