@@ -36,6 +36,21 @@ def test_search_keeps_salient_channels_and_never_loses_to_rtn():
     assert int4_awq.search(w, np.ones(256), flat)[3] <= int4_awq.search(w, np.ones(256), flat)[2]
 
 
+def test_search_trials_hold_exactly_the_quantized_weights():
+    """The search's fused quantize-dequantize (onnxruntime casts, [K, N] order) gives the very values the
+    written codes dequantize to, so the choice is the one the codes make."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((384, 192)) * 0.05).astype(np.float16)
+    w[:128, :5] = 0  # all-zero groups (scale 1)
+    w[128:, 7] = 3e-7  # fp16 subnormals
+    w[rng.integers(0, 384, 30), rng.integers(0, 192, 30)] = 2.5
+    for alpha in (0.0, 0.5, 1.0):
+        s = int4_awq.pow2_scales(rng.random(384) * 10 + 1e-3, alpha)
+        want = int4_layout.dequantize(*int4_awq.quantize(w, s)).astype(np.float32).T
+        got = int4_awq.quantized_values(w.astype(np.float32), s)
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 @pytest.fixture(scope="module")
 def salient(models, tmp_path_factory):
     """A tiny Qwen2 whose RMSNorm gammas carry 4 channels x 20 (the outlier channels real LLMs have), and its

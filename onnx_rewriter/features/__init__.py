@@ -17,9 +17,22 @@ target's code. `selected(options)` turns the options into the feature list (docs
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModel
+
 
 class Feature:
     name = "feature"
+
+    @staticmethod
+    def fp16_plan(plans: dict, run, target, flag: str, lacks: str, fp16_why: str):
+        """The feature's plan for `target` on an fp16 output; refused (UnsupportedModel) when the target has
+        no row in `plans` ("{flag}: target T {lacks}") or the output dtype is not float16."""
+        plan = plans.get(target.name)
+        if plan is None:
+            raise UnsupportedModel(f"{flag}: target {target.name} {lacks}")
+        if run.options.dtype != "float16":
+            raise UnsupportedModel(f"{flag} needs --dtype float16: {fp16_why}")
+        return plan
 
     def prepare(self, run) -> None:
         pass

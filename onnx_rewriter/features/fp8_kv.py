@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import RewriteError, UnsupportedModel
+from ..errors import RewriteError
 from ..reference import fp8
 from . import Feature
 
@@ -50,11 +50,8 @@ class Fp8KV(Feature):
         self.scales_checkpoint = scales_checkpoint  # a ModelOpt checkpoint folder holding k_scale / v_scale
 
     def check(self, run, target) -> None:
-        plan = PLANS.get(target.name)
-        if plan is None:
-            raise UnsupportedModel(f"--kv-cache fp8: target {target.name} has no FP8 KV cache")
-        if run.options.dtype != "float16":
-            raise UnsupportedModel("--kv-cache fp8 needs --dtype float16: the plugin's FP8 cache takes fp16 q/k/v")
+        plan = self.fp16_plan(PLANS, run, target, "--kv-cache fp8", "has no FP8 KV cache",
+                              "the plugin's FP8 cache takes fp16 q/k/v")
         self.plan = plan
         for note in filter(None, [plan.note, CHUNKED_NOTE]):
             run.warn(f"--kv-cache fp8: {note}")

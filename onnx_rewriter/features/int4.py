@@ -74,11 +74,8 @@ class Int4(Feature):
             self.method = "onnx"
 
     def check(self, run, target) -> None:
-        plan = PLANS.get(target.name)
-        if plan is None:
-            raise UnsupportedModel(f"--quantize int4: target {target.name} has no INT4 GEMM plugin")
-        if run.options.dtype != "float16":
-            raise UnsupportedModel("--quantize int4 needs --dtype float16: the INT4 plugin takes and returns fp16 only")
+        plan = self.fp16_plan(PLANS, run, target, "--quantize int4", "has no INT4 GEMM plugin",
+                              "the INT4 plugin takes and returns fp16 only")
         version = self.plugin_version or plan.versions[0]
         if version not in plan.versions:
             raise UnsupportedModel(f"--int4-plugin-version {version}: {target.name} has only "
