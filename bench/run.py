@@ -197,6 +197,10 @@ def bench_rewrite(size: str, base: Path, repeat: int) -> dict:
 # ---------------------------------------------------------------- (c) --quantize int4 vs the FP16 rewrite
 
 
+# SmolLM2's down_proj has N = 576 outputs: edgellm-0.9's INT4 GEMM needs N % 128, 0.11's V2 takes N % 64.
+QUANTIZE_TARGET = {"smol": "edgellm-0.11"}
+
+
 def bench_quantize(size: str, base: Path, ckpt: Path) -> dict:
     """The same baseline rewritten FP16, INT4 RTN and INT4 activation-aware: wall, peak RSS (RTN keeps one
     weight in memory at a time, so flat in model size; AWQ also runs the baseline in onnxruntime to
@@ -204,11 +208,12 @@ def bench_quantize(size: str, base: Path, ckpt: Path) -> dict:
     res = {}
     runs = (("fp16", []), ("int4", ["--quantize", "int4"]),
             ("int4-awq", ["--quantize", "int4", "--int4-method", "awq"]))
+    target = ["--target", QUANTIZE_TARGET[size]] if size in QUANTIZE_TARGET else []
     for key, extra in runs:
         out = CACHE / f"out-{key}-{size}"
         shutil.rmtree(out, ignore_errors=True)
         res[key] = measure(f"quantize-{key}-{size}", [PY, "-m", "onnx_rewriter", base, out, "--external-data", "-q",
-                                                      *extra])
+                                                      *target, *extra])
         res[key]["out_mb"] = dir_mb(out)
         res[key]["fused"] = count_nodes(out / "model.onnx", "Int4GroupwiseGemmPlugin") if key != "fp16" else None
     agree = measure(f"quantize-agreement-{size}", [PY, HERE / "int4_agreement.py", ckpt,

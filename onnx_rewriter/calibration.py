@@ -67,7 +67,7 @@ def token_rows(run, texts: list[str]) -> list[list[int]]:
 
 # Weight bytes per onnxruntime session: onnxruntime copies every initializer it is given (the memory-mapped
 # files included), so the baseline runs in segments of about this much, one session alive at a time.
-SEGMENT_BYTES = 256 << 20
+SEGMENT_BYTES = 64 << 20
 
 
 class Baseline:
