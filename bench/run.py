@@ -215,7 +215,8 @@ def bench_quantize(size: str, base: Path, ckpt: Path) -> dict:
         res[key] = measure(f"quantize-{key}-{size}", [PY, "-m", "onnx_rewriter", base, out, "--external-data", "-q",
                                                       *target, *extra])
         res[key]["out_mb"] = dir_mb(out)
-        res[key]["fused"] = count_nodes(out / "model.onnx", "Int4GroupwiseGemmPlugin") if key != "fp16" else None
+        op = "Int4GroupwiseGemmPluginV2" if target else "Int4GroupwiseGemmPlugin"  # 0.11's default is V2
+        res[key]["fused"] = count_nodes(out / "model.onnx", op) if key != "fp16" else None
     agree = measure(f"quantize-agreement-{size}", [PY, HERE / "int4_agreement.py", ckpt,
                                                    *(f"{k}={CACHE / f'out-{k}-{size}'}" for k in ("int4", "int4-awq"))])
     res["agreement"] = json.loads(agree["tail"].strip().splitlines()[-1]) if agree["rc"] == 0 else None
