@@ -83,3 +83,52 @@ def test_rewrite_in_blocks_is_byte_identical(models, tmp_path, monkeypatch, targ
     assert "model.onnx.data" in outs["whole"][0]
     for name, data in outs["whole"][0].items():
         assert outs["groups"][0][name] == data, name
+
+
+def _lazy(proto):
+    import onnx_graphsurgeon as gs
+
+    return gs.Constant(proto.name, gs.ir.tensor.LazyValues(proto))
+
+
+def _external(tmp_path, name, arr, data_type, dims, doc=""):
+    from onnx import TensorProto
+
+    path = tmp_path / f"{name}.bin"
+    path.write_bytes(np.ascontiguousarray(arr).tobytes())
+    t = TensorProto(name=name, data_type=data_type, dims=list(dims), doc_string=doc,
+                    data_location=TensorProto.EXTERNAL)
+    for k, v in (("location", path.name), ("offset", "0"), ("length", str(path.stat().st_size))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def test_row_blocks_read_every_storage_as_the_whole_array(tmp_path):
+    """constant_row_blocks gives the rows constant_array gives, in fp16, for each way a weight is stored:
+    external, external read transposed, bf16 bits, q/k/v concatenated, inline, plain numpy."""
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, numpy_helper
+
+    from onnx_rewriter.modelio import stream
+
+    k, n = 384, 96
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    bf16 = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncated to bf16 bits
+    left = _external(tmp_path, "left", w[:, :64], TensorProto.FLOAT, (k, 64))
+    right = _external(tmp_path, "right", w[:, 64:], TensorProto.FLOAT, (k, 32))
+    cases = {
+        "external": _lazy(_external(tmp_path, "plain", w, TensorProto.FLOAT, (k, n))),
+        "transposed": _lazy(_external(tmp_path, "t", w.T, TensorProto.FLOAT, (k, n), stream.TRANSPOSED + "1,0")),
+        "bf16": _lazy(_external(tmp_path, "bf16", bf16, TensorProto.BFLOAT16, (k, n))),
+        "concat": _lazy(stream.concatenated("qkv", [left, right])),
+        "inline": _lazy(numpy_helper.from_array(w, "inline")),
+        "numpy": gs.Constant("np", w),
+    }
+    for name, c in cases.items():
+        want = graphio.constant_array(c, tmp_path).astype(np.float16)
+        blocks = list(graphio.constant_row_blocks(c, tmp_path, 128))
+        assert [r for r, _ in blocks] == [0, 128, 256], name
+        got = np.concatenate([b for _, b in blocks])
+        assert got.dtype == np.float16 and np.array_equal(got, want), name
+    assert np.array_equal(graphio.constant_array(cases["transposed"], tmp_path), w)
