@@ -33,7 +33,12 @@ def pow2_scales(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
 
 def quantize(w_kn: np.ndarray, s: np.ndarray):
     """RTN of diag(s) W (fp16 W; exact: s is a power of two) -> (U [N, K], scales [K/G, N])."""
-    return int4_layout.rtn((np.asarray(w_kn, np.float16).astype(np.float32) * s[:, None]).astype(np.float16))
+    return int4_layout.rtn(scaled(w_kn, s))
+
+
+def scaled(w_kn: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """diag(s) W in fp16 (exact: s is a power of two), what quantize() rounds."""
+    return (np.asarray(w_kn, np.float16).astype(np.float32) * s[:, None]).astype(np.float16)
 
 
 def quantize_packed(w_kn: np.ndarray, s: np.ndarray, version: int):

@@ -122,10 +122,17 @@ def rtn(w_kn: np.ndarray, group: int = GROUP) -> tuple[np.ndarray, np.ndarray]:
     w = np.asarray(w_kn, dtype=np.float32)
     k, n = w.shape
     g = w.reshape(k // group, group, n)
-    s = (np.abs(g).max(axis=1) / 7.0).astype(np.float16)  # [K/G, N]
-    s[s == 0] = 1.0
+    s = group_scales(w, group)
     q = np.clip(np.rint(g / s.astype(np.float32)[:, None, :]), -8, 7).reshape(k, n)
     return (q.T + 8).astype(np.uint8), s
+
+
+def group_scales(w_kn: np.ndarray, group: int = GROUP) -> np.ndarray:
+    """rtn's scales alone, fp16 [K/G, N]: max|W_group| / 7, 1 for an all-zero group."""
+    w = np.asarray(w_kn, dtype=np.float32)
+    s = (np.abs(w.reshape(w.shape[0] // group, group, w.shape[1])).max(axis=1) / 7.0).astype(np.float16)
+    s[s == 0] = 1.0
+    return s
 
 
 # ---------------------------------------------------------------- quantizing in bounded blocks

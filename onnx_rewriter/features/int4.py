@@ -340,13 +340,15 @@ def load_dequantized(hf_model, nodes) -> list[tuple[str, str]]:
             key = (name, None if s is None else s.tobytes())
             if key not in quantized:
                 w = m.weight.detach().float().numpy().T.astype(np.float16)
-                quantized[key] = int4_layout.rtn(w) if s is None else int4_awq.quantize(w, s)
-            if np.array_equal(quantized[key][1], scales):
+                # the scales alone identify the linear; codes only for the match (all of them: 1.3 GB at 1.5B)
+                quantized[key] = int4_layout.group_scales(w if s is None else int4_awq.scaled(w, s))
+            if np.array_equal(quantized[key], scales):
                 same.append(key)
         if len(same) != 1:
             raise UnsupportedModel(f"verify: INT4 node '{node}' matches {len(same)} linears of the model by its "
                                    f"scales (expected 1); was the folder made from this model?")
-        u, sc = quantized[same[0]]
+        w = linears[same[0][0]].weight.detach().float().numpy().T.astype(np.float16)
+        u, sc = int4_layout.rtn(w) if s is None else int4_awq.quantize(w, s)
         w = int4_layout.dequantize(u, sc).astype(np.float32)  # [N, K]
         if pqs is not None:
             w = w * pqs.astype(np.float32)[None, :]
