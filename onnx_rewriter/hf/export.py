@@ -177,7 +177,7 @@ def export_baseline(model, path: Path, device: str = "cpu", exporter: str = "dyn
             gc_was = gc.isenabled()
             gc.disable()
             try:
-                with _light_decomposition():
+                with _light_decomposition(), _no_stack_traces():
                     prog = torch.onnx.export(_LogitsOnly(model), (ids, mask), dynamo=True, optimize=False,
                                              dynamic_shapes={"input_ids": {0: batch, 1: seq},
                                                              "attention_mask": {0: batch, 1: seq}},
@@ -196,6 +196,20 @@ def export_baseline(model, path: Path, device: str = "cpu", exporter: str = "dyn
         else:
             raise RewriteError(f"unknown exporter '{exporter}'; choose dynamo or torchscript")
     return path
+
+
+@contextlib.contextmanager
+def _no_stack_traces():
+    """torch.fx records the Python stack of every traced op (~1 s of a 0.5B export); the baseline keeps it only
+    as node metadata (`pkg.torch.onnx.stack_trace`), which the rewrite never reads or writes."""
+    import torch.fx
+
+    was = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = was
 
 
 @contextlib.contextmanager
