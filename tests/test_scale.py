@@ -62,6 +62,29 @@ def test_chunks_from_external_data(tmp_path, monkeypatch, dtype):
     assert np.array_equal(got, arr.reshape(-1))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1000, 7 * 2 * 300])
+def test_transposed_bf16_weight_read_and_converted(tmp_path, chunk_bytes):
+    """A checkpoint's bf16 [K, N] weight read as its transpose [N, K] (make export's route), in whole-matrix
+    and partial-column chunks (a short last one too): the values are the transpose, bit for bit, and the fp16
+    conversion is numpy's of the widened values (edge values: overflow to inf, subnormals, NaN)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((300, 37)) * 10 ** rng.uniform(-8, 5, (300, 37))).astype(np.float32)
+    w.reshape(-1)[:EDGES.size] = EDGES
+    bits = _bf16_bits(w)
+    t = _external(tmp_path, "w", bits, data_type=TensorProto.BFLOAT16)
+    t.doc_string = stream.TRANSPOSED + "1,0"
+    del t.dims[:]
+    t.dims.extend([37, 300])
+    got = np.concatenate([c.copy() for c in stream.chunks(t, tmp_path, chunk_bytes=chunk_bytes)])
+    assert np.array_equal(got, bits.T.reshape(-1))
+    if chunk_bytes is not None:
+        return
+    half = np.concatenate([c.copy() for c in stream.converted(t, tmp_path, TensorProto.FLOAT16)])
+    with np.errstate(over="ignore"):
+        want = (bits.T.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+    assert np.array_equal(half.view(np.uint16), want.reshape(-1).view(np.uint16))
+
+
 def test_write_tensor_converts_in_chunks_with_little_memory(tmp_path, monkeypatch):
     """A 24 MB fp32 tensor through 1 MB chunks: the peak stays a few chunks, not the tensor (x1.5)."""
     monkeypatch.setattr(stream, "CHUNK_BYTES", 1 << 20)
