@@ -107,7 +107,8 @@ def _ort_session(node, src: int, dst: int, rank: int):
     try:
         import onnxruntime as ort
 
-        graph = helper.make_graph([node], node.op_type.lower(), [helper.make_tensor_value_info("x", src, [None] * rank)],
+        graph = helper.make_graph([node], node.op_type.lower(),
+                                  [helper.make_tensor_value_info("x", src, [None] * rank)],
                                   [helper.make_tensor_value_info("y", dst, [None] * rank)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
         opts = ort.SessionOptions()
