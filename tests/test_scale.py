@@ -85,6 +85,16 @@ def test_transposed_bf16_weight_read_and_converted(tmp_path, chunk_bytes):
     assert np.array_equal(half.view(np.uint16), want.reshape(-1).view(np.uint16))
 
 
+def test_chunks_of_truncated_external_data_fail_with_the_tensor_name(tmp_path):
+    arr = np.arange(10_000, dtype=np.float32)
+    t = _external(tmp_path, "w", arr)
+    with open(tmp_path / "w.bin", "r+b") as fh:
+        fh.truncate(128 + 5000 * 4)
+    with pytest.raises(OSError, match="external data of 'w' ends early in w.bin"):
+        for _ in stream.chunks(t, tmp_path, chunk_bytes=4096):
+            pass
+
+
 def test_write_tensor_converts_in_chunks_with_little_memory(tmp_path, monkeypatch):
     """A 24 MB fp32 tensor through 1 MB chunks: the peak stays a few chunks, not the tensor (x1.5)."""
     monkeypatch.setattr(stream, "CHUNK_BYTES", 1 << 20)
