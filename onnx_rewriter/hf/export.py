@@ -4,8 +4,10 @@ The baseline is `input_ids`, `attention_mask` -> `logits` with dynamic batch and
 the dynamo exporter in the checkpoint's dtype when that is bf16, else in fp32 (the rewriter converts to
 fp16 tensor by tensor while writing). What makes it fast changes nothing it computes: torch's retracing
 decomposition is skipped where renaming a few ops is exact (lowering.py), onnxscript's quadratic
-multi-output rules are skipped (`_optimize`), and weights stay in the checkpoint's safetensors files,
-referenced rather than copied (checkpoint_refs.py).
+multi-output rules are skipped and its other rules are tried only on nodes of their root op type
+(`_optimize`), torch.fx records no Python stack per traced op (the baseline's nodes carry no
+`pkg.torch.onnx.stack_trace`), and weights stay in the checkpoint's safetensors files, referenced rather
+than copied (checkpoint_refs.py).
 """
 
 from __future__ import annotations
