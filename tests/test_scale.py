@@ -62,6 +62,39 @@ def test_chunks_from_external_data(tmp_path, monkeypatch, dtype):
     assert np.array_equal(got, arr.reshape(-1))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1000, 7 * 2 * 300])
+def test_transposed_bf16_weight_read_and_converted(tmp_path, chunk_bytes):
+    """A checkpoint's bf16 [K, N] weight read as its transpose [N, K] (make export's route), in whole-matrix
+    and partial-column chunks (a short last one too): the values are the transpose, bit for bit, and the fp16
+    conversion is numpy's of the widened values (edge values: overflow to inf, subnormals, NaN)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((300, 37)) * 10 ** rng.uniform(-8, 5, (300, 37))).astype(np.float32)
+    w.reshape(-1)[:EDGES.size] = EDGES
+    bits = _bf16_bits(w)
+    t = _external(tmp_path, "w", bits, data_type=TensorProto.BFLOAT16)
+    t.doc_string = stream.TRANSPOSED + "1,0"
+    del t.dims[:]
+    t.dims.extend([37, 300])
+    got = np.concatenate([c.copy() for c in stream.chunks(t, tmp_path, chunk_bytes=chunk_bytes)])
+    assert np.array_equal(got, bits.T.reshape(-1))
+    if chunk_bytes is not None:
+        return
+    half = np.concatenate([c.copy() for c in stream.converted(t, tmp_path, TensorProto.FLOAT16)])
+    with np.errstate(over="ignore"):
+        want = (bits.T.astype(np.uint32) << 16).view(np.float32).astype(np.float16)
+    assert np.array_equal(half.view(np.uint16), want.reshape(-1).view(np.uint16))
+
+
+def test_chunks_of_truncated_external_data_fail_with_the_tensor_name(tmp_path):
+    arr = np.arange(10_000, dtype=np.float32)
+    t = _external(tmp_path, "w", arr)
+    with open(tmp_path / "w.bin", "r+b") as fh:
+        fh.truncate(128 + 5000 * 4)
+    with pytest.raises(OSError, match="external data of 'w' ends early in w.bin"):
+        for _ in stream.chunks(t, tmp_path, chunk_bytes=4096):
+            pass
+
+
 def test_write_tensor_converts_in_chunks_with_little_memory(tmp_path, monkeypatch):
     """A 24 MB fp32 tensor through 1 MB chunks: the peak stays a few chunks, not the tensor (x1.5)."""
     monkeypatch.setattr(stream, "CHUNK_BYTES", 1 << 20)
@@ -287,3 +320,17 @@ def test_inline_save_streams_weights_into_one_readable_file(tmp_path, monkeypatc
     y = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = (x.astype(np.float32) @ got["W1"].astype(np.float32) @ got["W2"].astype(np.float32)) + np.arange(300)
     assert np.allclose(y.astype(np.float32), ref, rtol=2e-2, atol=0.5)
+
+
+def test_onnxscript_rules_are_tried_by_root_op():
+    """The optimizer's rules are tried only on nodes of their root op type (export._RootOpRule): if onnxscript's
+    internals move, the prefilter is dropped silently (every node tried, ~4 s more per 0.5B export); say so."""
+    from onnxscript import rewriter
+
+    from onnx_rewriter.hf.export import _by_root_op, _RootOpRule
+
+    single = [r for r in rewriter._DEFAULT_REWRITE_RULES if r._target_pattern.has_single_output_node]
+    wrapped = [w for w in map(_by_root_op, single) if isinstance(w, _RootOpRule)]
+    constant_roots = [r for r in single if r._target_pattern.output_node.op_identifier() is not None]
+    assert len(wrapped) == len(constant_roots) == 43
+    assert {w._op_type for w in wrapped} >= {"Reshape", "Transpose", "Cast", "Unsqueeze", "Mul", "Add"}

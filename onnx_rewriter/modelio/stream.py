@@ -2,15 +2,19 @@
 
 Why chunks: a whole weight read through a memory map counts fully in the resident set (the 545 MB
 fp32 embedding of a 0.5B model alone), and `astype` + `tobytes` add two more copies. Chunks of
-CHUNK_BYTES read with `readinto` keep the peak at a few chunk buffers whatever the model size.
+CHUNK_BYTES, each mapped on its own and converted straight into the writer's buffer, keep the peak at a
+few chunk buffers whatever the model size.
 
 Why onnxruntime: numpy's float32 -> float16 `astype` runs at ~0.35 GB/s here, onnxruntime's Cast
-kernel (SIMD) at ~3.5 GB/s, bit for bit the same result (round to nearest even, overflow to inf).
+kernel (SIMD) at ~3.5 GB/s, bit for bit the same result (round to nearest even, overflow to inf). Its
+bf16 Cast is scalar, though, and its Transpose twice numpy's strided copy: bf16 is widened in numpy (a
+shift) before the fp32 Cast, and weights read transposed go through its Transpose.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import queue
 import threading
 from pathlib import Path
@@ -100,48 +104,84 @@ def mapped(t: TensorProto, base_dir: Path) -> np.ndarray:
     return mm if perm is None else mm.transpose(perm)
 
 
+def _ort_session(node, src: int, dst: int, rank: int):
+    """A one-node onnxruntime session x -> y, or None where onnxruntime lacks the kernel."""
+    try:
+        import onnxruntime as ort
+
+        graph = helper.make_graph([node], node.op_type.lower(),
+                                  [helper.make_tensor_value_info("x", src, [None] * rank)],
+                                  [helper.make_tensor_value_info("y", dst, [None] * rank)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        # One thread: ~5.6 GB/s, faster than the default pool, and the disk is slower anyway.
+        opts.intra_op_num_threads = 1
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception:  # no onnxruntime kernel for this pair: numpy does it
+        return None
+
+
+def _ort_run(sess, src: np.ndarray, src_type: int, dst: np.ndarray) -> None:
+    """Run a one-node session from contiguous `src` into `dst` (bound in place: no output copy)."""
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(src, src_type))
+    binding.bind_output("y", "cpu", 0, dst.dtype, list(dst.shape), dst.ctypes.data)
+    sess.run_with_iobinding(binding)
+
+
+# Transposes move raw items: any type of this size is the same bytes.
+_SAME_SIZE = {1: TensorProto.UINT8, 2: TensorProto.UINT16, 4: TensorProto.UINT32, 8: TensorProto.UINT64}
+
+
 class Caster:
     """dst[:] = src converted between ONNX float types, with onnxruntime (numpy as the fallback)."""
 
     def __init__(self):
-        self._sessions: dict[tuple[int, int], object] = {}
+        self._sessions: dict[tuple, object] = {}
 
     def _session(self, src: int, dst: int):
         if (src, dst) not in self._sessions:
-            sess = None
-            try:
-                import onnxruntime as ort
-
-                node = helper.make_node("Cast", ["x"], ["y"], to=dst)
-                graph = helper.make_graph([node], "cast", [helper.make_tensor_value_info("x", src, [None])],
-                                          [helper.make_tensor_value_info("y", dst, [None])])
-                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
-                opts = ort.SessionOptions()
-                opts.log_severity_level = 3
-                # One thread: ~5.6 GB/s, faster than the default pool, and the disk is slower anyway.
-                opts.intra_op_num_threads = 1
-                sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-            except Exception:  # no onnxruntime kernel for this pair: numpy does it
-                sess = None
-            self._sessions[(src, dst)] = sess
+            self._sessions[(src, dst)] = _ort_session(helper.make_node("Cast", ["x"], ["y"], to=dst), src, dst, 1)
         return self._sessions[(src, dst)]
 
     def __call__(self, src: np.ndarray, src_type: int, dst: np.ndarray, dst_type: int) -> None:
+        if src_type == TensorProto.BFLOAT16 and dst_type != TensorProto.BFLOAT16 and src.size:
+            # bf16 is fp32's upper half: widen with a shift (exact), then the fast fp32 Cast.
+            f32 = dst if dst_type == TensorProto.FLOAT else _scratch("widen", src.size, np.float32)
+            np.left_shift(src.reshape(-1), 16, out=f32.reshape(-1).view(np.uint32), dtype=np.uint32)
+            if dst_type == TensorProto.FLOAT:
+                return
+            src, src_type = f32, TensorProto.FLOAT
         sess = self._session(src_type, dst_type) if src.size else None
         if sess is None:
             dst[...] = _numpy_cast(src, src_type, dst_type)
             return
-        import onnxruntime as ort
-
-        flat = np.ascontiguousarray(src).reshape(-1)
         try:
-            binding = sess.io_binding()
-            binding.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(flat, src_type))
-            binding.bind_output("y", "cpu", 0, dst.dtype, [flat.size], dst.ctypes.data)
-            sess.run_with_iobinding(binding)
+            _ort_run(sess, np.ascontiguousarray(src).reshape(-1), src_type, dst.reshape(-1))
         except Exception:  # e.g. a bf16 output, which numpy cannot name for the binding: numpy from now on
             self._sessions[(src_type, dst_type)] = None
             dst[...] = _numpy_cast(src, src_type, dst_type)
+
+    def transpose(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """dst[:] = src.T for a 2-D `src`, any item type (onnxruntime's blocked Transpose; numpy's copy
+        where it has none)."""
+        code = _SAME_SIZE.get(src.dtype.itemsize)
+        key = ("Transpose", code)
+        if key not in self._sessions:
+            self._sessions[key] = code and _ort_session(helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0]),
+                                                        code, code, 2)
+        sess = self._sessions[key]
+        if sess is not None and src.size:
+            raw = np_dtype(code)
+            try:
+                _ort_run(sess, np.ascontiguousarray(src).view(raw), code, dst.view(raw))
+                return
+            except Exception:
+                self._sessions[key] = None
+        np.copyto(dst, src.T)
 
 
 def _numpy_cast(src: np.ndarray, src_type: int, dst_type: int) -> np.ndarray:
@@ -191,31 +231,37 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
             yield buf.reshape(-1)
         return
     if t.data_location == TensorProto.EXTERNAL and transposed(t) is not None:
-        # Blocks of output rows, gathered from the memory map into the reused buffer: strided reads,
-        # but each source page is faulted in once; the map goes when the tensor is done.
-        view = mapped(t, base_dir)
+        # Blocks of output rows, gathered from the memory map into the reused buffer: each source page is
+        # faulted in once; the map goes when the tensor is done.
+        view, matrix = mapped(t, base_dir), transposed(t) == (1, 0)
         rows = max(1, step // max(1, n // max(1, t.dims[0])))  # output rows per chunk
         for start in range(0, t.dims[0], rows):
             block = view[start:start + rows]
             buf = _scratch("read", block.size, dt).reshape(block.shape)
-            np.copyto(buf, block)
+            if matrix:  # a weight: its source columns [start, start + rows), transposed
+                _CASTER.transpose(block.T, buf)
+            else:
+                np.copyto(buf, block)
             yield buf.reshape(-1)
         return
     if t.data_location == TensorProto.EXTERNAL:
+        # Each chunk is a read-only map of its own bytes, dropped when the next is made: no copy into a
+        # buffer (readinto was 0.15 s per 2 GB more), and only the chunk being read counts as resident.
         info = external_data_helper.ExternalDataInfo(t)
-        buf = _scratch("read", min(step, n), dt)
         with open(Path(base_dir) / info.location, "rb", buffering=0) as fh:
-            fh.seek(info.offset or 0)
             for start in range(0, n, step):
-                view = buf[: min(step, n - start)]
-                mv = memoryview(view).cast("B")
-                got = 0
-                while got < len(mv):
-                    k = fh.readinto(mv[got:])
-                    if not k:
-                        raise OSError(f"external data of '{t.name}' ends early in {info.location}")
-                    got += k
+                count = min(step, n - start)
+                at = (info.offset or 0) + start * dt.itemsize
+                skip = at % mmap.ALLOCATIONGRANULARITY
+                try:
+                    mm = mmap.mmap(fh.fileno(), skip + count * dt.itemsize, access=mmap.ACCESS_READ,
+                                   offset=at - skip)
+                except ValueError:  # past the end of the file
+                    raise OSError(f"external data of '{t.name}' ends early in {info.location}") from None
+                view = np.frombuffer(mm, dtype=dt, count=count, offset=skip)
+                del mm  # the view holds the map; it is unmapped once the consumer lets go of the chunk
                 yield view
+                del view
         return
     if t.HasField("raw_data"):
         flat = np.frombuffer(t.raw_data, dtype=dt)
@@ -227,9 +273,11 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
         yield flat[start:start + step]
 
 
-def converted(t: TensorProto, base_dir: Path, want: int, scale: float | None = None, progress=None):
+def converted(t: TensorProto, base_dir: Path, want: int, scale: float | None = None, progress=None, into=None):
     """Yield `t`'s values converted to `want`, chunk by chunk (views into reused buffers: consume each
-    chunk before asking for the next)."""
+    chunk before asking for the next). `into(n, dtype)`: the array a conversion writes (a reused buffer
+    by default)."""
+    into = into or (lambda n, dtype: _scratch("out", n, dtype))
     for chunk in chunks(t, base_dir):
         nbytes_in = chunk.size * chunk.dtype.itemsize
         src_type = t.data_type
@@ -239,7 +287,7 @@ def converted(t: TensorProto, base_dir: Path, want: int, scale: float | None = N
             f32 *= np.float32(scale)
             chunk, src_type = f32, TensorProto.FLOAT
         if src_type != want:
-            out = _scratch("out", chunk.size, np_dtype(want))
+            out = into(chunk.size, np_dtype(want))
             _CASTER(chunk, src_type, out, want)
             chunk = out
         yield chunk
@@ -250,8 +298,18 @@ def converted(t: TensorProto, base_dir: Path, want: int, scale: float | None = N
 def write_tensor(t: TensorProto, base_dir: Path, want: int, fh, scale: float | None = None, progress=None) -> int:
     """Write `t` converted to `want` into the open file `fh`; returns the number of bytes written."""
     written = 0
-    for chunk in converted(t, base_dir, want, scale, progress):
-        fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+    reserved = []  # an AsyncWriter's buffer the conversion wrote into: handed over without a copy
+
+    def into(n, dtype):
+        buf = fh.reserve(n * np.dtype(dtype).itemsize)
+        reserved.append(buf)
+        return buf[: n * np.dtype(dtype).itemsize].view(dtype)
+
+    for chunk in converted(t, base_dir, want, scale, progress, into=into if isinstance(fh, AsyncWriter) else None):
+        if reserved:
+            fh.commit(reserved.pop(), chunk.nbytes)
+        else:
+            fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
         written += chunk.nbytes
     return written
 
@@ -298,12 +356,20 @@ class AsyncWriter:
         return buf if buf.size >= n else np.empty(n, np.uint8)
 
     def write(self, data) -> None:
+        src = np.frombuffer(data, np.uint8)
+        buf = self.reserve(src.size)
+        buf[: src.size] = src
+        self.commit(buf, src.size)
+
+    def reserve(self, n: int) -> np.ndarray:
+        """A free buffer of at least n bytes to fill, then to pass to commit()."""
         if self._err is not None:
             raise self._err
-        src = np.frombuffer(data, np.uint8)
-        buf = self._buffer(src.size)
-        buf[: src.size] = src
-        self._todo.put((buf, src.size))
+        return self._buffer(n)
+
+    def commit(self, buf: np.ndarray, n: int) -> None:
+        """Queue the first n bytes of a reserve()d buffer for writing."""
+        self._todo.put((buf, n))
 
     def close(self) -> None:
         """Drain the queue, close the file; raises the first write error."""
