@@ -297,7 +297,6 @@ def step_build(run: Run) -> None:
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
     from .linear_names import name_linears
-    from .reference.rope import runtime_rope_table
     from .targets.base import lm_head_input
 
     # path-style linear names, as NVIDIA's insert-lora tool needs them (linear_names.py)
@@ -315,7 +314,7 @@ def step_build(run: Run) -> None:
     positions = cfg["max_position_embeddings"]
     build = Build(graph=g, layers=run.layers, inputs_embeds=run.inputs_embeds, logits=run.logits,
                   float_type=float_type, opset=run.source.opset, rope_positions=positions,
-                  runtime_rope=runtime_rope_table(cfg, positions),
+                  runtime_config=cfg,
                   kept_inputs=tuple(t for f in run.features for t in f.kept_inputs(run)))
     target.build(build)
     for feature in run.features:

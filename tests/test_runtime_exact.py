@@ -150,3 +150,44 @@ def test_verify_fails_when_a_baked_table_is_shorter_than_the_range(models, tmp_p
     result = verify(out, model=str(models.checkpoint("llama3")))
     assert not result.passed and result.rope_checks[0].first_bad == 256
     assert "verify FAILED" in capsys.readouterr().out
+
+
+def _rope_layer(theta: float, rotary_dim: int, scaling: float = 1.0):
+    from types import SimpleNamespace
+
+    inv = (1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)).astype(np.float32)
+    return SimpleNamespace(rope=SimpleNamespace(inv_freq=inv, attention_scaling=scaling))
+
+
+def test_rope_tables_built_and_compared_in_blocks_are_the_whole_tables(monkeypatch):
+    """Tables are compared and baked ROPE_BLOCK positions at a time (a 131072-position table made ~250 MB
+    of temporaries at once): the same values as the whole table, and a difference in the last block counts."""
+    from onnx_rewriter.reference.rope import runtime_rope_table
+    from onnx_rewriter.targets.base import ROPE_BLOCK, Build, baked_rope_table, layer_rope_table, runtime_builds_it
+
+    positions = 2 * ROPE_BLOCK + 5
+    layer = _rope_layer(1e4, 16)
+    whole = layer_rope_table(layer, positions)
+    np.testing.assert_array_equal(baked_rope_table(layer, positions)[0], whole)
+    cfg = {"head_dim": 16, "rope_theta": 1e4, "rope_scaling": None}
+    rows = [runtime_rope_table(cfg, min(positions, s + ROPE_BLOCK), s) for s in range(0, positions, ROPE_BLOCK)]
+    np.testing.assert_array_equal(np.concatenate(rows), runtime_rope_table(cfg, positions))
+    build = Build(graph=None, layers=[], inputs_embeds=None, logits=None, float_type=onnx.TensorProto.FLOAT16,
+                  opset=17, rope_positions=positions, runtime_config=cfg)
+    assert runtime_builds_it(layer, build)
+    # A table off only in the last block's rows is not the runtime's.
+    import onnx_rewriter.targets.base as base
+
+    exact_table = base.layer_rope_table
+
+    def off_late(layer, stop, start=0):
+        table = exact_table(layer, stop, start)
+        table[max(0, 2 * ROPE_BLOCK - start):] += np.float32(0.01)
+        return table
+
+    monkeypatch.setattr(base, "layer_rope_table", off_late)
+    assert not runtime_builds_it(layer, build)
+    monkeypatch.setattr(base, "layer_rope_table", exact_table)
+    assert not runtime_builds_it(layer, Build(graph=None, layers=[], inputs_embeds=None, logits=None,
+                                              float_type=onnx.TensorProto.FLOAT16, opset=17,
+                                              rope_positions=positions, runtime_config=None))

@@ -27,8 +27,9 @@ def runtime_rope_type(config: dict) -> str:
     return kind if kind in RUNTIME_ROPE_TYPES else "default"
 
 
-def runtime_rope_table(config: dict, num_positions: int) -> np.ndarray:
-    """``[P, R]`` float32 table as the runtime builds it from an EdgeLLM ``config.json``.
+def runtime_rope_table(config: dict, num_positions: int, start: int = 0) -> np.ndarray:
+    """``[P, R]`` float32 table as the runtime builds it from an EdgeLLM ``config.json`` (rows ``start`` up to
+    ``num_positions``: the same values as those rows of the whole table).
 
     Mirrors the runtime's initializer: angle = p · rotaryScale / theta^(2d/R) in fp32. llama3 / yarn /
     linear are built as plain default (the runtime does not know them); dynamic is the default table up
@@ -49,16 +50,16 @@ def runtime_rope_table(config: dict, num_positions: int) -> np.ndarray:
         original = config.get("original_max_position_embeddings") or config["max_position_embeddings"]
         factor = config["max_position_embeddings"] / original
         gain = np.float32(1.0 if factor <= 1.0 else np.sqrt(1 + np.log(factor) / np.log(original)))
-    pos = np.arange(num_positions, dtype=np.float32)
+    pos = np.arange(start, num_positions, dtype=np.float32)
     freqs = (pos[:, None] / divisor[None, :]).astype(np.float32)
     return (np.concatenate([np.cos(freqs), np.sin(freqs)], axis=-1) * gain).astype(np.float32)
 
 
-def table_tolerance(num_positions: int, fp16: bool = True) -> np.ndarray:
+def table_tolerance(num_positions: int, fp16: bool = True, start: int = 0) -> np.ndarray:
     """Per-row tolerance when comparing two tables built in fp32: fp16 resolution (2^-11, what the fp16
     attention sees; 1e-6 for an fp32 graph) plus two fp32 ulps of the largest angle p·inv_freq
-    (inv_freq <= 1), which the two sides may round differently. ``[P, 1]``."""
-    pos = np.arange(num_positions, dtype=np.float32)
+    (inv_freq <= 1), which the two sides may round differently. ``[P, 1]`` (rows ``start`` on)."""
+    pos = np.arange(start, num_positions, dtype=np.float32)
     return ((2.0 ** -11 if fp16 else 1e-6) + 2.0 * np.spacing(np.maximum(pos, 1.0)))[:, None]
 
 

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from ..errors import RewriteError, UnsupportedModel
 from ..layers import AttentionLayer
 from ..normalize import replace_uses
-from ..reference.rope import first_difference, table_tolerance
+from ..reference.rope import first_difference, runtime_rope_table, table_tolerance
 
 B, S, CAP, P, KV_START = "batch_size", "seq_len", "kv_cache_capacity", "rope_max_positions", "kv_start_batch"
 
@@ -31,7 +31,7 @@ class Build:
     float_type: int  # onnx.TensorProto.FLOAT16 or FLOAT
     opset: int
     rope_positions: int = 4096  # rows of a baked RoPE table: config.json's max_position_embeddings
-    runtime_rope: np.ndarray | None = None  # [P, R]: the table the runtime builds from the written config.json
+    runtime_config: dict | None = None  # the written config.json, from which the runtime builds its RoPE table
     kept_inputs: tuple = ()  # the export's inputs a feature keeps (VLM deepstack), after the target's own
 
 
@@ -177,13 +177,43 @@ def same_rope(a: AttentionLayer, b: AttentionLayer) -> bool:
                         and abs(ta.attention_scaling - tb.attention_scaling) <= 1e-6)
 
 
-def layer_rope_table(layer: AttentionLayer, positions: int) -> np.ndarray:
-    """The layer's own `[positions, R]` fp32 cos|sin table, computed as the model computes it (fp32 angles
-    p·inv_freq, times attention_scaling)."""
+def layer_rope_table(layer: AttentionLayer, positions: int, start: int = 0) -> np.ndarray:
+    """The layer's own `[positions, R]` fp32 cos|sin table (rows `start` on), computed as the model computes it
+    (fp32 angles p·inv_freq, times attention_scaling)."""
     inv = np.asarray(layer.rope.inv_freq, dtype=np.float32).reshape(-1)
-    f = np.arange(positions, dtype=np.float32)[:, None] * inv[None, :]
+    f = np.arange(start, positions, dtype=np.float32)[:, None] * inv[None, :]
     table = np.concatenate([np.cos(f), np.sin(f)], axis=-1) * np.float32(layer.rope.attention_scaling)
     return np.ascontiguousarray(table.astype(np.float32))
+
+
+# Positions per block when a table is compared or built: 131072 x 128 positions made ~250 MB of temporaries
+# at once (the peak of a whole 1.5B rewrite); a block's are ~10 MB, and every value is the same.
+ROPE_BLOCK = 8192
+
+
+def runtime_builds_it(layer: AttentionLayer, b: Build) -> bool:
+    """Whether the table the runtime builds from config.json equals the layer's own at every position."""
+    if b.runtime_config is None:
+        return False
+    fp16 = b.float_type == onnx.TensorProto.FLOAT16
+    for start in range(0, b.rope_positions, ROPE_BLOCK):
+        stop = min(b.rope_positions, start + ROPE_BLOCK)
+        runtime = runtime_rope_table(b.runtime_config, stop, start)
+        if first_difference(runtime, layer_rope_table(layer, stop, start), table_tolerance(stop, fp16, start))[1] \
+                is not None:
+            return False
+    return True
+
+
+def baked_rope_table(layer: AttentionLayer, positions: int) -> np.ndarray:
+    """`[1, P, R]`: the layer's table, filled block by block (no whole-table temporaries)."""
+    first = layer_rope_table(layer, min(positions, ROPE_BLOCK))
+    table = np.empty((1, positions, first.shape[-1]), np.float32)
+    table[0, :len(first)] = first
+    for start in range(len(first), positions, ROPE_BLOCK):
+        stop = min(positions, start + ROPE_BLOCK)
+        table[0, start:stop] = layer_rope_table(layer, stop, start)
+    return table
 
 
 def rope_input(layer: AttentionLayer, b: Build, shared: gs.Tensor, baked: dict) -> gs.Tensor:
@@ -202,12 +232,10 @@ def rope_input(layer: AttentionLayer, b: Build, shared: gs.Tensor, baked: dict) 
     for other, tensor in baked.values():
         if same_rope(layer, other):
             return tensor
-    table = layer_rope_table(layer, b.rope_positions)
-    tolerance = table_tolerance(b.rope_positions, fp16=b.float_type == onnx.TensorProto.FLOAT16)
-    if b.runtime_rope is not None and first_difference(b.runtime_rope, table, tolerance)[1] is None:
+    if runtime_builds_it(layer, b):
         tensor = shared
     else:
-        tensor = gs.Constant(f"rope_rotary_cos_sin_layer{layer.index}", table[None])
+        tensor = gs.Constant(f"rope_rotary_cos_sin_layer{layer.index}", baked_rope_table(layer, b.rope_positions))
     baked[layer.index] = (layer, tensor)
     return tensor
 
