@@ -91,11 +91,11 @@ class Baseline:
         _keep_only(model.graph, self.names)
         _inline_small(model.graph, Path(path).parent)
         self.model, self.dir = model, Path(path).parent
-        inits = {t.name: t for t in model.graph.initializer}
+        self.inits = {t.name: t for t in model.graph.initializer}
         inputs = {i.name for i in model.graph.input}
-        self.row_reads = [n for n in model.graph.node if _row_read(n, inits, inputs)]
+        self.row_reads = [n for n in model.graph.node if _row_read(n, self.inits, inputs)]
         nodes = [n for n in model.graph.node if not any(n is r for r in self.row_reads)]
-        self.segments = _segments(nodes, inits, set(self.names))
+        self.segments = _segments(nodes, self.inits, set(self.names))
 
     def run(self, rows: list[list[int]]):
         """Yield (prompt index, {name: value}) for every prompt, segment after segment (so each name's
@@ -105,10 +105,9 @@ class Baseline:
         from .modelio import stream
 
         graph = self.model.graph
-        inits = {t.name: t for t in graph.initializer}
         carried = [_feeds(graph.input, ids) for ids in rows]
         for node in self.row_reads:
-            table = stream.mapped(inits[node.input[0]], self.dir)
+            table = stream.mapped(self.inits[node.input[0]], self.dir)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
             for values in carried:
                 values[node.output[0]] = np.take(table, values[node.input[1]], axis=axis)

@@ -45,8 +45,7 @@ def quantize_packed(w_kn: np.ndarray, s: np.ndarray, version: int):
     """quantize() packed for the plugin, a block of whole groups at a time (int4_layout.rtn_packed)."""
     w = np.asarray(w_kn, np.float16)
     rows = int4_layout.block_rows(w.shape[1])
-    blocks = ((k0, (w[k0:k0 + rows].astype(np.float32) * s[k0:k0 + rows, None]).astype(np.float16))
-              for k0 in range(0, w.shape[0], rows))
+    blocks = ((k0, scaled(w[k0:k0 + rows], s[k0:k0 + rows])) for k0 in range(0, w.shape[0], rows))
     return int4_layout.rtn_packed(blocks, *w.shape, version)
 
 
@@ -85,9 +84,7 @@ def quantized_values(w32: np.ndarray, s: np.ndarray) -> np.ndarray:
     int4_layout.dequantize(*quantize(W, s)).T, computed in place in [K, N] order (no codes, no transposes)."""
     k, n = w32.shape
     g = _via_fp16(w32 * s[:, None]).reshape(k // int4_layout.GROUP, int4_layout.GROUP, n)
-    scales = (np.abs(g).max(axis=1) / 7.0).astype(np.float16)  # as int4_layout.rtn
-    scales[scales == 0] = 1.0
-    s32 = scales.astype(np.float32)[:, None, :]
+    s32 = int4_layout.group_scales(g.reshape(k, n)).astype(np.float32)[:, None, :]  # as int4_layout.rtn
     np.divide(g, s32, out=g)
     np.rint(g, out=g)
     np.clip(g, -8, 7, out=g)
