@@ -384,7 +384,8 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     if run.out_dir is not None and not options.no_tokenizer and step_write in steps:
         from .sidefiles import tokenizer_job, writer
 
-        run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run), targets.get(options.target).chat_template_file)
+        run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
+                                                targets.get(options.target).chat_template_file)
     # No cyclic GC while the steps run: they build a graph of ~100k objects that every full collection
     # walked again (0.2 s of a 0.5B rewrite); the cycles they leave go in the first collection after them.
     gc_was = gc.isenabled()

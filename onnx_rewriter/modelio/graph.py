@@ -196,35 +196,19 @@ def lazy_proto(c: gs.Constant) -> TensorProto | None:
     return vals.tensor if isinstance(vals, gs.ir.tensor.LazyValues) else None
 
 
-# Constants whose values are computed when the writer reaches them (e.g. INT4 packing of one weight): the
-# graph holds only name, type and dims, so a quantized model never sits in memory at once.
-COMPUTED = "onnx_rewriter:computed "
-_PRODUCERS: dict[str, object] = {}
-
-
 def computed_constant(name: str, dtype, shape, produce) -> gs.Constant:
-    """A constant whose values `produce()` returns at write time (called once)."""
-    key = f"{len(_PRODUCERS)}:{id(produce)}:{name}"
-    _PRODUCERS[key] = produce
-    proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=list(shape),
-                        doc_string=COMPUTED + key)
+    """A constant whose values `produce()` returns when the writer reaches it (called once): the graph holds
+    only name, type and dims, so a quantized model never sits in memory at once (stream.computed)."""
+    proto = stream.computed(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape, produce)
     return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
 
 
-def is_computed(t: TensorProto) -> bool:
-    return t.doc_string.startswith(COMPUTED)
-
-
-def _produce(t: TensorProto) -> np.ndarray:
-    arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
-    if tuple(arr.shape) != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type:
-        raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared {tuple(t.dims)}")
-    return arr
+is_computed = stream.is_computed
 
 
 def _materialize(t: TensorProto) -> None:
-    """Fill a computed tensor's raw_data (the writer then handles it like any inline tensor)."""
-    arr = _produce(t)
+    """Fill a small computed tensor's raw_data (the writer then handles it like any inline tensor)."""
+    arr = stream.produce(t)
     t.doc_string = ""
     t.raw_data = arr.tobytes()
 
@@ -287,13 +271,10 @@ class WeightWriter:
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
         large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
-        computed = None
-        if is_computed(t) and self.external and large:
-            # Straight to the file: bytes put in raw_data stay in the proto's upb arena after Clear(), so each
-            # quantized weight would add to the peak until the whole model is freed.
-            computed = _produce(t)
-        elif is_computed(t):
+        if is_computed(t) and not (self.external and large):
             _materialize(t)
+        # (a large computed one goes straight to the file: bytes put in raw_data stay in the proto's upb arena
+        # after Clear(), so each quantized weight would add to the peak until the whole model is freed)
         want = self._target_type(t)
         needs_convert = want != t.data_type
         if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL \
@@ -306,15 +287,7 @@ class WeightWriter:
             self._fh.write(b"\0" * ((-self._offset) % ALIGN))
             self._offset += (-self._offset) % ALIGN
             offset = self._offset
-            if computed is not None:
-                data = memoryview(computed.reshape(-1)).cast("B")
-                for start in range(0, len(data), stream.CHUNK_BYTES):
-                    self._fh.write(data[start:start + stream.CHUNK_BYTES])
-                self._offset += len(data)
-                if self.progress is not None:
-                    self.progress(len(data))
-            else:
-                self._offset += stream.write_tensor(t, self.source_dir, want, self._fh, progress=self.progress)
+            self._offset += stream.write_tensor(t, self.source_dir, want, self._fh, progress=self.progress)
         else:
             raw = stream.tensor_bytes(t, self.source_dir, want, progress=self.progress)
         name, dims = t.name, list(t.dims)
@@ -340,8 +313,9 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
     tensors = list(_all_initializers(model.graph))
     total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize
                 for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
-    # Inline output: external-data weights are streamed into model.onnx at the end (stream.save_inline)
-    # rather than held in the proto: the proto and its serialized copy would be twice the weights.
+    # Inline output: external-data, derived and computed weights are streamed into model.onnx at the end
+    # (stream.save_inline) rather than held in the proto: the proto and its serialized copy would be twice the
+    # weights, and every computed (e.g. INT4-packed) weight would be in memory at once.
     inits = model.graph.initializer
     later = {t.name for t in inits if not external and (t.data_location == TensorProto.EXTERNAL or stream.derived(t))}
     streamed = []

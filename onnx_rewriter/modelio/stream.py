@@ -73,9 +73,34 @@ def concat_sources(t: TensorProto) -> list[TensorProto] | None:
     return _CONCATS.get(t.doc_string[len(CONCAT):]) if t.doc_string.startswith(CONCAT) else None
 
 
+# doc_string of a tensor whose values a function returns when the writer reaches it (graph.computed_constant,
+# e.g. one INT4-packed weight): streamed like a read one, so no quantized model sits in memory at once.
+COMPUTED = "onnx_rewriter:computed "
+_PRODUCERS: dict[str, object] = {}
+
+
+def computed(name: str, data_type: int, dims, produce) -> TensorProto:
+    """A tensor declared with its name, type and dims whose values `produce()` returns (called once)."""
+    key = f"{len(_PRODUCERS)}:{id(produce)}:{name}"
+    _PRODUCERS[key] = produce
+    return TensorProto(name=name, data_type=data_type, dims=list(dims), doc_string=COMPUTED + key)
+
+
+def is_computed(t: TensorProto) -> bool:
+    return t.doc_string.startswith(COMPUTED)
+
+
+def produce(t: TensorProto) -> np.ndarray:
+    """A computed tensor's values (its producer runs now, once), checked against its declaration."""
+    arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
+    if tuple(arr.shape) != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type:
+        raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared {tuple(t.dims)}")
+    return arr
+
+
 def derived(t: TensorProto) -> bool:
-    """Read through a marker (transposed or concatenated): what is written carries no doc_string."""
-    return transposed(t) is not None or t.doc_string.startswith(CONCAT)
+    """Read through a marker (transposed, concatenated or computed): what is written carries no doc_string."""
+    return transposed(t) is not None or t.doc_string.startswith(CONCAT) or is_computed(t)
 
 
 def array(t: TensorProto, base_dir: Path) -> np.ndarray:
@@ -266,7 +291,9 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
                 yield view
                 del view
         return
-    if t.HasField("raw_data"):
+    if is_computed(t):
+        flat = produce(t).reshape(-1)
+    elif t.HasField("raw_data"):
         flat = np.frombuffer(t.raw_data, dtype=dt)
     else:
         flat = numpy_helper.to_array(t).reshape(-1)
