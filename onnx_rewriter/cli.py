@@ -203,6 +203,23 @@ def _sizes(out_dir, files) -> str:
 
 
 def _run(cmd: str, args) -> int:
+    if cmd == "rewrite" and not args.no_tokenizer:
+        from pathlib import Path
+
+        from . import targets
+        from .sidefiles import tokenizer_job
+
+        # the tokenizer files' child, before the pipeline's imports (see start_early); dropped if not taken
+        tokenizer_job.start_early(Path(args.tokenizer) if args.tokenizer else Path(args.input).parent,
+                                  targets.get(args.target).chat_template_file)
+        try:
+            return _run_command(cmd, args)
+        finally:
+            tokenizer_job.drop_early()
+    return _run_command(cmd, args)
+
+
+def _run_command(cmd: str, args) -> int:
     from . import pipeline
 
     if getattr(args, "report", None):

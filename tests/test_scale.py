@@ -211,6 +211,28 @@ def test_tokenizer_child_writes_what_in_process_writes(models, tmp_path):
     assert dropped.proc.returncode is not None
 
 
+def test_tokenizer_child_started_early_is_taken_over_or_stopped(models, tmp_path, monkeypatch):
+    """The CLI starts the child before its imports (start_early); the pipeline's start() for the same files
+    takes that child over, and one nobody took is stopped (drop_early)."""
+    import sys
+
+    from onnx_rewriter.sidefiles import tokenizer_job
+
+    monkeypatch.delitem(sys.modules, "transformers")  # as in the CLI: a child, not in-process
+    tok_dir = models.checkpoint("llama")
+    tokenizer_job.start_early(tok_dir, "processed_chat_template.json")
+    early = tokenizer_job._EARLY[(str(tok_dir), "processed_chat_template.json")]
+    other = tokenizer_job.start(tok_dir, "chat_template.jinja")  # other files: a child of its own
+    assert other is not early
+    other.close()
+    assert tokenizer_job.start(tok_dir, "processed_chat_template.json") is early and not tokenizer_job._EARLY
+    assert len(early.result(tmp_path)) == 4
+    tokenizer_job.start_early(tok_dir, "chat_template.jinja")
+    left = tokenizer_job._EARLY[(str(tok_dir), "chat_template.jinja")]
+    tokenizer_job.drop_early()
+    assert left.proc.returncode is not None and not tokenizer_job._EARLY
+
+
 def test_tokenizer_child_reports_a_broken_tokenizer(tmp_path):
     from onnx_rewriter.errors import RewriteError
     from onnx_rewriter.sidefiles import tokenizer_job
