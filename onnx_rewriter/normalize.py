@@ -241,6 +241,6 @@ def normalize(graph: gs.Graph, reinfer: bool = False, weight_transposes: bool = 
         graph = infer_shapes(graph)
         n_fold += fold(graph)
         n_simp += simplify(graph)
-    graph.toposort()
+    # No toposort here: fold() sorted the graph and simplify() only bypasses nodes, which keeps the order.
     log.debug("normalize: %d folded, %d simplified", n_fold, n_simp)
     return graph
