@@ -17,9 +17,10 @@ def rewrite(in_path, out_dir, **options):
     return _rewrite(in_path, out_dir, **options)
 
 
-# Bound after the submodule of the same name is imported, so the function wins the attribute.
-# (export.py imports torch/transformers lazily: this import is cheap.)
-from .hf.export import export  # noqa: E402
+def export(model, output_dir, **options):
+    from .hf.export import export as _export
+
+    return _export(model, output_dir, **options)
 
 
 def verify(out_dir, **options):
