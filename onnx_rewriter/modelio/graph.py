@@ -271,10 +271,10 @@ class WeightWriter:
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
         large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
+        # A large computed one is streamed to the file below (write_tensor), not put in raw_data: those bytes
+        # stay in the proto's upb arena after Clear(), so each quantized weight would add to the peak.
         if is_computed(t) and not (self.external and large):
             _materialize(t)
-        # (a large computed one goes straight to the file: bytes put in raw_data stay in the proto's upb arena
-        # after Clear(), so each quantized weight would add to the peak until the whole model is freed)
         want = self._target_type(t)
         needs_convert = want != t.data_type
         if not needs_convert and not (self.external and large) and t.data_location != TensorProto.EXTERNAL \

@@ -2,9 +2,10 @@
 
 They need transformers' AutoTokenizer, and importing it pulls in torch: ~5 s and ~250 MB, as much
 as the rest of a 0.5B rewrite. The tokenizer files need no torch, so when this process has not
-imported transformers yet (the `rewrite` CLI), a child imports it with torch hidden (~1.5 s, 70 MB),
-started when the graph is loaded. When transformers is already loaded (export, tests, notebooks)
-the work stays in-process, where it costs nothing extra. The files are the same either way.
+imported transformers yet (the `rewrite` CLI), a child imports it with torch hidden (~2 s, 70 MB),
+started by the CLI before its own imports (start_early) or by the rewrite before the load. When
+transformers is already loaded (export, tests, notebooks) the work stays in-process, where it costs
+nothing extra. The files are the same either way.
 """
 
 from __future__ import annotations
@@ -91,15 +92,18 @@ class _InProcess:
 def start(tok_dir, chat_template_file: str):
     """Start on the tokenizer side files; `.result(out_dir)` puts them in `out_dir`, `.close()` drops them.
     A child start_early() made for the same files is taken over."""
-    early = _EARLY.pop((str(tok_dir), chat_template_file), None)
-    if early is not None:
-        return early
+    return (_EARLY.pop((str(tok_dir), chat_template_file), None) or _child(tok_dir, chat_template_file)
+            or _InProcess(tok_dir, chat_template_file))
+
+
+def _child(tok_dir, chat_template_file: str) -> Job | None:
+    """A child process, or None where the work is better done in-process."""
     if "transformers" in sys.modules or os.environ.get("ONNX_REWRITER_NO_TOKENIZER_JOB"):
-        return _InProcess(tok_dir, chat_template_file)
+        return None
     try:
         return Job(tok_dir, chat_template_file)
     except OSError:  # cannot start a process here: fine, in-process then
-        return _InProcess(tok_dir, chat_template_file)
+        return None
 
 
 _EARLY: dict[tuple[str, str], Job] = {}
@@ -109,11 +113,9 @@ def start_early(tok_dir, chat_template_file: str) -> None:
     """Start the child now, before the caller's own imports (the `rewrite` CLI: 0.3 s of them), so that its
     2 s of CPU overlap the load and the matching rather than the write; start() takes it over. Pair with
     drop_early()."""
-    if "transformers" not in sys.modules and not os.environ.get("ONNX_REWRITER_NO_TOKENIZER_JOB"):
-        try:
-            _EARLY[(str(tok_dir), chat_template_file)] = Job(tok_dir, chat_template_file)
-        except OSError:
-            pass
+    job = _child(tok_dir, chat_template_file)
+    if job is not None:
+        _EARLY[(str(tok_dir), chat_template_file)] = job
 
 
 def drop_early() -> None:
