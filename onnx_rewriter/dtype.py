@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from .layers import RMSNormCore
 from .modelio import stream
-from .modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, is_computed, lazy_proto
+from .modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
 from .modelio.stream import numel
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
@@ -48,7 +48,7 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
             if lazy is not None and lazy.data_type in FLOAT_TYPES and lazy.data_type != proto_type:
                 # large or on disk: converted while being written
                 on_disk = lazy.data_location == onnx.TensorProto.EXTERNAL
-                if numel(lazy) > SMALL_TENSOR_ELEMENTS or on_disk or is_computed(lazy) or stream.derived(lazy):
+                if numel(lazy) > SMALL_TENSOR_ELEMENTS or on_disk or stream.derived(lazy):  # derived: computed too
                     deferred.add(t.name)
                     continue
                 t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below

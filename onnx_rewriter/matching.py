@@ -26,7 +26,8 @@ from .layers import (
     VitRope,
     mrope_axes,
 )
-from .modelio.graph import is_computed
+from .modelio import stream
+from .modelio.graph import lazy_proto
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
@@ -78,8 +79,8 @@ def expect(t: gs.Tensor, op: str | tuple[str, ...], what: str, at: gs.Node | Non
 def const(t: gs.Tensor) -> np.ndarray | None:
     """Values of a small constant tensor, or None (large weights stay lazy and are never read here)."""
     if isinstance(t, gs.Constant):
-        vals = t._values
-        if isinstance(vals, gs.ir.tensor.LazyValues) and (vals.tensor.data_location == 1 or is_computed(vals.tensor)):
+        lazy = lazy_proto(t)
+        if lazy is not None and (lazy.data_location == 1 or stream.is_computed(lazy)):
             return None  # on disk, or computed only when written (graph.computed_constant)
         return np.asarray(t.values)
     return None

@@ -203,9 +203,6 @@ def computed_constant(name: str, dtype, shape, produce) -> gs.Constant:
     return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
 
 
-is_computed = stream.is_computed
-
-
 def _materialize(t: TensorProto) -> None:
     """Fill a small computed tensor's raw_data (the writer then handles it like any inline tensor)."""
     arr = stream.produce(t)
@@ -273,7 +270,7 @@ class WeightWriter:
         large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
         # A large computed one is streamed to the file below (write_tensor), not put in raw_data: those bytes
         # stay in the proto's upb arena after Clear(), so each quantized weight would add to the peak.
-        if is_computed(t) and not (self.external and large):
+        if stream.is_computed(t) and not (self.external and large):
             _materialize(t)
         want = self._target_type(t)
         needs_convert = want != t.data_type
