@@ -80,6 +80,8 @@ def _cli(argv: list[str], keep_stdout: bool = False) -> tuple[int, str]:
     quiet = contextlib.nullcontext() if keep_stdout else contextlib.redirect_stdout(out)
     with contextlib.redirect_stderr(err), quiet:
         rc = main(argv + ["-q"])
+    if rc == 130:  # Ctrl-C / SIGTERM, which the CLI turns into "interrupted": stop the run, not one case
+        raise SystemExit("interrupted")
     errors = [line for line in err.getvalue().splitlines() if line.startswith("error:")]
     return rc, (errors[-1] if errors else "")
 
