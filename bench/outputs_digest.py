@@ -48,6 +48,22 @@ VLM_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 DONE = ".complete"
 
 
+def _patterns_from_this_checkout() -> None:
+    """`onnx_rewriter.patterns` is the top-level `patterns/` folder, mapped in by the (editable) install:
+    take the one beside the imported `onnx_rewriter`, so that PYTHONPATH=CHECKOUT runs that checkout's."""
+    import importlib.util
+
+    import onnx_rewriter
+
+    root = Path(onnx_rewriter.__file__).resolve().parent.parent / "patterns"
+    if (root / "__init__.py").is_file() and "onnx_rewriter.patterns" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("onnx_rewriter.patterns", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["onnx_rewriter.patterns"] = module
+        spec.loader.exec_module(module)
+
+
 def _feature_cases(work: Path) -> dict[str, list[str]]:
     corpus = work / "corpus.txt"
     corpus.write_text("The capital of France is Paris. A spider has eight legs.\n")
@@ -137,6 +153,7 @@ def _baseline(family: str, root: Path, work: Path, vlm: bool = False) -> Path:
 
 
 def run(args) -> int:
+    _patterns_from_this_checkout()
     root = Path(args.baselines).resolve()
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="outputs_digest_"))
