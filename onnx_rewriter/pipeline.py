@@ -42,7 +42,7 @@ DROPPED_INPUTS = ("input_ids", "attention_mask", "position_ids")
 class CoreOptions:
     """The options every rewrite has; `Options` adds each feature's (features.OPTIONS) under flat names."""
 
-    target: str | targets.Target = targets.DEFAULT  # a name; make_options resolves it to the Target object
+    target: str | targets.Target = targets.DEFAULT  # given by name; the Target object once constructed
     dtype: str = "float16"
     config: str | Path | None = None  # an HF config.json to cross-check and complete ours
     tokenizer: str | Path | None = None  # a folder with the tokenizer; default: beside the input
