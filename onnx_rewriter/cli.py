@@ -71,6 +71,12 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
                    help="calibration prompts, one a line (default: a small bundled set)")
 
 
+def _trust_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="let transformers run the model folder's own Python code (a custom model or tokenizer "
+                        "class); only for folders you trust. Without it such code never runs, and nothing asks")
+
+
 def _feature_opts(args) -> dict:
     return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version,
             "int4_method": args.int4_method, "kv_cache": args.kv_cache, "kv_scales": args.kv_scales,
@@ -86,6 +92,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("input", help="baseline .onnx file")
         p.add_argument("output_dir", help="output folder (created atomically; must lie outside the input's folder)")
         p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
+        _trust_opt(p)
         _rewrite_opts(p)
     elif cmd == "export":
         p = _Parser(prog="python -m onnx_rewriter export", description="Export an HF checkpoint "
@@ -95,8 +102,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
                        help="output folder (created atomically; must lie outside the checkpoint)")
         p.add_argument("--device", default="cpu", help="torch device the model is loaded and traced on: cpu "
                        "(default) or cuda[:N] (needs a CUDA build of torch)")
-        p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                       help="let transformers run the checkpoint's own Python code (only for checkpoints you trust)")
+        _trust_opt(p)
         p.add_argument("--verify", action="store_true", help="run verify against the HF model afterwards")
         p.add_argument("--keep-baseline", metavar="DIR", help="also keep the baseline export (model.onnx, "
                        "config.json, tokenizer) in DIR, ready for a later `rewrite`")
@@ -211,7 +217,7 @@ def _run(cmd: str, args) -> int:
 
         # the tokenizer files' child, before the pipeline's imports (see start_early); dropped if not taken
         tokenizer_job.start_early(Path(args.tokenizer) if args.tokenizer else Path(args.input).parent,
-                                  targets.get(args.target).chat_template_file)
+                                  targets.get(args.target).chat_template_file, args.trust_remote_code)
         try:
             return _run_command(cmd, args)
         finally:
@@ -222,16 +228,14 @@ def _run(cmd: str, args) -> int:
 def _run_command(cmd: str, args) -> int:
     from . import pipeline
 
-    if getattr(args, "report", None):
-        from .safety import check_writable_file
-
-        check_writable_file(args.report, "--report")  # now, not after the work
     rewrite_opts = {}
-    if cmd in ("rewrite", "export"):
+    if cmd in ("rewrite", "export"):  # --report is checked with every other written path (safety.check_writes)
         rewrite_opts = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
-                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, **_feature_opts(args))
+                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, report=args.report,
+                            **_feature_opts(args))
     if cmd == "rewrite":
-        run = pipeline.rewrite(args.input, args.output_dir, config=args.config, **rewrite_opts)
+        run = pipeline.rewrite(args.input, args.output_dir, config=args.config,
+                               trust_remote_code=args.trust_remote_code, **rewrite_opts)
         _write_report(run, args.report)
         _print_summary(run, run.out_dir, args.quiet)
         return 0
@@ -265,9 +269,10 @@ def _run_command(cmd: str, args) -> int:
 
 def _write_report(run, path) -> None:
     if path:
+        from .safety import write_file
+
         try:
-            with open(path, "w") as fh:
-                fh.write(run.report.to_json())
+            write_file(path, run.report.to_json())
         except OSError as exc:
             raise RewriteError(f"cannot write the report '{path}' ({exc.strerror}); choose another path") from None
 

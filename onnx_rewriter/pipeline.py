@@ -47,6 +47,8 @@ class Options:
     force: bool = False  # replace an earlier output of this tool (never a folder it did not write)
     self_check: bool = True  # numerically check masks before fusing
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
+    trust_remote_code: bool = False  # let transformers run a model folder's own code (a custom tokenizer)
+    report: str | Path | None = None  # where the caller writes the match report: checked with the other paths
 
     # deployment features (features/): each option selects a feature module
     quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
@@ -101,17 +103,23 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
     return options
 
 
+def read_paths(options: Options) -> dict:
+    """{label: path} of every file or folder the options name for reading: nothing written may be or contain
+    one of them (safety.check_writes)."""
+    paths = {"the --config file": options.config, "the --tokenizer folder": options.tokenizer,
+             "the --calibration file": options.calibration, "the --kv-scales folder": options.kv_scales,
+             "the --keep-tokens file": options.keep_tokens}
+    for i, f in enumerate(options.vocab_corpus or []):
+        paths[f"the --vocab-corpus file '{f}'" if i else "the --vocab-corpus file"] = f
+    return paths
+
+
 def check_paths(in_path: Path, out_dir: Path, options: Options) -> None:
     """The output may replace neither what we read nor a folder we did not write (safety.py)."""
     # `rewrite model.onnx out` in the model's folder is the common case: an output inside the input's
     # folder destroys nothing; being or containing it would.
-    files = {"the input model's folder": Path(in_path).parent}
-    if options.config:
-        files["the --config file"] = options.config
-    if options.tokenizer:
-        files["the --tokenizer folder"] = options.tokenizer
-    safety.check_no_overlap(out_dir, files=files)
-    OutputDir.precheck(out_dir, options.force)
+    read = {"the input model's folder": Path(in_path).parent, "the input model": Path(in_path), **read_paths(options)}
+    safety.check_writes(out_dir, options.force, read=read, report=options.report)
 
 
 @dataclass
@@ -385,7 +393,8 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
         from .sidefiles import tokenizer_job, writer
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
-                                                targets.get(options.target).chat_template_file)
+                                                targets.get(options.target).chat_template_file,
+                                                options.trust_remote_code)
     # No cyclic GC while the steps run: they build a graph of ~100k objects that every full collection
     # walked again (0.2 s of a 0.5B rewrite); the cycles they leave go in the first collection after them.
     gc_was = gc.isenabled()
