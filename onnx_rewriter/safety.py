@@ -205,7 +205,7 @@ def check_writes(out, force: bool, *, protected: dict | None = None, read: dict 
 
 # ------------------------------------------------------------------ temporary folders
 
-_TEMP = re.compile(r"^onnx_rewriter_[a-z]+_(\d+)_")
+_TEMP = re.compile(r"^onnx_rewriter_[a-z]+_pid(\d+)_")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -234,9 +234,9 @@ def clean_stale_temp() -> None:
 
 
 def make_temp(kind: str) -> Path:
-    """A fresh `$TMPDIR/onnx_rewriter_<kind>_<pid>_xxxx` folder (the pid lets a later run remove it)."""
+    """A fresh `$TMPDIR/onnx_rewriter_<kind>_pid<pid>_xxxx` folder (the pid lets a later run remove it)."""
     clean_stale_temp()
-    return Path(tempfile.mkdtemp(prefix=f"onnx_rewriter_{kind}_{os.getpid()}_"))
+    return Path(tempfile.mkdtemp(prefix=f"onnx_rewriter_{kind}_pid{os.getpid()}_"))
 
 
 @contextlib.contextmanager
