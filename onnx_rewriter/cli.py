@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import RewriteError
@@ -20,7 +21,18 @@ class _UsageError(Exception):
     """A wrong command line: argparse's message, printed as our one `error:` line."""
 
 
+def _invoked_as(prog: str) -> str:
+    """`python -m onnx_rewriter ...` as the user typed it: the console script says `onnx-rewriter ...`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if name and name not in ("__main__.py", "-m", "-c") and not name.endswith(".py") and "pytest" not in name:
+        return prog.replace("python -m onnx_rewriter", name, 1)
+    return prog
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, prog=None, **kwargs):
+        super().__init__(*args, prog=_invoked_as(prog) if prog else prog, **kwargs)
+
     def error(self, message):
         raise _UsageError(f"{message}; see {self.prog} --help")
 

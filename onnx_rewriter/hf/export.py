@@ -396,6 +396,15 @@ def _check_checkpoint(folder: Path | None) -> None:
     if not isinstance(config, dict):
         raise RewriteError(f"'{folder / 'config.json'}' holds a JSON {type(config).__name__}, not an object; "
                            f"replace it with the model's HF config.json")
+    for index in sorted(folder.glob("*.safetensors.index.json")):  # a shard it names is gone: say which
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise RewriteError(f"cannot read '{index}' (a JSON object with a weight_map); download it again") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise RewriteError(f"'{index}' names {len(missing)} shard(s) that are missing in '{folder}' "
+                               f"({', '.join(missing[:3])}); download them again")
     checkpoint_check.check(sorted(folder.glob("*.safetensors")), config, str(folder / "config.json"))
 
 

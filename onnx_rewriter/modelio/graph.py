@@ -54,6 +54,9 @@ def _check_external(t: TensorProto, base_dir: Path) -> None:
     if Path(info.location).is_absolute() or ".." in Path(info.location).parts:
         raise RewriteError(f"external data location '{info.location}' of tensor '{t.name}' is outside the model's "
                            f"folder; ONNX external data must lie beside the .onnx file")
+    if file.exists() and not file.is_file():  # a FIFO or a device (/dev/zero) would hang or read forever
+        raise RewriteError(f"external data file '{file}' of tensor '{t.name}' is not a regular file (a FIFO, device "
+                           f"or folder); put the model's real data file there")
     if not file.is_file():
         raise RewriteError(
             f"external data file '{info.location}' of tensor '{t.name}' is missing next to the model "
