@@ -24,7 +24,7 @@ from . import spec as specmod
 from .errors import PatternMismatch, RewriteError
 from .layers import AttentionLayer, TokenEmbedding
 from .modelio import graph as graphio
-from .modelio import schema
+from .modelio import schema, stream
 from .modelio.output import OutputDir
 from .normalize import normalize, replace_uses
 from .probe import MaskProbe
@@ -112,6 +112,21 @@ def read_paths(options: Options) -> dict:
     for i, f in enumerate(options.vocab_corpus or []):
         paths[f"the --vocab-corpus file '{f}'" if i else "the --vocab-corpus file"] = f
     return paths
+
+
+def check_used(options: Options) -> None:
+    """An option that would change nothing is refused, not silently ignored (after `export` has set what a
+    quantized checkpoint implies: its INT4 codes)."""
+    if options.int4_plugin_version is not None and options.quantize != "int4":
+        raise RewriteError(f"--int4-plugin-version {options.int4_plugin_version} needs --quantize int4 "
+                           f"(or an AWQ/GPTQ checkpoint); drop it or add --quantize int4")
+    if options.calibration is not None:
+        kv = options.kv_cache == "fp8" and options.kv_scales is None
+        awq = options.quantize == "int4" and options.int4_method == "awq"
+        if not (kv or awq):
+            why = " (its scales come from --kv-scales)" if options.kv_cache == "fp8" else ""
+            raise RewriteError(f"--calibration '{options.calibration}' is used only to calibrate --kv-cache fp8 "
+                               f"scales or --int4-method awq; nothing here calibrates{why}: drop --calibration")
 
 
 def check_paths(in_path: Path, out_dir: Path, options: Options) -> None:
@@ -370,6 +385,23 @@ def step_write(run: Run) -> None:
         run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow)
         graphio.check(tmp / "model.onnx")  # onnx.checker, without re-reading inline weights
         run.files += writer.write_side_files(run, tmp)
+        _warn_nonfinite(run, stream.take_nonfinite())
+        if run.options.external_data and not any(f.endswith(".onnx.data") for f in run.files):
+            run.warn("--external-data: every weight is small enough to stay inside model.onnx; "
+                     "no model.onnx.data was written")
+
+
+def _warn_nonfinite(run: Run, bad: dict) -> None:
+    """Weights that are NaN, or outside fp16's range (|x| > 65504: saturated or inf once narrowed), said by
+    name rather than written silently; verify then fails on the numbers."""
+    cases = (("nan", "are NaN", "the model will compute NaN: check the checkpoint"),
+             ("range", "lie outside fp16's range (|x| >= 65504: saturated or inf in the output)",
+              "the output's values differ from the checkpoint's: check it, or write --dtype float32"))
+    for kind, what, fix in cases:
+        names = sorted(n for n, k in bad.items() if kind in k)
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            run.warn(f"values of {len(names)} weight(s) {what}: {shown}; {fix}")
 
 
 STEPS = [step_load, step_normalize, step_match, step_embedding, step_check, step_build, step_write]
@@ -383,6 +415,8 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     from .features import selected
 
     run.features = selected(options)  # an unknown feature option too
+    check_used(options)
+    stream.take_nonfinite()  # what an earlier run noted is not ours
     if run.out_dir is not None:
         check_paths(run.in_path, run.out_dir, options)
     t0 = time.perf_counter()

@@ -325,3 +325,176 @@ def test_temp_names_carry_the_pid():
     with safety.temp_folder("x") as p:
         assert p.name.startswith(f"onnx_rewriter_x_pid{os.getpid()}_")
     assert not p.exists()
+
+
+# ------------------------------------------------------------------ 13: messages that name the real cause
+
+
+def test_index_naming_a_missing_shard(ckpt, tmp_path, capsys, monkeypatch):
+    no_work(monkeypatch)
+    (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00002.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "model.layers.1.mlp.down_proj.weight": "model-00002-of-00002.safetensors"}}))
+    before = tree(ckpt)
+    code, _, err = run_cli(capsys, "export", "--model", ckpt, "--output-dir", tmp_path / "out")
+    assert_refused(code, err, "model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing",
+                   "download")
+    assert "num_hidden_layers" not in err and tree(ckpt) == before
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("route", ["rewrite", "export"])
+def test_config_vocab_size_as_a_string_blames_config(base, ckpt, tmp_path, capsys, monkeypatch, route):
+    if route == "export":
+        no_work(monkeypatch)
+    folder = base.parent if route == "rewrite" else ckpt
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = str(cfg["vocab_size"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    before = tree(folder)
+    out = tmp_path / "out"
+    argv = [base, out] if route == "rewrite" else ["export", "--model", ckpt, "--output-dir", out]
+    code, _, err = run_cli(capsys, *argv)
+    assert_refused(code, err, "config.json", "vocab_size", "fix config.json")
+    assert "tokenizer files" not in err and tree(folder) == before
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("route", ["rewrite", "export"])
+def test_dangling_chat_template_link(base, ckpt, tmp_path, capsys, monkeypatch, route):
+    if route == "export":
+        no_work(monkeypatch)
+    folder = base.parent if route == "rewrite" else ckpt
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "chat_template.jinja").symlink_to(tmp_path / "gone.jinja")
+    out = tmp_path / "out"
+    argv = [base, out] if route == "rewrite" else ["export", "--model", ckpt, "--output-dir", out]
+    code, _, err = run_cli(capsys, *argv)
+    assert_refused(code, err, "chat_template.jinja", "link", "does not exist", "--no-tokenizer")
+    assert "neutral" not in err
+    assert_no_output(out)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_external_data_that_is_not_a_file(base, tmp_path, capsys, kind):
+    data = base.parent / "model.onnx.data"
+    data.unlink()
+    if kind == "fifo":
+        os.mkfifo(data)
+    else:
+        data.symlink_to("/dev/zero")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, base, out)
+    assert_refused(code, err, "model.onnx.data", "not a regular file")
+    assert "missing" not in err.splitlines()[-1]
+    assert_no_output(out)
+
+
+def test_console_script_names_itself(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/onnx-rewriter"])
+    code, _, err = run_cli(capsys, "export")
+    assert_refused(code, err, "see onnx-rewriter export --help")
+    assert "python -m" not in err
+    monkeypatch.setattr(sys, "argv", ["/x/onnx_rewriter/__main__.py"])
+    code, _, err = run_cli(capsys, "export")
+    assert_refused(code, err, "see python -m onnx_rewriter export --help")
+
+
+# ------------------------------------------------------------------ 14: nothing silently ignored
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--int4-plugin-version", "1"], ["--int4-plugin-version 1", "needs --quantize int4"]),
+    (["--calibration", "{cal}"], ["--calibration", "only to calibrate", "drop --calibration"]),
+    (["--calibration", "{cal}", "--quantize", "int4"], ["--calibration", "drop --calibration"]),
+])
+def test_options_that_would_change_nothing_are_refused(base, tmp_path, capsys, monkeypatch, argv, words):
+    no_work(monkeypatch)
+    cal = tmp_path / "cal.txt"
+    cal.write_text("hello\n")
+    before = tree(base.parent)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, base, out, *[a.format(cal=cal) for a in argv])
+    assert_refused(code, err, *words)
+    assert tree(base.parent) == before
+    assert_no_output(out)
+
+
+def test_int4_plugin_version_on_a_one_layout_target_warns(models, tmp_path, capsys):
+    from .test_int4 import DIMS
+
+    code, _, err = run_cli(capsys, models.baseline("qwen2", **DIMS), tmp_path / "out", "--quantize", "int4",
+                           "--int4-plugin-version", "1", "--target", "edgellm-0.9")
+    assert code == 0, err
+    assert "WARNING: --int4-plugin-version 1: edgellm-0.9 has one INT4 layout" in err
+
+
+@pytest.fixture(scope="module")
+def bad_weights(models, tmp_path_factory):
+    """The llama baseline with one weight above fp16's range (the embedding) and one NaN (a linear), rewritten
+    with --external-data."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    src = models.baseline("llama")
+    root = tmp_path_factory.mktemp("bad_weights")
+    base = root / "base"
+    base.mkdir()
+    model = onnx.load(str(src))
+    picked = {}
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and len(picked) < 2:
+            a = numpy_helper.to_array(t).copy()
+            a.flat[0] = 1e6 if not picked else np.nan
+            picked[t.name] = "inf" if not picked else "nan"
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    onnx.save(model, str(base / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    models.copy_side_files(models.checkpoint("llama"), base)
+    out = root / "out"
+    code = cli.main([str(base / "model.onnx"), str(out), "--external-data"])
+    return code, out, picked, root
+
+
+def test_weights_outside_fp16_and_nan_warn(bad_weights, capsys):
+    code, out, picked, root = bad_weights
+    assert code == 0
+    report = root / "r.json"
+    # the warnings are in the folder's report too: rerun into another folder with --report
+    code = cli.main([str(root / "base" / "model.onnx"), str(root / "out2"), "--report", str(report), "-q"])
+    assert code == 0
+    warnings = json.loads(report.read_text())["warnings"]
+    nan = [w for w in warnings if "are NaN" in w]
+    big = [w for w in warnings if "outside fp16's range" in w]
+    assert len(nan) == 1 and "check the checkpoint" in nan[0]
+    assert len(big) == 1 and "embed_tokens" in big[0] and "--dtype float32" in big[0]
+
+
+def test_external_data_with_only_small_weights_writes_no_empty_file(bad_weights):
+    code, out, _, _ = bad_weights
+    assert code == 0
+    assert not (out / "model.onnx.data").exists()
+    files = json.loads((out / safety.MANIFEST).read_text())["files"]
+    assert "model.onnx.data" not in files
+
+
+def test_verify_nan_rows_never_read_same():
+    import numpy as np
+
+    from onnx_rewriter.reference.verify import VerifyResult, compare
+
+    nan = np.full(8, np.nan, np.float32)
+    s = compare("prefill[0]", nan, nan)
+    assert not s.top1_agree
+    r = VerifyResult()
+    r.steps = [s]
+    row = r.table().splitlines()[1]
+    assert row.split()[-1] == "NaN" and "same" not in row
+
+
+def test_verify_fp16_model_on_an_fp16_folder_is_refused(bad_weights, models, capsys):
+    _, out, _, _ = bad_weights
+    ckpt = models.checkpoint("llama")
+    code, _, err = run_cli(capsys, "verify", out, "--model", ckpt, "--fp16-model", ckpt)
+    assert_refused(code, err, "--fp16-model", "no INT4 linears", "--model alone")

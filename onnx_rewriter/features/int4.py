@@ -80,6 +80,9 @@ class Int4(Feature):
         if version not in plan.versions:
             raise UnsupportedModel(f"--int4-plugin-version {version}: {target.name} has only "
                                    f"{', '.join(OPS[v] for v in plan.versions)}")
+        if self.plugin_version is not None and len(plan.versions) == 1:  # said, not silently ignored
+            run.warn(f"--int4-plugin-version {version}: {target.name} has one INT4 layout ({OPS[version]}), "
+                     f"so the option changes nothing there (it chooses between layouts on edgellm-0.11)")
         self.version, self.plan = version, plan
         if self.method == "awq":
             from ..calibration import linear_inputs

@@ -339,7 +339,9 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
     if not streamed:
         onnx.save_model(model, str(out_path))
     files = [out_path.name]
-    if external:
+    if external and writer._offset == 0:  # every weight small enough to stay inline: no empty data file
+        (out_path.parent / writer.data_name).unlink(missing_ok=True)
+    elif external:
         files.append(writer.data_name)
     return files
 

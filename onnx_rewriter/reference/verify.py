@@ -68,6 +68,8 @@ class VerifyResult:
         rows = [f"{'step':<14}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
         for s in self.steps:
             top = ("same" if s.top1_agree else "DIFF") + ("" if s.top1_checked else " (margin tiny)")
+            if not np.isfinite([s.max_abs, s.cosine]).all():  # NaN logits: argmax of NaNs is no agreement
+                top = "NaN"
             rows.append(f"{s.step:<14}{s.max_abs:>11.3e}{s.rel:>11.3e}{s.cosine:>11.6f}  {top}")
         return "\n".join(rows)
 
@@ -124,7 +126,8 @@ def compare(step: str, ours: np.ndarray, ref: np.ndarray) -> StepResult:
     top2 = np.sort(ref)[-2:]
     margin = float(top2[1] - top2[0])
     tie = TOP1_TIE * max(float(np.abs(ref).max()), 1e-12)
-    return StepResult(step, max_abs, rel, cos, int(ours.argmax()) == int(ref.argmax()), margin > tie)
+    finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
+    return StepResult(step, max_abs, rel, cos, finite and int(ours.argmax()) == int(ref.argmax()), margin > tie)
 
 
 def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -172,6 +175,13 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
     elif fp16_model:
+        from ..features.int4 import OPS
+
+        if not any(n.op_type in OPS.values() for n in graph.graph.node):  # refused, not a meaningless "INT4 error"
+            from ..errors import RewriteError
+
+            raise RewriteError(f"--fp16-model: '{out_dir}' has no INT4 linears, so there is no quantization error "
+                               f"to report; verify it with --model alone")
         original = HFOracle(fp16_model)
     int4 = original is not None
     result = VerifyResult()
