@@ -381,14 +381,17 @@ def step_write(run: Run) -> None:
     size = graphio.weights_nbytes(run.source.graph, 2 if float_type == onnx.TensorProto.FLOAT16 else 4)
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
     model = to_model(run)
+    # asked for: every weight but norms and biases in the data file (none passes the automatic size in a small model)
+    least = graphio.EXPLICIT_EXTERNAL_MIN if run.options.external_data else graphio.SMALL_TENSOR_ELEMENTS
     with OutputDir(run.out_dir, force=run.options.force) as tmp:
-        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow)
+        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow,
+                                 least)
         graphio.check(tmp / "model.onnx")  # onnx.checker, without re-reading inline weights
         run.files += writer.write_side_files(run, tmp)
         _warn_nonfinite(run, stream.take_nonfinite())
         if run.options.external_data and not any(f.endswith(".onnx.data") for f in run.files):
-            run.warn("--external-data: every weight is small enough to stay inside model.onnx; "
-                     "no model.onnx.data was written")
+            run.warn(f"--external-data: no weight has more than {graphio.EXPLICIT_EXTERNAL_MIN} values, so all stay "
+                     f"inside model.onnx; no model.onnx.data was written")
 
 
 def _warn_nonfinite(run: Run, bad: dict) -> None:

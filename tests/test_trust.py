@@ -471,12 +471,40 @@ def test_weights_outside_fp16_and_nan_warn(bad_weights, capsys):
     assert len(big) == 1 and "embed_tokens" in big[0] and "--dtype float32" in big[0]
 
 
-def test_external_data_with_only_small_weights_writes_no_empty_file(bad_weights):
+def test_external_data_in_a_small_model_holds_its_weights(bad_weights):
+    """--external-data on a tiny model: the weights go to model.onnx.data (it was written empty, 0 bytes)."""
+    import onnx
+
     code, out, _, _ = bad_weights
     assert code == 0
-    assert not (out / "model.onnx.data").exists()
-    files = json.loads((out / safety.MANIFEST).read_text())["files"]
-    assert "model.onnx.data" not in files
+    assert (out / "model.onnx.data").stat().st_size > 0
+    assert "model.onnx.data" in json.loads((out / safety.MANIFEST).read_text())["files"]
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(np_numel(t) > 1024 for t in external)
+
+
+def np_numel(t) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
+
+
+def test_no_empty_data_file_when_nothing_is_large(tmp_path):
+    """The safety net: a model whose weights all stay inline gets no 0-byte model.onnx.data."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnx_rewriter.modelio import graph
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4])], [w])
+    files = graph.save(helper.make_model(g), tmp_path / "model.onnx", tmp_path, onnx.TensorProto.FLOAT, True)
+    assert files == ["model.onnx"] and not (tmp_path / "model.onnx.data").exists()
 
 
 def test_verify_nan_rows_never_read_same():
