@@ -129,6 +129,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
         p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
                        "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
+        _trust_opt(p)
         p.add_argument("--fp16-model", metavar="DIR", help="the unquantized model an AWQ/GPTQ --model was made "
                        "from: also report the INT4 error against it")
     else:
@@ -264,14 +265,15 @@ def _run_command(cmd: str, args) -> int:
         if args.verify:
             from .reference.verify import verify
 
-            return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet).passed else 1
+            return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet,
+                               trust_remote_code=args.trust_remote_code).passed else 1
         return 0
     if cmd == "verify":
         from .reference.verify import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
                            quiet=args.quiet, lora_adapter=args.lora_adapter,
-                           fp16_model=args.fp16_model).passed else 1
+                           fp16_model=args.fp16_model, trust_remote_code=args.trust_remote_code).passed else 1
     from .inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)

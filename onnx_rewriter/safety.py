@@ -48,8 +48,9 @@ def check_no_overlap(out, folders: dict | None = None, files: dict | None = None
         p = resolved(p)
         if _within(out, p) or _within(p, out):
             how = "is" if out == p else "lies inside" if _within(out, p) else "contains"
+            fix = "an output folder" if what == "output folder" else f"a {what}"
             raise RewriteError(f"{what} '{out}' {how} {label} '{p}'; writing there could destroy it: "
-                               f"choose an output folder outside it")
+                               f"choose {fix} outside it")
     for label, p in (files or {}).items():
         p = resolved(p)
         if _within(p, out):

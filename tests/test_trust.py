@@ -198,7 +198,7 @@ def test_no_prompt_even_where_an_argument_is_left_out(ckpt, tmp_path, never_ask)
 
 
 def test_every_loading_command_has_the_option():
-    for cmd in ("rewrite", "export"):
+    for cmd in ("rewrite", "export", "verify"):
         assert "--trust-remote-code" in cli.build_parser(cmd).format_help()
 
 

@@ -75,10 +75,10 @@ class VerifyResult:
 
 
 class HFOracle:
-    def __init__(self, model: str, lora_adapter: str | None = None):
+    def __init__(self, model: str, lora_adapter: str | None = None, trust_remote_code: bool = False):
         from ..hf.export import load_model
 
-        self.model, self.config = load_model(model)
+        self.model, self.config = load_model(model, trust_remote_code=trust_remote_code)
         if lora_adapter:  # transformers + PEFT, the adapter merged into the weights
             from peft import PeftModel
 
@@ -154,7 +154,7 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
            rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None,
-           fp16_model: str | None = None) -> VerifyResult:
+           fp16_model: str | None = None, trust_remote_code: bool = False) -> VerifyResult:
     """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
     reported against it."""
     check_steps(steps)
@@ -170,7 +170,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     # the graph once, without external weights: LoRA inputs, FP8 scales and INT4 nodes are read from it
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
-    oracle = HFOracle(model, lora_adapter) if model else OnnxOracle(baseline)
+    oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
     original = _int4_oracle(graph, out_dir, model)
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
@@ -182,7 +182,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
 
             raise RewriteError(f"--fp16-model: '{out_dir}' has no INT4 linears, so there is no quantization error "
                                f"to report; verify it with --model alone")
-        original = HFOracle(fp16_model)
+        original = HFOracle(fp16_model, trust_remote_code=trust_remote_code)
     int4 = original is not None
     result = VerifyResult()
     rope_table = None
@@ -207,7 +207,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         from .fp8_oracle import Fp8Oracle
 
         if original is None:
-            original = HFOracle(model)
+            original = HFOracle(model, trust_remote_code=trust_remote_code)
         result.quantized = "FP8 KV cache" if result.quantized == "INT4" and not int4 else "INT4 + FP8 KV cache"
         oracle = Fp8Oracle(oracle, fp8_scales, rows)
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
