@@ -21,11 +21,13 @@ class _UsageError(Exception):
     """A wrong command line: argparse's message, printed as our one `error:` line."""
 
 
+CONSOLE_SCRIPT = "onnx-rewriter"  # setup.cfg's console_scripts entry
+
+
 def _invoked_as(prog: str) -> str:
-    """`python -m onnx_rewriter ...` as the user typed it: the console script says `onnx-rewriter ...`."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    if name and name not in ("__main__.py", "-m", "-c") and not name.endswith(".py") and "pytest" not in name:
-        return prog.replace("python -m onnx_rewriter", name, 1)
+    """`python -m onnx_rewriter ...` as the user typed it: run as the console script, `onnx-rewriter ...`."""
+    if sys.argv and os.path.basename(sys.argv[0]) == CONSOLE_SCRIPT:
+        return prog.replace("python -m onnx_rewriter", CONSOLE_SCRIPT, 1)
     return prog
 
 
