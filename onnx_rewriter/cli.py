@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import RewriteError
@@ -20,7 +21,20 @@ class _UsageError(Exception):
     """A wrong command line: argparse's message, printed as our one `error:` line."""
 
 
+CONSOLE_SCRIPT = "onnx-rewriter"  # setup.cfg's console_scripts entry
+
+
+def _invoked_as(prog: str) -> str:
+    """`python -m onnx_rewriter ...` as the user typed it: run as the console script, `onnx-rewriter ...`."""
+    if sys.argv and os.path.basename(sys.argv[0]) == CONSOLE_SCRIPT:
+        return prog.replace("python -m onnx_rewriter", CONSOLE_SCRIPT, 1)
+    return prog
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, prog=None, **kwargs):
+        super().__init__(*args, prog=_invoked_as(prog) if prog else prog, **kwargs)
+
     def error(self, message):
         raise _UsageError(f"{message}; see {self.prog} --help")
 
@@ -59,6 +73,12 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
         cls.add_arguments(p)
 
 
+def _trust_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="let transformers run the model folder's own Python code (a custom model or tokenizer "
+                        "class); only for folders you trust. Without it such code never runs, and nothing asks")
+
+
 def _rewrite_kwargs(args) -> dict:
     """The pipeline.Options keywords of a parsed rewrite/export command line."""
     import dataclasses
@@ -66,7 +86,8 @@ def _rewrite_kwargs(args) -> dict:
     from .features import OPTIONS
 
     core = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
-                tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, calibration=args.calibration)
+                tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, calibration=args.calibration,
+                report=args.report)
     return {**core, **{f.name: getattr(args, f.name) for cls in OPTIONS for f in dataclasses.fields(cls)
                        if f.metadata.get("flag")}}
 
@@ -78,6 +99,7 @@ def _add_rewrite(sub) -> None:
     p.add_argument("input", help="baseline .onnx file")
     p.add_argument("output_dir", help="output folder (created atomically; must lie outside the input's folder)")
     p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
+    _trust_opt(p)
     _rewrite_opts(p)
 
 
@@ -89,8 +111,7 @@ def _add_export(sub) -> None:
                    help="output folder (created atomically; must lie outside the checkpoint)")
     p.add_argument("--device", default="cpu", help="torch device the model is loaded and traced on: cpu "
                    "(default) or cuda[:N] (needs a CUDA build of torch)")
-    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                   help="let transformers run the checkpoint's own Python code (only for checkpoints you trust)")
+    _trust_opt(p)
     p.add_argument("--verify", action="store_true", help="run verify against the HF model afterwards")
     p.add_argument("--keep-baseline", metavar="DIR", help="also keep the baseline export (model.onnx, "
                    "config.json, tokenizer) in DIR, ready for a later `rewrite`")
@@ -108,6 +129,7 @@ def _add_verify(sub) -> None:
     p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
     p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
                    "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
+    _trust_opt(p)
     p.add_argument("--fp16-model", metavar="DIR", help="the unquantized model an AWQ/GPTQ --model was made "
                    "from: also report the INT4 error against it")
 
@@ -224,7 +246,7 @@ def _run(cmd: str, args) -> int:
         # the tokenizer files' child, before the pipeline's imports (see start_early); dropped if not taken.
         # argparse checked the name; the rewrite's options resolve it (pipeline.make_options).
         tokenizer_job.start_early(Path(args.tokenizer) if args.tokenizer else Path(args.input).parent,
-                                  targets.get(args.target).chat_template_file)
+                                  targets.get(args.target).chat_template_file, args.trust_remote_code)
         try:
             return _run_command(cmd, args)
         finally:
@@ -235,15 +257,12 @@ def _run(cmd: str, args) -> int:
 def _run_command(cmd: str, args) -> int:
     from . import pipeline
 
-    if getattr(args, "report", None):
-        from .safety import check_writable_file
-
-        check_writable_file(args.report, "--report")  # now, not after the work
     rewrite_opts = {}
-    if cmd in ("rewrite", "export"):
+    if cmd in ("rewrite", "export"):  # --report is checked with every other written path (safety.check_writes)
         rewrite_opts = _rewrite_kwargs(args)
     if cmd == "rewrite":
-        run = pipeline.rewrite(args.input, args.output_dir, config=args.config, **rewrite_opts)
+        run = pipeline.rewrite(args.input, args.output_dir, config=args.config,
+                               trust_remote_code=args.trust_remote_code, **rewrite_opts)
         _write_report(run, args.report)
         _print_summary(run, run.out_dir, args.quiet)
         return 0
@@ -260,14 +279,15 @@ def _run_command(cmd: str, args) -> int:
         if args.verify:
             from .reference.verify import verify
 
-            return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet).passed else 1
+            return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet,
+                               trust_remote_code=args.trust_remote_code).passed else 1
         return 0
     if cmd == "verify":
         from .reference.verify import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
                            quiet=args.quiet, lora_adapter=args.lora_adapter,
-                           fp16_model=args.fp16_model).passed else 1
+                           fp16_model=args.fp16_model, trust_remote_code=args.trust_remote_code).passed else 1
     from .inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)
@@ -277,9 +297,10 @@ def _run_command(cmd: str, args) -> int:
 
 def _write_report(run, path) -> None:
     if path:
+        from .safety import write_file
+
         try:
-            with open(path, "w") as fh:
-                fh.write(run.report.to_json())
+            write_file(path, run.report.to_json())
         except OSError as exc:
             raise RewriteError(f"cannot write the report '{path}' ({exc.strerror}); choose another path") from None
 

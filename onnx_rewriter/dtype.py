@@ -54,6 +54,8 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
                 t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below
             if not isinstance(t._values, gs.ir.tensor.LazyValues) and _is_float(t.values.dtype):
                 t.values = _narrow(np.asarray(t.values), np_type)
+                if t.values.ndim >= 2 and np_type == np.float16:  # a weight (not a mask fill): said if off
+                    stream.note_nonfinite(t.name, t.values)
         elif t.name in keep_io:
             if _is_float(t.dtype):
                 t.dtype = np_type

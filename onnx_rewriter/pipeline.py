@@ -25,7 +25,7 @@ from .errors import PatternMismatch, RewriteError
 from .features import OPTIONS as FEATURE_OPTIONS
 from .layers import AttentionLayer, TokenEmbedding
 from .modelio import graph as graphio
-from .modelio import schema
+from .modelio import schema, stream
 from .modelio.output import OutputDir
 from .normalize import normalize, replace_uses
 from .probe import MaskProbe
@@ -50,6 +50,8 @@ class CoreOptions:
     force: bool = False  # replace an earlier output of this tool (never a folder it did not write)
     self_check: bool = True  # numerically check masks before fusing
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
+    trust_remote_code: bool = False  # let transformers run a model folder's own code (a custom tokenizer)
+    report: str | Path | None = None  # where the caller writes the match report: checked with the other paths
     fuse_qkv: bool = True  # q/k/v projections as one MatMul (projections.py; FP16 linears: off with INT4, LoRA)
     calibration: str | Path | None = None  # prompts (one a line) for calibrated scales (AWQ, FP8 KV); None: bundled
 
@@ -109,17 +111,38 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
     return options
 
 
+def read_paths(options: Options) -> dict:
+    """{label: path} of every file or folder the options name for reading: nothing written may be or contain
+    one of them (safety.check_writes)."""
+    paths = {"the --config file": options.config, "the --tokenizer folder": options.tokenizer,
+             "the --calibration file": options.calibration, "the --kv-scales folder": options.kv_scales,
+             "the --keep-tokens file": options.keep_tokens}
+    for i, f in enumerate(options.vocab_corpus or []):
+        paths[f"the --vocab-corpus file '{f}'" if i else "the --vocab-corpus file"] = f
+    return paths
+
+
+def check_used(options: Options) -> None:
+    """An option that would change nothing is refused, not silently ignored (after `export` has set what a
+    quantized checkpoint implies: its INT4 codes)."""
+    if options.int4_plugin_version is not None and options.quantize != "int4":
+        raise RewriteError(f"--int4-plugin-version {options.int4_plugin_version} needs --quantize int4 "
+                           f"(or an AWQ/GPTQ checkpoint); drop it or add --quantize int4")
+    if options.calibration is not None:
+        kv = options.kv_cache == "fp8" and options.kv_scales is None
+        awq = options.quantize == "int4" and options.int4_method == "awq"
+        if not (kv or awq):
+            why = " (its scales come from --kv-scales)" if options.kv_cache == "fp8" else ""
+            raise RewriteError(f"--calibration '{options.calibration}' is used only to calibrate --kv-cache fp8 "
+                               f"scales or --int4-method awq; nothing here calibrates{why}: drop --calibration")
+
+
 def check_paths(in_path: Path, out_dir: Path, options: Options) -> None:
     """The output may replace neither what we read nor a folder we did not write (safety.py)."""
     # `rewrite model.onnx out` in the model's folder is the common case: an output inside the input's
     # folder destroys nothing; being or containing it would.
-    files = {"the input model's folder": Path(in_path).parent}
-    if options.config:
-        files["the --config file"] = options.config
-    if options.tokenizer:
-        files["the --tokenizer folder"] = options.tokenizer
-    safety.check_no_overlap(out_dir, files=files)
-    OutputDir.precheck(out_dir, options.force)
+    read = {"the input model's folder": Path(in_path).parent, "the input model": Path(in_path), **read_paths(options)}
+    safety.check_writes(out_dir, options.force, read=read, report=options.report)
 
 
 @dataclass
@@ -366,10 +389,30 @@ def step_write(run: Run) -> None:
     size = graphio.weights_nbytes(run.source.graph, 2 if float_type == onnx.TensorProto.FLOAT16 else 4)
     external = run.options.external_data if run.options.external_data is not None else size > 2_000_000_000
     model = to_model(run)
+    # asked for: every weight but norms and biases in the data file (none passes the automatic size in a small model)
+    least = graphio.EXPLICIT_EXTERNAL_MIN if run.options.external_data else graphio.SMALL_TENSOR_ELEMENTS
     with OutputDir(run.out_dir, force=run.options.force) as tmp:
-        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow)
+        run.files = graphio.save(model, tmp / "model.onnx", run.source.base_dir, float_type, external, run.narrow,
+                                 least)
         graphio.check(tmp / "model.onnx")  # onnx.checker, without re-reading inline weights
         run.files += writer.write_side_files(run, tmp)
+        _warn_nonfinite(run, stream.take_nonfinite())
+        if run.options.external_data and not any(f.endswith(".onnx.data") for f in run.files):
+            run.warn(f"--external-data: no weight has more than {graphio.EXPLICIT_EXTERNAL_MIN} values, so all stay "
+                     f"inside model.onnx; no model.onnx.data was written")
+
+
+def _warn_nonfinite(run: Run, bad: dict) -> None:
+    """Weights that are NaN, or outside fp16's range (|x| > 65504: saturated or inf once narrowed), said by
+    name rather than written silently; verify then fails on the numbers."""
+    cases = (("nan", "are NaN", "the model will compute NaN: check the checkpoint"),
+             ("range", "lie outside fp16's range (|x| >= 65504: saturated or inf in the output)",
+              "the output's values differ from the checkpoint's: check it, or write --dtype float32"))
+    for kind, what, fix in cases:
+        names = sorted(n for n, k in bad.items() if kind in k)
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            run.warn(f"values of {len(names)} weight(s) {what}: {shown}; {fix}")
 
 
 STEPS = [step_load, step_normalize, step_match, step_embedding, step_check, step_build, step_write]
@@ -383,6 +426,8 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     from .features import selected
 
     run.features = selected(options)  # an unknown feature option too
+    check_used(options)
+    stream.take_nonfinite()  # what an earlier run noted is not ours
     if run.out_dir is not None:
         check_paths(run.in_path, run.out_dir, options)
     t0 = time.perf_counter()
@@ -393,7 +438,7 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
         from .sidefiles import tokenizer_job, writer
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
-                                                options.target.chat_template_file)
+                                                options.target.chat_template_file, options.trust_remote_code)
     # No cyclic GC while the steps run: they build a graph of ~100k objects that every full collection
     # walked again (0.2 s of a 0.5B rewrite); the cycles they leave go in the first collection after them.
     gc_was = gc.isenabled()

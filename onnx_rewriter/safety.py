@@ -1,11 +1,15 @@
 """What may be written where, decided before any work, for every command and the API.
 
-Two rules keep a user's files safe:
+Every path a route writes goes through `check_writes` before the route reads anything heavy: the output
+folder, `--keep-baseline`, `--report`; temporary folders come from `temp_folder` (removed on any exit, and
+a killed run's are removed by the next). Three rules keep a user's files safe:
 - an output folder never is, contains or lies inside the checkpoint an export reads, nor is or contains
   anything else we read (the input model's folder, config, tokenizer): `--force` changes nothing here
   (`rewrite model.onnx out` beside the model is the common case and destroys nothing, so it stays allowed);
 - `--force` only replaces a folder this tool wrote, recognised by its manifest (MANIFEST, listing every
   file written); a folder holding anything else is never deleted.
+- a file option (`--report`) never names something we read, lies inside a folder we read from or write,
+  and replaces an existing file only when it is an earlier report of this tool.
 Paths are compared after resolving symlinks, `.` and `..`, so every spelling of a folder is the same folder.
 """
 
@@ -15,6 +19,9 @@ import contextlib
 import errno
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import RewriteError
@@ -41,8 +48,9 @@ def check_no_overlap(out, folders: dict | None = None, files: dict | None = None
         p = resolved(p)
         if _within(out, p) or _within(p, out):
             how = "is" if out == p else "lies inside" if _within(out, p) else "contains"
+            fix = "an output folder" if what == "output folder" else f"a {what}"
             raise RewriteError(f"{what} '{out}' {how} {label} '{p}'; writing there could destroy it: "
-                               f"choose an output folder outside it")
+                               f"choose {fix} outside it")
     for label, p in (files or {}).items():
         p = resolved(p)
         if _within(p, out):
@@ -122,3 +130,155 @@ def check_writable_file(path, option: str) -> None:
                 ok = False
     if not ok:
         raise RewriteError(f"cannot write {option} '{path}' (missing or read-only folder); choose another path")
+
+
+def precheck_folder(path, force: bool, what: str = "output folder") -> None:
+    """Fail before any work when the folder cannot be (re)placed. Creates nothing."""
+    path = resolved(path)
+    if path.exists() and not path.is_dir():
+        raise RewriteError(f"{what} '{path}' exists and is not a folder; choose another path")
+    if path.parent == path:
+        raise RewriteError(f"the {what} cannot be the root folder '{path}'; choose a folder of its own")
+    check_replaceable(path, force, what)
+    base = path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise RewriteError(f"cannot create the {what}: '{base}' is a file, not a folder; choose another path")
+    # os.access says yes to root even on read-only mounts: really try to create something.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".onnx_rewriter-probe-", dir=base))
+    except OSError as exc:
+        raise RewriteError(f"cannot write into '{base}' ({exc.strerror or exc}); choose another {what}") from None
+
+
+def is_our_report(path: Path) -> bool:
+    """An earlier `--report` of this tool (JSON with its layers and status), which may be replaced."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(d, dict) and "layers" in d and d.get("status") in ("rewritten", "refused")
+
+
+def check_report_path(report, folders: dict, files: dict, option: str = "--report") -> None:
+    """`--report FILE`: not a path we read (`files`), not inside a folder we read or write (`folders`), an
+    existing file only when it is our earlier report; and writable, all before any work."""
+    p = resolved(report)
+    for label, f in files.items():
+        if p == resolved(f):
+            raise RewriteError(f"{option} '{report}' is {label}; writing the report there would destroy it: "
+                               f"choose another file")
+    for label, d in folders.items():
+        d = resolved(d)
+        if _within(p, d):
+            raise RewriteError(f"{option} '{report}' {'is' if p == d else 'lies inside'} {label} '{d}'; "
+                               f"choose a file outside it")
+    if p.is_file() and not is_our_report(p):
+        raise RewriteError(f"{option} '{report}' exists and is not a report onnx_rewriter wrote; it is never "
+                           f"replaced: choose another file or remove it yourself")
+    if p.exists() and not p.is_file() and not p.is_dir():
+        raise RewriteError(f"{option} '{report}' is not a regular file; give a file path")
+    check_writable_file(report, option)
+
+
+def check_writes(out, force: bool, *, protected: dict | None = None, read: dict | None = None,
+                 keep_baseline=None, report=None) -> None:
+    """The one check every route (rewrite, export, VLM export) runs before its work, over every path it writes.
+
+    `protected`: folders nothing may be, contain or lie inside ({label: path}; the checkpoint).
+    `read`: files and folders we read, which nothing written may be or contain; the output may lie inside
+    a folder of them (`rewrite model.onnx out` beside the model). `keep_baseline` and `report`: the
+    options of those names, or None.
+    """
+    protected = {k: v for k, v in (protected or {}).items() if v is not None}
+    read = {k: v for k, v in (read or {}).items() if v is not None}
+    check_no_overlap(out, protected, read)
+    precheck_folder(out, force)
+    written = {"the output folder": out}
+    if keep_baseline:
+        check_no_overlap(keep_baseline, {**protected, **written}, read, what="--keep-baseline folder")
+        precheck_folder(keep_baseline, force, "--keep-baseline folder")
+        written["the --keep-baseline folder"] = keep_baseline
+    if report:
+        check_report_path(report, {**protected, **written}, read)
+
+
+# ------------------------------------------------------------------ temporary folders
+
+_TEMP = re.compile(r"^onnx_rewriter_[a-z]+_pid(\d+)_")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temp() -> None:
+    """Remove the temporary folders of runs that are gone (a SIGKILL cannot clean up after itself)."""
+    root = Path(tempfile.gettempdir())
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(root / name, ignore_errors=True)
+
+
+def make_temp(kind: str) -> Path:
+    """A fresh `$TMPDIR/onnx_rewriter_<kind>_pid<pid>_xxxx` folder (the pid lets a later run remove it)."""
+    clean_stale_temp()
+    return Path(tempfile.mkdtemp(prefix=f"onnx_rewriter_{kind}_pid{os.getpid()}_"))
+
+
+@contextlib.contextmanager
+def temp_folder(kind: str):
+    """A temporary folder removed on any exit: an error, Ctrl-C, SIGTERM (the CLI turns it into Ctrl-C)."""
+    path = make_temp(kind)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ code from a model folder
+
+
+def remote_code(trust: bool) -> dict:
+    """from_pretrained's arguments for code in a model folder: runs only with --trust-remote-code, and never
+    an interactive prompt (transformers asks on a terminal when the argument is left out)."""
+    import transformers.dynamic_module_utils as dmu
+
+    dmu.TIME_OUT_REMOTE_CODE = 0  # an unset trust_remote_code anywhere then refuses instead of asking
+    return {"trust_remote_code": bool(trust)}
+
+
+def remote_code_error(exc: BaseException, where, option: str = "--trust-remote-code") -> RewriteError | None:
+    """The one-line refusal for transformers' 'contains custom code' error, naming the option; else None."""
+    text = str(exc)
+    if "trust_remote_code" not in text and "custom code" not in text:
+        return None
+    return RewriteError(f"'{where}' holds its own Python code (an auto_map in its config) that loading it would "
+                        f"run; pass {option} only if you trust that code")
+
+
+def write_file(path, text: str) -> None:
+    """Write a file option's contents (--report) whole or not at all: a temporary sibling, then a rename."""
+    p = resolved(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -221,14 +221,14 @@ def test_tokenizer_child_started_early_is_taken_over_or_stopped(models, tmp_path
     monkeypatch.delitem(sys.modules, "transformers")  # as in the CLI: a child, not in-process
     tok_dir = models.checkpoint("llama")
     tokenizer_job.start_early(tok_dir, "processed_chat_template.json")
-    early = tokenizer_job._EARLY[(str(tok_dir), "processed_chat_template.json")]
+    early = tokenizer_job._EARLY[(str(tok_dir), "processed_chat_template.json", False)]
     other = tokenizer_job.start(tok_dir, "chat_template.jinja")  # other files: a child of its own
     assert other is not early
     other.close()
     assert tokenizer_job.start(tok_dir, "processed_chat_template.json") is early and not tokenizer_job._EARLY
     assert len(early.result(tmp_path)) == 4
     tokenizer_job.start_early(tok_dir, "chat_template.jinja")
-    left = tokenizer_job._EARLY[(str(tok_dir), "chat_template.jinja")]
+    left = tokenizer_job._EARLY[(str(tok_dir), "chat_template.jinja", False)]
     tokenizer_job.drop_early()
     assert left.proc.returncode is not None and not tokenizer_job._EARLY
 

@@ -86,6 +86,10 @@ class Int4(Feature):
 
     def check(self, run, target) -> None:
         self.plan, self.version = plan_for(target, run.options.dtype, self.plugin_version)
+        if self.plugin_version is not None and len(self.plan.versions) == 1:  # said, not silently ignored
+            run.warn(f"--int4-plugin-version {self.version}: {target.name} has one INT4 layout "
+                     f"({OPS[self.version]}), so the option changes nothing there (it chooses between layouts "
+                     f"on edgellm-0.11)")
         if self.method == "awq":
             from ..calibration import linear_inputs
 

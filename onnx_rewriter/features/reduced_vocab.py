@@ -174,7 +174,7 @@ class ReducedVocab(Feature):
         from ..sidefiles.writer import tokenizer_dir
 
         tok_dir = tokenizer_dir(run)
-        tok = load_tokenizer(tok_dir)
+        tok = load_tokenizer(tok_dir, run.options.trust_remote_code)
         if tok is None:
             raise RewriteError(f"--reduce-vocab needs the model's tokenizer; none found in '{tok_dir}' "
                                f"(pass --tokenizer DIR)")

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -52,8 +51,11 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .. import safety
+
+    trust = safety.remote_code(trust_remote_code)["trust_remote_code"]  # and never a prompt
     try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, **hub)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust, **hub)
     except OSError as exc:
         if local:
             raise RewriteError(f"'{model}' has no readable config.json ({str(exc).splitlines()[0][:100]})") from None
@@ -64,7 +66,8 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
         raise RewriteError(f"cannot fetch '{model}' from the model hub (no network, or no such model); "
                            f"download it elsewhere and pass the local folder") from None
     except ValueError as exc:
-        raise RewriteError(f"unsupported model in '{model}': {str(exc).splitlines()[0][:160]}") from None
+        raise safety.remote_code_error(exc, model) or RewriteError(
+            f"unsupported model in '{model}': {str(exc).splitlines()[0][:160]}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise RewriteError(f"'{model}' is an encoder-decoder model ({getattr(config, 'model_type', '?')}); "
                            f"onnx_rewriter handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)")
@@ -80,6 +83,9 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
                                                          trust_remote_code=trust_remote_code, **hub)
     except ValueError as exc:
+        refusal = safety.remote_code_error(exc, model)
+        if refusal is not None:
+            raise refusal from None
         msg = str(exc).splitlines()[0][:160]
         if attn_implementation == "sdpa" and ("sdpa" in msg.lower() or "scaled_dot_product_attention" in msg):
             return load_model(model, device, trust_remote_code, "eager", torch_dtype)
@@ -327,17 +333,22 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 
 
-def _save_tokenizer(model: str, into: Path) -> Path | None:
+def _save_tokenizer(model: str, into: Path, trust_remote_code: bool = False) -> Path | None:
     """A hub checkpoint's tokenizer saved into `into`; None when it has none. A tokenizer that is there
     but cannot be loaded is an error, as on the rewrite route (sidefiles/tokenizer.py)."""
     from transformers import AutoTokenizer
 
+    from .. import safety
+
     try:
-        tok = AutoTokenizer.from_pretrained(model, **hub_kwargs(model))
+        tok = AutoTokenizer.from_pretrained(model, **hub_kwargs(model), **safety.remote_code(trust_remote_code))
     except OSError as exc:  # no tokenizer files at all: the rewrite warns, as for any baseline without one
         log.info("no tokenizer for '%s': %s", model, str(exc).splitlines()[0][:120])
         return None
     except Exception as exc:
+        refusal = safety.remote_code_error(exc, model)
+        if refusal is not None:
+            raise refusal from None
         why = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
         raise RewriteError(f"cannot load the tokenizer of '{model}': {why}; fix it, pass --tokenizer DIR "
                            f"or --no-tokenizer") from None
@@ -385,7 +396,29 @@ def _check_checkpoint(folder: Path | None) -> None:
     if not isinstance(config, dict):
         raise RewriteError(f"'{folder / 'config.json'}' holds a JSON {type(config).__name__}, not an object; "
                            f"replace it with the model's HF config.json")
+    for index in sorted(folder.glob("*.safetensors.index.json")):  # a shard it names is gone: say which
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise RewriteError(f"cannot read '{index}' (a JSON object with a weight_map); download it again") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise RewriteError(f"'{index}' names {len(missing)} shard(s) that are missing in '{folder}' "
+                               f"({', '.join(missing[:3])}); download them again")
     checkpoint_check.check(sorted(folder.glob("*.safetensors")), config, str(folder / "config.json"))
+
+
+def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=None) -> Path | None:
+    """What every export route (text, VLM) checks before loading anything: the device, every path it will
+    write (safety.check_writes) and the checkpoint's files against its config. Returns the checkpoint folder."""
+    from .. import pipeline, safety
+
+    check_device(device)
+    folder = _checkpoint_folder(model)
+    safety.check_writes(output_dir, opts.force, protected={"the checkpoint": folder}, read=pipeline.read_paths(opts),
+                        keep_baseline=keep_baseline, report=opts.report)
+    _check_checkpoint(folder)
+    return folder
 
 
 def export(model: str, output_dir, target: str | None = None, dtype: str = "float16", device: str = "cpu",
@@ -396,37 +429,25 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     what a later `rewrite` of it needs). Every option is checked before the model is loaded.
     """
     from .. import pipeline, safety
-    from ..modelio.output import OutputDir
     from .vlm import export_vlm, vlm_type
 
-    if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
-        return export_vlm(model, output_dir, target=target, dtype=dtype, force=force, keep_baseline=keep_baseline,
-                          **options)
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
-    check_device(device)
-    folder = _checkpoint_folder(model)
-    out = safety.resolved(output_dir)
-    protected = {"the checkpoint": folder} if folder is not None else {}
-    files = {"the --tokenizer folder": opts.tokenizer} if opts.tokenizer else {}
-    safety.check_no_overlap(out, protected, files)
-    OutputDir.precheck(out, force)
-    if keep_baseline:
-        safety.check_no_overlap(keep_baseline, {**protected, "the output folder": out}, files,
-                                what="--keep-baseline folder")
-        OutputDir.precheck(keep_baseline, force, "--keep-baseline folder")
-    _check_checkpoint(folder)
+    opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
+    precheck(model, output_dir, opts, device, keep_baseline)
+    out = Path(output_dir)
+    if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
+        return export_vlm(model, out, opts, device=device, keep_baseline=keep_baseline)
     tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
     if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
         from ..sidefiles.tokenizer import load_tokenizer
 
-        load_tokenizer(tok_dir)
+        load_tokenizer(tok_dir, opts.trust_remote_code)
     with progress.stages(["load", "export", "rewrite"], "export") as advance:
         advance("load")
         # The checkpoint's own dtype when it is bf16: half the memory and bytes of an fp32 export, 4x faster
         # to load, and bf16 values are exact in fp16, the runtime's type (bench/run.py measures it).
-        m, config = load_model(model, device, trust_remote_code, torch_dtype="export")
-        work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_export_"))
-        try:
+        m, config = load_model(model, device, opts.trust_remote_code, torch_dtype="export")
+        with safety.temp_folder("export") as work:
             advance("export")
             with safety.os_errors(f"cannot write the baseline export in '{work}'",
                                   "free some space there or point TMPDIR at a folder with room"):
@@ -438,7 +459,8 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
                 # own tokenizer is read where it is, by the same code as on the rewrite route.
                 if opts.tokenizer is None and not opts.no_tokenizer:
                     local = Path(model).is_dir()
-                    opts.tokenizer = Path(model) if local else _save_tokenizer(model, work) or work
+                    opts.tokenizer = (Path(model) if local
+                                      else _save_tokenizer(model, work, opts.trust_remote_code) or work)
                     if keep_baseline and local:
                         for f in _TOKENIZER_FILES:
                             if (Path(model) / f).is_file():
@@ -455,8 +477,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
             if keep_baseline:
                 _keep(work, keep_baseline, force)
             return run
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _keep(work: Path, keep_baseline, force: bool) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,19 +41,24 @@ def num_deepstack(config) -> int:
     return len(getattr(vision, "deepstack_visual_indexes", None) or [])
 
 
-def load_vlm(model: str, dtype: str = "float32"):
-    """The HF VLM (Qwen*VLForConditionalGeneration) and its config, from a local folder."""
+def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """The HF VLM (Qwen*VLForConditionalGeneration) and its config, from a local folder, on `device`."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from .. import safety
+
+    trust = safety.remote_code(trust_remote_code)  # and never a prompt
     try:
-        config = AutoConfig.from_pretrained(model, local_files_only=True)
+        config = AutoConfig.from_pretrained(model, local_files_only=True, **trust)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), local_files_only=True)
+            m = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), local_files_only=True,
+                                                            **trust)
     except (OSError, ValueError) as exc:
-        raise RewriteError(f"cannot load the VLM '{model}': {str(exc).splitlines()[0][:160]}") from None
-    return m.eval(), config
+        raise safety.remote_code_error(exc, model) or RewriteError(
+            f"cannot load the VLM '{model}': {str(exc).splitlines()[0][:160]}") from None
+    return m.to(device).eval(), config
 
 
 def text_decoder(vlm):
@@ -99,10 +102,11 @@ def export_text_baseline(vlm, config, path: Path) -> Path:
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     nd = num_deepstack(config)
     hidden = config.text_config.hidden_size
-    ids = torch.ones((2, 8), dtype=torch.int64)
+    dev = next(vlm.parameters()).device  # --device: the inputs where the model is
+    ids = torch.ones((2, 8), dtype=torch.int64, device=dev)
     mask = torch.ones_like(ids)
-    pos = torch.arange(8).view(1, 1, -1).expand(3, 2, -1).contiguous()
-    deep = tuple(torch.zeros((2, 8, hidden)) for _ in range(nd))
+    pos = torch.arange(8, device=dev).view(1, 1, -1).expand(3, 2, -1).contiguous()
+    deep = tuple(torch.zeros((2, 8, hidden), device=dev) for _ in range(nd))
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {1: batch, 2: seq}}
     args = (ids, mask, pos)
@@ -123,34 +127,30 @@ def export_text_baseline(vlm, config, path: Path) -> Path:
     return path
 
 
-def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "float16", force: bool = False,
-               keep_baseline: str | None = None, **options):
+def export_vlm(model: str, output_dir, opts, device: str = "cpu", keep_baseline: str | None = None):
     """`make export` of a Qwen VLM: `<out>/llm/` (the rewritten text decoder) and `<out>/visual/` (the
     vision encoder, by `onnx_rewriter.vision.export_visual` when that module is installed). Returns the
-    LLM rewrite run."""
+    LLM rewrite run. `opts` and every path were checked by export.precheck, as on the text route."""
     from .. import pipeline, progress, safety
     from ..modelio.output import OutputDir
 
-    opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     out = safety.resolved(output_dir)
-    safety.check_no_overlap(out, {"the checkpoint": Path(model)}, {})
-    OutputDir.precheck(out, force)
     from ..features.vlm import check_target
 
     check_target(opts.target)  # before the slow steps: a target the contract has no VLM route for
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
-        vlm, config = load_vlm(model)
+        vlm, config = load_vlm(model, device=device, trust_remote_code=opts.trust_remote_code)
         _precheck_visual(config, model, opts)  # a missing preprocessor config fails now, not after the LLM
-        work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_vlm_"))
-        try:
+        with safety.temp_folder("vlm") as work:
             advance("export")
             with safety.os_errors(f"cannot write the baseline export in '{work}'",
                                   "free some space there or point TMPDIR at a folder with room"):
                 base = export_text_baseline(vlm, config, work / "model.onnx")
+            vlm.to("cpu")  # the vision export and the rewrite's checks run on the CPU
             if opts.tokenizer is None and not opts.no_tokenizer:
                 opts.tokenizer = Path(model)
-            with OutputDir(out, force=force) as tmp:
+            with OutputDir(out, force=opts.force) as tmp:
                 advance("rewrite")
                 run = pipeline.rewrite(base, tmp / "llm", opts)
                 advance("visual")
@@ -159,10 +159,8 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
             if keep_baseline:
                 from .export import _keep
 
-                _keep(work, keep_baseline, force)
+                _keep(work, keep_baseline, opts.force)
             return run
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _precheck_visual(config, model: str, opts) -> None:

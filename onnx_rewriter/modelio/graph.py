@@ -54,6 +54,9 @@ def _check_external(t: TensorProto, base_dir: Path) -> None:
     if Path(info.location).is_absolute() or ".." in Path(info.location).parts:
         raise RewriteError(f"external data location '{info.location}' of tensor '{t.name}' is outside the model's "
                            f"folder; ONNX external data must lie beside the .onnx file")
+    if file.exists() and not file.is_file():  # a FIFO or a device (/dev/zero) would hang or read forever
+        raise RewriteError(f"external data file '{file}' of tensor '{t.name}' is not a regular file (a FIFO, device "
+                           f"or folder); put the model's real data file there")
     if not file.is_file():
         raise RewriteError(
             f"external data file '{info.location}' of tensor '{t.name}' is missing next to the model "
@@ -246,7 +249,9 @@ def convert_float(arr: np.ndarray, proto_type: int, want: int) -> np.ndarray:
 class WeightWriter:
     """Streams initializers into `<model>.data` (external) or inline raw_data, converting float dtypes."""
 
-    def __init__(self, out_model: Path, source_dir: Path, float_type: int, external: bool, narrow: set[str]):
+    def __init__(self, out_model: Path, source_dir: Path, float_type: int, external: bool, narrow: set[str],
+                 external_min: int = SMALL_TENSOR_ELEMENTS):
+        self.external_min = external_min  # tensors above this many elements go to the data file
         self.source_dir = source_dir
         self.narrow = narrow
         self.float_type = float_type
@@ -267,7 +272,7 @@ class WeightWriter:
 
     def rewrite(self, t: TensorProto) -> None:
         """Replace `t`'s storage in place with converted data (inline or external)."""
-        large = stream.numel(t) > SMALL_TENSOR_ELEMENTS
+        large = stream.numel(t) > self.external_min
         # A large computed one is streamed to the file below (write_tensor), not put in raw_data: those bytes
         # stay in the proto's upb arena after Clear(), so each quantized weight would add to the peak.
         if stream.is_computed(t) and not (self.external and large):
@@ -301,12 +306,18 @@ class WeightWriter:
             t.raw_data = raw
 
 
+# --external-data asked for explicitly: every weight but the smallest (norms, biases) goes to the data file,
+# also in a small model (where none passes SMALL_TENSOR_ELEMENTS and the data file was empty).
+EXPLICIT_EXTERNAL_MIN = 1024
+
+
 def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: int, external: bool,
-         narrow: set[str] = frozenset()) -> list[str]:
-    """Write `model`, converting the weights named in `narrow` to `float_type`; returns the files written."""
+         narrow: set[str] = frozenset(), external_min: int = SMALL_TENSOR_ELEMENTS) -> list[str]:
+    """Write `model`, converting the weights named in `narrow` to `float_type`; returns the files written.
+    `external_min`: with `external`, tensors above this many elements go to `<model>.data`."""
     from .. import progress
 
-    writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow))
+    writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow), external_min)
     tensors = list(_all_initializers(model.graph))
     total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize
                 for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
@@ -336,7 +347,9 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
     if not streamed:
         onnx.save_model(model, str(out_path))
     files = [out_path.name]
-    if external:
+    if external and writer._offset == 0:  # every weight small enough to stay inline: no empty data file
+        (out_path.parent / writer.data_name).unlink(missing_ok=True)
+    elif external:
         files.append(writer.data_name)
     return files
 

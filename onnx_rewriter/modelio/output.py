@@ -23,11 +23,6 @@ from ..errors import RewriteError
 log = logging.getLogger(__name__)
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,23 +45,8 @@ class OutputDir:
 
     @staticmethod
     def precheck(path: Path, force: bool, what: str = "output folder") -> None:
-        """Fail before any work when the folder cannot be (re)placed. Creates nothing."""
-        path = safety.resolved(path)
-        if path.exists() and not path.is_dir():
-            raise RewriteError(f"output '{path}' exists and is not a folder; choose another output path")
-        if path.parent == path:
-            raise RewriteError(f"the {what} cannot be the root folder '{path}'; choose a folder of its own")
-        safety.check_replaceable(path, force, what)
-        base = _nearest_existing(path.parent)
-        if not base.is_dir():
-            raise RewriteError(f"cannot create the output folder: '{base}' is a file, not a folder; "
-                               f"choose another output folder")
-        # os.access says yes to root even on read-only mounts: really try to create something.
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".onnx_rewriter-probe-", dir=base))
-        except OSError as exc:
-            raise RewriteError(f"cannot write into '{base}' ({exc.strerror or exc}); choose another output "
-                               f"folder") from None
+        """Fail before any work when the folder cannot be (re)placed. Creates nothing (safety.py's rule)."""
+        safety.precheck_folder(path, force, what)
 
     def _clean_stale(self, parent: Path) -> None:
         """Remove temp siblings left by killed runs; restore a folder a kill left renamed aside."""
@@ -118,6 +98,12 @@ class OutputDir:
 
     def _replace(self) -> None:
         cwd_inside = _cwd_within(self.path)  # `OUT` is `.`: the process would be left in a deleted folder
+        # Again now: another run may have written the folder since our precheck (two runs, one new folder).
+        if self.path.exists() and any(self.path.iterdir()):
+            try:
+                safety.check_replaceable(self.path, self.force)
+            except RewriteError as exc:
+                raise RewriteError(f"{exc} (another run wrote it while this one worked)") from None
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.rename(self.path, old)

@@ -68,15 +68,17 @@ class VerifyResult:
         rows = [f"{'step':<14}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
         for s in self.steps:
             top = ("same" if s.top1_agree else "DIFF") + ("" if s.top1_checked else " (margin tiny)")
+            if not np.isfinite([s.max_abs, s.cosine]).all():  # NaN logits: argmax of NaNs is no agreement
+                top = "NaN"
             rows.append(f"{s.step:<14}{s.max_abs:>11.3e}{s.rel:>11.3e}{s.cosine:>11.6f}  {top}")
         return "\n".join(rows)
 
 
 class HFOracle:
-    def __init__(self, model: str, lora_adapter: str | None = None):
+    def __init__(self, model: str, lora_adapter: str | None = None, trust_remote_code: bool = False):
         from ..hf.export import load_model
 
-        self.model, self.config = load_model(model)
+        self.model, self.config = load_model(model, trust_remote_code=trust_remote_code)
         if lora_adapter:  # transformers + PEFT, the adapter merged into the weights
             from peft import PeftModel
 
@@ -124,7 +126,8 @@ def compare(step: str, ours: np.ndarray, ref: np.ndarray) -> StepResult:
     top2 = np.sort(ref)[-2:]
     margin = float(top2[1] - top2[0])
     tie = TOP1_TIE * max(float(np.abs(ref).max()), 1e-12)
-    return StepResult(step, max_abs, rel, cos, int(ours.argmax()) == int(ref.argmax()), margin > tie)
+    finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
+    return StepResult(step, max_abs, rel, cos, finite and int(ours.argmax()) == int(ref.argmax()), margin > tie)
 
 
 def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -151,7 +154,7 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
            rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None,
-           fp16_model: str | None = None) -> VerifyResult:
+           fp16_model: str | None = None, trust_remote_code: bool = False) -> VerifyResult:
     """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
     reported against it."""
     check_steps(steps)
@@ -167,12 +170,19 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     # the graph once, without external weights: LoRA inputs, FP8 scales and INT4 nodes are read from it
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
-    oracle = HFOracle(model, lora_adapter) if model else OnnxOracle(baseline)
+    oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
     original = _int4_oracle(graph, out_dir, model)
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
     elif fp16_model:
-        original = HFOracle(fp16_model)
+        from ..features.int4 import OPS
+
+        if not any(n.op_type in OPS.values() for n in graph.graph.node):  # refused, not a meaningless "INT4 error"
+            from ..errors import RewriteError
+
+            raise RewriteError(f"--fp16-model: '{out_dir}' has no INT4 linears, so there is no quantization error "
+                               f"to report; verify it with --model alone")
+        original = HFOracle(fp16_model, trust_remote_code=trust_remote_code)
     int4 = original is not None
     result = VerifyResult()
     rope_table = None
@@ -197,7 +207,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         from .fp8_oracle import Fp8Oracle
 
         if original is None:
-            original = HFOracle(model)
+            original = HFOracle(model, trust_remote_code=trust_remote_code)
         result.quantized = "FP8 KV cache" if result.quantized == "INT4" and not int4 else "INT4 + FP8 KV cache"
         oracle = Fp8Oracle(oracle, fp8_scales, rows)
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)

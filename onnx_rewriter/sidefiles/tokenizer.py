@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from onnx_rewriter.errors import RewriteError
@@ -15,19 +15,48 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def load_tokenizer(path):
-    """The tokenizer saved in folder `path`, or None when the folder has none."""
+def load_tokenizer(path, trust_remote_code: bool = False):
+    """The tokenizer saved in folder `path`, or None when the folder has none. Code of its own (an auto_map to a
+    tokenization_*.py) runs only with `trust_remote_code` (--trust-remote-code), and is never asked about."""
     folder = Path(path)
+    _check_files(folder)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
+    from .. import safety
+
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, **safety.remote_code(trust_remote_code))
     except Exception as exc:  # a broken tokenizer is the user's to fix; say where and why in one line
+        refusal = safety.remote_code_error(exc, folder)
+        if refusal is not None:
+            raise refusal from None
+        if any(c.__name__ == "StrictDataclassError" for c in type(exc).__mro__) and (folder / "config.json").is_file():
+            why = " ".join(str(exc).split())  # transformers reads config.json with the tokenizer: blame the right file
+            raise RewriteError(f"'{folder / 'config.json'}' is not a valid model config ({why}); "
+                               f"fix config.json") from None
         why = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise RewriteError(f"cannot load the tokenizer in {folder}: {why}; fix or replace its tokenizer files, pass "
                            f"another folder (--tokenizer DIR) or skip them (--no-tokenizer)") from exc
+
+
+# Every file a tokenizer may be read from (transformers skips a missing one silently).
+_READ_FILES = _TOKENIZER_FILES + ("special_tokens_map.json", "added_tokens.json", "merges.txt", "chat_template.jinja",
+                                  "chat_template.json", "config.json")
+
+
+def _check_files(folder: Path) -> None:
+    """A dangling link or a non-regular file (FIFO, device) among the tokenizer's files is an error, not 'absent'
+    (transformers would skip it and the output would silently lack, e.g., the chat template)."""
+    for name in _READ_FILES:
+        p = folder / name
+        if p.is_symlink() and not p.exists():
+            raise RewriteError(f"'{p}' is a link to '{os.readlink(p)}', which does not exist; restore the file, "
+                               f"remove the link, or pass --no-tokenizer")
+        if p.exists() and not p.is_file():
+            raise RewriteError(f"'{p}' is not a regular file (a FIFO, device or folder); replace it with the "
+                               f"model's file or pass --no-tokenizer")
 
 
 def special_tokens_map(tokenizer) -> dict:
@@ -54,7 +83,9 @@ def write_tokenizer_files(tokenizer, out_dir) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     # save_pretrained may add files we don't ship (chat_template.jinja, vocab.json, ...): save aside, copy ours.
-    with tempfile.TemporaryDirectory() as tmp:
+    from .. import safety
+
+    with safety.temp_folder("tokenizer") as tmp:
         tokenizer.save_pretrained(tmp, save_jinja_files=False)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (Path(tmp) / name).is_file():

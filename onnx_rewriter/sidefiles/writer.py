@@ -31,7 +31,8 @@ def write_side_files(run, out_dir: Path) -> list[str]:
         run.warn(f"--no-tokenizer: not written: {', '.join(missing)} (the runtime needs them: add them by hand)")
         return files
     # Started by step_load (a child process, see tokenizer_job.py), or here.
-    job = getattr(run, "tokenizer_job", None) or tokenizer_jobs.start(tok_dir, target.chat_template_file)
+    job = getattr(run, "tokenizer_job", None) or tokenizer_jobs.start(
+        tok_dir, target.chat_template_file, run.options.trust_remote_code)
     written = job.result(out_dir)
     if written is None:
         run.warn(f"no tokenizer found in '{tok_dir}' (pass --tokenizer DIR); not written: {', '.join(missing)}")

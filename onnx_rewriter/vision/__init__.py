@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +67,14 @@ def export_visual(model, out_dir, target="edgellm-0.9", dtype: str = "float16", 
     """
     import torch
 
+    from .. import safety
     from ..modelio.output import OutputDir
     from . import export, rewrite
 
     target = plugin.check_target(target)  # a Target from here on
     family, checkpoint = precheck(model.config, target, dtype, checkpoint)
     visual = copy.deepcopy(tower_of(model)).to(getattr(torch, dtype)).eval()
-    work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_visual_"))
+    work = safety.make_temp("visual")  # a killed run's is removed by the next
     try:
         if plain is None:
             plain = export.export_tower(family, visual, work / "plain.onnx", float_type=DTYPES[dtype])
