@@ -30,6 +30,23 @@ def _nearest_existing(path: Path) -> Path:
     return p
 
 
+# what a temporary name adds to the folder's own: `.NAME.tmp-PID-` plus mkdtemp's 8 characters
+_TMP_NAME_EXTRA = 32
+
+
+def _check_name_lengths(path: Path, what: str) -> None:
+    """Every name of the path, and the temporary sibling of the last, fit the file system (NAME_MAX)."""
+    try:
+        limit = os.pathconf(path.anchor or "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for i, part in enumerate(path.parts[1:]):
+        extra = _TMP_NAME_EXTRA if i == len(path.parts) - 2 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            raise RewriteError(f"the {what} name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; the file "
+                               f"system allows {limit - extra} for it: choose a shorter name")
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -52,6 +69,7 @@ class OutputDir:
     def precheck(path: Path, force: bool, what: str = "output folder") -> None:
         """Fail before any work when the folder cannot be (re)placed. Creates nothing."""
         path = safety.resolved(path)
+        _check_name_lengths(path, what)  # first: exists() raises on a name too long
         if path.exists() and not path.is_dir():
             raise RewriteError(f"output '{path}' exists and is not a folder; choose another output path")
         if path.parent == path:
