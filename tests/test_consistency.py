@@ -74,6 +74,8 @@ ROWS = [
      ["model.onnx", "logits has 320", "vocab_size is 300"]),
     ("num_attention_heads -4", _set_config("num_attention_heads", -4), None,
      ["config.json", "num_attention_heads is -4", "positive integer"]),
+    ("partial_rotary_factor edited", _set_config("partial_rotary_factor", 0.5), None,
+     ["model.onnx", "rope_rotary_cos_sin is 16 wide", "partial_rotary_factor 0.5 gives 8"]),
     ("tokenizer.json deleted", _delete("tokenizer.json"), None, ["tokenizer.json", "missing"]),
     ("a tokenizer larger than the embedding", _big_tokenizer, None, ["tokenizer.json", "token ids reach 999", "320"]),
     ("plugin num_kv_heads edited", _set_plugin_attr("num_kv_heads", 4), None,
@@ -136,7 +138,12 @@ def vlm_export(models, tmp_path_factory):
     return ckpt, root
 
 
-@pytest.mark.parametrize("case", ["no visual/", "onnx_rewriter.vision not installed"])
+VLM_ROWS = {"no visual/": "visual/model.onnx: missing",
+            "onnx_rewriter.vision not installed": "onnx_rewriter.vision is not installed",
+            "num_deepstack_features edited": "0 deepstack_embeds inputs but config.json num_deepstack_features is 2"}
+
+
+@pytest.mark.parametrize("case", list(VLM_ROWS))
 def test_vlm_export_without_its_vision_encoder_fails(vlm_export, tmp_path, capsys, monkeypatch, case):
     ckpt, src = vlm_export
     root = tmp_path / "out"
@@ -144,14 +151,16 @@ def test_vlm_export_without_its_vision_encoder_fails(vlm_export, tmp_path, capsy
     if case != "no visual/":
         (root / "visual").mkdir()
         (root / "visual" / "model.onnx").write_bytes(b"placeholder")
+    if case == "onnx_rewriter.vision not installed":
         monkeypatch.setitem(sys.modules, "onnx_rewriter.vision", None)  # what a wheel without it does
+    if case == "num_deepstack_features edited":
+        _set_config("num_deepstack_features", 2)(root / "llm")
     before = tree(root)
     code = cli.main(["verify", str(root), "--model", str(ckpt), "-q"])
     stdout, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in err and "internal error" not in err, (stdout, err)
     fail = [line for line in stdout.splitlines() if line.startswith("FAIL: ")]
-    want = "visual/model.onnx: missing" if case == "no visual/" else "onnx_rewriter.vision is not installed"
-    assert len(fail) == 1 and want in fail[0], stdout
+    assert len(fail) == 1 and VLM_ROWS[case] in fail[0], stdout
     assert tree(root) == before and leftovers(tmp_path) == []
 
 

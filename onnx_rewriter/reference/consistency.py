@@ -150,6 +150,7 @@ def _graph(out: Path, cfg: dict, sizes: dict, target) -> list[str]:
     for what, names in per_layer.items():
         more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
         problems.append(f"{path}: {names[0]}{more} {what}")
+    problems += _rope_and_vlm(path, cfg, sizes, inputs)
     logits = next((o for o in graph.output if o.name == "logits"), None)
     want = cfg.get("reduced_vocab_size", sizes.get("vocab_size"))
     if logits is None:
@@ -157,6 +158,31 @@ def _graph(out: Path, cfg: dict, sizes: dict, target) -> list[str]:
     elif want is not None and _dims(logits)[-1:] not in ([None], [want]):
         key = "reduced_vocab_size" if "reduced_vocab_size" in cfg else "vocab_size"
         problems.append(f"{path}: logits has {_dims(logits)[-1]} entries per token but config.json {key} is {want}")
+    return problems
+
+
+def _rope_and_vlm(path: Path, cfg: dict, sizes: dict, inputs: dict) -> list[str]:
+    """The RoPE table width the runtime builds from config.json (head_dim · partial_rotary_factor, or twice the
+    M-RoPE sections) is the graph's; a VLM decoder's deepstack inputs are config.json's count."""
+    problems = []
+    table = inputs.get("rope_rotary_cos_sin")
+    width = _dims(table)[-1] if table is not None and _dims(table) else None
+    scaling = cfg.get("rope_scaling") if isinstance(cfg.get("rope_scaling"), dict) else {}
+    section = scaling.get("mrope_section")
+    factor = cfg.get("partial_rotary_factor")
+    if isinstance(section, list) and all(isinstance(x, int) for x in section):
+        want, why = 2 * sum(section), f"rope_scaling.mrope_section {section}"
+    elif "head_dim" in sizes and isinstance(factor, (int, float)) and not isinstance(factor, bool):
+        want, why = round(sizes["head_dim"] * factor), f"head_dim {sizes['head_dim']} x partial_rotary_factor {factor}"
+    else:
+        want = None
+    if width is not None and want is not None and width != want:
+        problems.append(f"{path}: rope_rotary_cos_sin is {width} wide but config.json {why} gives {want}")
+    if section is not None:
+        deep = sum(1 for n in inputs if n.startswith("deepstack_embeds_"))
+        nd = cfg.get("num_deepstack_features")
+        if nd != deep:
+            problems.append(f"{path}: {deep} deepstack_embeds inputs but config.json num_deepstack_features is {nd!r}")
     return problems
 
 
