@@ -47,6 +47,15 @@ def _set_plugin_attr(name, value):
     return edit
 
 
+def _negative_offset(out):
+    m = onnx.load(str(out / "model.onnx"))
+    onnx.save(m, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
+    m = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    t = next(t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in t.external_data if e.key == "offset").value = "-100"
+    onnx.save(m, str(out / "model.onnx"))
+
+
 def _write(name, text):
     return lambda out: (out / name).write_text(text)
 
@@ -82,6 +91,8 @@ ROWS = [
      ["model.onnx", "num_kv_heads=4", "num_key_value_heads is 2"]),
     ("plugin num_q_heads edited", _set_plugin_attr("num_q_heads", 8), None,
      ["model.onnx", "num_q_heads=8", "num_attention_heads is 4"]),
+    ("external data offset -100", _negative_offset, None,
+     ["model.onnx", "external data", "-100", "rewrite the folder again"]),
     ("config.json not JSON", _write("config.json", "{not json"), None, ["config.json", "not readable json"]),
     ("--model another model", None, "smollm", ["config.json", "hidden_size=64", "hidden_size=144", "--model"]),
     ("text folder, --model a VLM", None, "qwen2_5_vl", ["config.json", "text llm", "vision-language model"]),

@@ -107,6 +107,16 @@ def _graph(out: Path, cfg: dict, sizes: dict, target) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one FAIL line
         return [f"{path}: not a readable ONNX model ({type(exc).__name__}); rewrite the folder again"]
     problems = []
+    from ..errors import RewriteError
+    from ..modelio.graph import _check_external
+
+    for t in graph.initializer:  # external data the runtime (and our runner) will read: there, whole, inside
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            try:
+                _check_external(t, out)
+            except RewriteError as exc:
+                problems.append(f"{path}: {str(exc).replace('re-export the model', 'rewrite the folder again')}")
+                break
     said = lambda key: f"config.json {key} is {sizes[key]}"  # noqa: E731
     inputs = {i.name: i for i in graph.input}
     caches = [i for n, i in inputs.items() if n.startswith("past_key_values_")]
