@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 from . import dtype as dtypes
 from . import engine, progress, projections, safety, targets
 from . import spec as specmod
-from .errors import PatternMismatch, RewriteError
+from .errors import PatternMismatch, RewriteError, UnsupportedModel
 from .features import OPTIONS as FEATURE_OPTIONS
 from .layers import AttentionLayer, TokenEmbedding
 from .modelio import graph as graphio
@@ -206,7 +206,30 @@ def weights_float_type(graph: gs.Graph) -> int:
     return max(floats)[1] if floats else onnx.TensorProto.FLOAT
 
 
+# onnxruntime's contrib ops the rewriter reads (converted before matching); any other op of these domains, or
+# one the ONNX standard does not define (ORT registers SimplifiedLayerNormalization in the default domain), is
+# an onnxruntime fusion (optimize_model: RotaryEmbedding, GroupQueryAttention, SkipSimplifiedLayerNormalization,
+# ...) that hides the layer structure the patterns read.
+READ_CONTRIB_OPS = {"MatMulNBits"}
+ORT_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "ai.onnx.contrib")
+
+
+def check_ort_fused_ops(run: Run) -> None:
+    """Refuse onnxruntime-fused graphs by op name (inspect and rewrite both run this, in step_normalize)."""
+    fused = {}
+    for node in run.source.graph.nodes:
+        if (node.domain in ORT_DOMAINS and node.op not in READ_CONTRIB_OPS
+                or node.domain in ("", "ai.onnx", None) and not onnx.defs.has(node.op)):
+            fused.setdefault(node.op, node.name)
+    if fused:
+        ops = ", ".join(f"{op} ('{name}')" for op, name in sorted(fused.items()))
+        raise UnsupportedModel(f"'{run.in_path}' holds onnxruntime-fused (non-standard) ops ({ops}): the rewriter "
+                               f"reads the plain export; rewrite the export from before onnxruntime's optimize_model "
+                               f"(or export again)")
+
+
 def step_normalize(run: Run) -> None:
+    check_ort_fused_ops(run)
     run.source.graph = normalize(run.source.graph, reinfer=True, weight_transposes=True)
 
 
@@ -286,6 +309,11 @@ def step_check(run: Run) -> None:
 
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
+    if not run.options.no_tokenizer:  # the tokenizer's ids fit the embedding (checked again on the files written)
+        from .sidefiles import writer
+
+        tok_dir = writer.tokenizer_dir(run)
+        writer.check_tokenizer_rows(tok_dir / "tokenizer.json", tok_dir, int(run.spec["vocab_size"]))
     exact_constants(run)
     target = run.options.target
     target.check(run.layers, run.warn)

@@ -132,9 +132,27 @@ def check_writable_file(path, option: str) -> None:
         raise RewriteError(f"cannot write {option} '{path}' (missing or read-only folder); choose another path")
 
 
+# what a temporary name adds to the folder's own: `.NAME.tmp-PID-` plus mkdtemp's 8 characters
+_TMP_NAME_EXTRA = 32
+
+
+def _check_name_lengths(path: Path, what: str) -> None:
+    """Every name of the path, and the temporary sibling of the last, fit the file system (NAME_MAX)."""
+    try:
+        limit = os.pathconf(path.anchor or "/", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for i, part in enumerate(path.parts[1:]):
+        extra = _TMP_NAME_EXTRA if i == len(path.parts) - 2 else 0
+        if len(os.fsencode(part)) + extra > limit:
+            raise RewriteError(f"the {what} name '{part[:40]}...' is {len(os.fsencode(part))} bytes long; the file "
+                               f"system allows {limit - extra} for it: choose a shorter name")
+
+
 def precheck_folder(path, force: bool, what: str = "output folder") -> None:
     """Fail before any work when the folder cannot be (re)placed. Creates nothing."""
     path = resolved(path)
+    _check_name_lengths(path, what)
     if path.exists() and not path.is_dir():
         raise RewriteError(f"{what} '{path}' exists and is not a folder; choose another path")
     if path.parent == path:
@@ -193,6 +211,7 @@ def check_writes(out, force: bool, *, protected: dict | None = None, read: dict 
     """
     protected = {k: v for k, v in (protected or {}).items() if v is not None}
     read = {k: v for k, v in (read or {}).items() if v is not None}
+    _check_name_lengths(resolved(out), "output folder")  # first: resolving and exists() fail on a name too long
     check_no_overlap(out, protected, read)
     precheck_folder(out, force)
     written = {"the output folder": out}

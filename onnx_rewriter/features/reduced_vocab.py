@@ -61,6 +61,14 @@ class ReducedVocabOptions(FeatureOptions):
             if not Path(f).is_file():
                 raise RewriteError(f"'{f}' is not a file; give text files (--vocab-corpus) or a file of token ids "
                                    f"(--keep-tokens)")
+        # an empty file would keep only the special tokens, silently: refused like an empty --calibration
+        for f in corpus:
+            if not _read_text(f).strip():
+                raise RewriteError(f"--vocab-corpus '{f}' holds no text; give text files whose tokens the reduced "
+                                   f"vocabulary keeps")
+        if self.keep_tokens and not _uncommented(_read_text(self.keep_tokens)).strip(" \t\r\n,"):
+            raise RewriteError(f"--keep-tokens '{self.keep_tokens}' holds no token id; give integers (one per line "
+                               f"or separated by commas)")
         m = self.vocab_multiple
         if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
             raise RewriteError(f"--vocab-multiple {m!r}: give a positive integer (e.g. 64)")
@@ -76,9 +84,13 @@ def _read_text(path) -> str:
         raise RewriteError(f"cannot read '{path}' as UTF-8 text ({exc}); give plain text files") from None
 
 
+def _uncommented(text: str) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
 def read_token_ids(path, vocab: int) -> list[int]:
     """Token ids separated by whitespace or commas; `#` starts a comment."""
-    text = "\n".join(line.split("#", 1)[0] for line in _read_text(path).splitlines())
+    text = _uncommented(_read_text(path))
     ids = []
     for word in re.split(r"[\s,]+", text.strip()):
         if not word:
@@ -196,19 +208,24 @@ class ReducedVocab(Feature):
         # lm_head's weight, then any per-token constant after it (a bias): cut along the vocabulary axis
         node, t = head, None
         while node is not None:
-            for i, c in enumerate(node.inputs):
-                if not isinstance(c, gs.Constant) or not c.shape or int(np.prod(c.shape)) <= 1:
+            for i, inp in enumerate(node.inputs):
+                c, perm = self._constant_through_transpose(inp)
+                if c is None or not c.shape or int(np.prod(c.shape)) <= 1:
                     continue
-                axis = self._vocab_axis(node, i, c, vocab)
+                shape = [int(c.shape[p]) for p in perm] if perm else list(c.shape)  # as `node` reads it
+                axis = self._vocab_axis(node, i, shape, vocab)
                 if axis is None:
                     continue
-                shape = list(c.shape)
                 before += int(np.prod(shape)) * np.dtype(np_float).itemsize
                 shape[axis] = r
                 after += int(np.prod(shape)) * np.dtype(np_float).itemsize
-                node.inputs[i] = computed_constant(
-                    f"{node.name}/reduced_vocab_{i}", np_float, shape,
-                    lambda c=c, axis=axis: np.take(constant_array(c, base_dir), vmap, axis=axis).astype(np_float))
+                src_axis = perm[axis] if perm else axis
+
+                def cut(c=c, src_axis=src_axis, perm=perm):
+                    rows = np.take(constant_array(c, base_dir), vmap, axis=src_axis)
+                    return (rows.transpose(perm) if perm else rows).astype(np_float)
+
+                node.inputs[i] = computed_constant(f"{node.name}/reduced_vocab_{i}", np_float, shape, cut)
             t = node.outputs[0]
             if t.shape is not None and len(t.shape) and t.shape[-1] == vocab:
                 t.shape = list(t.shape[:-1]) + [r]
@@ -228,8 +245,22 @@ class ReducedVocab(Feature):
             r, vocab, before, after, 100.0 * (before - after) / before)
 
     @staticmethod
-    def _vocab_axis(node, i: int, c: gs.Constant, vocab: int) -> int | None:
-        shape = [int(d) for d in c.shape]
+    def _constant_through_transpose(t) -> tuple[gs.Constant | None, list | None]:
+        """(the constant, None) for a constant input; (its source, perm) for Transpose(constant): a tied lm_head
+        of a large model reads Transpose(weight) (the embedding shares the weight, and a weight that large is
+        not folded), which the cut reads through; else (None, None)."""
+        if isinstance(t, gs.Constant):
+            return t, None
+        node = t.inputs[0] if len(t.inputs) == 1 else None
+        if node is not None and node.op == "Transpose" and isinstance(node.inputs[0], gs.Constant) \
+                and node.inputs[0].shape:
+            rank = len(node.inputs[0].shape)
+            return node.inputs[0], [int(p) for p in node.attrs.get("perm", range(rank - 1, -1, -1))]
+        return None, None
+
+    @staticmethod
+    def _vocab_axis(node, i: int, shape, vocab: int) -> int | None:
+        shape = [int(d) for d in shape]
         if node.op == "Gemm" and i == 1:
             axis = 0 if node.attrs.get("transB", 0) else 1
             return axis if shape[axis] == vocab else None

@@ -84,9 +84,17 @@ def check(files, config: dict, config_name: str = "config.json") -> None:
             where[name] = Path(f)
     for name in [n for n in shapes if n.endswith(".weight") and f"{n}_scale" in shapes and len(shapes[n]) == 2]:
         shapes[name] = (2 * shapes[name][0], shapes[name][1])  # ModelOpt INT4 [N/2, K]: two rows per byte row
-    if not shapes or not isinstance(config, dict) or config.get("is_encoder_decoder"):
+    if not isinstance(config, dict) or config.get("is_encoder_decoder"):
         return  # an encoder-decoder is refused by name when loaded
     cfg = _llm_part(config)
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "head_dim"):  # torch would fail on a negative size, deep in the load
+        said = _get(cfg, field)
+        if isinstance(said, int) and not isinstance(said, bool) and said <= 0:
+            raise RewriteError(f"'{config_name}' says {field}={said}; a size must be a positive integer: fix "
+                               f"config.json or use the checkpoint it belongs to")
+    if not shapes:
+        return
     sizes = weight_sizes(shapes)
 
     def refuse(field, said, found, why):

@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import pickle
 import shutil
 import socket
 import threading
@@ -93,6 +94,11 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
                            f"handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)") from None
     except OSError as exc:
         raise RewriteError(f"cannot load the weights of '{model}': {str(exc).splitlines()[0][:160]}") from None
+    except (pickle.UnpicklingError, EOFError) as exc:  # a .bin torch will not unpickle safely (or a broken one)
+        bins = ", ".join(p.name for p in sorted(Path(model).glob("*.bin"))) if local else "its .bin files"
+        why = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+        raise RewriteError(f"cannot load the weights of '{model}': torch refuses to unpickle {bins or 'them'} "
+                           f"({why}); give the checkpoint as safetensors") from None
     return m.to(device).eval(), config
 
 
@@ -421,6 +427,19 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     return folder
 
 
+def _check_tokenizer_rows(tok_dir: Path, folder: Path | None) -> None:
+    """The tokenizer's ids fit the checkpoint's vocab_size, before the export (the rewrite checks it again)."""
+    from ..sidefiles.config_json import _get, _llm_part
+    from ..sidefiles.writer import check_tokenizer_rows
+
+    try:
+        vocab = _get(_llm_part(json.loads((folder / "config.json").read_text())), "vocab_size")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # a hub id, or no config: the rewrite checks the tokenizer against the graph
+    if isinstance(vocab, int) and vocab > 0:
+        check_tokenizer_rows(tok_dir / "tokenizer.json", tok_dir, vocab)
+
+
 def export(model: str, output_dir, target: str | None = None, dtype: str = "float16", device: str = "cpu",
            trust_remote_code: bool = False, force: bool = False, keep_baseline: str | None = None, **options):
     """Export `model` (HF id or folder) and rewrite it into `output_dir`. Returns the rewrite run.
@@ -433,7 +452,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
 
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
-    precheck(model, output_dir, opts, device, keep_baseline)
+    folder = precheck(model, output_dir, opts, device, keep_baseline)
     out = Path(output_dir)
     if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
         return export_vlm(model, out, opts, device=device, keep_baseline=keep_baseline)
@@ -442,6 +461,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
         from ..sidefiles.tokenizer import load_tokenizer
 
         load_tokenizer(tok_dir, opts.trust_remote_code)
+        _check_tokenizer_rows(Path(tok_dir), folder)
     with progress.stages(["load", "export", "rewrite"], "export") as advance:
         advance("load")
         # The checkpoint's own dtype when it is bf16: half the memory and bytes of an fp32 export, 4x faster

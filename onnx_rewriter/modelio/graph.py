@@ -49,7 +49,14 @@ class SourceModel:
 
 
 def _check_external(t: TensorProto, base_dir: Path) -> None:
-    info = external_data_helper.ExternalDataInfo(t)
+    try:
+        info = external_data_helper.ExternalDataInfo(t)
+    except ValueError as exc:  # a negative offset or length, a non-integer one
+        raise RewriteError(f"tensor '{t.name}' has a broken external data entry in the .onnx file in {base_dir} "
+                           f"({exc}); re-export the model") from None
+    if (info.offset or 0) < 0 or (info.length or 0) < 0:
+        raise RewriteError(f"tensor '{t.name}' has a negative external data offset or length ({info.offset}, "
+                           f"{info.length}) in the .onnx file in {base_dir}; re-export the model")
     file = base_dir / info.location
     if Path(info.location).is_absolute() or ".." in Path(info.location).parts:
         raise RewriteError(f"external data location '{info.location}' of tensor '{t.name}' is outside the model's "

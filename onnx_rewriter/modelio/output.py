@@ -23,8 +23,6 @@ from ..errors import RewriteError
 log = logging.getLogger(__name__)
 
 
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -56,6 +56,7 @@ class VerifyResult:
     quantization: list[StepResult] = field(default_factory=list)
     reduced_vocab: tuple[int, int] | None = None  # (kept, full) for a --reduce-vocab folder
     quantized: str = "INT4"
+    problems: list[str] = field(default_factory=list)  # consistency.py: the folder's files disagree
 
     def quantization_line(self) -> str:
         q = self.quantization
@@ -167,6 +168,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     if baseline is not None:
         check_baseline(baseline)
+    inconsistent = check_consistency(out_dir, model, vlm=bool(vlm_type(model)) if model else None)
+    if inconsistent is not None:
+        return inconsistent
     # the graph once, without external weights: LoRA inputs, FP8 scales and INT4 nodes are read from it
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
@@ -246,6 +250,22 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
                   f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
         print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
+    return result
+
+
+def check_consistency(out_dir, model, vlm, extra: list[str] = ()) -> VerifyResult | None:
+    """The folder's files against each other, the contract and `model` (consistency.py): a FAILED result
+    (one `FAIL:` line per problem, printed even with -q) or None when they agree."""
+    from .consistency import check
+
+    problems = list(extra) + check(out_dir, model, vlm=vlm)
+    if not problems:
+        return None
+    result = VerifyResult(criterion="the folder's files agree with each other, the contract and the model; "
+                                    "no numbers were run", problems=problems)
+    for line in problems:
+        print(f"FAIL: {line}", file=sys.stdout)
+    print(f"verify FAILED ({result.criterion})", file=sys.stdout)
     return result
 
 

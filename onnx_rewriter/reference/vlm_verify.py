@@ -21,7 +21,7 @@ import numpy as np
 
 from .rope import runtime_mrope_table
 from .runner import Session, runner_for
-from .verify import VerifyResult, compare, judge
+from .verify import VerifyResult, check_consistency, compare, judge
 
 PROMPT = "Describe the picture in one short sentence."
 TEXT_PROMPT = "What is the capital of France?"
@@ -62,11 +62,35 @@ def _inputs(model: str, vlm, image):
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text_only = [{"role": "user", "content": [{"type": "text", "text": TEXT_PROMPT}]}]
+    # a template that takes only string content: the same prompts as strings, the image as its placeholder
+    as_strings = ([{"role": "user", "content": IMAGE_PLACEHOLDER + PROMPT}],
+                  [{"role": "user", "content": TEXT_PROMPT}])
     rows = []
-    for msgs, images in ((with_image, [image]), (text_only, [])):
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    for msgs, plain, images in ((with_image, as_strings[0], [image]), (text_only, as_strings[1], [])):
+        prompt = _render(tok, msgs, plain, model)
         rows.append(encode(model, prompt, images, tokenizer=tok))
     return tok, rows
+
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _render(tok, msgs, plain, model) -> str:
+    """The chat template applied to list-of-parts content, or to string content where it takes only that."""
+    from ..errors import RewriteError
+
+    errors = []
+    for m in (msgs, plain):
+        try:
+            prompt = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - the template's own error (TypeError, jinja's), reported below
+            errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+            continue
+        if m is msgs or "<|image_pad|>" in prompt or IMAGE_PLACEHOLDER not in plain[0]["content"]:
+            return prompt
+        errors.append("the rendered prompt lost the image placeholder")
+    raise RewriteError(f"the chat template of '{model}' (chat_template.jinja / tokenizer_config.json) renders "
+                       f"neither list nor string message content ({'; '.join(errors)}); fix the template")
 
 
 def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = False) -> VerifyResult:
@@ -80,6 +104,12 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
     if root.name == "llm" and not (root / "llm").is_dir():  # the llm/ folder itself (export --verify)
         root = root.parent
     out_dir = root / "llm" if (root / "llm").is_dir() else root
+    Session.check_folder(out_dir)
+    failed = check_consistency(out_dir, model, vlm=True, extra=_visual_problems(root, out_dir))
+    if failed is not None:
+        return failed
+    if out_dir == root and not quiet:
+        print(f"note: '{out_dir}' is a decoder folder without llm/ and visual/: no vision encoder is checked")
     vlm, config = load_vlm(model)
     image = image if image is not None else synthetic_images()[0]
     tok, (img_row, text_row) = _inputs(model, vlm, image)
@@ -146,14 +176,29 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
     return result
 
 
+def _visual_problems(root: Path, out_dir: Path) -> list[str]:
+    """An export folder (`llm/` inside it) must hold the vision encoder the runtime builds beside the decoder,
+    and this install must be able to check it. A bare decoder folder (`rewrite` of a VLM's text baseline) has
+    no encoder to check: a note says so."""
+    if out_dir == root:
+        return []
+    visual = root / "visual" / "model.onnx"
+    if not visual.is_file():
+        return [f"{visual}: missing: the runtime needs the vision encoder beside llm/; export the model again "
+                f"(with an install that has onnx_rewriter.vision)"]
+    try:
+        from ..vision import verify_visual  # noqa: F401
+    except ImportError as exc:
+        return [f"{root / 'visual'}: cannot be checked: onnx_rewriter.vision is not installed ({exc}); "
+                f"reinstall onnx_rewriter"]
+    return []
+
+
 def _verify_visual(root: Path, vlm, image, quiet: bool):
     """The `visual/` encoder beside `llm/`, by onnx_rewriter.vision when both are there; else None."""
     if not (root / "visual" / "model.onnx").is_file():
         return None
-    try:
-        from ..vision import verify_visual
-    except ImportError:
-        return None
+    from ..vision import verify_visual  # _visual_problems checked it imports
     res = verify_visual(root, vlm, images=[image])
     if not quiet:
         print(f"visual/: {res.table()}\nvisual {'PASSED' if res.passed else 'FAILED'} ({res.criterion})")

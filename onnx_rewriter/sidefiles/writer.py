@@ -37,7 +37,24 @@ def write_side_files(run, out_dir: Path) -> list[str]:
     if written is None:
         run.warn(f"no tokenizer found in '{tok_dir}' (pass --tokenizer DIR); not written: {', '.join(missing)}")
         return files
+    if not (Path(tok_dir) / "tokenizer.json").is_file():  # converted from a slow tokenizer: step_check saw none
+        check_tokenizer_rows(out_dir / "tokenizer.json", tok_dir, int(run.spec["vocab_size"]))
     return files + written
+
+
+def check_tokenizer_rows(tokenizer_json: Path, tok_dir, vocab_size: int) -> None:
+    """A tokenizer may have fewer ids than the embedding has rows (padding rows are normal), never more: its
+    ids past the table would index outside it on the runtime."""
+    from ..errors import RewriteError
+    from ..reference.consistency import tokenizer_rows
+
+    try:
+        rows = tokenizer_rows(Path(tokenizer_json))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # what the tokenizer library wrote and read back; its own errors were reported already
+    if rows > vocab_size:
+        raise RewriteError(f"the tokenizer in '{tok_dir}' has token ids up to {rows - 1} but the model's embedding "
+                           f"has {vocab_size} rows; pass this model's own tokenizer (--tokenizer DIR)")
 
 
 def tokenizer_dir(run) -> Path:
