@@ -68,7 +68,7 @@ def test_clip_rule_would_lose_information():
 
 def _export(models, tmp_path, fmt, target, **kw):
     from onnx_rewriter import export
-    from onnx_rewriter.reference.verify import verify
+    from onnx_rewriter.verification.llm import verify
 
     ck = qp.write(models.checkpoint("qwen2", **DIMS), tmp_path / f"ck_{fmt}", fmt.split("_")[0], **kw)
     run = export(str(ck), tmp_path / "out", target=target)

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from onnx_rewriter import pipeline  # noqa: E402
 from onnx_rewriter.errors import UnsupportedModel  # noqa: E402
-from onnx_rewriter.reference import vlm_verify  # noqa: E402
+from onnx_rewriter.pipeline import steps as pipeline  # noqa: E402
+from onnx_rewriter.verification import vlm as vlm_verify  # noqa: E402
 
 SECTIONS = {"qwen2_5_vl": ([16, 8, 8], False, 0), "qwen3_vl": ([12, 10, 10], True, 2)}
 
@@ -86,7 +86,7 @@ def test_edgellm_05_refused(models, tmp_path):
 
 
 def test_inspect_shows_sections(models):
-    from onnx_rewriter.inspection import inspect
+    from onnx_rewriter.pipeline.inspection import inspect
 
     text = inspect(models.vlm_baseline("qwen2_5_vl"))
     assert "  M-RoPE sections (t,h,w) [16, 8, 8] sectioned" in text.splitlines()

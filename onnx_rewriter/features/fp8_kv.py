@@ -58,7 +58,7 @@ class Fp8KV(Feature):
         if self.scales_checkpoint:
             self.scales, self.source = checkpoint_scales(self.scales_checkpoint, len(run.layers)), "checkpoint"
         else:
-            from ..calibration import calibrate_kv
+            from onnx_rewriter.features.calibration import calibrate_kv
 
             self.scales, self.source = calibrate_kv(run, self.calibration), "calibrated"
 

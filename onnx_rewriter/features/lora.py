@@ -20,9 +20,10 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.modelio.normalize import replace_uses
+
 from ..errors import UnsupportedModel
 from ..linear_names import is_linear, stem
-from ..normalize import replace_uses
 from . import Feature
 
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")

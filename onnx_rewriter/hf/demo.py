@@ -36,7 +36,7 @@ def build_demo(out_dir) -> Path:
 
 def answer(checkpoint, out_dir, question: str = QUESTION, max_new_tokens: int = 24) -> str:
     """The rewritten folder's greedy answer on the CPU reference, decoded."""
-    from onnx_rewriter.reference.generate import chat_prompt, eos_ids, greedy, load_tokenizer
+    from onnx_rewriter.verification.generate import chat_prompt, eos_ids, greedy, load_tokenizer
 
     tokens = greedy(out_dir, chat_prompt(out_dir, question), max_new_tokens, eos_ids(checkpoint))
     return load_tokenizer(out_dir).decode(tokens, skip_special_tokens=True)

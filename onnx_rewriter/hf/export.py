@@ -395,7 +395,9 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     `keep_baseline`: a folder to keep the baseline export in (model.onnx, config.json, tokenizer files:
     what a later `rewrite` of it needs). Every option is checked before the model is loaded.
     """
-    from .. import pipeline, safety
+    from onnx_rewriter import safety
+    from onnx_rewriter.pipeline import steps as pipeline
+
     from ..modelio.output import OutputDir
     from .vlm import export_vlm, vlm_type
 

@@ -128,7 +128,9 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
     """`make export` of a Qwen VLM: `<out>/llm/` (the rewritten text decoder) and `<out>/visual/` (the
     vision encoder, by `onnx_rewriter.vision.export_visual` when that module is installed). Returns the
     LLM rewrite run."""
-    from .. import pipeline, progress, safety
+    from onnx_rewriter import progress, safety
+    from onnx_rewriter.pipeline import steps as pipeline
+
     from ..modelio.output import OutputDir
 
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..int4_layout import PACKERS, dequantize
+from onnx_rewriter.features.int4.layout import PACKERS, dequantize
 
 
 def int4_gemm(x, qweight, scales, *, gemm_n: int, gemm_k: int, group_size: int, version: int) -> np.ndarray:

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 from safetensors.numpy import load_file
 
+from onnx_rewriter.analysis.rope import runtime_rope_table
+
 from ..errors import RewriteError
 from .ops import REFERENCE_OPS
-from .rope import runtime_rope_table
 
 
 def _evaluator(model_path: Path):

@@ -12,10 +12,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.analysis.rope import first_difference, runtime_rope_table, table_tolerance
+from onnx_rewriter.matching.results import AttentionLayer
+from onnx_rewriter.modelio.normalize import replace_uses
+
 from ..errors import RewriteError, UnsupportedModel
-from ..layers import AttentionLayer
-from ..normalize import replace_uses
-from ..reference.rope import first_difference, runtime_rope_table, table_tolerance
 
 B, S, CAP, P, KV_START = "batch_size", "seq_len", "kv_cache_capacity", "rope_max_positions", "kv_start_batch"
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import onnx_graphsurgeon as gs
 
-from .matching import Refuse, Reject
+from onnx_rewriter.matching import Refuse, Reject
 
 __all__ = ["Context", "Match", "Miss", "Pattern", "Refuse", "Reject", "run"]  # Refuse: for callers of run()
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import (
+from onnx_rewriter.matching.results import (
     AttentionCore,
     AttentionLayer,
     KTranspose,
@@ -26,8 +26,8 @@ from .layers import (
     VitRope,
     mrope_axes,
 )
-from .modelio import stream
-from .modelio.graph import lazy_proto
+from onnx_rewriter.modelio import stream
+from onnx_rewriter.modelio.graph import lazy_proto
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",

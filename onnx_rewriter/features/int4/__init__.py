@@ -19,11 +19,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
-from .. import int4_awq, int4_layout
-from ..errors import UnsupportedModel
-from ..modelio.graph import computed_constant, constant_array, constant_row_blocks
-from ..targets.base import lm_head_input
-from . import Feature
+from onnx_rewriter.errors import UnsupportedModel
+from onnx_rewriter.features import Feature
+from onnx_rewriter.features.int4 import awq as int4_awq
+from onnx_rewriter.features.int4 import layout as int4_layout
+from onnx_rewriter.modelio.graph import computed_constant, constant_array, constant_row_blocks
+from onnx_rewriter.targets.base import lm_head_input
 
 G = int4_layout.GROUP
 OPS = {1: "Int4GroupwiseGemmPlugin", 2: "Int4GroupwiseGemmPluginV2"}
@@ -67,7 +68,7 @@ class Int4(Feature):
     # ------------------------------------------------------------------ hooks
 
     def prepare(self, run) -> None:
-        from ..quantized_onnx import convert
+        from onnx_rewriter.features.int4.onnx_in import convert
 
         self.onnx_codes = convert(run.source.graph, run.source.base_dir)
         if self.onnx_codes:
@@ -82,7 +83,7 @@ class Int4(Feature):
                                    f"{', '.join(OPS[v] for v in plan.versions)}")
         self.version, self.plan = version, plan
         if self.method == "awq":
-            from ..calibration import linear_inputs
+            from onnx_rewriter.features.calibration import linear_inputs
 
             self.activations = linear_inputs(run, self.calibration)
 
@@ -245,7 +246,7 @@ class _CheckpointCodes:
     def __init__(self, folder, base_dir):
         import hashlib
 
-        from ..hf.quantized_checkpoint import Checkpoint
+        from onnx_rewriter.hf.quantized_checkpoint import Checkpoint
 
         self.ck, self.base_dir = Checkpoint(folder), base_dir
         self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()

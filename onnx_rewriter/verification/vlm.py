@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .rope import runtime_mrope_table
-from .runner import Session, runner_for
-from .verify import VerifyResult, compare, judge
+from onnx_rewriter.analysis.rope import runtime_mrope_table
+from onnx_rewriter.reference.runner import Session, runner_for
+from onnx_rewriter.verification.compare import VerifyResult, compare, judge
 
 PROMPT = "Describe the picture in one short sentence."
 TEXT_PROMPT = "What is the capital of France?"
@@ -57,7 +57,7 @@ def _inputs(model: str, vlm, image):
     """(image row encoding, text row encoding) of the two prompts through the chat template."""
     from transformers import AutoTokenizer
 
-    from ..hf.tiny_vlm import encode
+    from onnx_rewriter.hf.tiny_vlm import encode
 
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
@@ -73,8 +73,8 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
     """Run `out_dir` (a `llm/` folder, or the export folder holding it) against the HF VLM `model`."""
     import torch
 
-    from ..hf.tiny_vlm import synthetic_images
-    from ..hf.vlm import load_vlm
+    from onnx_rewriter.hf.tiny_vlm import synthetic_images
+    from onnx_rewriter.hf.vlm import load_vlm
 
     root = Path(out_dir)
     if root.name == "llm" and not (root / "llm").is_dir():  # the llm/ folder itself (export --verify)
@@ -151,7 +151,7 @@ def _verify_visual(root: Path, vlm, image, quiet: bool):
     if not (root / "visual" / "model.onnx").is_file():
         return None
     try:
-        from ..vision import verify_visual
+        from onnx_rewriter.vision import verify_visual
     except ImportError:
         return None
     res = verify_visual(root, vlm, images=[image])

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .layers import RMSNormCore
-from .modelio import stream
-from .modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
-from .modelio.stream import numel
+from onnx_rewriter.matching.results import RMSNormCore
+from onnx_rewriter.modelio import stream
+from onnx_rewriter.modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
+from onnx_rewriter.modelio.stream import numel
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 NAMES = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
