@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import RewriteError
+from .trace import _keep, _light_decomposition, _optimize
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def export_text_baseline(vlm, config, path: Path) -> Path:
     """The text decoder's plain dynamo export (fp32) to `path`; config.json written beside it."""
     import torch
 
-    from .export import _light_decomposition, _optimize
-
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     nd = num_deepstack(config)
     hidden = config.text_config.hidden_size
@@ -126,8 +125,7 @@ def export_text_baseline(vlm, config, path: Path) -> Path:
 def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "float16", force: bool = False,
                keep_baseline: str | None = None, **options):
     """`make export` of a Qwen VLM: `<out>/llm/` (the rewritten text decoder) and `<out>/visual/` (the
-    vision encoder, by `onnx_rewriter.vision.export_visual` when that module is installed). Returns the
-    LLM rewrite run."""
+    vision encoder, by `onnx_rewriter.vision.export_visual`). Returns the LLM rewrite run."""
     from onnx_rewriter import progress, safety
     from onnx_rewriter.pipeline import steps as pipeline
 
@@ -140,6 +138,7 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
     from ..features.vlm import check_target
 
     check_target(opts.target)  # before the slow steps: a target the contract has no VLM route for
+    _vision()  # before the slow steps too: the encoder's exporter is there
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
         vlm, config = load_vlm(model)
@@ -159,26 +158,26 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
                 _visual(vlm, model, tmp, opts)
             run.out_dir = out / "llm"  # where the rewrite's folder now lies
             if keep_baseline:
-                from .export import _keep
-
                 _keep(work, keep_baseline, force)
             return run
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _precheck_visual(config, model: str, opts) -> None:
+def _vision():
+    """onnx_rewriter.vision, which writes visual/: a VLM folder without its encoder is no VLM folder, so an
+    install that lacks it (or its imports) fails here, before the model is loaded, instead of writing llm/ only."""
     try:
-        from ..vision import precheck
-    except ImportError:
-        return
-    precheck(config, opts.target, opts.dtype, checkpoint=model)
+        import onnx_rewriter.vision as vision  # by its full name: a module missing from sys.modules fails here
+    except ImportError as exc:
+        raise RewriteError(f"cannot export the vision encoder: onnx_rewriter.vision does not import ({exc}); "
+                           f"reinstall onnx_rewriter (pip install --force-reinstall onnx_rewriter)") from None
+    return vision
+
+
+def _precheck_visual(config, model: str, opts) -> None:
+    _vision().precheck(config, opts.target, opts.dtype, checkpoint=model)
 
 
 def _visual(vlm, model: str, out: Path, opts) -> None:
-    try:
-        from ..vision import export_visual
-    except ImportError:
-        log.warning("onnx_rewriter.vision is not installed: wrote llm/ only (no visual/ encoder)")
-        return
-    export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)  # writes out/visual/
+    _vision().export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)  # writes out/visual/
