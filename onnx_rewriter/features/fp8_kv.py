@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature
+
 from ..errors import RewriteError
 from ..reference import fp8
-from . import Feature
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature
 from onnx_rewriter.modelio.normalize import replace_uses
 
 from ..errors import UnsupportedModel
 from ..linear_names import is_linear, stem
-from . import Feature
 
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
 INT4_OPS = ("Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2")

@@ -21,13 +21,14 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature
+
 from ..errors import RewriteError, UnsupportedModel
 from ..modelio.graph import computed_constant, constant_array
-from . import Feature
+from ..reference.vocab_map import MAP_FILE
 
 # Runtime 0.5 already honours reduced_vocab_size; every target cuts lm_head alike (contract §12).
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
-MAP_FILE = "vocab_map.safetensors"
 
 
 def check_options(options) -> None:
@@ -232,15 +233,3 @@ def from_options(options) -> ReducedVocab:
     return ReducedVocab(options.vocab_corpus, options.keep_tokens, options.vocab_multiple)
 
 
-def load_map(out_dir) -> np.ndarray | None:
-    """The folder's vocab_map (None when it has the full vocabulary), checked as the runtime checks it."""
-    path = Path(out_dir) / MAP_FILE
-    if not path.is_file():
-        return None
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(path))
-    vmap = tensors.get("vocab_map")
-    if len(tensors) != 1 or vmap is None or vmap.dtype != np.int32 or vmap.ndim != 1:
-        raise RewriteError(f"'{path}' must hold exactly one int32 1-D tensor 'vocab_map'")
-    return vmap.astype(np.int64)

@@ -25,9 +25,13 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
+from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
+from onnx_rewriter.hf import checkpoint_refs
+
 from .. import progress
 from ..errors import RewriteError
-from . import checkpoint_refs, quantized_checkpoint
 from .trace import (
     _check_checkpoint,
     _checkpoint_folder,
@@ -84,7 +88,7 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
             if local and quantized_checkpoint.quantization(config) is not None:  # AWQ / GPTQ: dequantized weights
-                m = quantized_checkpoint.load_model(model, config, dtype, attn_implementation)
+                m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
                                                          trust_remote_code=trust_remote_code, **hub)
@@ -314,3 +318,23 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
 def _is_bf16(config) -> bool:
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return str(dt).removeprefix("torch.") == "bfloat16"
+
+
+def _load_quantized(folder, config, dtype, attn_implementation: str):
+    """The transformers model of a quantized checkpoint, holding its dequantized weights (fp16 values)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ck = quantized_checkpoint.Checkpoint(folder)
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.plain().items()}
+    for p in ck.prefixes:
+        state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(ck.linear(p).dequantized().T))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RewriteError(f"quantized checkpoint '{folder}' does not fit its config: missing "
+                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.to(dtype).eval()

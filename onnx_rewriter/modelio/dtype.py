@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_rewriter.matching.results import RMSNormCore
 from onnx_rewriter.modelio import stream
 from onnx_rewriter.modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
 from onnx_rewriter.modelio.stream import numel
@@ -70,12 +69,12 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
     return deferred
 
 
-def keep_fp32(graph: gs.Graph, cores: list[RMSNormCore]) -> int:
+def keep_fp32(graph: gs.Graph, cores: list) -> int:
     """Run each RMSNorm core (x -> x·rsqrt(mean(x²)+eps)) in fp32 between explicit Casts.
 
-    Called after `convert_graph` narrowed everything; the cores' constants are widened back. The
-    entry tensor is read off the live graph (the embedding step may have replaced the matched one).
-    Returns how many islands were made.
+    `cores`: matching.results.RMSNormCore matches. Called after `convert_graph` narrowed everything; the
+    cores' constants are widened back. The entry tensor is read off the live graph (the embedding step may
+    have replaced the matched one). Returns how many islands were made.
     """
     n = 0
     for core in cores:

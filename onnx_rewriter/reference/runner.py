@@ -19,6 +19,7 @@ from onnx_rewriter.analysis.rope import runtime_rope_table
 
 from ..errors import RewriteError
 from .ops import REFERENCE_OPS
+from .vocab_map import load_map
 
 
 def _evaluator(model_path: Path):
@@ -47,7 +48,6 @@ class Session:
             inputs["past_key_values_0"].type.tensor_type.elem_type) if self.num_layers else self.float
         self.max_positions = 512
         self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
-        from ..features.reduced_vocab import load_map
         from .lora import dummy_feeds, lora_inputs
 
         self.vocab_map = load_map(out_dir)  # logits index i is token vocab_map[i] (None: the full vocabulary)

