@@ -26,8 +26,10 @@ install:
 test:
 	$(PY) -m pytest -q $(ARGS)
 
+# ruff, then the import layering and no-cycle contracts of pyproject.toml ([tool.importlinter]).
 lint:
 	$(PY) -m ruff check .
+	$(PY) -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' --no-cache
 
 export:
 	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1]"; exit 2; }
