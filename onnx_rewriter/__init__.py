@@ -11,6 +11,7 @@ import logging
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
+# Each bound at first call: `import onnx_rewriter` stays light (the CLI's --help, the tokenizer child).
 def rewrite(in_path, out_dir, **options):
     from onnx_rewriter.pipeline.steps import rewrite as _rewrite
 

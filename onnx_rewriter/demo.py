@@ -13,6 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from onnx_rewriter.hf.gguf_checkpoint import checkpoint_from_gguf, packaged_gguf
+from onnx_rewriter.hf.tiny import build_checkpoint
+from onnx_rewriter.verification.generate import chat_prompt, eos_ids, greedy, load_tokenizer
+
 DEMO_FAMILY = "llama"
 DEMO_OVERRIDES = {"head_dim": 64}  # 4 heads of 64: the runtime has prefill kernels for 64 and 128
 QUESTION = "What is the capital of France?"
@@ -22,22 +26,16 @@ _NEEDED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_conf
 def build_demo(out_dir) -> Path:
     out = Path(out_dir)
     if not all((out / name).is_file() for name in _NEEDED):
-        from onnx_rewriter.hf.gguf_checkpoint import checkpoint_from_gguf, packaged_gguf
-
         gguf = packaged_gguf()
         if gguf is not None:
             checkpoint_from_gguf(gguf, out)
         else:
-            from onnx_rewriter.hf.tiny import build_checkpoint
-
             build_checkpoint(DEMO_FAMILY, out, **DEMO_OVERRIDES)
     return out
 
 
 def answer(checkpoint, out_dir, question: str = QUESTION, max_new_tokens: int = 24) -> str:
     """The rewritten folder's greedy answer on the CPU reference, decoded."""
-    from onnx_rewriter.verification.generate import chat_prompt, eos_ids, greedy, load_tokenizer
-
     tokens = greedy(out_dir, chat_prompt(out_dir, question), max_new_tokens, eos_ids(checkpoint))
     return load_tokenizer(out_dir).decode(tokens, skip_special_tokens=True)
 

@@ -136,7 +136,7 @@ def test_export_fails_without_the_vision_package(tmp_path, monkeypatch):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     monkeypatch.setitem(sys.modules, "onnx_rewriter.vision", None)  # what a missing package looks like
-    with pytest.raises(RewriteError, match=r"onnx_rewriter\.vision does not import .*reinstall") as err:
+    with pytest.raises(RewriteError, match=r"needs onnx_rewriter\.vision, which does not import .*reinstall") as err:
         onnx_rewriter.export(str(ckpt), tmp_path / "out", target="edgellm-0.9")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()

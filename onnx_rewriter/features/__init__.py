@@ -17,36 +17,28 @@ target's code. `selected(options)` turns the options into the feature list (docs
 
 from __future__ import annotations
 
+from . import fp8_kv, int4, lora, reduced_vocab
 from .base import Feature  # noqa: F401  (the features' base class, re-exported)
+from .vlm import Vlm, is_mrope_graph
 
 
 def selected(options) -> list[Feature]:
     """The features the options ask for, in the order their hooks run."""
     out: list[Feature] = []
     if getattr(options, "quantize", None):
-        from .int4 import from_options
-
-        out.append(from_options(options))
+        out.append(int4.from_options(options))
     if getattr(options, "reduce_vocab", False):
-        from .reduced_vocab import from_options as reduced_vocab
-
-        out.append(reduced_vocab(options))
+        out.append(reduced_vocab.from_options(options))
     if getattr(options, "lora", False):  # after INT4: LoRA attaches to the INT4 plugins too
-        from .lora import Lora
-
-        out.append(Lora())
+        out.append(lora.Lora())
     if getattr(options, "kv_cache", "fp16") == "fp8":
-        from .fp8_kv import from_options as fp8_kv
-
-        out.append(fp8_kv(options))
+        out.append(fp8_kv.from_options(options))
     return out
 
 
 def implied(run) -> list[Feature]:
     """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
     weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder."""
-    from .vlm import Vlm, is_mrope_graph
-
     out: list[Feature] = []
     if is_mrope_graph(run.source.graph):
         out.append(Vlm())
@@ -54,7 +46,5 @@ def implied(run) -> list[Feature]:
         return out
     if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))
            for n in run.source.graph.nodes):
-        from .int4 import Int4
-
-        out.append(Int4())
+        out.append(int4.Int4())
     return out

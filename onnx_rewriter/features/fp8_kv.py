@@ -22,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_rewriter.features.base import Feature
+from onnx_rewriter.features.calibration import calibrate_kv
 
 from ..errors import RewriteError
 from ..reference import fp8
@@ -59,8 +60,6 @@ class Fp8KV(Feature):
         if self.scales_checkpoint:
             self.scales, self.source = checkpoint_scales(self.scales_checkpoint, len(run.layers)), "checkpoint"
         else:
-            from onnx_rewriter.features.calibration import calibrate_kv
-
             self.scales, self.source = calibrate_kv(run, self.calibration), "calibrated"
 
     def apply(self, run, build) -> None:

@@ -26,6 +26,10 @@ from onnx_rewriter.features.base import Feature
 from ..errors import RewriteError, UnsupportedModel
 from ..modelio.graph import computed_constant, constant_array
 from ..reference.vocab_map import MAP_FILE
+from ..sidefiles.chat_template import processed_chat_template
+from ..sidefiles.tokenizer import load_tokenizer
+from ..sidefiles.writer import tokenizer_dir
+from ..targets.base import lm_head_input
 
 # Runtime 0.5 already honours reduced_vocab_size; every target cuts lm_head alike (contract §12).
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
@@ -101,8 +105,6 @@ def special_ids(tok) -> set[int]:
 
 def chat_template_ids(tok) -> set[int]:
     """Tokens of the chat template's fixed strings (role prefixes/suffixes, prompts, default system)."""
-    from ..sidefiles.chat_template import processed_chat_template
-
     if not getattr(tok, "chat_template", None):
         return set()
     try:
@@ -152,8 +154,6 @@ class ReducedVocab(Feature):
     def check(self, run, target) -> None:
         if target.name not in TARGETS:
             raise UnsupportedModel(f"--reduce-vocab: target {target.name} has no reduced vocabulary")
-        from ..sidefiles.tokenizer import load_tokenizer
-        from ..sidefiles.writer import tokenizer_dir
 
         tok_dir = tokenizer_dir(run)
         tok = load_tokenizer(tok_dir)
@@ -166,8 +166,6 @@ class ReducedVocab(Feature):
         self.vocab = vocab
 
     def apply(self, run, build) -> None:
-        from ..targets.base import lm_head_input
-
         g = build.graph
         head, _ = lm_head_input(build.logits)
         vmap, vocab = self.vocab_map, self.vocab

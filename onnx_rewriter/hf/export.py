@@ -27,11 +27,16 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from onnx_rewriter import safety
 from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
 from onnx_rewriter.hf import checkpoint_refs
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .. import progress
 from ..errors import RewriteError
+from ..features.fp8_kv import has_checkpoint_scales
+from ..modelio.output import OutputDir
+from ..sidefiles.tokenizer import load_tokenizer
 from .trace import (
     _check_checkpoint,
     _checkpoint_folder,
@@ -250,11 +255,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     `keep_baseline`: a folder to keep the baseline export in (model.onnx, config.json, tokenizer files:
     what a later `rewrite` of it needs). Every option is checked before the model is loaded.
     """
-    from onnx_rewriter import safety
-    from onnx_rewriter.pipeline import steps as pipeline
-
-    from ..modelio.output import OutputDir
-
     if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
         return export_vlm(model, output_dir, target=target, dtype=dtype, force=force, keep_baseline=keep_baseline,
                           **options)
@@ -273,7 +273,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     _check_checkpoint(folder)
     tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
     if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
-        from ..sidefiles.tokenizer import load_tokenizer
 
         load_tokenizer(tok_dir)
     with progress.stages(["load", "export", "rewrite"], "export") as advance:
@@ -302,8 +301,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
             if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
                 opts.quantize, opts.int4_checkpoint = "int4", str(model)
             if opts.kv_cache == "fp8" and opts.kv_scales is None and Path(model).is_dir():
-                from ..features.fp8_kv import has_checkpoint_scales
-
                 if has_checkpoint_scales(model):  # a ModelOpt FP8-KV checkpoint: its own scales, no calibration
                     opts.kv_scales = str(model)
             advance("rewrite")

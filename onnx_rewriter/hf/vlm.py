@@ -18,7 +18,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from onnx_rewriter import progress, safety
+from onnx_rewriter.pipeline import steps as pipeline
+
 from ..errors import RewriteError
+from ..features.vlm import check_target
+from ..modelio.output import OutputDir
 from .trace import _keep, _light_decomposition, _optimize
 
 log = logging.getLogger(__name__)
@@ -126,19 +131,13 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
                keep_baseline: str | None = None, **options):
     """`make export` of a Qwen VLM: `<out>/llm/` (the rewritten text decoder) and `<out>/visual/` (the
     vision encoder, by `onnx_rewriter.vision.export_visual`). Returns the LLM rewrite run."""
-    from onnx_rewriter import progress, safety
-    from onnx_rewriter.pipeline import steps as pipeline
-
-    from ..modelio.output import OutputDir
-
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     out = safety.resolved(output_dir)
     safety.check_no_overlap(out, {"the checkpoint": Path(model)}, {})
     OutputDir.precheck(out, force)
-    from ..features.vlm import check_target
 
     check_target(opts.target)  # before the slow steps: a target the contract has no VLM route for
-    _vision()  # before the slow steps too: the encoder's exporter is there
+    vision_module()  # before the slow steps too: the encoder's exporter is there
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
         vlm, config = load_vlm(model)
@@ -164,23 +163,24 @@ def export_vlm(model: str, output_dir, target: str | None = None, dtype: str = "
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _vision():
-    """onnx_rewriter.vision, which writes visual/: a VLM folder without its encoder is no VLM folder, so an
-    install that lacks it (or its imports) fails here, before the model is loaded, instead of writing llm/ only."""
+def vision_module():
+    """onnx_rewriter.vision, which writes and verifies visual/: a VLM folder without its encoder is no VLM
+    folder, so an install that lacks it (or its imports) fails in one line instead of writing llm/ only."""
     try:
         import onnx_rewriter.vision as vision  # by its full name: a module missing from sys.modules fails here
     except ImportError as exc:
-        raise RewriteError(f"cannot export the vision encoder: onnx_rewriter.vision does not import ({exc}); "
+        raise RewriteError(f"the VLM's visual/ encoder needs onnx_rewriter.vision, which does not import ({exc}); "
                            f"reinstall onnx_rewriter (pip install --force-reinstall onnx_rewriter)") from None
     return vision
 
 
 def _precheck_visual(config, model: str, opts) -> None:
-    _vision().precheck(config, opts.target, opts.dtype, checkpoint=model)
+    vision_module().precheck(config, opts.target, opts.dtype, checkpoint=model)
 
 
 def _visual(vlm, model: str, out: Path, opts) -> None:
-    _vision().export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)  # writes out/visual/
+    # writes out/visual/
+    vision_module().export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)
 
 
 # The VLM's inputs: what the Qwen-VL processor makes of a prompt and its images (verify feeds them), and a

@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from .. import progress
 from ..errors import RewriteError
 from . import stream
 
@@ -304,8 +305,6 @@ class WeightWriter:
 def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: int, external: bool,
          narrow: set[str] = frozenset()) -> list[str]:
     """Write `model`, converting the weights named in `narrow` to `float_type`; returns the files written."""
-    from .. import progress
-
     writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow))
     tensors = list(_all_initializers(model.graph))
     total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize

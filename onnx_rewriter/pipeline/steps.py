@@ -19,9 +19,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_rewriter import progress, projections, safety, targets
+from onnx_rewriter.analysis import constants as exact
 from onnx_rewriter.analysis import dims as specmod
 from onnx_rewriter.analysis.mask_probe import MaskProbe
-from onnx_rewriter.errors import PatternMismatch, RewriteError
+from onnx_rewriter.errors import PatternMismatch, RewriteError, UnsupportedModel
+from onnx_rewriter.features import implied, reduced_vocab, selected
+from onnx_rewriter.linear_names import name_linears
 from onnx_rewriter.matching import engine
 from onnx_rewriter.matching.results import AttentionLayer, TokenEmbedding
 from onnx_rewriter.modelio import dtype as dtypes
@@ -29,8 +32,11 @@ from onnx_rewriter.modelio import graph as graphio
 from onnx_rewriter.modelio import schema
 from onnx_rewriter.modelio.normalize import normalize, replace_uses
 from onnx_rewriter.modelio.output import OutputDir
+from onnx_rewriter.patterns import STAGES, load_patterns
 from onnx_rewriter.pipeline.report import LayerReport, Report
-from onnx_rewriter.targets.base import B, Build, S
+from onnx_rewriter.sidefiles import config_json, tokenizer_job, writer
+from onnx_rewriter.sidefiles.config_json import make_config_json
+from onnx_rewriter.targets.base import B, Build, S, lm_head_input
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,6 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
     if options.tokenizer is not None and not Path(options.tokenizer).is_dir():
         raise RewriteError(f"--tokenizer '{options.tokenizer}' is not a folder; give the folder holding "
                            f"tokenizer.json (or pass --no-tokenizer)")
-    from onnx_rewriter.features import reduced_vocab
 
     reduced_vocab.check_options(options)
     if options.lora:  # LoRA binds per projection (q, k, v, gate, up): they must stay separate MatMuls
@@ -145,7 +150,6 @@ class Run:
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
     run.weights_float_type = weights_float_type(run.source.graph)
-    from onnx_rewriter.features import implied
 
     run.features += implied(run)
     for feature in run.features:
@@ -181,14 +185,10 @@ def step_normalize(run: Run) -> None:
 
 
 def step_match(run: Run) -> None:
-    from onnx_rewriter.patterns import STAGES, load_patterns
-
     g = run.source.graph
     try:
         run.ctx = engine.run(g, list(STAGES), load_patterns(), info={"opset": run.source.opset})
     except engine.Refuse as exc:
-        from onnx_rewriter.errors import UnsupportedModel
-
         raise UnsupportedModel(f"{exc.reason}{exc.where()}") from None
     anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention")]
     if not anchors:
@@ -252,7 +252,6 @@ def step_check(run: Run) -> None:
             layer.sliding_window = probe.window_of(layer)
         run.spec = specmod.model_spec(run.layers, run.spec["vocab_size"], run.spec["hidden_size"],
                                       run.source.graph if run.hf_config is None else None)
-    from onnx_rewriter.sidefiles import config_json
 
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
@@ -266,9 +265,6 @@ def step_check(run: Run) -> None:
 def exact_constants(run: Run) -> None:
     """rope_theta and softmax scales as the checkpoint states them, not as rounded constants read back
     (exact.py); the report's `snapped` lists each value written in place of the graph's."""
-    from onnx_rewriter.analysis import constants as exact
-    from onnx_rewriter.sidefiles import config_json
-
     ref = specmod.runtime_rope_layer(run.layers)
     theta, note = exact.snap_theta(ref.rope.inv_freq, ref.rotary_dim, config_json.rope_thetas(run.hf_config))
     run.spec["rope_theta"] = theta
@@ -292,13 +288,10 @@ def step_build(run: Run) -> None:
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
-    from onnx_rewriter.linear_names import name_linears
-    from onnx_rewriter.targets.base import lm_head_input
 
     # path-style linear names, as NVIDIA's insert-lora tool needs them (linear_names.py)
     names = name_linears(g, run.source.module_paths, lm_head_input(run.logits)[0])
     log.debug("linear names: %s", names)
-    from onnx_rewriter.sidefiles.config_json import make_config_json
 
     for layer in run.layers:  # Shape side branches must not keep the removed RoPE / attention alive
         for gone, same in layer.same_shape:
@@ -349,8 +342,6 @@ def to_model(run: Run) -> onnx.ModelProto:
 
 
 def step_write(run: Run) -> None:
-    from onnx_rewriter.sidefiles import writer
-
     schema.register()
     for feature in run.features:
         for args in feature.schemas():
@@ -373,7 +364,6 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     options = make_options(options, **kwargs)
     run = Run(in_path=Path(in_path), out_dir=safety.resolved(out_dir) if out_dir is not None else None,
               options=options)
-    from onnx_rewriter.features import selected
 
     run.features = selected(options)  # an unknown feature option too
     if run.out_dir is not None:
@@ -383,8 +373,6 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     # The tokenizer side files: a child process writes them meanwhile (tokenizer_job.py), started first so
     # that its imports overlap the load and the matching, which use one core.
     if run.out_dir is not None and not options.no_tokenizer and step_write in steps:
-        from onnx_rewriter.sidefiles import tokenizer_job, writer
-
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
                                                 targets.get(options.target).chat_template_file)
     # No cyclic GC while the steps run: they build a graph of ~100k objects that every full collection

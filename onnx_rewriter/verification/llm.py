@@ -16,17 +16,26 @@ import numpy as np
 import onnx
 
 from onnx_rewriter import progress
+from onnx_rewriter.analysis.rope import model_rope_table
+from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.features.fp8_kv import graph_scales
+from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
+from onnx_rewriter.features.int4.checkpoint import quantization
+from onnx_rewriter.hf.export import load_model
+from onnx_rewriter.hf.vlm import vlm_type
+from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification.checks import check_baseline, check_steps
 from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare, judge
+from onnx_rewriter.verification.fp8_oracle import Fp8Oracle
+from onnx_rewriter.verification.rope_check import check_rope
+from onnx_rewriter.verification.vlm import verify_vlm
 
 log = logging.getLogger(__name__)
 
 
 class HFOracle:
     def __init__(self, model: str, lora_adapter: str | None = None):
-        from onnx_rewriter.hf.export import load_model
-
         self.model, self.config = load_model(model)
         if lora_adapter:  # transformers + PEFT, the adapter merged into the weights
             from peft import PeftModel
@@ -46,8 +55,6 @@ class OnnxOracle:
         from pathlib import Path
 
         import onnxruntime as ort
-
-        from onnx_rewriter.errors import RewriteError
 
         if not Path(path).is_file():
             raise RewriteError(f"baseline '{path}' does not exist; give the .onnx file the folder was rewritten from")
@@ -77,9 +84,6 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
     """Fills result.rope_checks (reference/rope_check.py: each layer's table, as the runtime or the graph
     provides it, vs the model's over every position). Returns the model's table when `rope == "model"`
     asks to feed it instead of the runtime's."""
-    from onnx_rewriter.analysis.rope import model_rope_table
-    from onnx_rewriter.verification.rope_check import check_rope
-
     try:
         result.rope_checks = check_rope(out_dir, hf_config)
         result.rope_table_difference = max((c.max_abs for c in result.rope_checks), default=None)
@@ -95,10 +99,8 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
     reported against it."""
     check_steps(steps)
-    from onnx_rewriter.hf.vlm import vlm_type
 
     if model and vlm_type(model) and baseline is None and rows is None:  # image+text and text-only prompts
-        from onnx_rewriter.verification.vlm import verify_vlm
 
         return verify_vlm(out_dir, model, steps=steps, quiet=quiet)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
@@ -126,15 +128,11 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if session.vocab_map is not None:
         result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
     rows = rows or prompts(session.config["vocab_size"])
-    from onnx_rewriter.features.fp8_kv import graph_scales
 
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         if not isinstance(oracle, HFOracle):
-            from onnx_rewriter.errors import RewriteError
-
             raise RewriteError("verify --baseline cannot simulate the folder's FP8 KV cache; verify with --model")
-        from onnx_rewriter.verification.fp8_oracle import Fp8Oracle
 
         if original is None:
             original = HFOracle(model)
@@ -183,8 +181,6 @@ def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
     """The adapter's A/B matrices under the folder's LoRA input names (reference/lora.py), or None."""
     if lora_adapter is None:
         return None
-    from onnx_rewriter.errors import RewriteError
-    from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 
     if not model:
         raise RewriteError("--lora-adapter needs --model: the oracle is the model with the adapter merged")
@@ -203,11 +199,9 @@ def _int4_oracle(graph, out_dir, model):
     if not model:
         return None
     cfg = Path(model) / "config.json"
-    from onnx_rewriter.features.int4.checkpoint import quantization
 
     if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
-    from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
 
     if not any(n.op_type in OPS.values() for n in graph.graph.node):
         return None

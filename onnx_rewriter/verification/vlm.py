@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_rewriter.analysis.rope import runtime_mrope_table
+from onnx_rewriter.hf.vlm import encode, load_vlm, synthetic_images, vision_module
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification.compare import VerifyResult, compare, judge
 
@@ -57,8 +58,6 @@ def _inputs(model: str, vlm, image):
     """(image row encoding, text row encoding) of the two prompts through the chat template."""
     from transformers import AutoTokenizer
 
-    from onnx_rewriter.hf.vlm import encode
-
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text_only = [{"role": "user", "content": [{"type": "text", "text": TEXT_PROMPT}]}]
@@ -72,8 +71,6 @@ def _inputs(model: str, vlm, image):
 def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = False) -> VerifyResult:
     """Run `out_dir` (a `llm/` folder, or the export folder holding it) against the HF VLM `model`."""
     import torch
-
-    from onnx_rewriter.hf.vlm import load_vlm, synthetic_images
 
     root = Path(out_dir)
     if root.name == "llm" and not (root / "llm").is_dir():  # the llm/ folder itself (export --verify)
@@ -149,10 +146,7 @@ def _verify_visual(root: Path, vlm, image, quiet: bool):
     """The `visual/` encoder beside `llm/`, by onnx_rewriter.vision when both are there; else None."""
     if not (root / "visual" / "model.onnx").is_file():
         return None
-    try:
-        from onnx_rewriter.vision import verify_visual
-    except ImportError:
-        return None
+    verify_visual = vision_module().verify_visual  # torch-heavy (~5 s): only where there is a visual/ folder
     res = verify_visual(root, vlm, images=[image])
     if not quiet:
         print(f"visual/: {res.table()}\nvisual {'PASSED' if res.passed else 'FAILED'} ({res.criterion})")

@@ -21,8 +21,11 @@ from onnx.defs import OpSchema
 
 from onnx_rewriter.errors import UnsupportedModel
 from onnx_rewriter.features.base import Feature
+from onnx_rewriter.features.calibration import linear_inputs
 from onnx_rewriter.features.int4 import awq as int4_awq
 from onnx_rewriter.features.int4 import layout as int4_layout
+from onnx_rewriter.features.int4.checkpoint import Checkpoint
+from onnx_rewriter.features.int4.onnx_in import convert
 from onnx_rewriter.modelio.graph import computed_constant, constant_array, constant_row_blocks
 from onnx_rewriter.targets.base import lm_head_input
 
@@ -68,8 +71,6 @@ class Int4(Feature):
     # ------------------------------------------------------------------ hooks
 
     def prepare(self, run) -> None:
-        from onnx_rewriter.features.int4.onnx_in import convert
-
         self.onnx_codes = convert(run.source.graph, run.source.base_dir)
         if self.onnx_codes:
             self.method = "onnx"
@@ -83,8 +84,6 @@ class Int4(Feature):
                                    f"{', '.join(OPS[v] for v in plan.versions)}")
         self.version, self.plan = version, plan
         if self.method == "awq":
-            from onnx_rewriter.features.calibration import linear_inputs
-
             self.activations = linear_inputs(run, self.calibration)
 
     def apply(self, run, build) -> None:
@@ -245,8 +244,6 @@ class _CheckpointCodes:
 
     def __init__(self, folder, base_dir):
         import hashlib
-
-        from onnx_rewriter.features.int4.checkpoint import Checkpoint
 
         self.ck, self.base_dir = Checkpoint(folder), base_dir
         self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()
