@@ -6,7 +6,7 @@ Scales are quant->orig, one per tensor per layer: the cache holds fp8(x / scale)
 fp8 * scale (reference/fp8.py). They come from a ModelOpt checkpoint (`...k_proj.k_scale`,
 `...v_proj.v_scale`; q_scale stays 1.0: it only feeds the FP8 FMHA path of SM 100+) or are calibrated:
 amax / 448 of the roped K and of V per layer over a calibration set run through the baseline with
-onnxruntime (calibration.py).
+onnxruntime (features/calibration.py).
 
 Per target (`PLANS`) the scales travel differently: 0.5 reads one extra last plugin input
 `k_v_scale_quant_orig` fp32 [2]; 0.9 and 0.11 read the `qkv_scales` attribute [q, k, v].

@@ -68,7 +68,7 @@ def _optimize(prog, keep_weights: bool = False) -> None:
 
     `keep_weights`: leave `Transpose(weight)` unfolded (onnxscript folds it even for large weights), so
     the weights stay the checkpoint's bytes and the baseline can reference them (checkpoint_refs.py);
-    the rewrite folds those transposes while writing (normalize.py, stream.py).
+    the rewrite folds those transposes while writing (modelio/normalize.py, stream.py).
     """
     try:
         from onnxscript import optimizer, rewriter

@@ -1,7 +1,7 @@
 """The pattern author's API: walk a graphsurgeon graph, say why a match failed, describe what matched.
 
 A pattern module imports from here only: the failure types (`Reject`, `Refuse`), the walking helpers
-and the result types it returns (defined in `layers.py`, re-exported here).
+and the result types it returns (defined in `matching/results.py`, re-exported here).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ SMALL_TENSOR_ELEMENTS = 1 << 16
 # Alignment of tensors inside the output's external-data file (lets readers mmap them).
 ALIGN = 64
 
-# The float types the output's one float type replaces (dtype.py) and the writer converts.
+# The float types the output's one float type replaces (modelio/dtype.py) and the writer converts.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 

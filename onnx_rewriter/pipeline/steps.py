@@ -56,7 +56,7 @@ class Options:
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
 
     # deployment features (features/): each option selects a feature module
-    quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
+    quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4/)
     int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
     int4_checkpoint: str | None = None  # an AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take
     reduce_vocab: bool = False  # cut lm_head to the kept tokens (features/reduced_vocab.py)
@@ -65,7 +65,7 @@ class Options:
     vocab_multiple: int | None = None  # pad the kept count up to a multiple of this
     lora: bool = False  # LoRA inputs on every linear (features/lora.py); keeps projections unfused
     fuse_qkv: bool = True  # q/k/v projections as one MatMul (projections.py; FP16 linears: off with INT4, LoRA)
-    int4_method: str = "rtn"  # "awq": activation-aware per-channel scales searched on --calibration (int4_awq.py)
+    int4_method: str = "rtn"  # "awq": activation-aware per-channel scales from --calibration (features/int4/awq.py)
     kv_cache: str = "fp16"  # "fp8": FP8 (E4M3) KV cache (features/fp8_kv.py)
     calibration: str | Path | None = None  # prompts file (one a line) for calibrated scales; None: bundled set
     kv_scales: str | Path | None = None  # a ModelOpt checkpoint folder holding k_scale / v_scale per layer
@@ -167,7 +167,7 @@ def step_load(run: Run) -> None:
 
 def weights_float_type(graph: gs.Graph) -> int:
     """The float type most weight elements have (before bf16 is widened): how finely the graph's constants
-    were rounded. Read once at load; exact.py snaps within that rounding."""
+    were rounded. Read once at load; analysis/constants.py snaps within that rounding."""
     from collections import Counter
 
     counts = Counter()
@@ -264,7 +264,7 @@ def step_check(run: Run) -> None:
 
 def exact_constants(run: Run) -> None:
     """rope_theta and softmax scales as the checkpoint states them, not as rounded constants read back
-    (exact.py); the report's `snapped` lists each value written in place of the graph's."""
+    (analysis/constants.py); the report's `snapped` lists each value written in place of the graph's."""
     ref = specmod.runtime_rope_layer(run.layers)
     theta, note = exact.snap_theta(ref.rope.inv_freq, ref.rotary_dim, config_json.rope_thetas(run.hf_config))
     run.spec["rope_theta"] = theta

@@ -81,7 +81,7 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndarray | None:
-    """Fills result.rope_checks (reference/rope_check.py: each layer's table, as the runtime or the graph
+    """Fills result.rope_checks (verification/rope_check.py: each layer's table, as the runtime or the graph
     provides it, vs the model's over every position). Returns the model's table when `rope == "model"`
     asks to feed it instead of the runtime's."""
     try:
@@ -195,7 +195,7 @@ def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
 
 def _int4_oracle(graph, out_dir, model):
     """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
-    dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
+    dequantized weights the plugins should hold, computed from the model (features/int4/__init__.py); else None."""
     if not model:
         return None
     cfg = Path(model) / "config.json"

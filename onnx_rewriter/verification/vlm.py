@@ -6,7 +6,7 @@ What the runtime does, done on the CPU reference:
 - each row's 3-D (t, h, w) positions come from the model's own `get_rope_index` (with `mm_token_type_ids`:
   without it Qwen2.5-VL silently falls back to 1-D positions); generated tokens continue at
   position + rope delta, the same on all three rows;
-- the per-row M-RoPE table is built from the folder's config.json (reference/rope.py
+- the per-row M-RoPE table is built from the folder's config.json (analysis/rope.py
   `runtime_mrope_table`), one table per batch row (0.9) or one row per token (0.11).
 The oracle runs each row's whole sequence through the HF model with its pixels, every step.
 """

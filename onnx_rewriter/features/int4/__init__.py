@@ -1,5 +1,5 @@
 """INT4 weight-only linears: each decoder MatMul with a constant [K, N] weight becomes EdgeLLM's groupwise
-INT4 GEMM plugin (G = 128), its weight packed in the target's layout (int4_layout.py).
+INT4 GEMM plugin (G = 128), its weight packed in the target's layout (features/int4/layout.py).
 
 Per target (`PLANS`): which plugin layouts the runtime has, the N divisibility its kernels need, and how
 q/k/v reach the attention plugin. A linear that breaks a constraint stays FP16 and the report says why;
@@ -60,7 +60,7 @@ class Int4(Feature):
 
     def __init__(self, method: str = "rtn", plugin_version: int | None = None, checkpoint: str | None = None,
                  calibration: str | None = None):
-        # "rtn"; "awq": activation-aware scales searched on calibration activations (int4_awq.py);
+        # "rtn"; "awq": activation-aware scales searched on calibration activations (features/int4/awq.py);
         # "checkpoint": the codes of an AWQ/GPTQ checkpoint; "onnx": those of MatMulNBits / blocked DQ
         self.method = method
         self.plugin_version = plugin_version
