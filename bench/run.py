@@ -43,7 +43,7 @@ SIZES = {
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
                  initializer_range=0.02,
                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    # SmolLM2-135M-Instruct, the real pretrained 30-layer Llama `make demo` builds (onnx_rewriter.hf.demo)
+    # SmolLM2-135M-Instruct, the real pretrained 30-layer Llama `make demo` builds (onnx_rewriter.demo)
     "smol": None,
     # DeepSeek-R1-Distill-Qwen-1.5B
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -99,7 +99,7 @@ def checkpoint(size: str) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         if SIZES[size] is None:
             log(f"building the real {size} checkpoint (make demo's) into {path}")
-            r = measure(f"build-{size}", [PY, "-m", "onnx_rewriter.hf.demo", path])
+            r = measure(f"build-{size}", [PY, "-m", "onnx_rewriter.demo", path])
         else:
             log(f"building the {size} checkpoint (random bf16 weights) into {path}")
             code = ("import json, sys; from onnx_rewriter.hf import tiny; "

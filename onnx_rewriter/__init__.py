@@ -11,8 +11,9 @@ import logging
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
+# Each bound at first call: `import onnx_rewriter` stays light (the CLI's --help, the tokenizer child).
 def rewrite(in_path, out_dir, **options):
-    from .pipeline import rewrite as _rewrite
+    from onnx_rewriter.pipeline.steps import rewrite as _rewrite
 
     return _rewrite(in_path, out_dir, **options)
 
@@ -24,6 +25,6 @@ def export(model, output_dir, **options):
 
 
 def verify(out_dir, **options):
-    from .reference.verify import verify as _verify
+    from onnx_rewriter.verification.llm import verify as _verify
 
     return _verify(out_dir, **options)

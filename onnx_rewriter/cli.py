@@ -47,8 +47,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _rewrite_opts(p: argparse.ArgumentParser) -> None:
-    from . import dtype, targets
-    from .features import OPTIONS
+    from onnx_rewriter import targets
+    from onnx_rewriter.features import OPTIONS
+    from onnx_rewriter.modelio import dtype
 
     p.add_argument("--target", default=targets.DEFAULT, choices=sorted(targets.TARGETS),
                    help=f"runtime contract (default: {targets.DEFAULT})")
@@ -255,7 +256,7 @@ def _run(cmd: str, args) -> int:
 
 
 def _run_command(cmd: str, args) -> int:
-    from . import pipeline
+    from onnx_rewriter.pipeline import steps as pipeline
 
     rewrite_opts = {}
     if cmd in ("rewrite", "export"):  # --report is checked with every other written path (safety.check_writes)
@@ -277,18 +278,18 @@ def _run_command(cmd: str, args) -> int:
         _write_report(run, args.report)
         _print_summary(run, run.out_dir, args.quiet, total_s=time.perf_counter() - t0)
         if args.verify:
-            from .reference.verify import verify
+            from onnx_rewriter.verification.llm import verify
 
             return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet,
                                trust_remote_code=args.trust_remote_code).passed else 1
         return 0
     if cmd == "verify":
-        from .reference.verify import verify
+        from onnx_rewriter.verification.llm import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
                            quiet=args.quiet, lora_adapter=args.lora_adapter,
                            fp16_model=args.fp16_model, trust_remote_code=args.trust_remote_code).passed else 1
-    from .inspection import analyze, render
+    from onnx_rewriter.pipeline.inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)
     print(render(run))

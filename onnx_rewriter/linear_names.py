@@ -4,9 +4,9 @@ NVIDIA's `tensorrt-edgellm-insert-lora` derives each LoRA binding name from the 
 below), and adapters bind by exact name, so a linear must be named after its HF module
 (`model.layers.0.self_attn.q_proj`). Exports lose that name in different places; it is recovered from:
 
-1. the node's `pkg.torch.onnx.name_scopes` metadata (torch.onnx dynamo), read at load time because
-   onnx-graphsurgeon drops node metadata; the scopes above the `*ForCausalLM` module (our export's
-   wrapper) are cut off;
+1. the node's `pkg.torch.onnx.name_scopes` metadata (torch.onnx dynamo), read at load time
+   (`modelio.graph.module_paths`) because onnx-graphsurgeon drops node metadata; the scopes above the
+   `*ForCausalLM` module (our export's wrapper) are cut off;
 2. a node name that already is path-style (TorchScript and Optimum exports);
 3. the weight initializer's name `<path>.weight` (exports that keep the weight untransposed).
 
@@ -15,38 +15,11 @@ A linear none of them names keeps its export name (the report counts it).
 
 from __future__ import annotations
 
-import ast
 import re
 
 import onnx_graphsurgeon as gs
 
-_CAUSAL_LM = re.compile(r"(ForCausalLM|LMHeadModel)$")
 _PATH_NODE = re.compile(r"^/(?:[^/]+/)+(?:MatMul|Gemm)(?:_\d+)?$")
-
-
-def module_paths(model) -> dict[str, str]:
-    """node name -> HF module path (e.g. `model.layers.0.self_attn.q_proj`) from dynamo's node metadata."""
-    out = {}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or not node.metadata_props:
-            continue
-        meta = {p.key: p.value for p in node.metadata_props}
-        try:
-            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "None"))
-            classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
-        except (ValueError, SyntaxError):
-            continue
-        if not isinstance(scopes, list) or len(scopes) < 2:
-            continue
-        path = scopes[-2]  # the innermost module; the last scope is the traced op ("linear")
-        # Cut the scopes of wrappers around the *ForCausalLM module: its children are the adapter's names.
-        for scope, cls in zip(scopes[:-1], classes if isinstance(classes, list) else []):
-            if _CAUSAL_LM.search(str(cls)) and scope and path.startswith(scope + "."):
-                path = path[len(scope) + 1:]
-                break
-        if path:
-            out[node.name] = path
-    return out
 
 
 def node_name(path: str, op: str = "MatMul") -> str:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import AttentionLayer
+from onnx_rewriter.matching.results import AttentionLayer
+from onnx_rewriter.modelio.normalize import replace_uses
+
 from .matching import producer
 from .modelio import stream
 from .modelio.graph import lazy_proto
-from .normalize import replace_uses
 
 BHSD = [0, 2, 1, 3]
 

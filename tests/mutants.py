@@ -45,7 +45,7 @@ class Mutant:
 
 
 MUTANTS = [
-    Mutant("mask probe always answers causal", "onnx_rewriter/probe.py", [
+    Mutant("mask probe always answers causal", "onnx_rewriter/analysis/mask_probe.py", [
         ("        if np.array_equal(allowed, causal) or (0 < w < s and",
          "        if True or (0 < w < s and"),
         ("            w = None if np.array_equal(allowed, causal) else w", "            w = None")]),
@@ -61,7 +61,7 @@ MUTANTS = [
         ('"attention_scale": float(layer.scale),', '"attention_scale": float(layer.default_scale),')]),
     Mutant("k and v swapped at the plugin", "onnx_rewriter/targets/edgellm_09.py", [
         ("        return [q, k, v]", "        return [q, v, k]")]),
-    Mutant("INT4 V1 nibble order flipped in the packer", "onnx_rewriter/int4_layout.py", [
+    Mutant("INT4 V1 nibble order flipped in the packer", "onnx_rewriter/features/int4/layout.py", [
         ("    words = tuples[..., 0] | tuples[..., 1] << 4 |", "    words = tuples[..., 1] | tuples[..., 0] << 4 |")]),
 ]
 

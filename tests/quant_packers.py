@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_rewriter.hf.quantized_checkpoint import AWQ_ORDER
+from onnx_rewriter.features.int4.checkpoint import AWQ_ORDER
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnx_rewriter import calibration
+from onnx_rewriter.features import calibration
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
 PROMPTS = [[5, 17, 99, 3, 250, 7, 7, 41], [300, 2, 11], list(range(20, 60, 3))]

@@ -13,7 +13,8 @@ import time
 import onnx
 import pytest
 
-from onnx_rewriter import cli, pipeline
+from onnx_rewriter import cli
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .test_safety import leftovers, tree
 
@@ -129,7 +130,7 @@ def test_inconsistent_folder_fails_naming_the_file(folder, models, tmp_path, cap
 @pytest.mark.parametrize("target", ["edgellm-0.5", "edgellm-0.9", "edgellm-0.11"])
 def test_every_target_output_is_consistent(models, tmp_path, target):
     """No false FAIL: what each target writes (fp16) passes the pass, against its own checkpoint."""
-    from onnx_rewriter.reference import consistency
+    from onnx_rewriter.verification import consistency
 
     out = tmp_path / target
     pipeline.rewrite(models.baseline("llama"), out, target=target)

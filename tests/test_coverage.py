@@ -17,8 +17,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnx_rewriter import pipeline
-from onnx_rewriter.reference.verify import prompts, verify
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import prompts, verify
 
 LAYERS = 2  # every tiny family
 GONE_OPS = {"Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding"}

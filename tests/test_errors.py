@@ -19,7 +19,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_rewriter import cli, pipeline
+from onnx_rewriter import cli
+from onnx_rewriter.pipeline import steps as pipeline
 
 
 def run_cli(capsys, *argv):

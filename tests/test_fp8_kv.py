@@ -10,12 +10,12 @@ import onnx
 import pytest
 from safetensors.numpy import save_file
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.cli import main
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.pipeline import steps as pipeline
 from onnx_rewriter.reference import fp8
 from onnx_rewriter.reference.plugin import apply_rope, dense_attention, paged_attention
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.verification.llm import verify
 
 E4M3 = onnx.TensorProto.FLOAT8E4M3FN
 

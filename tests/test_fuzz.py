@@ -32,9 +32,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.errors import RewriteError
-from onnx_rewriter.reference.verify import prompts, verify
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import prompts, verify
 
 from .fuzz_mutations import mutate
 

@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_rewriter import int4_layout, pipeline
 from onnx_rewriter.cli import main
 from onnx_rewriter.errors import UnsupportedModel
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.features.int4 import layout as int4_layout
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import verify
 
 # K and N of every decoder linear a multiple of 128: hidden 128 (8 heads of 16), MLP 256.
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)

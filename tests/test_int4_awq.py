@@ -11,9 +11,11 @@ import onnx
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from onnx_rewriter import int4_awq, int4_layout, pipeline
 from onnx_rewriter.errors import RewriteError
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.features.int4 import awq as int4_awq
+from onnx_rewriter.features.int4 import layout as int4_layout
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import verify
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
 
@@ -96,7 +98,7 @@ def test_awq_verifies_and_beats_rtn_on_held_out_prompts(salient, tmp_path):
 def test_segmented_calibration_chooses_the_same_scales(salient, tmp_path, monkeypatch):
     """Calibration in one onnxruntime session or in one segment per wanted tensor: the same activations,
     so the same chosen scales and the same folder, byte for byte."""
-    from onnx_rewriter import calibration
+    from onnx_rewriter.features import calibration
 
     _, base = salient
     folders, alphas = {}, {}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_rewriter import int4_awq, int4_layout, pipeline
+from onnx_rewriter.features.int4 import awq as int4_awq
+from onnx_rewriter.features.int4 import layout as int4_layout
 from onnx_rewriter.modelio import graph as graphio
+from onnx_rewriter.pipeline import steps as pipeline
 
 RNG = np.random.default_rng(7)
 

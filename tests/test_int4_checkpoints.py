@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_rewriter.hf import quantized_checkpoint as qc
+from onnx_rewriter.features.int4 import checkpoint as qc
 from tests import quant_packers as qp
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
@@ -68,7 +68,7 @@ def test_clip_rule_would_lose_information():
 
 def _export(models, tmp_path, fmt, target, **kw):
     from onnx_rewriter import export
-    from onnx_rewriter.reference.verify import verify
+    from onnx_rewriter.verification.llm import verify
 
     ck = qp.write(models.checkpoint("qwen2", **DIMS), tmp_path / f"ck_{fmt}", fmt.split("_")[0], **kw)
     run = export(str(ck), tmp_path / "out", target=target)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from onnx_rewriter import export, pipeline
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter import export
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import verify
 from tests import quant_packers as qp
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.errors import UnsupportedModel
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import verify
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
 

@@ -14,10 +14,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_rewriter import linear_names, pipeline
+from onnx_rewriter import linear_names
 from onnx_rewriter.cli import main
+from onnx_rewriter.pipeline import steps as pipeline
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.verification.llm import verify
 
 MODULES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

@@ -10,8 +10,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
+from onnx_rewriter.analysis.mask_probe import MaskProbe
 from onnx_rewriter.errors import PatternMismatch
-from onnx_rewriter.probe import MaskProbe
 
 
 def _mask_graph(rule):

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from onnx_rewriter import cli, features, pipeline, targets
+from onnx_rewriter import cli, features, targets
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
 from onnx_rewriter.features import FeatureOptions, option
+from onnx_rewriter.pipeline import steps as pipeline
 
 
 def _feature_fields():

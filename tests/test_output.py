@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from onnx_rewriter import cli, pipeline
+from onnx_rewriter import cli
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio.output import OutputDir
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .processes import signal_mid_write
 

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio import schema
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .graph_io import io_signature as _io
 

@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.modelio import stream
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import verify
 
 TARGETS = ["edgellm-0.5", "edgellm-0.9", "edgellm-0.11"]
 # Tiny qwen2 (q/k/v biases): hidden 64, 4 q heads, 2 kv heads, head size 16, 2 layers.

@@ -13,8 +13,8 @@ import pytest
 
 from onnx_rewriter import export
 from onnx_rewriter.hf.gguf_checkpoint import checkpoint_from_gguf, packaged_gguf
-from onnx_rewriter.reference.generate import chat_prompt, eos_ids, greedy, hf_greedy
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.verification.generate import chat_prompt, eos_ids, greedy, hf_greedy
+from onnx_rewriter.verification.llm import verify
 
 QUESTION = "What is the capital of France?"
 

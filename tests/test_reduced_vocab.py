@@ -13,11 +13,11 @@ import onnx
 import pytest
 from safetensors.numpy import load_file
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.cli import main
 from onnx_rewriter.features import reduced_vocab
 from onnx_rewriter.hf import tiny
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.llm import verify
 
 CORPUS = "The quick brown fox jumps over the lazy dog.\nThe capital of France is Paris.\n"
 SPECIALS = list(range(len(tiny.SPECIAL_TOKENS)))  # <unk> <s> </s> <pad> <|im_start|> <|im_end|>: ids 0-5
@@ -104,7 +104,7 @@ def test_tied_head_gets_its_own_cut_copy_and_greedy_text_maps_back(models, tok_d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from onnx_rewriter.reference.generate import greedy
+    from onnx_rewriter.verification.generate import greedy
 
     base, ckpt = models.baseline("llama_tied"), models.checkpoint("llama_tied")
     out = tmp_path / "out"

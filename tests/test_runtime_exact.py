@@ -10,9 +10,10 @@ import onnx
 import pytest
 import torch
 
-from onnx_rewriter import exact, targets
-from onnx_rewriter.pipeline import rewrite
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter import targets
+from onnx_rewriter.analysis import constants as exact
+from onnx_rewriter.pipeline.steps import rewrite
+from onnx_rewriter.verification.llm import verify
 
 # What the runtimes' config parser requires (contract section 5, docs/contract.md); written literally here so
 # a key dropped from config_json.REQUIRED_KEYS fails too.
@@ -162,7 +163,7 @@ def _rope_layer(theta: float, rotary_dim: int, scaling: float = 1.0):
 def test_rope_tables_built_and_compared_in_blocks_are_the_whole_tables(monkeypatch):
     """Tables are compared and baked ROPE_BLOCK positions at a time (a 131072-position table made ~250 MB
     of temporaries at once): the same values as the whole table, and a difference in the last block counts."""
-    from onnx_rewriter.reference.rope import runtime_rope_table
+    from onnx_rewriter.analysis.rope import runtime_rope_table
     from onnx_rewriter.targets.base import ROPE_BLOCK, Build, baked_rope_table, layer_rope_table, runtime_builds_it
 
     positions = 2 * ROPE_BLOCK + 5

@@ -24,8 +24,9 @@ import onnx
 import pytest
 
 import onnx_rewriter
-from onnx_rewriter import cli, pipeline, safety
+from onnx_rewriter import cli, safety
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .processes import default_sigint, signal_mid_write
 from .test_errors import assert_no_output, assert_refused

@@ -173,7 +173,7 @@ def test_mask_probe_runs_once_for_all_layers(models, monkeypatch):
     (the old probe copied the whole graph per layer: 7 s of a 24-layer rewrite)."""
     import onnxruntime as ort
 
-    from onnx_rewriter import pipeline
+    from onnx_rewriter.pipeline import steps as pipeline
 
     sessions = []
     real = ort.InferenceSession
@@ -289,7 +289,7 @@ def test_lean_optimize_gives_the_default_graph(models, family):
     """export._optimize drops onnxscript's multi-output rules (quadratic in graph size): same nodes."""
     import copy
 
-    from onnx_rewriter.hf.export import _optimize
+    from onnx_rewriter.hf.trace import _optimize
 
     prog = _unoptimized(models.checkpoint(family))
     other = copy.copy(prog)
@@ -349,7 +349,7 @@ def test_onnxscript_rules_are_tried_by_root_op():
     internals move, the prefilter is dropped silently (every node tried, ~4 s more per 0.5B export); say so."""
     from onnxscript import rewriter
 
-    from onnx_rewriter.hf.export import _by_root_op, _RootOpRule
+    from onnx_rewriter.hf.trace import _by_root_op, _RootOpRule
 
     single = [r for r in rewriter._DEFAULT_REWRITE_RULES if r._target_pattern.has_single_output_node]
     wrapped = [w for w in map(_by_root_op, single) if isinstance(w, _RootOpRule)]

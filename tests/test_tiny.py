@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from onnx_rewriter.hf import demo, tiny  # noqa: E402
+from onnx_rewriter import demo  # noqa: E402
+from onnx_rewriter.hf import tiny  # noqa: E402
 
 
 def _digests(folder):

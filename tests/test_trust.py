@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from onnx_rewriter import cli, pipeline, safety
+from onnx_rewriter import cli, safety
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .test_errors import assert_no_output, assert_refused
 from .test_safety import leftovers, tree
@@ -510,7 +511,7 @@ def test_no_empty_data_file_when_nothing_is_large(tmp_path):
 def test_verify_nan_rows_never_read_same():
     import numpy as np
 
-    from onnx_rewriter.reference.verify import VerifyResult, compare
+    from onnx_rewriter.verification.compare import VerifyResult, compare
 
     nan = np.full(8, np.nan, np.float32)
     s = compare("prefill[0]", nan, nan)

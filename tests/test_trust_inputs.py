@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from onnx_rewriter import cli, normalize
+from onnx_rewriter import cli
+from onnx_rewriter.modelio import normalize
 
 from .test_errors import assert_no_output, assert_refused
 from .test_safety import leftovers, tree

@@ -9,9 +9,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_rewriter import pipeline
 from onnx_rewriter.cli import main
-from onnx_rewriter.reference.verify import compare, verify
+from onnx_rewriter.pipeline import steps as pipeline
+from onnx_rewriter.verification.compare import compare
+from onnx_rewriter.verification.llm import verify
 
 
 def _rewire_rope(out, make_nodes):

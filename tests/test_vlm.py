@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from onnx_rewriter import pipeline  # noqa: E402
 from onnx_rewriter.errors import UnsupportedModel  # noqa: E402
-from onnx_rewriter.reference import vlm_verify  # noqa: E402
+from onnx_rewriter.pipeline import steps as pipeline  # noqa: E402
+from onnx_rewriter.verification import vlm as vlm_verify  # noqa: E402
 
 SECTIONS = {"qwen2_5_vl": ([16, 8, 8], False, 0), "qwen3_vl": ([12, 10, 10], True, 2)}
 
@@ -86,7 +86,7 @@ def test_edgellm_05_refused(models, tmp_path):
 
 
 def test_inspect_shows_sections(models):
-    from onnx_rewriter.inspection import inspect
+    from onnx_rewriter.pipeline.inspection import inspect
 
     text = inspect(models.vlm_baseline("qwen2_5_vl"))
     assert "  M-RoPE sections (t,h,w) [16, 8, 8] sectioned" in text.splitlines()
@@ -122,3 +122,21 @@ def test_export_route_fp16(models, tmp_path, family, target):
     _check_folder(run.out_dir, run, family, target)
     res = onnx_rewriter.verify(tmp_path / "out", model=str(ckpt), steps=4, quiet=True)
     assert res.passed, res.table()
+
+
+def test_export_fails_without_the_vision_package(tmp_path, monkeypatch):
+    """An install without onnx_rewriter.vision (a wheel that left it out) fails in one line before the model
+    is loaded, instead of writing a VLM folder without its visual/ encoder."""
+    import sys
+
+    import onnx_rewriter
+    from onnx_rewriter.errors import RewriteError
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    monkeypatch.setitem(sys.modules, "onnx_rewriter.vision", None)  # what a missing package looks like
+    with pytest.raises(RewriteError, match=r"needs onnx_rewriter\.vision, which does not import .*reinstall") as err:
+        onnx_rewriter.export(str(ckpt), tmp_path / "out", target="edgellm-0.9")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()

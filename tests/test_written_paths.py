@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from onnx_rewriter import cli, pipeline, safety
+from onnx_rewriter import cli, safety
+from onnx_rewriter.pipeline import steps as pipeline
 
 from .test_errors import assert_refused
 from .test_safety import tree

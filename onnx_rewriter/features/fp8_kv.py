@@ -6,7 +6,7 @@ Scales are quant->orig, one per tensor per layer: the cache holds fp8(x / scale)
 fp8 * scale (reference/fp8.py). They come from a ModelOpt checkpoint (`...k_proj.k_scale`,
 `...v_proj.v_scale`; q_scale stays 1.0: it only feeds the FP8 FMHA path of SM 100+) or are calibrated:
 amax / 448 of the roped K and of V per layer over a calibration set run through the baseline with
-onnxruntime (calibration.py).
+onnxruntime (features/calibration.py).
 
 Per target (`PLANS`) the scales travel differently: 0.5 reads one extra last plugin input
 `k_v_scale_quant_orig` fp32 [2]; 0.9 and 0.11 read the `qkv_scales` attribute [q, k, v].
@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature, FeatureOptions, check_choice, fp16_plan, option
+from onnx_rewriter.features.calibration import calibrate_kv
+
 from ..errors import RewriteError
 from ..reference import fp8
-from . import Feature, FeatureOptions, check_choice, fp16_plan, option
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,6 @@ class Fp8KV(Feature):
         if self.scales_checkpoint:
             self.scales, self.source = checkpoint_scales(self.scales_checkpoint, len(run.layers)), "checkpoint"
         else:
-            from ..calibration import calibrate_kv
-
             self.scales, self.source = calibrate_kv(run, self.calibration), "calibrated"
 
     def apply(self, run, build) -> None:

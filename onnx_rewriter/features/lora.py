@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature, FeatureOptions, option
+from onnx_rewriter.modelio.normalize import replace_uses
+
 from ..errors import UnsupportedModel
 from ..linear_names import is_linear, stem
-from ..normalize import replace_uses
-from . import Feature, FeatureOptions, option
 
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
 INT4_OPS = ("Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2")

@@ -22,13 +22,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature, FeatureOptions, option
+
 from ..errors import RewriteError, UnsupportedModel
 from ..modelio.graph import computed_constant, constant_array
-from . import Feature, FeatureOptions, option
+from ..reference.vocab_map import MAP_FILE
+from ..sidefiles.chat_template import processed_chat_template
+from ..sidefiles.tokenizer import load_tokenizer
+from ..sidefiles.writer import tokenizer_dir
+from ..targets.base import lm_head_input
 
 # Runtime 0.5 already honours reduced_vocab_size; every target cuts lm_head alike (contract §12).
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
-MAP_FILE = "vocab_map.safetensors"
 
 
 @dataclass
@@ -131,8 +136,6 @@ def special_ids(tok) -> set[int]:
 
 def chat_template_ids(tok) -> set[int]:
     """Tokens of the chat template's fixed strings (role prefixes/suffixes, prompts, default system)."""
-    from ..sidefiles.chat_template import processed_chat_template
-
     if not getattr(tok, "chat_template", None):
         return set()
     try:
@@ -182,8 +185,6 @@ class ReducedVocab(Feature):
     def check(self, run, target) -> None:
         if target.name not in TARGETS:
             raise UnsupportedModel(f"--reduce-vocab: target {target.name} has no reduced vocabulary")
-        from ..sidefiles.tokenizer import load_tokenizer
-        from ..sidefiles.writer import tokenizer_dir
 
         tok_dir = tokenizer_dir(run)
         tok = load_tokenizer(tok_dir, run.options.trust_remote_code)
@@ -196,8 +197,6 @@ class ReducedVocab(Feature):
         self.vocab = vocab
 
     def apply(self, run, build) -> None:
-        from ..targets.base import lm_head_input
-
         g = build.graph
         head, _ = lm_head_input(build.logits)
         vmap, vocab = self.vocab_map, self.vocab
@@ -278,15 +277,3 @@ class ReducedVocab(Feature):
         return [MAP_FILE]
 
 
-def load_map(out_dir) -> np.ndarray | None:
-    """The folder's vocab_map (None when it has the full vocabulary), checked as the runtime checks it."""
-    path = Path(out_dir) / MAP_FILE
-    if not path.is_file():
-        return None
-    from safetensors.numpy import load_file
-
-    tensors = load_file(str(path))
-    vmap = tensors.get("vocab_map")
-    if len(tensors) != 1 or vmap is None or vmap.dtype != np.int32 or vmap.ndim != 1:
-        raise RewriteError(f"'{path}' must hold exactly one int32 1-D tensor 'vocab_map'")
-    return vmap.astype(np.int64)

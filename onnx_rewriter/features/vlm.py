@@ -17,9 +17,10 @@ import re
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.features.base import Feature
+
 from ..errors import RewriteError, UnsupportedModel
 from ..targets.base import B, S
-from . import Feature
 
 ROTARY_DIMS = (64, 128)  # the only widths the runtime's M-RoPE table kernel takes
 DEEPSTACK = re.compile(r"deepstack_embeds_(\d+)$")

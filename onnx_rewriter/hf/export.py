@@ -12,7 +12,6 @@ than copied (checkpoint_refs.py).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import json
@@ -26,9 +25,29 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
+
+from onnx_rewriter import safety
+from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
+from onnx_rewriter.hf import checkpoint_refs
+from onnx_rewriter.pipeline import steps as pipeline
+
 from .. import progress
 from ..errors import RewriteError
-from . import checkpoint_refs, quantized_checkpoint
+from ..features.fp8_kv import has_checkpoint_scales
+from ..sidefiles.config_json import _get, _llm_part
+from ..sidefiles.tokenizer import load_tokenizer
+from ..sidefiles.writer import check_tokenizer_rows
+from .trace import (
+    _check_checkpoint,
+    _checkpoint_folder,
+    _keep,
+    _light_decomposition,
+    _no_stack_traces,
+    _optimize,
+    check_device,
+)
+from .vlm import export_vlm, vlm_type
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +98,7 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
             if local and quantized_checkpoint.quantization(config) is not None:  # AWQ / GPTQ: dequantized weights
-                m = quantized_checkpoint.load_model(model, config, dtype, attn_implementation)
+                m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
                                                          trust_remote_code=trust_remote_code, **hub)
@@ -219,121 +238,6 @@ def export_baseline(model, path: Path, device: str = "cpu", exporter: str = "dyn
     return path
 
 
-@contextlib.contextmanager
-def _no_stack_traces():
-    """torch.fx records the Python stack of every traced op (~1 s of a 0.5B export); the baseline keeps it only
-    as node metadata (`pkg.torch.onnx.stack_trace`), which the rewrite never reads or writes."""
-    import torch.fx
-
-    was = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
-    try:
-        yield
-    finally:
-        torch.fx.config.do_not_emit_stack_traces = was
-
-
-@contextlib.contextmanager
-def _light_decomposition():
-    """torch.onnx's decomposition step, skipped when renaming a few ops is exact (lowering.py): 23 s less
-    on a 24-layer 0.5B model. torch's own step whenever the graph needs it or torch's internals move."""
-    try:
-        from torch.onnx._internal.exporter import _core, _fx_passes
-
-        full = _core._prepare_exported_program_for_export
-    except (ImportError, AttributeError):
-        yield
-        return
-    from . import lowering
-
-    def prepare(program, *, registry):
-        if not lowering.lower(program, registry):
-            return full(program, registry=registry)
-        import torch
-
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as torch's own step does
-            gm = program.graph_module
-            if lowering.needs_type_promotion(gm):
-                _fx_passes.insert_type_promotion_nodes(gm)
-            program._graph_module = _fx_passes.remove_assertion_nodes(gm)
-        return program
-
-    _core._prepare_exported_program_for_export = prepare  # looked up by _core.export at call time
-    try:
-        yield
-    finally:
-        _core._prepare_exported_program_for_export = full
-
-
-def _optimize(prog, keep_weights: bool = False) -> None:
-    """torch's default optimization (onnxscript) minus its multi-output rewrite rules (SlicesSplit).
-
-    Those try each candidate node against every node of the graph: quadratic, ~57 of the 67 s the
-    optimizer takes on a 24-layer 0.5B model, and they never fire on decoder graphs, so the graph is
-    node for node the default one (tests/test_scale.py). Default optimization if onnxscript's
-    internals ever change shape.
-
-    `keep_weights`: leave `Transpose(weight)` unfolded (onnxscript folds it even for large weights), so
-    the weights stay the checkpoint's bytes and the baseline can reference them (checkpoint_refs.py);
-    the rewrite folds those transposes while writing (normalize.py, stream.py).
-    """
-    try:
-        from onnxscript import optimizer, rewriter
-
-        default = rewriter._DEFAULT_REWRITE_RULES
-        lean = tuple(_by_root_op(r) for r in default if r._target_pattern.has_single_output_node)
-    except (ImportError, AttributeError):
-        prog.optimize()
-        return
-
-    def should_fold(node):
-        if keep_weights and node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
-            x = node.inputs[0]  # a model's own tensor (torch's TorchTensor), not a folded constant
-            if x is not None and x.is_initializer() and hasattr(x.const_value, "raw"):
-                return False
-        return None  # onnxscript's own rules
-
-    rewriter._DEFAULT_REWRITE_RULES = lean  # read by onnxscript's optimize_ir at call time
-    try:
-        optimizer.optimize_ir(prog.model, should_fold=should_fold)  # what prog.optimize() runs
-    finally:
-        rewriter._DEFAULT_REWRITE_RULES = default
-
-
-class _RootOpRule:
-    """An onnxscript rule tried only on nodes of its pattern's root op type.
-
-    onnxscript tries every rule on every node (~10 us per try, whatever the op): 47 rules x 7.8k nodes took
-    ~4 s of a 0.5B export. A single-output pattern's first check is its root node's op type, so skipping
-    the other nodes changes no match: the same rewrites, in the same order.
-    """
-
-    def __init__(self, rule, op_type: str):
-        self._rule, self._op_type = rule, op_type
-
-    def __getattr__(self, name):  # everything else (name, remove_nodes, visitors, ...) is the rule's
-        return getattr(self._rule, name)
-
-    def try_rewrite(self, model, graph_or_function, node, **kwargs):
-        if node.op_type != self._op_type:
-            return None
-        return self._rule.try_rewrite(model, graph_or_function, node, **kwargs)
-
-
-def _by_root_op(rule):
-    """`rule` behind the op-type prefilter where its root op is a constant and its matcher starts there
-    (onnxscript's SimplePatternMatcher); the rule itself otherwise."""
-    try:
-        from onnxscript.rewriter._matcher import SimplePatternMatcher
-
-        op_id = rule._target_pattern.output_node.op_identifier()
-        if op_id is None or type(rule._matcher) is not SimplePatternMatcher:
-            return rule
-    except (ImportError, AttributeError, ValueError):  # onnxscript's internals moved: every node is tried
-        return rule
-    return _RootOpRule(rule, op_id[1])
-
-
 # What a checkpoint folder's tokenizer consists of (copied beside a kept baseline).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
@@ -362,63 +266,9 @@ def _save_tokenizer(model: str, into: Path, trust_remote_code: bool = False) -> 
     return into
 
 
-def check_device(device: str) -> None:
-    """--device names a device this torch has (a CPU build has no cuda), before the model is loaded."""
-    import re
-
-    if device == "cpu":
-        return
-    if not re.fullmatch(r"(cuda|mps|xpu)(:\d+)?", device):
-        raise RewriteError(f"unknown --device '{device}'; choose cpu, cuda or cuda:N")
-    import torch
-
-    kind = device.split(":")[0]
-    backend = getattr(torch, kind, None)
-    if backend is None or not backend.is_available():
-        raise RewriteError(f"--device {device}: this torch ({torch.__version__}) has no usable {kind} device; "
-                           f"use --device cpu (or install a torch build with {kind} support)")
-    if ":" in device and int(device.split(":")[1]) >= backend.device_count():
-        raise RewriteError(f"--device {device}: only {backend.device_count()} {kind} device(s); use {kind}:0")
-
-
-def _checkpoint_folder(model: str) -> Path | None:
-    """The local folder the checkpoint is read from (a folder given, or the HF cache snapshot)."""
-    if Path(model).is_dir():
-        return Path(model)
-    files = checkpoint_refs.checkpoint_files(model) if not model.startswith((".", "/")) else []
-    return files[0].parent if files else None
-
-
-def _check_checkpoint(folder: Path | None) -> None:
-    """config.json against the safetensors headers: sizes agree, no file truncated (checkpoint_check.py)."""
-    from . import checkpoint_check
-
-    if folder is None or not (folder / "config.json").is_file():
-        return
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise RewriteError(f"cannot read '{folder / 'config.json'}' ({exc}); fix or replace it") from None
-    if not isinstance(config, dict):
-        raise RewriteError(f"'{folder / 'config.json'}' holds a JSON {type(config).__name__}, not an object; "
-                           f"replace it with the model's HF config.json")
-    for index in sorted(folder.glob("*.safetensors.index.json")):  # a shard it names is gone: say which
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise RewriteError(f"cannot read '{index}' (a JSON object with a weight_map); download it again") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise RewriteError(f"'{index}' names {len(missing)} shard(s) that are missing in '{folder}' "
-                               f"({', '.join(missing[:3])}); download them again")
-    checkpoint_check.check(sorted(folder.glob("*.safetensors")), config, str(folder / "config.json"))
-
-
 def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=None) -> Path | None:
     """What every export route (text, VLM) checks before loading anything: the device, every path it will
     write (safety.check_writes) and the checkpoint's files against its config. Returns the checkpoint folder."""
-    from .. import pipeline, safety
-
     check_device(device)
     folder = _checkpoint_folder(model)
     safety.check_writes(output_dir, opts.force, protected={"the checkpoint": folder}, read=pipeline.read_paths(opts),
@@ -429,9 +279,6 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
 
 def _check_tokenizer_rows(tok_dir: Path, folder: Path | None) -> None:
     """The tokenizer's ids fit the checkpoint's vocab_size, before the export (the rewrite checks it again)."""
-    from ..sidefiles.config_json import _get, _llm_part
-    from ..sidefiles.writer import check_tokenizer_rows
-
     try:
         vocab = _get(_llm_part(json.loads((folder / "config.json").read_text())), "vocab_size")
     except (OSError, ValueError, TypeError, AttributeError):
@@ -447,9 +294,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     `keep_baseline`: a folder to keep the baseline export in (model.onnx, config.json, tokenizer files:
     what a later `rewrite` of it needs). Every option is checked before the model is loaded.
     """
-    from .. import pipeline, safety
-    from .vlm import export_vlm, vlm_type
-
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
     folder = precheck(model, output_dir, opts, device, keep_baseline)
@@ -458,7 +302,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
         return export_vlm(model, out, opts, device=device, keep_baseline=keep_baseline)
     tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
     if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
-        from ..sidefiles.tokenizer import load_tokenizer
 
         load_tokenizer(tok_dir, opts.trust_remote_code)
         _check_tokenizer_rows(Path(tok_dir), folder)
@@ -488,8 +331,6 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
             if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
                 opts.quantize, opts.int4_checkpoint = "int4", str(model)
             if opts.kv_cache == "fp8" and opts.kv_scales is None and Path(model).is_dir():
-                from ..features.fp8_kv import has_checkpoint_scales
-
                 if has_checkpoint_scales(model):  # a ModelOpt FP8-KV checkpoint: its own scales, no calibration
                     opts.kv_scales = str(model)
             advance("rewrite")
@@ -499,17 +340,26 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
             return run
 
 
-def _keep(work: Path, keep_baseline, force: bool) -> None:
-    """Copy the baseline folder to `keep_baseline`, atomically like any output (links into the checkpoint
-    become copies: the kept baseline must not depend on where the checkpoint lies)."""
-    from ..modelio.output import OutputDir
-
-    with OutputDir(keep_baseline, force=force) as tmp:
-        for f in sorted(work.iterdir()):
-            if f.is_file():
-                shutil.copy2(f.resolve(), tmp / f.name)
-
-
 def _is_bf16(config) -> bool:
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return str(dt).removeprefix("torch.") == "bfloat16"
+
+
+def _load_quantized(folder, config, dtype, attn_implementation: str):
+    """The transformers model of a quantized checkpoint, holding its dequantized weights (fp16 values)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ck = quantized_checkpoint.Checkpoint(folder)
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.plain().items()}
+    for p in ck.prefixes:
+        state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(ck.linear(p).dequantized().T))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RewriteError(f"quantized checkpoint '{folder}' does not fit its config: missing "
+                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.to(dtype).eval()

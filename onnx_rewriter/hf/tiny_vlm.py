@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from .tiny import build_tokenizer
+from .vlm import encode, load_image_processor, synthetic_images  # noqa: F401  (the tests' inputs: production code)
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -134,60 +135,6 @@ def build_vlm_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: 
     model.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(family), indent=2) + "\n")
     (out / "chat_template.jinja").write_text(VLM_CHAT_TEMPLATE)
-    return out
-
-
-def synthetic_images(sizes=((112, 112), (56, 84))):
-    """A few deterministic RGB PIL images (gradients and stripes), one per (height, width)."""
-    import numpy as np
-    from PIL import Image
-
-    images = []
-    for n, (h, w) in enumerate(sizes):
-        y, x = np.mgrid[0:h, 0:w]
-        rgb = np.stack([(x * 255) // max(w - 1, 1), (y * 255) // max(h - 1, 1),
-                        ((x // (4 + n) + y // 7) % 2) * 255], axis=-1)
-        images.append(Image.fromarray(rgb.astype(np.uint8), "RGB"))
-    return images
-
-
-def load_image_processor(path):
-    """The checkpoint's image processor (PIL backend), offline.
-
-    AutoProcessor also builds the video processor, which needs torchvision (not installed: it pins its own
-    torch), and the Qwen processors refuse to be built without one; `encode` does their image part.
-    """
-    import transformers
-
-    return transformers.Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-
-
-def encode(path, text: str, images=(), tokenizer=None, image_processor=None) -> dict:
-    """What the Qwen-VL processor returns for one chat-formatted `text` and its `images`, as torch tensors.
-
-    Each `<|image_pad|>` in `text` (one per image, in order) becomes one token per merged patch
-    (grid t*h*w / merge_size**2); `mm_token_type_ids` marks them 1 (text 0), which Qwen2.5-VL needs to
-    compute its 3-D positions at all.
-    """
-    import torch
-    from transformers import AutoTokenizer
-
-    tok = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
-    out = {}
-    if images:
-        proc = image_processor or load_image_processor(path)
-        pix = proc(images=list(images), return_tensors="pt")
-        out["pixel_values"], out["image_grid_thw"] = pix["pixel_values"], pix["image_grid_thw"]
-        merge = proc.merge_size ** 2
-        parts = text.split("<|image_pad|>")
-        if len(parts) != len(images) + 1:
-            raise ValueError(f"{len(parts) - 1} <|image_pad|> in the text for {len(images)} images")
-        text = parts[0] + "".join("<|image_pad|>" * int(g.prod() // merge) + rest
-                                  for g, rest in zip(out["image_grid_thw"], parts[1:]))
-    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
-    out["input_ids"] = ids
-    out["attention_mask"] = torch.ones_like(ids)
-    out["mm_token_type_ids"] = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).to(torch.int32)
     return out
 
 

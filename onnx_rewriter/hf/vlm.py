@@ -16,7 +16,13 @@ import logging
 import warnings
 from pathlib import Path
 
+from onnx_rewriter import progress, safety
+from onnx_rewriter.pipeline import steps as pipeline
+
 from ..errors import RewriteError
+from ..features.vlm import check_target
+from ..modelio.output import OutputDir
+from .trace import _keep, _light_decomposition, _optimize
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +103,6 @@ def export_text_baseline(vlm, config, path: Path) -> Path:
     """The text decoder's plain dynamo export (fp32) to `path`; config.json written beside it."""
     import torch
 
-    from .export import _light_decomposition, _optimize
-
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     nd = num_deepstack(config)
     hidden = config.text_config.hidden_size
@@ -131,13 +135,10 @@ def export_vlm(model: str, output_dir, opts, device: str = "cpu", keep_baseline:
     """`make export` of a Qwen VLM: `<out>/llm/` (the rewritten text decoder) and `<out>/visual/` (the
     vision encoder, by `onnx_rewriter.vision.export_visual` when that module is installed). Returns the
     LLM rewrite run. `opts` and every path were checked by export.precheck, as on the text route."""
-    from .. import pipeline, progress, safety
-    from ..modelio.output import OutputDir
-
     out = safety.resolved(output_dir)
-    from ..features.vlm import check_target
 
     check_target(opts.target)  # before the slow steps: a target the contract has no VLM route for
+    vision_module()  # before the slow steps too: the encoder's exporter is there
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
         vlm, config = load_vlm(model, device=device, trust_remote_code=opts.trust_remote_code)
@@ -157,24 +158,81 @@ def export_vlm(model: str, output_dir, opts, device: str = "cpu", keep_baseline:
                 _visual(vlm, model, tmp, opts)
             run.out_dir = out / "llm"  # where the rewrite's folder now lies
             if keep_baseline:
-                from .export import _keep
-
                 _keep(work, keep_baseline, opts.force)
             return run
 
 
-def _precheck_visual(config, model: str, opts) -> None:
+def vision_module():
+    """onnx_rewriter.vision, which writes and verifies visual/: a VLM folder without its encoder is no VLM
+    folder, so an install that lacks it (or its imports) fails in one line instead of writing llm/ only."""
     try:
-        from ..vision import precheck
-    except ImportError:
-        return
-    precheck(config, opts.target, opts.dtype, checkpoint=model)
+        import onnx_rewriter.vision as vision  # by its full name: a module missing from sys.modules fails here
+    except ImportError as exc:
+        raise RewriteError(f"the VLM's visual/ encoder needs onnx_rewriter.vision, which does not import ({exc}); "
+                           f"reinstall onnx_rewriter (pip install --force-reinstall onnx_rewriter)") from None
+    return vision
+
+
+def _precheck_visual(config, model: str, opts) -> None:
+    vision_module().precheck(config, opts.target, opts.dtype, checkpoint=model)
 
 
 def _visual(vlm, model: str, out: Path, opts) -> None:
-    try:
-        from ..vision import export_visual
-    except ImportError:
-        log.warning("onnx_rewriter.vision is not installed: wrote llm/ only (no visual/ encoder)")
-        return
-    export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)  # writes out/visual/
+    # writes out/visual/
+    vision_module().export_visual(vlm, out, target=opts.target, dtype=opts.dtype, checkpoint=model)
+
+
+# The VLM's inputs: what the Qwen-VL processor makes of a prompt and its images (verify feeds them), and a
+# deterministic image for checks that need one.
+def synthetic_images(sizes=((112, 112), (56, 84))):
+    """A few deterministic RGB PIL images (gradients and stripes), one per (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    images = []
+    for n, (h, w) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        rgb = np.stack([(x * 255) // max(w - 1, 1), (y * 255) // max(h - 1, 1),
+                        ((x // (4 + n) + y // 7) % 2) * 255], axis=-1)
+        images.append(Image.fromarray(rgb.astype(np.uint8), "RGB"))
+    return images
+
+
+def load_image_processor(path):
+    """The checkpoint's image processor (PIL backend), offline.
+
+    AutoProcessor also builds the video processor, which needs torchvision (not installed: it pins its own
+    torch), and the Qwen processors refuse to be built without one; `encode` does their image part.
+    """
+    import transformers
+
+    return transformers.Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+
+
+def encode(path, text: str, images=(), tokenizer=None, image_processor=None) -> dict:
+    """What the Qwen-VL processor returns for one chat-formatted `text` and its `images`, as torch tensors.
+
+    Each `<|image_pad|>` in `text` (one per image, in order) becomes one token per merged patch
+    (grid t*h*w / merge_size**2); `mm_token_type_ids` marks them 1 (text 0), which Qwen2.5-VL needs to
+    compute its 3-D positions at all.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+    out = {}
+    if images:
+        proc = image_processor or load_image_processor(path)
+        pix = proc(images=list(images), return_tensors="pt")
+        out["pixel_values"], out["image_grid_thw"] = pix["pixel_values"], pix["image_grid_thw"]
+        merge = proc.merge_size ** 2
+        parts = text.split("<|image_pad|>")
+        if len(parts) != len(images) + 1:
+            raise ValueError(f"{len(parts) - 1} <|image_pad|> in the text for {len(images)} images")
+        text = parts[0] + "".join("<|image_pad|>" * int(g.prod() // merge) + rest
+                                  for g, rest in zip(out["image_grid_thw"], parts[1:]))
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+    out["input_ids"] = ids
+    out["attention_mask"] = torch.ones_like(ids)
+    out["mm_token_type_ids"] = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).to(torch.int32)
+    return out

@@ -8,8 +8,10 @@ On save, each large tensor is read through a memory map, converted and written t
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
+from .. import progress
 from ..errors import RewriteError
 from . import stream
 
@@ -28,7 +31,7 @@ SMALL_TENSOR_ELEMENTS = 1 << 16
 # Alignment of tensors inside the output's external-data file (lets readers mmap them).
 ALIGN = 64
 
-# The float types the output's one float type replaces (dtype.py) and the writer converts.
+# The float types the output's one float type replaces (modelio/dtype.py) and the writer converts.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 
 
@@ -103,8 +106,6 @@ def load(path: str | os.PathLike) -> SourceModel:
     model = _infer_shapes(model, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     meta = {p.key: p.value for p in model.metadata_props}
-    from ..linear_names import module_paths
-
     paths = module_paths(model)  # node metadata: onnx-graphsurgeon drops it
     # gs warns about every bf16 tensor (no numpy type; it keeps the proto type, which is what we want)
     # and about its missing `colored` module: noise to a user of a bf16 export.
@@ -322,8 +323,6 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
          narrow: set[str] = frozenset(), external_min: int = SMALL_TENSOR_ELEMENTS) -> list[str]:
     """Write `model`, converting the weights named in `narrow` to `float_type`; returns the files written.
     `external_min`: with `external`, tensors above this many elements go to `<model>.data`."""
-    from .. import progress
-
     writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow), external_min)
     tensors = list(_all_initializers(model.graph))
     total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize
@@ -404,3 +403,47 @@ def weights_nbytes(graph: gs.Graph, float_itemsize: int) -> int:
             dtype = proto.data_type if proto is not None else helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype))
             total += n * (float_itemsize if dtype in FLOAT_TYPES else helper.tensor_dtype_to_np_dtype(dtype).itemsize)
     return total
+
+
+# module_paths: scopes above the *ForCausalLM module (our export's wrapper) are cut off (linear_names.py)
+_CAUSAL_LM = re.compile(r"(ForCausalLM|LMHeadModel)$")
+
+
+def module_paths(model) -> dict[str, str]:
+    """node name -> HF module path (e.g. `model.layers.0.self_attn.q_proj`) from dynamo's node metadata."""
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or not node.metadata_props:
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "None"))
+            classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(scopes, list) or len(scopes) < 2:
+            continue
+        path = scopes[-2]  # the innermost module; the last scope is the traced op ("linear")
+        # Cut the scopes of wrappers around the *ForCausalLM module: its children are the adapter's names.
+        for scope, cls in zip(scopes[:-1], classes if isinstance(classes, list) else []):
+            if _CAUSAL_LM.search(str(cls)) and scope and path.startswith(scope + "."):
+                path = path[len(scope) + 1:]
+                break
+        if path:
+            out[node.name] = path
+    return out
+
+
+# The two graph readers normalize and the patterns share (matching re-exports them for the patterns).
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if t is not None and len(t.inputs) == 1 else None
+
+
+def const(t: gs.Tensor) -> np.ndarray | None:
+    """Values of a small constant tensor, or None (large weights stay lazy and are never read here)."""
+    if isinstance(t, gs.Constant):
+        lazy = lazy_proto(t)
+        if lazy is not None and (lazy.data_location == 1 or stream.is_computed(lazy)):
+            return None  # on disk, or computed only when written (graph.computed_constant)
+        return np.asarray(t.values)
+    return None

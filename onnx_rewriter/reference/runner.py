@@ -15,9 +15,13 @@ import numpy as np
 import onnx
 from safetensors.numpy import load_file
 
+from onnx_rewriter.analysis.rope import runtime_rope_table
+
 from ..errors import RewriteError
+from .lora import dummy_feeds, lora_inputs
 from .ops import REFERENCE_OPS
-from .rope import runtime_rope_table
+from .paged_runner import PagedRunner
+from .vocab_map import load_map
 
 
 def _evaluator(model_path: Path):
@@ -46,8 +50,6 @@ class Session:
             inputs["past_key_values_0"].type.tensor_type.elem_type) if self.num_layers else self.float
         self.max_positions = 512
         self.rope_table = rope_table if rope_table is not None else runtime_rope_table(self.config, self.max_positions)
-        from ..features.reduced_vocab import load_map
-        from .lora import dummy_feeds, lora_inputs
 
         self.vocab_map = load_map(out_dir)  # logits index i is token vocab_map[i] (None: the full vocabulary)
         # LoRA slots: the given adapter tensors, rank-0 dummies elsewhere (as the runtime binds them)
@@ -130,7 +132,5 @@ class DenseRunner:
 
 def runner_for(session: Session, batch: int, capacity: int):
     if "kv_page_table" in session.inputs:
-        from .paged_runner import PagedRunner
-
         return PagedRunner(session, batch, capacity)
     return DenseRunner(session, batch, capacity)

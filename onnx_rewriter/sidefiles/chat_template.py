@@ -21,6 +21,8 @@ import json
 import logging
 from pathlib import Path
 
+from onnx_rewriter.errors import RewriteError
+
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
@@ -164,8 +166,6 @@ def _fail_default() -> str:
 
 
 def _error(exc: Exception):
-    from onnx_rewriter.errors import RewriteError
-
     return RewriteError(
         f"cannot reduce the chat template to role prefixes/suffixes ({exc}); fix the tokenizer's chat template "
         "(tokenizer_config.json or chat_template.jinja), pass another tokenizer (--tokenizer DIR), or pass "

@@ -97,3 +97,14 @@ def write_tokenizer_files(tokenizer, out_dir) -> list[str]:
     (out / "special_tokens_map.json").write_text(text, encoding="utf-8")
     written.append("special_tokens_map.json")
     return written
+
+
+def tokenizer_rows(tokenizer_json: Path) -> int:
+    """Highest token id of a tokenizer.json + 1: the embedding rows its ids index. Raises ValueError."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    vocab = (data.get("model") or {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: a list of pairs
+    ids += [t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t]
+    if not all(isinstance(i, int) for i in ids):
+        raise ValueError("token ids are not integers")
+    return max(ids, default=-1) + 1

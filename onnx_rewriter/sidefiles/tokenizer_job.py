@@ -29,6 +29,7 @@ def write_tokenizer_side_files(tok_dir, chat_template_file: str, out_dir, trust_
 
     Returns the names written, or None when `tok_dir` holds no tokenizer.
     """
+    # Imported here, in the child: the parent imports this module only to start it.
     from . import chat_template
     from . import tokenizer as tok
 

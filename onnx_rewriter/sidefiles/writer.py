@@ -46,7 +46,7 @@ def check_tokenizer_rows(tokenizer_json: Path, tok_dir, vocab_size: int) -> None
     """A tokenizer may have fewer ids than the embedding has rows (padding rows are normal), never more: its
     ids past the table would index outside it on the runtime."""
     from ..errors import RewriteError
-    from ..reference.consistency import tokenizer_rows
+    from .tokenizer import tokenizer_rows
 
     try:
         rows = tokenizer_rows(Path(tokenizer_json))

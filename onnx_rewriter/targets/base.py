@@ -13,10 +13,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_rewriter.analysis.rope import first_difference, runtime_rope_table, table_tolerance
+from onnx_rewriter.matching.results import AttentionLayer
+from onnx_rewriter.modelio.normalize import replace_uses
+
 from ..errors import RewriteError, UnsupportedModel
-from ..layers import AttentionLayer
-from ..normalize import replace_uses
-from ..reference.rope import first_difference, runtime_rope_table, table_tolerance
+from ..projections import packed
 
 B, S, CAP, P, KV_START = "batch_size", "seq_len", "kv_cache_capacity", "rope_max_positions", "kv_start_batch"
 
@@ -179,8 +181,6 @@ def flat_input(em: Emitter, layer: AttentionLayer, x: gs.Tensor, heads: int, hea
 
 def pack_qkv(em: Emitter, q: gs.Tensor, k: gs.Tensor, v: gs.Tensor) -> gs.Tensor:
     """q, k, v concatenated on the last axis: the fused projection itself where they are its Split's parts."""
-    from ..projections import packed
-
     return packed([q, k, v]) or em.node("Concat", [q, k, v], {"axis": -1})
 
 

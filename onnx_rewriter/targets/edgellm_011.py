@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..layers import AttentionLayer
+from onnx_rewriter.matching.results import AttentionLayer
+
 from .base import (
     Build,
     Emitter,

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .. import engine
+from onnx_rewriter.matching import engine
+
 from ..errors import PatternMismatch, UnsupportedModel
 from ..patterns import VISION_STAGES, load_patterns
 from . import plugin

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_rewriter import engine
+from onnx_rewriter.matching import engine
 from onnx_rewriter.patterns import STAGES, load_patterns
 
 HQ, HKV, D = 4, 2, 8

@@ -6,9 +6,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnx_rewriter import engine
+from onnx_rewriter.matching import engine
 from onnx_rewriter.modelio import graph as graphio
-from onnx_rewriter.normalize import normalize
+from onnx_rewriter.modelio.normalize import normalize
 from onnx_rewriter.patterns import STAGES, load_patterns
 
 

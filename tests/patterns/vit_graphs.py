@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from onnx_rewriter import engine
+from onnx_rewriter.matching import engine
 from onnx_rewriter.patterns import VISION_STAGES, load_patterns
 from tests.patterns.graphs import Builder, i64
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnx_rewriter import int4_layout as L
+from onnx_rewriter.features.int4 import layout as L
 from onnx_rewriter.reference.int4 import int4_gemm
 from onnx_rewriter.reference.ops import reference_evaluator
 

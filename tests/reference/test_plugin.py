@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
+from onnx_rewriter.analysis.rope import first_difference, model_rope_table, runtime_rope_table, table_difference
 from onnx_rewriter.reference.ops import REFERENCE_OPS, reference_evaluator
 from onnx_rewriter.reference.plugin import (
     PAGE_SIZE,
@@ -18,7 +19,6 @@ from onnx_rewriter.reference.plugin import (
     packed_qkv_dense_attention,
     paged_attention,
 )
-from onnx_rewriter.reference.rope import first_difference, model_rope_table, runtime_rope_table, table_difference
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from onnx_rewriter import pipeline
+from onnx_rewriter.pipeline import steps as pipeline
 
 NORM_FAMILIES = ("qwen3", "gemma3")
 

@@ -10,7 +10,7 @@ import pytest
 
 from onnx_rewriter import targets
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
-from onnx_rewriter.layers import AttentionLayer, QKNorm, RopeTable
+from onnx_rewriter.matching.results import AttentionLayer, QKNorm, RopeTable
 
 
 def _layers(n=2, **kw):

@@ -6,7 +6,7 @@ import numpy as np
 
 from onnx_rewriter.reference.paged_runner import PagedRunner
 from onnx_rewriter.reference.runner import Session, runner_for
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.verification.llm import verify
 
 
 def test_metadata_and_pages(rewritten):

@@ -8,9 +8,9 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 
-from onnx_rewriter import engine
+from onnx_rewriter.matching import engine
 from onnx_rewriter.patterns.qk_rmsnorm import PATTERN
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.verification.llm import verify
 
 
 def test_gemma3_norm_after_transpose_moves_into_the_plugin(rewritten):

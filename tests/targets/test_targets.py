@@ -15,7 +15,7 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_rewriter.modelio import schema
-from onnx_rewriter.reference.verify import verify
+from onnx_rewriter.verification.llm import verify
 
 from ..graph_io import io_signature as _io
 
@@ -50,7 +50,7 @@ def test_verify(rewritten, family, target, dtype):
 def test_paged_non_default_scale_is_the_attribute(models, tmp_path):
     """0.11 cannot pre-scale q (a q/k norm may follow): Gemma3's query_pre_attn_scalar 24 (head size 16)
     must arrive as attention_scale = 24^-1/2 on every plugin, and the numbers must follow it."""
-    from onnx_rewriter import pipeline
+    from onnx_rewriter.pipeline import steps as pipeline
 
     pipeline.rewrite(models.baseline("gemma3", query_pre_attn_scalar=24), tmp_path, target="edgellm-0.11",
                      dtype="float32")

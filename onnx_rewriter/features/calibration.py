@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import RewriteError
+from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.modelio import stream
+from onnx_rewriter.reference import fp8
+from onnx_rewriter.reference.plugin import apply_rope
+from onnx_rewriter.sidefiles.writer import tokenizer_dir
+from onnx_rewriter.targets.base import layer_rope_table
 
 # The bundled calibration set: short, varied English prompts (chat, code, lists, numbers). Kept tiny so
 # calibration costs a few forward passes; `--calibration FILE` (one prompt a line) replaces it.
@@ -46,8 +51,6 @@ def prompts(path: str | None) -> list[str]:
 def token_rows(run, texts: list[str]) -> list[list[int]]:
     """The prompts as token ids, through the tokenizer.json the rewrite writes beside the model."""
     from tokenizers import Tokenizer
-
-    from .sidefiles.writer import tokenizer_dir
 
     path = tokenizer_dir(run) / "tokenizer.json"
     if not path.is_file():
@@ -102,8 +105,6 @@ class Baseline:
         values come prompt by prompt, in order)."""
         import onnxruntime as ort
 
-        from .modelio import stream
-
         graph = self.model.graph
         carried = [_feeds(graph.input, ids) for ids in rows]
         for node in self.row_reads:
@@ -141,8 +142,6 @@ class _Segment:
 def _inline_small(graph: onnx.GraphProto, base_dir: Path) -> None:
     """Small external tensors (axes, shapes) into the proto: onnxruntime's shape inference reads their values
     and cannot from in-memory external data."""
-    from .modelio import stream
-
     for t in graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL and stream.numel(t) <= 1024:
             t.raw_data = np.ascontiguousarray(stream.mapped(t, base_dir)).tobytes()
@@ -160,8 +159,6 @@ def _row_read(node, inits, inputs) -> bool:
 def _segments(nodes, inits, wanted: set) -> list[_Segment]:
     """Split the (topologically sorted) nodes after a wanted tensor's producer once a segment holds
     SEGMENT_BYTES of weights."""
-    from .modelio import stream
-
     groups, cur, nbytes, seen = [], [], 0, set()
     for node in nodes:
         cur.append(node)
@@ -275,10 +272,6 @@ def _outer_names(node) -> list[str]:
 def calibrate_kv(run, path: str | None) -> list[tuple[float, float]]:
     """(k_scale, v_scale) per layer: amax / 448 of the roped K and of V over the calibration prompts, as the
     runtime's exporter computes them (per tensor, per layer)."""
-    from .reference import fp8
-    from .reference.plugin import apply_rope
-    from .targets.base import layer_rope_table
-
     rows = token_rows(run, prompts(path))
     names = [t.name for layer in run.layers for t in (layer.k, layer.v)]
     which = {t.name: (i, j) for i, layer in enumerate(run.layers) for j, t in enumerate((layer.k, layer.v))}

@@ -16,9 +16,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .errors import UnsupportedModel
-from .hf.quantized_checkpoint import Linear
-from .modelio.graph import computed_constant, constant_array, lazy_proto
+from onnx_rewriter.errors import UnsupportedModel
+from onnx_rewriter.features.int4.checkpoint import Linear
+from onnx_rewriter.modelio.graph import computed_constant, constant_array, lazy_proto
 
 GROUP = 128
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from . import int4_layout
-from .modelio import stream
+from onnx_rewriter.features.int4 import layout as int4_layout
+from onnx_rewriter.modelio import stream
 
 GRID = tuple(np.round(np.arange(0.0, 1.01, 0.125), 3))
 MAX_EXP = 8  # |log2 s| <= 8: keeps x / s and W * s well inside fp16's range

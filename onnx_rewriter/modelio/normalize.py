@@ -17,10 +17,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from . import reshape_wildcard
-from .matching import const, producer
-from .modelio import bfloat16, stream
-from .modelio.graph import SMALL_TENSOR_ELEMENTS, lazy_proto
+from onnx_rewriter.modelio import bfloat16, reshape_wildcard, stream
+from onnx_rewriter.modelio.graph import SMALL_TENSOR_ELEMENTS, const, lazy_proto, producer
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The pattern author's API: walk a graphsurgeon graph, say why a match failed, describe what matched.
 
 A pattern module imports from here only: the failure types (`Reject`, `Refuse`), the walking helpers
-and the result types it returns (defined in `layers.py`, re-exported here).
+and the result types it returns (defined in `matching/results.py`, re-exported here).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layers import (
+from onnx_rewriter.matching.results import (
     AttentionCore,
     AttentionLayer,
     KTranspose,
@@ -26,8 +26,7 @@ from .layers import (
     VitRope,
     mrope_axes,
 )
-from .modelio import stream
-from .modelio.graph import lazy_proto
+from onnx_rewriter.modelio.graph import const, producer
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
@@ -62,10 +61,6 @@ def check(cond, reason: str, node: gs.Node | None = None) -> None:
         raise Reject(reason, node)
 
 
-def producer(t: gs.Tensor) -> gs.Node | None:
-    return t.inputs[0] if t is not None and len(t.inputs) == 1 else None
-
-
 def expect(t: gs.Tensor, op: str | tuple[str, ...], what: str, at: gs.Node | None = None) -> gs.Node:
     """The node producing `t`, which must be `op` (or one of several ops)."""
     ops = (op,) if isinstance(op, str) else op
@@ -74,16 +69,6 @@ def expect(t: gs.Tensor, op: str | tuple[str, ...], what: str, at: gs.Node | Non
         found = "a graph input or constant" if node is None else f"{node.op} '{node.name}'"
         raise Reject(f"{what}: expected {'/'.join(ops)}, found {found}", at or node)
     return node
-
-
-def const(t: gs.Tensor) -> np.ndarray | None:
-    """Values of a small constant tensor, or None (large weights stay lazy and are never read here)."""
-    if isinstance(t, gs.Constant):
-        lazy = lazy_proto(t)
-        if lazy is not None and (lazy.data_location == 1 or stream.is_computed(lazy)):
-            return None  # on disk, or computed only when written (graph.computed_constant)
-        return np.asarray(t.values)
-    return None
 
 
 def scalar(t: gs.Tensor) -> float | None:

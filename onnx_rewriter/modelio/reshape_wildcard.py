@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .matching import const, producer
+from onnx_rewriter.modelio.graph import const, producer
 
 log = logging.getLogger(__name__)
 

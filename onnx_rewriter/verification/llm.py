@@ -10,75 +10,32 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .. import progress
-from .checks import check_baseline, check_steps
-from .runner import Session, runner_for
+from onnx_rewriter import progress
+from onnx_rewriter.analysis.rope import model_rope_table
+from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.features.fp8_kv import graph_scales
+from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
+from onnx_rewriter.features.int4.checkpoint import quantization
+from onnx_rewriter.hf.export import load_model
+from onnx_rewriter.hf.vlm import vlm_type
+from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
+from onnx_rewriter.reference.runner import Session, runner_for
+from onnx_rewriter.verification.checks import check_baseline, check_steps
+from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare, judge
+from onnx_rewriter.verification.consistency import check_consistency
+from onnx_rewriter.verification.fp8_oracle import Fp8Oracle
+from onnx_rewriter.verification.rope_check import check_rope
+from onnx_rewriter.verification.vlm import verify_vlm
 
 log = logging.getLogger(__name__)
 
-FP32_REL = 1e-4
-FP16_COSINE = 0.999
-# fp16 top-1 may differ only where the oracle's own top-2 are closer than this share of its largest |logit|:
-# a fixed tie, ~4x the relative logit error of correct fp16 runs (<= 2.3e-3 on the tiny families). A tie
-# measured by the step's own error would switch the check off exactly when the graph is most wrong.
-TOP1_TIE = 1e-2
-# An FP8 KV cache must cost no more than this (logit cosine vs the model, every step): a scale that saturates
-# or underflows the cache passes the tight check (the oracle rounds with the same scales) but fails here.
-# Correct calibrated scales measured >= 0.9968 on the tiny families.
-FP8_COSINE = 0.99
-
-
-@dataclass
-class StepResult:
-    step: str
-    max_abs: float
-    rel: float
-    cosine: float
-    top1_agree: bool
-    top1_checked: bool
-
-
-@dataclass
-class VerifyResult:
-    steps: list[StepResult] = field(default_factory=list)
-    criterion: str = ""
-    passed: bool = False
-    rope_table_difference: float | None = None
-    rope_checks: list = field(default_factory=list)  # rope_check.RopeCheck per group of layers
-    # INT4 / FP8-KV folders: the oracle above (dequantized weights, FP8 cache rounding) against the original
-    # model, per step; `quantized` names what differs
-    quantization: list[StepResult] = field(default_factory=list)
-    reduced_vocab: tuple[int, int] | None = None  # (kept, full) for a --reduce-vocab folder
-    quantized: str = "INT4"
-    problems: list[str] = field(default_factory=list)  # consistency.py: the folder's files disagree
-
-    def quantization_line(self) -> str:
-        q = self.quantization
-        agree = sum(s.top1_agree for s in q)
-        return (f"{self.quantized} quantization error (quantized oracle vs original model, same tokens): min cosine "
-                f"{min(s.cosine for s in q):.6f}, mean cosine {np.mean([s.cosine for s in q]):.6f}, "
-                f"top-1 agreement {agree}/{len(q)}")
-
-    def table(self) -> str:
-        rows = [f"{'step':<14}{'max_abs':>11}{'rel':>11}{'cosine':>11}  top1"]
-        for s in self.steps:
-            top = ("same" if s.top1_agree else "DIFF") + ("" if s.top1_checked else " (margin tiny)")
-            if not np.isfinite([s.max_abs, s.cosine]).all():  # NaN logits: argmax of NaNs is no agreement
-                top = "NaN"
-            rows.append(f"{s.step:<14}{s.max_abs:>11.3e}{s.rel:>11.3e}{s.cosine:>11.6f}  {top}")
-        return "\n".join(rows)
-
-
 class HFOracle:
     def __init__(self, model: str, lora_adapter: str | None = None, trust_remote_code: bool = False):
-        from ..hf.export import load_model
-
         self.model, self.config = load_model(model, trust_remote_code=trust_remote_code)
         if lora_adapter:  # transformers + PEFT, the adapter merged into the weights
             from peft import PeftModel
@@ -99,8 +56,6 @@ class OnnxOracle:
 
         import onnxruntime as ort
 
-        from ..errors import RewriteError
-
         if not Path(path).is_file():
             raise RewriteError(f"baseline '{path}' does not exist; give the .onnx file the folder was rewritten from")
         opts = ort.SessionOptions()
@@ -119,18 +74,6 @@ class OnnxOracle:
         return np.asarray(out, dtype=np.float32)[0, -1]
 
 
-def compare(step: str, ours: np.ndarray, ref: np.ndarray) -> StepResult:
-    err = np.abs(ours - ref)
-    max_abs = float(err.max())
-    rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
-    cos = float(np.dot(ours, ref) / max(np.linalg.norm(ours) * np.linalg.norm(ref), 1e-30))
-    top2 = np.sort(ref)[-2:]
-    margin = float(top2[1] - top2[0])
-    tie = TOP1_TIE * max(float(np.abs(ref).max()), 1e-12)
-    finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())
-    return StepResult(step, max_abs, rel, cos, finite and int(ours.argmax()) == int(ref.argmax()), margin > tie)
-
-
 def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     """Two ragged prompts (batch-2, right-padded prefill)."""
     rng = np.random.default_rng(seed)
@@ -138,12 +81,9 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndarray | None:
-    """Fills result.rope_checks (reference/rope_check.py: each layer's table, as the runtime or the graph
+    """Fills result.rope_checks (verification/rope_check.py: each layer's table, as the runtime or the graph
     provides it, vs the model's over every position). Returns the model's table when `rope == "model"`
     asks to feed it instead of the runtime's."""
-    from .rope import model_rope_table
-    from .rope_check import check_rope
-
     try:
         result.rope_checks = check_rope(out_dir, hf_config)
         result.rope_table_difference = max((c.max_abs for c in result.rope_checks), default=None)
@@ -159,10 +99,8 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
     reported against it."""
     check_steps(steps)
-    from ..hf.vlm import vlm_type
 
     if model and vlm_type(model) and baseline is None and rows is None:  # image+text and text-only prompts
-        from .vlm_verify import verify_vlm
 
         return verify_vlm(out_dir, model, steps=steps, quiet=quiet)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
@@ -200,15 +138,11 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     if session.vocab_map is not None:
         result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
     rows = rows or prompts(session.config["vocab_size"])
-    from ..features.fp8_kv import graph_scales
 
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         if not isinstance(oracle, HFOracle):
-            from ..errors import RewriteError
-
             raise RewriteError("verify --baseline cannot simulate the folder's FP8 KV cache; verify with --model")
-        from .fp8_oracle import Fp8Oracle
 
         if original is None:
             original = HFOracle(model, trust_remote_code=trust_remote_code)
@@ -253,39 +187,10 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     return result
 
 
-def check_consistency(out_dir, model, vlm, extra: list[str] = ()) -> VerifyResult | None:
-    """The folder's files against each other, the contract and `model` (consistency.py): a FAILED result
-    (one `FAIL:` line per problem, printed even with -q) or None when they agree."""
-    from .consistency import check
-
-    problems = list(extra) + check(out_dir, model, vlm=vlm)
-    if not problems:
-        return None
-    result = VerifyResult(criterion="the folder's files agree with each other, the contract and the model; "
-                                    "no numbers were run", problems=problems)
-    for line in problems:
-        print(f"FAIL: {line}", file=sys.stdout)
-    print(f"verify FAILED ({result.criterion})", file=sys.stdout)
-    return result
-
-
-def judge(result: VerifyResult, float_type) -> None:
-    """The pass rule for the folder's float type: fp32 exact to rounding, fp16 by cosine and top-1."""
-    if float_type == np.float32:
-        result.criterion = f"fp32: relative error <= {FP32_REL} and identical top-1 at every step"
-        result.passed = all(s.rel <= FP32_REL and s.top1_agree for s in result.steps)
-    else:
-        result.criterion = (f"fp16: cosine >= {FP16_COSINE} and identical top-1 wherever the oracle's top-2 "
-                            f"margin exceeds {TOP1_TIE:g} of its largest |logit|")
-        result.passed = all(s.cosine >= FP16_COSINE and (s.top1_agree or not s.top1_checked) for s in result.steps)
-
-
 def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
     """The adapter's A/B matrices under the folder's LoRA input names (reference/lora.py), or None."""
     if lora_adapter is None:
         return None
-    from ..errors import RewriteError
-    from .lora import adapter_feeds, lora_inputs
 
     if not model:
         raise RewriteError("--lora-adapter needs --model: the oracle is the model with the adapter merged")
@@ -300,15 +205,13 @@ def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
 
 def _int4_oracle(graph, out_dir, model):
     """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
-    dequantized weights the plugins should hold, computed from the model (features/int4.py); else None."""
+    dequantized weights the plugins should hold, computed from the model (features/int4/__init__.py); else None."""
     if not model:
         return None
     cfg = Path(model) / "config.json"
-    from ..hf.quantized_checkpoint import quantization
 
     if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
-    from ..features.int4 import OPS, int4_nodes, load_dequantized
 
     if not any(n.op_type in OPS.values() for n in graph.graph.node):
         return None

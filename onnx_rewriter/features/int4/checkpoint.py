@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RewriteError
+from onnx_rewriter.errors import RewriteError
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble slot j holds channel 8c + AWQ_ORDER[j]
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -210,21 +210,3 @@ class Checkpoint:
         return {k: self.tensor(k) for k in self._where if k not in parts}
 
 
-def load_model(folder, config, dtype, attn_implementation: str):
-    """The transformers model of a quantized checkpoint, holding its dequantized weights (fp16 values)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    ck = Checkpoint(folder)
-    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.plain().items()}
-    for p in ck.prefixes:
-        state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(ck.linear(p).dequantized().T))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RewriteError(f"quantized checkpoint '{folder}' does not fit its config: missing "
-                           f"{missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model.to(dtype).eval()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import RewriteError
+from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.modelio.graph import check_plain_export
 
 # The reference runs positions up to its RoPE table (runner.Session.max_positions = 512); the longest
 # prompt is 11 tokens and the prefill holds one more.
@@ -20,8 +21,6 @@ def check_steps(steps) -> None:
 def check_baseline(path) -> None:
     """--baseline is a plain export computing logits from input_ids, not a rewritten folder's graph."""
     import onnx
-
-    from ..modelio.graph import check_plain_export
 
     p = Path(path)
     if not p.is_file():

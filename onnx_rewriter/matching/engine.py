@@ -1,8 +1,8 @@
 """The pattern engine: runs the pattern library stage by stage and keeps every match and every miss.
 
 A pattern (one file in `patterns/`) declares a `stage`, the `anchors` it starts from (op types), and a
-`match(node, ctx)` that returns the tensor its match computes plus a result (a `layers.py` dataclass),
-or raises `Reject` with a reason (`Refuse`: the model cannot run at all; both from `matching.py`).
+`match(node, ctx)` that returns the tensor its match computes plus a result (a `matching/results.py` dataclass),
+or raises `Reject` with a reason (`Refuse`: the model cannot run at all; both from `matching/api.py`).
 Later stages look earlier results up by tensor (`ctx.lookup`), so small matches (RoPE, repeat_kv, the
 attention core) feed the layer-level match. The engine knows no pattern by name.
 """
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import onnx_graphsurgeon as gs
 
-from .matching import Refuse, Reject
+from onnx_rewriter.matching import Refuse, Reject
 
 __all__ = ["Context", "Match", "Miss", "Pattern", "Refuse", "Reject", "run"]  # Refuse: for callers of run()
 

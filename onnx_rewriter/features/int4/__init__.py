@@ -1,5 +1,5 @@
 """INT4 weight-only linears: each decoder MatMul with a constant [K, N] weight becomes EdgeLLM's groupwise
-INT4 GEMM plugin (G = 128), its weight packed in the target's layout (int4_layout.py).
+INT4 GEMM plugin (G = 128), its weight packed in the target's layout (features/int4/layout.py).
 
 Per target (`PLANS`): which plugin layouts the runtime has, the N divisibility its kernels need, and how
 q/k/v reach the attention plugin. A linear that breaks a constraint stays FP16 and the report says why;
@@ -19,11 +19,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
-from .. import int4_awq, int4_layout
-from ..errors import RewriteError, UnsupportedModel
-from ..modelio.graph import computed_constant, constant_array, constant_row_blocks
-from ..targets.base import lm_head_input
-from . import Feature, FeatureOptions, check_choice, fp16_plan, option
+from onnx_rewriter.errors import RewriteError, UnsupportedModel
+from onnx_rewriter.features.base import Feature, FeatureOptions, check_choice, fp16_plan, option
+from onnx_rewriter.features.calibration import linear_inputs
+from onnx_rewriter.features.int4 import awq as int4_awq
+from onnx_rewriter.features.int4 import layout as int4_layout
+from onnx_rewriter.features.int4.checkpoint import Checkpoint
+from onnx_rewriter.features.int4.onnx_in import convert
+from onnx_rewriter.modelio.graph import computed_constant, constant_array, constant_row_blocks
+from onnx_rewriter.targets.base import lm_head_input
 
 G = int4_layout.GROUP
 OPS = {1: "Int4GroupwiseGemmPlugin", 2: "Int4GroupwiseGemmPluginV2"}
@@ -67,7 +71,7 @@ class Int4(Feature):
 
     def __init__(self, method: str = "rtn", plugin_version: int | None = None, checkpoint: str | None = None,
                  calibration: str | None = None):
-        # "rtn"; "awq": activation-aware scales searched on calibration activations (int4_awq.py);
+        # "rtn"; "awq": activation-aware scales searched on calibration activations (features/int4/awq.py);
         # "checkpoint": the codes of an AWQ/GPTQ checkpoint; "onnx": those of MatMulNBits / blocked DQ
         self.method = method
         self.plugin_version = plugin_version
@@ -78,8 +82,6 @@ class Int4(Feature):
     # ------------------------------------------------------------------ hooks
 
     def prepare(self, run) -> None:
-        from ..quantized_onnx import convert
-
         self.onnx_codes = convert(run.source.graph, run.source.base_dir)
         if self.onnx_codes:
             self.method = "onnx"
@@ -91,8 +93,6 @@ class Int4(Feature):
                      f"({OPS[self.version]}), so the option changes nothing there (it chooses between layouts "
                      f"on edgellm-0.11)")
         if self.method == "awq":
-            from ..calibration import linear_inputs
-
             self.activations = linear_inputs(run, self.calibration)
 
     def apply(self, run, build) -> None:
@@ -253,8 +253,6 @@ class _CheckpointCodes:
 
     def __init__(self, folder, base_dir):
         import hashlib
-
-        from ..hf.quantized_checkpoint import Checkpoint
 
         self.ck, self.base_dir = Checkpoint(folder), base_dir
         self._hash = lambda a: hashlib.sha1(np.ascontiguousarray(a, dtype=np.float16).tobytes()).hexdigest()

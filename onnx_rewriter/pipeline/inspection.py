@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import pipeline, targets
-from .errors import RewriteError
+from onnx_rewriter import targets
+from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.pipeline import steps as pipeline
 
 # (spec key, label) in the order printed.
 _FIELDS = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fp8
+from onnx_rewriter.reference import fp8
 
 NAME = "onnx_rewriter_fp8_kv"
 

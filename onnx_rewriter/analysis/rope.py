@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layers import mrope_axes
+from onnx_rewriter.matching.results import mrope_axes
 
 
 def _rotary_dim(head_dim: int, partial_rotary_factor) -> int:

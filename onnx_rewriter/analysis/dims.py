@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .exact import snap_theta
-from .layers import AttentionLayer
+from onnx_rewriter.analysis.constants import snap_theta
+from onnx_rewriter.matching.results import AttentionLayer
+from onnx_rewriter.modelio.graph import lazy_proto
 
 
 def is_default_rope(inv_freq: np.ndarray, rotary_dim: int, theta: float) -> bool:
@@ -26,8 +27,6 @@ def intermediate_size_of(graph, hidden_size: int, attn_width: int) -> int | None
     from collections import Counter
 
     import onnx_graphsurgeon as gs
-
-    from .modelio.graph import lazy_proto
 
     rows = Counter()
     for node in graph.nodes:

@@ -6,7 +6,7 @@ What the runtime does, done on the CPU reference:
 - each row's 3-D (t, h, w) positions come from the model's own `get_rope_index` (with `mm_token_type_ids`:
   without it Qwen2.5-VL silently falls back to 1-D positions); generated tokens continue at
   position + rope delta, the same on all three rows;
-- the per-row M-RoPE table is built from the folder's config.json (reference/rope.py
+- the per-row M-RoPE table is built from the folder's config.json (analysis/rope.py
   `runtime_mrope_table`), one table per batch row (0.9) or one row per token (0.11).
 The oracle runs each row's whole sequence through the HF model with its pixels, every step.
 """
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .rope import runtime_mrope_table
-from .runner import Session, runner_for
-from .verify import VerifyResult, check_consistency, compare, judge
+from onnx_rewriter.analysis.rope import runtime_mrope_table
+from onnx_rewriter.hf.vlm import encode, load_vlm, synthetic_images, vision_module
+from onnx_rewriter.reference.runner import Session, runner_for
+from onnx_rewriter.verification.compare import VerifyResult, compare, judge
+from onnx_rewriter.verification.consistency import check_consistency
 
 PROMPT = "Describe the picture in one short sentence."
 TEXT_PROMPT = "What is the capital of France?"
@@ -56,8 +58,6 @@ class VlmSession(Session):
 def _inputs(model: str, vlm, image):
     """(image row encoding, text row encoding) of the two prompts through the chat template."""
     from transformers import AutoTokenizer
-
-    from ..hf.tiny_vlm import encode
 
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
@@ -96,9 +96,6 @@ def _render(tok, msgs, plain, model) -> str:
 def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = False) -> VerifyResult:
     """Run `out_dir` (a `llm/` folder, or the export folder holding it) against the HF VLM `model`."""
     import torch
-
-    from ..hf.tiny_vlm import synthetic_images
-    from ..hf.vlm import load_vlm
 
     root = Path(out_dir)
     if root.name == "llm" and not (root / "llm").is_dir():  # the llm/ folder itself (export --verify)
@@ -198,7 +195,7 @@ def _verify_visual(root: Path, vlm, image, quiet: bool):
     """The `visual/` encoder beside `llm/`, by onnx_rewriter.vision when both are there; else None."""
     if not (root / "visual" / "model.onnx").is_file():
         return None
-    from ..vision import verify_visual  # _visual_problems checked it imports
+    verify_visual = vision_module().verify_visual  # torch-heavy (~5 s); _visual_problems checked it imports
     res = verify_visual(root, vlm, images=[image])
     if not quiet:
         print(f"visual/: {res.table()}\nvisual {'PASSED' if res.passed else 'FAILED'} ({res.criterion})")

@@ -9,12 +9,15 @@ would crash on the mismatch). Cheap: reads config.json, the graph without its we
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import onnx
 
 from ..safety import MANIFEST
 from ..sidefiles.config_json import REQUIRED_KEYS
+from ..sidefiles.tokenizer import tokenizer_rows
+from .compare import VerifyResult
 
 SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "max_position_embeddings")
@@ -23,17 +26,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # (folder config key, names in the checkpoint's config) compared with --model
 MODEL_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 FP8 = onnx.TensorProto.FLOAT8E4M3FN
-
-
-def tokenizer_rows(tokenizer_json: Path) -> int:
-    """Highest token id of a tokenizer.json + 1: the embedding rows its ids index. Raises ValueError."""
-    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    vocab = (data.get("model") or {}).get("vocab") or {}
-    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: a list of pairs
-    ids += [t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t]
-    if not all(isinstance(i, int) for i in ids):
-        raise ValueError("token ids are not integers")
-    return max(ids, default=-1) + 1
 
 
 def _dims(value_info) -> list:
@@ -212,8 +204,9 @@ def _embedding(out: Path, sizes: dict) -> list[str]:
 
 
 def _vocab_map(out: Path, cfg: dict, sizes: dict) -> list[str]:
+    from onnx_rewriter.reference.vocab_map import MAP_FILE, load_map
+
     from ..errors import RewriteError
-    from ..features.reduced_vocab import MAP_FILE, load_map
 
     path = out / MAP_FILE
     try:
@@ -262,3 +255,17 @@ def _model(out: Path, cfg: dict, sizes: dict, model: str, vlm: bool | None) -> l
                         f"says {', '.join(f'{k}={b}' for k, _, b in differ)}; verify against the checkpoint the "
                         f"folder was exported from")
     return problems
+
+
+def check_consistency(out_dir, model, vlm, extra: list[str] = ()) -> VerifyResult | None:
+    """The folder's files against each other, the contract and `model` (consistency.py): a FAILED result
+    (one `FAIL:` line per problem, printed even with -q) or None when they agree."""
+    problems = list(extra) + check(out_dir, model, vlm=vlm)
+    if not problems:
+        return None
+    result = VerifyResult(criterion="the folder's files agree with each other, the contract and the model; "
+                                    "no numbers were run", problems=problems)
+    for line in problems:
+        print(f"FAIL: {line}", file=sys.stdout)
+    print(f"verify FAILED ({result.criterion})", file=sys.stdout)
+    return result

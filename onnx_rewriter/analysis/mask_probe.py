@@ -13,9 +13,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .errors import PatternMismatch
-from .layers import AttentionLayer
-from .matching import const
+from onnx_rewriter.errors import PatternMismatch
+from onnx_rewriter.matching import const
+from onnx_rewriter.matching.results import AttentionLayer
 
 log = logging.getLogger(__name__)
 

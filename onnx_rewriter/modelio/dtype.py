@@ -12,10 +12,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .layers import RMSNormCore
-from .modelio import stream
-from .modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
-from .modelio.stream import numel
+from onnx_rewriter.modelio import stream
+from onnx_rewriter.modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
+from onnx_rewriter.modelio.stream import numel
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 NAMES = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
@@ -72,12 +71,12 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
     return deferred
 
 
-def keep_fp32(graph: gs.Graph, cores: list[RMSNormCore]) -> int:
+def keep_fp32(graph: gs.Graph, cores: list) -> int:
     """Run each RMSNorm core (x -> x·rsqrt(mean(x²)+eps)) in fp32 between explicit Casts.
 
-    Called after `convert_graph` narrowed everything; the cores' constants are widened back. The
-    entry tensor is read off the live graph (the embedding step may have replaced the matched one).
-    Returns how many islands were made.
+    `cores`: matching.results.RMSNormCore matches. Called after `convert_graph` narrowed everything; the
+    cores' constants are widened back. The entry tensor is read off the live graph (the embedding step may
+    have replaced the matched one). Returns how many islands were made.
     """
     n = 0
     for core in cores:

@@ -18,19 +18,26 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import dtype as dtypes
-from . import engine, progress, projections, safety, targets
-from . import spec as specmod
-from .errors import PatternMismatch, RewriteError, UnsupportedModel
-from .features import OPTIONS as FEATURE_OPTIONS
-from .layers import AttentionLayer, TokenEmbedding
-from .modelio import graph as graphio
-from .modelio import schema, stream
-from .modelio.output import OutputDir
-from .normalize import normalize, replace_uses
-from .probe import MaskProbe
-from .report import LayerReport, Report
-from .targets.base import B, Build, S
+from onnx_rewriter import progress, projections, safety, targets
+from onnx_rewriter.analysis import constants as exact
+from onnx_rewriter.analysis import dims as specmod
+from onnx_rewriter.analysis.mask_probe import MaskProbe
+from onnx_rewriter.errors import PatternMismatch, RewriteError, UnsupportedModel
+from onnx_rewriter.features import OPTIONS as FEATURE_OPTIONS
+from onnx_rewriter.features import implied, selected
+from onnx_rewriter.linear_names import name_linears
+from onnx_rewriter.matching import engine
+from onnx_rewriter.matching.results import AttentionLayer, TokenEmbedding
+from onnx_rewriter.modelio import dtype as dtypes
+from onnx_rewriter.modelio import graph as graphio
+from onnx_rewriter.modelio import schema, stream
+from onnx_rewriter.modelio.normalize import normalize, replace_uses
+from onnx_rewriter.modelio.output import OutputDir
+from onnx_rewriter.patterns import STAGES, load_patterns
+from onnx_rewriter.pipeline.report import LayerReport, Report
+from onnx_rewriter.sidefiles import config_json, tokenizer_job, writer
+from onnx_rewriter.sidefiles.config_json import make_config_json
+from onnx_rewriter.targets.base import B, Build, S, lm_head_input
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +182,6 @@ class Run:
 def step_load(run: Run) -> None:
     run.source = graphio.load(run.in_path)
     run.weights_float_type = weights_float_type(run.source.graph)
-    from .features import implied
 
     run.features += implied(run)
     for feature in run.features:
@@ -193,7 +199,7 @@ def step_load(run: Run) -> None:
 
 def weights_float_type(graph: gs.Graph) -> int:
     """The float type most weight elements have (before bf16 is widened): how finely the graph's constants
-    were rounded. Read once at load; exact.py snaps within that rounding."""
+    were rounded. Read once at load; analysis/constants.py snaps within that rounding."""
     from collections import Counter
 
     counts = Counter()
@@ -234,14 +240,10 @@ def step_normalize(run: Run) -> None:
 
 
 def step_match(run: Run) -> None:
-    from .patterns import STAGES, load_patterns
-
     g = run.source.graph
     try:
         run.ctx = engine.run(g, list(STAGES), load_patterns(), info={"opset": run.source.opset})
     except engine.Refuse as exc:
-        from .errors import UnsupportedModel
-
         raise UnsupportedModel(f"{exc.reason}{exc.where()}") from None
     anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention")]
     if not anchors:
@@ -305,12 +307,11 @@ def step_check(run: Run) -> None:
             layer.sliding_window = probe.window_of(layer)
         run.spec = specmod.model_spec(run.layers, run.spec["vocab_size"], run.spec["hidden_size"],
                                       run.source.graph if run.hf_config is None else None)
-    from .sidefiles import config_json
 
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
     if not run.options.no_tokenizer:  # the tokenizer's ids fit the embedding (checked again on the files written)
-        from .sidefiles import writer
+        from onnx_rewriter.pipeline.steps.sidefiles import writer
 
         tok_dir = writer.tokenizer_dir(run)
         writer.check_tokenizer_rows(tok_dir / "tokenizer.json", tok_dir, int(run.spec["vocab_size"]))
@@ -323,10 +324,7 @@ def step_check(run: Run) -> None:
 
 def exact_constants(run: Run) -> None:
     """rope_theta and softmax scales as the checkpoint states them, not as rounded constants read back
-    (exact.py); the report's `snapped` lists each value written in place of the graph's."""
-    from . import exact
-    from .sidefiles import config_json
-
+    (analysis/constants.py); the report's `snapped` lists each value written in place of the graph's."""
     ref = specmod.runtime_rope_layer(run.layers)
     theta, note = exact.snap_theta(ref.rope.inv_freq, ref.rotary_dim, config_json.rope_thetas(run.hf_config))
     run.spec["rope_theta"] = theta
@@ -350,13 +348,10 @@ def step_build(run: Run) -> None:
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
-    from .linear_names import name_linears
-    from .targets.base import lm_head_input
 
     # path-style linear names, as NVIDIA's insert-lora tool needs them (linear_names.py)
     names = name_linears(g, run.source.module_paths, lm_head_input(run.logits)[0])
     log.debug("linear names: %s", names)
-    from .sidefiles.config_json import make_config_json
 
     for layer in run.layers:  # Shape side branches must not keep the removed RoPE / attention alive
         for gone, same in layer.same_shape:
@@ -407,8 +402,6 @@ def to_model(run: Run) -> onnx.ModelProto:
 
 
 def step_write(run: Run) -> None:
-    from .sidefiles import writer
-
     schema.register()
     for feature in run.features:
         for args in feature.schemas():
@@ -451,7 +444,6 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     options = make_options(options, **kwargs)
     run = Run(in_path=Path(in_path), out_dir=safety.resolved(out_dir) if out_dir is not None else None,
               options=options)
-    from .features import selected
 
     run.features = selected(options)  # an unknown feature option too
     check_used(options)
@@ -463,8 +455,6 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
     # The tokenizer side files: a child process writes them meanwhile (tokenizer_job.py), started first so
     # that its imports overlap the load and the matching, which use one core.
     if run.out_dir is not None and not options.no_tokenizer and step_write in steps:
-        from .sidefiles import tokenizer_job, writer
-
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
                                                 options.target.chat_template_file, options.trust_remote_code)
     # No cyclic GC while the steps run: they build a graph of ~100k objects that every full collection

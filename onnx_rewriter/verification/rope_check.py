@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .rope import first_difference, model_rope_table, runtime_rope_table
+from onnx_rewriter.analysis.rope import first_difference, model_rope_table, runtime_rope_table
 
 RUNTIME = "runtime (config.json)"
 

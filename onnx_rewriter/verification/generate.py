@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runner import Session, runner_for
+from onnx_rewriter.reference.runner import Session, runner_for
 
 
 def load_tokenizer(folder):
