@@ -10,7 +10,7 @@ import pytest
 
 from onnx_rewriter import cli, features, targets
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
-from onnx_rewriter.features import FeatureOptions, option
+from onnx_rewriter.features.base import FeatureOptions, option
 from onnx_rewriter.pipeline import steps as pipeline
 
 

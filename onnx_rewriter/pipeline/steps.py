@@ -311,8 +311,6 @@ def step_check(run: Run) -> None:
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
     if not run.options.no_tokenizer:  # the tokenizer's ids fit the embedding (checked again on the files written)
-        from onnx_rewriter.pipeline.steps.sidefiles import writer
-
         tok_dir = writer.tokenizer_dir(run)
         writer.check_tokenizer_rows(tok_dir / "tokenizer.json", tok_dir, int(run.spec["vocab_size"]))
     exact_constants(run)

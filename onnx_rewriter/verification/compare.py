@@ -68,7 +68,8 @@ def compare(step: str, ours: np.ndarray, ref: np.ndarray) -> StepResult:
     top2 = np.sort(ref)[-2:]
     margin = float(top2[1] - top2[0])
     tie = TOP1_TIE * max(float(np.abs(ref).max()), 1e-12)
-    return StepResult(step, max_abs, rel, cos, int(ours.argmax()) == int(ref.argmax()), margin > tie)
+    finite = bool(np.isfinite(ours).all() and np.isfinite(ref).all())  # argmax of NaNs is no agreement
+    return StepResult(step, max_abs, rel, cos, finite and int(ours.argmax()) == int(ref.argmax()), margin > tie)
 
 
 def judge(result: VerifyResult, float_type) -> None:
