@@ -7,6 +7,7 @@ keeps them across sessions (tests/mutants.py runs the suite once per mutant; the
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -18,6 +19,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# huggingface_hub reads that switch once, when first imported: first imported inside a test that unsets it
+# (test_errors.py's no-network case, run first), the rest of the session would be online. Read it now (~15 ms).
+with contextlib.suppress(ImportError):
+    import huggingface_hub.constants  # noqa: F401
 # torch's inductor picks its cache folder under tempfile.gettempdir() on first use and pins it in this variable:
 # first used inside a test that points tempfile at a small tmpfs (test_safety.py), it lands there, and every
 # later test in the session would use the unmounted folder. torch's own default, fixed before any test runs.
