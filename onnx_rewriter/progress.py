@@ -46,8 +46,10 @@ def _silence_hf() -> None:
     mods = sys.modules
     if "transformers" in mods:
         mods["transformers"].utils.logging.disable_progress_bar()
-    if "huggingface_hub" in mods:
-        mods["huggingface_hub"].utils.disable_progress_bars()
+    if "huggingface_hub" in mods:  # its `utils` is no attribute until imported (only `constants` may be)
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
 
 
 class _Null:

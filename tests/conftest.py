@@ -7,13 +7,27 @@ keeps them across sessions (tests/mutants.py runs the suite once per mutant; the
 
 from __future__ import annotations
 
+import contextlib
+import getpass
+import logging
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# huggingface_hub reads that switch once, when first imported: first imported inside a test that unsets it
+# (test_errors.py's no-network case, run first), the rest of the session would be online. Read it now (~15 ms).
+with contextlib.suppress(ImportError):
+    import huggingface_hub.constants  # noqa: F401
+# torch's inductor picks its cache folder under tempfile.gettempdir() on first use and pins it in this variable:
+# first used inside a test that points tempfile at a small tmpfs (test_safety.py), it lands there, and every
+# later test in the session would use the unmounted folder. torch's own default, fixed before any test runs.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
 
 
 def pytest_addoption(parser):
@@ -27,6 +41,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    # pytest-randomly shuffles the order and names its seed in the header, which `make test` (-q) hides.
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and getattr(config.option, "randomly_reorganize", False):
+        terminalreporter.write_line(f"test order shuffled with --randomly-seed={seed} "
+                                    f"(the same order again: make test ARGS=--randomly-seed={seed})")
+
+
+# What sys.stderr is outside any test: pytest's session-wide capture (conftest loads after it starts), or the
+# terminal under -s. A library handler made outside a test writes there.
+_SESSION_STDERR = sys.stderr
+
+
+def _repoint_closed_log_handlers():
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", ()):
+            if not isinstance(handler, logging.StreamHandler):
+                continue
+            # transformers also binds the handler's flush to that stream's own (handler.flush = sys.stderr.flush)
+            own_flush = handler.__dict__.get("flush")
+            flushes = getattr(own_flush, "__self__", None)
+            if getattr(handler.stream, "closed", False) or getattr(flushes, "closed", False):
+                handler.stream = _SESSION_STDERR
+                if own_flush is not None:
+                    handler.flush = _SESSION_STDERR.flush
+
+
+@pytest.fixture(autouse=True)
+def _no_log_handler_left_on_a_closed_stream():
+    """transformers, huggingface_hub and torch make their stderr handlers on their first log call, bound to the
+    sys.stderr of that moment: inside a test using capsys that is a capture stream, closed after the test, and
+    every later log line in the session prints '--- Logging error ---' into whatever the next test captures.
+    Such a handler is pointed at the stream it would have been made with outside any test (before each test,
+    and after it, once the capture is closed)."""
+    _repoint_closed_log_handlers()
+    yield
+    _repoint_closed_log_handlers()
 
 
 DONE = ".complete"  # marker beside a folder, written last: one without it (interrupted) is built again

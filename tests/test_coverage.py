@@ -107,6 +107,16 @@ def check_gemma3_tables(out, model, run, ckpt):
     assert len(pre) == LAYERS
 
 
+def check_yarn_table(out, model, run, ckpt):
+    """YaRN: the runtime has no such table; the model's own is baked, cos and sin times attention_scaling."""
+    plugins = [n for n in model.graph.node if n.op_type == "AttentionPlugin"]
+    assert {n.input[5] for n in plugins} == {"rope_rotary_cos_sin_layer0"}
+    baked = _const(model, plugins[0].input[5])
+    assert baked.shape == (1, 4096, 32)  # [1, max_pos, R]
+    np.testing.assert_allclose(baked[0, 0, :16], 0.1 * math.log(4.0) + 1.0, rtol=1e-6)  # cos(0) · scaling
+    assert run.spec["rope_theta"] == 99100.0  # read off the unscaled top frequencies
+
+
 def check_qk_norm_kept(out, model, run, ckpt):
     """Qwen3's q/k RMSNorm stays in the graph for 0.9: 2 per layer besides the 2 layer norms and the final."""
     n = sum(1 for x in model.graph.node if x.op_type in ("ReduceMean", "RMSNormalization"))
@@ -135,7 +145,8 @@ ROWS = [
     Row("llama-eager", "llama", export=dict(attn="eager")),
     Row("llama_tied", "llama_tied"),
     Row("smollm", "smollm", heads=(9, 3, 16)),
-    Row("qwen2", "qwen2"),
+    Row("qwen2", "qwen2"),  # random q/k/v biases (fused q/k/v GEMM), theta 999100
+    Row("yarn", "yarn", heads=(2, 1, 32), check=check_yarn_table),
     pytest.param(Row("qwen2-eager", "qwen2", export=dict(attn="eager")), marks=pytest.mark.slow),
     Row("qwen3", "qwen3", dtypes=("float32", "float16"), check=check_qk_norm_kept),
     Row("mistral_window", "mistral_window", windows=(8, 8), dtypes=("float32", "float16")),

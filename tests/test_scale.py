@@ -218,8 +218,9 @@ def test_tokenizer_child_started_early_is_taken_over_or_stopped(models, tmp_path
 
     from onnx_rewriter.sidefiles import tokenizer_job
 
-    monkeypatch.delitem(sys.modules, "transformers")  # as in the CLI: a child, not in-process
-    tok_dir = models.checkpoint("llama")
+    tok_dir = models.checkpoint("llama")  # (may import transformers: building it does)
+    # as in the CLI: a child, not in-process (run first in a session, transformers is not imported yet)
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)
     tokenizer_job.start_early(tok_dir, "processed_chat_template.json")
     early = tokenizer_job._EARLY[(str(tok_dir), "processed_chat_template.json", False)]
     other = tokenizer_job.start(tok_dir, "chat_template.jinja")  # other files: a child of its own

@@ -52,6 +52,12 @@ def test_family_builds_loads_and_runs(family, tmp_path):
     assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
     assert torch.isfinite(logits).all()
     assert logits.std() > 0.3  # not the near-uniform output of the 0.02 default init
+    # No zero bias, no unit norm: either would hide a swapped bias slice or a dropped norm scale.
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert (p != 0).all(), name
+        elif "norm" in name and name.endswith(".weight"):
+            assert (p != 1).all() and (p != 0).all(), name
 
 
 def test_family_specifics(tmp_path):
@@ -72,6 +78,10 @@ def test_family_specifics(tmp_path):
     assert g3["model_type"] == "gemma3_text" and g3["sliding_window"] == 8
     assert set(g3["layer_types"]) == {"sliding_attention", "full_attention"}
     assert cfg("gptj")["rotary_dim"] == 8
+    qwen2 = cfg("qwen2")
+    assert (qwen2["rope_parameters"]["rope_theta"], qwen2["rms_norm_eps"]) == (999100.0, 1.7e-6)  # not round
+    yarn = cfg("yarn")["rope_parameters"]
+    assert (yarn["rope_type"], yarn["factor"], yarn["rope_theta"]) == ("yarn", 4.0, 99100.0)
 
 
 def test_checkpoint_is_deterministic_and_seeded(tmp_path):

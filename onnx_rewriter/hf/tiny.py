@@ -138,8 +138,19 @@ FAMILIES = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
         },
     ),
-    "qwen2": lambda: _cfg("Qwen2Config", _no_head_dim()),  # q/k/v biases are built into Qwen2
+    # q/k/v biases are built into Qwen2 (random, see perturb). A theta that is not round: a snapping rule too
+    # loose would write 1e6 for it.
+    "qwen2": lambda: _cfg("Qwen2Config", _no_head_dim(), rms_norm_eps=1.7e-6,
+                          rope_parameters={"rope_type": "default", "rope_theta": 999100.0}),
     "qwen3": lambda: _cfg("Qwen3Config"),  # q_norm / k_norm built in
+    # YaRN (Qwen2.5 long-context style): attention_scaling 0.1·ln(4) + 1 multiplies cos and sin. head_dim 32 and
+    # an original context of 1024 keep the top 3 frequencies unscaled (as in real YaRN models, whose theta is
+    # read off them); 4-8 ramp, the rest are divided by 4.
+    "yarn": lambda: _cfg(
+        "Qwen2Config", _no_head_dim(), num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 99100.0, "factor": 4.0,
+                         "original_max_position_embeddings": 1024},
+    ),
     "mistral": lambda: _cfg("MistralConfig", sliding_window=None),
     "mistral_window": lambda: _cfg("MistralConfig", sliding_window=8),
     # Phi3 keeps partial_rotary_factor inside rope_parameters; fused qkv_proj and gate_up_proj.
@@ -174,6 +185,26 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def _round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
+
+
+def perturb(model, seed: int = 0) -> None:
+    """Random non-zero biases and non-unit norm weights (in place).
+
+    HF initialises biases to 0 and norm weights to 1 (Gemma's 1 + w norms to 0): a bug that swaps bias slices
+    or drops a norm's scale would change nothing in such a model. Norm weights get 1 + N(0, 0.2) (Gemma's
+    w gets N(0, 0.2): 1 + w is not 1 either), biases N(0, 0.5), on the order of the projections' outputs.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, p in module.named_parameters(recurse=False):
+                if name == "bias":
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                elif is_norm and name == "weight":
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int = 0,
@@ -213,6 +244,7 @@ def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int 
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    perturb(model, seed)
     model = model.to(getattr(torch, dtype)).eval()
     model.config.dtype = dtype
     model.save_pretrained(out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from .tiny import build_tokenizer
+from .tiny import build_tokenizer, perturb
 from .vlm import encode, load_image_processor, synthetic_images  # noqa: F401  (the tests' inputs: production code)
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -49,8 +49,8 @@ FAMILIES = {
     "qwen2_5_vl": dict(
         config="Qwen2_5_VLConfig",
         model="Qwen2_5_VLForConditionalGeneration",
-        # 32 frequency pairs: T 16, H 8, W 8 (each divisible by 8, as the runtime requires)
-        text=dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+        # 32 frequency pairs: T 16, H 8, W 8 (each divisible by 8, as the runtime requires); a theta that is not round
+        text=dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 999100.0,
                                           "mrope_section": [16, 8, 8]}),
         vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                     patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
@@ -130,6 +130,7 @@ def build_vlm_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: 
     )
     torch.manual_seed(seed)
     model = getattr(transformers, spec["model"])._from_config(config, dtype=torch.float32)
+    perturb(model, seed)  # random q/k/v (and vision) biases, non-unit norms: see hf/tiny.py
     model = model.to(getattr(torch, dtype)).eval()
     model.config.dtype = dtype
     model.save_pretrained(out)

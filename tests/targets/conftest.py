@@ -1,5 +1,6 @@
 """Fixtures shared by the target tests: rewrites done once per session, and q/k-norm models whose
-gammas are not all ones (the tiny checkpoints' are, which would not notice a dropped or swapped gamma)."""
+gammas are far from one (N(1, 0.5); the tiny checkpoints' are N(1, 0.2), see hf/tiny.perturb), so a dropped
+or swapped gamma changes the logits well beyond the fp16 criterion."""
 
 from __future__ import annotations
 
