@@ -340,3 +340,43 @@ def test_yarn_table_carries_attention_scaling_and_verifies(yarn_llama, tmp_path)
     np.testing.assert_allclose(np.hypot(table[:, :half], table[:, half:]), 0.1 * np.log(4.0) + 1.0, rtol=1e-5)
     res = verify(out, model=str(ck), steps=2, quiet=True)
     assert res.passed, res.table()
+
+
+# ------------------------------------------------------------------ VLM: the M-RoPE checks and config keys
+
+
+def _vlm_run(sections, interleaved, rotary_dim=64):
+    rope = SimpleNamespace(mrope_section=list(sections), mrope_interleaved=interleaved)
+    layers = [SimpleNamespace(index=i, rope=rope, rotary_dim=rotary_dim) for i in range(2)]
+    return SimpleNamespace(layers=layers, source=SimpleNamespace(graph=gs.Graph()),
+                           report=SimpleNamespace(features={}), hf_config={"model_type": "qwen3_vl"})
+
+
+@pytest.mark.parametrize("sections,interleaved,refused", [
+    ([16, 8, 8], False, None), ([24, 20, 20], True, None), ([20, 4, 8], False, "divisible by 8"),
+    ([16, 8, 8], True, None)])
+def test_mrope_sections_accepted_and_refused(sections, interleaved, refused):
+    """Contract: non-interleaved sections not divisible by 8 are refused; Qwen3-VL's interleaved [24, 20, 20]
+    is not a sectioned layout and is taken."""
+    from onnx_rewriter.features.vlm import Vlm
+
+    run = _vlm_run(sections, interleaved)
+    if refused:
+        with pytest.raises(UnsupportedModel, match=refused):
+            Vlm().check(run, SimpleNamespace(name="edgellm-0.9"))
+        return
+    Vlm().check(run, SimpleNamespace(name="edgellm-0.9"))
+    cfg: dict = {}
+    Vlm().config(run, cfg)
+    want = {"type": "default", "rope_type": "default", "mrope_section": sections}
+    assert cfg["rope_scaling"] == ({**want, "mrope_interleaved": True} if interleaved else want)
+    assert cfg["num_deepstack_features"] == 0 and cfg["model"] == "qwen3_vl"
+
+
+@pytest.mark.parametrize("rotary_dim", [32, 96])
+def test_mrope_rotary_width_the_runtime_cannot_build_is_refused(rotary_dim):
+    from onnx_rewriter.features.vlm import Vlm
+
+    with pytest.raises(UnsupportedModel, match=f"rotary dim {rotary_dim}"):
+        Vlm().check(_vlm_run([rotary_dim // 4, rotary_dim // 8, rotary_dim // 8], False, rotary_dim),
+                    SimpleNamespace(name="edgellm-0.9"))
