@@ -62,6 +62,9 @@ MUTANTS = [
     Mutant("k and v swapped at the plugin", "onnx_rewriter/targets/edgellm_09.py", [
         ("        return [q, k, v]", "        return [q, v, k]")],
         ["tests/test_coverage.py::test_rewritten_and_verified[llama-float32]"]),
+    Mutant("edgellm-0.5 fed q, k, v apart instead of one packed qkv", "onnx_rewriter/targets/edgellm_05.py", [
+        ("    packed_qkv = True", "    packed_qkv = False")],
+        ["tests/test_fp8_kv.py::test_fp8_kv_verifies[qwen2-edgellm-0.5]"]),
     # ---------------------------------------------------------------- INT4 (int4_layout, int4, int4_awq, quantized_onnx)  # noqa: E501
     Mutant("INT4 V1 nibble order flipped in the packer", "onnx_rewriter/int4_layout.py", [
         ("    words = tuples[..., 0] | tuples[..., 1] << 4 |", "    words = tuples[..., 1] | tuples[..., 0] << 4 |")],
@@ -72,7 +75,7 @@ MUTANTS = [
     Mutant("INT4 dequantized with zero point 7 instead of 8", "onnx_rewriter/int4_layout.py", [
         ("    return ((u.astype(np.float32) - 8.0) * per_k).astype(np.float16)",
          "    return ((u.astype(np.float32) - 7.0) * per_k).astype(np.float16)")],
-        ["tests/reference/test_int4.py"]),
+        [C + "test_int4_rtn_codes_dequantize_to_the_weights_within_half_a_step"]),
     Mutant("INT4 plugin's gemm_n and gemm_k attributes swapped", "onnx_rewriter/features/int4.py", [
         ('attrs={"gemm_n": n, "gemm_k": k, "group_size": G})', 'attrs={"gemm_n": k, "gemm_k": n, "group_size": G})')],
         [C + "test_int4_lora_slots_have_the_linears_dims_and_an_adapter_verifies"]),
@@ -129,8 +132,8 @@ MUTANTS = [
     Mutant("LoRA A reads the AWQ-scaled input", "onnx_rewriter/features/lora.py", [
         ('("Mul", "pre_quant_scale_mul")):', '("Mul", "no_such_node")):')],
         ["tests/test_int4_awq.py::test_lora_reads_the_unscaled_input"]),
-    Mutant("LoRA slot on lm_head too", "onnx_rewriter/features/lora.py", [
-        ('            if gemm is None or "lm_head" in stem(node.name or "/"):', "            if gemm is None:")],
+    Mutant("LoRA delta added but its readers keep the base GEMM's output", "onnx_rewriter/features/lora.py", [
+        ("        replace_uses(g, y, out)  # before the Add exists: it alone keeps reading y", "        pass")],
         ["tests/test_lora.py::test_lora_inputs_and_adapter_verify[edgellm-0.9]"]),
     Mutant("LoRA B not scaled by alpha / r", "onnx_rewriter/reference/lora.py", [
         ("            value = value * (alpha / (math.sqrt(r) if rs else r))", "            value = value * 1.0")],
@@ -181,6 +184,12 @@ MUTANTS = [
     Mutant("ViT attention scale: k's factor dropped", "patterns/vit_attention.py", [
         ("scale=s_out * s_q * s_k,", "scale=s_out * s_q,")],
         [C + "test_vit_attention_scale_split_over_q_and_k"]),
+    Mutant("vision: a scale other than 1/sqrt(D) let through on edgellm-0.9", "onnx_rewriter/vision/rewrite.py", [
+        ('    if target == "edgellm-0.9":\n        raise UnsupportedModel(f"vision block', '    if False:\n        raise UnsupportedModel(f"vision block')],  # noqa: E501
+        [C + "test_vit_plugin_scale_exact_default_or_refused_on_09"]),
+    Mutant("vision: an fp16-rounded 1/sqrt(D) written as read", "onnx_rewriter/vision/rewrite.py", [
+        ("for t in (np.float16, np.float32)):\n        return default", "for t in (np.float32,)):\n        return default")],  # noqa: E501
+        [C + "test_vit_plugin_scale_exact_default_or_refused_on_09"]),
     Mutant("vision rotary_pos_emb columns before rows", "onnx_rewriter/vision/host.py", [
         ("    return np.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)", "    return np.concatenate([freqs[:, 1], freqs[:, 0]], axis=-1)")],  # noqa: E501
         ["tests/vision/test_host.py::test_rotary_pos_emb_is_row_then_col_angles"]),

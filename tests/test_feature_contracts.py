@@ -27,6 +27,19 @@ from .test_errors import assert_refused
 INT4_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
 
 
+def _built(models, name: str, build) -> tuple[Path, Path]:
+    """(checkpoint, baseline) that `build(folder)` makes, kept with the shared exports (tests/conftest.py
+    Models: ONNX_REWRITER_TEST_MODELS keeps them across sessions, as tests/mutants.py runs them)."""
+    root = models.root / "contracts" / name
+    done = root.with_name(name + ".complete")
+    if not done.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        build(root)
+        done.touch()
+    return root / "ck", root / "base" / "model.onnx"
+
+
 def _export(ckpt: Path, out: Path) -> Path:
     """The plain fp32 export of a checkpoint built here, side files beside it (as `make export` leaves them)."""
     from onnx_rewriter.hf.export import export_baseline, load_model
@@ -86,7 +99,7 @@ def _split_scale_block(where: str, s: float):
     g = block()
     r = np.float32(np.sqrt(s))
     node(g.scores).inputs[0] = g.qk  # no Mul on the scores
-    if where == "after transposes":
+    if where == "after_transposes":
         node(g.qk).inputs[0] = g.b.op("Mul", g.qh, r)
         node(g.qk).inputs[1] = g.b.op("Mul", g.kt, r)
     else:
@@ -95,7 +108,7 @@ def _split_scale_block(where: str, s: float):
     return g
 
 
-@pytest.mark.parametrize("where", ["after transposes", "before transposes"])
+@pytest.mark.parametrize("where", ["after_transposes", "before_transposes"])
 @pytest.mark.parametrize("s", [8 ** -0.5, 0.3])
 def test_vit_attention_scale_split_over_q_and_k(where, s):
     """Contract: the plugin's attention_scale is the product of every factor on the scores; a form the
@@ -111,7 +124,25 @@ def test_vit_attention_scale_split_over_q_and_k(where, s):
         assert attn.scale == pytest.approx(s, rel=1e-6)
         assert attn.k is g.k_rope.out and attn.q is g.q_rope.out
     else:
-        assert where == "before transposes" and "is not rotated by a 2-D RoPE" in why[0], why
+        assert where == "before_transposes" and "is not rotated by a 2-D RoPE" in why[0], why
+
+
+# ------------------------------------------------------------------ INT4 codes: w = (U - 8) · scale
+
+
+def test_int4_rtn_codes_dequantize_to_the_weights_within_half_a_step():
+    """Contract (docs/architecture.md): the runtime forms w[n, k] = (U[n, k] - 8) * scales[k // G, n]. The
+    reference plugin and verify's oracle both dequantize with int4_layout.dequantize, so a wrong zero point
+    there agrees with itself: only the weights themselves can tell."""
+    from onnx_rewriter import int4_layout
+
+    rng = np.random.default_rng(2)
+    w = (rng.standard_normal((256, 64)) * 0.05).astype(np.float16)
+    u, scales = int4_layout.rtn(w)
+    deq = int4_layout.dequantize(u, scales).astype(np.float32).T  # [K, N]
+    step = np.repeat(scales.astype(np.float32), int4_layout.GROUP, axis=0)
+    assert np.all(np.abs(deq - w.astype(np.float32)) <= 0.5 * step * (1 + 2 ** -9))
+    assert not int4_layout.dequantize(np.full((4, 128), 8, np.uint8), np.ones((1, 4), np.float16)).any()
 
 
 # ------------------------------------------------------------------ INT4 + LoRA: the slots' dims, and an adapter
@@ -272,19 +303,21 @@ def test_export_through_a_symlinked_checkpoint(models, tmp_path, capsys, monkeyp
 
 
 @pytest.fixture(scope="module")
-def biased_qwen2(models, tmp_path_factory):
+def biased_qwen2(models):
     """A tiny Qwen2 whose q, k and v biases are random and different (the shared fixture's are zero)."""
     from safetensors.numpy import load_file, save_file
 
-    root = tmp_path_factory.mktemp("biased")
-    ck = root / "ck"
-    shutil.copytree(models.checkpoint("qwen2"), ck)
-    state = load_file(str(ck / "model.safetensors"))
-    rng = np.random.default_rng(5)
-    for key in [k for k in state if k.endswith("_proj.bias")]:
-        state[key] = (rng.standard_normal(state[key].shape) * 0.5).astype(state[key].dtype)
-    save_file(state, str(ck / "model.safetensors"), metadata={"format": "pt"})
-    return ck, _export(ck, root / "base")
+    def build(root):
+        ck = root / "ck"
+        shutil.copytree(models.checkpoint("qwen2"), ck)
+        state = load_file(str(ck / "model.safetensors"))
+        rng = np.random.default_rng(5)
+        for key in [k for k in state if k.endswith("_proj.bias")]:
+            state[key] = (rng.standard_normal(state[key].shape) * 0.5).astype(state[key].dtype)
+        save_file(state, str(ck / "model.safetensors"), metadata={"format": "pt"})
+        _export(ck, root / "base")
+
+    return _built(models, "qwen2_random_bias", build)
 
 
 @pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
@@ -314,16 +347,18 @@ def test_non_round_theta_is_not_snapped_to_a_round_one(theta, dim):
 
 
 @pytest.fixture(scope="module")
-def yarn_llama(tmp_path_factory):
+def yarn_llama(models):
     """A tiny Llama with YaRN RoPE (factor 4: attention_scaling 0.1·ln 4 + 1 = 1.139) and a non-round theta."""
     from onnx_rewriter.hf import tiny
 
-    root = tmp_path_factory.mktemp("yarn")
-    # original context 1024 keeps the highest frequencies as they are (as on real YaRN models), which is
-    # how theta is read back off the graph
-    ck = tiny.build_checkpoint("llama", root / "ck", max_position_embeddings=4096, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 23456.0, "factor": 4.0, "original_max_position_embeddings": 1024})
-    return ck, _export(ck, root / "base")
+    def build(root):
+        # original context 1024 keeps the highest frequencies as they are (as on real YaRN models), which
+        # is how theta is read back off the graph
+        ck = tiny.build_checkpoint("llama", root / "ck", max_position_embeddings=4096, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 23456.0, "factor": 4.0, "original_max_position_embeddings": 1024})
+        _export(ck, root / "base")
+
+    return _built(models, "llama_yarn", build)
 
 
 def test_yarn_table_carries_attention_scaling_and_verifies(yarn_llama, tmp_path):
@@ -380,3 +415,22 @@ def test_mrope_rotary_width_the_runtime_cannot_build_is_refused(rotary_dim):
     with pytest.raises(UnsupportedModel, match=f"rotary dim {rotary_dim}"):
         Vlm().check(_vlm_run([rotary_dim // 4, rotary_dim // 8, rotary_dim // 8], False, rotary_dim),
                     SimpleNamespace(name="edgellm-0.9"))
+
+
+# ------------------------------------------------------------------ ViTAttentionPlugin's attention_scale
+
+
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+def test_vit_plugin_scale_exact_default_or_refused_on_09(target):
+    """Contract: attention_scale is 1/√D (exactly, when the graph holds it rounded to fp16 or fp32); another
+    scale is written on 0.11 and refused on 0.9 (runtimes before 0.9.1 ignore the attribute)."""
+    from onnx_rewriter.vision.rewrite import _scale
+
+    for held in (np.float16(32 ** -0.5), np.float32(32 ** -0.5)):
+        assert _scale(SimpleNamespace(scale=float(held), head_size=32), 0, target) == 32 ** -0.5
+    odd = SimpleNamespace(scale=0.3, head_size=32)
+    if target == "edgellm-0.9":
+        with pytest.raises(UnsupportedModel, match="vision block 0: attention scale 0.3"):
+            _scale(odd, 0, target)
+    else:
+        assert _scale(odd, 0, target) == 0.3
