@@ -318,6 +318,13 @@ def write_doc(path: Path, table: list[str], verdict: str, chosen: list[Mutant]) 
         "ones); every bug must make at least one of them fail. The unmutated copy first runs the union of the\n"
         "lists once and must pass. The mutants are the bugs a reviewer would look for in each feature: swapped\n"
         "slices, signs, scales, boundaries, widened tolerances, paths compared before resolving.\n\n"
+        "Many lists name `tests/test_feature_contracts.py`: contract tests written from docs/contract.md for the\n"
+        "bug classes of issue 26 (FP8 scales against an independent amax of transformers' roped keys, a ViT\n"
+        "scale split over q and k, INT4 + LoRA slot dims and a real adapter, an EOS id equal to V, a Gemm\n"
+        "lm_head, symlinked and sibling output paths). They build their own models where the shared tiny\n"
+        "fixtures could hide a bug (random non-zero q/k/v biases, a non-round theta, YaRN), so every mutant is\n"
+        "caught whatever those fixtures hold.\n"
+        "\n"
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `make mutants` "
         "(`python tests/mutants.py --write docs/mutants.md`), 2 CPU cores shared with other jobs.\n\n"
         + "\n".join(table) + f"\n\n{verdict}.\n\n## Each mutant's tests\n\n" + lists)
