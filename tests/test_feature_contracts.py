@@ -249,6 +249,47 @@ def test_gemm_lm_head_keeps_the_rows_of_the_kept_tokens(trans_b):
     assert run.report.features["reduced_vocab"]["reduced_vocab_size"] == 4
 
 
+def _gemm_head_baseline(src: Path, dst: Path) -> Path:
+    """The baseline with lm_head as Reshape(x, [-1, H]) -> Gemm(transB=1) -> Reshape back to [B, S, V]:
+    the only way a Gemm (2-D only) can be an LLM's lm_head."""
+    from onnx import helper, numpy_helper
+
+    shutil.copytree(src.parent, dst)
+    m = onnx.load(str(dst / "model.onnx"))
+    g = m.graph
+    mm = next(n for n in g.node if g.output[0].name in n.output)
+    assert mm.op_type == "MatMul"
+    w = numpy_helper.to_array(next(t for t in g.initializer if t.name == mm.input[1]))
+    g.node.remove(mm)
+    consts = {"lm_head.weight_t": np.ascontiguousarray(w.T), "flat": np.array([-1, w.shape[0]], np.int64),
+              "s0": np.array([0], np.int64), "s2": np.array([2], np.int64), "v": np.array([w.shape[1]], np.int64)}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    x = mm.input[0]
+    g.node.extend([
+        helper.make_node("Reshape", [x, "flat"], ["lm_flat"], name="/lm_head/Reshape"),
+        helper.make_node("Gemm", ["lm_flat", "lm_head.weight_t"], ["lm_2d"], name="/lm_head/Gemm", transB=1),
+        helper.make_node("Shape", [x], ["x_shape"], name="/lm_head/Shape"),
+        helper.make_node("Slice", ["x_shape", "s0", "s2"], ["bs"], name="/lm_head/Slice"),
+        helper.make_node("Concat", ["bs", "v"], ["out_shape"], name="/lm_head/Concat", axis=0),
+        helper.make_node("Reshape", ["lm_2d", "out_shape"], [g.output[0].name], name="/lm_head/Reshape_back")])
+    for f in dst.glob("*.data"):
+        f.unlink()
+    onnx.save(m, str(dst / "model.onnx"))
+    return dst / "model.onnx"
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_gemm_lm_head_between_reshapes_is_refused_by_name(models, tmp_path, capsys, reduce):
+    """A Gemm lm_head needs Reshapes around it, which the plugin's last-token gather cannot see through:
+    refused with one line naming the Gemm (it was 'is this a causal LM export?'), nothing written."""
+    base = _gemm_head_baseline(models.baseline("llama"), tmp_path / "base")
+    (tmp_path / "keep.txt").write_text("7 8 9\n")
+    extra = ["--reduce-vocab", "--keep-tokens", str(tmp_path / "keep.txt")] if reduce else []
+    code = cli.main([str(base), str(tmp_path / "out")] + extra)
+    assert_refused(code, capsys.readouterr().err, "lm_head is a Gemm ('/lm_head/Gemm')", "MatMul")
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ output paths: symlinks resolved, siblings allowed
 
 
