@@ -181,8 +181,11 @@ MUTANTS = [
          "    table = np.concatenate([np.cos(f), np.sin(f)], axis=-1)")],
         [C + "test_yarn_table_carries_attention_scaling_and_verifies"]),
     # ---------------------------------------------------------------- vision encoder (vision/, patterns/vit_attention)
-    Mutant("ViT attention scale: k's factor dropped", "patterns/vit_attention.py", [
-        ("scale=s_out * s_q * s_k,", "scale=s_out * s_q,")],
+    Mutant("ViT attention scale: the factor on k'^T dropped", "patterns/vit_attention.py", [
+        ("scale=s_out * s_q * s_k * s_q0 * s_k0,", "scale=s_out * s_q * s_q0 * s_k0,")],
+        [C + "test_vit_attention_scale_split_over_q_and_k"]),
+    Mutant("ViT attention scale: the factor on the roped k (before the transposes) dropped", "patterns/vit_attention.py", [  # noqa: E501
+        ("scale=s_out * s_q * s_k * s_q0 * s_k0,", "scale=s_out * s_q * s_k * s_q0,")],
         [C + "test_vit_attention_scale_split_over_q_and_k"]),
     Mutant("vision: a scale other than 1/sqrt(D) let through on edgellm-0.9", "onnx_rewriter/vision/rewrite.py", [
         ('    if target == "edgellm-0.9":\n        raise UnsupportedModel(f"vision block', '    if False:\n        raise UnsupportedModel(f"vision block')],  # noqa: E501
