@@ -34,6 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     from . import dtype, targets
+    from .features import OPTIONS
 
     p.add_argument("--target", default=targets.DEFAULT, choices=sorted(targets.TARGETS),
                    help=f"runtime contract (default: {targets.DEFAULT})")
@@ -49,82 +50,93 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
                    help="folder holding the tokenizer (default: the input's folder / the checkpoint)")
     p.add_argument("--no-tokenizer", action="store_true",
                    help="write no tokenizer files (a warning says which are missing) instead of requiring them")
-    # deployment features (onnx_rewriter/features/): options -> pipeline.Options fields of the same name
-    p.add_argument("--quantize", choices=["int4"], help="int4: INT4 weight-only linears (groupwise RTN, G=128)")
-    p.add_argument("--int4-plugin-version", type=int, choices=[1, 2], help="INT4 plugin layout on edgellm-0.11 "
-                   "(default 2, Int4GroupwiseGemmPluginV2)")
-    p.add_argument("--reduce-vocab", action="store_true", help="cut lm_head to the tokens of --vocab-corpus / "
-                   "--keep-tokens plus the special, EOS and chat-template tokens (writes vocab_map.safetensors)")
-    p.add_argument("--vocab-corpus", nargs="+", metavar="FILE", help="text files whose tokens the reduced "
-                   "vocabulary keeps (tokenized with the model's tokenizer)")
-    p.add_argument("--keep-tokens", metavar="FILE", help="a file of token ids the reduced vocabulary keeps")
-    p.add_argument("--vocab-multiple", type=int, metavar="N", help="pad the reduced vocabulary to a multiple of N")
-    p.add_argument("--lora", action="store_true", help="LoRA inputs (dynamic rank) on every linear but lm_head, "
-                   "bound to adapters at run time")
-    p.add_argument("--int4-method", choices=["rtn", "awq"], default="rtn", help="awq: activation-aware "
-                   "per-channel scales searched on the calibration prompts (a pre_quant_scale Mul per linear)")
-    p.add_argument("--kv-cache", choices=["fp16", "fp8"], default="fp16",
-                   help="fp8: FP8 (E4M3) KV cache, scales from --kv-scales or calibrated (amax/448 per layer)")
-    p.add_argument("--kv-scales", metavar="DIR", help="ModelOpt checkpoint folder with k_proj.k_scale / "
-                   "v_proj.v_scale (default: calibrate on the baseline)")
     p.add_argument("--calibration", metavar="FILE",
-                   help="calibration prompts, one a line (default: a small bundled set)")
+                   help="calibration prompts, one a line, for --int4-method awq and --kv-cache fp8 "
+                        "(default: a small bundled set)")
+    # deployment features (onnx_rewriter/features/): each feature's options dataclass adds its own flags,
+    # dest = the pipeline.Options field of the same name
+    for cls in OPTIONS:
+        cls.add_arguments(p)
 
 
-def _feature_opts(args) -> dict:
-    return {"quantize": args.quantize, "int4_plugin_version": args.int4_plugin_version,
-            "int4_method": args.int4_method, "kv_cache": args.kv_cache, "kv_scales": args.kv_scales,
-            "calibration": args.calibration,
-            "reduce_vocab": args.reduce_vocab, "vocab_corpus": args.vocab_corpus, "keep_tokens": args.keep_tokens,
-            "vocab_multiple": args.vocab_multiple, "lora": args.lora}
+def _rewrite_kwargs(args) -> dict:
+    """The pipeline.Options keywords of a parsed rewrite/export command line."""
+    import dataclasses
+
+    from .features import OPTIONS
+
+    core = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
+                tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, calibration=args.calibration)
+    return {**core, **{f.name: getattr(args, f.name) for cls in OPTIONS for f in dataclasses.fields(cls)
+                       if f.metadata.get("flag")}}
 
 
-def build_parser(cmd: str) -> argparse.ArgumentParser:
-    if cmd == "rewrite":
-        p = _Parser(prog="python -m onnx_rewriter", description="Rewrite a plain ONNX export of a "
-                                    "decoder LLM for NVIDIA EdgeLLM. Other commands: export, verify, inspect.")
-        p.add_argument("input", help="baseline .onnx file")
-        p.add_argument("output_dir", help="output folder (created atomically; must lie outside the input's folder)")
-        p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
-        _rewrite_opts(p)
-    elif cmd == "export":
-        p = _Parser(prog="python -m onnx_rewriter export", description="Export an HF checkpoint "
-                                    "(id or folder) to ONNX and rewrite it.")
-        p.add_argument("--model", required=True, help="HF model id or local checkpoint folder")
-        p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
-                       help="output folder (created atomically; must lie outside the checkpoint)")
-        p.add_argument("--device", default="cpu", help="torch device the model is loaded and traced on: cpu "
-                       "(default) or cuda[:N] (needs a CUDA build of torch)")
-        p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
-                       help="let transformers run the checkpoint's own Python code (only for checkpoints you trust)")
-        p.add_argument("--verify", action="store_true", help="run verify against the HF model afterwards")
-        p.add_argument("--keep-baseline", metavar="DIR", help="also keep the baseline export (model.onnx, "
-                       "config.json, tokenizer) in DIR, ready for a later `rewrite`")
-        _rewrite_opts(p)
-    elif cmd == "verify":
-        p = _Parser(prog="python -m onnx_rewriter verify", description="Run a rewritten folder on "
-                                    "the CPU reference and compare logits with the HF model or a baseline ONNX.")
-        p.add_argument("out_dir", help="a folder written by onnx_rewriter (model.onnx, config.json, ...)")
-        src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--model", help="HF checkpoint folder or id")
-        src.add_argument("--baseline", metavar="FILE", help="the baseline .onnx the folder was rewritten from")
-        p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
-        p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
-                       "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
-        p.add_argument("--fp16-model", metavar="DIR", help="the unquantized model an AWQ/GPTQ --model was made "
-                       "from: also report the INT4 error against it")
-    else:
-        from . import targets
+def _add_rewrite(sub) -> None:
+    p = sub.add_parser("rewrite", prog="python -m onnx_rewriter", help="rewrite a baseline .onnx (the default "
+                       "command: `python -m onnx_rewriter IN.onnx OUT_DIR`)", description="Rewrite a plain ONNX "
+                       "export of a decoder LLM for NVIDIA EdgeLLM. Other commands: export, verify, inspect.")
+    p.add_argument("input", help="baseline .onnx file")
+    p.add_argument("output_dir", help="output folder (created atomically; must lie outside the input's folder)")
+    p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
+    _rewrite_opts(p)
 
-        p = _Parser(prog="python -m onnx_rewriter inspect", description="Show what the rewriter "
-                                    "sees in a graph, without writing anything. Exit code 0: it would rewrite "
-                                    "the graph; 1: it would not (the verdict says why).")
-        p.add_argument("input", help="baseline .onnx file")
-        p.add_argument("--target", default=None, choices=sorted(targets.TARGETS),
-                       help=f"runtime contract (default: {targets.DEFAULT})")
-        p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
-    _common(p)
-    return p
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", prog="python -m onnx_rewriter export", help="export an HF checkpoint and "
+                       "rewrite it", description="Export an HF checkpoint (id or folder) to ONNX and rewrite it.")
+    p.add_argument("--model", required=True, help="HF model id or local checkpoint folder")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, metavar="DIR",
+                   help="output folder (created atomically; must lie outside the checkpoint)")
+    p.add_argument("--device", default="cpu", help="torch device the model is loaded and traced on: cpu "
+                   "(default) or cuda[:N] (needs a CUDA build of torch)")
+    p.add_argument("--trust-remote-code", "--trust_remote_code", dest="trust_remote_code", action="store_true",
+                   help="let transformers run the checkpoint's own Python code (only for checkpoints you trust)")
+    p.add_argument("--verify", action="store_true", help="run verify against the HF model afterwards")
+    p.add_argument("--keep-baseline", metavar="DIR", help="also keep the baseline export (model.onnx, "
+                   "config.json, tokenizer) in DIR, ready for a later `rewrite`")
+    _rewrite_opts(p)
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", prog="python -m onnx_rewriter verify", help="compare a rewritten folder with "
+                       "the HF model or the baseline", description="Run a rewritten folder on the CPU reference "
+                       "and compare logits with the HF model or a baseline ONNX.")
+    p.add_argument("out_dir", help="a folder written by onnx_rewriter (model.onnx, config.json, ...)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF checkpoint folder or id")
+    src.add_argument("--baseline", metavar="FILE", help="the baseline .onnx the folder was rewritten from")
+    p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
+    p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
+                   "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
+    p.add_argument("--fp16-model", metavar="DIR", help="the unquantized model an AWQ/GPTQ --model was made "
+                   "from: also report the INT4 error against it")
+
+
+def _add_inspect(sub) -> None:
+    from . import targets
+
+    p = sub.add_parser("inspect", prog="python -m onnx_rewriter inspect", help="show what the rewriter sees, "
+                       "writing nothing", description="Show what the rewriter sees in a graph, without writing "
+                       "anything. Exit code 0: it would rewrite the graph; 1: it would not (the verdict says why).")
+    p.add_argument("input", help="baseline .onnx file")
+    p.add_argument("--target", default=None, choices=sorted(targets.TARGETS),
+                   help=f"runtime contract (default: {targets.DEFAULT})")
+    p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
+
+
+def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
+    """The command line: one subcommand per entry of COMMANDS. With `cmd`, that subcommand's parser.
+
+    `main` parses with the subcommand's own parser, so its usage errors name it (`see python -m
+    onnx_rewriter export --help`); a command line without a command is a rewrite."""
+    top = _Parser(prog="python -m onnx_rewriter", description="Rewrite plain ONNX exports of decoder LLMs for "
+                  "NVIDIA EdgeLLM. Without a command: rewrite (`python -m onnx_rewriter IN.onnx OUT_DIR`).")
+    sub = top.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)
+    for add in (_add_rewrite, _add_export, _add_verify, _add_inspect):
+        add(sub)
+    for p in sub.choices.values():
+        _common(p)
+    return sub.choices[cmd] if cmd is not None else top
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -209,7 +221,8 @@ def _run(cmd: str, args) -> int:
         from . import targets
         from .sidefiles import tokenizer_job
 
-        # the tokenizer files' child, before the pipeline's imports (see start_early); dropped if not taken
+        # the tokenizer files' child, before the pipeline's imports (see start_early); dropped if not taken.
+        # argparse checked the name; the rewrite's options resolve it (pipeline.make_options).
         tokenizer_job.start_early(Path(args.tokenizer) if args.tokenizer else Path(args.input).parent,
                                   targets.get(args.target).chat_template_file)
         try:
@@ -228,8 +241,7 @@ def _run_command(cmd: str, args) -> int:
         check_writable_file(args.report, "--report")  # now, not after the work
     rewrite_opts = {}
     if cmd in ("rewrite", "export"):
-        rewrite_opts = dict(target=args.target, dtype=args.dtype, force=args.force, external_data=args.external_data,
-                            tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, **_feature_opts(args))
+        rewrite_opts = _rewrite_kwargs(args)
     if cmd == "rewrite":
         run = pipeline.rewrite(args.input, args.output_dir, config=args.config, **rewrite_opts)
         _write_report(run, args.report)

@@ -22,6 +22,7 @@ from . import dtype as dtypes
 from . import engine, progress, projections, safety, targets
 from . import spec as specmod
 from .errors import PatternMismatch, RewriteError
+from .features import OPTIONS as FEATURE_OPTIONS
 from .layers import AttentionLayer, TokenEmbedding
 from .modelio import graph as graphio
 from .modelio import schema
@@ -38,8 +39,10 @@ DROPPED_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass
-class Options:
-    target: str = targets.DEFAULT
+class CoreOptions:
+    """The options every rewrite has; `Options` adds each feature's (features.OPTIONS) under flat names."""
+
+    target: str | targets.Target = targets.DEFAULT  # given by name; the Target object once constructed
     dtype: str = "float16"
     config: str | Path | None = None  # an HF config.json to cross-check and complete ours
     tokenizer: str | Path | None = None  # a folder with the tokenizer; default: beside the input
@@ -47,24 +50,39 @@ class Options:
     force: bool = False  # replace an earlier output of this tool (never a folder it did not write)
     self_check: bool = True  # numerically check masks before fusing
     no_tokenizer: bool = False  # write no tokenizer files (with a warning) instead of requiring them
-
-    # deployment features (features/): each option selects a feature module
-    quantize: str | None = None  # "int4": INT4 weight-only linears (features/int4.py)
-    int4_plugin_version: int | None = None  # 1 or 2 (edgellm-0.11 only); default: the target's
-    int4_checkpoint: str | None = None  # an AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take
-    reduce_vocab: bool = False  # cut lm_head to the kept tokens (features/reduced_vocab.py)
-    vocab_corpus: list | None = None  # text files whose tokens stay
-    keep_tokens: str | Path | None = None  # a file of token ids that stay
-    vocab_multiple: int | None = None  # pad the kept count up to a multiple of this
-    lora: bool = False  # LoRA inputs on every linear (features/lora.py); keeps projections unfused
     fuse_qkv: bool = True  # q/k/v projections as one MatMul (projections.py; FP16 linears: off with INT4, LoRA)
-    int4_method: str = "rtn"  # "awq": activation-aware per-channel scales searched on --calibration (int4_awq.py)
-    kv_cache: str = "fp16"  # "fp8": FP8 (E4M3) KV cache (features/fp8_kv.py)
-    calibration: str | Path | None = None  # prompts file (one a line) for calibrated scales; None: bundled set
-    kv_scales: str | Path | None = None  # a ModelOpt checkpoint folder holding k_scale / v_scale per layer
+    calibration: str | Path | None = None  # prompts (one a line) for calibrated scales (AWQ, FP8 KV); None: bundled
+
+    def __post_init__(self):
+        self.resolve_target()
+
+    def resolve_target(self) -> None:
+        """The one place a target name becomes its Target (an unknown name lists the known ones)."""
+        if not isinstance(self.target, targets.Target):
+            self.target = targets.get(self.target)
+
+
+def _options_class() -> type:
+    """CoreOptions plus the fields of every feature's options dataclass, flat: `rewrite(..., quantize="int4")`."""
+    fields, owner = [], {f.name: "CoreOptions" for f in dataclasses.fields(CoreOptions)}
+    for cls in FEATURE_OPTIONS:
+        for f in dataclasses.fields(cls):
+            if f.name in owner:
+                raise TypeError(f"option '{f.name}' of {cls.__name__} is already one of {owner[f.name]}")
+            owner[f.name] = cls.__name__
+            fields.append((f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                             metadata=f.metadata)))
+    cls = dataclasses.make_dataclass("Options", fields, bases=(CoreOptions,))
+    cls.__module__, cls.__doc__ = __name__, "CoreOptions plus every feature's options (features.OPTIONS), flat."
+    return cls
+
+
+Options = _options_class()
+
 
 def make_options(options: Options | None = None, **kwargs) -> Options:
-    """Options from keyword arguments, every value checked: a typo fails here, before any work."""
+    """Options from keyword arguments, every value checked: a typo fails here, before any work. The target
+    name becomes its Target object here, once; everything downstream receives that object."""
     if options is None:
         known = sorted(f.name for f in dataclasses.fields(Options))
         unknown = sorted(set(kwargs) - set(known))
@@ -73,31 +91,21 @@ def make_options(options: Options | None = None, **kwargs) -> Options:
         options = Options(**kwargs)
     elif kwargs:
         raise RewriteError(f"pass either options= or keyword options, not both ({', '.join(sorted(kwargs))})")
-    targets.get(options.target)  # an unknown target names the known ones
+    options.resolve_target()  # set to a name after construction: resolve it now
     if options.dtype not in dtypes.NAMES:
         raise RewriteError(f"unknown --dtype '{options.dtype}'; choose {' or '.join(dtypes.NAMES)}")
     if options.config is not None and not Path(options.config).is_file():
         raise RewriteError(f"--config '{options.config}' is not a file; give the path of a config.json")
-    if options.int4_method not in ("rtn", "awq"):
-        raise RewriteError(f"unknown --int4-method '{options.int4_method}'; choose rtn or awq")
-    if options.int4_method != "rtn" and options.quantize != "int4":
-        raise RewriteError(f"--int4-method {options.int4_method} needs --quantize int4")
-    if options.kv_cache not in ("fp16", "fp8"):
-        raise RewriteError(f"unknown --kv-cache '{options.kv_cache}'; choose fp16 or fp8")
     if options.calibration is not None and not Path(options.calibration).is_file():
         raise RewriteError(f"--calibration '{options.calibration}' is not a file; give a text file, one prompt a line")
-    if options.kv_scales is not None and not Path(options.kv_scales).is_dir():
-        raise RewriteError(f"--kv-scales '{options.kv_scales}' is not a folder; give a ModelOpt checkpoint folder")
-    if options.kv_scales is not None and options.kv_cache != "fp8":
-        raise RewriteError("--kv-scales needs --kv-cache fp8")
     if options.tokenizer is not None and not Path(options.tokenizer).is_dir():
         raise RewriteError(f"--tokenizer '{options.tokenizer}' is not a folder; give the folder holding "
                            f"tokenizer.json (or pass --no-tokenizer)")
-    from .features import reduced_vocab
-
-    reduced_vocab.check_options(options)
-    if options.lora:  # LoRA binds per projection (q, k, v, gate, up): they must stay separate MatMuls
-        options.fuse_qkv = False
+    for cls in FEATURE_OPTIONS:
+        feature = cls.of(options)
+        feature.validate(options.target, options)
+        if feature.enabled():
+            feature.imply(options)
     return options
 
 
@@ -256,7 +264,7 @@ def step_check(run: Run) -> None:
     if run.hf_config is not None:
         config_json.cross_check(run.spec, run.hf_config)
     exact_constants(run)
-    target = targets.get(run.options.target)
+    target = run.options.target
     target.check(run.layers, run.warn)
     for feature in run.features:
         feature.check(run, target)
@@ -282,7 +290,7 @@ def exact_constants(run: Run) -> None:
 
 
 def step_build(run: Run) -> None:
-    target = targets.get(run.options.target)
+    target = run.options.target
     float_type = dtypes.NAMES[run.options.dtype]
     g = run.source.graph
     # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 keeps q/k/v apart.
@@ -329,7 +337,7 @@ def step_build(run: Run) -> None:
 
 
 def to_model(run: Run) -> onnx.ModelProto:
-    target = targets.get(run.options.target)
+    target = run.options.target
     g = run.source.graph
     opset = target.opset or run.source.opset
     model = gs.export_onnx(g, do_type_check=False)
@@ -385,7 +393,7 @@ def rewrite(in_path, out_dir, options: Options | None = None, steps=None, **kwar
         from .sidefiles import tokenizer_job, writer
 
         run.tokenizer_job = tokenizer_job.start(writer.tokenizer_dir(run),
-                                                targets.get(options.target).chat_template_file)
+                                                options.target.chat_template_file)
     # No cyclic GC while the steps run: they build a graph of ~100k objects that every full collection
     # walked again (0.2 s of a 0.5B rewrite); the cycles they leave go in the first collection after them.
     gc_was = gc.isenabled()

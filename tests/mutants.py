@@ -188,7 +188,7 @@ MUTANTS = [
         ("scale=s_out * s_q * s_k * s_q0 * s_k0,", "scale=s_out * s_q * s_k * s_q0,")],
         [C + "test_vit_attention_scale_split_over_q_and_k"]),
     Mutant("vision: a scale other than 1/sqrt(D) let through on edgellm-0.9", "onnx_rewriter/vision/rewrite.py", [
-        ('    if target == "edgellm-0.9":\n        raise UnsupportedModel(f"vision block', '    if False:\n        raise UnsupportedModel(f"vision block')],  # noqa: E501
+        ("    if target.name in plugin.DEFAULT_SCALE_ONLY:\n", "    if False:\n")],  # noqa: E501
         [C + "test_vit_plugin_scale_exact_default_or_refused_on_09"]),
     Mutant("vision: an fp16-rounded 1/sqrt(D) written as read", "onnx_rewriter/vision/rewrite.py", [
         ("for t in (np.float16, np.float32)):\n        return default", "for t in (np.float32,)):\n        return default")],  # noqa: E501

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from onnx_rewriter import cli, exact, pipeline, safety
+from onnx_rewriter import cli, exact, pipeline, safety, targets
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
 from onnx_rewriter.reference.verify import verify
 
@@ -436,9 +436,9 @@ def test_mrope_sections_accepted_and_refused(sections, interleaved, refused):
     run = _vlm_run(sections, interleaved)
     if refused:
         with pytest.raises(UnsupportedModel, match=refused):
-            Vlm().check(run, SimpleNamespace(name="edgellm-0.9"))
+            Vlm().check(run, targets.get("edgellm-0.9"))
         return
-    Vlm().check(run, SimpleNamespace(name="edgellm-0.9"))
+    Vlm().check(run, targets.get("edgellm-0.9"))
     cfg: dict = {}
     Vlm().config(run, cfg)
     want = {"type": "default", "rope_type": "default", "mrope_section": sections}
@@ -452,7 +452,7 @@ def test_mrope_rotary_width_the_runtime_cannot_build_is_refused(rotary_dim):
 
     with pytest.raises(UnsupportedModel, match=f"rotary dim {rotary_dim}"):
         Vlm().check(_vlm_run([rotary_dim // 4, rotary_dim // 8, rotary_dim // 8], False, rotary_dim),
-                    SimpleNamespace(name="edgellm-0.9"))
+                    targets.get("edgellm-0.9"))
 
 
 # ------------------------------------------------------------------ ViTAttentionPlugin's attention_scale
@@ -464,10 +464,11 @@ def test_vit_plugin_scale_exact_default_or_refused_on_09(target):
     scale is written on 0.11 and refused on 0.9 (runtimes before 0.9.1 ignore the attribute)."""
     from onnx_rewriter.vision.rewrite import _scale
 
+    target = targets.get(target)
     for held in (np.float16(32 ** -0.5), np.float32(32 ** -0.5)):
         assert _scale(SimpleNamespace(scale=float(held), head_size=32), 0, target) == 32 ** -0.5
     odd = SimpleNamespace(scale=0.3, head_size=32)
-    if target == "edgellm-0.9":
+    if target.name == "edgellm-0.9":
         with pytest.raises(UnsupportedModel, match="vision block 0: attention scale 0.3"):
             _scale(odd, 0, target)
     else:

@@ -1,7 +1,13 @@
-"""Deployment features: optional changes to a rewritten graph (INT4 weights, FP8 KV cache; later VLM, LoRA).
+"""Deployment features: optional changes to a rewritten graph (INT4 weights, FP8 KV cache, reduced vocabulary,
+LoRA; VLM, implied by the input).
 
-A feature is one module with one `Feature` object. It declares, per target, what it emits and refuses
-targets that cannot express it; the pipeline only runs the selected features' hooks in order:
+A feature is one module with one `Feature` object and, when the user selects it, one `FeatureOptions`
+dataclass listed in `OPTIONS` below: its fields are options of `pipeline.Options` under the same (flat)
+names, its `add_arguments` their command-line flags, its `validate` their checks and its `feature()` the
+`Feature` it selects. Adding a feature = its module, its tests and one line in `OPTIONS`.
+
+A feature declares, per target, what it emits and refuses targets that cannot express it; the pipeline
+only runs the selected features' hooks in order:
 
 - `prepare(run)`        at the end of step_load: turn input-specific ops into what the patterns match;
 - `check(run, target)`  in step_check, before anything is built: refuse (UnsupportedModel) or warn;
@@ -17,22 +23,83 @@ target's code. `selected(options)` turns the options into the feature list (docs
 
 from __future__ import annotations
 
-from ..errors import UnsupportedModel
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RewriteError, UnsupportedModel
+
+
+def fp16_plan(plans: dict, target, dtype: str, flag: str, lacks: str, fp16_why: str):
+    """A feature's plan for `target` on an fp16 output; refused (UnsupportedModel) when the target has no
+    row in `plans` ("{flag}: target T {lacks}") or the output dtype is not float16."""
+    plan = plans.get(target.name)
+    if plan is None:
+        raise UnsupportedModel(f"{flag}: target {target.name} {lacks}")
+    if dtype != "float16":
+        raise UnsupportedModel(f"{flag} needs --dtype float16: {fp16_why}")
+    return plan
+
+
+def option(default=None, flag: str | None = None, help: str = "", **argparse_kw):
+    """A field of a FeatureOptions dataclass: its default, its command-line `flag` (None: Python API only),
+    the help text and argparse's other keywords (choices, type, nargs, metavar, action)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "help": help, "argparse": argparse_kw})
+
+
+def add_option_arguments(parser, cls) -> None:
+    """The flags of every `option()` field of dataclass `cls`, dest = the field name."""
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag")
+        if flag is not None:
+            kw = dict(f.metadata["argparse"])
+            if kw.get("action") not in ("store_true", "count"):
+                kw.setdefault("default", f.default)
+            parser.add_argument(*([flag] if isinstance(flag, str) else flag), dest=f.name,
+                                help=f.metadata["help"], **kw)
+
+
+def check_choice(value, flag: str, choices, error=RewriteError) -> None:
+    """The Python API's counterpart of argparse's `choices` ("unknown --flag 'x'; choose a or b")."""
+    if value not in choices:
+        raise error(f"unknown {flag} '{value}'; choose {' or '.join(map(str, choices))}")
+
+
+def check_file(value, flag: str, what: str) -> None:
+    if value is not None and not Path(value).is_file():
+        raise RewriteError(f"{flag} '{value}' is not a file; {what}")
+
+
+@dataclass
+class FeatureOptions:
+    """One feature's options. Subclasses are dataclasses whose fields are made with `option()`."""
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        add_option_arguments(parser, cls)
+
+    @classmethod
+    def of(cls, options):
+        """This feature's view of the flat `pipeline.Options`."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
+
+    def enabled(self) -> bool:
+        """Whether the options select the feature."""
+        return False
+
+    def validate(self, target, options) -> None:
+        """Refuse wrong values or combinations (RewriteError), before any work. `target` is the resolved
+        Target; `options` the whole Options (dtype, calibration, ...)."""
+
+    def imply(self, options) -> None:
+        """Set the core options the selected feature needs (LoRA: q/k/v stay separate MatMuls)."""
+
+    def feature(self, options) -> Feature:
+        raise NotImplementedError
 
 
 class Feature:
     name = "feature"
-
-    @staticmethod
-    def fp16_plan(plans: dict, run, target, flag: str, lacks: str, fp16_why: str):
-        """The feature's plan for `target` on an fp16 output; refused (UnsupportedModel) when the target has
-        no row in `plans` ("{flag}: target T {lacks}") or the output dtype is not float16."""
-        plan = plans.get(target.name)
-        if plan is None:
-            raise UnsupportedModel(f"{flag}: target {target.name} {lacks}")
-        if run.options.dtype != "float16":
-            raise UnsupportedModel(f"{flag} needs --dtype float16: {fp16_why}")
-        return plan
 
     def prepare(self, run) -> None:
         pass
@@ -57,25 +124,8 @@ class Feature:
 
 
 def selected(options) -> list[Feature]:
-    """The features the options ask for, in the order their hooks run."""
-    out: list[Feature] = []
-    if getattr(options, "quantize", None):
-        from .int4 import from_options
-
-        out.append(from_options(options))
-    if getattr(options, "reduce_vocab", False):
-        from .reduced_vocab import from_options as reduced_vocab
-
-        out.append(reduced_vocab(options))
-    if getattr(options, "lora", False):  # after INT4: LoRA attaches to the INT4 plugins too
-        from .lora import Lora
-
-        out.append(Lora())
-    if getattr(options, "kv_cache", "fp16") == "fp8":
-        from .fp8_kv import from_options as fp8_kv
-
-        out.append(fp8_kv(options))
-    return out
+    """The features the options ask for, in the order their hooks run (the order of OPTIONS)."""
+    return [o.feature(options) for o in (cls.of(options) for cls in OPTIONS) if o.enabled()]
 
 
 def implied(run) -> list[Feature]:
@@ -94,3 +144,15 @@ def implied(run) -> list[Feature]:
 
         out.append(Int4())
     return out
+
+
+# The registry: every user-selected feature's options, in the order its hooks run. LoRA comes after INT4:
+# it attaches to the INT4 plugins too.
+from . import fp8_kv, int4, lora, reduced_vocab  # noqa: E402 (they import Feature from here)
+
+OPTIONS: list[type[FeatureOptions]] = [
+    int4.Int4Options,
+    reduced_vocab.ReducedVocabOptions,
+    lora.LoraOptions,
+    fp8_kv.Fp8KvOptions,
+]

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError
 from ..reference import fp8
-from . import Feature
+from . import Feature, FeatureOptions, check_choice, fp16_plan, option
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ PLANS = {
     "edgellm-0.9": Plan("attr", "FP8 KV on edgellm-0.9 needs runtime >= 0.7 (0.6.x reads the scales as an input)"),
     "edgellm-0.11": Plan("attr"),
 }
+REFUSALS = ("--kv-cache fp8", "has no FP8 KV cache", "the plugin's FP8 cache takes fp16 q/k/v")
 CHUNKED_NOTE = ("chunked prefill with an FP8 KV cache needs an FMHA kernel that reads FP8 (CuTe DSL, SM 100/101/110 "
                 "in runtime 0.9.1); elsewhere keep prefill in one chunk")
 
@@ -50,8 +51,7 @@ class Fp8KV(Feature):
         self.scales_checkpoint = scales_checkpoint  # a ModelOpt checkpoint folder holding k_scale / v_scale
 
     def check(self, run, target) -> None:
-        plan = self.fp16_plan(PLANS, run, target, "--kv-cache fp8", "has no FP8 KV cache",
-                              "the plugin's FP8 cache takes fp16 q/k/v")
+        plan = fp16_plan(PLANS, target, run.options.dtype, *REFUSALS)
         self.plan = plan
         for note in filter(None, [plan.note, CHUNKED_NOTE]):
             run.warn(f"--kv-cache fp8: {note}")
@@ -138,7 +138,24 @@ def graph_scales(model) -> list[tuple[float, float]]:
     return out
 
 
-def from_options(options) -> Fp8KV:
-    if options.kv_cache not in ("fp8", "fp16"):
-        raise RewriteError(f"unknown --kv-cache '{options.kv_cache}'; choose fp16 or fp8")
-    return Fp8KV(getattr(options, "calibration", None), getattr(options, "kv_scales", None))
+@dataclass
+class Fp8KvOptions(FeatureOptions):
+    kv_cache: str = option("fp16", "--kv-cache", "fp8: FP8 (E4M3) KV cache, scales from --kv-scales or calibrated "
+                           "(amax/448 per layer)", choices=["fp16", "fp8"])
+    kv_scales: str | Path | None = option(None, "--kv-scales", "ModelOpt checkpoint folder with k_proj.k_scale / "
+                                          "v_proj.v_scale (default: calibrate on the baseline)", metavar="DIR")
+
+    def enabled(self) -> bool:
+        return self.kv_cache == "fp8"
+
+    def validate(self, target, options) -> None:
+        check_choice(self.kv_cache, "--kv-cache", ("fp16", "fp8"))
+        if self.kv_scales is not None and not Path(self.kv_scales).is_dir():
+            raise RewriteError(f"--kv-scales '{self.kv_scales}' is not a folder; give a ModelOpt checkpoint folder")
+        if self.kv_scales is not None and self.kv_cache != "fp8":
+            raise RewriteError("--kv-scales needs --kv-cache fp8")
+        if self.kv_cache == "fp8":  # the target's refusals, before any work
+            fp16_plan(PLANS, target, options.dtype, *REFUSALS)
+
+    def feature(self, options) -> Fp8KV:
+        return Fp8KV(options.calibration, self.kv_scales)

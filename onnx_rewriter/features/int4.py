@@ -20,10 +20,10 @@ import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
 from .. import int4_awq, int4_layout
-from ..errors import UnsupportedModel
+from ..errors import RewriteError, UnsupportedModel
 from ..modelio.graph import computed_constant, constant_array, constant_row_blocks
 from ..targets.base import lm_head_input
-from . import Feature
+from . import Feature, FeatureOptions, check_choice, fp16_plan, option
 
 G = int4_layout.GROUP
 OPS = {1: "Int4GroupwiseGemmPlugin", 2: "Int4GroupwiseGemmPluginV2"}
@@ -45,6 +45,17 @@ PLANS = {
     # 0.11: GEMV handles N % 8 for V1; V2's repacker needs N % 64. INT4 q/k/v go through QkvConcatPlugin.
     "edgellm-0.11": Plan((2, 1), {1: 8, 2: 64}, "QkvConcatPlugin"),
 }
+
+
+def plan_for(target, dtype: str, plugin_version: int | None) -> tuple[Plan, int]:
+    """The target's INT4 plan and plugin layout, or a refusal (no INT4 plugin, not fp16, no such layout)."""
+    plan = fp16_plan(PLANS, target, dtype, "--quantize int4", "has no INT4 GEMM plugin",
+                     "the INT4 plugin takes and returns fp16 only")
+    version = plugin_version or plan.versions[0]
+    if version not in plan.versions:
+        raise UnsupportedModel(f"--int4-plugin-version {version}: {target.name} has only "
+                               f"{', '.join(OPS[v] for v in plan.versions)}")
+    return plan, version
 
 
 def _rank(t) -> int | None:
@@ -74,13 +85,7 @@ class Int4(Feature):
             self.method = "onnx"
 
     def check(self, run, target) -> None:
-        plan = self.fp16_plan(PLANS, run, target, "--quantize int4", "has no INT4 GEMM plugin",
-                              "the INT4 plugin takes and returns fp16 only")
-        version = self.plugin_version or plan.versions[0]
-        if version not in plan.versions:
-            raise UnsupportedModel(f"--int4-plugin-version {version}: {target.name} has only "
-                                   f"{', '.join(OPS[v] for v in plan.versions)}")
-        self.version, self.plan = version, plan
+        self.plan, self.version = plan_for(target, run.options.dtype, self.plugin_version)
         if self.method == "awq":
             from ..calibration import linear_inputs
 
@@ -288,12 +293,34 @@ def _qkv_concat_plugins(g: gs.Graph, domain: str) -> None:
         concat.outputs[0].dtype = np.float16
 
 
-def from_options(options) -> Int4:
-    if options.quantize != "int4":
-        raise UnsupportedModel(f"unknown --quantize '{options.quantize}'; choose int4")
-    ck = getattr(options, "int4_checkpoint", None)
-    method = "checkpoint" if ck else getattr(options, "int4_method", "rtn")
-    return Int4(method, getattr(options, "int4_plugin_version", None), ck, getattr(options, "calibration", None))
+@dataclass
+class Int4Options(FeatureOptions):
+    quantize: str | None = option(None, "--quantize", "int4: INT4 weight-only linears (groupwise RTN, G=128)",
+                                  choices=["int4"])
+    int4_plugin_version: int | None = option(None, "--int4-plugin-version", "INT4 plugin layout on edgellm-0.11 "
+                                             "(default 2, Int4GroupwiseGemmPluginV2)", type=int, choices=[1, 2])
+    int4_method: str = option("rtn", "--int4-method", "awq: activation-aware per-channel scales searched on the "
+                              "calibration prompts (a pre_quant_scale Mul per linear)", choices=["rtn", "awq"])
+    # An AWQ/GPTQ checkpoint folder whose codes the INT4 plugins take (set by `export`; no flag)
+    int4_checkpoint: str | None = None
+
+    def enabled(self) -> bool:
+        return bool(self.quantize)
+
+    def validate(self, target, options) -> None:
+        check_choice(self.int4_method, "--int4-method", ("rtn", "awq"))
+        if self.int4_method != "rtn" and self.quantize != "int4":
+            raise RewriteError(f"--int4-method {self.int4_method} needs --quantize int4")
+        if self.quantize:
+            check_choice(self.quantize, "--quantize", ("int4",), UnsupportedModel)
+        if self.int4_plugin_version is not None:
+            check_choice(self.int4_plugin_version, "--int4-plugin-version", tuple(OPS))
+        if self.quantize:
+            plan_for(target, options.dtype, self.int4_plugin_version)  # the target's refusals, before any work
+
+    def feature(self, options) -> Int4:
+        method = "checkpoint" if self.int4_checkpoint else self.int4_method
+        return Int4(method, self.int4_plugin_version, self.int4_checkpoint, options.calibration)
 
 
 # ---------------------------------------------------------------------- verify: the same numbers in transformers

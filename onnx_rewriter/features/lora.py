@@ -12,10 +12,12 @@ runtime's way (by exact name; an unbound slot gets a rank-0 dummy): for the line
 Eligible: MatMuls with a constant `[K, N]` weight and the INT4 GEMM plugins, except lm_head, on every
 target (the runtime binds LoRA on 0.5, 0.9 and 0.11). Adapters come from PEFT as NVIDIA's
 `tensorrt-edgellm-process-lora` converts them (reference/lora.py). q/k/v and gate/up stay separate
-MatMuls under --lora (pipeline.make_options), so each has its own slot.
+MatMuls under --lora (LoraOptions.imply), so each has its own slot.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -23,10 +25,25 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedModel
 from ..linear_names import is_linear, stem
 from ..normalize import replace_uses
-from . import Feature
+from . import Feature, FeatureOptions, option
 
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
 INT4_OPS = ("Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2")
+
+
+@dataclass
+class LoraOptions(FeatureOptions):
+    lora: bool = option(False, "--lora", "LoRA inputs (dynamic rank) on every linear but lm_head, bound to adapters "
+                        "at run time", action="store_true")
+
+    def enabled(self) -> bool:
+        return bool(self.lora)
+
+    def imply(self, options) -> None:
+        options.fuse_qkv = False  # LoRA binds per projection (q, k, v, gate, up): they stay separate MatMuls
+
+    def feature(self, options) -> Lora:
+        return Lora()
 
 
 def _gemm(node: gs.Node):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,31 +24,49 @@ import onnx_graphsurgeon as gs
 
 from ..errors import RewriteError, UnsupportedModel
 from ..modelio.graph import computed_constant, constant_array
-from . import Feature
+from . import Feature, FeatureOptions, option
 
 # Runtime 0.5 already honours reduced_vocab_size; every target cuts lm_head alike (contract §12).
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
 MAP_FILE = "vocab_map.safetensors"
 
 
-def check_options(options) -> None:
-    """Option errors before any work (pipeline.make_options)."""
-    corpus = list(options.vocab_corpus or [])
-    if not options.reduce_vocab:
-        for flag, value in (("--vocab-corpus", corpus), ("--keep-tokens", options.keep_tokens),
-                            ("--vocab-multiple", options.vocab_multiple)):
-            if value:
-                raise RewriteError(f"{flag} needs --reduce-vocab")
-        return
-    if not corpus and not options.keep_tokens:
-        raise RewriteError("--reduce-vocab needs the tokens to keep: --vocab-corpus FILE... and/or --keep-tokens FILE")
-    for f in corpus + ([options.keep_tokens] if options.keep_tokens else []):
-        if not Path(f).is_file():
-            raise RewriteError(f"'{f}' is not a file; give text files (--vocab-corpus) or a file of token ids "
-                               f"(--keep-tokens)")
-    m = options.vocab_multiple
-    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
-        raise RewriteError(f"--vocab-multiple {m!r}: give a positive integer (e.g. 64)")
+@dataclass
+class ReducedVocabOptions(FeatureOptions):
+    reduce_vocab: bool = option(False, "--reduce-vocab", "cut lm_head to the tokens of --vocab-corpus / "
+                                "--keep-tokens plus the special, EOS and chat-template tokens (writes "
+                                "vocab_map.safetensors)", action="store_true")
+    vocab_corpus: list | None = option(None, "--vocab-corpus", "text files whose tokens the reduced vocabulary "
+                                       "keeps (tokenized with the model's tokenizer)", nargs="+", metavar="FILE")
+    keep_tokens: str | Path | None = option(None, "--keep-tokens", "a file of token ids the reduced vocabulary keeps",
+                                            metavar="FILE")
+    vocab_multiple: int | None = option(None, "--vocab-multiple", "pad the reduced vocabulary to a multiple of N",
+                                        type=int, metavar="N")
+
+    def enabled(self) -> bool:
+        return bool(self.reduce_vocab)
+
+    def validate(self, target, options) -> None:
+        corpus = list(self.vocab_corpus or [])
+        if not self.reduce_vocab:
+            for flag, value in (("--vocab-corpus", corpus), ("--keep-tokens", self.keep_tokens),
+                                ("--vocab-multiple", self.vocab_multiple)):
+                if value:
+                    raise RewriteError(f"{flag} needs --reduce-vocab")
+            return
+        if not corpus and not self.keep_tokens:
+            raise RewriteError("--reduce-vocab needs the tokens to keep: --vocab-corpus FILE... and/or --keep-tokens "
+                               "FILE")
+        for f in corpus + ([self.keep_tokens] if self.keep_tokens else []):
+            if not Path(f).is_file():
+                raise RewriteError(f"'{f}' is not a file; give text files (--vocab-corpus) or a file of token ids "
+                                   f"(--keep-tokens)")
+        m = self.vocab_multiple
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m < 1):
+            raise RewriteError(f"--vocab-multiple {m!r}: give a positive integer (e.g. 64)")
+
+    def feature(self, options) -> ReducedVocab:
+        return ReducedVocab(self.vocab_corpus, self.keep_tokens, self.vocab_multiple)
 
 
 def _read_text(path) -> str:
@@ -226,10 +245,6 @@ class ReducedVocab(Feature):
 
         save_file({"vocab_map": np.ascontiguousarray(self.vocab_map, dtype=np.int32)}, str(Path(out_dir) / MAP_FILE))
         return [MAP_FILE]
-
-
-def from_options(options) -> ReducedVocab:
-    return ReducedVocab(options.vocab_corpus, options.keep_tokens, options.vocab_multiple)
 
 
 def load_map(out_dir) -> np.ndarray | None:

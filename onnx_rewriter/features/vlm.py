@@ -21,17 +21,19 @@ from ..errors import RewriteError, UnsupportedModel
 from ..targets.base import B, S
 from . import Feature
 
-TARGETS = ("edgellm-0.9", "edgellm-0.11")
 ROTARY_DIMS = (64, 128)  # the only widths the runtime's M-RoPE table kernel takes
 DEEPSTACK = re.compile(r"deepstack_embeds_(\d+)$")
 
 
-def check_target(target: str) -> None:
-    if target not in TARGETS:
+def check_target(target) -> None:
+    """Refuse a Target without a VLM route (Target.vlm_text), naming those that have one."""
+    if not target.vlm_text:
+        from ..targets import TARGETS
+
         raise UnsupportedModel(
-            f"VLM text decoders cannot be written for {target}: runtimes 0.4/0.5 hard-code the M-RoPE sections "
-            f"([16,24,24] / [24,20,20] for rotary dim 128) and have no ViTAttentionPlugin; "
-            f"use {' or '.join(TARGETS)}")
+            f"VLM text decoders cannot be written for {target.name}: runtimes 0.4/0.5 hard-code the M-RoPE "
+            f"sections ([16,24,24] / [24,20,20] for rotary dim 128) and have no ViTAttentionPlugin; "
+            f"use {' or '.join(t.name for t in TARGETS.values() if t.vlm_text)}")
 
 
 def is_mrope_graph(graph: gs.Graph) -> bool:
@@ -50,7 +52,7 @@ class Vlm(Feature):
     name = "vlm"
 
     def check(self, run, target) -> None:
-        check_target(target.name)
+        check_target(target)
         tables = {id(l.rope): l.rope for l in run.layers}.values()
         plain = [l.index for l in run.layers if not l.rope.mrope_section]
         if plain:
@@ -87,7 +89,7 @@ class Vlm(Feature):
                                    f"one the runtime builds from config.json; an M-RoPE table cannot be baked")
         for t in deepstack_inputs(g):  # the entry's dims: what the builder's inputs_embeds profile covers
             t.shape = [B, S, t.shape[-1]]
-        if run.options.target == "edgellm-0.11":
+        if run.options.target.token_major:
             for t in deepstack_inputs(g):  # token-major: [T, H] in, the body's [1, T, H] by Unsqueeze
                 hidden = t.shape[-1]
                 flat = gs.Variable(t.name, t.dtype, ["num_tokens", hidden])

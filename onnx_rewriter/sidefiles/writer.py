@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import targets
 from . import config_json
 from . import tokenizer_job as tokenizer_jobs
 from .embedding import write_embedding
@@ -16,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 def write_side_files(run, out_dir: Path) -> list[str]:
-    target = targets.get(run.options.target)
+    target = run.options.target
     np_float = np.float32 if run.options.dtype == "float32" else np.float16
     files = [write_embedding(run.embedding.weight, run.source.base_dir, out_dir, np_float)]
     cfg = config_json.make_config_json(run.spec, run.hf_config, target.edgellm_version)

@@ -6,6 +6,7 @@ decides: the plugin node, graph inputs and outputs, dtype boundaries, side files
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,17 @@ class Build:
     kept_inputs: tuple = ()  # the export's inputs a feature keeps (VLM deepstack), after the target's own
 
 
+@dataclass
+class PluginWiring:
+    """How a target wires one AttentionPlugin per layer (Target.plugin_layers)."""
+
+    cache_shape: list  # the KV cache: graph input `past_key_values_i`, output `present_key_values_i`
+    out_shape: Callable  # out_shape(layer): the plugin output's shape
+    layer_inputs: Callable  # layer_inputs(em, layer, past) -> (inputs, attrs): what feeds the plugin
+    layer_output: Callable  # layer_output(em, attn): the plugin's output back to the core's [B, Hq, S, D]
+    flat_shape: Callable  # flat_shape(layer): the Reshape of the output replacing a head-merging view
+
+
 class Target:
     name: str
     edgellm_version: str
@@ -44,6 +56,14 @@ class Target:
     prefill_head_sizes = (64, 72, 80, 128, 256)
     max_group = 8
     supports_sliding_window = True
+    vlm_text = True  # can run a VLM text decoder (an M-RoPE table from config.json, deepstack inputs)
+    token_major = False  # graph inputs [T, H] (all sequences' tokens in one row), not batch-major [B, S, H]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<Target {self.name}>"
 
     # -- capability checks: before anything is written
     def check(self, layers: list[AttentionLayer], warn) -> None:
@@ -77,13 +97,15 @@ class Target:
     def build(self, b: Build) -> None:
         raise NotImplementedError
 
-    def plugin_layers(self, b: Build, np_float, cache_shape, out_shape, layer_inputs, layer_output, flat_shape):
+    def plugin_layers(self, b: Build, np_float, wiring: PluginWiring):
         """One AttentionPlugin per layer, its KV cache as graph input `past_key_values_i` and output
-        `present_key_values_i` of `cache_shape`. `layer_inputs(em, layer, past) -> (inputs, attrs)` adds
-        what feeds the plugin; `layer_output(em, attn)` turns the plugin's output (`out_shape(layer)`) back
-        into the core's [B, Hq, S, D], which replaces the layer's attention. Where o_proj reads a checked
-        head-merging view of it (`layer.views`), one Reshape of the plugin's output to `flat_shape(layer)`
-        replaces that view instead. Returns (pasts, presents)."""
+        `present_key_values_i` of `wiring.cache_shape`. `wiring.layer_inputs` adds what feeds the plugin;
+        `wiring.layer_output` turns the plugin's output (`wiring.out_shape(layer)`) back into the core's
+        [B, Hq, S, D], which replaces the layer's attention. Where o_proj reads a checked head-merging view
+        of it (`layer.views`), one Reshape of the plugin's output to `wiring.flat_shape(layer)` replaces
+        that view instead. Returns (pasts, presents)."""
+        cache_shape, out_shape, layer_inputs, layer_output, flat_shape = (
+            wiring.cache_shape, wiring.out_shape, wiring.layer_inputs, wiring.layer_output, wiring.flat_shape)
         g = b.graph
         pasts, presents = [], []
         for layer in b.layers:

@@ -21,6 +21,7 @@ from ..layers import AttentionLayer
 from .base import (
     Build,
     Emitter,
+    PluginWiring,
     Target,
     flat_input,
     lm_head_input,
@@ -68,6 +69,7 @@ class Edgellm011(Target):
     domain = "trt_edgellm"
     opset = 24
     chat_template_file = "chat_template.jinja"
+    token_major = True
 
     def check(self, layers, warn) -> None:
         super().check(layers, warn)
@@ -144,9 +146,10 @@ class Edgellm011(Target):
             batched = lem.node("Unsqueeze", [attn, lem.const("axes", np.array([0], dtype=np.int64))])
             return lem.node("Transpose", [batched], {"perm": [0, 2, 1, 3]})
 
-        pasts, presents = self.plugin_layers(b, np_float, [2, PAGES, PAGE_SIZE, hkv, d],
-                                             lambda layer: [T, layer.num_q_heads, d], layer_inputs, layer_output,
-                                             lambda layer: [1, -1, layer.num_q_heads * d])
+        pasts, presents = self.plugin_layers(b, np_float, PluginWiring(
+            cache_shape=[2, PAGES, PAGE_SIZE, hkv, d], out_shape=lambda layer: [T, layer.num_q_heads, d],
+            layer_inputs=layer_inputs, layer_output=layer_output,
+            flat_shape=lambda layer: [1, -1, layer.num_q_heads * d]))
 
         # Only the rows named by logits_indices reach lm_head: [1, T, H] -> [T, H] -> [N, H].
         mm, idx = lm_head_input(b.logits)

@@ -14,6 +14,7 @@ class Edgellm05(DenseTarget):
     name = "edgellm-0.5"
     edgellm_version = "0.5.0"
     packed_qkv = True
+    vlm_text = False  # the 0.4/0.5 runtimes hard-code the M-RoPE sections (features/vlm.py)
 
     def plugin_attrs(self, layer):
         # qkv_scales arrived with runtime 0.7 (FP8 KV); the 0.4/0.5 creators do not know it.

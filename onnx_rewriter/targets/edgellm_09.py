@@ -17,6 +17,7 @@ from .base import (
     Build,
     Emitter,
     P,
+    PluginWiring,
     S,
     Target,
     flat_input,
@@ -62,10 +63,11 @@ class DenseTarget(Target):
             return inputs, self.plugin_attrs(layer)
 
         # The plugin returns [B, S, Hq, D]; the graph continues from the core's [B, Hq, S, D].
-        pasts, presents = self.plugin_layers(
-            b, np_float, [B, 2, hkv, CAP, d], lambda layer: [B, S, layer.num_q_heads, d], layer_inputs,
-            lambda lem, attn: lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}),
-            lambda layer: [0, 0, layer.num_q_heads * d])
+        pasts, presents = self.plugin_layers(b, np_float, PluginWiring(
+            cache_shape=[B, 2, hkv, CAP, d], out_shape=lambda layer: [B, S, layer.num_q_heads, d],
+            layer_inputs=layer_inputs,
+            layer_output=lambda lem, attn: lem.node("Transpose", [attn], {"perm": [0, 2, 1, 3]}),
+            flat_shape=lambda layer: [0, 0, layer.num_q_heads * d]))
 
         gather_last_tokens(em, b.logits, last, batch_dims=1)
         logits = set_logits_output(g, b.logits, [B, 1, "vocab_size" if b.logits.shape is None else b.logits.shape[-1]])

@@ -41,15 +41,15 @@ def tower_of(model):
     return visual
 
 
-def check_options(config, target: str, dtype: str) -> str:
-    """Validate before any slow step; returns the family."""
+def check_options(config, target, dtype: str) -> str:
+    """Validate before any slow step; returns the family. `target`: a Target, or its name."""
     plugin.check_target(target)
     if dtype not in DTYPES:
         raise RewriteError(f"unknown dtype '{dtype}' for the vision encoder; choose one of: {', '.join(DTYPES)}")
     return family_of(config)
 
 
-def precheck(config, target: str, dtype: str, checkpoint=None) -> tuple[str, Path | None]:
+def precheck(config, target, dtype: str, checkpoint=None) -> tuple[str, Path | None]:
     """Everything export_visual can refuse before the slow steps (target, dtype, family, the checkpoint's
     preprocessor config). Returns (family, checkpoint folder)."""
     family = check_options(config, target, dtype)
@@ -59,7 +59,7 @@ def precheck(config, target: str, dtype: str, checkpoint=None) -> tuple[str, Pat
     return family, checkpoint
 
 
-def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "float16", checkpoint=None,
+def export_visual(model, out_dir, target="edgellm-0.9", dtype: str = "float16", checkpoint=None,
                   force: bool = False, plain=None, keep_plain=None) -> dict:
     """Export and rewrite `model`'s vision tower into `<out_dir>/visual/`; returns the report.
 
@@ -71,6 +71,7 @@ def export_visual(model, out_dir, target: str = "edgellm-0.9", dtype: str = "flo
     from ..modelio.output import OutputDir
     from . import export, rewrite
 
+    target = plugin.check_target(target)  # a Target from here on
     family, checkpoint = precheck(model.config, target, dtype, checkpoint)
     visual = copy.deepcopy(tower_of(model)).to(getattr(torch, dtype)).eval()
     work = Path(tempfile.mkdtemp(prefix="onnx_rewriter_visual_"))

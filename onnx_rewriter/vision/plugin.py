@@ -27,13 +27,16 @@ def _attrs_011(num_heads: int, head_size: int, scale: float) -> dict:
 
 
 ATTRIBUTES = {"edgellm-0.9": _attrs_09, "edgellm-0.11": _attrs_011}
+DEFAULT_SCALE_ONLY = {"edgellm-0.9"}  # creators before runtime 0.9.1 ignore attention_scale: 1/sqrt(D) only
 
 
-def check_target(name: str):
-    """The target object, or a one-line refusal naming it (unknown names list the choices)."""
-    target = targets.get(name)
-    if name not in ATTRIBUTES:
-        raise UnsupportedModel(f"target '{name}' cannot run a vision encoder: its runtime has no {OP} "
+def check_target(target):
+    """The Target (given as one, or by name for a direct call of the vision API), or a one-line refusal
+    naming it (unknown names list the choices)."""
+    if isinstance(target, str):
+        target = targets.get(target)
+    if target.name not in ATTRIBUTES:
+        raise UnsupportedModel(f"target '{target.name}' cannot run a vision encoder: its runtime has no {OP} "
                                f"(vision encoders need {' or '.join(ATTRIBUTES)})")
     return target
 

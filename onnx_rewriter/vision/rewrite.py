@@ -84,24 +84,24 @@ def _attentions(graph: gs.Graph, depth: int) -> list:
     return attns
 
 
-def _scale(attn, block: int, target: str) -> float:
+def _scale(attn, block: int, target) -> float:
     """The plugin's attention_scale: exactly 1/sqrt(D) when the graph's constant is that value rounded to
     its float type (an fp16 export stores 0.17676 for 1/sqrt(32)); runtimes before 0.9.1 ignore the
     attribute, so `edgellm-0.9` refuses any other scale."""
     default = attn.head_size ** -0.5
     if any(np.dtype(t).type(attn.scale) == np.dtype(t).type(default) for t in (np.float16, np.float32)):
         return default
-    if target == "edgellm-0.9":
+    if target.name in plugin.DEFAULT_SCALE_ONLY:
         raise UnsupportedModel(f"vision block {block}: attention scale {attn.scale:g} is not 1/sqrt(head_size); "
                                "ViTAttentionPlugin before runtime 0.9.1 ignores attention_scale")
     return float(attn.scale)
 
 
-def rewrite(plain: Path, out: Path, vision_config, target: str, feeds: dict) -> dict:
+def rewrite(plain: Path, out: Path, vision_config, target, feeds: dict) -> dict:
     """Rewrite the plain export `plain` into `out` (model.onnx + model.onnx.data) for `target`.
 
     `feeds`: sample encoder inputs (host.encoder_inputs) for the mask probe. Returns the report."""
-    attrs_for = plugin.ATTRIBUTES[target]
+    attrs_for = plugin.ATTRIBUTES[target.name]
     model = onnx.load(str(plain))
     graph = gs.import_onnx(model)
     attns = _attentions(graph, int(vision_config.depth))
@@ -137,5 +137,5 @@ def rewrite(plain: Path, out: Path, vision_config, target: str, feeds: dict) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(result, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
               location=out.name + ".data", size_threshold=0)
-    return {"target": target, "blocks": blocks, "inputs": [t.name for t in graph.inputs],
+    return {"target": target.name, "blocks": blocks, "inputs": [t.name for t in graph.inputs],
             "outputs": [t.name for t in graph.outputs]}

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from onnx_rewriter import targets
 from onnx_rewriter.errors import PatternMismatch, UnsupportedModel
 from onnx_rewriter.vision import export, export_visual, host, rewrite, tower_of, towers, verify, verify_visual
 from tests.vision.conftest import TARGETS
@@ -129,4 +130,4 @@ def test_mask_that_is_not_a_segment_mask_is_refused(exported, vlm, family, tmp_p
     visual = tower_of(vlm.model)
     feeds = export.example_feeds(family, visual, np.float16)
     with pytest.raises(PatternMismatch, match=r"vision block \d: the attention mask '.*' is not the segment mask"):
-        rewrite.rewrite(bad, tmp_path / "out" / "model.onnx", visual.config, "edgellm-0.9", feeds)
+        rewrite.rewrite(bad, tmp_path / "out" / "model.onnx", visual.config, targets.get("edgellm-0.9"), feeds)
