@@ -43,7 +43,7 @@ demo:
 bench:
 	$(PY) bench/run.py $(ARGS)
 
-# One deliberate rewriter bug at a time; each one's own fast tests must fail (50 mutants, ~6 min on 2 cores).
+# One deliberate rewriter bug at a time; each one's own fast tests must fail (50 mutants, 3-6 min on 2 cores).
 mutants:
 	$(PY) tests/mutants.py --write docs/mutants.md $(ARGS)
 
