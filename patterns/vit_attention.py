@@ -2,8 +2,9 @@
 
 q' = Transpose(q, (1, 0, 2)) and v' likewise; k'^T = Transpose(k, (1, 2, 0)) or the two Transposes it
 folds from. q and k must both be rotated by one `vit_rope` table (the plugin has no RoPE: it stays in
-the graph before it). The mask is kept as a tensor: the vision rewrite probes it numerically against
-cu_seqlens before anything is fused.
+the graph before it). s is the product of every scalar factor on the scores, on q' and k'^T, or on the
+roped q and k before the transposes (an sdpa export splits it as sqrt(s) on each). The mask is kept as a
+tensor: the vision rewrite probes it numerically against cu_seqlens before anything is fused.
 """
 
 from onnx_rewriter.matching import (
@@ -65,8 +66,11 @@ class VitAttentionPattern:
             check(False, "vit attention: neither side of the Add is q·k^T", add)
         qh, s_q = peel_scale(qk.inputs[0])
         kt, s_k = peel_scale(qk.inputs[1])
-        q = _perm(expect(qh, "Transpose", "vit attention: q side of the scores", qk), [1, 0, 2], "q'")
-        k = _k_of(kt, qk)
+        # a scale may also sit before the head transposes, on the roped [T, H, D] q and k (not through a
+        # Cast: the plugin must read q and k in the type they have)
+        q, s_q0 = peel_scale(_perm(expect(qh, "Transpose", "vit attention: q side of the scores", qk), [1, 0, 2], "q'"),
+                             through=())
+        k, s_k0 = peel_scale(_k_of(kt, qk), through=())
         pv = _consumer(node.outputs[0], "MatMul", "Softmax", node)
         v = _perm(expect(pv.inputs[1], "Transpose", "vit attention: v side", pv), [1, 0, 2], "v'")
         out_t = [n for n in pv.outputs[0].outputs if n.op == "Transpose"]
@@ -82,7 +86,7 @@ class VitAttentionPattern:
         head = ropes[0].result.head_size
         check(static_dim(q, -1) in (None, head), f"vit attention: q has {static_dim(q, -1)} dims per head, "
                                                  f"the RoPE {head}", qk)
-        return out, VitAttention(q=q, k=k, v=v, out=out, mask=mask, scale=s_out * s_q * s_k,
+        return out, VitAttention(q=q, k=k, v=v, out=out, mask=mask, scale=s_out * s_q * s_k * s_q0 * s_k0,
                                  num_heads=static_dim(q, 1), head_size=head)
 
 

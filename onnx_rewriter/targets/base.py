@@ -274,6 +274,10 @@ def lm_head_input(logits: gs.Tensor) -> tuple[gs.Node, int]:
         # soft-capping, Casts, Identity between lm_head and the output are kept as they are
         nxt = [i for i in node.inputs if not isinstance(i, gs.Constant)]
         if len(nxt) != 1:
+            gemm = next((i.inputs[0] for i in nxt if i.inputs and i.inputs[0].op == "Gemm"), None)
+            if gemm is not None:  # Gemm takes 2-D only: flattened and reshaped back around it
+                raise UnsupportedModel(f"lm_head is a Gemm ('{gemm.name}') between Reshapes; only a MatMul lm_head on "
+                                       f"[B, S, H] is supported: export with torch.onnx.export(dynamo=True)")
             break
         t = nxt[0]
     raise RewriteError(f"cannot find the lm_head MatMul that produces '{logits.name}'; is this a causal LM export?")

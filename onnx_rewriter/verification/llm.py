@@ -113,7 +113,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
-    original = _int4_oracle(graph, out_dir, model)
+    original = _int4_oracle(graph, out_dir, model, lora_adapter)
     if original is not None:  # compare with the dequantized model; report the INT4 cost separately
         oracle, original = original, oracle
     elif fp16_model:
@@ -197,15 +197,14 @@ def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
     inputs = lora_inputs(model_proto)
     if not inputs:
         raise RewriteError(f"'{out_dir}' has no LoRA inputs; rewrite it with --lora")
-    if any(n.op_type.startswith("Int4Groupwise") for n in model_proto.graph.node):
-        raise RewriteError("verify --lora-adapter compares FP16 folders; this one has INT4 linears")
     elem = next(i for i in model_proto.graph.input if i.name == "inputs_embeds").type.tensor_type.elem_type
     return adapter_feeds(lora_adapter, inputs, onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
-def _int4_oracle(graph, out_dir, model):
+def _int4_oracle(graph, out_dir, model, lora_adapter=None):
     """For a folder with INT4 GEMM nodes and an HF model: a second copy of the model holding the same
-    dequantized weights the plugins should hold, computed from the model (features/int4/__init__.py); else None."""
+    dequantized weights the plugins should hold, computed from the model (features/int4/__init__.py); else None.
+    A LoRA adapter is merged after the dequantized weights are in: the graph adds x·A·B to the INT4 GEMM."""
     if not model:
         return None
     cfg = Path(model) / "config.json"
@@ -223,4 +222,8 @@ def _int4_oracle(graph, out_dir, model):
     deq = HFOracle(model)
     pairs = load_dequantized(deq.model, nodes)
     log.info("INT4 weights loaded into: %s", ", ".join(name for _, name in pairs))
+    if lora_adapter:
+        from peft import PeftModel
+
+        deq.model = PeftModel.from_pretrained(deq.model, str(lora_adapter)).merge_and_unload().eval()
     return deq
