@@ -81,11 +81,13 @@ def test_fp8_kv_scales_are_amax_of_roped_k_and_of_v_over_448(models, tmp_path):
     before RoPE is several % off at some layer (and K then saturates); K and V swapped are far off."""
     from onnx_rewriter.features.calibration import DEFAULT_PROMPTS, MAX_TOKENS
 
-    (tmp_path / "prompts.txt").write_text("\n".join(DEFAULT_PROMPTS[:4]) + "\n")
+    # one prompt a line: the bundled prompts with their own newlines made spaces, so both sides read the same texts
+    texts = [p.replace("\n", " ") for p in DEFAULT_PROMPTS[:4]]
+    (tmp_path / "prompts.txt").write_text("\n".join(texts) + "\n")
     run = pipeline.rewrite(models.baseline("qwen2"), tmp_path / "out", target="edgellm-0.9", kv_cache="fp8",
                            calibration=str(tmp_path / "prompts.txt"))
     got = np.array(run.report.features["fp8_kv"]["scales"])
-    want = _hf_kv_amax(models.checkpoint("qwen2"), list(DEFAULT_PROMPTS[:4]), MAX_TOKENS) / 448.0
+    want = _hf_kv_amax(models.checkpoint("qwen2"), texts, MAX_TOKENS) / 448.0
     np.testing.assert_allclose(got, want, rtol=2e-3)
 
 
