@@ -24,7 +24,7 @@ from onnx_rewriter.modelio.normalize import replace_uses
 
 from .matching import producer
 from .modelio import stream
-from .modelio.graph import lazy_proto
+from .modelio.graph import lazy_constant, lazy_proto
 
 BHSD = [0, 2, 1, 3]
 
@@ -155,7 +155,7 @@ def _concat_constant(name: str, parts: list[gs.Constant]) -> gs.Constant | None:
         return None
     proto = stream.concatenated(name, protos)
     proto.data_location = TensorProto.EXTERNAL  # never read as inline data (matching.const skips it)
-    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+    return lazy_constant(name, proto)
 
 
 def fuse_qkv(graph: gs.Graph, layer: AttentionLayer) -> bool:
