@@ -7,7 +7,6 @@ on the oracle side cannot hide an error on ours. Greedy tokens follow the oracle
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
 from onnx_rewriter.features.int4.checkpoint import quantization
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
+from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification.checks import check_baseline, check_steps
@@ -209,7 +209,7 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
         return None
     cfg = Path(model) / "config.json"
 
-    if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
+    if cfg.is_file() and quantization(read_config(cfg)) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
 
     if not any(n.op_type in OPS.values() for n in graph.graph.node):
