@@ -337,7 +337,11 @@ def step_build(run: Run) -> None:
     g = run.source.graph
     # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 keeps q/k/v apart.
     fuse = run.options.fuse_qkv and not any(f.name == "int4" for f in run.features)
-    projections.prepare(g, run.layers, fuse)
+    unfused = projections.prepare(g, run.layers, fuse)
+    for layer in run.report.layers:  # like a pattern's miss, every fusion not done says why
+        layer.qkv_unfused = unfused.get(layer.index)
+        if layer.qkv_unfused:
+            log.debug("layer %d: q/k/v not fused: %s", layer.index, layer.qkv_unfused)
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])
