@@ -5,7 +5,8 @@ Runs in step_build before the dtype pass, while the graph still carries inferred
 - `fuse_qkv`: `MatMul(x, Wq)`, `MatMul(x, Wk)`, `MatMul(x, Wv)` (+ `Add(b)` each) of a layer become
   `MatMul(x, [Wq|Wk|Wv])` (+ `Add([bq|bk|bv])`) and a `Split` into the three parts. Exact: each output
   column is the same dot product as before. The fused weight is declared as its sources concatenated
-  (modelio/stream.py `concatenated`) and streamed when written, one block of rows at a time.
+  (modelio/stream.py `concatenated`) and streamed when written, one block of rows at a time. A layer left
+  apart says why, as a pattern's miss does (the report's `qkv_unfused`).
 - `find_views`: the `[B, S, H·D]` tensor each of q, k, v (and the q/k norm inputs) is a pure view of
   (`Reshape` to `[B, S, H, D]`, then `Transpose(0, 2, 1, 3)` for the `[B, H, S, D]` layout), checked on
   the inferred shapes. A target feeds the plugin from it instead of emitting the reverse Transpose and
