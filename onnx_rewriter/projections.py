@@ -5,7 +5,8 @@ Runs in step_build before the dtype pass, while the graph still carries inferred
 - `fuse_qkv`: `MatMul(x, Wq)`, `MatMul(x, Wk)`, `MatMul(x, Wv)` (+ `Add(b)` each) of a layer become
   `MatMul(x, [Wq|Wk|Wv])` (+ `Add([bq|bk|bv])`) and a `Split` into the three parts. Exact: each output
   column is the same dot product as before. The fused weight is declared as its sources concatenated
-  (modelio/stream.py `concatenated`) and streamed when written, one block of rows at a time.
+  (modelio/stream.py `concatenated`) and streamed when written, one block of rows at a time. A layer left
+  apart says why, as a pattern's miss does (the report's `qkv_unfused`).
 - `find_views`: the `[B, S, H·D]` tensor each of q, k, v (and the q/k norm inputs) is a pure view of
   (`Reshape` to `[B, S, H, D]`, then `Transpose(0, 2, 1, 3)` for the `[B, H, S, D]` layout), checked on
   the inferred shapes. A target feeds the plugin from it instead of emitting the reverse Transpose and
@@ -24,7 +25,7 @@ from onnx_rewriter.modelio.normalize import replace_uses
 
 from .matching import producer
 from .modelio import stream
-from .modelio.graph import lazy_proto
+from .modelio.graph import lazy_constant, lazy_proto
 
 BHSD = [0, 2, 1, 3]
 
@@ -155,32 +156,40 @@ def _concat_constant(name: str, parts: list[gs.Constant]) -> gs.Constant | None:
         return None
     proto = stream.concatenated(name, protos)
     proto.data_location = TensorProto.EXTERNAL  # never read as inline data (matching.const skips it)
-    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+    return lazy_constant(name, proto)
 
 
-def fuse_qkv(graph: gs.Graph, layer: AttentionLayer) -> bool:
-    """One MatMul (+ Add) and a Split for the layer's q, k, v projections; False (graph unchanged) when
-    they are not three plain projections of one input, with a bias on all or none."""
+def fuse_qkv(graph: gs.Graph, layer: AttentionLayer) -> str | None:
+    """One MatMul (+ Add) and a Split for the layer's q, k, v projections. Returns None when fused, else why
+    not (graph unchanged): they are not three plain projections of one input, with a bias on all or none."""
     flats = [_viewed(t, layout) for t, layout in _sources(layer)]
-    if any(f is None for f in flats) or len({id(f) for f in flats}) != 3:
-        return False
+    if any(f is None for f in flats):
+        missing = [n for n, f in zip("qkv", flats) if f is None]
+        return f"{', '.join(missing)}: not a Reshape (and head Transpose) of a flat [B, S, H·D] tensor"
+    if len({id(f) for f in flats}) != 3:
+        return "q, k and v are not views of three different tensors"
     projs = [_projection(f) for f in flats]
     if any(p is None for p in projs):
-        return False
+        missing = [f"{n} ({_made_by(f)})" for n, f, p in zip("qkv", flats, projs) if p is None]
+        return f"{', '.join(missing)}: not MatMul(x, W) (+ Add(b)) with W a 2-D and b a 1-D constant"
     mms = [p[0] for p in projs]
     x = mms[0].inputs[0]
-    if any(m.inputs[0] is not x for m in mms) or len({int(m.inputs[1].shape[0]) for m in mms}) != 1:
-        return False
+    if any(m.inputs[0] is not x for m in mms):
+        return "q, k and v project different inputs"
+    if len({int(m.inputs[1].shape[0]) for m in mms}) != 1:
+        return "q, k and v weights have different input sizes"
     adds = [p[1] for p in projs]
     if any(a is None for a in adds) != all(a is None for a in adds):
-        return False
+        return "a bias on some of q, k, v but not all"
     if any(len(m.outputs[0].outputs) != 1 for m, a in zip(mms, adds) if a is not None):
-        return False
+        return "a biased projection's MatMul has other readers than its Add"
     stem = f"/model/layers.{layer.index}/self_attn/qkv_proj"
     w = _concat_constant(f"{stem}/weight", [m.inputs[1] for m in mms])
     b = None if adds[0] is None else _concat_constant(f"{stem}/bias", [add_bias(a) for a in adds])
-    if w is None or (adds[0] is not None and b is None):
-        return False
+    if w is None:
+        return "q, k and v weights are stored in different types"
+    if adds[0] is not None and b is None:
+        return "q, k and v biases are stored in different types"
     widths = [int(m.inputs[1].shape[1]) for m in mms]
     lead = list(flats[0].shape[:2])
     out = gs.Variable(f"{stem}/MatMul_out", flats[0].dtype, lead + [sum(widths)])
@@ -194,7 +203,12 @@ def fuse_qkv(graph: gs.Graph, layer: AttentionLayer) -> bool:
     graph.nodes.append(gs.Node("Split", name=f"{stem}/Split", inputs=[out, split], outputs=parts, attrs={"axis": -1}))
     for old, new in zip(flats, parts):
         replace_uses(graph, old, new)
-    return True
+    return None
+
+
+def _made_by(t: gs.Tensor) -> str:
+    node = producer(t)
+    return "a graph input" if node is None else f"from {node.op} '{node.name}'"
 
 
 def packed(parts: list[gs.Tensor]) -> gs.Tensor | None:
@@ -205,9 +219,14 @@ def packed(parts: list[gs.Tensor]) -> gs.Tensor | None:
     return split.inputs[0]
 
 
-def prepare(graph: gs.Graph, layers: list[AttentionLayer], fuse: bool) -> int:
-    """Fuse q/k/v (when `fuse`) and record each layer's views (`layer.views`). Returns the layers fused."""
-    fused = sum(fuse_qkv(graph, layer) for layer in layers) if fuse else 0
+def prepare(graph: gs.Graph, layers: list[AttentionLayer], fuse: bool) -> dict[int, str]:
+    """Fuse q/k/v (when `fuse`) and record each layer's views (`layer.views`). Returns, per layer index, why
+    its q/k/v stayed apart (the layers fused are not in it; none are tried without `fuse`)."""
+    unfused = {}
+    for layer in layers if fuse else ():
+        why = fuse_qkv(graph, layer)
+        if why is not None:
+            unfused[layer.index] = why
     for layer in layers:
         layer.views = find_views(layer)
-    return fused
+    return unfused

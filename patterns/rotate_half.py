@@ -4,9 +4,22 @@ cos' and sin' are the shared table broadcast over heads (Unsqueeze, maybe Cast /
 Step-1 half slices only: interleaved (GPT-J) pairs fail here and are refused by `rope_interleaved`.
 """
 
+import dataclasses
+
 import numpy as np
 
-from onnx_rewriter.matching import Reject, RopeApply, check, expect, peel_scale, producer, skip, slice_bounds
+from onnx_rewriter.matching import (
+    Reject,
+    RopeApply,
+    check,
+    expect,
+    peel_scale,
+    producer,
+    rope_cos_operand,
+    rope_sin_operand,
+    skip,
+    slice_bounds,
+)
 
 BROADCAST = ("Unsqueeze", "Cast", "Reshape", "Expand")
 
@@ -19,24 +32,18 @@ class RotateHalf:
     def match(self, node, ctx):
         muls = [producer(i) for i in node.inputs]
         check(all(m is not None and m.op == "Mul" for m in muls), "rope: Add of two Muls expected", node)
-        # Find which Mul carries cos (x * cos') and which carries sin (rot(x) * sin').
-        for cos_mul, sin_mul in (muls, muls[::-1]):
-            for xi in (0, 1):
-                tab_t, cs = peel_scale(cos_mul.inputs[1 - xi], BROADCAST)
-                m = ctx.lookup("rope_table", tab_t)
-                if m is not None:
-                    x = cos_mul.inputs[xi]
-                    return self._finish(node, ctx, x, m.result, cs, sin_mul)
-        raise _reject("rope: neither Mul reads a recognized cos table", node, ctx, muls)
+        # Which Mul carries cos (x * cos') and which sin (rot(x) * sin'), in either operand order.
+        hit = rope_cos_operand(node, lambda t: _lookup_scaled(ctx, t))
+        if hit is None:
+            raise _reject("rope: neither Mul reads a recognized cos table", node, ctx, muls)
+        x, (m, cs), sin_mul = hit
+        return self._finish(node, ctx, x, m.result, cs, sin_mul)
 
     def _finish(self, node, ctx, x, table, cos_scale, sin_mul):
-        for ri in (0, 1):
-            tab_t, ss = peel_scale(sin_mul.inputs[1 - ri], BROADCAST)
-            if tab_t is table.sin:
-                rot = sin_mul.inputs[ri]
-                break
-        else:
+        hit = rope_sin_operand(sin_mul, lambda t: _sin_scale(t, table.sin))
+        if hit is None:
             raise _reject("rope: the other Mul does not read the matching sin table", sin_mul, ctx, [])
+        rot, ss = hit
         check(abs(cos_scale - ss) <= 1e-6 * max(1.0, abs(cos_scale)), "rope: cos and sin scaled differently", sin_mul)
         cat = producer(rot)
         check(cat is not None and cat.op == "Concat", "rope: rotate_half is not a Concat", sin_mul)
@@ -57,8 +64,34 @@ class RotateHalf:
         xd = x.shape[-1] if x.shape else None
         check(xd in (None, d) or not isinstance(xd, (int, np.integer)), f"rope: x has {xd} dims but the table {d}",
               node)
-        table.attention_scaling = cos_scale
-        return node.outputs[0], RopeApply(x=x, table=table, rotary_dim=d, patterns=[self.name])
+        return node.outputs[0], RopeApply(x=x, table=_scaled(ctx, table, cos_scale), rotary_dim=d,
+                                          patterns=[self.name])
+
+
+def _lookup_scaled(ctx, t):
+    """(the rope_table match, the scale on it) for a cos operand, or None."""
+    tab_t, scale = peel_scale(t, BROADCAST)
+    m = ctx.lookup("rope_table", tab_t)
+    return None if m is None else (m, scale)
+
+
+def _sin_scale(t, sin):
+    """The scale on an operand that reads the table's `sin`, or None."""
+    tab_t, scale = peel_scale(t, BROADCAST)
+    return scale if tab_t is sin else None
+
+
+def _scaled(ctx, table, scale):
+    """`table` as this RoPE reads it: times `scale` (e.g. YaRN's attention_scaling on cos and sin). The
+    rope_table stage's result is shared and stays as matched; every application with the same scale gets
+    one and the same scaled copy, so that q and k (and all layers) still share one table."""
+    if scale == table.attention_scaling:
+        return table
+    copies = ctx.info.setdefault("scaled_rope_tables", {})
+    key = (id(table), scale)
+    if key not in copies:
+        copies[key] = dataclasses.replace(table, attention_scaling=scale)
+    return copies[key]
 
 
 def _reject(reason, node, ctx, muls):

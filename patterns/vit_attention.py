@@ -9,6 +9,7 @@ tensor: the vision rewrite probes it numerically against cu_seqlens before anyth
 
 from onnx_rewriter.matching import (
     CASTS,
+    Reject,
     VitAttention,
     check,
     expect,
@@ -45,7 +46,7 @@ def _consumer(t, op, what, at):
         if len(casts) != 1 or len(t.outputs) != 1:
             break
         t = casts[0].outputs[0]
-    check(False, f"vit attention: {what} has no {op} consumer", at)
+    raise Reject(f"vit attention: {what} has no {op} consumer", at)
 
 
 class VitAttentionPattern:
@@ -63,7 +64,7 @@ class VitAttentionPattern:
                 mask = add.inputs[1 - side]
                 break
         else:
-            check(False, "vit attention: neither side of the Add is q·k^T", add)
+            raise Reject("vit attention: neither side of the Add is q·k^T", add)
         qh, s_q = peel_scale(qk.inputs[0])
         kt, s_k = peel_scale(qk.inputs[1])
         # a scale may also sit before the head transposes, on the roped [T, H, D] q and k (not through a

@@ -4,7 +4,18 @@ cos' / sin' are Cos / Sin of Concat(a, a) on the last axis (a: per-patch angles,
 heads (Unsqueeze, Cast). The rotation covers the whole head (Qwen2.5-VL / Qwen3-VL axial 2-D RoPE).
 """
 
-from onnx_rewriter.matching import VitRope, check, expect, producer, skip, slice_bounds, static_dim
+from onnx_rewriter.matching import (
+    Reject,
+    VitRope,
+    check,
+    expect,
+    producer,
+    rope_cos_operand,
+    rope_sin_operand,
+    skip,
+    slice_bounds,
+    static_dim,
+)
 
 BROADCAST = ("Unsqueeze", "Cast")
 
@@ -28,20 +39,17 @@ class VitRopePattern:
     def match(self, node, ctx):
         muls = [producer(i) for i in node.inputs]
         check(all(m is not None and m.op == "Mul" for m in muls), "vit rope: Add of two Muls expected", node)
-        for cos_mul, sin_mul in (muls, muls[::-1]):
-            for xi in (0, 1):
-                angles = _table(cos_mul.inputs[1 - xi], "Cos")
-                if angles is not None:
-                    return self._finish(node, cos_mul.inputs[xi], angles, sin_mul)
-        check(False, "vit rope: neither Mul reads Cos(Concat(a, a))", node)
+        hit = rope_cos_operand(node, lambda t: _table(t, "Cos"))
+        if hit is None:
+            raise Reject("vit rope: neither Mul reads Cos(Concat(a, a))", node)
+        x, angles, sin_mul = hit
+        return self._finish(node, x, angles, sin_mul)
 
     def _finish(self, node, x, angles, sin_mul):
-        for ri in (0, 1):
-            if _table(sin_mul.inputs[1 - ri], "Sin") is angles:
-                rot = sin_mul.inputs[ri]
-                break
-        else:
-            check(False, "vit rope: the other Mul does not read Sin of the same angles", sin_mul)
+        hit = rope_sin_operand(sin_mul, lambda t: True if _table(t, "Sin") is angles else None)
+        if hit is None:
+            raise Reject("vit rope: the other Mul does not read Sin of the same angles", sin_mul)
+        rot = hit[0]
         cat = expect(rot, "Concat", "vit rope: rotate_half", sin_mul)
         check(len(cat.inputs) == 2 and cat.attrs.get("axis") in (-1, 2),
               "vit rope: rotate_half Concat is not 2-way on the last axis", cat)

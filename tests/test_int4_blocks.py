@@ -123,9 +123,7 @@ def test_quantized_weights_are_made_one_at_a_time(models, tmp_path, monkeypatch,
 
 
 def _lazy(proto):
-    import onnx_graphsurgeon as gs
-
-    return gs.Constant(proto.name, gs.ir.tensor.LazyValues(proto))
+    return graphio.lazy_constant(proto.name, proto)
 
 
 def _external(tmp_path, name, arr, data_type, dims, doc=""):

@@ -127,3 +127,16 @@ def test_loaded_fp32_weight_joins_bf16_siblings_only_when_exact():
     assert p.data_type == TensorProto.BFLOAT16
     np.testing.assert_array_equal(stream.bf16_bits_to_fp32(stream.array(p, ".")), a)
     assert _proto(gs.Constant("b", a + np.float32(1e-3)), TensorProto.BFLOAT16) is None
+
+
+def test_every_unfused_layer_says_why(models, tmp_path):
+    """Like a pattern's miss, a q/k/v fusion not done is recorded with its reason (report.layers[i].qkv_unfused):
+    Phi-3 exports one qkv_proj already, sliced three ways; qwen2's three projections fuse (no reason)."""
+    run = pipeline.rewrite(models.baseline("phi3"), tmp_path / "phi3", target="edgellm-0.9")
+    for layer in run.report.layers:
+        assert layer.rewritten and "not MatMul(x, W)" in layer.qkv_unfused, layer
+        assert "q (from " in layer.qkv_unfused
+    run = pipeline.rewrite(models.baseline("qwen2"), tmp_path / "qwen2", target="edgellm-0.9")
+    assert [l.qkv_unfused for l in run.report.layers] == [None, None]
+    run = pipeline.rewrite(models.baseline("qwen2"), tmp_path / "off", target="edgellm-0.9", fuse_qkv=False)
+    assert [l.qkv_unfused for l in run.report.layers] == [None, None]  # not tried

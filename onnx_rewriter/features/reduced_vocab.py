@@ -13,7 +13,6 @@ the chat template's role prefixes, suffixes, generation prompts and default syst
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import onnx_graphsurgeon as gs
 from onnx_rewriter.features.base import Feature, FeatureOptions, option
 
 from ..errors import RewriteError, UnsupportedModel
+from ..modelio.config_file import read_config
 from ..modelio.graph import computed_constant, constant_array
 from ..reference.vocab_map import MAP_FILE
 from ..sidefiles.chat_template import processed_chat_template
@@ -118,10 +118,10 @@ def eos_ids(folders) -> set[int]:
             if not path.is_file():
                 continue
             try:
-                cfg = json.loads(path.read_text())
-            except (OSError, ValueError):
+                cfg = read_config(path)
+            except RewriteError:
                 continue
-            for c in (cfg, cfg.get("text_config") or {}) if isinstance(cfg, dict) else ():
+            for c in (cfg, cfg.get("text_config") or {}):
                 value = c.get("eos_token_id")
                 out.update(int(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
     return out

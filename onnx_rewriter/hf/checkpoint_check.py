@@ -8,12 +8,12 @@ the files' headers (no tensor is read), and every file is checked to be as long 
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from pathlib import Path
 
 from ..errors import RewriteError
+from ..modelio import safetensors_header
 from ..sidefiles.config_json import _get, _llm_part
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
@@ -22,23 +22,16 @@ _EMBEDDING = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "em
 
 def read_header(path: Path) -> dict:
     """The safetensors header of `path` (name -> dtype, shape, data_offsets), checked against the file size."""
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
+        header = safetensors_header.read_header(path)
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise RewriteError(f"checkpoint file '{path}' is not a readable safetensors file ({exc}); "
                            f"download or save it again") from None
-    end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + n + end:
-        raise RewriteError(f"checkpoint file '{path}' is truncated ({size} bytes, its header needs {8 + n + end}); "
+    size = path.stat().st_size
+    if size < header.data_end:
+        raise RewriteError(f"checkpoint file '{path}' is truncated ({size} bytes, its header needs {header.data_end}); "
                            f"download or save it again")
-    return {k: v for k, v in header.items() if k != "__metadata__"}
+    return header.tensors
 
 
 def weight_sizes(shapes: dict[str, tuple]) -> dict[str, tuple[int, str]]:

@@ -10,14 +10,14 @@ model changed on load, dtypes the checkpoint does not have) is saved the usual w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..modelio.safetensors_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,13 @@ def index(files) -> dict[str, Entry]:
     """Tensor name -> where its bytes lie, from the headers of `files` (no tensor is read)."""
     out = {}
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__" or info.get("dtype") not in _DTYPES:
+        header = read_header(f)
+        for name, info in header.tensors.items():
+            if info.get("dtype") not in _DTYPES:
                 continue
             start, end = info["data_offsets"]
-            out[name] = Entry(Path(f), _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start, end - start)
+            out[name] = Entry(Path(f), _DTYPES[info["dtype"]], tuple(info["shape"]), header.data_start + start,
+                              end - start)
     return out
 
 

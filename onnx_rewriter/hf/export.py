@@ -35,6 +35,7 @@ from onnx_rewriter.pipeline import steps as pipeline
 from .. import progress
 from ..errors import RewriteError
 from ..features.fp8_kv import has_checkpoint_scales
+from ..modelio.config_file import read_config
 from ..sidefiles.config_json import _get, _llm_part
 from ..sidefiles.tokenizer import load_tokenizer
 from ..sidefiles.writer import check_tokenizer_rows
@@ -280,8 +281,8 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
 def _check_tokenizer_rows(tok_dir: Path, folder: Path | None) -> None:
     """The tokenizer's ids fit the checkpoint's vocab_size, before the export (the rewrite checks it again)."""
     try:
-        vocab = _get(_llm_part(json.loads((folder / "config.json").read_text())), "vocab_size")
-    except (OSError, ValueError, TypeError, AttributeError):
+        vocab = _get(_llm_part(read_config(folder / "config.json")), "vocab_size")
+    except (RewriteError, TypeError, AttributeError):
         return  # a hub id, or no config: the rewrite checks the tokenizer against the graph
     if isinstance(vocab, int) and vocab > 0:
         check_tokenizer_rows(tok_dir / "tokenizer.json", tok_dir, vocab)

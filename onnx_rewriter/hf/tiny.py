@@ -7,8 +7,9 @@ BPE trained on the paragraphs below and a few-layer model per family. Same argum
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..modelio.config_file import read_config
 
 # Small but varied English: enough distinct pairs for ~60 BPE merges.
 _CORPUS = """\
@@ -253,7 +254,7 @@ def build_checkpoint(family: str, out_dir, *, dtype: str = "float32", seed: int 
 
 def describe(path) -> dict:
     """The saved config.json as a dict (handy in tests and the demo)."""
-    return json.loads((Path(path) / "config.json").read_text())
+    return read_config(Path(path) / "config.json")
 
 
 def main(argv=None) -> int:

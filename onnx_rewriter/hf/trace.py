@@ -11,6 +11,7 @@ from pathlib import Path
 
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.hf import checkpoint_check, checkpoint_refs, lowering
+from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.modelio.output import OutputDir
 
 
@@ -158,13 +159,7 @@ def _check_checkpoint(folder: Path | None) -> None:
     """config.json against the safetensors headers: sizes agree, no file truncated (checkpoint_check.py)."""
     if folder is None or not (folder / "config.json").is_file():
         return
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise RewriteError(f"cannot read '{folder / 'config.json'}' ({exc}); fix or replace it") from None
-    if not isinstance(config, dict):
-        raise RewriteError(f"'{folder / 'config.json'}' holds a JSON {type(config).__name__}, not an object; "
-                           f"replace it with the model's HF config.json")
+    config = read_config(folder / "config.json", fix="replace it with the model's HF config.json")
     for index in sorted(folder.glob("*.safetensors.index.json")):  # a shard it names is gone: say which
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -21,6 +21,7 @@ from onnx_rewriter.pipeline import steps as pipeline
 
 from ..errors import RewriteError
 from ..features.vlm import check_target
+from ..modelio.config_file import read_config
 from ..modelio.output import OutputDir
 from .trace import _keep, _light_decomposition, _optimize
 
@@ -35,8 +36,8 @@ def vlm_type(model: str) -> str | None:
     if not cfg.is_file():
         return None
     try:
-        kind = json.loads(cfg.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        kind = read_config(cfg).get("model_type")
+    except RewriteError:
         return None
     return kind if kind in VLM_MODEL_TYPES else None
 

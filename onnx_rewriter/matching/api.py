@@ -6,7 +6,8 @@ and the result types it returns (defined in `matching/results.py`, re-exported h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -30,7 +31,8 @@ from onnx_rewriter.modelio.graph import const, producer
 
 __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
-    "peel_scale", "skip", "static_dim", "slice_bounds", "run_subgraph", "CASTS",
+    "peel_scale", "skip", "static_dim", "slice_bounds", "rope_cos_operand", "rope_sin_operand", "run_subgraph",
+    "CASTS",
     "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "QKNorm", "RepeatKV", "RMSNormCore",
     "RopeApply", "RopeTable", "TokenEmbedding", "VitAttention", "VitRope", "mrope_axes",
 ]
@@ -139,6 +141,29 @@ def slice_bounds(node: gs.Node) -> tuple[int, int, int, int] | None:
     axis = int(axes.reshape(-1)[0]) if axes is not None else 0
     step = int(steps.reshape(-1)[0]) if steps is not None else 1
     return int(start.reshape(-1)[0]), int(end.reshape(-1)[0]), axis, step
+
+
+def rope_cos_operand(add: gs.Node, cos_of: Callable[[gs.Tensor], Any]) -> tuple[gs.Tensor, Any, gs.Node] | None:
+    """rotate_half RoPE is Add(Mul(x, cos'), Mul(rotate_half(x), sin')), each of the four operand orders
+    possible. For `add` of two Muls: (x, what `cos_of` found, the sin Mul) for the first operand (first
+    Mul first, second operand first) where `cos_of(operand)` is not None; None when none reads a cos table."""
+    muls = [producer(i) for i in add.inputs]
+    for cos_mul, sin_mul in (muls, muls[::-1]):
+        for xi in (0, 1):
+            found = cos_of(cos_mul.inputs[1 - xi])
+            if found is not None:
+                return cos_mul.inputs[xi], found, sin_mul
+    return None
+
+
+def rope_sin_operand(sin_mul: gs.Node, sin_of: Callable[[gs.Tensor], Any]) -> tuple[gs.Tensor, Any] | None:
+    """The other half of `rope_cos_operand`: (rotate_half(x), what `sin_of` found) for the first operand of
+    `sin_mul` (the second first) where `sin_of(operand)` is not None; None when neither reads the sin table."""
+    for ri in (0, 1):
+        found = sin_of(sin_mul.inputs[1 - ri])
+        if found is not None:
+            return sin_mul.inputs[ri], found
+    return None
 
 
 def run_subgraph(graph: gs.Graph, outputs: list[gs.Tensor], feeds: list[tuple[gs.Tensor, np.ndarray]]):

@@ -14,7 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .graph import SMALL_TENSOR_ELEMENTS
+from .graph import SMALL_TENSOR_ELEMENTS, lazy_proto
 from .stream import numel
 
 BF16 = onnx.TensorProto.BFLOAT16
@@ -25,14 +25,14 @@ def _is_bf16(dtype) -> bool:
 
 
 def _widen_constant(c: gs.Constant) -> bool:
-    vals = c._values
-    if isinstance(vals, gs.ir.tensor.LazyValues):
-        t = vals.tensor
+    t = lazy_proto(c)
+    if t is not None:
         # larger weights are converted while being written
         if t.data_type != BF16 or numel(t) > SMALL_TENSOR_ELEMENTS or t.data_location == onnx.TensorProto.EXTERNAL:
             return False
         c.values = numpy_helper.to_array(t).astype(np.float32)
         return True
+    vals = c.values  # an array in memory
     if _is_bf16(np.asarray(vals).dtype):
         c.values = np.asarray(vals).astype(np.float32)
         return True

@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_rewriter.modelio import stream
-from onnx_rewriter.modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, lazy_proto
+from onnx_rewriter.modelio.graph import FLOAT_TYPES, SMALL_TENSOR_ELEMENTS, is_lazy, lazy_proto
 from onnx_rewriter.modelio.stream import numel
 
 FLOAT_NP = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
@@ -51,7 +51,7 @@ def convert_graph(graph: gs.Graph, proto_type: int) -> set[str]:
                     deferred.add(t.name)
                     continue
                 t.values = np.asarray(t.values)  # small and inline: materialize, then narrow below
-            if not isinstance(t._values, gs.ir.tensor.LazyValues) and _is_float(t.values.dtype):
+            if not is_lazy(t) and _is_float(t.values.dtype):
                 t.values = _narrow(np.asarray(t.values), np_type)
                 if t.values.ndim >= 2 and np_type == np.float16:  # a weight (not a mask fill): said if off
                     stream.note_nonfinite(t.name, t.values)
@@ -96,7 +96,7 @@ def keep_fp32(graph: gs.Graph, cores: list) -> int:
             for i, t in enumerate(nd.inputs):
                 src = t.inputs[0] if t.inputs else None
                 if isinstance(t, gs.Constant):
-                    if not isinstance(t._values, gs.ir.tensor.LazyValues) and _is_float(t.values.dtype):
+                    if not is_lazy(t) and _is_float(t.values.dtype):
                         nd.inputs[i] = gs.Constant(f"{name}/c{i}_{nd.op}_fp32", np.asarray(t.values, dtype=np.float32))
                 elif src is None or id(src) not in inside:
                     nd.inputs[i] = x32  # the entry (x, or a Cast of x the export kept)

@@ -202,16 +202,33 @@ def values_of(t: TensorProto, base_dir: Path) -> np.ndarray:
     return arr
 
 
+# graphsurgeon keeps a constant's values either as an array or as a LazyValues around a TensorProto (on disk,
+# declared or computed: see stream.py). Its private `_values` and `LazyValues` are touched here only.
 def lazy_proto(c: gs.Constant) -> TensorProto | None:
+    """The TensorProto a constant's values still live in, or None when they are an array in memory."""
     vals = c._values
     return vals.tensor if isinstance(vals, gs.ir.tensor.LazyValues) else None
+
+
+def is_lazy(c: gs.Constant) -> bool:
+    return lazy_proto(c) is not None
+
+
+def lazy_constant(name: str, proto: TensorProto) -> gs.Constant:
+    """A constant whose values stay in `proto` until they are read or written."""
+    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+
+
+def to_lazy_constant(t: gs.Variable, proto: TensorProto) -> None:
+    """Turn the variable `t` into a constant in place (its readers keep it) whose values stay in `proto`."""
+    t.to_constant(gs.ir.tensor.LazyValues(proto))
 
 
 def computed_constant(name: str, dtype, shape, produce) -> gs.Constant:
     """A constant whose values `produce()` returns when the writer reaches it (called once): the graph holds
     only name, type and dims, so a quantized model never sits in memory at once (stream.computed)."""
     proto = stream.computed(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape, produce)
-    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+    return lazy_constant(name, proto)
 
 
 def _materialize(t: TensorProto) -> None:

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_rewriter.modelio import bfloat16, reshape_wildcard, stream
-from onnx_rewriter.modelio.graph import SMALL_TENSOR_ELEMENTS, const, lazy_proto, producer
+from onnx_rewriter.modelio.graph import SMALL_TENSOR_ELEMENTS, const, lazy_proto, producer, to_lazy_constant
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def fold_weight_transposes(graph: gs.Graph) -> int:
         del folded.dims[:]
         folded.dims.extend(proto.dims[p] for p in perm)
         folded.doc_string = stream.TRANSPOSED + ",".join(map(str, perm))
-        node.outputs[0].to_constant(gs.ir.tensor.LazyValues(folded))
+        to_lazy_constant(node.outputs[0], folded)
         node.outputs.clear()
         n += 1
     if n:

@@ -16,6 +16,7 @@ class LayerReport:
     rewritten: bool
     patterns: list[str]
     reason: str | None  # first failed check and the node it failed at
+    qkv_unfused: str | None = None  # why q/k/v stayed three MatMuls (projections.fuse_qkv), when it was tried
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from onnx_rewriter.matching.results import AttentionLayer, TokenEmbedding
 from onnx_rewriter.modelio import dtype as dtypes
 from onnx_rewriter.modelio import graph as graphio
 from onnx_rewriter.modelio import schema, stream
+from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.modelio.normalize import normalize, replace_uses
 from onnx_rewriter.modelio.output import OutputDir
 from onnx_rewriter.patterns import STAGES, load_patterns
@@ -188,13 +188,8 @@ def step_load(run: Run) -> None:
         feature.prepare(run)
     cfg = run.options.config or (run.in_path.parent / "config.json")
     if run.options.config or Path(cfg).is_file():
-        try:
-            run.hf_config = json.loads(Path(cfg).read_text())
-        except (OSError, ValueError) as exc:
-            raise RewriteError(f"cannot read config '{cfg}': {exc}") from None
-        if not isinstance(run.hf_config, dict):
-            raise RewriteError(f"config '{cfg}' holds a JSON {type(run.hf_config).__name__}, not an object; "
-                               "give an HF config.json (an object with hidden_size, num_hidden_layers, ...)")
+        run.hf_config = read_config(cfg, fix="give an HF config.json (an object with hidden_size, "
+                                              "num_hidden_layers, ...)")
 
 
 def weights_float_type(graph: gs.Graph) -> int:
@@ -342,7 +337,11 @@ def step_build(run: Run) -> None:
     g = run.source.graph
     # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 keeps q/k/v apart.
     fuse = run.options.fuse_qkv and not any(f.name == "int4" for f in run.features)
-    projections.prepare(g, run.layers, fuse)
+    unfused = projections.prepare(g, run.layers, fuse)
+    for layer in run.report.layers:  # like a pattern's miss, every fusion not done says why
+        layer.qkv_unfused = unfused.get(layer.index)
+        if layer.qkv_unfused:
+            log.debug("layer %d: q/k/v not fused: %s", layer.index, layer.qkv_unfused)
     run.narrow = dtypes.convert_graph(g, float_type)
     if float_type == onnx.TensorProto.FLOAT16:
         dtypes.keep_fp32(g, [m.result for m in run.ctx.matches.get("rms_norm", {}).values()])

@@ -8,13 +8,13 @@ scaled by `lora_alpha / r` (`/ sqrt(r)` with rsLoRA), everything in the graph's 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import RewriteError
+from ..modelio.config_file import read_config
 
 SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -40,7 +40,7 @@ def adapter_feeds(adapter_dir, inputs: dict, np_float) -> dict:
     if not cfg_path.is_file() or not weights.is_file():
         raise RewriteError(f"--lora-adapter '{folder}' is not a PEFT adapter folder (adapter_config.json and "
                            f"adapter_model.safetensors)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config(cfg_path, fix="give a PEFT adapter folder")
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("alpha_pattern") or cfg.get("use_dora"):
         raise RewriteError(f"--lora-adapter '{folder}': only plain LoRA adapters (no alpha_pattern, no DoRA) are "
                            f"supported")

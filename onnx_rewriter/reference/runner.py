@@ -8,7 +8,6 @@ models. The evaluator runs a 2-layer tiny model's prefill in well under a second
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from safetensors.numpy import load_file
 from onnx_rewriter.analysis.rope import runtime_rope_table
 
 from ..errors import RewriteError
+from ..modelio.config_file import read_config
 from .lora import dummy_feeds, lora_inputs
 from .ops import REFERENCE_OPS
 from .paged_runner import PagedRunner
@@ -37,7 +37,7 @@ class Session:
     def __init__(self, out_dir, rope_table: np.ndarray | None = None, lora: dict | None = None):
         out_dir = Path(out_dir)
         self.check_folder(out_dir)
-        self.config = json.loads((out_dir / "config.json").read_text())
+        self.config = read_config(out_dir / "config.json", fix="rewrite the folder again")
         self.embedding = load_file(str(out_dir / "embedding.safetensors"))["embedding"]
         self.model, self.evaluator = _evaluator(out_dir / "model.onnx")
         inputs = {i.name: i for i in self.model.graph.input}

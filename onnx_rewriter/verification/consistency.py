@@ -14,6 +14,8 @@ from pathlib import Path
 
 import onnx
 
+from ..errors import RewriteError
+from ..modelio.config_file import read_config
 from ..safety import MANIFEST
 from ..sidefiles.config_json import REQUIRED_KEYS
 from ..sidefiles.tokenizer import tokenizer_rows
@@ -42,11 +44,9 @@ def check(out_dir, model: str | None = None, vlm: bool | None = None) -> list[st
     problems: list[str] = []
     cfg_path = out / "config.json"
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return [f"{cfg_path}: not readable JSON ({exc}); rewrite the folder again"]
-    if not isinstance(cfg, dict):
-        return [f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object; rewrite the folder again"]
+        cfg = read_config(cfg_path, fix="rewrite the folder again")
+    except RewriteError as exc:
+        return [str(exc)]
     problems += _files(out)
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
@@ -235,11 +235,9 @@ def _model(out: Path, cfg: dict, sizes: dict, model: str, vlm: bool | None) -> l
                         f"verify against the checkpoint the folder was exported from")
     path = Path(model) / "config.json"
     try:
-        hf = json.loads(path.read_text())
-    except (OSError, ValueError):
+        hf = read_config(path)
+    except RewriteError:
         return problems  # a hub id, or no config: loading the model says what is wrong
-    if not isinstance(hf, dict):
-        return problems
     from ..sidefiles.config_json import _get, _llm_part
 
     hf = _llm_part(hf)

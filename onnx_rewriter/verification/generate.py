@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.reference.runner import Session, runner_for
 
 
@@ -25,13 +26,11 @@ def chat_prompt(tokenizer_dir, question: str) -> list[int]:
 
 def eos_ids(checkpoint_or_folder) -> set[int]:
     """End-of-sequence ids from generation_config.json / config.json (either may hold a list)."""
-    import json
-
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         path = Path(checkpoint_or_folder) / name
         if path.is_file():
-            value = json.loads(path.read_text()).get("eos_token_id")
+            value = read_config(path).get("eos_token_id")
             ids.update(value if isinstance(value, list) else [] if value is None else [value])
     return ids
 

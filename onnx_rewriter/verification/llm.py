@@ -7,7 +7,6 @@ on the oracle side cannot hide an error on ours. Greedy tokens follow the oracle
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
 from onnx_rewriter.features.int4.checkpoint import quantization
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
+from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification.checks import check_baseline, check_steps
@@ -99,9 +99,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
     reported against it."""
     check_steps(steps)
-
     if model and vlm_type(model) and baseline is None and rows is None:  # image+text and text-only prompts
-
         return verify_vlm(out_dir, model, steps=steps, quiet=quiet)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
     if baseline is not None:
@@ -112,42 +110,67 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     # the graph once, without external weights: LoRA inputs, FP8 scales and INT4 nodes are read from it
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
-    oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
-    original = _int4_oracle(graph, out_dir, model, lora_adapter)
-    if original is not None:  # compare with the dequantized model; report the INT4 cost separately
-        oracle, original = original, oracle
-    elif fp16_model:
-        from ..features.int4 import OPS
-
-        if not any(n.op_type in OPS.values() for n in graph.graph.node):  # refused, not a meaningless "INT4 error"
-            from ..errors import RewriteError
-
-            raise RewriteError(f"--fp16-model: '{out_dir}' has no INT4 linears, so there is no quantization error "
-                               f"to report; verify it with --model alone")
-        original = HFOracle(fp16_model, trust_remote_code=trust_remote_code)
+    oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
     int4 = original is not None
     result = VerifyResult()
+    session = _session(result, out_dir, oracle, rope, lora)
+    rows = rows or prompts(session.config["vocab_size"])
+    fp8_scales = graph_scales(graph)
+    if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
+        oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
+        result.quantized = "INT4 + FP8 KV cache" if int4 else "FP8 KV cache"
+    _run_steps(result, session, oracle, original, rows, steps)
+    _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
+    if not quiet:
+        print_result(result)
+    return result
+
+
+def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code):
+    """(the oracle our logits are compared with, the original model for a quantization cost or None). With INT4
+    GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
+    the original of an AWQ/GPTQ checkpoint."""
+    oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
+    dequantized = _int4_oracle(graph, out_dir, model, lora_adapter)
+    if dequantized is not None:  # compare with the dequantized model; report the INT4 cost separately
+        return dequantized, oracle
+    if not fp16_model:
+        return oracle, None
+    if not any(n.op_type in OPS.values() for n in graph.graph.node):  # refused, not a meaningless "INT4 error"
+        raise RewriteError(f"--fp16-model: '{out_dir}' has no INT4 linears, so there is no quantization error "
+                           f"to report; verify it with --model alone")
+    return oracle, HFOracle(fp16_model, trust_remote_code=trust_remote_code)
+
+
+def _session(result: VerifyResult, out_dir, oracle, rope, lora) -> Session:
+    """The rewritten folder on the reference, fed the runtime's RoPE table, the model's (`rope="model"`, or an
+    explicit [P, R] table); fills result.rope_checks and result.reduced_vocab."""
     rope_table = None
     if isinstance(oracle, HFOracle):
         rope_table = check_rope_tables(result, out_dir, oracle.config, rope)
     if not isinstance(rope, str):  # an explicit [P, R] table (e.g. a model's own scaled frequencies)
         rope_table = np.asarray(rope, dtype=np.float32)
     session = Session(out_dir, rope_table=rope_table, lora=lora)
-    # reduced vocabulary: our logits are the oracle's at the kept ids; greedy picks among the kept ids
-    cut = (lambda x: x) if session.vocab_map is None else (lambda x: x[..., session.vocab_map])
     if session.vocab_map is not None:
         result.reduced_vocab = (len(session.vocab_map), int(session.config["vocab_size"]))
-    rows = rows or prompts(session.config["vocab_size"])
+    return session
 
-    fp8_scales = graph_scales(graph)
-    if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
-        if not isinstance(oracle, HFOracle):
-            raise RewriteError("verify --baseline cannot simulate the folder's FP8 KV cache; verify with --model")
 
-        if original is None:
-            original = HFOracle(model, trust_remote_code=trust_remote_code)
-        result.quantized = "FP8 KV cache" if result.quantized == "INT4" and not int4 else "INT4 + FP8 KV cache"
-        oracle = Fp8Oracle(oracle, fp8_scales, rows)
+def _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code):
+    """(the oracle rounding its KV cache as the folder's FP8 cache does, the original model it is costed
+    against: the INT4 one's when there is one)."""
+    if not isinstance(oracle, HFOracle):
+        raise RewriteError("verify --baseline cannot simulate the folder's FP8 KV cache; verify with --model")
+    if original is None:
+        original = HFOracle(model, trust_remote_code=trust_remote_code)
+    return Fp8Oracle(oracle, fp8_scales, rows), original
+
+
+def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int) -> None:
+    """Prefill `rows`, then `steps` greedy decode steps following the oracle's tokens; per step and row, our
+    logits against the oracle's (result.steps) and the oracle's against the original's (result.quantization).
+    With a reduced vocabulary our logits are the oracle's at the kept ids, and greedy picks among those."""
+    cut = (lambda x: x) if session.vocab_map is None else (lambda x: x[..., session.vocab_map])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
     pb = progress.bar(total=steps + 1, desc="verify")  # prefill + decode steps, on a terminal only
@@ -166,25 +189,31 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
             s.append(t)
         ours = runner.decode(nxt)
     pb.close()
+
+
+def _judge(result: VerifyResult, session: Session, fp8_kv_cost: bool) -> None:
+    """The pass rules (compare.judge), plus the FP8 KV cache cost and every layer's RoPE table."""
     judge(result, session.float)
-    if fp8_scales and not int4:
+    if fp8_kv_cost:
         result.criterion += f"; FP8 KV cache cost: cosine >= {FP8_COSINE} vs the model at every step"
         result.passed = result.passed and all(s.cosine >= FP8_COSINE for s in result.quantization)
     if any(not c.ok for c in result.rope_checks):  # logits of short prompts cannot show a long-context error
         result.passed = False
         result.criterion += "; every layer's RoPE table equals the model's up to max_position_embeddings"
-    if not quiet:
-        out = sys.stdout
-        print(result.table(), file=out)
-        for check in result.rope_checks:
-            print(check.line(), file=out)
-        if result.quantization:
-            print(result.quantization_line(), file=out)
-        if result.reduced_vocab:
-            print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
-                  f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
-        print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
-    return result
+
+
+def print_result(result: VerifyResult, out=None) -> None:
+    """The step table, the RoPE checks, the quantization cost, the reduced vocabulary and the verdict."""
+    out = out or sys.stdout
+    print(result.table(), file=out)
+    for check in result.rope_checks:
+        print(check.line(), file=out)
+    if result.quantization:
+        print(result.quantization_line(), file=out)
+    if result.reduced_vocab:
+        print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
+              f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
+    print(f"verify {'PASSED' if result.passed else 'FAILED'} ({result.criterion})", file=out)
 
 
 def _lora_feeds(model_proto, out_dir, model, lora_adapter) -> dict | None:
@@ -209,7 +238,7 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
         return None
     cfg = Path(model) / "config.json"
 
-    if cfg.is_file() and quantization(json.loads(cfg.read_text())) is not None:
+    if cfg.is_file() and quantization(read_config(cfg)) is not None:
         return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
 
     if not any(n.op_type in OPS.values() for n in graph.graph.node):

@@ -7,7 +7,6 @@ compared with the HF model's table for that layer over positions 0 .. max_positi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_rewriter.analysis.rope import first_difference, model_rope_table, runtime_rope_table
+from onnx_rewriter.modelio.config_file import read_config
 
 RUNTIME = "runtime (config.json)"
 
@@ -72,7 +72,7 @@ def _layer_type(hf_config, index: int) -> str | None:
 def check_rope(out_dir, hf_config) -> list[RopeCheck]:
     """One RopeCheck per (table source, model table) group of layers."""
     out_dir = Path(out_dir)
-    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg = read_config(out_dir / "config.json", fix="rewrite the folder again")
     positions = int(cfg["max_position_embeddings"])
     model = onnx.load(str(out_dir / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}

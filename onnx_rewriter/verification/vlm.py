@@ -13,7 +13,6 @@ The oracle runs each row's whole sequence through the HF model with its pixels, 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from onnx_rewriter.analysis.rope import runtime_mrope_table
 from onnx_rewriter.hf.vlm import encode, load_vlm, synthetic_images, vision_module
+from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification.compare import VerifyResult, compare, judge
 from onnx_rewriter.verification.consistency import check_consistency
@@ -120,7 +120,7 @@ def verify_vlm(out_dir, model: str, steps: int = 8, image=None, quiet: bool = Fa
         pos3, delta = vlm.model.get_rope_index(img_row["input_ids"], img_row["mm_token_type_ids"],
                                                img_row["image_grid_thw"])
     session = VlmSession(out_dir, image_token, features, deep)
-    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg = read_config(out_dir / "config.json", fix="rewrite the folder again")
     seqs = [img_row["input_ids"][0].tolist(), text_row["input_ids"][0].tolist()]
     capacity = max(map(len, seqs)) + steps + 1
     # Row b's 3-D position of KV slot s: the prompt's own, then slot + delta on all three rows.

@@ -8,13 +8,13 @@ reference and compares with transformers' own vision tower. docs/contract.md, "V
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import RewriteError, UnsupportedModel
+from ..modelio.config_file import read_config
 from . import plugin, sidefiles
 from .towers import TOWERS
 
@@ -104,5 +104,5 @@ def verify_visual(out_dir, model, images=None, pixel_values=None, grid_thw=None,
         if not images:
             raise RewriteError("verify_visual needs images (or pixel_values and grid_thw)")
         pixel_values, grid_thw = verify.process_images(folder, images, image_processor)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder / "config.json", fix="export the visual folder again")
     return verify.compare_with_tower(folder, config, tower_of(model), np.asarray(pixel_values), np.asarray(grid_thw))

@@ -43,7 +43,29 @@ def test_scaled_table_sets_attention_scaling():
     b, x, t, r = _rope()
     for mul, tab in ((r.cos_mul, r.cos), (r.sin_mul, r.sin)):
         node(mul).inputs[1] = b.op("Mul", tab, np.float32(0.5))
-    assert result(_ctx(b, r), "rope", node(r.out)).table.attention_scaling == 0.5
+    ctx = _ctx(b, r)
+    table = result(ctx, "rope", node(r.out)).table
+    assert table.attention_scaling == 0.5 and table.cos is t.cos and table.sin is t.sin
+    # the rope_table stage's own result is not written into: the scaled table is the RoPE's own
+    (shared,) = [m.result for m in ctx.matches["rope_table"].values()]
+    assert shared.attention_scaling == 1.0 and shared is not table
+
+
+def test_one_scaled_table_per_scale():
+    """q and k (and every layer) roped through one scaled table share one table object, which
+    attention_layer's identity check (q and k roped by the same table) relies on."""
+    b = Builder()
+    pos = b.input("position_ids", ["B", "S"], np.int64)
+    t = rope_table_mul(b, pos)
+    outs = []
+    for name in ("q", "k"):
+        r = rotate_half(b, b.input(name, ["B", 4, "S", D]), t)
+        for mul, tab in ((r.cos_mul, r.cos), (r.sin_mul, r.sin)):
+            node(mul).inputs[1] = b.op("Mul", tab, np.float32(0.5))
+        outs.append(r.out)
+    ctx = run(b.graph(*outs))
+    q, k = (result(ctx, "rope", node(o)).table for o in outs)
+    assert q is k and q.attention_scaling == 0.5
 
 
 def test_cos_and_sin_scaled_differently():

@@ -22,13 +22,13 @@ Formats (docs/architecture.md, "INT4 checkpoints"):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.modelio.config_file import read_config
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble slot j holds channel 8c + AWQ_ORDER[j]
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -180,7 +180,7 @@ class Checkpoint:
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        self.qc = quantization(json.loads((self.folder / "config.json").read_text()))
+        self.qc = quantization(read_config(self.folder / "config.json"))
         self._where: dict = {}
         for f in sorted(self.folder.glob("*.safetensors")):
             with safe_open(str(f), "np") as fh:

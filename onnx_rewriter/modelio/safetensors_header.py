@@ -1,0 +1,39 @@
+"""The header of a safetensors file, read without reading a tensor.
+
+The format: an 8-byte little-endian header length n, n bytes of JSON (tensor name -> dtype, shape,
+data_offsets relative to the end of the header; `__metadata__` aside), then the tensors' bytes.
+The `safetensors` library does not say where a tensor's bytes lie, which checkpoint references need.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict  # name -> {"dtype", "shape", "data_offsets"}, `__metadata__` left out
+    data_start: int  # file offset of the first tensor byte (8 + the header's length)
+
+    @property
+    def data_end(self) -> int:
+        """The file offset the last tensor ends at: a shorter file is truncated."""
+        return self.data_start + max((info["data_offsets"][1] for info in self.tensors.values()), default=0)
+
+
+def read_header(path) -> Header:
+    """The header of the safetensors file `path`; ValueError (or struct.error, UnicodeDecodeError) when it is
+    not one, OSError when it cannot be read."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > size - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(fh.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    return Header({k: v for k, v in header.items() if k != "__metadata__"}, 8 + n)
