@@ -150,7 +150,7 @@ class Models:
         """A plain export (no KV cache) of the family's tiny checkpoint; config and tokenizer beside it.
 
         native_dtype: export in the checkpoint's own dtype (a bf16 / fp16 graph) instead of fp32.
-        kv_cache: an Optimum-style export with past_key_values inputs and present outputs (tests/kv_export.py).
+        kv_cache: an Optimum-style export with past_key_values inputs and present outputs (tests/support/kv_export.py).
         refs: `make export`'s baseline: weights referenced in the checkpoint, weight transposes left unfolded.
         """
         from onnx_rewriter.hf import checkpoint_refs
@@ -171,7 +171,7 @@ class Models:
             model, config = load_model(str(ckpt), attn_implementation=attn,
                                        torch_dtype="auto" if native_dtype else "float32")
             if kv_cache:
-                from tests.kv_export import export_with_cache
+                from tests.support.kv_export import export_with_cache
 
                 export_with_cache(model, config, out / "model.onnx", exporter=exporter)
             else:

@@ -1,7 +1,7 @@
 """Fuzzing: mutated real baselines must be refused cleanly or rewritten into a graph that still computes
 what the (mutated) baseline computes, and a wrong rewriter must fail here.
 
-Each case applies one deterministic mutation (tests/fuzz_mutations.py) to the tiny llama or qwen2
+Each case applies one deterministic mutation (tests/support/fuzz_mutations.py) to the tiny llama or qwen2
 baseline, runs the mutated baseline in onnxruntime and measures the mutation's effect on its logits,
 rewrites it (fp32, so precision cannot mask or fake a difference) and verifies the rewrite against
 the mutated baseline. Outcomes:
@@ -36,7 +36,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.pipeline import steps as pipeline
 from onnx_rewriter.verification.llm import prompts, verify
 
-from .fuzz_mutations import mutate
+from .support.fuzz_mutations import mutate
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow in mutated graphs
 

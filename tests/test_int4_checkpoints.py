@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from onnx_rewriter.features.int4 import checkpoint as qc
-from tests import quant_packers as qp
+from tests.support import quant_packers as qp
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
 FORMATS = {

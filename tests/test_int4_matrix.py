@@ -10,7 +10,7 @@ import pytest
 from onnx_rewriter import export
 from onnx_rewriter.pipeline import steps as pipeline
 from onnx_rewriter.verification.llm import verify
-from tests import quant_packers as qp
+from tests.support import quant_packers as qp
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")

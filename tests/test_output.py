@@ -18,7 +18,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio.output import OutputDir
 from onnx_rewriter.pipeline import steps as pipeline
 
-from .processes import signal_mid_write
+from .support.processes import signal_mid_write
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio import schema
 from onnx_rewriter.pipeline import steps as pipeline
 
-from .graph_io import io_signature as _io
+from .support.graph_io import io_signature as _io
 
 CONTRACT_FILES = {"model.onnx", "embedding.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "processed_chat_template.json"}

@@ -28,7 +28,7 @@ from onnx_rewriter import cli, safety
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.pipeline import steps as pipeline
 
-from .processes import default_sigint, signal_mid_write
+from .support.processes import default_sigint, signal_mid_write
 from .test_errors import assert_no_output, assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]

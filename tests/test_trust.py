@@ -276,7 +276,7 @@ sys.exit(cli.main(sys.argv[2:]))
 
 
 def test_sigterm_leaves_no_temp_folder(base, tmp_path, private_tmp):
-    from .processes import signal_mid_write
+    from .support.processes import signal_mid_write
 
     flag, script = tmp_path / "flag", tmp_path / "child.py"
     script.write_text(textwrap.dedent(SIGTERM_CHILD))

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from onnx_rewriter.modelio import schema
 from onnx_rewriter.verification.llm import verify
 
-from ..graph_io import io_signature as _io
+from ..support.graph_io import io_signature as _io
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral_window", "phi3")
 TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
