@@ -132,7 +132,7 @@ def graph_scales(model) -> list[tuple[float, float]]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if not attrs.get("enable_fp8_kv_cache"):
             continue
-        if len(node.input) in (6, 8):
+        if "qkv_scales" not in attrs:  # the 0.5 form (0.10's plugin also has 6 or 8 inputs: count no guide)
             out.append(tuple(float(x) for x in numpy_helper.to_array(inits[node.input[-1]])))
         else:
             out.append((float(attrs["qkv_scales"][1]), float(attrs["qkv_scales"][2])))
