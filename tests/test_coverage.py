@@ -1,8 +1,9 @@
 """Model coverage: every family and exporter flavour is rewritten and verified, or refused with a reason.
 
 One row per (family, flavour). A row exports the tiny checkpoint through the session fixture, rewrites
-it for edgellm-0.9 (and, from the same export, for edgellm-0.10: test_rewritten_and_verified_on_010), checks the node contract (one AttentionPlugin per layer, nothing of the model's own
-attention, RoPE or cache left, plugin attributes) and runs verify against transformers. docs/support.md
+it for edgellm-0.9 (and, from the same export, for edgellm-0.10: test_rewritten_and_verified_on_010),
+checks the node contract (one AttentionPlugin per layer, nothing of the model's own attention, RoPE or
+cache left, plugin attributes) and runs verify against transformers. docs/support.md
 is the table these rows back.
 """
 

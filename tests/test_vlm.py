@@ -2,7 +2,8 @@
 
 Default rows: tiny Qwen2.5-VL and Qwen3-VL (deepstack, interleaved sections) on edgellm-0.9 (fp32, exact
 criterion), the checks that make verify able to fail (1-D positions, zeroed deepstack features), the edgellm-0.5
-refusal and `inspect`; both families on edgellm-0.10. Slow rows: Qwen3-VL on edgellm-0.11 and the whole `export` route on both targets in fp16.
+refusal and `inspect`; both families on edgellm-0.10. Slow rows: Qwen3-VL on edgellm-0.11 and the whole
+`export` route on 0.9, 0.10 and 0.11 in fp16.
 """
 
 from __future__ import annotations

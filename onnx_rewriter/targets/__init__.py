@@ -13,6 +13,11 @@ DEFAULT = "edgellm-0.9"
 TARGETS: dict[str, Target] = {t.name: t for t in (_E05, _E09, _E010, _E011)}
 
 
+def describe() -> str:
+    """Each target with the runtime releases it serves, for --help."""
+    return "; ".join(f"{t.name}: runtime {t.releases}" for t in TARGETS.values())
+
+
 def get(name: str) -> Target:
     try:
         return TARGETS[name]

@@ -25,6 +25,7 @@ PAGE_TABLE = ("kv_page_table", np.int32, ["kv_page_table_batch", 2, "max_pages_p
 class Edgellm010(DenseTarget):
     name = "edgellm-0.10"
     edgellm_version = "0.10.0"
+    releases = "0.10.x"
     domain = "trt_edgellm"
     opset = 24
 

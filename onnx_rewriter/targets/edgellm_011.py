@@ -76,6 +76,7 @@ def norm_warnings(layers, warn) -> None:
 class Edgellm011(Target):
     name = "edgellm-0.11"
     edgellm_version = "0.11.0"
+    releases = "0.11"
     domain = "trt_edgellm"
     opset = 24
     chat_template_file = "chat_template.jinja"

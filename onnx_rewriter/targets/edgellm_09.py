@@ -92,6 +92,7 @@ class Edgellm09(DenseTarget):
     # attention_scale exists from 0.9.1 only: the base attributes, a non-default scale pre-applied to q.
     name = "edgellm-0.9"
     edgellm_version = "0.9.0"
+    releases = "0.6 – 0.9.x"
 
 
 TARGET = Edgellm09()

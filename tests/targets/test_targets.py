@@ -257,3 +257,15 @@ def test_qwen3_gammas_are_the_checkpoints(rewritten):
     # the dense targets keep the norm in the graph
     dense = onnx.load(str(rewritten("qwen3", "edgellm-0.9", "float16")[0] / "model.onnx"))
     assert all(len(n.input) == 7 for n in _plugins(dense))
+
+
+def test_help_and_inspect_name_each_target_with_its_releases(models):
+    from onnx_rewriter import cli
+    from onnx_rewriter.pipeline.inspection import inspect
+
+    for cmd in ("rewrite", "inspect"):
+        text = " ".join(cli.build_parser(cmd).format_help().split())
+        assert "edgellm-0.10: runtime 0.10.x" in text and "edgellm-0.9: runtime 0.6 – 0.9.x" in text, cmd
+    lines = inspect(models.baseline("llama"), target="edgellm-0.10").splitlines()
+    assert lines[1] == "target: edgellm-0.10 (runtime 0.10.x)"
+    assert lines[-1] == "verdict: would rewrite all 2 layers for edgellm-0.10"
