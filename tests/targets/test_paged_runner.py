@@ -104,3 +104,18 @@ def test_010_swapped_page_table_rows_fail_verify(rewritten, monkeypatch):
     monkeypatch.setattr(PagePool, "page_table", swapped)
     result = verify(out, model=str(ckpt), rows=rows, steps=2, quiet=True)
     assert len(calls) > 1 and not result.passed
+
+
+def test_010_chunked_prefill_gives_the_whole_prompts_logits(rewritten):
+    """The 0.10 graph in chunked-prefill mode (kvcache_start_index [B], S > 1; row 0's second chunk crosses a
+    page): the same last-token logits as one prefill of the whole prompts."""
+    from onnx_rewriter.reference.runner import BatchPagedRunner
+
+    out, _ = rewritten("qwen3", "edgellm-0.10", "float32")
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(3, 320, 133).tolist(), rng.integers(3, 320, 7).tolist()]
+    whole = BatchPagedRunner(Session(out), batch=2, capacity=260).prefill(rows)
+    runner = BatchPagedRunner(Session(out), batch=2, capacity=260)
+    runner.prefill([rows[0][:120], rows[1][:3]])
+    chunked = runner.chunk([rows[0][120:], rows[1][3:]])
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4)
