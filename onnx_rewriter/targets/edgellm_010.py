@@ -19,6 +19,7 @@ from .base import flat_input
 from .edgellm_011 import PAGE_SIZE, PAGES, moved_norms, norm_warnings
 from .edgellm_09 import DenseTarget
 
+MAX_QK_NORM_HEAD = 256  # enable_qk_norm needs D <= 256 (contract 3 §17.2); beyond it the norms stay in the graph
 PAGE_TABLE = ("kv_page_table", np.int32, ["kv_page_table_batch", 2, "max_pages_per_sequence"])  # own batch symbol
 
 
@@ -34,6 +35,9 @@ class Edgellm010(DenseTarget):
     def check(self, layers, warn) -> None:
         super().check(layers, warn)
         norm_warnings(layers, warn)  # q/k-norm moves into the plugin exactly as on 0.11
+        if layers[0].q_norm is not None and layers[0].head_size > MAX_QK_NORM_HEAD:
+            warn(f"head size {layers[0].head_size} > {MAX_QK_NORM_HEAD}: the 0.10 plugin cannot normalize q/k; "
+                 f"the norms stay in the graph")
 
     def cache_shape(self, hkv: int, d: int) -> list:
         return [2, PAGES, PAGE_SIZE, hkv, d]
@@ -54,7 +58,7 @@ class Edgellm010(DenseTarget):
 
     def layer_inputs(self, em, layer, past, named: dict, rope, np_float):
         d, hkv = layer.head_size, layer.num_kv_heads
-        norms = moved_norms(layer)
+        norms = moved_norms(layer) if d <= MAX_QK_NORM_HEAD else None
         if norms:  # the norms' inputs: the plugin normalizes
             q = flat_input(em, layer, norms[0].x, layer.num_q_heads, d, norms[0].layout)
             k = flat_input(em, layer, norms[1].x, hkv, d, norms[1].layout)
