@@ -88,6 +88,13 @@ class Session:
         return dict(zip(names, self.evaluator.run(None, {**self.lora, **feeds})))
 
 
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = r
+    return ids
+
+
 class DenseRunner:
     """Batch-major dense-cache targets (edgellm-0.5, edgellm-0.9); BatchPagedRunner (0.10) changes the cache."""
 
@@ -123,19 +130,13 @@ class DenseRunner:
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
         """Right-padded ragged prefill; returns each row's last-token logits [B, V]."""
-        s = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), s), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
+        ids = _padded(rows)
         self.lengths = np.array([len(r) for r in rows])
         return self._step(ids, self.lengths, np.zeros((0,), np.int32), self.lengths - 1, self.lengths)
 
     def chunk(self, rows: list[list[int]]) -> np.ndarray:
         """Chunked prefill: append rows[b] (right-padded) to row b's cache; each row's last-token logits."""
-        s = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), s), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
+        ids = _padded(rows)
         n = np.array([len(r) for r in rows])
         start = self.lengths.copy()
         self.lengths = self.lengths + n
