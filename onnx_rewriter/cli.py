@@ -52,7 +52,7 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     from onnx_rewriter.modelio import dtype
 
     p.add_argument("--target", default=targets.DEFAULT, choices=sorted(targets.TARGETS),
-                   help=f"runtime contract (default: {targets.DEFAULT})")
+                   help=f"runtime contract ({targets.describe()}; default: {targets.DEFAULT})")
     p.add_argument("--dtype", default="float16", choices=sorted(dtype.NAMES),
                    help="float type of the weights written: float16 (what the runtime runs; default) or float32 "
                         "(debugging)")
@@ -143,7 +143,7 @@ def _add_inspect(sub) -> None:
                        "anything. Exit code 0: it would rewrite the graph; 1: it would not (the verdict says why).")
     p.add_argument("input", help="baseline .onnx file")
     p.add_argument("--target", default=None, choices=sorted(targets.TARGETS),
-                   help=f"runtime contract (default: {targets.DEFAULT})")
+                   help=f"runtime contract ({targets.describe()}; default: {targets.DEFAULT})")
     p.add_argument("--config", metavar="FILE", help="HF config.json to cross-check (default: one beside the input)")
 
 

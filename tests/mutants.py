@@ -59,6 +59,13 @@ MUTANTS = [
     Mutant("non-default scale dropped (paged: default attention_scale)", "onnx_rewriter/targets/edgellm_011.py", [
         ('"attention_scale": float(layer.scale),', '"attention_scale": float(layer.default_scale),')],
         ["tests/targets/test_targets.py::test_paged_non_default_scale_is_the_attribute"]),
+    Mutant("edgellm-0.10 q and k norm gammas swapped", "onnx_rewriter/targets/edgellm_010.py", [
+        ('for w, n in zip("qk", norms or ())]', 'for w, n in zip("qk", (norms or ())[::-1])]')],
+        ["tests/targets/test_targets.py::test_verify[qwen3-edgellm-0.10-float32]"]),
+    Mutant("edgellm-0.10 pool: every token written to the row's first page", "onnx_rewriter/reference/plugin.py", [
+        ("        pages = self.table[b, which][positions // PAGE_SIZE]",
+         "        pages = self.table[b, which][positions * 0]")],
+        ["tests/reference/test_plugin.py::test_paged_batch_matches_dense[gqa2]"]),
     Mutant("k and v swapped at the plugin", "onnx_rewriter/targets/edgellm_09.py", [
         ("        return [q, k, v]", "        return [q, v, k]")],
         ["tests/test_coverage.py::test_rewritten_and_verified[llama-float32]"]),

@@ -127,7 +127,7 @@ def test_inconsistent_folder_fails_naming_the_file(folder, models, tmp_path, cap
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("target", ["edgellm-0.5", "edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.5", "edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_every_target_output_is_consistent(models, tmp_path, target):
     """No false FAIL: what each target writes (fp16) passes the pass, against its own checkpoint."""
     from onnx_rewriter.verification import consistency

@@ -1,8 +1,9 @@
 """Model coverage: every family and exporter flavour is rewritten and verified, or refused with a reason.
 
 One row per (family, flavour). A row exports the tiny checkpoint through the session fixture, rewrites
-it for edgellm-0.9, checks the node contract (one AttentionPlugin per layer, nothing of the model's own
-attention, RoPE or cache left, plugin attributes) and runs verify against transformers. docs/support.md
+it for edgellm-0.9 (and, from the same export, for edgellm-0.10: test_rewritten_and_verified_on_010),
+checks the node contract (one AttentionPlugin per layer, nothing of the model's own attention, RoPE or
+cache left, plugin attributes) and runs verify against transformers. docs/support.md
 is the table these rows back.
 """
 
@@ -62,6 +63,15 @@ def _const(model, name):
     return None
 
 
+def _rope_in(node) -> str:
+    """The RoPE table a plugin reads (its position differs per target)."""
+    return next(i for i in node.input if i.startswith("rope_rotary_cos_sin"))
+
+
+def _target(run) -> str:
+    return run.options.target.name
+
+
 def _scalar_muls(model, x, value):
     """Mul nodes reading `x` (or a Cast of it) with a scalar constant close to `value`."""
     reads = [x] + [n.output[0] for n in _consumers(model, x) if n.op_type == "Cast"]
@@ -91,7 +101,7 @@ def check_gemma_embedding_scale(out, model, run, ckpt):
 def check_gemma3_tables(out, model, run, ckpt):
     """The sliding layer's own RoPE table (theta 1e4) is baked in; the global layer reads the runtime's."""
     plugins = [n for n in model.graph.node if n.op_type == "AttentionPlugin"]
-    rope_in = [n.input[5] for n in plugins]
+    rope_in = [_rope_in(n) for n in plugins]
     assert rope_in[1] == "rope_rotary_cos_sin"
     baked = _const(model, rope_in[0])
     assert baked is not None and baked.dtype == np.float32 and baked.shape == (1, 256, 16)  # [1, max_pos, R]
@@ -99,6 +109,10 @@ def check_gemma3_tables(out, model, run, ckpt):
     np.testing.assert_allclose(baked[0, 7, :8], np.cos(7 * inv), atol=1e-6)
     np.testing.assert_allclose(baked[0, 7, 8:], np.sin(7 * inv), atol=1e-6)
     assert run.spec["rope_theta"] == pytest.approx(1e6, rel=1e-6)  # config.json carries the global theta
+    if _target(run) == "edgellm-0.10":  # the attention_scale attribute (q/k-norm in the plugin: no pre-scale)
+        assert all(onnx.helper.get_attribute_value(a) == pytest.approx(24 ** -0.5)
+                   for n in plugins for a in n.attribute if a.name == "attention_scale")
+        return
     # query_pre_attn_scalar 24 != head_dim 16: the scale 24^-0.5 is pre-applied to q, once per layer.
     factor = (24 ** -0.5) / (16 ** -0.5)
     pre = [n for n in model.graph.node if n.op_type == "Mul"
@@ -110,17 +124,21 @@ def check_gemma3_tables(out, model, run, ckpt):
 def check_yarn_table(out, model, run, ckpt):
     """YaRN: the runtime has no such table; the model's own is baked, cos and sin times attention_scaling."""
     plugins = [n for n in model.graph.node if n.op_type == "AttentionPlugin"]
-    assert {n.input[5] for n in plugins} == {"rope_rotary_cos_sin_layer0"}
-    baked = _const(model, plugins[0].input[5])
+    assert {_rope_in(n) for n in plugins} == {"rope_rotary_cos_sin_layer0"}
+    baked = _const(model, _rope_in(plugins[0]))
     assert baked.shape == (1, 4096, 32)  # [1, max_pos, R]
     np.testing.assert_allclose(baked[0, 0, :16], 0.1 * math.log(4.0) + 1.0, rtol=1e-6)  # cos(0) · scaling
     assert run.spec["rope_theta"] == 99100.0  # read off the unscaled top frequencies
 
 
 def check_qk_norm_kept(out, model, run, ckpt):
-    """Qwen3's q/k RMSNorm stays in the graph for 0.9: 2 per layer besides the 2 layer norms and the final."""
+    """Qwen3's q/k RMSNorm stays in the graph for 0.9: 2 per layer besides the 2 layer norms and the final;
+    on 0.10 it moves into the plugin (enable_qk_norm=1, gammas after kv_page_table)."""
     n = sum(1 for x in model.graph.node if x.op_type in ("ReduceMean", "RMSNormalization"))
-    assert n == 4 * LAYERS + 1
+    moved = _target(run) == "edgellm-0.10"
+    assert n == (2 if moved else 4) * LAYERS + 1
+    if moved:
+        assert all(len(p.input) == 8 for p in model.graph.node if p.op_type == "AttentionPlugin")
 
 
 def check_partial_rotary(out, model, run, ckpt):
@@ -205,7 +223,7 @@ ROWS = [
 ]
 
 
-def check_contract(model, row):
+def check_contract(model, row, target="edgellm-0.9"):
     plugins = [n for n in model.graph.node if n.op_type == "AttentionPlugin"]
     assert len(plugins) == LAYERS
     left = GONE_OPS & {n.op_type for n in model.graph.node}
@@ -218,7 +236,8 @@ def check_contract(model, row):
         assert all((a["num_q_heads"], a["num_kv_heads"], a["head_size"]) == row.heads for a in attrs)
     for a in attrs:
         assert a["num_q_heads"] % a["num_kv_heads"] == 0
-        assert "attention_scale" not in a  # 0.9.0: a non-default scale is pre-applied to q
+        # 0.9.0: a non-default scale is pre-applied to q; 0.10 writes the attribute, no plugin_version
+        assert ("attention_scale" in a) == (target == "edgellm-0.10") and "plugin_version" not in a
 
 
 # Slow rows (--runslow) repeat what another row covers (eager: llama; native dtype: bf16; opset 23: llama)
@@ -235,6 +254,22 @@ def test_rewritten_and_verified(models, tmp_path, row, dtype):
     run = pipeline.rewrite(row.baseline(models), out, dtype=dtype)
     model = onnx.load(str(out / "model.onnx"))
     check_contract(model, row)
+    if row.check:
+        row.check(out, model, run, ckpt)
+    res = verify(out, model=str(ckpt), steps=8, quiet=True, **row.verify_kw)
+    assert res.passed, res.table()
+
+
+# edgellm-0.10 (contract part 3 §17): every row again (slow where it is slow on 0.9), from the same session-cached
+# export: the rewrite and verify add well under a second a row.
+@pytest.mark.parametrize("row,dtype", CASES)
+def test_rewritten_and_verified_on_010(models, tmp_path, row, dtype):
+    ckpt = row.checkpoint(models)
+    out = tmp_path / "out"
+    run = pipeline.rewrite(row.baseline(models), out, dtype=dtype, target="edgellm-0.10")
+    model = onnx.load(str(out / "model.onnx"))
+    check_contract(model, row, "edgellm-0.10")
+    assert "kv_page_table" in {i.name for i in model.graph.input}
     if row.check:
         row.check(out, model, run, ckpt)
     res = verify(out, model=str(ckpt), steps=8, quiet=True, **row.verify_kw)

@@ -387,7 +387,7 @@ def biased_qwen2(models):
     return _built(models, "qwen2_random_bias", build)
 
 
-@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_fused_qkv_with_random_biases_verifies(biased_qwen2, tmp_path, target):
     """Contract: one qkv_proj MatMul + one Add of the concatenated biases [bq|bk|bv]; exact, so verify passes."""
     ck, base = biased_qwen2
@@ -487,7 +487,7 @@ def test_mrope_rotary_width_the_runtime_cannot_build_is_refused(rotary_dim):
 # ------------------------------------------------------------------ ViTAttentionPlugin's attention_scale
 
 
-@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_vit_plugin_scale_exact_default_or_refused_on_09(target):
     """Contract: attention_scale is 1/√D (exactly, when the graph holds it rounded to fp16 or fp32); another
     scale is written on 0.11 and refused on 0.9 (runtimes before 0.9.1 ignore the attribute)."""

@@ -21,6 +21,7 @@ DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_k
 # Same with 2 kv heads: k/v projections are N = 32, which no target's INT4 GEMM takes.
 GQA = dict(DIMS, num_key_value_heads=2)
 OPS = {"edgellm-0.5": ("trt", "Int4GroupwiseGemmPlugin"), "edgellm-0.9": ("trt", "Int4GroupwiseGemmPlugin"),
+       "edgellm-0.10": ("trt_edgellm", "Int4GroupwiseGemmPluginV2"),
        "edgellm-0.11": ("trt_edgellm", "Int4GroupwiseGemmPluginV2")}
 
 
@@ -39,7 +40,7 @@ def _check(models, family, target, tmp_path, dims=DIMS, **opts):
     return run
 
 
-@pytest.mark.parametrize("target", ["edgellm-0.5", "edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.5", "edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_rtn_verifies_on_every_target(models, tmp_path, target):
     run = _check(models, "qwen2", target, tmp_path)
     ops, model = _ops(tmp_path / "out")
@@ -53,13 +54,25 @@ def test_rtn_verifies_on_every_target(models, tmp_path, target):
     inits = {t.name: t for t in model.graph.initializer}
     qw, sc = inits[node.input[1]], inits[node.input[2]]
     assert qw.data_type == onnx.TensorProto.INT8 and sc.data_type == onnx.TensorProto.FLOAT16
-    assert list(qw.dims) == ([64, 128] if target != "edgellm-0.11" else [16, 512]) and list(sc.dims) == [1, 128]
+    v2 = OPS[target][1].endswith("V2")
+    assert list(qw.dims) == ([16, 512] if v2 else [64, 128]) and list(sc.dims) == [1, 128]
+    if target == "edgellm-0.10":  # INT4 q/k/v: three plugins -> a plain Concat -> plugin input 0 (contract 3 §17.5)
+        attn = next(n for n in model.graph.node if n.op_type == "AttentionPlugin")
+        concat = next(n for n in model.graph.node if attn.input[0] in n.output)
+        assert concat.op_type == "Concat" and len(concat.input) == 3
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["edgellm-0.5", "edgellm-0.11"])
 def test_rtn_llama_slow(models, tmp_path, target):
     _check(models, "llama", target, tmp_path)
+
+
+def test_v1_on_010(models, tmp_path):
+    """0.10 has both layouts (V2 by default); V1 keeps 0.9's N % 128, so GQA's N = 32 k/v would stay FP16."""
+    _check(models, "qwen2", "edgellm-0.10", tmp_path, int4_plugin_version=1)
+    ops, _ = _ops(tmp_path / "out")
+    assert ops[("trt_edgellm", "Int4GroupwiseGemmPlugin")] == 14 and not ops[OPS["edgellm-0.10"]]
 
 
 def test_v1_on_011_takes_small_n(models, tmp_path):

@@ -13,7 +13,7 @@ from onnx_rewriter.verification.llm import verify
 from tests.support import quant_packers as qp
 
 DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=8)
-TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
+TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.10", "edgellm-0.11")
 
 
 @pytest.mark.slow

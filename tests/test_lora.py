@@ -99,7 +99,7 @@ def test_linears_are_named_after_their_modules_without_lora(models, tmp_path, fa
     assert _linear_names(tmp_path / "fused") == sorted([linear_names.node_name(s) for s in fused] + ["/lm_head/MatMul"])
 
 
-@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_lora_inputs_and_adapter_verify(qwen2, adapter, tmp_path, target):
     base, ckpt = qwen2
     out = tmp_path / "out"

@@ -66,7 +66,7 @@ def test_target_is_resolved_once_to_its_object():
     opts = pipeline.make_options(target="edgellm-0.11")
     assert opts.target is targets.get("edgellm-0.11") and str(opts.target) == "edgellm-0.11"
     assert pipeline.make_options(opts).target is opts.target  # already resolved: kept
-    with pytest.raises(RewriteError, match="unknown target 'edgellm-9'; choose one of: edgellm-0.11"):
+    with pytest.raises(RewriteError, match="unknown target 'edgellm-9'; choose one of: edgellm-0.10, edgellm-0.11"):
         pipeline.make_options(target="edgellm-9")
 
 

@@ -71,7 +71,7 @@ def test_corpus_and_chat_template_tokens_stay(tok_dir, corpus):
     assert info["kept_from"]["corpus"] == len(text_ids)
 
 
-@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_reduced_vocab_qwen2_verifies(models, tok_dir, corpus, tmp_path, target):
     base, ckpt = models.baseline("qwen2"), models.checkpoint("qwen2")
     out = tmp_path / "out"

@@ -66,8 +66,9 @@ def llama_ckpt(models):
 @pytest.mark.parametrize("breaker,target,dtype", [
     (swap_halves, "edgellm-0.9", "float32"), (shift_positions, "edgellm-0.9", "float32"),
     (swap_halves, "edgellm-0.9", "float16"), (shift_positions, "edgellm-0.9", "float16"),
-    (swap_halves, "edgellm-0.11", "float16")],
-    ids=["halves-dense-fp32", "shift-dense-fp32", "halves-dense-fp16", "shift-dense-fp16", "halves-paged-fp16"])
+    (swap_halves, "edgellm-0.11", "float16"), (shift_positions, "edgellm-0.10", "float16")],
+    ids=["halves-dense-fp32", "shift-dense-fp32", "halves-dense-fp16", "shift-dense-fp16", "halves-paged-fp16",
+         "shift-010-fp16"])
 def test_broken_rope_fails_verify(models, tmp_path, llama_ckpt, breaker, target, dtype):
     out = tmp_path / "out"
     pipeline.rewrite(models.baseline("llama"), out, target=target, dtype=dtype)

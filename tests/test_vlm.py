@@ -2,7 +2,8 @@
 
 Default rows: tiny Qwen2.5-VL and Qwen3-VL (deepstack, interleaved sections) on edgellm-0.9 (fp32, exact
 criterion), the checks that make verify able to fail (1-D positions, zeroed deepstack features), the edgellm-0.5
-refusal and `inspect`. Slow rows: Qwen3-VL on edgellm-0.11 and the whole `export` route on both targets in fp16.
+refusal and `inspect`; both families on edgellm-0.10. Slow rows: Qwen3-VL on edgellm-0.11 and the whole
+`export` route on 0.9, 0.10 and 0.11 in fp16.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _check_folder(out, run, family, target):
                                           "num_deepstack_features": nd}
     inputs = _inputs(out)
     assert "position_ids" not in inputs
-    rope = ["rope_batch", "rope_max_positions", 64] if target == "edgellm-0.9" else ["num_tokens", 64]
+    batch_major = target in ("edgellm-0.9", "edgellm-0.10")
+    rope = ["rope_batch", "rope_max_positions", 64] if batch_major else ["num_tokens", 64]
     assert inputs["rope_rotary_cos_sin"] == rope
-    deep = ["batch_size", "seq_len", 128] if target == "edgellm-0.9" else ["num_tokens", 128]
+    deep = ["batch_size", "seq_len", 128] if batch_major else ["num_tokens", 128]
     assert [inputs.get(f"deepstack_embeds_{i}") for i in range(nd)] == [deep] * nd
     names = list(inputs)
     assert names[len(names) - nd:] == [f"deepstack_embeds_{i}" for i in range(nd)]  # after the target's own
@@ -77,6 +79,16 @@ def test_qwen2_5_vl_edgellm_09(models, tmp_path):
     assert not bad.passed
     assert bad.steps[0].step == "prefill/image" and bad.steps[0].rel > 1e-3
     assert bad.steps[1].rel < 1e-4  # the text row has t = h = w: 1-D positions are right there
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vlm_on_010(models, tmp_path, family):
+    """edgellm-0.10: the LLM's rope and deepstack as 0.9 (batch-major), over the paged pool (contract 3 §17.5)."""
+    ckpt, out, run = _rewrite(models, tmp_path, family, "edgellm-0.10")
+    _check_folder(out, run, family, "edgellm-0.10")
+    assert "kv_page_table" in _inputs(out)
+    res = vlm_verify.verify_vlm(out, str(ckpt), steps=2, quiet=True)
+    assert res.passed, res.table()
 
 
 def test_edgellm_05_refused(models, tmp_path):
@@ -112,7 +124,7 @@ def test_qwen3_vl_deepstack(models, tmp_path, target):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_export_route_fp16(models, tmp_path, family, target):
     import onnx_rewriter
 

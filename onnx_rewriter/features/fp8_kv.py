@@ -9,7 +9,7 @@ amax / 448 of the roped K and of V per layer over a calibration set run through 
 onnxruntime (features/calibration.py).
 
 Per target (`PLANS`) the scales travel differently: 0.5 reads one extra last plugin input
-`k_v_scale_quant_orig` fp32 [2]; 0.9 and 0.11 read the `qkv_scales` attribute [q, k, v].
+`k_v_scale_quant_orig` fp32 [2]; 0.9, 0.10 and 0.11 read the `qkv_scales` attribute [q, k, v].
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ PLANS = {
     "edgellm-0.5": Plan("input"),
     # 0.6.x wanted the 0.5-style input on the split plugin; one file cannot serve both.
     "edgellm-0.9": Plan("attr", "FP8 KV on edgellm-0.9 needs runtime >= 0.7 (0.6.x reads the scales as an input)"),
+    "edgellm-0.10": Plan("attr", "FP8 KV on edgellm-0.10 runs on SM 89/100/101/110/120/121 only (0.11 adds SM 90)"),
     "edgellm-0.11": Plan("attr"),
 }
 REFUSALS = ("--kv-cache fp8", "has no FP8 KV cache", "the plugin's FP8 cache takes fp16 q/k/v")
@@ -131,7 +132,7 @@ def graph_scales(model) -> list[tuple[float, float]]:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if not attrs.get("enable_fp8_kv_cache"):
             continue
-        if len(node.input) in (6, 8):
+        if "qkv_scales" not in attrs:  # the 0.5 form (0.10's plugin also has 6 or 8 inputs: count no guide)
             out.append(tuple(float(x) for x in numpy_helper.to_array(inits[node.input[-1]])))
         else:
             out.append((float(attrs["qkv_scales"][1]), float(attrs["qkv_scales"][2])))

@@ -10,7 +10,7 @@ runtime's way (by exact name; an unbound slot gets a rank-0 dummy): for the line
   `{g}/lora_add` (y + that) -> `{g}/lora_add_output`, read by every former reader of y (g = the GEMM's name).
 
 Eligible: MatMuls with a constant `[K, N]` weight and the INT4 GEMM plugins, except lm_head, on every
-target (the runtime binds LoRA on 0.5, 0.9 and 0.11). Adapters come from PEFT as NVIDIA's
+target (the runtime binds LoRA on 0.5, 0.9, 0.10 and 0.11). Adapters come from PEFT as NVIDIA's
 `tensorrt-edgellm-process-lora` converts them (reference/lora.py). q/k/v and gate/up stay separate
 MatMuls under --lora (LoraOptions.imply), so each has its own slot.
 """
@@ -28,7 +28,8 @@ from onnx_rewriter.modelio.normalize import replace_uses
 from ..errors import UnsupportedModel
 from ..linear_names import is_linear, stem
 
-TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
+# 0.10: yes (contract 3 §17.5; its insert-lora matches MatMul only, not Gemm: our slots sit on MatMuls)
+TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.10", "edgellm-0.11")
 INT4_OPS = ("Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2")
 
 

@@ -33,7 +33,7 @@ from ..sidefiles.writer import tokenizer_dir
 from ..targets.base import lm_head_input
 
 # Runtime 0.5 already honours reduced_vocab_size; every target cuts lm_head alike (contract §12).
-TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
+TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.10", "edgellm-0.11")
 
 
 @dataclass

@@ -5,6 +5,7 @@ The graph changes only at the RoPE input's meaning and, for Qwen3-VL, the deepst
 
 - `edgellm-0.9`: `rope_rotary_cos_sin` fp32 `[B, P, R]`, one table per batch row (dim 0 dynamic) that the
   runtime builds from `mrope_section`; `deepstack_embeds_{i}` fp16 `[B, S, H]`, added after layer i.
+- `edgellm-0.10`: as 0.9 (batch-major; contract 3 §17.5).
 - `edgellm-0.11`: fp32 `[T, R]`, one resolved row per token; `deepstack_embeds_{i}` fp16 `[T, H]`, after
   `logits_indices`.
 - `edgellm-0.5`: refused (runtimes 0.4/0.5 hard-code the sections for R = 128, no ViT plugin).

@@ -47,7 +47,7 @@ def analyze(path, target: str | None = None, config=None) -> pipeline.Run:
 
 def render(run: pipeline.Run) -> str:
     lines = [f"input: {run.in_path} (opset {run.source.opset}, {len(run.source.graph.nodes)} nodes)",
-             f"target: {run.options.target}"]
+             f"target: {run.options.target} (runtime {run.options.target.releases})"]
     spec = dict(run.spec)
     if spec:
         spec["num_hidden_layers"] = len(run.report.layers) or spec.get("num_hidden_layers")

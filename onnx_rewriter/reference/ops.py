@@ -8,7 +8,10 @@ runtimes too:
 - 5: 0.5 target, packed qkv + the 4 dense inputs;
 - 7: 0.9 target, q, k, v + the 4 dense inputs;
 - 10: 0.11 paged form; 12 with the q/k-norm gammas at positions 6 and 7 (after
-  ``kv_page_table``, before ``query_start_offsets``), as NVIDIA's schema orders them.
+  ``kv_page_table``, before ``query_start_offsets``), as NVIDIA's schema orders them;
+- 0.10 (batch-major paged; contract part 3 §17.2) is told apart by its attributes, not its count (6 or 8
+  inputs, which 0.5's FP8 form also has): ``enable_qk_norm`` present and no ``plugin_version``; then
+  qkv, pool, context_lengths, rope, kvcache_start_index, kv_page_table [, q gamma, k gamma].
 
 With ``enable_fp8_kv_cache=1`` the cache is FLOAT8E4M3FN and the k/v scales come from the
 ``qkv_scales`` attribute ([q, k, v]; runtimes >= 0.7) or, on the 0.5 form, from one extra last
@@ -21,7 +24,7 @@ import numpy as np
 import onnx.defs
 
 from .int4 import int4_gemm
-from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention
+from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention, paged_batch_attention
 from .vit_attention import vit_attention
 
 # Custom ops a rewritten graph may hold, per name; each is registered for both NVIDIA domains.
@@ -67,11 +70,11 @@ def _unsupported(**flags) -> None:
         raise NotImplementedError(f"AttentionPlugin reference does not model {', '.join(on)}")
 
 
-def _kv_scales(inputs, attrs):
+def _kv_scales(inputs, attrs, scale_input: bool = True):
     """(inputs without a scale input, (k_scale, v_scale) or None) for the plugin's FP8 cache settings."""
     if not int(attrs.get("enable_fp8_kv_cache", 0)):
         return inputs, None
-    if len(inputs) in (6, 8):  # the 0.5 form: an extra last input [k_scale, v_scale]
+    if scale_input and len(inputs) in (6, 8):  # the 0.5 form: an extra last input [k_scale, v_scale]
         return inputs[:-1], np.asarray(inputs[-1], dtype=np.float32).reshape(-1)
     scales = attrs.get("qkv_scales")
     if scales is None or len(scales) != 3:
@@ -111,6 +114,19 @@ def _paged(inputs, attrs, kv_scales=None):
         qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)), kv_scales=kv_scales)
 
 
+def _paged_batch(inputs, attrs, kv_scales=None):
+    qk_norm = bool(attrs.get("enable_qk_norm", 0))
+    if len(inputs) != (8 if qk_norm else 6):
+        raise ValueError(f"0.10 AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
+                         "(expected 6 without q/k-norm, 8 with it)")
+    q_gamma, k_gamma = inputs[6:8] if qk_norm else (None, None)
+    return paged_batch_attention(
+        *inputs[:6], num_q_heads=int(attrs["num_q_heads"]), num_kv_heads=int(attrs["num_kv_heads"]),
+        head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
+        attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
+        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)), kv_scales=kv_scales)
+
+
 class _AttentionPluginBase(OpRun):
     # No schema lookup: attributes arrive only when present on the node; defaults live here.
     op_schema = None
@@ -121,7 +137,10 @@ class _AttentionPluginBase(OpRun):
                      enable_attention_sink=attrs.get("enable_attention_sink", 0),
                      enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),
                      enable_context_mask_selector=attrs.get("enable_context_mask_selector", 0))
-        inputs, kv_scales = _kv_scales(list(inputs), attrs)
+        batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
+        inputs, kv_scales = _kv_scales(list(inputs), attrs, scale_input=not batch_paged)
+        if batch_paged:
+            return _paged_batch(inputs, attrs, kv_scales)
         if len(inputs) in (5, 7):
             return _dense(inputs, attrs, kv_scales)
         return _paged(inputs, attrs, kv_scales)

@@ -1,4 +1,5 @@
-"""Drive an `edgellm-0.11` folder (token-major, paged KV pool) the way the runtime does.
+"""Drive an `edgellm-0.11` folder (token-major, paged KV pool) the way the runtime does; `PagePool` also
+serves the batch-major 0.10 runner (runner.BatchPagedRunner).
 
 Same interface as `runner.DenseRunner`: `prefill(rows) -> [B, V]`, `decode(tokens) -> [B, V]`. Ragged
 sequences are packed one after the other in T (no padding), each sequence owns whole 128-token pages of
@@ -19,19 +20,22 @@ from .plugin import PAGE_SIZE
 PREFILL, CHUNKED, DECODE = 1, 2, 3  # execution_phase_marker lengths
 
 
-class PagedRunner:
-    def __init__(self, session, batch: int, capacity: int):
-        self.s = session
+class PagePool:
+    """Paged KV pools for `batch` sequences of up to `capacity` tokens (0.10 and 0.11), pages handed out as
+    described above; `pages` [batch, pages_per_seq] chooses them instead (`num_pages` the pool's size)."""
+
+    def __init__(self, session, batch: int, capacity: int, pages=None, num_pages: int | None = None):
         cfg = session.config
         hkv, d = cfg["num_key_value_heads"], cfg["head_dim"]
         self.pages_per_seq = -(-capacity // PAGE_SIZE)
-        self.num_pages = batch * self.pages_per_seq + 1  # + a spare page nobody owns
-        order = np.arange(self.num_pages)[::-1]
-        self.pages = order[:batch * self.pages_per_seq].reshape(batch, self.pages_per_seq)
+        self.num_pages = num_pages or batch * self.pages_per_seq + 1  # + a spare page nobody owns
+        if pages is None:
+            order = np.arange(self.num_pages)[::-1]
+            pages = order[:batch * self.pages_per_seq].reshape(batch, self.pages_per_seq)
+        self.pages = np.asarray(pages)
         rng = np.random.default_rng(0)
         self.pools = [rng.standard_normal((2, self.num_pages, PAGE_SIZE, hkv, d)).astype(session.cache_dtype)
                       for _ in range(session.num_layers)]
-        self.lengths = np.zeros(batch, dtype=np.int64)
 
     def page_table(self, kv_end: np.ndarray) -> np.ndarray:
         """[N, 2, pages_per_seq]: K pages, then V pages (= K page + num_pages); -1 past each sequence's end."""
@@ -41,6 +45,13 @@ class PagedRunner:
             table[n, 0, :used] = self.pages[n, :used]
             table[n, 1, :used] = self.pages[n, :used] + self.num_pages
         return table
+
+
+class PagedRunner(PagePool):
+    def __init__(self, session, batch: int, capacity: int):
+        super().__init__(session, batch, capacity)
+        self.s = session
+        self.lengths = np.zeros(batch, dtype=np.int64)
 
     def step(self, rows: list[list[int]]) -> np.ndarray:
         """Append rows[n] to sequence n (an empty row leaves it alone); the last new token's logits [N, V]."""

@@ -1,6 +1,6 @@
 """CPU (numpy) reference of EdgeLLM's ``AttentionPlugin`` (contract section 2).
 
-Both cache layouts (dense ``[B, 2, Hkv, cap, D]`` and the 0.11 paged pool) reduce to the
+Every cache layout (dense ``[B, 2, Hkv, cap, D]``, the 0.10 and 0.11 paged pools) reduces to the
 same per-sequence problem: roped queries at known positions attend to the keys at
 positions ``0..kv_end-1`` (past keys read from the cache, new keys fresh). That core is
 ``attend_sequence``; the layout functions only gather, rope, scatter.
@@ -17,7 +17,7 @@ import numpy as np
 
 from . import fp8
 
-PAGE_SIZE = 128  # tokens per KV page (fixed by the 0.11 runtime)
+PAGE_SIZE = 128  # tokens per KV page (fixed by the 0.10 and 0.11 runtimes)
 
 _F32 = np.float32
 
@@ -112,30 +112,77 @@ def _dense_mode(start, batch: int, seq: int) -> str:
     return "chunked" if seq > 1 else "decode"
 
 
-def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
-                    num_q_heads: int, num_kv_heads: int, head_size: int,
-                    sliding_window_size: int = -1, attention_scale=None, kv_scales=None):
-    """0.9 plugin: q ``[B,S,Hq·D]``, k/v ``[B,S,Hkv·D]``, past_kv ``[B,2,Hkv,cap,D]``.
+class _DenseCache:
+    """The 0.5/0.9 cache ``[B, 2, Hkv, cap, D]``: row b's slot j at ``[b, 0|1, :, j]``."""
 
-    Row b's first n tokens are real, at positions ``past + t``:
+    def __init__(self, present, read, write):
+        self.present, self.read, self.write = present, read, write
+
+    def capacity(self, b: int) -> int:
+        return self.present.shape[3]
+
+    def past(self, b: int, which: int, n: int) -> np.ndarray:
+        return self.read(self.present[b, which, :, :n], which).transpose(1, 0, 2)
+
+    def put(self, b: int, which: int, first: int, x) -> None:
+        self.present[b, which, :, first:first + len(x)] = self.write(x.transpose(1, 0, 2), which)
+
+
+class _PagedCache:
+    """The 0.10 pool ``[2, num_pages, 128, Hkv, D]`` viewed flat as ``[2·num_pages, 128, Hkv, D]``: row b's
+    slot j at page ``kv_page_table[b, 0|1, j // 128]``, offset ``j % 128``; a negative page skips the write."""
+
+    def __init__(self, present, page_table, read, write):
+        self.flat = present.reshape(2 * present.shape[1], *present.shape[2:])  # a view: writes land in present
+        self.table, self.read, self.write = np.asarray(page_table).astype(np.int64), read, write
+        if self.table.ndim != 3 or self.table.shape[1] != 2:
+            raise ValueError(f"kv_page_table must be [B, 2, pages], got {self.table.shape}")
+
+    def capacity(self, b: int) -> int:
+        return self.table.shape[2] * PAGE_SIZE
+
+    def past(self, b: int, which: int, n: int) -> np.ndarray:
+        pages, slots = _page_slots(self.table[b, which], np.arange(n), self.flat.shape[0])
+        return self.read(self.flat[pages, slots], which)
+
+    def put(self, b: int, which: int, first: int, x) -> None:
+        positions = first + np.arange(len(x))
+        pages = self.table[b, which][positions // PAGE_SIZE]
+        keep = pages >= 0
+        if np.any(pages[keep] >= self.flat.shape[0]):
+            raise ValueError(f"row {b}: page table entry beyond the pool's {self.flat.shape[0]} pages")
+        self.flat[pages[keep], positions[keep] % PAGE_SIZE] = self.write(np.asarray(x)[keep], which)
+
+
+def _rope_and_norm(x, w, rows, eps: float, post_rope: bool = False) -> np.ndarray:
+    """RoPE, after (or, ``post_rope``, before) the per-head RMSNorm with gamma ``w`` when there is one."""
+    if w is None:
+        return apply_rope(x, rows)
+    if post_rope:
+        return rms_norm_heads(apply_rope(x, rows), w, eps)
+    return apply_rope(rms_norm_heads(x, w, eps), rows)
+
+
+def _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index, *, num_q_heads: int,
+                     num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None,
+                     q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6):
+    """The batch-major plugins (0.5, 0.9 dense; 0.10 paged) over a cache object (``_DenseCache`` /
+    ``_PagedCache``). Row b's first n tokens are real, at positions ``past + t``:
       prefill  (start shape [0]):   past = 0,            n = context_lengths[b]
       chunked  (start [B], S > 1):  past = start[b],     n = context_lengths[b]
       decode   (start [B], S == 1): past = ctx[b] - 1,   n = 1   (ctx = total incl. the new token)
-    Returns ``out [B,S,Hq,D]`` (q's dtype, padded rows 0) and ``present`` (past_kv's dtype)
-    with the real tokens' roped K / raw V written at ``[past, past+n)``; padded slots keep
-    their old contents (the kernel writes junk there; nothing reads it).
-    """
+    Returns ``out [B,S,Hq,D]`` (q's dtype, padded rows 0); the real tokens' roped K / raw V are written to the
+    cache at ``[past, past+n)``; padded slots keep their old contents (the kernel writes junk there; nothing
+    reads it)."""
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
     _head_counts(hq, hkv)
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight go together")
     q = np.asarray(q)
     b_sz, s = q.shape[:2]
     qf = q.reshape(b_sz, s, hq, d).astype(_F32)
     kf = np.asarray(k).reshape(b_sz, s, hkv, d).astype(_F32)
     vf = np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32)
-    past_kv = np.asarray(past_kv)
-    present = past_kv.copy()
-    read, write = _cache_codec(kv_scales, past_kv)
-    cap = past_kv.shape[3]
     ctx = np.asarray(context_lengths).reshape(-1).astype(np.int64)
     start = np.asarray(kvcache_start_index).reshape(-1).astype(np.int64)
     table = np.asarray(rope_cos_sin, dtype=_F32)
@@ -156,19 +203,52 @@ def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_sta
             raise ValueError(f"row {b}: {n} real tokens in a call of {s}")
         end = past + n
         rows = table[b if table.shape[0] == b_sz else 0]
-        if end > cap or end > rows.shape[0]:
-            raise ValueError(f"row {b}: kv end {end} exceeds cache capacity {cap} or rope rows {rows.shape[0]}")
+        if end > cache.capacity(b) or end > rows.shape[0]:
+            raise ValueError(f"row {b}: kv end {end} exceeds cache capacity {cache.capacity(b)} "
+                             f"or rope rows {rows.shape[0]}")
         if n == 0:
             continue
-        qr = apply_rope(qf[b, :n], rows[past:end])
-        kr = apply_rope(kf[b, :n], rows[past:end])
-        keys = np.concatenate([read(present[b, 0, :, :past], 0).transpose(1, 0, 2), kr])
-        vals = np.concatenate([read(present[b, 1, :, :past], 1).transpose(1, 0, 2), vf[b, :n]])
+        qr = _rope_and_norm(qf[b, :n], q_norm_weight, rows[past:end], rms_norm_eps)
+        kr = _rope_and_norm(kf[b, :n], k_norm_weight, rows[past:end], rms_norm_eps)
+        keys = np.concatenate([cache.past(b, 0, past), kr])
+        vals = np.concatenate([cache.past(b, 1, past), vf[b, :n]])
         out[b, :n] = attend_sequence(qr, keys, vals, past + np.arange(n),
                                      sliding_window_size=sliding_window_size, scale=scale)
-        present[b, 0, :, past:end] = write(kr.transpose(1, 0, 2), 0)
-        present[b, 1, :, past:end] = write(vf[b, :n].transpose(1, 0, 2), 1)
-    return out.astype(q.dtype), present
+        cache.put(b, 0, past, kr)
+        cache.put(b, 1, past, vf[b, :n])
+    return out.astype(q.dtype)
+
+
+def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
+                    num_q_heads: int, num_kv_heads: int, head_size: int,
+                    sliding_window_size: int = -1, attention_scale=None, kv_scales=None):
+    """0.9 plugin: q ``[B,S,Hq·D]``, k/v ``[B,S,Hkv·D]``, past_kv ``[B,2,Hkv,cap,D]`` (``_batch_attention``).
+    Returns ``out [B,S,Hq,D]`` and ``present`` (past_kv's dtype)."""
+    past_kv = np.asarray(past_kv)
+    present = past_kv.copy()
+    cache = _DenseCache(present, *_cache_codec(kv_scales, past_kv))
+    out = _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index,
+                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                           sliding_window_size=sliding_window_size, attention_scale=attention_scale)
+    return out, present
+
+
+def paged_batch_attention(qkv, kv_pool, context_lengths, rope_cos_sin, kvcache_start_index, kv_page_table, *,
+                          num_q_heads: int, num_kv_heads: int, head_size: int, sliding_window_size: int = -1,
+                          attention_scale=None, q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
+                          kv_scales=None):
+    """0.10 plugin (contract 3 §17): batch-major packed ``qkv [B,S,(Hq+2Hkv)·D]``, the paged pool
+    ``[2,num_pages,128,Hkv,D]`` and ``kv_page_table [B,2,pages]``; 0.9's modes (``_batch_attention``), q/k
+    RMSNorm in the plugin before RoPE. Returns ``out [B,S,Hq,D]`` (qkv's dtype) and the pool (its own dtype)."""
+    q, k, v = split_qkv(qkv, num_q_heads, num_kv_heads, head_size)
+    kv_pool = np.asarray(kv_pool)
+    present = kv_pool.copy()
+    cache = _PagedCache(present, kv_page_table, *_cache_codec(kv_scales, kv_pool))
+    out = _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index,
+                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                           sliding_window_size=sliding_window_size, attention_scale=attention_scale,
+                           q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, rms_norm_eps=rms_norm_eps)
+    return out, present
 
 
 def split_qkv(qkv, num_q_heads: int, num_kv_heads: int, head_size: int):
@@ -228,13 +308,6 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
         raise ValueError("q_norm_weight and k_norm_weight go together")
     table = np.asarray(rope_cos_sin, dtype=_F32).reshape(t_all, -1)
 
-    def rope_and_norm(x, w, rows):
-        if w is None:
-            return apply_rope(x, rows)
-        if qk_norm_post_rope:
-            return rms_norm_heads(apply_rope(x, rows), w, rms_norm_eps)
-        return apply_rope(rms_norm_heads(x, w, rms_norm_eps), rows)
-
     kv_pool = np.asarray(kv_pool)
     present = kv_pool.copy()
     read, write = _cache_codec(kv_scales, kv_pool)
@@ -253,8 +326,8 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
         tok = slice(first, first + count)
         if first + count > t_all:
             raise ValueError(f"sequence {n}: tokens {first}..{first + count} beyond T={t_all}")
-        qr = rope_and_norm(q[tok], q_norm_weight, table[tok])
-        kr = rope_and_norm(k[tok], k_norm_weight, table[tok])
+        qr = _rope_and_norm(q[tok], q_norm_weight, table[tok], rms_norm_eps, qk_norm_post_rope)
+        kr = _rope_and_norm(k[tok], k_norm_weight, table[tok], rms_norm_eps, qk_norm_post_rope)
         old = np.arange(past)
         new = past + np.arange(count)
         kpg, kslot = _page_slots(page_table[n, 0], old, flat.shape[0])

@@ -20,7 +20,7 @@ from ..errors import RewriteError
 from ..modelio.config_file import read_config
 from .lora import dummy_feeds, lora_inputs
 from .ops import REFERENCE_OPS
-from .paged_runner import PagedRunner
+from .paged_runner import PagedRunner, PagePool
 from .vocab_map import load_map
 
 
@@ -88,8 +88,15 @@ class Session:
         return dict(zip(names, self.evaluator.run(None, {**self.lora, **feeds})))
 
 
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    ids = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = r
+    return ids
+
+
 class DenseRunner:
-    """Batch-major dense-cache targets (edgellm-0.5, edgellm-0.9)."""
+    """Batch-major dense-cache targets (edgellm-0.5, edgellm-0.9); BatchPagedRunner (0.10) changes the cache."""
 
     def __init__(self, session: Session, batch: int, capacity: int):
         self.s = session
@@ -99,7 +106,14 @@ class DenseRunner:
                       for _ in range(session.num_layers)]
         self.lengths = np.zeros(batch, dtype=np.int64)
 
-    def _step(self, ids, context_lengths, start, last) -> np.ndarray:
+    def cache_feeds(self, kv_end: np.ndarray) -> dict:
+        """The cache inputs for a call after which row b holds kv_end[b] tokens."""
+        return {f"past_key_values_{i}": c for i, c in enumerate(self.cache)}
+
+    def keep(self, out: dict) -> None:
+        self.cache = [out[f"present_key_values_{i}"] for i in range(len(self.cache))]
+
+    def _step(self, ids, context_lengths, start, last, kv_end) -> np.ndarray:
         table = self.s.rope_table
         feeds = {
             "inputs_embeds": self.s.embed(ids),
@@ -108,29 +122,53 @@ class DenseRunner:
             "kvcache_start_index": start.astype(np.int32),
             "last_token_ids": last.astype(np.int64).reshape(-1, 1),
         }
-        feeds.update({f"past_key_values_{i}": c for i, c in enumerate(self.cache)})
+        feeds.update(self.cache_feeds(kv_end))
         feeds.update(self.s.step_inputs(ids))
         out = self.s.run(feeds)
-        self.cache = [out[f"present_key_values_{i}"] for i in range(len(self.cache))]
+        self.keep(out)
         return np.asarray(out["logits"], dtype=np.float32)[:, 0]
 
     def prefill(self, rows: list[list[int]]) -> np.ndarray:
         """Right-padded ragged prefill; returns each row's last-token logits [B, V]."""
-        s = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), s), dtype=np.int64)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
+        ids = _padded(rows)
         self.lengths = np.array([len(r) for r in rows])
-        return self._step(ids, self.lengths, np.zeros((0,), np.int32), self.lengths - 1)
+        return self._step(ids, self.lengths, np.zeros((0,), np.int32), self.lengths - 1, self.lengths)
+
+    def chunk(self, rows: list[list[int]]) -> np.ndarray:
+        """Chunked prefill: append rows[b] (right-padded) to row b's cache; each row's last-token logits."""
+        ids = _padded(rows)
+        n = np.array([len(r) for r in rows])
+        start = self.lengths.copy()
+        self.lengths = self.lengths + n
+        return self._step(ids, n, start, np.maximum(n - 1, 0), self.lengths)
 
     def decode(self, tokens: list[int]) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         start = self.lengths.copy()
         self.lengths = self.lengths + 1
-        return self._step(ids, self.lengths, start, np.zeros(len(tokens)))
+        return self._step(ids, self.lengths, start, np.zeros(len(tokens)), self.lengths)
+
+
+class BatchPagedRunner(PagePool, DenseRunner):
+    """edgellm-0.10: DenseRunner's batch-major calls over a paged pool and its `kv_page_table` (PagePool:
+    pages out of order, a spare page, noise in the pool)."""
+
+    def __init__(self, session: Session, batch: int, capacity: int, **pages):
+        PagePool.__init__(self, session, batch, capacity, **pages)
+        self.s = session
+        self.lengths = np.zeros(batch, dtype=np.int64)
+
+    def cache_feeds(self, kv_end: np.ndarray) -> dict:
+        pools = {f"past_key_values_{i}": p for i, p in enumerate(self.pools)}
+        return {"kv_page_table": self.page_table(kv_end), **pools}
+
+    def keep(self, out: dict) -> None:
+        self.pools = [out[f"present_key_values_{i}"] for i in range(len(self.pools))]
 
 
 def runner_for(session: Session, batch: int, capacity: int):
     if "kv_page_table" in session.inputs:
+        if "kvcache_start_index" in session.inputs:  # batch-major: 0.10
+            return BatchPagedRunner(session, batch, capacity)
         return PagedRunner(session, batch, capacity)
     return DenseRunner(session, batch, capacity)

@@ -52,6 +52,7 @@ class PluginWiring:
 class Target:
     name: str
     edgellm_version: str
+    releases: str = ""  # the runtime releases the target serves (--help, inspect, README)
     domain: str = "trt"
     opset: int | None = None  # None: keep the input's
     chat_template_file = "processed_chat_template.json"

@@ -64,9 +64,19 @@ def moved_norms(layer: AttentionLayer):
     return qn, kn
 
 
+def norm_warnings(layers, warn) -> None:
+    """Where a per-head q/k norm cannot move into the plugin (moved_norms), and stays in the graph."""
+    for l in layers:
+        if (l.q_norm is None) != (l.k_norm is None):
+            warn(f"layer {l.index}: only one of q and k has a per-head RMSNorm; it stays in the graph")
+        elif l.q_norm is not None and moved_norms(l) is None:
+            warn(f"layer {l.index}: q and k norms use different eps; they stay in the graph")
+
+
 class Edgellm011(Target):
     name = "edgellm-0.11"
     edgellm_version = "0.11.0"
+    releases = "0.11"
     domain = "trt_edgellm"
     opset = 24
     chat_template_file = "chat_template.jinja"
@@ -74,11 +84,7 @@ class Edgellm011(Target):
 
     def check(self, layers, warn) -> None:
         super().check(layers, warn)
-        for l in layers:
-            if (l.q_norm is None) != (l.k_norm is None):
-                warn(f"layer {l.index}: only one of q and k has a per-head RMSNorm; it stays in the graph")
-            elif l.q_norm is not None and moved_norms(l) is None:
-                warn(f"layer {l.index}: q and k norms use different eps; they stay in the graph")
+        norm_warnings(layers, warn)
 
     def plugin_attrs(self, layer: AttentionLayer, norms=None) -> dict:
         attrs = super().plugin_attrs(layer)

@@ -13,6 +13,7 @@ from .edgellm_09 import DenseTarget
 class Edgellm05(DenseTarget):
     name = "edgellm-0.5"
     edgellm_version = "0.5.0"
+    releases = "0.4 – 0.5"
     packed_qkv = True
     vlm_text = False  # the 0.4/0.5 runtimes hard-code the M-RoPE sections (features/vlm.py)
 

@@ -26,7 +26,8 @@ def _attrs_011(num_heads: int, head_size: int, scale: float) -> dict:
     return {**_attrs_09(num_heads, head_size, scale), "qkv_scales": [1.0, 1.0, 1.0]}  # FP16 mode
 
 
-ATTRIBUTES = {"edgellm-0.9": _attrs_09, "edgellm-0.11": _attrs_011}
+# 0.10: the visual ONNX as 0.9 (contract 3 §17.5), and its creator reads attention_scale.
+ATTRIBUTES = {"edgellm-0.9": _attrs_09, "edgellm-0.10": _attrs_09, "edgellm-0.11": _attrs_011}
 DEFAULT_SCALE_ONLY = {"edgellm-0.9"}  # creators before runtime 0.9.1 ignore attention_scale: 1/sqrt(D) only
 
 

@@ -18,6 +18,7 @@ from onnx_rewriter.reference.plugin import (
     dense_attention,
     packed_qkv_dense_attention,
     paged_attention,
+    paged_batch_attention,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -318,6 +319,66 @@ def test_paged_chunked_and_qk_norm():
     np.testing.assert_allclose(keys, refs[0][1], **TOL)
 
 
+# ---- 0.10: batch-major, paged pool ----------------------------------------------------------
+
+def _batch_paged(s, pool, table, spans, seq_len, start, ctx, **extra):
+    q, k, v = s.batch(spans, seq_len)
+    return paged_batch_attention(np.concatenate([q, k, v], -1), pool, i32(ctx), s.table[None], start, table,
+                                 **s.kwargs(), **extra)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=["gqa2", "mixed"])
+def test_paged_batch_matches_dense(case):
+    """0.10: prefill (across a page boundary), chunked prefill, decode on pages handed out out of order,
+    with a spare page; every output and every written slot as the dense 0.9 cache has it."""
+    c = dict(case, d=8, r=min(case["r"], 8))
+    prefix, chunk = [130, 5, 70], [3, 2, 1]
+    s = Seqs(c, [p + n + 1 for p, n in zip(prefix, chunk)])
+    table, pool = paged_layout([p + n for p, n in zip(prefix, chunk)], 7, order=[4, 1, 6, 3, 0, 5], hkv=c["hkv"],
+                               d=c["d"])
+    spare = pool[:, 2].copy()  # page 2 is nobody's
+    calls = [([(0, p) for p in prefix], 130, NO_START, prefix),  # prefill
+             (list(zip(prefix, chunk)), 3, i32(prefix), chunk),  # chunked prefill
+             ([(p + n, 1) for p, n in zip(prefix, chunk)], 1, i32([p + n for p, n in zip(prefix, chunk)]),
+              [p + n + 1 for p, n in zip(prefix, chunk)])]  # decode: start = cached, ctx = total
+    cache = s.empty_cache(136)
+    for spans, seq_len, start, ctx in calls:
+        out, pool = _batch_paged(s, pool, table, spans, seq_len, start, ctx)
+        q, k, v = s.batch(spans, seq_len)
+        dense_out, cache = dense_attention(q, k, v, cache, i32(ctx), s.table[None], start, **s.kwargs())
+        np.testing.assert_array_equal(out, dense_out)
+    for n, (p, c_) in enumerate(zip(prefix, chunk)):
+        keys, vals = gather_pages(pool, table, n, p + c_ + 1)
+        np.testing.assert_array_equal(keys, cache[n, 0, :, :p + c_ + 1].transpose(1, 0, 2))
+        np.testing.assert_array_equal(vals, cache[n, 1, :, :p + c_ + 1].transpose(1, 0, 2))
+        np.testing.assert_allclose(out[n, 0], s.ref[n][0][p + c_], **TOL)
+    np.testing.assert_array_equal(pool[:, 2], spare)
+
+
+def test_paged_batch_qk_norm_and_skipped_pages():
+    """q/k RMSNorm inside the 0.10 plugin (norm, then RoPE), and a negative page id skips the write."""
+    c = dict(hq=4, hkv=2, d=8, r=8)
+    s = Seqs(c, [9, 6])
+    rng = np.random.default_rng(5)
+    qw, kw = rng.uniform(0.5, 1.5, 8).astype(np.float32), rng.uniform(0.5, 1.5, 8).astype(np.float32)
+    refs = [torch_attention(q, k, v, s.table, q_norm=qw, k_norm=kw, eps=1e-5) for q, k, v in zip(s.q, s.k, s.v)]
+    table, pool = paged_layout([9, 6], 3, order=[2, 0], hkv=2, d=8)
+    norm = dict(q_norm_weight=qw, k_norm_weight=kw, rms_norm_eps=1e-5)
+    out, pool = _batch_paged(s, pool, table, [(0, 4), (0, 6)], 6, NO_START, [4, 6], **norm)
+    out2, pool = _batch_paged(s, pool, table, [(4, 5), (6, 0)], 5, i32([4, 6]), [5, 0], **norm)
+    np.testing.assert_allclose(out[0, :4], refs[0][0][:4], **TOL)
+    np.testing.assert_allclose(out[1], refs[1][0], **TOL)
+    np.testing.assert_allclose(out2[0], refs[0][0][4:9], **TOL)
+    keys, _ = gather_pages(pool, table, 0, 9)
+    np.testing.assert_allclose(keys, refs[0][1], **TOL)
+    before = paged_layout([9, 6], 3, order=[2, 0], hkv=2, d=8, seed=9)[1]  # fresh noise
+    skipped = table.copy()
+    skipped[0] = -1
+    _, after = _batch_paged(s, before, skipped, [(0, 4), (0, 1)], 4, NO_START, [4, 1], **norm)
+    np.testing.assert_array_equal(after[:, [2]], before[:, [2]])  # row 0's page untouched
+    assert not np.array_equal(after[:, 0, 0], before[:, 0, 0])  # row 1 wrote its slot 0
+
+
 # ---- ONNX ReferenceEvaluator ----------------------------------------------------------------
 
 def _plugin_model(domain, input_specs, attrs):
@@ -387,6 +448,34 @@ def test_reference_evaluator_paged_node_with_qk_norm():
     evaluator = reference_evaluator(bad)
     with pytest.raises(ValueError, match=r"10 inputs with enable_qk_norm=1 \(expected 10 without q/k-norm, 12"):
         evaluator.run(None, {n: x for n, x in zip(names, values) if n not in ("q_norm_gamma", "k_norm_gamma")})
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
+def test_reference_evaluator_010_node(fp8):
+    """The 0.10 node: 8 inputs (gammas last), no plugin_version; told apart from 0.5's 6-input FP8 form by its
+    attributes. Same numbers as the kernel called directly."""
+    from onnx_rewriter.reference import fp8 as f8
+
+    c = dict(hq=4, hkv=2, d=8, r=8)
+    s = Seqs(c, [7, 3])
+    table, pool = paged_layout([7, 3], 2, order=[1, 0], hkv=2, d=8)
+    q, k, v = s.batch([(0, 7), (0, 3)], 7)
+    qw, kw = np.full(8, 1.25, np.float16), np.full(8, 0.75, np.float16)
+    i, h = TensorProto.INT32, TensorProto.FLOAT16
+    cache_type, cache = (TensorProto.FLOAT8E4M3FN, pool.astype(f8.E4M3)) if fp8 else (h, pool.astype(np.float16))
+    names = ["qkv", "past_key_values_0", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index",
+             "kv_page_table", "q_norm_gamma", "k_norm_gamma"]
+    types = [h, cache_type, i, TensorProto.FLOAT, i, i, h, h]
+    values = [np.concatenate([q, k, v], -1).astype(np.float16), cache, i32([7, 3]), s.table[None], NO_START, table,
+              qw, kw]
+    attrs = dict(num_q_heads=4, num_kv_heads=2, head_size=8, enable_qk_norm=1, rms_norm_eps=1e-6,
+                 attention_scale=0.0, enable_fp8_kv_cache=int(fp8), qkv_scales=[1.0, 0.5, 0.25] if fp8 else [1.0] * 3)
+    model = _plugin_model("trt_edgellm", list(zip(names, types)), attrs)
+    out, present = reference_evaluator(model).run(None, dict(zip(names, values)))
+    expected = paged_batch_attention(*values[:6], num_q_heads=4, num_kv_heads=2, head_size=8, q_norm_weight=qw,
+                                     k_norm_weight=kw, kv_scales=np.float32([0.5, 0.25]) if fp8 else None)
+    np.testing.assert_array_equal(out, expected[0])
+    np.testing.assert_array_equal(present.view(np.uint8), expected[1].view(np.uint8))
 
 
 def test_ops_import_survives_schemas_in_both_domains():

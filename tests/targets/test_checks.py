@@ -55,6 +55,10 @@ def test_warnings():
     w = QKNorm(weight=np.ones(64), eps=1e-6, x=None)
     assert any("only one of q and k" in m for m in _check("edgellm-0.11", _layers(q_norm=w)))
     assert _check("edgellm-0.9", _layers(q_norm=w)) == []  # the norm stays in the graph there anyway
+    assert any("only one of q and k" in m for m in _check("edgellm-0.10", _layers(q_norm=w)))
+    big = QKNorm(weight=np.ones(512), eps=1e-6, x=None)
+    wide = _check("edgellm-0.10", _layers(head_size=512, rotary_dim=64, q_norm=big, k_norm=big))
+    assert any("head size 512 > 256: the 0.10 plugin cannot normalize q/k" in m for m in wide)
 
 
 def test_unknown_target():

@@ -20,7 +20,7 @@ from onnx_rewriter.verification.llm import verify
 from ..support.graph_io import io_signature as _io
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral_window", "phi3")
-TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.11")
+TARGETS = ("edgellm-0.5", "edgellm-0.9", "edgellm-0.10", "edgellm-0.11")
 F16, F32, I32, I64 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64
 # family -> (Hq, Hkv, D, R, window); every tiny family has hidden 64, 2 layers, vocab 320.
 DIMS = {"llama": (4, 2, 16, 16, -1), "qwen2": (4, 2, 16, 16, -1), "qwen3": (4, 2, 16, 16, -1),
@@ -32,6 +32,9 @@ PAGED_ATTRS = DENSE_ATTRS | {
     "enable_context_mask_selector", "enable_vision_block_attention", "attention_scale", "skip_softmax_scale_factor",
     "rms_norm_eps", "enable_qk_norm", "qk_norm_post_rope", "enable_kv_shared", "enable_attention_sink",
     "enable_contiguous_query_swa", "plugin_version"}
+ATTRS_010 = DENSE_ATTRS | {
+    "enable_context_mask_selector", "enable_vision_block_attention", "attention_scale", "skip_softmax_scale_factor",
+    "rms_norm_eps", "enable_qk_norm", "enable_kv_shared"}  # no plugin_version (contract 3 §17.2)
 PAGED_INPUTS = ["positions", "query_start_offsets", "query_lengths", "past_lengths", "attention_sequence_lengths",
                 "state_indices", "execution_phase_marker", "context_sequence_count_carrier", "kv_page_table",
                 "logits_indices"]
@@ -116,6 +119,45 @@ def _check_dense(model, family, target):
             assert attrs["qkv_scales"] == [1.0, 1.0, 1.0]
 
 
+def _check_010(model, family):
+    """Contract 3 §17: 0.9's batch-major I/O plus kv_page_table, the paged pool, 6 plugin inputs (+2 gammas)."""
+    hq, hkv, d, r, window = DIMS[family]
+    assert {(o.domain, o.version) for o in model.opset_import} == {("", 24), ("trt_edgellm", 1)}
+    ins, outs = _io(model.graph.input), _io(model.graph.output)
+    pasts = [f"past_key_values_{i}" for i in range(LAYERS)]
+    assert list(ins) == ["inputs_embeds", *pasts, "rope_rotary_cos_sin", "context_lengths", "kvcache_start_index",
+                         "kv_page_table", "last_token_ids"]
+    b, s = ins["inputs_embeds"][1][:2]
+    assert _dynamic(b) and _dynamic(s) and ins["inputs_embeds"] == (F16, [b, s, HIDDEN])
+    for p in pasts:
+        assert ins[p][0] == F16 and ins[p][1][0] == 2 and ins[p][1][2:] == [128, hkv, d] and _dynamic(ins[p][1][1])
+    rope = ins["rope_rotary_cos_sin"]
+    assert rope[0] == F32 and len(rope[1]) == 3 and rope[1][2] == r
+    assert ins["context_lengths"] == (I32, [b])
+    assert ins["kvcache_start_index"][0] == I32 and ins["kvcache_start_index"][1][0] != b
+    table = ins["kv_page_table"]
+    assert table[0] == I32 and table[1][1] == 2 and _dynamic(table[1][0]) and table[1][0] != b and _dynamic(table[1][2])
+    assert ins["last_token_ids"] == (I64, [b, 1])
+    assert list(outs) == ["logits"] + [f"present_key_values_{i}" for i in range(LAYERS)]
+    assert outs["logits"] == (F32, [b, 1, VOCAB])
+    qk_norm = family == "qwen3"
+    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for i, node in enumerate(_plugins(model)):
+        assert node.domain == "trt_edgellm"
+        names = list(node.input)
+        assert len(names) == (8 if qk_norm else 6) and all(names)
+        assert names[1:6] == [f"past_key_values_{i}", "context_lengths", "rope_rotary_cos_sin", "kvcache_start_index",
+                              "kv_page_table"]
+        qkv = _io([inferred[names[0]]])[names[0]]
+        assert qkv[0] == F16 and len(qkv[1]) == 3 and qkv[1][2] == (hq + 2 * hkv) * d
+        assert list(node.output)[1] == f"present_key_values_{i}"
+        attrs = _attrs(node)
+        assert set(attrs) == ATTRS_010
+        assert (attrs["num_q_heads"], attrs["num_kv_heads"], attrs["head_size"]) == (hq, hkv, d)
+        assert attrs["sliding_window_size"] == window and attrs["qkv_scales"] == [1.0, 1.0, 1.0]
+        assert attrs["attention_scale"] == pytest.approx(d ** -0.5) and attrs["enable_qk_norm"] == int(qk_norm)
+
+
 def _check_paged(model, family):
     hq, hkv, d, r, window = DIMS[family]
     assert {(o.domain, o.version) for o in model.opset_import} == {("", 24), ("trt_edgellm", 1)}
@@ -188,10 +230,13 @@ def test_contract(rewritten, family, target):
     assert not {"input_ids", "attention_mask", "position_ids"} & {i for n in model.graph.node for i in n.input}
     if target == "edgellm-0.11":
         _check_paged(model, family)
+    elif target == "edgellm-0.10":
+        _check_010(model, family)
     else:
         _check_dense(model, family, target)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["edgellm_version"] == {"edgellm-0.5": "0.5.0", "edgellm-0.9": "0.9.0", "edgellm-0.11": "0.11.0"}[target]
+    assert cfg["edgellm_version"] == {"edgellm-0.5": "0.5.0", "edgellm-0.9": "0.9.0", "edgellm-0.10": "0.10.0",
+                                      "edgellm-0.11": "0.11.0"}[target]
     paged = target == "edgellm-0.11"
     assert (out / "chat_template.jinja").is_file() == paged
     assert (out / "processed_chat_template.json").is_file() == (not paged)
@@ -212,3 +257,15 @@ def test_qwen3_gammas_are_the_checkpoints(rewritten):
     # the dense targets keep the norm in the graph
     dense = onnx.load(str(rewritten("qwen3", "edgellm-0.9", "float16")[0] / "model.onnx"))
     assert all(len(n.input) == 7 for n in _plugins(dense))
+
+
+def test_help_and_inspect_name_each_target_with_its_releases(models):
+    from onnx_rewriter import cli
+    from onnx_rewriter.pipeline.inspection import inspect
+
+    for cmd in ("rewrite", "inspect"):
+        text = " ".join(cli.build_parser(cmd).format_help().split())
+        assert "edgellm-0.10: runtime 0.10.x" in text and "edgellm-0.9: runtime 0.6 – 0.9.x" in text, cmd
+    lines = inspect(models.baseline("llama"), target="edgellm-0.10").splitlines()
+    assert lines[1] == "target: edgellm-0.10 (runtime 0.10.x)"
+    assert lines[-1] == "verdict: would rewrite all 2 layers for edgellm-0.10"

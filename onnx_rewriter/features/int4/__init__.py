@@ -46,6 +46,9 @@ PLANS = {
     # 0.4-0.6 runtimes launch the GEMM on an n/128 grid with no fallback: N % 128 (0.9 covers 0.6.x too).
     "edgellm-0.5": Plan((1,), {1: 128}, "target"),
     "edgellm-0.9": Plan((1,), {1: 128}, "target"),
+    # 0.10: V1 and V2, V2 by default; q/k/v reach the plugin through the target's plain Concat (contract 3
+    # §17.5). N: V2's repacker needs N % 64; V1 keeps 0.9's N % 128 grid (inference: no N rule for 0.10's V1).
+    "edgellm-0.10": Plan((2, 1), {1: 128, 2: 64}, "target"),
     # 0.11: GEMV handles N % 8 for V1; V2's repacker needs N % 64. INT4 q/k/v go through QkvConcatPlugin.
     "edgellm-0.11": Plan((2, 1), {1: 8, 2: 64}, "QkvConcatPlugin"),
 }
@@ -91,7 +94,7 @@ class Int4(Feature):
         if self.plugin_version is not None and len(self.plan.versions) == 1:  # said, not silently ignored
             run.warn(f"--int4-plugin-version {self.version}: {target.name} has one INT4 layout "
                      f"({OPS[self.version]}), so the option changes nothing there (it chooses between layouts "
-                     f"on edgellm-0.11)")
+                     f"on edgellm-0.10 and 0.11)")
         if self.method == "awq":
             self.activations = linear_inputs(run, self.calibration)
 
@@ -299,7 +302,7 @@ def _qkv_concat_plugins(g: gs.Graph, domain: str) -> None:
 class Int4Options(FeatureOptions):
     quantize: str | None = option(None, "--quantize", "int4: INT4 weight-only linears (groupwise RTN, G=128)",
                                   choices=["int4"])
-    int4_plugin_version: int | None = option(None, "--int4-plugin-version", "INT4 plugin layout on edgellm-0.11 "
+    int4_plugin_version: int | None = option(None, "--int4-plugin-version", "INT4 plugin layout on edgellm-0.10 / 0.11 "
                                              "(default 2, Int4GroupwiseGemmPluginV2)", type=int, choices=[1, 2])
     int4_method: str = option("rtn", "--int4-method", "awq: activation-aware per-channel scales searched on the "
                               "calibration prompts (a pre_quant_scale Mul per linear)", choices=["rtn", "awq"])
