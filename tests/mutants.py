@@ -336,7 +336,7 @@ def write_doc(path: Path, table: list[str], verdict: str, chosen: list[Mutant]) 
         "caught whatever those fixtures hold.\n"
         "\n"
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `make mutants` "
-        "(`python tests/mutants.py --write docs/mutants.md`), 2 CPU cores shared with other jobs.\n\n"
+        f"(`python tests/mutants.py --write docs/mutants.md`), on the 2-core machine (nproc: {os.cpu_count()}).\n\n"
         + "\n".join(table) + f"\n\n{verdict}.\n\n## Each mutant's tests\n\n" + lists)
 
 
