@@ -55,11 +55,13 @@ def _same_outputs(tmp_path, kinds=("", "-base")):
     return loaded
 
 
-@pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+# Every family in fp32 (the fast ones by default, the rest with --runslow), the fast ones in bf16 too.
+CASES = [(f, "float32") if f in FAST else pytest.param(f, "float32", marks=pytest.mark.slow) for f in FAMILIES] + [
+    (f, "bfloat16") for f in FAST]
+
+
+@pytest.mark.parametrize(("family", "dtype"), CASES)
 def test_mapped_trace_writes_the_loaded_routes_bytes(tmp_path, monkeypatch, caplog, family, dtype):
-    if dtype == "bfloat16" and family not in FAST:
-        pytest.skip("bf16 on the fast families only")
     ckpt = tiny.build_checkpoint(family, tmp_path / "ckpt", dtype=dtype)
     only = family in BASELINE_ONLY
     said = _export(ckpt, tmp_path / "mapped", monkeypatch, caplog, mapped=True, baseline_only=only)
