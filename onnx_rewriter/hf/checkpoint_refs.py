@@ -6,6 +6,10 @@ a checkpoint tensor is written as a reference into that file (linked next to the
 copying a gigabyte into `model.onnx.data` only for the rewrite to read it back: 9 of the ~35 s of a
 0.5B export. Every reference is checked by comparing bytes; the rest (computed constants, tensors the
 model changed on load, dtypes the checkpoint does not have) is saved the usual way.
+
+A model whose weights are the checkpoint's files mapped into memory (mapped_model.py) needs no comparison,
+which would read every page of them: a tensor whose memory is the mapping of a checkpoint tensor's bytes
+(`map_tensor`) is those bytes.
 """
 
 from __future__ import annotations
@@ -62,6 +66,40 @@ def checkpoint_files(model: str) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+# data_ptr of a tensor made by map_tensor -> (the checkpoint tensor, the mapping it lies in); `unmap` forgets them.
+_MAPPED: dict[int, tuple[Entry, object]] = {}
+
+
+def map_tensor(entry: Entry, mapping, torch_dtype):
+    """The bytes of `entry` as a CPU tensor over `mapping` (an mmap of entry.file): nothing is read."""
+    import torch
+
+    count = entry.length // torch.empty((), dtype=torch_dtype).element_size()
+    t = torch.frombuffer(mapping, dtype=torch_dtype, count=count, offset=entry.offset).view(entry.shape)
+    _MAPPED[t.data_ptr()] = (entry, mapping)
+    return t
+
+
+def unmap() -> None:
+    """Forget the tensors of map_tensor (their mappings close once no tensor holds them)."""
+    _MAPPED.clear()
+
+
+def _mapped(raw, dtype: str) -> Entry | None:
+    """The checkpoint tensor whose mapped bytes `raw` is (map_tensor), when its dtype and shape are the entry's:
+    the same memory as the file's bytes, so nothing needs comparing."""
+    entry, mapping = _MAPPED.get(raw.data_ptr(), (None, None))
+    if entry is None:
+        return None
+    try:
+        at = np.frombuffer(mapping, np.uint8).ctypes.data + entry.offset
+    except (ValueError, TypeError):  # the mapping was closed
+        return None
+    same = (at == raw.data_ptr() and raw.is_contiguous() and dtype == entry.dtype and tuple(raw.shape) == entry.shape
+            and raw.numel() * raw.element_size() == entry.length)
+    return entry if same else None
+
+
 def save(program, path: Path, model, files) -> None:
     """Save torch's ONNXProgram `program` (exported from `model`) to `path`, referencing checkpoint bytes."""
     import onnx_ir as ir
@@ -81,8 +119,8 @@ def save(program, path: Path, model, files) -> None:
         entry = None
         if isinstance(raw, torch.Tensor) and raw.is_contiguous() and raw.numel() > 0:
             names = [value.name.removeprefix("m.")] + by_storage.get((raw.data_ptr(), tuple(raw.shape)), [])
-            entry = next((entries[n] for n in names if n in entries and _same(raw, tensor.dtype.name, entries[n])),
-                         None)
+            entry = _mapped(raw, tensor.dtype.name) or next(
+                (entries[n] for n in names if n in entries and _same(raw, tensor.dtype.name, entries[n])), None)
         if entry is not None and entry.file not in links:
             links[entry.file] = _link(entry.file, base / f"checkpoint-{len(links)}.safetensors")
         if entry is None or links[entry.file] is None:

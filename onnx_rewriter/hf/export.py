@@ -39,6 +39,7 @@ from ..modelio.config_file import read_config
 from ..sidefiles.config_json import _get, _llm_part
 from ..sidefiles.tokenizer import load_tokenizer
 from ..sidefiles.writer import check_tokenizer_rows
+from .mapped_model import mapped_model
 from .trace import (
     _check_checkpoint,
     _checkpoint_folder,
@@ -54,12 +55,15 @@ log = logging.getLogger(__name__)
 
 
 def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False, attn_implementation: str = "sdpa",
-               torch_dtype: str = "float32"):
+               torch_dtype: str = "float32", mapped_files=()):
     """AutoModelForCausalLM from an HF id or a local folder, with errors a user can act on.
 
     `torch_dtype` "float32" (default: the baseline is exported in fp32 and narrowed tensor by tensor
     while writing), "auto" (the checkpoint's own dtype, e.g. to export a bf16 graph) or "export"
     (bf16 for bf16 checkpoints, fp32 otherwise).
+
+    `mapped_files`: the checkpoint's safetensors files, to build the model with its weights mapped from them
+    (mapped_model.py: to trace it, nothing is read) where they hold each weight; loaded otherwise.
     """
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/"))):
@@ -98,7 +102,13 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
-            if local and quantized_checkpoint.quantization(config) is not None:  # AWQ / GPTQ: dequantized weights
+            quantized = local and quantized_checkpoint.quantization(config) is not None
+            m = (mapped_model(model, config, dtype, mapped_files, device, trust, quantized, attn_implementation)
+                 if mapped_files else None)
+            if m is not None:
+                log.info("export: traced with the weights mapped from the checkpoint, not loaded")
+                return m, config
+            if quantized:  # AWQ / GPTQ: dequantized weights
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
@@ -109,7 +119,7 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             raise refusal from None
         msg = str(exc).splitlines()[0][:160]
         if attn_implementation == "sdpa" and ("sdpa" in msg.lower() or "scaled_dot_product_attention" in msg):
-            return load_model(model, device, trust_remote_code, "eager", torch_dtype)
+            return load_model(model, device, trust_remote_code, "eager", torch_dtype, mapped_files)
         raise RewriteError(f"unsupported architecture '{getattr(config, 'model_type', '?')}' ({msg}); onnx_rewriter "
                            f"handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)") from None
     except OSError as exc:
@@ -310,14 +320,17 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
         advance("load")
         # The checkpoint's own dtype when it is bf16: half the memory and bytes of an fp32 export, 4x faster
         # to load, and bf16 values are exact in fp16, the runtime's type (bench/run.py measures it).
-        m, config = load_model(model, device, opts.trust_remote_code, torch_dtype="export")
+        files = checkpoint_refs.checkpoint_files(model)
+        m, config = load_model(model, device, opts.trust_remote_code, torch_dtype="export", mapped_files=files)
         with safety.temp_folder("export") as work:
             advance("export")
             with safety.os_errors(f"cannot write the baseline export in '{work}'",
                                   "free some space there or point TMPDIR at a folder with room"):
-                base = export_baseline(m, work / "model.onnx", device,
-                                       checkpoint=checkpoint_refs.checkpoint_files(model))
-                del m
+                try:
+                    base = export_baseline(m, work / "model.onnx", device, checkpoint=files)
+                finally:
+                    del m
+                    checkpoint_refs.unmap()  # a mapped model's mappings close with it
                 (work / "config.json").write_text(json.dumps(config.to_dict(), default=str))
                 # Beside the baseline, where a later rewrite of a kept baseline finds it; a local checkpoint's
                 # own tokenizer is read where it is, by the same code as on the rewrite route.

@@ -1,0 +1,129 @@
+"""The export traced with the weights mapped from the checkpoint, not loaded (mapped_model.py), writes what
+the loaded route writes, byte for byte, from one file or several shards, and steps aside where it cannot."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+
+from onnx_rewriter import cli  # noqa: E402
+from onnx_rewriter.hf import checkpoint_refs, tiny  # noqa: E402
+from onnx_rewriter.hf import export as export_module  # noqa: E402
+
+from .test_errors import assert_no_output, assert_refused  # noqa: E402
+
+# Every tiny family; gemma2 (soft-capping) and gptj (interleaved RoPE) export but do not rewrite: their
+# baselines are compared.
+FAMILIES = ["llama", "llama_tied", "smollm", "llama3", "qwen2", "qwen3", "yarn", "mistral", "mistral_window",
+            "phi3", "gemma", "gemma2", "gemma3", "granite", "gptj"]
+BASELINE_ONLY = ("gemma2", "gptj")
+FAST = ("llama", "qwen2", "gemma")
+MAPPED, LOADED = "weights mapped from the checkpoint", "is loaded to trace it"
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _export(ckpt, out, monkeypatch, caplog, mapped: bool, baseline_only: bool = False) -> str:
+    """Export `ckpt` into `out` (and its baseline into `out`-base) by either route; the log."""
+    with monkeypatch.context() as m:
+        if not mapped:
+            m.setattr(export_module, "mapped_model", lambda *a, **k: None)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="onnx_rewriter"):
+            if baseline_only:
+                files = checkpoint_refs.checkpoint_files(str(ckpt))
+                model, _ = export_module.load_model(str(ckpt), torch_dtype="export", mapped_files=files)
+                export_module.export_baseline(model, out.with_name(out.name + "-base") / "model.onnx",
+                                              checkpoint=files)
+                checkpoint_refs.unmap()
+            else:
+                export_module.export(str(ckpt), out, keep_baseline=str(out) + "-base")
+        return caplog.text
+
+
+def _same_outputs(tmp_path, kinds=("", "-base")):
+    for kind in kinds:
+        mapped, loaded = _files(tmp_path / f"mapped{kind}"), _files(tmp_path / f"loaded{kind}")
+        assert sorted(mapped) == sorted(loaded)
+        assert [n for n in mapped if mapped[n] != loaded[n]] == []
+    return loaded
+
+
+# Every family in fp32 (the fast ones by default, the rest with --runslow), the fast ones in bf16 too.
+CASES = [(f, "float32") if f in FAST else pytest.param(f, "float32", marks=pytest.mark.slow) for f in FAMILIES] + [
+    (f, "bfloat16") for f in FAST]
+
+
+@pytest.mark.parametrize(("family", "dtype"), CASES)
+def test_mapped_trace_writes_the_loaded_routes_bytes(tmp_path, monkeypatch, caplog, family, dtype):
+    ckpt = tiny.build_checkpoint(family, tmp_path / "ckpt", dtype=dtype)
+    only = family in BASELINE_ONLY
+    said = _export(ckpt, tmp_path / "mapped", monkeypatch, caplog, mapped=True, baseline_only=only)
+    assert MAPPED in said and LOADED not in said
+    _export(ckpt, tmp_path / "loaded", monkeypatch, caplog, mapped=False, baseline_only=only)
+    _same_outputs(tmp_path, ("-base",) if only else ("", "-base"))
+
+
+def test_weights_the_checkpoint_lacks_are_loaded(tmp_path, monkeypatch, caplog):
+    """An fp16 checkpoint is exported in fp32: its weights are cast on load, so the model is loaded."""
+    ckpt = tiny.build_checkpoint("llama", tmp_path / "ckpt", dtype="float16")
+    said = _export(ckpt, tmp_path / "out", monkeypatch, caplog, mapped=True)
+    assert LOADED in said and "dtype float32" in said and MAPPED not in said
+
+
+def _sharded(tmp_path, family="llama"):
+    """A tiny checkpoint saved in several shards, with its model.safetensors.index.json."""
+    from transformers import AutoModelForCausalLM
+
+    one = tiny.build_checkpoint(family, tmp_path / "one")
+    out = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(one).save_pretrained(out, max_shard_size="100KB")
+    for f in one.iterdir():
+        if not f.name.startswith("model") and not (out / f.name).exists():
+            shutil.copy(f, out / f.name)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (out / "model.safetensors.index.json").is_file()
+    return out, shards
+
+
+def test_sharded_checkpoint_streams_from_each_shard(tmp_path, monkeypatch, caplog):
+    ckpt, shards = _sharded(tmp_path)
+    assert MAPPED in _export(ckpt, tmp_path / "mapped", monkeypatch, caplog, mapped=True)
+    _export(ckpt, tmp_path / "loaded", monkeypatch, caplog, mapped=False)
+    loaded = _same_outputs(tmp_path)
+    assert len([n for n in loaded if n.startswith("checkpoint-")]) == len(shards)  # linked, not concatenated
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "truncated mid-export"])
+def test_damaged_shard_is_one_line_and_no_output(tmp_path, capsys, monkeypatch, damage):
+    ckpt, shards = _sharded(tmp_path)
+    shard = shards[1]
+
+    def truncate():
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        truncate()
+    else:  # after the trace, before the rewrite streams the weights
+        real = export_module.export_baseline
+
+        def then_truncate(*a, **k):
+            path = real(*a, **k)
+            truncate()
+            return path
+
+        monkeypatch.setattr(export_module, "export_baseline", then_truncate)
+    out = tmp_path / "out"
+    code = cli.main(["export", "--model", str(ckpt), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    words = {"missing": (shard.name, "missing", "download"), "truncated": (shard.name, "truncated")}
+    assert_refused(code, err, *words.get(damage, ("truncated",)))
+    assert_no_output(out)
