@@ -228,7 +228,8 @@ def check_writes(out, force: bool, *, protected: dict | None = None, read: dict 
 _TEMP = re.compile(r"^onnx_rewriter_[a-z]+_pid(\d+)_")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a folder it left is still in use)."""
     if pid == os.getpid():
         return True
     try:
@@ -249,7 +250,7 @@ def clean_stale_temp() -> None:
         return
     for name in names:
         m = _TEMP.match(name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(root / name, ignore_errors=True)
 
 

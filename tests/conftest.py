@@ -11,6 +11,7 @@ import contextlib
 import getpass
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -187,3 +188,19 @@ class Models:
 def models(tmp_path_factory) -> Models:
     keep = os.environ.get("ONNX_REWRITER_TEST_MODELS")
     return Models(Path(keep) if keep else tmp_path_factory.mktemp("models"))
+
+
+# Private copies of the tiny llama's baseline folder and checkpoint, for tests that point outputs at them
+# or damage them (test_trust*.py); a test file may define its own.
+@pytest.fixture
+def base(models, tmp_path):
+    dst = tmp_path / "base"
+    shutil.copytree(models.baseline("llama").parent, dst)
+    return dst / "model.onnx"
+
+
+@pytest.fixture
+def ckpt(models, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(models.checkpoint("llama"), dst)
+    return dst

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from onnx_rewriter import cli, safety
-from onnx_rewriter.pipeline import steps as pipeline
+from tests.support.paths import no_work, ours
 
 from .test_errors import assert_no_output, assert_refused
 from .test_safety import leftovers, tree
@@ -44,35 +44,12 @@ def private_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def base(models, tmp_path):
-    dst = tmp_path / "base"
-    shutil.copytree(models.baseline("llama").parent, dst)
-    return dst / "model.onnx"
-
-
-@pytest.fixture
-def ckpt(models, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(models.checkpoint("llama"), dst)
-    return dst
-
-
-@pytest.fixture
 def vlm_ckpt(models, tmp_path):
     dst = tmp_path / "vlm"
     shutil.copytree(models.vlm_checkpoint("qwen2_5_vl"), dst)
     return dst
 
 
-def ours(tmp: Path) -> list[str]:
-    """This tool's temporary folders in $TMPDIR (other programs may keep files of their own there)."""
-    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("onnx_rewriter"))
-
-
-def no_work(monkeypatch):
-    monkeypatch.setattr(pipeline, "STEPS", [lambda run: pytest.fail("the rewrite ran")])
-    monkeypatch.setattr(export_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
-    monkeypatch.setattr(vlm_mod, "load_vlm", lambda *a, **k: pytest.fail("loaded the VLM"))
 
 
 # ------------------------------------------------------------------ 1: --report overwrites any file

@@ -24,20 +24,6 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture
-def base(models, tmp_path):
-    dst = tmp_path / "base"
-    shutil.copytree(models.baseline("llama").parent, dst)
-    return dst / "model.onnx"
-
-
-@pytest.fixture
-def ckpt(models, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(models.checkpoint("llama"), dst)
-    return dst
-
-
 def _big_tokenizer(src, dst):
     """The tiny tokenizer with ids up to 999: another model's tokenizer beside a 320-row embedding."""
     dst.mkdir()

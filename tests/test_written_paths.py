@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from onnx_rewriter import cli, safety
-from onnx_rewriter.pipeline import steps as pipeline
+from tests.support.paths import no_work, ours
 
 from .test_errors import assert_refused
 from .test_safety import tree
@@ -74,14 +74,6 @@ def private_tmp(tmp_path, monkeypatch):
     return tmp
 
 
-def ours(tmp: Path) -> list[str]:
-    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("onnx_rewriter"))
-
-
-def _no_work(monkeypatch):
-    monkeypatch.setattr(pipeline, "STEPS", [lambda run: pytest.fail("the rewrite ran")])
-    monkeypatch.setattr(export_mod, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
-    monkeypatch.setattr(vlm_mod, "load_vlm", lambda *a, **k: pytest.fail("loaded the VLM"))
 
 
 def _cases():
@@ -106,7 +98,7 @@ def test_written_path_pointed_at_what_is_read(sources, tmp_path, private_tmp, ca
     paths = {"input model": model, "input folder": src, "config": src / "config.json", "output folder": out,
              "file in output": out / "model.onnx"}
     before = {"in": tree(src), "out": tree(out)}
-    _no_work(monkeypatch)
+    no_work(monkeypatch)
 
     given = {"output": out, option: paths[target]}
     argv = [a.format(input=model if route == "rewrite" else src) for a in r.command]

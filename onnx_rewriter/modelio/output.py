@@ -23,18 +23,6 @@ from ..errors import RewriteError
 log = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 class OutputDir:
     def __init__(self, path: Path, force: bool = False):
         self.path = safety.resolved(path)  # a symlinked output: its target is replaced, the link stays
@@ -51,7 +39,7 @@ class OutputDir:
         pat = re.compile(rf"^\.{re.escape(self.path.name)}\.(tmp|old)-(\d+)(-.*)?$")
         for sib in sorted(parent.iterdir()):
             m = pat.match(sib.name)
-            if not m or _pid_alive(int(m.group(2))):
+            if not m or safety.pid_alive(int(m.group(2))):
                 continue
             if m.group(1) == "old" and not self.path.exists():
                 log.warning("restoring '%s' from an interrupted run's '%s'", self.path, sib.name)
