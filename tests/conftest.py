@@ -204,3 +204,13 @@ def ckpt(models, tmp_path):
     dst = tmp_path / "ckpt"
     shutil.copytree(models.checkpoint("llama"), dst)
     return dst
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """$TMPDIR of this test alone: whatever temporary folder a run made (or left) shows here."""
+    tmp = tmp_path / "TMPDIR"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp

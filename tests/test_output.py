@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio.output import OutputDir
 from onnx_rewriter.pipeline import steps as pipeline
 
-from .support.processes import signal_mid_write
+from .support.processes import signal_mid_write, start_mid_write
 
 
 @pytest.fixture(scope="module")
@@ -75,32 +74,12 @@ def test_refusal_mid_pipeline_keeps_previous(llama, previous, monkeypatch):
     assert snapshot(out) == before and siblings(out) == []
 
 
-CHILD = """
-import os, sys, time
-from onnx_rewriter import cli
-from onnx_rewriter.modelio import graph
-save = graph.save
-def slow_save(model, out_path, *a, **k):
-    files = save(model, out_path, *a, **k)
-    open(sys.argv[1], "w").write(str(out_path))  # tell the parent we are mid-write
-    time.sleep(600)
-    return files
-graph.save = slow_save
-sys.exit(cli.main(sys.argv[2:]))
-"""
-
-
 def _kill_mid_write(tmp_path, argv) -> None:
-    flag = tmp_path / "mid-write"
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, str(script), str(flag)] + [str(a) for a in argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, flag = start_mid_write(tmp_path, argv)
     try:
         deadline = time.monotonic() + 120
         while not flag.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the child never reached the write step"
             time.sleep(0.05)
     finally:
@@ -151,15 +130,10 @@ def test_live_writers_temp_folder_is_left_alone(tmp_path):
 
 def test_sigterm_unwinds_and_removes_temp(llama, previous, tmp_path):
     out, before = previous
-    flag = tmp_path / "mid-write"
-    script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, str(script), str(flag), str(llama), str(out), "--force"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, flag = start_mid_write(tmp_path, [llama, out, "--force"])
     _, err = signal_mid_write(proc, flag, signal.SIGTERM)
-    assert proc.returncode == 130, err.decode()[-2000:]
-    assert err.decode().strip().splitlines()[-1].startswith("error: interrupted")
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: interrupted")
     assert snapshot(out) == before and siblings(out) == []
 
 

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from onnx_rewriter import cli, safety
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.pipeline import steps as pipeline
 
-from .support.processes import default_sigint, signal_mid_write
+from .support.processes import default_sigint, signal_mid_write, start_mid_write
 from .test_errors import assert_no_output, assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,26 +58,6 @@ def tree(folder: Path) -> dict:
 
 def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
-
-
-@pytest.fixture(scope="module")
-def llama(models):
-    return models.baseline("llama")
-
-
-@pytest.fixture
-def base(llama, tmp_path):
-    """A private copy of the baseline folder (model, data, config, tokenizer) the test may point outputs at."""
-    dst = tmp_path / "base"
-    shutil.copytree(llama.parent, dst)
-    return dst / "model.onnx"
-
-
-@pytest.fixture
-def ckpt(models, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(models.checkpoint("llama"), dst)
-    return dst
 
 
 # ------------------------------------------------------------------ data loss
@@ -524,19 +503,6 @@ def test_verify_quiet_and_rows_labelled(base, tmp_path, capsys):
                                               "decode2/row0", "decode2/row1"]
 
 
-CHILD = """
-import sys, time
-from onnx_rewriter import cli
-from onnx_rewriter.modelio import graph
-save = graph.save
-def slow_save(model, out_path, *a, **k):
-    files = save(model, out_path, *a, **k)
-    open(sys.argv[1], "w").write("mid-write")
-    time.sleep(600)
-    return files
-graph.save = slow_save
-sys.exit(cli.main(sys.argv[2:]))
-"""
 
 
 def _child_env():
@@ -545,10 +511,7 @@ def _child_env():
 
 def test_ctrl_c_mid_write(base, tmp_path):
     out = tmp_path / "out"
-    flag, script = tmp_path / "flag", tmp_path / "child.py"
-    script.write_text(textwrap.dedent(CHILD))
-    proc = subprocess.Popen([sys.executable, str(script), str(flag), str(base), str(out)], env=_child_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    proc, flag = start_mid_write(tmp_path, [base, out], preexec_fn=default_sigint)
     _, err = signal_mid_write(proc, flag, signal.SIGINT)
     record("Ctrl-C mid-write", proc.returncode, err)
     assert proc.returncode == 130, err[-2000:]

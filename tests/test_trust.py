@@ -11,8 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -32,15 +30,6 @@ def run_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    tmp = tmp_path / "TMPDIR"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
 
 
 @pytest.fixture
@@ -237,30 +226,13 @@ def test_stale_temp_folders_of_dead_runs_are_removed(private_tmp):
     assert ours(private_tmp) == ["onnx_rewriter_tokenizer_abc"]
 
 
-SIGTERM_CHILD = """
-import sys, time
-from onnx_rewriter import cli
-from onnx_rewriter.modelio import graph
-save = graph.save
-def slow_save(model, out_path, *a, **k):
-    files = save(model, out_path, *a, **k)
-    open(sys.argv[1], "w").write("mid-write")
-    time.sleep(600)
-    return files
-graph.save = slow_save
-sys.exit(cli.main(sys.argv[2:]))
-"""
 
 
 def test_sigterm_leaves_no_temp_folder(base, tmp_path, private_tmp):
-    from .support.processes import signal_mid_write
+    from .support.processes import signal_mid_write, start_mid_write
 
-    flag, script = tmp_path / "flag", tmp_path / "child.py"
-    script.write_text(textwrap.dedent(SIGTERM_CHILD))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(script), str(flag), str(base), str(out)],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc, flag = start_mid_write(tmp_path, [base, out])
     code, err = signal_mid_write(proc, flag, signal.SIGTERM)
     assert code == 130 and err.strip().splitlines()[-1].startswith("error: interrupted"), err[-2000:]
     assert ours(private_tmp) == []

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,18 +61,6 @@ def _earlier_output(out: Path) -> None:
     out.mkdir()
     (out / "model.onnx").write_bytes(b"earlier output")
     safety.write_manifest(out)
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """$TMPDIR of this test alone: whatever temporary folder a refused run made would show here."""
-    tmp = tmp_path / "TMPDIR"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
-
-
 
 
 def _cases():

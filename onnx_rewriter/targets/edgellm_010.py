@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import flat_input
-from .edgellm_011 import PAGE_SIZE, PAGES, moved_norms, norm_warnings
+from .edgellm_011 import PAGE_SIZE, PAGES, flat_qkv, moved_norms, norm_warnings
 from .edgellm_09 import DenseTarget
 
 MAX_QK_NORM_HEAD = 256  # enable_qk_norm needs D <= 256 (contract 3 §17.2); beyond it the norms stay in the graph
@@ -57,15 +56,9 @@ class Edgellm010(DenseTarget):
         return attrs
 
     def layer_inputs(self, em, layer, past, named: dict, rope, np_float):
-        d, hkv = layer.head_size, layer.num_kv_heads
+        d = layer.head_size
         norms = moved_norms(layer) if d <= MAX_QK_NORM_HEAD else None
-        if norms:  # the norms' inputs: the plugin normalizes
-            q = flat_input(em, layer, norms[0].x, layer.num_q_heads, d, norms[0].layout)
-            k = flat_input(em, layer, norms[1].x, hkv, d, norms[1].layout)
-        else:
-            q = flat_input(em, layer, layer.q, layer.num_q_heads, d)
-            k = flat_input(em, layer, layer.k, hkv, d)
-        v = flat_input(em, layer, layer.v, hkv, d)
+        q, k, v = flat_qkv(em, layer, norms)  # q and k before their norms where the plugin normalizes
         gammas = [gs.Constant(f"layers.{layer.index}/attn/{w}_norm_gamma",
                               np.asarray(n.weight, dtype=np_float).reshape(-1)) for w, n in zip("qk", norms or ())]
         inputs = [self.attention_inputs(em, q, k, v)[0], past, named["context_lengths"], rope,

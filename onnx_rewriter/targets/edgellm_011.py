@@ -64,6 +64,18 @@ def moved_norms(layer: AttentionLayer):
     return qn, kn
 
 
+def flat_qkv(em: Emitter, layer: AttentionLayer, norms) -> tuple:
+    """q, k, v as [B, S, H·D]; q and k taken before their norms where the plugin normalizes (`norms`)."""
+    d, hkv = layer.head_size, layer.num_kv_heads
+    if norms:
+        q = flat_input(em, layer, norms[0].x, layer.num_q_heads, d, norms[0].layout)
+        k = flat_input(em, layer, norms[1].x, hkv, d, norms[1].layout)
+    else:
+        q = flat_input(em, layer, layer.q, layer.num_q_heads, d)
+        k = flat_input(em, layer, layer.k, hkv, d)
+    return q, k, flat_input(em, layer, layer.v, hkv, d)
+
+
 def norm_warnings(layers, warn) -> None:
     """Where a per-head q/k norm cannot move into the plugin (moved_norms), and stays in the graph."""
     for l in layers:
@@ -129,13 +141,7 @@ class Edgellm011(Target):
                             [picked, em.const("axes", np.array([0], dtype=np.int64))])
                 layer_rope = rows_of[layer_rope.name]
             norms = moved_norms(layer)
-            if norms:  # the norms' inputs: the plugin normalizes
-                q = flat_input(lem, layer, norms[0].x, layer.num_q_heads, d, norms[0].layout)
-                k = flat_input(lem, layer, norms[1].x, hkv, d, norms[1].layout)
-            else:
-                q = flat_input(lem, layer, layer.q, layer.num_q_heads, d)
-                k = flat_input(lem, layer, layer.k, hkv, d)
-            v = flat_input(lem, layer, layer.v, hkv, d)
+            q, k, v = flat_qkv(lem, layer, norms)
             packed = pack_qkv(lem, q, k, v)
             qkv = lem.node("Squeeze", [packed, lem.const("axes", np.array([0], dtype=np.int64))])
             gammas = []
