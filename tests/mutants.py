@@ -117,6 +117,18 @@ MUTANTS = [
         ("                    found[(int(m.group(1)), m.group(2)[0])] =",
          "                    found[(int(m.group(1)), \"kv\"[m.group(2)[0] == \"k\"])] =")],
         ["tests/test_fp8_kv.py::test_modelopt_scales_taken_as_stored"]),
+    # ---------------------------------------------------------------- W+A quantization codecs (reference/wa_codecs)
+    Mutant("FP4 nibble order swapped (even k in the high nibble)", "onnx_rewriter/reference/wa_codecs.py", [
+        ("    return (c[..., 0::2] & 0xF) | ((c[..., 1::2] & 0xF) << 4)",
+         "    return (c[..., 1::2] & 0xF) | ((c[..., 0::2] & 0xF) << 4)")],
+        ["tests/reference/test_wa_codecs.py::test_seeded_nvfp4_matrix_sha256"]),
+    Mutant("NVFP4 block scale applied to the wrong block of 16", "onnx_rewriter/reference/wa_codecs.py", [
+        ("    return e2m1_decode(codes) * np.repeat(step, FP4_BLOCK, axis=-1)",
+         "    return e2m1_decode(codes) * np.tile(step, FP4_BLOCK)")],
+        ["tests/reference/test_wa_codecs.py::test_nvfp4_dequantize_uses_each_blocks_own_scale"]),
+    Mutant("E4M3 rounds ties away from zero", "onnx_rewriter/reference/wa_codecs.py", [
+        ("        m = np.rint(a / quantum) * quantum", "        m = np.floor(a / quantum + 0.5) * quantum")],
+        ["tests/reference/test_wa_codecs.py::test_e4m3_encode_matches_torch_round_to_nearest_even"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],
