@@ -129,6 +129,15 @@ MUTANTS = [
     Mutant("E4M3 rounds ties away from zero", "onnx_rewriter/reference/wa_codecs.py", [
         ("        m = np.rint(a / quantum) * quantum", "        m = np.floor(a / quantum + 0.5) * quantum")],
         ["tests/reference/test_wa_codecs.py::test_e4m3_encode_matches_torch_round_to_nearest_even"]),
+    Mutant("block-FP8 scale_inv read for the mirrored 128-block", "onnx_rewriter/features/wa_checkpoint.py", [
+        ('            inv = t["weight_scale_inv"].astype(f64)\n', '            inv = t["weight_scale_inv"].astype(f64)[::-1, ::-1]\n')],  # noqa: E501
+        ["tests/test_wa_checkpoint.py::test_block_fp8_reads_the_scale_of_each_128_block"]),
+    Mutant("export reads any W+A checkpoint (refusal bypassed)", "onnx_rewriter/hf/trace.py", [
+        ("    fmt.refuse_unless(EXPORTED_QUANT, ", "    fmt.refuse_unless(tuple(wa_checkpoint.SCHEME_NAMES), ")],
+        ["tests/test_wa_checkpoint.py::test_export_route_refuses_by_name"]),
+    Mutant("NVFP4 checkpoint weight read as [N/2, K] like ModelOpt INT4", "onnx_rewriter/hf/checkpoint_check.py", [
+        ('        if dtypes[f"{name}_scale"] == "F8_E4M3":', '        if False:')],
+        ["tests/test_wa_checkpoint.py::test_checkpoint_check_reads_nvfp4_shapes"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from onnx_rewriter import safety
+from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
 from onnx_rewriter.hf import checkpoint_refs
 from onnx_rewriter.pipeline import steps as pipeline
@@ -48,6 +49,7 @@ from .trace import (
     _no_stack_traces,
     _optimize,
     check_device,
+    check_quantization,
 )
 from .vlm import export_vlm, vlm_type
 
@@ -102,13 +104,16 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
-            quantized = local and quantized_checkpoint.quantization(config) is not None
+            fmt = check_quantization(Path(model)) if local else None
+            quantized = local and fmt is not None
             m = (mapped_model(model, config, dtype, mapped_files, device, trust, quantized, attn_implementation)
                  if mapped_files else None)
             if m is not None:
                 log.info("export: traced with the weights mapped from the checkpoint, not loaded")
                 return m, config
-            if quantized:  # AWQ / GPTQ: dequantized weights
+            if quantized and fmt.scheme == "block_fp8":  # fp16 weights, an fp16 graph (contract part 3 16.7)
+                m, config = _load_block_fp8(model, config, fmt, attn_implementation)
+            elif quantized:  # AWQ / GPTQ / ModelOpt W4A16_AWQ: dequantized weights
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
@@ -377,3 +382,25 @@ def _load_quantized(folder, config, dtype, attn_implementation: str):
                            f"{missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     return model.to(dtype).eval()
+
+
+def _load_block_fp8(folder, config, fmt, attn_implementation: str):
+    """(model, config) of a block-FP8 checkpoint: each weight fp8 * weight_scale_inv of its 128 x 128 block,
+    rounded once to fp16, in an fp32 model (bf16 would round those fp16 values again); the config loses its
+    quantization_config, so the baseline and the rewrite see a plain fp16 model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ck = wa_checkpoint.Checkpoint(folder, fmt)
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in ck.plain().items()}
+    for p in ck.linears:
+        state[f"{p}.weight"] = torch.from_numpy(ck.linear(p).dequantized(np.float16).astype(np.float32))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RewriteError(f"{fmt.name} '{folder}' does not fit its config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval(), config

@@ -17,12 +17,11 @@ import onnx
 from onnx_rewriter import progress
 from onnx_rewriter.analysis.rope import model_rope_table
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.fp8_kv import graph_scales
 from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
-from onnx_rewriter.features.int4.checkpoint import quantization
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
-from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification.checks import check_baseline, check_steps
@@ -236,10 +235,8 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
     A LoRA adapter is merged after the dequantized weights are in: the graph adds x·A·B to the INT4 GEMM."""
     if not model:
         return None
-    cfg = Path(model) / "config.json"
-
-    if cfg.is_file() and quantization(read_config(cfg)) is not None:
-        return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
+    if Path(model).is_dir() and wa_checkpoint.detect(model) is not None:
+        return None  # an AWQ/GPTQ (or block-FP8) checkpoint: the oracle already holds its dequantized weights
 
     if not any(n.op_type in OPS.values() for n in graph.graph.node):
         return None
