@@ -138,6 +138,13 @@ MUTANTS = [
     Mutant("NVFP4 checkpoint weight read as [N/2, K] like ModelOpt INT4", "onnx_rewriter/hf/checkpoint_check.py", [
         ('        if dtypes[f"{name}_scale"] == "F8_E4M3":', '        if False:')],
         ["tests/test_wa_checkpoint.py::test_checkpoint_check_reads_nvfp4_shapes"]),
+    Mutant("DequantizeLinear block scale tiled over the wrong blocks", "onnx_rewriter/reference/qdq.py", [
+        ("        return np.repeat(s, block_size, axis=axis)[tuple(slice(0, n) for n in shape)]",
+         "        return np.tile(s, [block_size if d == axis else 1 for d in range(rank)])[tuple(slice(0, n) for n in shape)]")],  # noqa: E501
+        ["tests/reference/test_qdq.py::test_nvfp4_weight_bytes_verbatim_dequantize_per_block"]),
+    Mutant("QuantizeLinear divides in fp16 (rounds twice)", "onnx_rewriter/reference/qdq.py", [
+        ("    y = x.astype(np.float32) / s  # fp32 division", "    y = (x / s.astype(x.dtype)).astype(np.float32)  #")],
+        ["tests/reference/test_qdq.py::test_fp8_quantize_rounds_once_from_the_fp32_quotient"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],
