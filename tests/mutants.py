@@ -145,6 +145,19 @@ MUTANTS = [
     Mutant("QuantizeLinear divides in fp16 (rounds twice)", "onnx_rewriter/reference/qdq.py", [
         ("    y = x.astype(np.float32) / s  # fp32 division", "    y = (x / s.astype(x.dtype)).astype(np.float32)  #")],
         ["tests/reference/test_qdq.py::test_fp8_quantize_rounds_once_from_the_fp32_quotient"]),
+    # ---------------------------------------------------------------- FP8 W8A8 (wa_quant, verification/wa_check)
+    Mutant("FP8 weight scale taken from input_scale", "onnx_rewriter/features/wa_quant.py", [
+        ('            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))',
+         '            s_w = np.float16(lin.tensors["input_scale"].reshape(()))')],
+        ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
+    Mutant("FP8 input scale taken from weight_scale", "onnx_rewriter/features/wa_quant.py", [
+        ('            s_in = np.float16(lin.tensors["input_scale"].reshape(()))',
+         '            s_in = np.float16(lin.tensors["weight_scale"].reshape(()))')],
+        ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
+    Mutant("FP8 twin's activation quantizer does not saturate", "onnx_rewriter/verification/wa_check.py", [
+        ("    q = (x.to(torch.float16).float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)",
+         "    q = (x.to(torch.float16).float() / scale).to(torch.float8_e4m3fn)")],
+        ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],

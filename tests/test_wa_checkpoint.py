@@ -121,7 +121,7 @@ def test_wrong_tensor_dtype_or_shape_is_named(written, tmp_path):
         ck.linear("model.layers.0.self_attn.q_proj")
 
 
-REFUSED = [f for f in tiny_quant.FORMS if f != "block_fp8"]
+REFUSED = [f for f in tiny_quant.FORMS if f not in ("block_fp8", "fp8")]  # fp8: tests/test_wa_quant.py
 
 
 @pytest.mark.parametrize("form", REFUSED)
@@ -131,6 +131,7 @@ def test_export_route_refuses_by_name(written, form):
     msg = str(exc.value)
     assert "\n" not in msg and EXPECT[form][1] in msg and "not supported" in msg
     assert check_quantization(written["block_fp8"]).scheme == "block_fp8"
+    assert check_quantization(written["fp8"]).scheme == "fp8"
 
 
 def test_modelopt_int4_declared_only_in_hf_quant_config_is_refused(plain, tmp_path):
@@ -140,13 +141,13 @@ def test_modelopt_int4_declared_only_in_hf_quant_config_is_refused(plain, tmp_pa
         check_quantization(ck)
 
 
-def test_cli_export_refuses_an_fp8_checkpoint_before_loading(written, tmp_path, capsys):
+def test_cli_export_refuses_an_nvfp4_checkpoint_before_loading(written, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli.main(["export", "--model", str(written["fp8"]), "--output-dir", str(out)])
+    code = cli.main(["export", "--model", str(written["nvfp4"]), "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "ModelOpt FP8 checkpoint" in last
+    assert last.startswith("error: ") and "ModelOpt NVFP4 checkpoint" in last and "not supported" in last
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 

@@ -23,7 +23,7 @@ target's code. `selected(options)` turns the options into the feature list (docs
 
 from __future__ import annotations
 
-from onnx_rewriter.features import fp8_kv, int4, lora, reduced_vocab
+from onnx_rewriter.features import fp8_kv, int4, lora, reduced_vocab, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
 
@@ -50,9 +50,11 @@ def implied(run) -> list[Feature]:
 
 
 # The registry: every user-selected feature's options, in the order its hooks run. LoRA comes after INT4:
-# it attaches to the INT4 plugins too.
+# it attaches to the INT4 plugins too. W+A quantization (wa_quant) is selected by `export` for a ModelOpt FP8
+# checkpoint (no flag yet).
 OPTIONS: list[type[FeatureOptions]] = [
     int4.Int4Options,
+    wa_quant.WaQuantOptions,
     reduced_vocab.ReducedVocabOptions,
     lora.LoraOptions,
     fp8_kv.Fp8KvOptions,

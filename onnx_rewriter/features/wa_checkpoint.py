@@ -230,6 +230,17 @@ class QuantLinear:
             raise RewriteError(f"{self.module}: no decoder for {SCHEME_NAMES.get(s, s)}")
         return w.astype(dtype)
 
+    def fp16_weight(self) -> np.ndarray:
+        """The fp16 weight [N, K] an fp16 graph computes from this linear: FP8 DequantizeLinear(W, fp16(weight_scale))
+        (the scale cast to fp16 first, contract part 3 16.3, one rounding of the product); block-FP8
+        fp16(fp8 * weight_scale_inv)."""
+        if self.scheme == "fp8":
+            s = np.float16(self.tensors["weight_scale"].reshape(()))
+            return (wa_codecs.e4m3_decode(self.tensors["weight"]).astype(np.float64) * np.float64(s)).astype(np.float16)
+        if self.scheme == "block_fp8":
+            return self.dequantized(np.float16)
+        raise RewriteError(f"{self.module}: {SCHEME_NAMES.get(self.scheme, self.scheme)} has no fp16 weight here")
+
     def effective(self, dtype=np.float32) -> np.ndarray:
         """The weight on the linear's own input: dequantized, times pre_quant_scale per input channel (INT8-SQ)."""
         w = self.dequantized(np.float64)

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from onnx_rewriter import safety
-from onnx_rewriter.features import wa_checkpoint
+from onnx_rewriter.features import wa_checkpoint, wa_quant
 from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
 from onnx_rewriter.hf import checkpoint_refs
 from onnx_rewriter.pipeline import steps as pipeline
@@ -111,8 +111,8 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             if m is not None:
                 log.info("export: traced with the weights mapped from the checkpoint, not loaded")
                 return m, config
-            if quantized and fmt.scheme == "block_fp8":  # fp16 weights, an fp16 graph (contract part 3 16.7)
-                m, config = _load_block_fp8(model, config, fmt, attn_implementation)
+            if quantized and fmt.scheme in ("block_fp8", "fp8"):  # their fp16 weights (contract part 3 16.7)
+                m, config = _load_fp16_weights(model, config, fmt, attn_implementation)
             elif quantized:  # AWQ / GPTQ / ModelOpt W4A16_AWQ: dequantized weights
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
@@ -313,6 +313,12 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
     folder = precheck(model, output_dir, opts, device, keep_baseline)
+    fmt = check_quantization(Path(model)) if Path(model).is_dir() else None
+    if fmt is not None and fmt.scheme == "fp8":  # the target's refusal (edgellm-0.5, not fp16), before the load
+        wa_quant.plan_for(opts.target, opts.dtype)
+        if opts.kv_cache != "fp8" and has_checkpoint_scales(model):
+            log.warning("the FP8 checkpoint holds k/v scales: add --kv-cache fp8 to store the KV cache in FP8 with "
+                        "them (NVIDIA's exporter does so whenever they exist); the KV cache stays fp16")
     out = Path(output_dir)
     if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
         return export_vlm(model, out, opts, device=device, keep_baseline=keep_baseline)
@@ -349,6 +355,8 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
                                 shutil.copyfile(Path(model) / f, work / f)
             if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
                 opts.quantize, opts.int4_checkpoint = "int4", str(model)
+            if fmt is not None and fmt.scheme == "fp8":  # its own codes and scales go into Q/DQ pairs
+                opts.wa_checkpoint, opts.fuse_qkv = str(model), False
             if opts.kv_cache == "fp8" and opts.kv_scales is None and Path(model).is_dir():
                 if has_checkpoint_scales(model):  # a ModelOpt FP8-KV checkpoint: its own scales, no calibration
                     opts.kv_scales = str(model)
@@ -384,10 +392,12 @@ def _load_quantized(folder, config, dtype, attn_implementation: str):
     return model.to(dtype).eval()
 
 
-def _load_block_fp8(folder, config, fmt, attn_implementation: str):
-    """(model, config) of a block-FP8 checkpoint: each weight fp8 * weight_scale_inv of its 128 x 128 block,
-    rounded once to fp16, in an fp32 model (bf16 would round those fp16 values again); the config loses its
-    quantization_config, so the baseline and the rewrite see a plain fp16 model."""
+def _load_fp16_weights(folder, config, fmt, attn_implementation: str):
+    """(model, config) of a block-FP8 or FP8 checkpoint: each quantized weight as the fp16 graph computes it
+    (wa_checkpoint.QuantLinear.fp16_weight: block-FP8 fp8 * weight_scale_inv of its 128 x 128 block, FP8
+    fp8 * fp16(weight_scale), rounded once), in an fp32 model (bf16 would round those fp16 values again); the
+    config loses its quantization_config, so the baseline is a plain model. An FP8 checkpoint's scales and
+    codes then go into the graph (features/wa_quant.py), found by these weights' fp16 bytes."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -396,7 +406,7 @@ def _load_block_fp8(folder, config, fmt, attn_implementation: str):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in ck.plain().items()}
     for p in ck.linears:
-        state[f"{p}.weight"] = torch.from_numpy(ck.linear(p).dequantized(np.float16).astype(np.float32))
+        state[f"{p}.weight"] = torch.from_numpy(ck.linear(p).fp16_weight().astype(np.float32))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

@@ -157,13 +157,13 @@ def _checkpoint_folder(model: str) -> Path | None:
 
 
 # Quantized checkpoints the export routes read (features/wa_checkpoint.py names the others; they are refused).
-EXPORTED_QUANT = ("int4", "block_fp8")
+EXPORTED_QUANT = ("int4", "block_fp8", "fp8")
 _QUANT_FIX = {
     "compressed_tensors": "dequantize it to fp16/bf16 first (NVIDIA's exporter would read it as fp16, wrongly)",
     "unknown": "export the fp16/bf16 model it was made from",
 }
-_WA_FIX = ("weight+activation quantized checkpoints (FP8, NVFP4, INT8-SQ, MXFP8, MIXED_PRECISION) are not exported "
-           "yet: export the fp16/bf16 model it was made from")
+_WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8 is exported yet (not NVFP4, INT8-SQ, "
+           "MXFP8, MIXED_PRECISION): export the fp16/bf16 model it was made from")
 
 
 def check_quantization(folder: Path | None) -> wa_checkpoint.Format | None:

@@ -20,10 +20,12 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.fp8_kv import graph_scales
 from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
+from onnx_rewriter.features.wa_quant import fp8_linears
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
+from onnx_rewriter.verification import wa_check
 from onnx_rewriter.verification.checks import check_baseline, check_steps
 from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare, judge
 from onnx_rewriter.verification.consistency import check_consistency
@@ -110,16 +112,28 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
-    int4 = original is not None
+    fp8_wa = fp8_linears(graph)
+    int4 = original is not None and not fp8_wa
     result = VerifyResult()
+    if fp8_wa:
+        result.quantized = "FP8 activation"
     session = _session(result, out_dir, oracle, rope, lora)
     rows = rows or prompts(session.config["vocab_size"])
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
-        result.quantized = "INT4 + FP8 KV cache" if int4 else "FP8 KV cache"
+        result.quantized = ("INT4 + FP8 KV cache" if int4 else "FP8 activation + FP8 KV cache" if fp8_wa
+                            else "FP8 KV cache")
     _run_steps(result, session, oracle, original, rows, steps)
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
+    if fp8_wa:  # the W+A rule (verification/wa_check.py)
+        result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
+                                                  fp8_wa, checkpoint=model)
+        result.criterion = (f"FP8 W8A8: every FP8 linear's weight equals the model's bit for bit and its activation "
+                            f"quantizer the twin's on {wa_check.PROBES} values; cosine >= {wa_check.WA_COSINE} vs "
+                            f"the fake-quantized twin at every step")
+        result.passed = not result.problems and all(s.cosine >= wa_check.WA_COSINE for s in result.steps) and \
+            all(c.ok for c in result.rope_checks)
     if not quiet:
         print_result(result)
     return result
@@ -130,6 +144,12 @@ def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_re
     GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
     the original of an AWQ/GPTQ checkpoint."""
     oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
+    fp8 = fp8_linears(graph)
+    if fp8:  # FP8 W8A8: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
+        if not model:
+            raise RewriteError("verify --baseline cannot simulate the folder's FP8 activation quantization; "
+                               "verify with --model (the FP8 checkpoint)")
+        return wa_check.twin(HFOracle(model, lora_adapter, trust_remote_code), fp8), oracle
     dequantized = _int4_oracle(graph, out_dir, model, lora_adapter)
     if dequantized is not None:  # compare with the dequantized model; report the INT4 cost separately
         return dequantized, oracle
@@ -209,6 +229,8 @@ def print_result(result: VerifyResult, out=None) -> None:
         print(check.line(), file=out)
     if result.quantization:
         print(result.quantization_line(), file=out)
+    for problem in result.problems:  # the W+A per-linear checks (wa_check.py)
+        print(f"FAIL: {problem}", file=out)
     if result.reduced_vocab:
         print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
               f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)

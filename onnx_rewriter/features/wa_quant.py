@@ -1,0 +1,183 @@
+"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor from a ModelOpt FP8
+checkpoint (`export --model FOLDER`, the format features/wa_checkpoint.py reads); NVFP4, INT8-SQ and the
+calibrated routes from an fp16 model are later pieces (docs/support.md).
+
+Every decoder linear the checkpoint quantized, `MatMul(x, W[K, N])` in the traced graph (its weight is the
+checkpoint's dequantized value, so its fp16 bytes identify the linear, like INT4 checkpoints), becomes
+(section 16.2 / 16.3)
+
+    xq = QuantizeLinear(x, s_in)          FLOAT8E4M3FN, s_in fp16 [] = fp16(input_scale)
+    xd = DequantizeLinear(xq, s_in)       fp16
+    wd = DequantizeLinear(W, s_w)         W FLOAT8E4M3FN [N, K] (checkpoint bytes), s_w fp16 [] = fp16(weight_scale)
+    y  = MatMul(xd, Transpose(wd, perm=[1, 0]))
+
+The QuantizeLinear says FLOAT8E4M3FN with `output_dtype=17` where the graph's opset is >= 21 (0.10, 0.11),
+with an FLOAT8E4M3FN zero-point 0 below (0.9 keeps its input's opset, 20 for dynamo exports): the same op.
+Linears reading one input with one scale share one act() chain (q/k/v, gate/up). q/k/v stay three MatMuls.
+lm_head stays fp16 unless the checkpoint quantized it (ModelOpt excludes it by default).
+
+Per target (`PLANS`): edgellm-0.5 has none of it (refused by name); 0.9, 0.10 and 0.11 take it. FP8 GEMMs need
+SM 89+ (Ada, Hopper, Blackwell): a warning says Jetson Orin (SM 87) cannot build the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_rewriter.errors import UnsupportedModel
+from onnx_rewriter.features import wa_checkpoint
+from onnx_rewriter.features.base import Feature, FeatureOptions, fp16_plan, option
+from onnx_rewriter.modelio.graph import computed_constant, constant_array
+from onnx_rewriter.targets.base import lm_head_input
+
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+SCHEMES = ("fp8",)  # what this module emits today
+
+
+@dataclass(frozen=True)
+class Plan:
+    note: str  # the warning every export to this target gets
+
+
+_SM = ("FP8 W8A8 GEMMs need SM 89 or newer (Ada, Hopper, Blackwell); Jetson Orin (SM 87) cannot build this "
+       "engine: use INT4 or INT8-SQ there")
+PLANS = {
+    "edgellm-0.9": Plan(_SM + "; FP8 Q/DQ patterns are those of NVIDIA's 0.8+ exporter (0.6/0.7 inferred)"),
+    "edgellm-0.10": Plan(_SM),
+    "edgellm-0.11": Plan(_SM),
+}
+REFUSAL = ("FP8 W8A8 checkpoint", "has no weight+activation quantization (contract part 3, 16.1)",
+           "its Q/DQ scales are fp16")
+
+
+def plan_for(target, dtype: str) -> Plan:
+    return fp16_plan(PLANS, target, dtype, *REFUSAL)
+
+
+def weight_key(w) -> str:
+    return hashlib.sha1(np.ascontiguousarray(w, dtype=np.float16).tobytes()).hexdigest()
+
+
+class WaQuant(Feature):
+    name = "wa_quant"
+
+    def __init__(self, checkpoint: str):
+        self.checkpoint = checkpoint
+
+    def check(self, run, target) -> None:
+        self.plan = plan_for(target, run.options.dtype)
+        run.warn(f"FP8 W8A8: {self.plan.note}")
+        fmt = wa_checkpoint.detect(self.checkpoint)
+        if fmt is None or fmt.scheme not in SCHEMES:
+            raise UnsupportedModel(f"'{self.checkpoint}': {fmt.name if fmt else 'not a quantized checkpoint'}; "
+                                   f"the W+A route reads ModelOpt FP8 checkpoints only")
+        self.ck = wa_checkpoint.Checkpoint(self.checkpoint, fmt)
+        self.opset = target.opset or run.source.opset
+
+    def apply(self, run, build) -> None:
+        g = build.graph
+        lm_head, _ = lm_head_input(build.logits)
+        by_value = {weight_key(self.ck.linear(m).fp16_weight().T): m for m in self.ck.linears}
+        chains: dict = {}
+        entries = []
+        for node in [n for n in g.nodes if n.op == "MatMul"]:
+            w = node.inputs[1]
+            if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
+                continue
+            k, n = (int(d) for d in w.shape)
+            entry = {"node": node.name, "weight": w.name, "K": k, "N": n}
+            module = by_value.get(weight_key(np.asarray(constant_array(w, run.source.base_dir))))
+            if module is None:
+                why = "lm_head stays fp16" if node is lm_head else "not quantized in the checkpoint"
+                entries.append({**entry, "fp8": False, "reason": why})
+                continue
+            lin = self.ck.linear(module)
+            s_in = np.float16(lin.tensors["input_scale"].reshape(()))
+            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
+            self._emit(g, node, module, lin, s_in, s_w, chains)
+            entries.append({**entry, "fp8": True, "linear": module, "input_scale": float(s_in),
+                            "weight_scale": float(s_w)})
+        done = [e for e in entries if e["fp8"]]
+        missing = sorted(set(self.ck.linears) - {e["linear"] for e in done})
+        if missing:
+            raise UnsupportedModel(f"FP8 W8A8: {len(missing)} quantized linear(s) of the checkpoint are not in the "
+                                   f"graph as a MatMul with their weight (first: {missing[0]})")
+        run.report.features[self.name] = {"scheme": "fp8", "linears": entries, "act_chains": len(chains)}
+
+    def _emit(self, g, node, module, lin, s_in, s_w, chains) -> None:
+        base = node.name.removesuffix("/MatMul")
+        x = node.inputs[0]
+        key = (x.name, float(s_in))
+        if key not in chains:
+            scale = gs.Constant(f"{base}/input_scale", np.array(s_in, np.float16))
+            q_in, attrs = [x, scale], {"output_dtype": 17}
+            if self.opset < 21:  # QuantizeLinear-19/20: the zero point's type is the output's
+                q_in, attrs = [x, scale, gs.Constant(f"{base}/input_zero_point", np.zeros((), E4M3))], {}
+            xq = gs.Variable(f"{base}/input_quantized", E4M3)
+            xd = gs.Variable(f"{base}/input_dequantized", np.float16)
+            g.nodes.append(gs.Node("QuantizeLinear", name=f"{base}/input_quantizer/QuantizeLinear", inputs=q_in,
+                                   outputs=[xq], attrs=attrs))
+            g.nodes.append(gs.Node("DequantizeLinear", name=f"{base}/input_quantizer/DequantizeLinear",
+                                   inputs=[xq, scale], outputs=[xd]))
+            chains[key] = xd
+        n, k = lin.shape
+        ck = self.ck
+        weight = computed_constant(f"{base}/weight", E4M3, (n, k),
+                                   lambda: ck.linear(module).tensors["weight"].view(E4M3))
+        wd = gs.Variable(f"{base}/weight_dequantized", np.float16)
+        wt = gs.Variable(f"{base}/weight_transposed", np.float16)
+        g.nodes.append(gs.Node("DequantizeLinear", name=f"{base}/weight_quantizer/DequantizeLinear",
+                               inputs=[weight, gs.Constant(f"{base}/weight_scale", np.array(s_w, np.float16))],
+                               outputs=[wd]))
+        g.nodes.append(gs.Node("Transpose", name=f"{base}/weight_quantizer/Transpose", inputs=[wd], outputs=[wt],
+                               attrs={"perm": [1, 0]}))
+        node.inputs[0], node.inputs[1] = chains[key], wt
+
+
+@dataclass
+class WaQuantOptions(FeatureOptions):
+    # A ModelOpt FP8 checkpoint folder whose codes and scales the graph takes (set by `export`; no flag)
+    wa_checkpoint: str | None = option(None, None, "")
+
+    def enabled(self) -> bool:
+        return bool(self.wa_checkpoint)
+
+    def validate(self, target, options) -> None:
+        if self.wa_checkpoint:
+            plan_for(target, options.dtype)
+
+    def feature(self, options) -> WaQuant:
+        return WaQuant(self.wa_checkpoint)
+
+
+# ---------------------------------------------------------------------- verify: the same numbers in transformers
+
+
+def fp8_linears(model) -> dict:
+    """{module path: fp16 input scale} of every FP8 linear of a written graph: a MatMul whose input is
+    DequantizeLinear(QuantizeLinear(x, s)) (node names are path-style: /model/layers.0/self_attn/q_proj/MatMul)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or not n.name.endswith("/MatMul"):
+            continue
+        dq = producer.get(n.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        out[module_of(n.name)] = np.float16(numpy_helper.to_array(inits[q.input[1]]))
+    return out
+
+
+def module_of(node_name: str) -> str:
+    """The HF module a path-style linear node name names (/model/layers.0/mlp/up_proj/MatMul:
+    model.layers.0.mlp.up_proj)."""
+    return node_name.removeprefix("/").removesuffix("/MatMul").replace("/", ".")

@@ -1,0 +1,133 @@
+"""FP8 W8A8 from a ModelOpt FP8 checkpoint through `export` (features/wa_quant.py, contract part 3 16.2/16.3):
+the graph's Q/DQ pairs hold the checkpoint's bytes and scales, verify passes against the fake-quantized twin
+and fails on a corrupted folder, and the targets without W+A quantization are refused by name, before the load."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnx_rewriter import cli, export
+from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.features import wa_checkpoint as W
+from onnx_rewriter.hf import tiny_quant
+from onnx_rewriter.verification.llm import verify
+
+TARGETS = ["edgellm-0.11", "edgellm-0.9"]
+
+
+@pytest.fixture(scope="module")
+def fp8_ckpt(models, tmp_path_factory):
+    return tiny_quant.write("fp8", models.checkpoint("llama"), tmp_path_factory.mktemp("fp8") / "ck",
+                            signal="hf_quant_config")
+
+
+@pytest.fixture(scope="module")
+def exported(fp8_ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8_out")
+    out = {}
+    for target in TARGETS:
+        keep = root / "baseline" if target == TARGETS[0] else None
+        run = export(str(fp8_ckpt), root / target, target=target, keep_baseline=keep)
+        out[target] = (root / target, run)
+    return out
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fp8_export_verifies(exported, fp8_ckpt, target):
+    out, _ = exported[target]
+    res = verify(out, model=str(fp8_ckpt), quiet=True)
+    assert res.passed, res.table() + "\n" + "\n".join(res.problems)
+    assert res.criterion.startswith("FP8 W8A8") and not res.problems
+    assert res.quantized == "FP8 activation" and res.quantization  # the activation cost is reported
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_fp8_graph_holds_the_checkpoints_bytes_and_scales(exported, fp8_ckpt, target):
+    out, run = exported[target]
+    g = onnx.load(str(out / "model.onnx"))
+    ops = collections.Counter(n.op_type for n in g.graph.node)
+    # 2 layers x (q/k/v, o, gate/up, down) act() chains; 14 weight DQs; q/k/v stay three MatMuls (+ lm_head)
+    assert ops["QuantizeLinear"] == 8 and ops["DequantizeLinear"] == 8 + 14 and ops["MatMul"] == 15
+    inits = {t.name: t for t in g.graph.initializer}
+    ck = W.Checkpoint(fp8_ckpt, W.detect(fp8_ckpt))
+    for module in ck.linears:
+        lin = ck.linear(module)
+        base = "/" + module.replace("model.layers.", "model/layers.").replace(".self_attn.", "/self_attn/") \
+            .replace(".mlp.", "/mlp/")
+        w = inits[f"{base}/weight"]
+        assert w.data_type == onnx.TensorProto.FLOAT8E4M3FN and list(w.dims) == list(lin.tensors["weight"].shape)
+        assert w.raw_data == lin.tensors["weight"].tobytes()  # the checkpoint's bytes, verbatim
+        s_w = numpy_helper.to_array(inits[f"{base}/weight_scale"])
+        assert s_w.dtype == np.float16 and s_w.shape == () and s_w == np.float16(lin.tensors["weight_scale"])
+    q = [n for n in g.graph.node if n.op_type == "QuantizeLinear"]
+    s_in = numpy_helper.to_array(inits[q[0].input[1]])
+    assert s_in.dtype == np.float16 and s_in.shape == () and s_in == np.float16(4.0 / 448)
+    opset = next(o.version for o in g.opset_import if o.domain == "")
+    if opset >= 21:  # output_dtype=17 (0.10, 0.11); below, the FLOAT8E4M3FN zero point says it
+        assert all(len(n.input) == 2 and n.attribute[0].i == 17 for n in q)
+    else:
+        assert all(len(n.input) == 3 and inits[n.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN for n in q)
+    entries = run.report.features["wa_quant"]["linears"]
+    assert sum(e["fp8"] for e in entries) == 14
+    assert [e["reason"] for e in entries if not e["fp8"]] == ["lm_head stays fp16"]
+
+
+def test_corrupted_folder_fails_verify(exported, fp8_ckpt, tmp_path):
+    """A weight scale doubled and an input scale halved in the written graph: verify names both linears."""
+    out, _ = exported["edgellm-0.11"]
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    g = onnx.load(str(bad / "model.onnx"))
+    for t in g.graph.initializer:
+        if t.name == "/model/layers.1/mlp/down_proj/weight_scale":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float16(2), t.name))
+        if t.name == "/model/layers.0/self_attn/o_proj/input_scale":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / np.float16(2), t.name))
+    onnx.save(g, str(bad / "model.onnx"))
+    res = verify(bad, model=str(fp8_ckpt), quiet=True)
+    assert not res.passed
+    assert any("layers.1.mlp.down_proj: the graph's dequantized weight differs" in p for p in res.problems)
+    assert any("layers.0.self_attn.o_proj: the graph's input scale" in p for p in res.problems)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--target", "edgellm-0.5"], "target edgellm-0.5 has no weight+activation quantization"),
+    (["--dtype", "float32"], "needs --dtype float16")])
+def test_refused_before_the_load(fp8_ckpt, tmp_path, capsys, argv, words):
+    out = tmp_path / "out"
+    code = cli.main(["export", "--model", str(fp8_ckpt), "--output-dir", str(out), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "export:" not in err  # refused before the export stage
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: FP8 W8A8 checkpoint") and words in last
+    assert not out.exists()
+
+
+def test_verify_baseline_refuses_fp8_folder(exported):
+    out, _ = exported["edgellm-0.11"]
+    with pytest.raises(RewriteError, match="cannot simulate the folder's FP8 activation"):
+        verify(out, baseline=str(out.parent / "baseline" / "model.onnx"), quiet=True)
+
+
+@pytest.mark.slow
+def test_fp8_with_kv_scales_on_010(models, tmp_path):
+    """The checkpoint's k/v scales with --kv-cache fp8, on edgellm-0.10: both quantizations verify together."""
+    ck = tiny_quant.write("fp8", models.checkpoint("qwen2"), tmp_path / "ck", kv_scales=(0.05, 0.06))
+    export(str(ck), tmp_path / "out", target="edgellm-0.10", kv_cache="fp8")
+    res = verify(tmp_path / "out", model=str(ck), quiet=True)
+    assert res.passed and res.quantized == "FP8 activation + FP8 KV cache", res.table()
+
+
+def test_vlm_route_never_reads_a_quantized_checkpoint(fp8_ckpt):
+    """The VLM loader (export and verify of Qwen*-VL) checks the format first: transformers would take an FP8
+    checkpoint's codes for weights."""
+    from onnx_rewriter.hf.vlm import load_vlm
+
+    with pytest.raises(RewriteError, match="ModelOpt FP8 checkpoint.*reads unquantized checkpoints only"):
+        load_vlm(str(fp8_ckpt))
