@@ -154,9 +154,9 @@ MUTANTS = [
         ('            s_in = np.float16(lin.tensors["input_scale"].reshape(()))',
          '            s_in = np.float16(lin.tensors["weight_scale"].reshape(()))')],
         ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
-    Mutant("FP8 twin's activation quantizer does not saturate", "onnx_rewriter/verification/wa_check.py", [
-        ("    q = (x.to(torch.float16).float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)",
-         "    q = (x.to(torch.float16).float() / scale).to(torch.float8_e4m3fn)")],
+    Mutant("FP8 QuantizeLinear below opset 21 without its FLOAT8 zero point (uint8 output)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
+        ('                q_in, attrs = [x, scale, gs.Constant(f"{base}/input_zero_point", np.zeros((), E4M3))], {}',
+         "                q_in, attrs = [x, scale], {}")],
         ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
