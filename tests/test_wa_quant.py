@@ -131,3 +131,44 @@ def test_vlm_route_never_reads_a_quantized_checkpoint(fp8_ckpt):
 
     with pytest.raises(RewriteError, match="ModelOpt FP8 checkpoint.*reads unquantized checkpoints only"):
         load_vlm(str(fp8_ckpt))
+
+
+def _with_fp8_weight_dq(base_model, dst):
+    """A copy of a plain baseline folder whose first linear reads its weight through DequantizeLinear(FP8)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from onnx_rewriter.reference import wa_codecs as C
+
+    shutil.copytree(base_model.parent, dst)
+    m = onnx.load(str(base_model))
+    inits = {i.name: i for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    node = next(n for n in m.graph.node if n.op_type == "MatMul")
+    src = producer[node.input[1]] if node.input[1] in producer else node
+    slot = 0 if src is not node else 1
+    w = numpy_helper.to_array(inits[src.input[slot]])
+    s = np.float32(np.abs(w).max() / 448)
+    m.graph.initializer.extend([h.make_tensor("w_fp8", T.FLOAT8E4M3FN, list(w.shape), C.e4m3_encode(w / s).tobytes(),
+                                              raw=True), numpy_helper.from_array(np.array(s, np.float32), "w_scale")])
+    m.graph.node.insert(list(m.graph.node).index(src), h.make_node("DequantizeLinear", ["w_fp8", "w_scale"], ["w_dq"],
+                                                                  name="weight_dq"))
+    src.input[slot] = "w_dq"
+    onnx.save(m, str(dst / "model.onnx"))
+    return dst / "model.onnx"
+
+
+def test_qdq_in_the_input_graph_is_kept_or_refused(models, tmp_path):
+    """A baseline that is already quantized: never folded into fp16 weights; edgellm-0.5 refuses it by name."""
+    from onnx_rewriter import rewrite
+    from onnx_rewriter.errors import UnsupportedModel
+
+    base = _with_fp8_weight_dq(models.baseline("llama"), tmp_path / "base")
+    with pytest.raises(UnsupportedModel, match="1 QuantizeLinear/DequantizeLinear nodes.*edgellm-0.5 has no weight"):
+        rewrite(base, tmp_path / "out05", target="edgellm-0.5")
+    assert not (tmp_path / "out05").exists()
+    run = rewrite(base, tmp_path / "out", target="edgellm-0.11")
+    assert any("kept as they are" in w for w in run.report.warnings)
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [n.name for n in g.graph.node if n.op_type == "DequantizeLinear"] == ["weight_dq"]
+    assert any(t.name == "w_fp8" and t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in g.graph.initializer)

@@ -37,10 +37,13 @@ def selected(options) -> list[Feature]:
 
 def implied(run) -> list[Feature]:
     """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
-    weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder."""
+    weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder; other Q/DQ nodes are
+    checked against the target (wa_quant.QdqInput)."""
     out: list[Feature] = []
     if is_mrope_graph(run.source.graph):
         out.append(Vlm())
+    if wa_quant.input_qdq(run.source.graph):  # an already quantized export: kept, refused on 0.5
+        out.append(wa_quant.QdqInput())
     if any(f.name == "int4" for f in run.features):
         return out
     if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))
