@@ -104,15 +104,17 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
-            fmt = check_quantization(Path(model)) if local else None
-            quantized = local and fmt is not None
+            folder = Path(model) if local else _checkpoint_folder(model)  # a hub id: its cached snapshot
+            fmt = check_quantization(folder)
+            # INT4 from a hub id stays transformers' own load, as before; FP8 / block-FP8 always read here
+            quantized = fmt is not None and (local or fmt.scheme in ("block_fp8", "fp8"))
             m = (mapped_model(model, config, dtype, mapped_files, device, trust, quantized, attn_implementation)
                  if mapped_files else None)
             if m is not None:
                 log.info("export: traced with the weights mapped from the checkpoint, not loaded")
                 return m, config
             if quantized and fmt.scheme in ("block_fp8", "fp8"):  # their fp16 weights (contract part 3 16.7)
-                m, config = _load_fp16_weights(model, config, fmt, attn_implementation)
+                m, config = _load_fp16_weights(folder, config, fmt, attn_implementation)
             elif quantized:  # AWQ / GPTQ / ModelOpt W4A16_AWQ: dequantized weights
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
@@ -313,10 +315,10 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
     folder = precheck(model, output_dir, opts, device, keep_baseline)
-    fmt = check_quantization(Path(model)) if Path(model).is_dir() else None
+    fmt = check_quantization(folder)
     if fmt is not None and fmt.scheme == "fp8":  # the target's refusal (edgellm-0.5, not fp16), before the load
         wa_quant.plan_for(opts.target, opts.dtype)
-        if opts.kv_cache != "fp8" and has_checkpoint_scales(model):
+        if opts.kv_cache != "fp8" and has_checkpoint_scales(folder):
             log.warning("the FP8 checkpoint holds k/v scales: add --kv-cache fp8 to store the KV cache in FP8 with "
                         "them (NVIDIA's exporter does so whenever they exist); the KV cache stays fp16")
     out = Path(output_dir)
@@ -356,7 +358,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
             if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
                 opts.quantize, opts.int4_checkpoint = "int4", str(model)
             if fmt is not None and fmt.scheme == "fp8":  # its own codes and scales go into Q/DQ pairs
-                opts.wa_checkpoint, opts.fuse_qkv = str(model), False
+                opts.wa_checkpoint, opts.fuse_qkv = str(folder), False
             if opts.kv_cache == "fp8" and opts.kv_scales is None and Path(model).is_dir():
                 if has_checkpoint_scales(model):  # a ModelOpt FP8-KV checkpoint: its own scales, no calibration
                     opts.kv_scales = str(model)

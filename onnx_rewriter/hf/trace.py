@@ -167,8 +167,8 @@ _WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8 is 
 
 
 def check_quantization(folder: Path | None) -> wa_checkpoint.Format | None:
-    """The checkpoint's quantization format when an export route reads it (INT4, block-FP8), None when it is not
-    quantized; any other format is refused in one line naming it, never read as fp16 by accident."""
+    """The checkpoint's quantization format when an export route reads it (INT4, block-FP8, FP8), None when it is
+    not quantized; any other format is refused in one line naming it, never read as fp16 by accident."""
     if folder is None or not Path(folder).is_dir():
         return None
     fmt = wa_checkpoint.detect(folder)
