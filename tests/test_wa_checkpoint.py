@@ -196,3 +196,12 @@ def test_checkpoint_check_reads_nvfp4_shapes(written):
     checkpoint_check.check(sorted(ck.glob("*.safetensors")), config)
     with pytest.raises(RewriteError, match="intermediate_size=64"):
         checkpoint_check.check(sorted(ck.glob("*.safetensors")), {**config, "intermediate_size": 64})
+
+
+def test_calibrated_input_scales(plain, tmp_path):
+    """--calibrate: each linear's input amax over the bundled prompts becomes its input_scale (amax / 448)."""
+    amax = tiny_quant.calibrated_amax(plain)
+    assert len(amax) == 14 and all(v > 0 for v in amax.values())
+    ck = tiny_quant.write("fp8", plain, tmp_path / "ck", input_amax=amax)
+    lin = W.Checkpoint(ck, W.detect(ck)).linear("model.layers.1.mlp.down_proj")
+    assert lin.tensors["input_scale"] == np.float32(amax["model.layers.1.mlp.down_proj"] / 448)

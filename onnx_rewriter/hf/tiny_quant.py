@@ -11,11 +11,12 @@ compressed_tensors (the config only; FP8 tensors in ModelOpt's names). `signal`:
 say what they are: "hf_quant_config" (hf_quant_config.json only), "config" (config.json
 `quantization_config` only), "both" (as recent ModelOpt exports), "none" (quantized tensors, no config).
 
-Activation scales are not calibrated: `input_amax` (one value for every linear) stands for the amax a
-calibration would have found; input_scale = input_amax / 448 (FP8), / (6 * 448) (NVFP4), / 127 (INT8).
+Activation scales: `input_amax` (one value for every linear) stands for the amax a calibration would have
+found, or `calibrated_amax(src)` measures each linear's (`--calibrate`: transformers on the bundled prompts);
+input_scale = input_amax / 448 (FP8), / (6 * 448) (NVFP4), / 127 (INT8).
 `kv_scales`: (k_scale, v_scale) written as `k_proj.k_scale` / `v_proj.v_scale` for every layer (FP8 forms).
 
-    python -m onnx_rewriter.hf.tiny_quant FORM SRC DST [--signal S] [--input-amax A] [--kv-scales K V]
+    python -m onnx_rewriter.hf.tiny_quant FORM SRC DST [--signal S] [--input-amax A | --calibrate] [--kv-scales K V]
 """
 
 from __future__ import annotations
@@ -116,8 +117,33 @@ def quantize_linear(form: str, w: np.ndarray, input_amax: float, rng) -> dict:
     raise ValueError(f"unknown form {form!r}; known: {', '.join(FORMS)}")
 
 
-def write(form: str, src, dst, signal: str = "both", input_amax: float = 4.0, kv_scales=None, seed: int = 0) -> Path:
-    """Write `src` (a plain checkpoint folder) quantized in `form` into `dst`. Returns dst."""
+def calibrated_amax(src, prompts=None) -> dict:
+    """{module: max |input|} of every decoder linear of the plain checkpoint `src` over `prompts` (default: the
+    calibration prompts bundled in features/calibration.py), run in transformers (fp32): what ModelOpt's
+    calibration measures for a per-tensor activation scale."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..features.calibration import DEFAULT_PROMPTS, MAX_TOKENS
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(src))
+    amax: dict = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and _LINEAR.match(f"{name}.weight"):
+            m.register_forward_pre_hook(lambda module, args, name=name: amax.__setitem__(
+                name, max(amax.get(name, 0.0), float(args[0].abs().max()))))
+    with torch.no_grad():
+        for p in prompts or DEFAULT_PROMPTS:
+            ids = tok(p, return_tensors="pt")["input_ids"][:, :MAX_TOKENS]
+            model(input_ids=ids)
+    return amax
+
+
+def write(form: str, src, dst, signal: str = "both", input_amax: float | dict = 4.0, kv_scales=None,
+          seed: int = 0) -> Path:
+    """Write `src` (a plain checkpoint folder) quantized in `form` into `dst`. Returns dst. `input_amax`: one
+    value for every linear, or {module: amax} (calibrated_amax)."""
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; known: {', '.join(FORMS)}")
     if signal not in SIGNALS:
@@ -137,7 +163,8 @@ def write(form: str, src, dst, signal: str = "both", input_amax: float = 4.0, kv
         module, layer = m.group(1), int(m.group(2))
         lform = ("fp8" if layer == 0 else "nvfp4") if form == "mixed" else form
         layers[module] = ALGO.get(lform, lform)
-        for suffix, value in quantize_linear(lform, arr, input_amax, rng).items():
+        amax = input_amax.get(module, 0.0) if isinstance(input_amax, dict) else input_amax
+        for suffix, value in quantize_linear(lform, arr, amax or 1.0, rng).items():
             out[f"{module}.{suffix}"] = value
         if kv_scales is not None and lform in ("fp8", "nvfp4") and module.endswith(("k_proj", "v_proj")):
             kv = module[-6]
@@ -184,9 +211,12 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="the folder to write")
     p.add_argument("--signal", default="both", choices=SIGNALS, help="where the form is declared (default both)")
     p.add_argument("--input-amax", type=float, default=4.0, help="the activation amax the scales stand for")
+    p.add_argument("--calibrate", action="store_true", help="measure each linear's input amax instead, running "
+                   "the plain model (transformers) on the bundled calibration prompts")
     p.add_argument("--kv-scales", type=float, nargs=2, metavar=("K", "V"), help="write k_scale / v_scale tensors")
     args = p.parse_args(argv)
-    print(write(args.form, args.src, args.dst, args.signal, args.input_amax, args.kv_scales))
+    amax = calibrated_amax(args.src) if args.calibrate else args.input_amax
+    print(write(args.form, args.src, args.dst, args.signal, amax, args.kv_scales))
     return 0
 
 
