@@ -45,6 +45,25 @@ def test_fp8_export_verifies(exported, fp8_ckpt, target):
     assert res.passed, res.table() + "\n" + "\n".join(res.problems)
     assert res.criterion.startswith("FP8 W8A8") and not res.problems
     assert res.quantized == "FP8 activation" and res.quantization  # the activation cost is reported
+    ours = np.mean([1 - s.cosine for s in res.ours_vs_original])
+    twin = np.mean([1 - s.cosine for s in res.quantization])
+    assert ours <= 2 * twin + 0.002 and twin > 0  # measured: 0.0044 vs 0.0047
+
+
+def test_miswired_linear_fails_verify_on_its_cost(exported, fp8_ckpt, tmp_path):
+    """o_proj of layer 0 reading the q/k/v chain (same shape, same scale): every per-linear check passes, the
+    end-to-end cost rule fails it (measured 0.87 vs the twin's 0.0047)."""
+    out, _ = exported["edgellm-0.11"]
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    g = onnx.load(str(bad / "model.onnx"))
+    nodes = {n.name: n for n in g.graph.node}
+    layer0 = "/model/layers.0/self_attn"
+    nodes[f"{layer0}/o_proj/MatMul"].input[0] = nodes[f"{layer0}/q_proj/MatMul"].input[0]
+    onnx.save(g, str(bad / "model.onnx"))
+    res = verify(bad, model=str(fp8_ckpt), quiet=True)
+    assert not res.passed and not res.problems
+    assert np.mean([1 - s.cosine for s in res.ours_vs_original]) > 0.1
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -124,16 +124,12 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
         result.quantized = ("INT4 + FP8 KV cache" if int4 else "FP8 activation + FP8 KV cache" if fp8_wa
                             else "FP8 KV cache")
-    _run_steps(result, session, oracle, original, rows, steps)
+    _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
     if fp8_wa:  # the W+A rule (verification/wa_check.py)
         result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
                                                   fp8_wa, checkpoint=model)
-        result.criterion = (f"FP8 W8A8: every FP8 linear's weight equals the model's bit for bit and its activation "
-                            f"quantizer the twin's on {wa_check.PROBES} values; cosine >= {wa_check.WA_COSINE} vs "
-                            f"the fake-quantized twin at every step")
-        result.passed = not result.problems and all(s.cosine >= wa_check.WA_COSINE for s in result.steps) and \
-            all(c.ok for c in result.rope_checks)
+        wa_check.judge(result)
     if not quiet:
         print_result(result)
     return result
@@ -185,7 +181,7 @@ def _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code):
     return Fp8Oracle(oracle, fp8_scales, rows), original
 
 
-def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int) -> None:
+def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int, wa: bool = False) -> None:
     """Prefill `rows`, then `steps` greedy decode steps following the oracle's tokens; per step and row, our
     logits against the oracle's (result.steps) and the oracle's against the original's (result.quantization).
     With a reduced vocabulary our logits are the oracle's at the kept ids, and greedy picks among those."""
@@ -200,7 +196,10 @@ def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, s
         for b in range(len(seqs)):
             result.steps.append(compare(("prefill" if k == 0 else f"decode{k}") + f"/row{b}", ours[b], refs[b]))
             if original is not None:
-                result.quantization.append(compare(result.steps[-1].step, refs[b], cut(original(seqs[b]))))
+                base = cut(original(seqs[b]))
+                result.quantization.append(compare(result.steps[-1].step, refs[b], base))
+                if wa:  # W+A: our own cost too (wa_check.judge compares the two costs)
+                    result.ours_vs_original.append(compare(result.steps[-1].step, ours[b], base))
         if k == steps:
             break
         nxt = [session.token(r.argmax()) for r in refs]
@@ -229,6 +228,8 @@ def print_result(result: VerifyResult, out=None) -> None:
         print(check.line(), file=out)
     if result.quantization:
         print(result.quantization_line(), file=out)
+    if result.ours_vs_original:
+        print(wa_check.cost_line(result), file=out)
     for problem in result.problems:  # the W+A per-linear checks (wa_check.py)
         print(f"FAIL: {problem}", file=out)
     if result.reduced_vocab:
