@@ -158,6 +158,9 @@ MUTANTS = [
         ('                q_in, attrs = [x, scale, gs.Constant(f"{base}/input_zero_point", np.zeros((), E4M3))], {}',
          "                q_in, attrs = [x, scale], {}")],
         ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
+    Mutant("FP8 verify cost rule 100x looser", "onnx_rewriter/verification/wa_check.py", [
+        ("COST_RATIO = 2.0", "COST_RATIO = 200.0")],
+        ["tests/test_wa_quant.py::test_miswired_linear_fails_verify_on_its_cost"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],
