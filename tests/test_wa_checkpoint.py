@@ -121,7 +121,8 @@ def test_wrong_tensor_dtype_or_shape_is_named(written, tmp_path):
         ck.linear("model.layers.0.self_attn.q_proj")
 
 
-REFUSED = [f for f in tiny_quant.FORMS if f not in ("block_fp8", "fp8")]  # fp8: tests/test_wa_quant.py
+EXPORTED = ("block_fp8", "fp8", "int8_sq")  # fp8, int8_sq: tests/test_wa_quant.py
+REFUSED = [f for f in tiny_quant.FORMS if f not in EXPORTED]
 
 
 @pytest.mark.parametrize("form", REFUSED)
@@ -130,8 +131,7 @@ def test_export_route_refuses_by_name(written, form):
         check_quantization(written[form])
     msg = str(exc.value)
     assert "\n" not in msg and EXPECT[form][1] in msg and "not supported" in msg
-    assert check_quantization(written["block_fp8"]).scheme == "block_fp8"
-    assert check_quantization(written["fp8"]).scheme == "fp8"
+    assert [check_quantization(written[f]).scheme for f in EXPORTED] == list(EXPORTED)
 
 
 def test_modelopt_int4_declared_only_in_hf_quant_config_is_refused(plain, tmp_path):

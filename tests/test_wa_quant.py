@@ -43,7 +43,7 @@ def test_fp8_export_verifies(exported, fp8_ckpt, target):
     out, _ = exported[target]
     res = verify(out, model=str(fp8_ckpt), quiet=True)
     assert res.passed, res.table() + "\n" + "\n".join(res.problems)
-    assert res.criterion.startswith("FP8 W8A8") and not res.problems
+    assert res.criterion.startswith("W8A8") and not res.problems
     assert res.quantized == "FP8 activation" and res.quantization  # the activation cost is reported
     ours = np.mean([1 - s.cosine for s in res.ours_vs_original])
     twin = np.mean([1 - s.cosine for s in res.quantization])
@@ -93,8 +93,8 @@ def test_fp8_graph_holds_the_checkpoints_bytes_and_scales(exported, fp8_ckpt, ta
     else:
         assert all(len(n.input) == 3 and inits[n.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN for n in q)
     entries = run.report.features["wa_quant"]["linears"]
-    assert sum(e["fp8"] for e in entries) == 14
-    assert [e["reason"] for e in entries if not e["fp8"]] == ["lm_head stays fp16"]
+    assert sum(e["wa"] == "fp8" for e in entries) == 14
+    assert [e["reason"] for e in entries if not e["wa"]] == ["lm_head stays fp16"]
 
 
 def test_corrupted_folder_fails_verify(exported, fp8_ckpt, tmp_path):
@@ -130,7 +130,7 @@ def test_refused_before_the_load(fp8_ckpt, tmp_path, capsys, argv, words):
 
 def test_verify_baseline_refuses_fp8_folder(exported):
     out, _ = exported["edgellm-0.11"]
-    with pytest.raises(RewriteError, match="cannot simulate the folder's FP8 activation"):
+    with pytest.raises(RewriteError, match="cannot simulate the folder's activation quantization"):
         verify(out, baseline=str(out.parent / "baseline" / "model.onnx"), quiet=True)
 
 
@@ -191,3 +191,60 @@ def test_qdq_in_the_input_graph_is_kept_or_refused(models, tmp_path):
     g = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert [n.name for n in g.graph.node if n.op_type == "DequantizeLinear"] == ["weight_dq"]
     assert any(t.name == "w_fp8" and t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in g.graph.initializer)
+
+
+# ---------------------------------------------------------------------------------------------- INT8-SQ
+
+
+@pytest.fixture(scope="module")
+def int8_ckpt(models, tmp_path_factory):
+    return tiny_quant.write("int8_sq", models.checkpoint("llama"), tmp_path_factory.mktemp("int8") / "ck")
+
+
+@pytest.fixture(scope="module")
+def int8_out(int8_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8_out") / "edgellm-0.9"
+    export(str(int8_ckpt), out, target="edgellm-0.9")  # opset 20: the Cast-to-fp32 and zero-point forms
+    return out
+
+
+def test_int8_sq_export_verifies_and_holds_the_checkpoint(int8_out, int8_ckpt):
+    res = verify(int8_out, model=str(int8_ckpt), quiet=True)
+    assert res.passed, res.table() + "\n" + "\n".join(res.problems)
+    assert res.quantized == "INT8-SQ activation" and not res.problems
+    g = onnx.load(str(int8_out / "model.onnx"))
+    ops = collections.Counter(n.op_type for n in g.graph.node)
+    # one act() chain per input (q/k/v and gate/up share their pre_quant_scale): 8; 14 weight DQs
+    assert ops["QuantizeLinear"] == 8 and ops["DequantizeLinear"] == 8 + 14
+    inits = {t.name: t for t in g.graph.initializer}
+    producer = {o: n for n in g.graph.node for o in n.output}
+    ck = W.Checkpoint(int8_ckpt, W.detect(int8_ckpt))
+    lin = ck.linear("model.layers.1.mlp.down_proj")
+    w = inits["/model/layers.1/mlp/down_proj/weight"]
+    assert w.data_type == onnx.TensorProto.INT8 and w.raw_data == lin.tensors["weight"].tobytes()
+    s_w = numpy_helper.to_array(inits["/model/layers.1/mlp/down_proj/weight_scale"])
+    assert s_w.dtype == np.float32 and np.array_equal(s_w, lin.tensors["weight_scale"])
+    q = next(n for n in g.graph.node if n.op_type == "QuantizeLinear")
+    assert producer[q.input[0]].op_type == "Cast" and producer[producer[q.input[0]].input[0]].op_type == "Mul"
+    assert inits[q.input[2]].data_type == onnx.TensorProto.INT8  # opset 20: the zero point names int8
+    assert numpy_helper.to_array(inits[q.input[1]]).dtype == np.float32
+
+
+def test_int8_sq_wrong_pre_quant_scale_fails_verify(int8_out, int8_ckpt, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(int8_out, bad)
+    g = onnx.load(str(bad / "model.onnx"))
+    for t in g.graph.initializer:
+        if t.name == "/model/layers.0/mlp/down_proj/pre_quant_scale":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t)[::-1].copy(), t.name))
+    onnx.save(g, str(bad / "model.onnx"))
+    res = verify(bad, model=str(int8_ckpt), quiet=True)
+    assert not res.passed
+    assert any("layers.0.mlp.down_proj: the graph's pre_quant_scale is not the checkpoint's" in p for p in res.problems)
+
+
+@pytest.mark.slow
+def test_int8_sq_on_011(int8_ckpt, tmp_path):
+    export(str(int8_ckpt), tmp_path / "out", target="edgellm-0.11")
+    res = verify(tmp_path / "out", model=str(int8_ckpt), quiet=True)
+    assert res.passed, res.table()

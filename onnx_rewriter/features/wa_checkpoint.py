@@ -239,7 +239,18 @@ class QuantLinear:
             return (wa_codecs.e4m3_decode(self.tensors["weight"]).astype(np.float64) * np.float64(s)).astype(np.float16)
         if self.scheme == "block_fp8":
             return self.dequantized(np.float16)
+        if self.scheme == "int8_sq":  # Cast(DequantizeLinear(W, s_w fp32, axis=0), fp16): fp32 product, then fp16
+            return self.dequantized(np.float32).astype(np.float16)
         raise RewriteError(f"{self.module}: {SCHEME_NAMES.get(self.scheme, self.scheme)} has no fp16 weight here")
+
+    def traced_weight(self) -> np.ndarray:
+        """The fp16 weight [N, K] the exported model holds for this linear: fp16_weight, times pre_quant_scale per
+        input channel for INT8-SQ (the graph multiplies the input instead), rounded once."""
+        w = self.fp16_weight()
+        pqs = self.tensors.get("pre_quant_scale")
+        if self.scheme != "int8_sq" or pqs is None:
+            return w
+        return (w.astype(np.float64) * pqs.astype(np.float64).reshape(1, -1)).astype(np.float16)
 
     def effective(self, dtype=np.float32) -> np.ndarray:
         """The weight on the linear's own input: dequantized, times pre_quant_scale per input channel (INT8-SQ)."""

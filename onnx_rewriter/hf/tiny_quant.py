@@ -80,8 +80,9 @@ def _e4m3(arr):
     return ("F8_E4M3", arr)
 
 
-def quantize_linear(form: str, w: np.ndarray, input_amax: float, rng) -> dict:
-    """The stored tensors (suffix -> array) of one linear's weight w [N, K] fp32 in `form`."""
+def quantize_linear(form: str, w: np.ndarray, input_amax: float, rng, pqs=None) -> dict:
+    """The stored tensors (suffix -> array) of one linear's weight w [N, K] fp32 in `form` (INT8-SQ: `pqs`, the
+    pre_quant_scale [K] linears reading one input share, drawn here when None)."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
     if form in ("fp8", "compressed_tensors"):
@@ -95,11 +96,12 @@ def quantize_linear(form: str, w: np.ndarray, input_amax: float, rng) -> dict:
             out["input_scale"] = np.array(input_amax / (C.E2M1_MAX * C.E4M3_MAX), np.float32)
         return out
     if form == "int8_sq":  # x' = x * pqs, W' = W / pqs: x' W'^T = x W^T; per-channel int8 W'
-        pqs = np.exp2(rng.integers(-2, 3, k)).astype(np.float16)  # powers of two: exact in fp16 and fp32
+        if pqs is None:
+            pqs = np.exp2(rng.integers(-1, 2, k)).astype(np.float16)  # powers of two: exact in fp16 and fp32
         wp = w / pqs.astype(np.float32)
         s = (np.abs(wp).max(axis=1) / 127).astype(np.float32)
         return {"weight": C.int8_quantize(wp, s[:, None]), "weight_scale": s, "pre_quant_scale": pqs,
-                "input_scale": np.array(input_amax * 4 / 127, np.float32)}
+                "input_scale": np.array(input_amax * float(pqs.max()) / 127, np.float32)}  # amax of x * pqs
     if form == "mxfp8":
         amax = np.abs(w).reshape(n, k // 32, 32).max(-1)
         e = np.ceil(np.log2(np.maximum(amax, 1e-30) / C.E4M3_MAX)).astype(np.int64)
@@ -154,7 +156,7 @@ def write(form: str, src, dst, signal: str = "both", input_amax: float | dict = 
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
             shutil.copyfile(f, dst / f.name)
     rng = np.random.default_rng(seed)
-    out, layers = {}, {}
+    out, layers, shared = {}, {}, {}
     for name, arr in read_tensors(src).items():
         m = _LINEAR.match(name)
         if not m:
@@ -164,7 +166,11 @@ def write(form: str, src, dst, signal: str = "both", input_amax: float | dict = 
         lform = ("fp8" if layer == 0 else "nvfp4") if form == "mixed" else form
         layers[module] = ALGO.get(lform, lform)
         amax = input_amax.get(module, 0.0) if isinstance(input_amax, dict) else input_amax
-        for suffix, value in quantize_linear(lform, arr, amax or 1.0, rng).items():
+        # q/k/v and gate/up read one input: one pre_quant_scale each (as ModelOpt's SmoothQuant stores them)
+        group = re.sub(r"\.mlp\.(?:gate|up)_proj$", ".mlp_in", re.sub(r"\.self_attn\.[qkv]_proj$", ".attn_in", module))
+        if lform == "int8_sq" and group not in shared:
+            shared[group] = np.exp2(rng.integers(-1, 2, arr.shape[1])).astype(np.float16)
+        for suffix, value in quantize_linear(lform, arr, amax or 1.0, rng, shared.get(group)).items():
             out[f"{module}.{suffix}"] = value
         if kv_scales is not None and lform in ("fp8", "nvfp4") and module.endswith(("k_proj", "v_proj")):
             kv = module[-6]

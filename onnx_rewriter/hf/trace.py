@@ -157,18 +157,18 @@ def _checkpoint_folder(model: str) -> Path | None:
 
 
 # Quantized checkpoints the export routes read (features/wa_checkpoint.py names the others; they are refused).
-EXPORTED_QUANT = ("int4", "block_fp8", "fp8")
+EXPORTED_QUANT = ("int4", "block_fp8", "fp8", "int8_sq")
 _QUANT_FIX = {
     "compressed_tensors": "dequantize it to fp16/bf16 first (NVIDIA's exporter would read it as fp16, wrongly)",
     "unknown": "export the fp16/bf16 model it was made from",
 }
-_WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8 is exported yet (not NVFP4, INT8-SQ, "
+_WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8 and INT8-SQ are exported yet (not NVFP4, "
            "MXFP8, MIXED_PRECISION): export the fp16/bf16 model it was made from")
 
 
 def check_quantization(folder: Path | None) -> wa_checkpoint.Format | None:
-    """The checkpoint's quantization format when an export route reads it (INT4, block-FP8, FP8), None when it is
-    not quantized; any other format is refused in one line naming it, never read as fp16 by accident."""
+    """The checkpoint's quantization format when an export route reads it (INT4, block-FP8, FP8, INT8-SQ), None
+    when it is not quantized; any other format is refused in one line naming it, never read as fp16 by accident."""
     if folder is None or not Path(folder).is_dir():
         return None
     fmt = wa_checkpoint.detect(folder)

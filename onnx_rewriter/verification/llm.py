@@ -20,7 +20,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.fp8_kv import graph_scales
 from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
-from onnx_rewriter.features.wa_quant import fp8_linears
+from onnx_rewriter.features.wa_quant import wa_linears
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
@@ -112,17 +112,18 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
-    fp8_wa = fp8_linears(graph)
+    fp8_wa = wa_linears(graph)  # W+A linears, FP8 or INT8-SQ
     int4 = original is not None and not fp8_wa
     result = VerifyResult()
+    wa_name = " + ".join(sorted({"FP8" if s.scheme == "fp8" else "INT8-SQ" for s in fp8_wa.values()}))
     if fp8_wa:
-        result.quantized = "FP8 activation"
+        result.quantized = f"{wa_name} activation"
     session = _session(result, out_dir, oracle, rope, lora)
     rows = rows or prompts(session.config["vocab_size"])
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
-        result.quantized = ("INT4 + FP8 KV cache" if int4 else "FP8 activation + FP8 KV cache" if fp8_wa
+        result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} activation + FP8 KV cache" if fp8_wa
                             else "FP8 KV cache")
     _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
@@ -140,12 +141,12 @@ def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_re
     GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
     the original of an AWQ/GPTQ checkpoint."""
     oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
-    fp8 = fp8_linears(graph)
-    if fp8:  # FP8 W8A8: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
+    wa = wa_linears(graph)
+    if wa:  # W+A: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
         if not model:
-            raise RewriteError("verify --baseline cannot simulate the folder's FP8 activation quantization; "
-                               "verify with --model (the FP8 checkpoint)")
-        return wa_check.twin(HFOracle(model, lora_adapter, trust_remote_code), fp8), oracle
+            raise RewriteError("verify --baseline cannot simulate the folder's activation quantization (FP8 / "
+                               "INT8-SQ); verify with --model (the checkpoint)")
+        return wa_check.twin(HFOracle(model, lora_adapter, trust_remote_code), wa, checkpoint=model), oracle
     dequantized = _int4_oracle(graph, out_dir, model, lora_adapter)
     if dequantized is not None:  # compare with the dequantized model; report the INT4 cost separately
         return dequantized, oracle
