@@ -161,6 +161,13 @@ MUTANTS = [
     Mutant("FP8 verify cost rule 100x looser", "onnx_rewriter/verification/wa_check.py", [
         ("COST_RATIO = 2.0", "COST_RATIO = 200.0")],
         ["tests/test_wa_quant.py::test_miswired_linear_fails_verify_on_its_cost"]),
+    Mutant("INT8-SQ pre_quant_scale Mul dropped", "onnx_rewriter/features/wa_quant.py", [
+        ("            if pqs is not None:\n                xs = _var(",
+         "            if False:\n                xs = _var(")],
+        ["tests/test_wa_quant.py::test_int8_sq_export_verifies_and_holds_the_checkpoint"]),
+    Mutant("INT8-SQ weight scales on the input axis", "onnx_rewriter/features/wa_quant.py", [
+        ('                  {"axis": 0})', '                  {"axis": 1})')],
+        ["tests/test_wa_quant.py::test_int8_sq_export_verifies_and_holds_the_checkpoint"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],
