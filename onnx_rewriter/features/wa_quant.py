@@ -1,9 +1,9 @@
-"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor from a ModelOpt FP8
-checkpoint (`export --model FOLDER`, the format features/wa_checkpoint.py reads); NVFP4, INT8-SQ and the
-calibrated routes from an fp16 model are later pieces (docs/support.md).
+"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor and INT8-SmoothQuant
+from ModelOpt checkpoints (`export --model FOLDER`, the formats features/wa_checkpoint.py reads); NVFP4 and the
+calibrated routes from an fp16 model are later pieces (docs/support.md). INT8-SQ's form: `_emit_int8`.
 
 Every decoder linear the checkpoint quantized, `MatMul(x, W[K, N])` in the traced graph (its weight is the
-checkpoint's dequantized value, so its fp16 bytes identify the linear, like INT4 checkpoints), becomes
+checkpoint's dequantized value, so its fp16 bytes identify the linear, like INT4 checkpoints), becomes, for FP8
 (section 16.2 / 16.3)
 
     xq = QuantizeLinear(x, s_in)          FLOAT8E4M3FN, s_in fp16 [] = fp16(input_scale)
@@ -16,8 +16,8 @@ with an FLOAT8E4M3FN zero-point 0 below (0.9 keeps its input's opset, 20 for dyn
 Linears reading one input with one scale share one act() chain (q/k/v, gate/up). q/k/v stay three MatMuls.
 lm_head stays fp16 unless the checkpoint quantized it (ModelOpt excludes it by default).
 
-Per target (`PLANS`): edgellm-0.5 has none of it (refused by name); 0.9, 0.10 and 0.11 take it. FP8 GEMMs need
-SM 89+ (Ada, Hopper, Blackwell): a warning says Jetson Orin (SM 87) cannot build the engine.
+Per target (`PLANS`): edgellm-0.5 has none of it (refused by name); 0.9, 0.10 and 0.11 take both. FP8 GEMMs need
+SM 89+ (Ada, Hopper, Blackwell): a warning says Jetson Orin (SM 87) cannot build the engine; INT8-SQ runs there.
 """
 
 from __future__ import annotations
