@@ -117,6 +117,57 @@ MUTANTS = [
         ("                    found[(int(m.group(1)), m.group(2)[0])] =",
          "                    found[(int(m.group(1)), \"kv\"[m.group(2)[0] == \"k\"])] =")],
         ["tests/test_fp8_kv.py::test_modelopt_scales_taken_as_stored"]),
+    # ---------------------------------------------------------------- W+A quantization codecs (reference/wa_codecs)
+    Mutant("FP4 nibble order swapped (even k in the high nibble)", "onnx_rewriter/reference/wa_codecs.py", [
+        ("    return (c[..., 0::2] & 0xF) | ((c[..., 1::2] & 0xF) << 4)",
+         "    return (c[..., 1::2] & 0xF) | ((c[..., 0::2] & 0xF) << 4)")],
+        ["tests/reference/test_wa_codecs.py::test_seeded_nvfp4_matrix_sha256"]),
+    Mutant("NVFP4 block scale applied to the wrong block of 16", "onnx_rewriter/reference/wa_codecs.py", [
+        ("    return e2m1_decode(codes) * np.repeat(step, FP4_BLOCK, axis=-1)",
+         "    return e2m1_decode(codes) * np.tile(step, FP4_BLOCK)")],
+        ["tests/reference/test_wa_codecs.py::test_nvfp4_dequantize_uses_each_blocks_own_scale"]),
+    Mutant("E4M3 rounds ties away from zero", "onnx_rewriter/reference/wa_codecs.py", [
+        ("        m = np.rint(a / quantum) * quantum", "        m = np.floor(a / quantum + 0.5) * quantum")],
+        ["tests/reference/test_wa_codecs.py::test_e4m3_encode_matches_torch_round_to_nearest_even"]),
+    Mutant("block-FP8 scale_inv read for the mirrored 128-block", "onnx_rewriter/features/wa_checkpoint.py", [
+        ('            inv = t["weight_scale_inv"].astype(f64)\n', '            inv = t["weight_scale_inv"].astype(f64)[::-1, ::-1]\n')],  # noqa: E501
+        ["tests/test_wa_checkpoint.py::test_block_fp8_reads_the_scale_of_each_128_block"]),
+    Mutant("export reads any W+A checkpoint (refusal bypassed)", "onnx_rewriter/hf/trace.py", [
+        ("    fmt.refuse_unless(EXPORTED_QUANT, ", "    fmt.refuse_unless(tuple(wa_checkpoint.SCHEME_NAMES), ")],
+        ["tests/test_wa_checkpoint.py::test_export_route_refuses_by_name"]),
+    Mutant("NVFP4 checkpoint weight read as [N/2, K] like ModelOpt INT4", "onnx_rewriter/hf/checkpoint_check.py", [
+        ('        if dtypes[f"{name}_scale"] == "F8_E4M3":', '        if False:')],
+        ["tests/test_wa_checkpoint.py::test_checkpoint_check_reads_nvfp4_shapes"]),
+    Mutant("DequantizeLinear block scale tiled over the wrong blocks", "onnx_rewriter/reference/qdq.py", [
+        ("        return np.repeat(s, block_size, axis=axis)[tuple(slice(0, n) for n in shape)]",
+         "        return np.tile(s, [block_size if d == axis else 1 for d in range(rank)])[tuple(slice(0, n) for n in shape)]")],  # noqa: E501
+        ["tests/reference/test_qdq.py::test_nvfp4_weight_bytes_verbatim_dequantize_per_block"]),
+    Mutant("QuantizeLinear divides in fp16 (rounds twice)", "onnx_rewriter/reference/qdq.py", [
+        ("    y = x.astype(np.float32) / s  # fp32 division", "    y = (x / s.astype(x.dtype)).astype(np.float32)  #")],
+        ["tests/reference/test_qdq.py::test_fp8_quantize_rounds_once_from_the_fp32_quotient"]),
+    # ---------------------------------------------------------------- FP8 W8A8 (wa_quant, verification/wa_check)
+    Mutant("FP8 weight scale taken from input_scale", "onnx_rewriter/features/wa_quant.py", [
+        ('            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))',
+         '            s_w = np.float16(lin.tensors["input_scale"].reshape(()))')],
+        ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
+    Mutant("FP8 input scale taken from weight_scale", "onnx_rewriter/features/wa_quant.py", [
+        ('            s_in = np.float16(lin.tensors["input_scale"].reshape(()))',
+         '            s_in = np.float16(lin.tensors["weight_scale"].reshape(()))')],
+        ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
+    Mutant("FP8 QuantizeLinear below opset 21 without its FLOAT8 zero point (uint8 output)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
+        ('                q_in, attrs = [x, scale, gs.Constant(f"{base}/input_zero_point", np.zeros((), E4M3))], {}',
+         "                q_in, attrs = [x, scale], {}")],
+        ["tests/test_wa_quant.py::test_fp8_export_verifies"]),
+    Mutant("FP8 verify cost rule 100x looser", "onnx_rewriter/verification/wa_check.py", [
+        ("COST_RATIO = 2.0", "COST_RATIO = 200.0")],
+        ["tests/test_wa_quant.py::test_miswired_linear_fails_verify_on_its_cost"]),
+    Mutant("INT8-SQ pre_quant_scale Mul dropped", "onnx_rewriter/features/wa_quant.py", [
+        ("            if pqs is not None:\n                xs = _var(",
+         "            if False:\n                xs = _var(")],
+        ["tests/test_wa_quant.py::test_int8_sq_export_verifies_and_holds_the_checkpoint"]),
+    Mutant("INT8-SQ weight scales on the input axis", "onnx_rewriter/features/wa_quant.py", [
+        ('                  {"axis": 0})', '                  {"axis": 1})')],
+        ["tests/test_wa_quant.py::test_int8_sq_export_verifies_and_holds_the_checkpoint"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],

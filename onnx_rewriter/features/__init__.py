@@ -23,7 +23,7 @@ target's code. `selected(options)` turns the options into the feature list (docs
 
 from __future__ import annotations
 
-from onnx_rewriter.features import fp8_kv, int4, lora, reduced_vocab
+from onnx_rewriter.features import fp8_kv, int4, lora, reduced_vocab, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
 
@@ -37,10 +37,13 @@ def selected(options) -> list[Feature]:
 
 def implied(run) -> list[Feature]:
     """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
-    weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder."""
+    weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder; other Q/DQ nodes are
+    checked against the target (wa_quant.QdqInput)."""
     out: list[Feature] = []
     if is_mrope_graph(run.source.graph):
         out.append(Vlm())
+    if wa_quant.input_qdq(run.source.graph):  # an already quantized export: kept, refused on 0.5
+        out.append(wa_quant.QdqInput())
     if any(f.name == "int4" for f in run.features):
         return out
     if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))
@@ -50,9 +53,11 @@ def implied(run) -> list[Feature]:
 
 
 # The registry: every user-selected feature's options, in the order its hooks run. LoRA comes after INT4:
-# it attaches to the INT4 plugins too.
+# it attaches to the INT4 plugins too. W+A quantization (wa_quant) is selected by `export` for a ModelOpt FP8
+# checkpoint (no flag yet).
 OPTIONS: list[type[FeatureOptions]] = [
     int4.Int4Options,
+    wa_quant.WaQuantOptions,
     reduced_vocab.ReducedVocabOptions,
     lora.LoraOptions,
     fp8_kv.Fp8KvOptions,

@@ -70,13 +70,19 @@ def weight_sizes(shapes: dict[str, tuple]) -> dict[str, tuple[int, str]]:
 def check(files, config: dict, config_name: str = "config.json") -> None:
     """Refuse a checkpoint whose config.json contradicts its safetensors files (naming both values)."""
     shapes: dict[str, tuple] = {}
+    dtypes: dict[str, str] = {}
     where: dict[str, Path] = {}
     for f in files:
         for name, info in read_header(Path(f)).items():
             shapes[name] = tuple(info.get("shape", ()))
+            dtypes[name] = info.get("dtype")
             where[name] = Path(f)
-    for name in [n for n in shapes if n.endswith(".weight") and f"{n}_scale" in shapes and len(shapes[n]) == 2]:
-        shapes[name] = (2 * shapes[name][0], shapes[name][1])  # ModelOpt INT4 [N/2, K]: two rows per byte row
+    for name in [n for n in shapes if n.endswith(".weight") and f"{n}_scale" in shapes and len(shapes[n]) == 2
+                 and dtypes[n] == "U8"]:
+        if dtypes[f"{name}_scale"] == "F8_E4M3":  # NVFP4 [N, K/2]: two input channels per byte
+            shapes[name] = (shapes[name][0], 2 * shapes[name][1])
+        else:  # ModelOpt INT4 [N/2, K]: two rows per byte row
+            shapes[name] = (2 * shapes[name][0], shapes[name][1])
     if not isinstance(config, dict) or config.get("is_encoder_decoder"):
         return  # an encoder-decoder is refused by name when loaded
     cfg = _llm_part(config)

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from onnx_rewriter import safety
+from onnx_rewriter.features import wa_checkpoint, wa_quant
 from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
 from onnx_rewriter.hf import checkpoint_refs
 from onnx_rewriter.pipeline import steps as pipeline
@@ -48,6 +49,7 @@ from .trace import (
     _no_stack_traces,
     _optimize,
     check_device,
+    check_quantization,
 )
 from .vlm import export_vlm, vlm_type
 
@@ -102,13 +104,18 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
             if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
                 dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
-            quantized = local and quantized_checkpoint.quantization(config) is not None
+            folder = Path(model) if local else _checkpoint_folder(model)  # a hub id: its cached snapshot
+            fmt = check_quantization(folder)
+            # INT4 from a hub id stays transformers' own load, as before; FP8 / block-FP8 always read here
+            quantized = fmt is not None and (local or fmt.scheme in READ_HERE)
             m = (mapped_model(model, config, dtype, mapped_files, device, trust, quantized, attn_implementation)
                  if mapped_files else None)
             if m is not None:
                 log.info("export: traced with the weights mapped from the checkpoint, not loaded")
                 return m, config
-            if quantized:  # AWQ / GPTQ: dequantized weights
+            if quantized and fmt.scheme in READ_HERE:  # their fp16 weights (contract part 3 16.7)
+                m, config = _load_fp16_weights(folder, config, fmt, attn_implementation)
+            elif quantized:  # AWQ / GPTQ / ModelOpt W4A16_AWQ: dequantized weights
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
@@ -308,6 +315,12 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     opts = pipeline.make_options(target=target or pipeline.targets.DEFAULT, dtype=dtype, force=force, **options)
     opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
     folder = precheck(model, output_dir, opts, device, keep_baseline)
+    fmt = check_quantization(folder)
+    if fmt is not None and fmt.scheme in wa_quant.SCHEMES:  # the target's refusal (0.5, not fp16), before the load
+        wa_quant.plan_for(opts.target, opts.dtype, fmt.scheme)
+        if opts.kv_cache != "fp8" and has_checkpoint_scales(folder):
+            log.warning("the checkpoint holds k/v scales: add --kv-cache fp8 to store the KV cache in FP8 with "
+                        "them (NVIDIA's exporter does so whenever they exist); the KV cache stays fp16")
     out = Path(output_dir)
     if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
         return export_vlm(model, out, opts, device=device, keep_baseline=keep_baseline)
@@ -344,6 +357,8 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
                                 shutil.copyfile(Path(model) / f, work / f)
             if quantized_checkpoint.quantization(config) is not None:  # its own codes go into the INT4 plugin
                 opts.quantize, opts.int4_checkpoint = "int4", str(model)
+            if fmt is not None and fmt.scheme in wa_quant.SCHEMES:  # its own codes and scales go into Q/DQ pairs
+                opts.wa_checkpoint, opts.fuse_qkv = str(folder), False
             if opts.kv_cache == "fp8" and opts.kv_scales is None and Path(model).is_dir():
                 if has_checkpoint_scales(model):  # a ModelOpt FP8-KV checkpoint: its own scales, no calibration
                     opts.kv_scales = str(model)
@@ -377,3 +392,32 @@ def _load_quantized(folder, config, dtype, attn_implementation: str):
                            f"{missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     return model.to(dtype).eval()
+
+
+# Quantized checkpoints whose weights this module reads itself (from a hub id's snapshot too)
+READ_HERE = ("block_fp8", "fp8", "int8_sq")
+
+
+def _load_fp16_weights(folder, config, fmt, attn_implementation: str):
+    """(model, config) of a block-FP8, FP8 or INT8-SQ checkpoint: each quantized weight as the fp16 graph computes
+    it (wa_checkpoint.QuantLinear.traced_weight: block-FP8 fp8 * weight_scale_inv of its 128 x 128 block, FP8
+    fp8 * fp16(weight_scale), INT8-SQ fp16(int8 * weight_scale) * pre_quant_scale), in an fp32 model (bf16
+    would round those fp16 values again); the config loses its quantization_config, so the baseline is a plain
+    model. An FP8 / INT8-SQ checkpoint's codes and scales then go into the graph (features/wa_quant.py), found
+    by these weights' fp16 bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ck = wa_checkpoint.Checkpoint(folder, fmt)
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in ck.plain().items()}
+    for p in ck.linears:
+        state[f"{p}.weight"] = torch.from_numpy(ck.linear(p).traced_weight().astype(np.float32))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RewriteError(f"{fmt.name} '{folder}' does not fit its config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval(), config

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.hf import checkpoint_check, checkpoint_refs, lowering
 from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.modelio.output import OutputDir
@@ -155,8 +156,39 @@ def _checkpoint_folder(model: str) -> Path | None:
     return files[0].parent if files else None
 
 
+# Quantized checkpoints the export routes read (features/wa_checkpoint.py names the others; they are refused).
+EXPORTED_QUANT = ("int4", "block_fp8", "fp8", "int8_sq")
+_QUANT_FIX = {
+    "compressed_tensors": "dequantize it to fp16/bf16 first (NVIDIA's exporter would read it as fp16, wrongly)",
+    "unknown": "export the fp16/bf16 model it was made from",
+}
+_WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8 and INT8-SQ are exported yet (not NVFP4, "
+           "MXFP8, MIXED_PRECISION): export the fp16/bf16 model it was made from")
+
+
+def check_quantization(folder: Path | None) -> wa_checkpoint.Format | None:
+    """The checkpoint's quantization format when an export route reads it (INT4, block-FP8, FP8, INT8-SQ), None
+    when it is not quantized; any other format is refused in one line naming it, never read as fp16 by accident."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    fmt = wa_checkpoint.detect(folder)
+    if fmt is None:
+        return None
+    if fmt.scheme == "int4":
+        qc = read_config(Path(folder) / "config.json").get("quantization_config") \
+            if (Path(folder) / "config.json").is_file() else None
+        if not isinstance(qc, dict):
+            raise RewriteError(f"'{folder}': {fmt.name} has no quantization_config in config.json, which the INT4 "
+                               f"route reads; add ModelOpt's quantization_config (quant_method modelopt) to it")
+        return fmt
+    fmt.refuse_unless(EXPORTED_QUANT, f"'{folder}'", _QUANT_FIX.get(fmt.scheme, _WA_FIX))
+    return fmt
+
+
 def _check_checkpoint(folder: Path | None) -> None:
-    """config.json against the safetensors headers: sizes agree, no file truncated (checkpoint_check.py)."""
+    """The quantization format (check_quantization), then config.json against the safetensors headers: sizes
+    agree, no file truncated (checkpoint_check.py)."""
+    check_quantization(folder)
     if folder is None or not (folder / "config.json").is_file():
         return
     config = read_config(folder / "config.json", fix="replace it with the model's HF config.json")

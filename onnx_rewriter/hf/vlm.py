@@ -23,7 +23,7 @@ from ..errors import RewriteError
 from ..features.vlm import check_target
 from ..modelio.config_file import read_config
 from ..modelio.output import OutputDir
-from .trace import _keep, _light_decomposition, _optimize
+from .trace import _keep, _light_decomposition, _optimize, check_quantization
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remo
     from .. import safety
 
     trust = safety.remote_code(trust_remote_code)  # and never a prompt
+    fmt = check_quantization(Path(model))  # refuses what no route reads
+    if fmt is not None:  # transformers would read an FP8 checkpoint's codes as weights: never by accident
+        raise RewriteError(f"'{model}': {fmt.name}: the vision-language route reads unquantized checkpoints only; "
+                           f"export the fp16/bf16 model it was made from")
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True, **trust)
         with warnings.catch_warnings():

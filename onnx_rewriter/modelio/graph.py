@@ -9,6 +9,7 @@ On save, each large tensor is read through a memory map, converted and written t
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
 import re
@@ -109,13 +110,7 @@ def load(path: str | os.PathLike) -> SourceModel:
     paths = module_paths(model)  # node metadata: onnx-graphsurgeon drops it
     # gs warns about every bf16 tensor (no numpy type; it keeps the proto type, which is what we want)
     # and about its missing `colored` module: noise to a user of a bf16 export.
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
-    try:
-        graph = gs.import_onnx(model)
-    finally:
-        G_LOGGER.severity = severity
+    graph = quiet_import(model)
     return SourceModel(graph=graph, path=path, opset=opset, ir_version=model.ir_version, metadata=meta,
                        module_paths=paths)
 
@@ -216,7 +211,8 @@ def is_lazy(c: gs.Constant) -> bool:
 
 def lazy_constant(name: str, proto: TensorProto) -> gs.Constant:
     """A constant whose values stay in `proto` until they are read or written."""
-    return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
+    with quiet_gs():
+        return gs.Constant(name, gs.ir.tensor.LazyValues(proto))
 
 
 def to_lazy_constant(t: gs.Variable, proto: TensorProto) -> None:
@@ -464,3 +460,22 @@ def const(t: gs.Tensor) -> np.ndarray | None:
             return None  # on disk, or computed only when written (graph.computed_constant)
         return np.asarray(t.values)
     return None
+
+
+def quiet_import(model) -> gs.Graph:
+    """gs.import_onnx without gs's warnings (quiet_gs)."""
+    with quiet_gs():
+        return gs.import_onnx(model)
+
+
+@contextlib.contextmanager
+def quiet_gs():
+    """gs without its warnings about types it has no numpy type for (bf16, FLOAT8E4M3FN: it keeps the proto type,
+    which is what we want) and about its missing `colored` module."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = severity

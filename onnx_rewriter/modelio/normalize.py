@@ -18,7 +18,14 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_rewriter.modelio import bfloat16, reshape_wildcard, stream
-from onnx_rewriter.modelio.graph import SMALL_TENSOR_ELEMENTS, const, lazy_proto, producer, to_lazy_constant
+from onnx_rewriter.modelio.graph import (
+    SMALL_TENSOR_ELEMENTS,
+    const,
+    lazy_proto,
+    producer,
+    quiet_import,
+    to_lazy_constant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +227,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
     except Exception as exc:
         log.debug("shape inference failed: %s", exc)
         return graph
-    return gs.import_onnx(model)
+    return quiet_import(model)
 
 
 def normalize(graph: gs.Graph, reinfer: bool = False, weight_transposes: bool = False) -> gs.Graph:

@@ -368,7 +368,8 @@ def write_tensor(t: TensorProto, base_dir: Path, want: int, fh, scale: float | N
         if reserved:
             fh.commit(reserved.pop(), chunk.nbytes)
         else:
-            fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            # as bytes: a buffer of ml_dtypes' float8 (FLOAT8E4M3FN weights) has no memoryview format
+            fh.write(memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)))
         written += chunk.nbytes
     return written
 

@@ -335,8 +335,9 @@ def step_build(run: Run) -> None:
     target = run.options.target
     float_type = dtypes.NAMES[run.options.dtype]
     g = run.source.graph
-    # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 keeps q/k/v apart.
-    fuse = run.options.fuse_qkv and not any(f.name == "int4" for f in run.features)
+    # Before the dtype pass, which drops the inferred shapes the view checks read. INT4 and W+A quantization keep
+    # q/k/v apart.
+    fuse = run.options.fuse_qkv and not any(f.name in ("int4", "wa_quant") for f in run.features)
     unfused = projections.prepare(g, run.layers, fuse)
     for layer in run.report.layers:  # like a pattern's miss, every fusion not done says why
         layer.qkv_unfused = unfused.get(layer.index)

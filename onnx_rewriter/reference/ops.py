@@ -16,6 +16,11 @@ runtimes too:
 With ``enable_fp8_kv_cache=1`` the cache is FLOAT8E4M3FN and the k/v scales come from the
 ``qkv_scales`` attribute ([q, k, v]; runtimes >= 0.7) or, on the 0.5 form, from one extra last
 input ``k_v_scale_quant_orig`` fp32 [2] (6 inputs).
+
+Weight+activation quantization (contract part 3, section 16; reference/qdq.py): ``QuantizeLinear`` and
+``DequantizeLinear`` replace onnx's own (x / scale divided in fp32, FLOAT8E4M3FN / FLOAT4E2M1 / int8 inputs,
+per-tensor, per-axis and blocked scales), and TensorRT's parser ops ``trt::TRT_FP4DynamicQuantize`` and
+``trt::DequantizeLinear`` are added.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from __future__ import annotations
 import numpy as np
 import onnx.defs
 
+from . import qdq
 from .int4 import int4_gemm
 from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention, paged_batch_attention
 from .vit_attention import vit_attention
 
 # Custom ops a rewritten graph may hold, per name; each is registered for both NVIDIA domains.
 CUSTOM_OPS = ("AttentionPlugin", "Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2", "QkvConcatPlugin",
-              "ViTAttentionPlugin")
+              "ViTAttentionPlugin", "DequantizeLinear", "TRT_FP4DynamicQuantize")
 
 
 def _import_op_run():
@@ -197,6 +203,48 @@ class Sigmoid(OpRun):
             return (sigmoid(x).astype(x.dtype),)
 
 
+class QuantizeLinear(OpRun):
+    """ONNX QuantizeLinear as the runtime computes it (reference/qdq.py: x / scale in fp32, E4M3 saturating)."""
+    op_domain = ""
+    op_schema = None
+
+    def _run(self, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=0, saturate=1, precision=0):
+        return (qdq.quantize_linear(x, scale, zero_point, axis=int(axis), block_size=int(block_size),
+                                    output_dtype=int(output_dtype), saturate=int(saturate)),)
+
+
+class _DequantizeBase(OpRun):
+    op_schema = None
+
+    def _run(self, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=0):
+        y = qdq.dequantize_linear(x, scale, zero_point, axis=int(axis), block_size=int(block_size))
+        if output_dtype:
+            y = y.astype(onnx.helper.tensor_dtype_to_np_dtype(int(output_dtype)))
+        return (y,)
+
+
+class DequantizeLinear(_DequantizeBase):
+    """ONNX DequantizeLinear: FLOAT8E4M3FN / FLOAT4E2M1 / integer inputs, per tensor, axis or block."""
+    op_domain = ""
+
+
+class TrtDequantizeLinear(_DequantizeBase):
+    """trt::DequantizeLinear (TensorRT's parser op; the same semantics, FP4 blocks included)."""
+    op_domain = "trt"
+
+
+TrtDequantizeLinear.__name__ = "DequantizeLinear"
+
+
+class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 (the op's name)
+    op_domain = "trt"
+    op_schema = None
+
+    def _run(self, x, scale, axis=-1, block_size=16, scale_type=17):
+        return qdq.fp4_dynamic_quantize(x, scale, axis=int(axis), block_size=int(block_size),
+                                        scale_type=int(scale_type))
+
+
 def _per_domain(base, name: str, **fields) -> list:
     classes = []
     for domain in ("trt", "trt_edgellm"):
@@ -209,7 +257,8 @@ REFERENCE_OPS = ([TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPlugin", version=1)
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPluginV2", version=2)
                  + _per_domain(_QkvConcatBase, "QkvConcatPlugin")
-                 + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin") + [Sigmoid])
+                 + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin") + [Sigmoid]
+                 + [QuantizeLinear, DequantizeLinear, TrtDequantizeLinear, TRT_FP4DynamicQuantize])
 
 
 def reference_evaluator(model, **kwargs):

@@ -41,6 +41,8 @@ class VerifyResult:
     quantization: list[StepResult] = field(default_factory=list)
     reduced_vocab: tuple[int, int] | None = None  # (kept, full) for a --reduce-vocab folder
     quantized: str = "INT4"
+    # W+A folders: our logits against the original (unquantized-activation) model, per step (wa_check.py)
+    ours_vs_original: list[StepResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # consistency.py: the folder's files disagree
 
     def quantization_line(self) -> str:

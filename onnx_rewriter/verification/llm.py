@@ -17,14 +17,15 @@ import onnx
 from onnx_rewriter import progress
 from onnx_rewriter.analysis.rope import model_rope_table
 from onnx_rewriter.errors import RewriteError
+from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.fp8_kv import graph_scales
 from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
-from onnx_rewriter.features.int4.checkpoint import quantization
+from onnx_rewriter.features.wa_quant import wa_linears
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
-from onnx_rewriter.modelio.config_file import read_config
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
+from onnx_rewriter.verification import wa_check
 from onnx_rewriter.verification.checks import check_baseline, check_steps
 from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare, judge
 from onnx_rewriter.verification.consistency import check_consistency
@@ -111,16 +112,25 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
-    int4 = original is not None
+    fp8_wa = wa_linears(graph)  # W+A linears, FP8 or INT8-SQ
+    int4 = original is not None and not fp8_wa
     result = VerifyResult()
+    wa_name = " + ".join(sorted({"FP8" if s.scheme == "fp8" else "INT8-SQ" for s in fp8_wa.values()}))
+    if fp8_wa:
+        result.quantized = f"{wa_name} activation"
     session = _session(result, out_dir, oracle, rope, lora)
     rows = rows or prompts(session.config["vocab_size"])
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
-        result.quantized = "INT4 + FP8 KV cache" if int4 else "FP8 KV cache"
-    _run_steps(result, session, oracle, original, rows, steps)
+        result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} activation + FP8 KV cache" if fp8_wa
+                            else "FP8 KV cache")
+    _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
+    if fp8_wa:  # the W+A rule (verification/wa_check.py)
+        result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
+                                                  fp8_wa, checkpoint=model)
+        wa_check.judge(result)
     if not quiet:
         print_result(result)
     return result
@@ -131,6 +141,12 @@ def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_re
     GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
     the original of an AWQ/GPTQ checkpoint."""
     oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
+    wa = wa_linears(graph)
+    if wa:  # W+A: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
+        if not model:
+            raise RewriteError("verify --baseline cannot simulate the folder's activation quantization (FP8 / "
+                               "INT8-SQ); verify with --model (the checkpoint)")
+        return wa_check.twin(HFOracle(model, lora_adapter, trust_remote_code), wa, checkpoint=model), oracle
     dequantized = _int4_oracle(graph, out_dir, model, lora_adapter)
     if dequantized is not None:  # compare with the dequantized model; report the INT4 cost separately
         return dequantized, oracle
@@ -166,7 +182,7 @@ def _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code):
     return Fp8Oracle(oracle, fp8_scales, rows), original
 
 
-def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int) -> None:
+def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int, wa: bool = False) -> None:
     """Prefill `rows`, then `steps` greedy decode steps following the oracle's tokens; per step and row, our
     logits against the oracle's (result.steps) and the oracle's against the original's (result.quantization).
     With a reduced vocabulary our logits are the oracle's at the kept ids, and greedy picks among those."""
@@ -181,7 +197,10 @@ def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, s
         for b in range(len(seqs)):
             result.steps.append(compare(("prefill" if k == 0 else f"decode{k}") + f"/row{b}", ours[b], refs[b]))
             if original is not None:
-                result.quantization.append(compare(result.steps[-1].step, refs[b], cut(original(seqs[b]))))
+                base = cut(original(seqs[b]))
+                result.quantization.append(compare(result.steps[-1].step, refs[b], base))
+                if wa:  # W+A: our own cost too (wa_check.judge compares the two costs)
+                    result.ours_vs_original.append(compare(result.steps[-1].step, ours[b], base))
         if k == steps:
             break
         nxt = [session.token(r.argmax()) for r in refs]
@@ -210,6 +229,10 @@ def print_result(result: VerifyResult, out=None) -> None:
         print(check.line(), file=out)
     if result.quantization:
         print(result.quantization_line(), file=out)
+    if result.ours_vs_original:
+        print(wa_check.cost_line(result), file=out)
+    for problem in result.problems:  # the W+A per-linear checks (wa_check.py)
+        print(f"FAIL: {problem}", file=out)
     if result.reduced_vocab:
         print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
               f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)
@@ -236,10 +259,8 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
     A LoRA adapter is merged after the dequantized weights are in: the graph adds x·A·B to the INT4 GEMM."""
     if not model:
         return None
-    cfg = Path(model) / "config.json"
-
-    if cfg.is_file() and quantization(read_config(cfg)) is not None:
-        return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
+    if Path(model).is_dir() and wa_checkpoint.detect(model) is not None:
+        return None  # an AWQ/GPTQ (or block-FP8) checkpoint: the oracle already holds its dequantized weights
 
     if not any(n.op_type in OPS.values() for n in graph.graph.node):
         return None
