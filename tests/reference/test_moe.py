@@ -38,7 +38,7 @@ def _sha(a):
     (128, 256, "1e726ddf71f1aecfdfce51e31b3d6d53fdfd744fe03e9e810dee275964ec8727",
      "6b822197077690948b067be706961f4e6e7695824bcc21782655da3bed8d7aed"),
     (256, 128, "6c5757ac98dfc1706c5d8e36e54a357ee47db77459799b0a14a3241e30e79322",  # one group: per-channel
-     "5c7c84bb485d19b47474f075550f5ea80447082d066c1b5be4ae4b604bcba4f9")])
+     "5c7c84bb485d19b47474f075550f5ea80447082d066c1b5be4ae4b604bcba4f9")], ids=["groups", "per_channel"])
 def test_marlin_bytes_match_nvidia(n, k, q_sha, s_sha):
     u, s = _vectors(2, n, k, 128)
     q, sc = L.pack_int4_experts(list(u), [x.T for x in s])
@@ -255,3 +255,65 @@ def test_route_renormalizes_exactly_and_breaks_ties_low():
     idx0, w0 = R.route(logits, 2, renormalize=False)
     assert np.array_equal(idx0, idx) and np.allclose(w0 / w0.sum(-1, keepdims=True), w, atol=1e-7)
     assert np.allclose(R.topk_mass(logits, 2)[:, 0], w0.sum(-1))
+
+
+# ------------------------------------------------------------------ GPTQ / AutoAWQ experts -> Marlin, exactly
+
+
+def _gptq_tensors(q, z, s, g_idx=None):
+    """GPTQ storage of codes q [K, N], actual zeros z [K/G, N] (stored as z - 1), scales [K/G, N]."""
+    k, n = q.shape
+    qw = np.zeros((k // 8, n), np.uint32)
+    for j in range(8):
+        qw |= q[j::8].astype(np.uint32) << np.uint32(4 * j)
+    qz = np.zeros((z.shape[0], n // 8), np.uint32)
+    for j in range(8):
+        qz |= (z[:, j::8] - 1).astype(np.uint32) << np.uint32(4 * j)
+    t = {"qweight": qw.view(np.int32), "qzeros": qz.view(np.int32), "scales": s}
+    if g_idx is not None:
+        t["g_idx"] = g_idx
+    return t
+
+
+def _awq_tensors(q, z, s):
+    """AutoAWQ GEMM storage: qweight [K, N/8], nibble j of column c = output channel 8c + [0,2,4,6,1,3,5,7][j]."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+
+    def pack(a):
+        out = np.zeros((a.shape[0], a.shape[1] // 8), np.uint32)
+        for j in range(8):
+            out |= a[:, order[j]::8].astype(np.uint32) << np.uint32(4 * j)
+        return out.view(np.int32)
+    return {"qweight": pack(q), "qzeros": pack(z), "scales": s}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_checkpoint_experts_become_marlin_bytes_exactly(method):
+    from onnx_rewriter.features.int4.checkpoint import read
+
+    rng = np.random.default_rng(7)
+    k, n, g = 256, 128, 128
+    z = rng.integers(6, 11, (k // g, n))  # asymmetric, but q - z + 8 fits a nibble where q is near z
+    q = np.clip(z[np.arange(k) // g] + rng.integers(-6, 7, (k, n)), 0, 15)
+    s = (rng.random((k // g, n)) * 0.01 + 0.001).astype(np.float16)
+    tensors = _gptq_tensors(q, z, s) if method == "gptq" else _awq_tensors(q, z, s)
+    linear = read({"quant_method": method, "group_size": g}, tensors)
+    u, scales = L.expert_codes(linear, "model.layers.0.mlp.experts.3.gate_proj")
+    qw, sc = L.pack_marlin(u), L.pack_marlin_scales(scales)
+    w = R.dequantize_marlin(qw, sc, n, k)  # [N, K] as the plugin forms it
+    assert np.array_equal(w, linear.dequantized().T)  # what the checkpoint means, bit for bit
+
+
+def test_checkpoint_experts_that_cannot_be_exact_are_refused():
+    from onnx_rewriter.features.int4.checkpoint import read
+
+    k, n, g = 256, 128, 128
+    z = np.full((k // g, n), 12)
+    q = np.zeros((k, n), int)  # q - z + 8 = -4: would have to be clipped
+    s = np.ones((k // g, n), np.float16)
+    with pytest.raises(ValueError, match=r"layers.1.*outside \[0, 15\].*zero-point"):
+        L.expert_codes(read({"quant_method": "gptq", "group_size": g}, _gptq_tensors(q, z, s)), "layers.1 expert 0")
+    g_idx = (np.arange(k) // g)[::-1].copy()  # act-order
+    q = np.full((k, n), 12)
+    with pytest.raises(ValueError, match="act-order"):
+        L.expert_codes(read({"quant_method": "gptq", "group_size": g}, _gptq_tensors(q, z, s, g_idx)), "layers.1")
