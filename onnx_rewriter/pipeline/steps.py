@@ -20,10 +20,12 @@ import onnx_graphsurgeon as gs
 from onnx_rewriter import progress, projections, safety, targets
 from onnx_rewriter.analysis import constants as exact
 from onnx_rewriter.analysis import dims as specmod
+from onnx_rewriter.analysis import moe as moe_graph
 from onnx_rewriter.analysis.mask_probe import MaskProbe
 from onnx_rewriter.errors import PatternMismatch, RewriteError, UnsupportedModel
 from onnx_rewriter.features import OPTIONS as FEATURE_OPTIONS
 from onnx_rewriter.features import implied, selected
+from onnx_rewriter.features.moe import support as moe_support
 from onnx_rewriter.linear_names import name_linears
 from onnx_rewriter.matching import engine
 from onnx_rewriter.matching.results import AttentionLayer, TokenEmbedding
@@ -234,8 +236,26 @@ def step_normalize(run: Run) -> None:
     run.source.graph = normalize(run.source.graph, reinfer=True, weight_transposes=True)
 
 
+def check_moe(run: Run) -> None:
+    """Refuse a Mixture-of-Experts model by name (none is written yet): from its config.json when there is one,
+    else from a router in the graph (a Softmax feeding a TopK), which would otherwise be reported as an attention
+    layer that does not match."""
+    target = run.options.target
+    why = moe_support.refusal(run.hf_config, str(target)) if run.hf_config is not None else None
+    if why is None:
+        found = moe_graph.routers(run.source.graph)
+        if found:
+            r = found[0]
+            why = moe_support.graph_refusal(r.layer, r.softmax, r.topk, r.experts, r.top_k, str(target))
+            if len(found) > 1:
+                why += f" (and {len(found) - 1} more layers)"
+    if why is not None:
+        raise UnsupportedModel(why)
+
+
 def step_match(run: Run) -> None:
     g = run.source.graph
+    check_moe(run)
     try:
         run.ctx = engine.run(g, list(STAGES), load_patterns(), info={"opset": run.source.opset})
     except engine.Refuse as exc:
