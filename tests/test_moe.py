@@ -118,14 +118,17 @@ def test_plain_moe_export_is_refused_naming_the_router(moe_baseline, tmp_path, c
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer")
     last = assert_refused(code, err, "layer 0", "Mixture-of-Experts router", "Softmax", "TopK", "8 experts, top-2",
-                          "not supported yet", "(and 1 more layers)")
+                          "I = 64", "top-k weights renormalized", "not supported yet", "(and 1 more layers)")
     assert "expected MatMul" not in last
     assert_no_output(out)
     code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer", "--target", "edgellm-0.5")
     assert_refused(code, err, "router", "edgellm-0.5", "no MoE plugin")
-    # with its config.json beside it: the config's words; inspect: a report, exit code 1
+    # with its config.json beside it: the same (the config adds nothing the graph did not say); inspect: a report,
+    # exit code 1
     code, _, err = run_cli(capsys, base, out)
-    assert_refused(code, err, "Mixture-of-Experts model (qwen3_moe: 8 experts, top-2)")
+    assert_refused(code, err, "layer 0", "Mixture-of-Experts router", "8 experts, top-2, I = 64")
+    code, _, err = run_cli(capsys, base, out, "--target", "edgellm-0.5")  # the config's reason, before matching
+    assert_refused(code, err, "Mixture-of-Experts model (qwen3_moe: 8 experts, top-2)", "edgellm-0.5")
     code, stdout, err = run_cli(capsys, "inspect", base)
     assert code == 1 and "Mixture-of-Experts" in stdout + err
     assert_no_output(out)

@@ -236,19 +236,29 @@ def step_normalize(run: Run) -> None:
     run.source.graph = normalize(run.source.graph, reinfer=True, weight_transposes=True)
 
 
-def check_moe(run: Run) -> None:
-    """Refuse a Mixture-of-Experts model by name (none is written yet): from its config.json when there is one,
-    else from a router in the graph (a Softmax feeding a TopK), which would otherwise be reported as an attention
-    layer that does not match."""
-    target = run.options.target
-    why = moe_support.refusal(run.hf_config, str(target)) if run.hf_config is not None else None
-    if why is None:
+def check_moe(run: Run, ctx: engine.Context | None = None) -> None:
+    """Refuse a Mixture-of-Experts model by name (none is written yet). Before matching (`ctx` None): the reasons
+    its config.json gives (GPT-OSS, MLA, FP8/INT8 experts, edgellm-0.5). After: each router in the graph (a Softmax
+    read by a TopK, which would otherwise be reported as an attention layer that does not match), with what the
+    moe_block pattern read there or why it did not match; a config.json saying MoE without any router in the graph
+    is refused too."""
+    target = str(run.options.target)
+    if ctx is None:
+        why = moe_support.refusal(run.hf_config, target, generic=False) if run.hf_config is not None else None
+    else:
         found = moe_graph.routers(run.source.graph)
+        why = None
         if found:
             r = found[0]
-            why = moe_support.graph_refusal(r.layer, r.softmax, r.topk, r.experts, r.top_k, str(target))
+            topk = next(n for n in run.source.graph.nodes if n.name == r.topk)
+            m = ctx.anchor_match("moe", topk)
+            misses = "; ".join(x.describe() for x in ctx.anchor_misses("moe", topk))
+            why = moe_support.graph_refusal(r.layer, r.softmax, r.topk, r.experts, r.top_k, target,
+                                            block=m.result if m else None, why_not=misses or None)
             if len(found) > 1:
                 why += f" (and {len(found) - 1} more layers)"
+        elif run.hf_config is not None:
+            why = moe_support.refusal(run.hf_config, target)
     if why is not None:
         raise UnsupportedModel(why)
 
@@ -260,6 +270,7 @@ def step_match(run: Run) -> None:
         run.ctx = engine.run(g, list(STAGES), load_patterns(), info={"opset": run.source.opset})
     except engine.Refuse as exc:
         raise UnsupportedModel(f"{exc.reason}{exc.where()}") from None
+    check_moe(run, run.ctx)
     anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention")]
     if not anchors:
         raise RewriteError("no attention found in the graph (no Softmax or Attention node); "

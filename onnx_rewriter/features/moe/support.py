@@ -31,7 +31,7 @@ _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_vl")
 _WA_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "compressed_tensors", "w8a8", "smoothquant")
 
-NOT_YET = "not supported yet (issue 28: no MoE patterns, so no Int4MoePlugin / Fp16MoePlugin graph is written)"
+NOT_YET = "not supported yet (issue 28: no Int4MoePlugin / Fp16MoePlugin graph is written)"
 
 
 def _llm(config: dict) -> dict:
@@ -83,8 +83,9 @@ def _what(cfg: dict, e: int, k: int | None) -> str:
     return f"{cfg.get('model_type') or 'MoE'}: {e} experts, top-{k if k is not None else '?'}"
 
 
-def refusal(config: dict, target: str | None = None) -> str | None:
-    """The one-line reason an MoE model is refused (most specific first), or None for a dense model."""
+def refusal(config: dict, target: str | None = None, generic: bool = True) -> str | None:
+    """The one-line reason an MoE model is refused (most specific first), or None for a dense model.
+    generic=False: only the model-specific reasons (1-3 above), not 'not supported yet'."""
     if not isinstance(config, dict):
         return None
     cfg = _llm(config)
@@ -108,13 +109,20 @@ def refusal(config: dict, target: str | None = None) -> str | None:
     if target is not None and not PLUGINS.get(str(target), ("?",)):
         return (f"Mixture-of-Experts model ({what}) cannot be written for {target}: runtimes 0.4/0.5 have no MoE "
                 f"plugin (Int4MoePlugin from runtime 0.6, Fp16MoePlugin from 0.9.1)")
-    return f"Mixture-of-Experts model ({what}): {NOT_YET}"
+    return f"Mixture-of-Experts model ({what}): {NOT_YET}" if generic else None
 
 
-def graph_refusal(layer: int, softmax: str, topk: str, e: int | None, k: int | None, target: str | None = None) -> str:
-    """The refusal for a router found in a graph (no config, or a config that does not say MoE)."""
+def graph_refusal(layer: int, softmax: str, topk: str, e: int | None, k: int | None, target: str | None = None,
+                  block=None, why_not: str | None = None) -> str:
+    """The refusal for a router found in a graph: `block` is the MoeBlock the pattern read there (E, k, I, the
+    renormalization), `why_not` the reason it did not match."""
+    if block is not None:
+        e, k = block.experts, block.top_k
+        shape = f", I = {block.inter}, top-k weights {'renormalized' if block.renormalize else 'not renormalized'}"
+    else:
+        shape = f"; not a routed block onnx_rewriter reads: {why_not}" if why_not else ""
     where = (f"layer {layer}: a Mixture-of-Experts router (Softmax '{softmax}' -> TopK '{topk}', "
-             f"{e if e else '?'} experts, top-{k if k else '?'})")
+             f"{e if e else '?'} experts, top-{k if k else '?'}{shape})")
     if target is not None and not PLUGINS.get(str(target), ("?",)):
         return f"{where} cannot be written for {target}: runtimes 0.4/0.5 have no MoE plugin"
     return f"{where}: MoE decoders are {NOT_YET}"
