@@ -18,7 +18,10 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 1
 
 
 @pytest.mark.parametrize("config,target,words", [
-    (QWEN3_MOE, "edgellm-0.11", ["Mixture-of-Experts", "qwen3_moe: 128 experts, top-8", "not supported yet"]),
+    (QWEN3_MOE, "edgellm-0.10", ["Mixture-of-Experts", "qwen3_moe: 128 experts, top-8", "not supported yet",
+                                 "only as Fp16MoePlugin on edgellm-0.11"]),
+    ({**QWEN3_MOE, "num_experts": 64}, "edgellm-0.11", ["64 experts", "128 or 256 experts"]),
+    ({**QWEN3_MOE, "num_experts_per_tok": 9}, "edgellm-0.11", ["top-9"]),
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
     ({**{k: v for k, v in QWEN3_MOE.items() if k != "num_experts"}, "num_local_experts": 8}, "edgellm-0.9",
      ["8 experts"]),
@@ -40,7 +43,7 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 1
      ["ModelOpt FP8"]),
     ({**QWEN3_MOE, "quantization_config": {"quant_method": "gptq", "bits": 8}}, "edgellm-0.10", ["INT8 (gptq"]),
     # a VLM's decoder (Qwen3-VL-MoE keeps it in text_config)
-    ({"model_type": "qwen3_vl_moe", "text_config": QWEN3_MOE}, "edgellm-0.11", ["128 experts"]),
+    ({"model_type": "qwen3_vl_moe", "text_config": QWEN3_MOE}, "edgellm-0.9", ["128 experts"]),
 ])
 def test_refusal_names_moe_and_the_reason(config, target, words):
     why = support.refusal(config, target)
@@ -57,6 +60,12 @@ def test_refusal_names_moe_and_the_reason(config, target, words):
 ])
 def test_dense_models_are_not_moe_refusals(config):
     assert support.refusal(config, "edgellm-0.9") is None
+
+
+def test_what_is_written_is_not_refused_before_the_rewrite():
+    """Qwen3-MoE with 128 or 256 experts on edgellm-0.11: the rewrite reads its blocks (the moe feature checks them)."""
+    assert support.refusal(QWEN3_MOE, "edgellm-0.11") is None
+    assert support.refusal({**QWEN3_MOE, "num_experts": 256}, "edgellm-0.11") is None
 
 
 @pytest.mark.parametrize("config,words", [
@@ -107,27 +116,26 @@ def test_export_of_the_tiny_qwen3_moe_is_refused(models, moe_baseline, tmp_path,
     assert_no_output(out)
 
 
-def test_plain_moe_export_is_refused_naming_the_router(moe_baseline, tmp_path, capsys):
-    """Without a config.json the graph says it: the router (Softmax -> TopK) of layer 0, E and k read off it; it used
-    to be reported as an attention layer that did not match ('expected MatMul, found Gemm')."""
+def test_plain_moe_export_is_refused_naming_what_it_read(moe_baseline, tmp_path, capsys):
+    """Without a config.json the graph says it: the moe_block pattern reads E, k, I and the renormalization off each
+    routed block (the router used to be reported as an attention layer: 'expected MatMul, found Gemm'), and the
+    moe feature refuses what it cannot write, naming the layers and the reason."""
     _, base = moe_baseline
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model.onnx").symlink_to(base)
     (bare / "model.onnx.data").symlink_to(base.with_name("model.onnx.data"))
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer")
-    last = assert_refused(code, err, "layer 0", "Mixture-of-Experts router", "Softmax", "TopK", "8 experts, top-2",
-                          "I = 64", "top-k weights renormalized", "not supported yet", "(and 1 more layers)")
+    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer")  # edgellm-0.9
+    last = assert_refused(code, err, "Mixture-of-Experts layers 0, 1", "8 experts, top-2, I = 64",
+                          "top-k weights renormalized", "edgellm-0.9", "runtime 0.9.1")
     assert "expected MatMul" not in last
-    assert_no_output(out)
+    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer", "--target", "edgellm-0.11")
+    assert_refused(code, err, "layer 0", "8 experts (Fp16MoePlugin takes 128 or 256")
     code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer", "--target", "edgellm-0.5")
-    assert_refused(code, err, "router", "edgellm-0.5", "no MoE plugin")
-    # with its config.json beside it: the same (the config adds nothing the graph did not say); inspect: a report,
-    # exit code 1
-    code, _, err = run_cli(capsys, base, out)
-    assert_refused(code, err, "layer 0", "Mixture-of-Experts router", "8 experts, top-2, I = 64")
-    code, _, err = run_cli(capsys, base, out, "--target", "edgellm-0.5")  # the config's reason, before matching
+    assert_refused(code, err, "edgellm-0.5", "no MoE plugin")
+    # with its config.json beside it: the config's reason where it has one, before matching; inspect: exit code 1
+    code, _, err = run_cli(capsys, base, out, "--target", "edgellm-0.5")
     assert_refused(code, err, "Mixture-of-Experts model (qwen3_moe: 8 experts, top-2)", "edgellm-0.5")
     code, stdout, err = run_cli(capsys, "inspect", base)
     assert code == 1 and "Mixture-of-Experts" in stdout + err
@@ -147,3 +155,111 @@ def test_tiny_qwen3_moe_export_graph_form(moe_baseline):
     dims = sorted(tuple(i.dims) for i in g.initializer if len(i.dims) == 3)
     assert dims == [(8, 128, 64), (8, 128, 64), (8, 128, 128), (8, 128, 128)]
     assert not any(n.domain not in ("", "ai.onnx") for n in g.node)
+
+
+# ------------------------------------------------------------------ Fp16MoePlugin on edgellm-0.11, verified
+
+
+@pytest.fixture(scope="module")
+def moe128(models, tmp_path_factory):
+    """A tiny Qwen3-MoE with 128 experts, top-4 (what Fp16MoePlugin takes) and its plain export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onnx_rewriter.hf.export import export_baseline
+
+    ckpt = models.checkpoint("qwen3_moe", num_experts=128, num_experts_per_tok=4)
+    out = tmp_path_factory.mktemp("qwen3_moe128_base")
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, experts_implementation="batched_mm").eval()
+    export_baseline(model, out / "model.onnx")
+    models.copy_side_files(ckpt, out)
+    return ckpt, out / "model.onnx"
+
+
+def _rewrite_011(base, out):
+    import onnx_rewriter
+
+    return onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.11", dtype="float16")
+
+
+def test_fp16_moe_plugin_on_011_verifies(moe128, tmp_path):
+    import onnx
+
+    import onnx_rewriter
+
+    ckpt, base = moe128
+    out = tmp_path / "out"
+    run = _rewrite_011(base, out)
+    g = onnx.load(out / "model.onnx").graph
+    plugins = [n for n in g.node if n.op_type == "Fp16MoePlugin"]
+    assert len(plugins) == 2 and all(n.domain == "trt_edgellm" for n in plugins)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugins[0].attribute}
+    assert attrs == {"num_experts": 128, "top_k": 4, "hidden_size": 128, "moe_inter_size": 64, "activation_type": 2,
+                     "norm_topk_prob": 1, "max_routed_rows": 0}
+    ops = {n.op_type for n in g.node}
+    assert not ops & {"TopK", "GatherND", "Softmax", "Split"}  # router softmax, top-k and experts: in the plugin
+    producers = {o: n for n in g.node for o in n.output}
+    assert producers[plugins[0].input[0]].op_type == "Cast"  # fp32 router logits from the fp16 router GEMM
+    inits = {i.name: i for i in g.initializer}
+    assert list(inits[plugins[0].input[2]].dims) == [128, 128, 128] and list(inits[plugins[0].input[3]].dims) == \
+        [128, 128, 64]
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"], cfg["enable_moe_block"],
+            cfg["intermediate_size"]) == (128, 4, 64, False, 128)
+    assert run.report.features["moe"]["layers"] == [0, 1]
+    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+
+
+def test_fp16_moe_plugin_bugs_fail_verify(moe128, tmp_path, monkeypatch):
+    """fc1 in Int4MoePlugin's row order (gate first), or norm_topk_prob flipped: verify must fail."""
+    import onnx
+
+    import onnx_rewriter
+    from onnx_rewriter.features.moe import layout
+
+    ckpt, base = moe128
+    with monkeypatch.context() as mp:
+        mp.setattr(layout, "fp16_fc1", layout.int4_fc1)
+        _rewrite_011(base, tmp_path / "swapped")
+    assert not onnx_rewriter.verify(str(tmp_path / "swapped"), model=str(ckpt)).passed
+    out = tmp_path / "flipped"
+    _rewrite_011(base, out)
+    model = onnx.load(out / "model.onnx")
+    for n in model.graph.node:
+        for a in n.attribute:
+            if n.op_type == "Fp16MoePlugin" and a.name == "norm_topk_prob":
+                a.i = 0
+    onnx.save(model, out / "model.onnx")
+    assert not onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--target", "edgellm-0.10"], ["Mixture-of-Experts layers 0, 1", "edgellm-0.10", "rank-3", "edgellm-0.11"]),
+    (["--target", "edgellm-0.11", "--dtype", "float32"], ["--dtype float16"]),
+])
+def test_fp16_moe_plugin_refusals(moe128, tmp_path, capsys, args, words):
+    _, base = moe128
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, base, out, *args)
+    assert_refused(code, err, *words)
+    assert_no_output(out)
+
+
+def test_router_whose_block_is_not_read_is_refused_with_the_patterns_reason(moe_baseline, tmp_path, capsys):
+    """The SiLU's Sigmoid reading the second half of the gate/up split (not HF's gate, up order): not a block the
+    rewriter reads, so the layer is refused with the pattern's failed check instead of being guessed at."""
+    import onnx
+
+    _, base = moe_baseline
+    model = onnx.load(base, load_external_data=False)
+    split = next(n for n in model.graph.node if n.op_type == "Split")
+    sigmoid = next(n for n in model.graph.node if n.op_type == "Sigmoid" and n.input[0] == split.output[0])
+    sigmoid.input[0] = split.output[1]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    onnx.save(model, bad / "model.onnx")
+    (bad / "model.onnx.data").symlink_to(base.with_name("model.onnx.data"))
+    code, _, err = run_cli(capsys, bad / "model.onnx", tmp_path / "out", "--no-tokenizer", "--target", "edgellm-0.11")
+    assert_refused(code, err, "layer 0", "Mixture-of-Experts router", "not a routed block onnx_rewriter reads",
+                   "SiLU of the gate half")
+    assert_no_output(tmp_path / "out")

@@ -2,8 +2,9 @@
 
 Attention's Softmax never feeds a TopK; an MoE router does (transformers' Qwen3-MoE / Qwen2-MoE exports:
 `Gemm(x, mlp.gate.weight) -> Softmax -> TopK(k)`, docs/contract.md, "Mixture-of-Experts"). `routers` lists
-them with the decoder layer they sit in (counted by the attention Softmaxes before them) so the rewrite
-can refuse an MoE graph by name instead of reporting the router as an attention layer that did not match.
+them with the decoder layer they sit in (counted by the attention Softmaxes before them): the rewrite takes
+their Softmaxes out of the attention anchors, implies the moe feature, and names the layer of a block the
+moe_block pattern did not read.
 """
 
 from __future__ import annotations

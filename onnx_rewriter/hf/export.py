@@ -94,9 +94,15 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
     except ValueError as exc:
         raise safety.remote_code_error(exc, model) or RewriteError(
             f"unsupported model in '{model}': {str(exc).splitlines()[0][:160]}") from None
-    why = moe_support.refusal(config.to_dict())  # a hub id: its config was not read before
+    why = moe_support.refusal(config.to_dict(), generic=False)  # a hub id: its config was not read before
     if why is not None:
         raise UnsupportedModel(f"'{model}': {why}")
+    moe = {}
+    if moe_support.experts(config.to_dict()):
+        # transformers' default "grouped_mm" experts do not convert to ONNX and "eager" does not trace; "batched_mm"
+        # exports the form patterns/moe_block.py reads (docs/contract.md, "Mixture-of-Experts decoders")
+        config._experts_implementation = "batched_mm"
+        moe = {"experts_implementation": "batched_mm"}
     if getattr(config, "is_encoder_decoder", False):
         raise RewriteError(f"'{model}' is an encoder-decoder model ({getattr(config, 'model_type', '?')}); "
                            f"onnx_rewriter handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)")
@@ -116,7 +122,7 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
-                                                         trust_remote_code=trust_remote_code, **hub)
+                                                         trust_remote_code=trust_remote_code, **hub, **moe)
     except ValueError as exc:
         refusal = safety.remote_code_error(exc, model)
         if refusal is not None:

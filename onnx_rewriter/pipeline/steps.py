@@ -247,17 +247,17 @@ def check_moe(run: Run, ctx: engine.Context | None = None) -> None:
         why = moe_support.refusal(run.hf_config, target, generic=False) if run.hf_config is not None else None
     else:
         found = moe_graph.routers(run.source.graph)
+        nodes = {n.name: n for n in run.source.graph.nodes}
+        unread = [r for r in found if ctx.anchor_match("moe", nodes[r.topk]) is None]
         why = None
-        if found:
-            r = found[0]
-            topk = next(n for n in run.source.graph.nodes if n.name == r.topk)
-            m = ctx.anchor_match("moe", topk)
-            misses = "; ".join(x.describe() for x in ctx.anchor_misses("moe", topk))
+        if unread:  # the blocks the pattern read go on to the moe feature, which refuses what it cannot write
+            r = unread[0]
+            misses = "; ".join(x.describe() for x in ctx.anchor_misses("moe", nodes[r.topk]))
             why = moe_support.graph_refusal(r.layer, r.softmax, r.topk, r.experts, r.top_k, target,
-                                            block=m.result if m else None, why_not=misses or None)
-            if len(found) > 1:
-                why += f" (and {len(found) - 1} more layers)"
-        elif run.hf_config is not None:
+                                            why_not=misses or "not recognized")
+            if len(unread) > 1:
+                why += f" (and {len(unread) - 1} more layers)"
+        elif not found and run.hf_config is not None:
             why = moe_support.refusal(run.hf_config, target)
     if why is not None:
         raise UnsupportedModel(why)
@@ -271,7 +271,8 @@ def step_match(run: Run) -> None:
     except engine.Refuse as exc:
         raise UnsupportedModel(f"{exc.reason}{exc.where()}") from None
     check_moe(run, run.ctx)
-    anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention")]
+    router_softmax = {r.softmax for r in moe_graph.routers(g)}  # MoE routers are not attention
+    anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention") and n.name not in router_softmax]
     if not anchors:
         raise RewriteError("no attention found in the graph (no Softmax or Attention node); "
                            "is this a decoder LLM export?")

@@ -1,6 +1,144 @@
-"""Mixture-of-Experts decoders (issue 28; contract part 3 §15; docs/contract.md, "Mixture-of-Experts").
+"""Mixture-of-Experts decoders (issue 28; contract part 3 §15; docs/contract.md, "Mixture-of-Experts decoders").
 
-Not a registered feature yet: no MoE graph is written on any target. What is here:
-- ``layout``: the expert weight bytes of ``Int4MoePlugin`` (Marlin) and FC1's row order per plugin;
-The CPU reference of both plugins is ``reference/moe.py``.
+The `Moe` feature is implied by the graph (a router: a Softmax read by a TopK). Each routed block the
+`moe_block` pattern read (`MoeBlock`: router logits, tokens, stacked expert weights, E, k, I, renormalization)
+becomes one `Fp16MoePlugin` node, today on `edgellm-0.11` only (`[T, H]` hidden states, as that runtime wants):
+
+    Fp16MoePlugin(Cast(router_logits, FLOAT), x, fc1 [E, 2I, H], fc2 [E, H, I])
+
+fc1 holds gate and up in the plugin's 64-row interleave starting with up (`layout.fp16_fc1`), fc2 is HF's
+down_proj; both are computed at write time from the export's stacked weights. `check` refuses, naming the layer,
+what the plugin cannot take (E other than 128 / 256, k > 8, H % 128, I % 64, an fp32 output) and the targets not
+wired yet. Other modules: ``layout`` (the bytes and row orders of both MoE plugins, GPTQ/AWQ experts) and ``support``
+(plugins per target, the refusals of MoE models before anything is loaded). The CPU reference is
+``reference/moe.py``.
 """
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx.defs import OpSchema
+
+from onnx_rewriter.errors import UnsupportedModel
+from onnx_rewriter.features.base import Feature
+from onnx_rewriter.features.moe import layout
+from onnx_rewriter.features.moe.support import FP16_EXPERT_COUNTS
+from onnx_rewriter.modelio.graph import computed_constant, constant_array
+from onnx_rewriter.modelio.normalize import replace_uses
+
+# What each target writes for a routed block: the plugin and the rank of its hidden states; None: not wired yet.
+PLANS = {
+    "edgellm-0.11": ("Fp16MoePlugin", 2),
+}
+WHY_NOT = {
+    "edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin",
+    "edgellm-0.9": "Fp16MoePlugin exists only in runtime 0.9.1 and Int4MoePlugin's graph is not written yet",
+    "edgellm-0.10": "its rank-3 [B, S, H] hidden-states form is not wired yet (only edgellm-0.11's [T, H] is)",
+}
+
+
+def blocks(run) -> list:
+    """(layer, MoeBlock) of every routed block matched, in graph order (layer = attention layers before it)."""
+    from onnx_rewriter.analysis.moe import routers
+
+    layer_of = {r.topk: r.layer for r in routers(run.source.graph)}
+    found = [(layer_of.get(m.anchor.name, -1), m.result) for m in run.ctx.matches.get("moe", {}).values()]
+    return sorted(found, key=lambda lb: lb[0])
+
+
+class Moe(Feature):
+    name = "moe"
+
+    def __init__(self):
+        self.found: list = []  # (layer, MoeBlock), read in check (before the build removes the attention Softmaxes)
+
+    def check(self, run, target) -> None:
+        found = self.found = blocks(run)
+        if not found:
+            return
+        name = str(target)
+        if name not in PLANS:
+            b = found[0][1]
+            what = (f"{b.experts} experts, top-{b.top_k}, I = {b.inter}, top-k weights "
+                    f"{'renormalized' if b.renormalize else 'not renormalized'}")
+            raise UnsupportedModel(f"Mixture-of-Experts layers {', '.join(str(layer) for layer, _ in found)} ({what}) "
+                                   f"cannot be written for {name}: {WHY_NOT.get(name, 'no MoE plugin plan for it')}"
+                                   + ("; use --target edgellm-0.11" if b.experts in FP16_EXPERT_COUNTS else ""))
+        if run.options.dtype != "float16":
+            raise UnsupportedModel(f"Mixture-of-Experts layers need --dtype float16: {PLANS[name][0]} computes "
+                                   f"in fp16 only")
+        for layer, b in found:
+            bad = []
+            if b.experts not in FP16_EXPERT_COUNTS:
+                bad.append(f"{b.experts} experts (Fp16MoePlugin takes {' or '.join(map(str, FP16_EXPERT_COUNTS))}; "
+                           f"the Int4MoePlugin graph is not written yet)")
+            if b.top_k > 8:
+                bad.append(f"top-{b.top_k} (at most 8)")
+            if b.hidden % 128:
+                bad.append(f"hidden size {b.hidden} (a multiple of 128)")
+            if b.inter % 64:
+                bad.append(f"expert width I = {b.inter} (a multiple of 64)")
+            if bad:
+                raise UnsupportedModel(f"layer {layer}: Mixture-of-Experts block cannot be an Fp16MoePlugin: "
+                                       + ", ".join(bad))
+        shapes = {(b.experts, b.top_k, b.inter) for _, b in found}
+        if len(shapes) > 1:
+            raise UnsupportedModel(f"Mixture-of-Experts layers differ in (experts, top-k, I): {sorted(shapes)}; "
+                                   f"config.json has one set of MoE keys")
+        run.report.features[self.name] = {"layers": [layer for layer, _ in found], "plugin": PLANS[name][0],
+                                          "experts": found[0][1].experts, "top_k": found[0][1].top_k,
+                                          "moe_intermediate_size": found[0][1].inter,
+                                          "norm_topk_prob": found[0][1].renormalize}
+
+    def apply(self, run, build) -> None:
+        found = self.found
+        if not found:
+            return
+        g = build.graph
+        domain = next(n.domain for n in g.nodes if n.op == "AttentionPlugin")
+        base_dir = run.source.base_dir
+        for layer, b in found:
+            prefix = f"/model/layers.{layer}/mlp/experts"
+            logits = gs.Variable(f"{prefix}/router_logits_fp32", np.float32, b.router_logits.shape)
+            g.nodes.append(gs.Node("Cast", f"{prefix}/router_logits_cast", attrs={"to": onnx.TensorProto.FLOAT},
+                                   inputs=[b.router_logits], outputs=[logits]))
+            x = b.x
+            if x.dtype != np.float16:
+                x16 = gs.Variable(f"{prefix}/hidden_fp16", np.float16, b.x.shape)
+                g.nodes.append(gs.Node("Cast", f"{prefix}/hidden_cast", attrs={"to": onnx.TensorProto.FLOAT16},
+                                       inputs=[x], outputs=[x16]))
+                x = x16
+            i, e, h = b.inter, b.experts, b.hidden
+
+            def fc1(w=b.gate_up, i=i):
+                a = constant_array(w, base_dir)
+                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)
+
+            def fc2(w=b.down):
+                return constant_array(w, base_dir).astype(np.float16)
+
+            out = gs.Variable(f"{prefix}/Fp16MoePlugin_out", np.float16, b.out.shape)
+            g.nodes.append(gs.Node(
+                "Fp16MoePlugin", f"{prefix}/Fp16MoePlugin", domain=domain,
+                inputs=[logits, x, computed_constant(f"{prefix}.fc1_weights", np.float16, (e, 2 * i, h), fc1),
+                        computed_constant(f"{prefix}.fc2_weights", np.float16, (e, h, i), fc2)],
+                outputs=[out],
+                attrs={"num_experts": e, "top_k": b.top_k, "hidden_size": h, "moe_inter_size": i,
+                       "activation_type": 2, "norm_topk_prob": int(b.renormalize), "max_routed_rows": 0}))
+            replace_uses(g, b.out, out)
+        g.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    def config(self, run, cfg: dict) -> None:
+        found = self.found
+        if found:
+            b = found[0][1]
+            cfg.update(num_experts=b.experts, num_experts_per_tok=b.top_k, moe_intermediate_size=b.inter,
+                       enable_moe_block=False)
+
+    def schemas(self) -> list:
+        ints = {a: OpSchema.AttrType.INT for a in ("num_experts", "top_k", "hidden_size", "moe_inter_size",
+                                                     "activation_type", "norm_topk_prob", "max_routed_rows")}
+        return [("Fp16MoePlugin", ["router_logits", "hidden_states", "fc1_weights", "fc2_weights"], ["output"],
+                 ints)]

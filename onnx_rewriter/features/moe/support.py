@@ -1,17 +1,18 @@
-"""Which MoE plugin each target's runtime has, and the one-line refusals for MoE models (contract part 3 §15.1,
-§15.6; docs/support.md, "Mixture-of-Experts").
+"""Which MoE plugin each target's runtime has, and the one-line refusals of MoE models read off their config.json
+(contract part 3 §15.1, §15.6; docs/contract.md, "Mixture-of-Experts decoders").
 
-No MoE graph is written yet on any target (issue 28): every MoE model is refused, before anything is loaded
-or written, with the most specific reason that applies:
+What is written today is one Fp16MoePlugin per routed block on edgellm-0.11 with 128 or 256 experts
+(features/moe/__init__.py, which checks the blocks the pattern read). Before anything is loaded or matched, a
+config.json is refused with the most specific reason that applies:
 
 1. models no EdgeLLM plugin can run at all: GPT-OSS (expert biases), DeepSeek-V2/V3 / Kimi (MLA attention);
 2. FP8 / INT8 expert checkpoints (no MoE plugin reads them);
 3. `edgellm-0.5` (runtimes 0.4/0.5 have no MoE plugin);
-4. any other MoE decoder (Qwen3-MoE, Qwen2-MoE, Mixtral, ...): not supported yet, naming E and k.
+4. (``generic``, the export route) any other MoE decoder that is not what is written today: not supported yet,
+   naming E and k.
 
 ``refusal(config, target)`` reads an HF config (a dict; a VLM's ``text_config`` included) and returns that line
-or None for a dense model; ``graph_refusal`` words the same for a graph without a config (analysis/moe.py
-finds its routers).
+or None; ``graph_refusal`` words the refusal of a router found in a graph that the moe_block pattern did not read.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ PLUGINS = {
     "edgellm-0.11": ("Int4MoePlugin", "Fp16MoePlugin"),
 }
 FP16_EXPERT_COUNTS = (128, 256)  # Fp16MoePlugin's validateAttributes
+# What onnx_rewriter writes today, per target: the expert counts it takes (Fp16MoePlugin on edgellm-0.11 only).
+WRITTEN = {"edgellm-0.11": FP16_EXPERT_COUNTS}
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_vl")
 _WA_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "compressed_tensors", "w8a8", "smoothquant")
 
-NOT_YET = "not supported yet (issue 28: no Int4MoePlugin / Fp16MoePlugin graph is written)"
+NOT_YET = ("not supported yet: onnx_rewriter writes MoE layers only as Fp16MoePlugin on edgellm-0.11, with 128 or "
+           "256 experts (issue 28: the Int4MoePlugin graph and the other targets are not wired yet)")
 
 
 def _llm(config: dict) -> dict:
@@ -109,18 +113,16 @@ def refusal(config: dict, target: str | None = None, generic: bool = True) -> st
     if target is not None and not PLUGINS.get(str(target), ("?",)):
         return (f"Mixture-of-Experts model ({what}) cannot be written for {target}: runtimes 0.4/0.5 have no MoE "
                 f"plugin (Int4MoePlugin from runtime 0.6, Fp16MoePlugin from 0.9.1)")
-    return f"Mixture-of-Experts model ({what}): {NOT_YET}" if generic else None
+    e, k = found
+    if not generic or (e in WRITTEN.get(str(target), ()) and (k is None or k <= 8)):
+        return None  # the rewrite reads the blocks and checks the rest (features/moe)
+    return f"Mixture-of-Experts model ({what}): {NOT_YET}"
 
 
 def graph_refusal(layer: int, softmax: str, topk: str, e: int | None, k: int | None, target: str | None = None,
-                  block=None, why_not: str | None = None) -> str:
-    """The refusal for a router found in a graph: `block` is the MoeBlock the pattern read there (E, k, I, the
-    renormalization), `why_not` the reason it did not match."""
-    if block is not None:
-        e, k = block.experts, block.top_k
-        shape = f", I = {block.inter}, top-k weights {'renormalized' if block.renormalize else 'not renormalized'}"
-    else:
-        shape = f"; not a routed block onnx_rewriter reads: {why_not}" if why_not else ""
+                  why_not: str | None = None) -> str:
+    """The refusal of a router found in a graph whose block the moe_block pattern did not read (`why_not`)."""
+    shape = f"; not a routed block onnx_rewriter reads: {why_not}" if why_not else ""
     where = (f"layer {layer}: a Mixture-of-Experts router (Softmax '{softmax}' -> TopK '{topk}', "
              f"{e if e else '?'} experts, top-{k if k else '?'}{shape})")
     if target is not None and not PLUGINS.get(str(target), ("?",)):
