@@ -251,6 +251,13 @@ MUTANTS = [
         ("    u = linear.q - linear.z[np.arange(k) // linear.group] + 8",
          "    u = linear.q - linear.z[np.arange(k) // linear.group] + 9")],
         ["tests/reference/test_moe.py::test_checkpoint_experts_become_marlin_bytes_exactly"]),
+    Mutant("MoE feature: Fp16MoePlugin fc1 written gate-first", "onnx_rewriter/features/moe/__init__.py", [
+        ("                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)",
+         "                return layout.int4_fc1(a[:, :i], a[:, i:]).astype(np.float16)")],
+        ["tests/test_moe.py::test_fp16_moe_plugin_on_011_verifies"]),
+    Mutant("MoE pattern: every block read as renormalized", "patterns/moe_block.py", [
+        ("        renormalize = bool(sums)", "        renormalize = True")],
+        ["tests/patterns/test_moe_block.py::test_matches_and_reads_the_block"]),
     # ---------------------------------------------------------------- output-path safety
     Mutant("safety: protected folders compared before resolving symlinks", "onnx_rewriter/safety.py", [
         ("        p = resolved(p)\n        if _within(out, p) or _within(p, out):",

@@ -263,3 +263,35 @@ def test_router_whose_block_is_not_read_is_refused_with_the_patterns_reason(moe_
     assert_refused(code, err, "layer 0", "Mixture-of-Experts router", "not a routed block onnx_rewriter reads",
                    "SiLU of the gate half")
     assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_qwen2_moe_shared_expert_and_no_renormalization_on_011(models, tmp_path):
+    """Qwen2-MoE with 128 experts: layer 0 dense (mlp_only_layers), layer 1 routed with norm_topk_prob false and a
+    shared expert behind a sigmoid gate (it stays in the graph). Verified; norm_topk_prob flipped to 1 fails."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import onnx_rewriter
+    from onnx_rewriter.hf.export import export_baseline
+
+    ckpt = models.checkpoint("qwen2_moe", num_experts=128, num_experts_per_tok=4)
+    base = tmp_path / "base"
+    base.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, experts_implementation="batched_mm").eval()
+    export_baseline(model, base / "model.onnx")
+    models.copy_side_files(ckpt, base)
+    out = tmp_path / "out"
+    run = _rewrite_011(base / "model.onnx", out)
+    assert run.report.features["moe"]["layers"] == [1] and run.report.features["moe"]["norm_topk_prob"] is False
+    m = onnx.load(out / "model.onnx")
+    plugins = [n for n in m.graph.node if n.op_type == "Fp16MoePlugin"]
+    assert len(plugins) == 1
+    assert {a.name: a.i for a in plugins[0].attribute}["norm_topk_prob"] == 0
+    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+    for a in plugins[0].attribute:
+        if a.name == "norm_topk_prob":
+            a.i = 1
+    onnx.save(m, out / "model.onnx")
+    assert not onnx_rewriter.verify(str(out), model=str(ckpt)).passed
