@@ -254,7 +254,7 @@ MUTANTS = [
     Mutant("MoE feature: Fp16MoePlugin fc1 written gate-first", "onnx_rewriter/features/moe/__init__.py", [
         ("                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)",
          "                return layout.int4_fc1(a[:, :i], a[:, i:]).astype(np.float16)")],
-        ["tests/test_moe.py::test_fp16_moe_plugin_on_011_verifies"]),
+        ["tests/test_moe.py::test_fp16_moe_plugin_verifies[edgellm-0.11-2]"]),
     Mutant("MoE pattern: every block read as renormalized", "patterns/moe_block.py", [
         ("        renormalize = bool(sums)", "        renormalize = True")],
         ["tests/patterns/test_moe_block.py::test_matches_and_reads_the_block"]),

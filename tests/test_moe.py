@@ -18,8 +18,8 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 1
 
 
 @pytest.mark.parametrize("config,target,words", [
-    (QWEN3_MOE, "edgellm-0.10", ["Mixture-of-Experts", "qwen3_moe: 128 experts, top-8", "not supported yet",
-                                 "only as Fp16MoePlugin on edgellm-0.11"]),
+    (QWEN3_MOE, "edgellm-0.9", ["Mixture-of-Experts", "qwen3_moe: 128 experts, top-8", "not supported yet",
+                                "only as Fp16MoePlugin on edgellm-0.10 / 0.11"]),
     ({**QWEN3_MOE, "num_experts": 64}, "edgellm-0.11", ["64 experts", "128 or 256 experts"]),
     ({**QWEN3_MOE, "num_experts_per_tok": 9}, "edgellm-0.11", ["top-9"]),
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
@@ -63,8 +63,10 @@ def test_dense_models_are_not_moe_refusals(config):
 
 
 def test_what_is_written_is_not_refused_before_the_rewrite():
-    """Qwen3-MoE with 128 or 256 experts on edgellm-0.11: the rewrite reads its blocks (the moe feature checks them)."""
+    """Qwen3-MoE with 128 or 256 experts on edgellm-0.10 / 0.11: the rewrite reads its blocks (the moe feature checks
+    them)."""
     assert support.refusal(QWEN3_MOE, "edgellm-0.11") is None
+    assert support.refusal(QWEN3_MOE, "edgellm-0.10") is None
     assert support.refusal({**QWEN3_MOE, "num_experts": 256}, "edgellm-0.11") is None
 
 
@@ -176,28 +178,36 @@ def moe128(models, tmp_path_factory):
     return ckpt, out / "model.onnx"
 
 
-def _rewrite_011(base, out):
+def _rewrite_011(base, out, target="edgellm-0.11"):
     import onnx_rewriter
 
-    return onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.11", dtype="float16")
+    return onnx_rewriter.rewrite(str(base), str(out), target=target, dtype="float16")
 
 
-def test_fp16_moe_plugin_on_011_verifies(moe128, tmp_path):
+@pytest.mark.parametrize("target,rank", [("edgellm-0.11", 2), ("edgellm-0.10", 3)])
+def test_fp16_moe_plugin_verifies(moe128, tmp_path, target, rank):
+    """0.11: hidden_states [T, H]; 0.10 (runtimes <= 0.10 check rank 3): [B, S, H], the output reshaped back."""
     import onnx
 
     import onnx_rewriter
 
     ckpt, base = moe128
     out = tmp_path / "out"
-    run = _rewrite_011(base, out)
-    g = onnx.load(out / "model.onnx").graph
+    run = _rewrite_011(base, out, target)
+    model = onnx.load(out / "model.onnx")
+    g = model.graph
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in list(typed.value_info) + list(typed.input)}
+    assert all(shapes[n.input[1]] == rank and shapes[n.input[0]] == 2 for n in g.node if n.op_type == "Fp16MoePlugin")
     plugins = [n for n in g.node if n.op_type == "Fp16MoePlugin"]
     assert len(plugins) == 2 and all(n.domain == "trt_edgellm" for n in plugins)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugins[0].attribute}
     assert attrs == {"num_experts": 128, "top_k": 4, "hidden_size": 128, "moe_inter_size": 64, "activation_type": 2,
                      "norm_topk_prob": 1, "max_routed_rows": 0}
     ops = {n.op_type for n in g.node}
-    assert not ops & {"TopK", "GatherND", "Softmax", "Split"}  # router softmax, top-k and experts: in the plugin
+    assert not ops & {"TopK", "Softmax", "Split"}  # router softmax, top-k and experts: in the plugin
+    inits = {i.name: i for i in g.initializer}
+    assert not [n for n in g.node if n.op_type == "GatherND" and len(getattr(inits.get(n.input[0]), "dims", ())) == 3]
     producers = {o: n for n in g.node for o in n.output}
     assert producers[plugins[0].input[0]].op_type == "Cast"  # fp32 router logits from the fp16 router GEMM
     inits = {i.name: i for i in g.initializer}
@@ -234,7 +244,8 @@ def test_fp16_moe_plugin_bugs_fail_verify(moe128, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--target", "edgellm-0.10"], ["Mixture-of-Experts layers 0, 1", "edgellm-0.10", "rank-3", "edgellm-0.11"]),
+    (["--target", "edgellm-0.9"], ["Mixture-of-Experts layers 0, 1", "edgellm-0.9", "runtime 0.9.1",
+                                   "use --target edgellm-0.10 or edgellm-0.11"]),
     (["--target", "edgellm-0.11", "--dtype", "float32"], ["--dtype float16"]),
 ])
 def test_fp16_moe_plugin_refusals(moe128, tmp_path, capsys, args, words):

@@ -2,16 +2,17 @@
 
 The `Moe` feature is implied by the graph (a router: a Softmax read by a TopK). Each routed block the
 `moe_block` pattern read (`MoeBlock`: router logits, tokens, stacked expert weights, E, k, I, renormalization)
-becomes one `Fp16MoePlugin` node, today on `edgellm-0.11` only (`[T, H]` hidden states, as that runtime wants):
+becomes one `Fp16MoePlugin` node on `edgellm-0.11` (`[T, H]` hidden states) and `edgellm-0.10` (`[B, S, H]`, the
+tokens' source before the block's Reshape; the plugin's output is reshaped back to `[T, H]`):
 
     Fp16MoePlugin(Cast(router_logits, FLOAT), x, fc1 [E, 2I, H], fc2 [E, H, I])
 
 fc1 holds gate and up in the plugin's 64-row interleave starting with up (`layout.fp16_fc1`), fc2 is HF's
 down_proj; both are computed at write time from the export's stacked weights. `check` refuses, naming the layer,
 what the plugin cannot take (E other than 128 / 256, k > 8, H % 128, I % 64, an fp32 output) and the targets not
-wired yet. Other modules: ``layout`` (the bytes and row orders of both MoE plugins, GPTQ/AWQ experts) and ``support``
-(plugins per target, the refusals of MoE models before anything is loaded). The CPU reference is
-``reference/moe.py``.
+wired (edgellm-0.5: no plugin; edgellm-0.9: Fp16MoePlugin only in runtime 0.9.1, no Int4MoePlugin graph yet).
+Other modules: ``layout`` (the bytes and row orders of both MoE plugins, GPTQ/AWQ experts) and ``support`` (plugins
+per target, the refusals of MoE models before anything is loaded). The CPU reference is ``reference/moe.py``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from onnx_rewriter.modelio.graph import computed_constant, constant_array
 from onnx_rewriter.modelio.normalize import replace_uses
 
 # What each target writes for a routed block: the plugin and the rank of its hidden states; None: not wired yet.
+# Runtimes up to 0.10 check hidden_states has rank 3 ([B, S, H], router rows B·S); 0.11 wants rank 2 ([T, H]).
 PLANS = {
+    "edgellm-0.10": ("Fp16MoePlugin", 3),
     "edgellm-0.11": ("Fp16MoePlugin", 2),
 }
 WHY_NOT = {
     "edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin",
     "edgellm-0.9": "Fp16MoePlugin exists only in runtime 0.9.1 and Int4MoePlugin's graph is not written yet",
-    "edgellm-0.10": "its rank-3 [B, S, H] hidden-states form is not wired yet (only edgellm-0.11's [T, H] is)",
 }
 
 
@@ -48,11 +50,26 @@ def blocks(run) -> list:
     return sorted(found, key=lambda lb: lb[0])
 
 
+def _rank3(x, hidden: int, layer: int):
+    """The [B, S, H] tensor the block's [T, H] tokens are a Reshape of (runtimes <= 0.10 want rank 3)."""
+    t = x
+    while len(t.shape or ()) != 3:
+        node = t.inputs[0] if len(t.inputs) == 1 else None
+        if node is None or node.op != "Reshape":
+            raise UnsupportedModel(f"layer {layer}: the MoE block's tokens '{x.name}' are not a Reshape of [B, S, H] "
+                                   f"hidden states (Fp16MoePlugin before runtime 0.11 takes rank 3)")
+        t = node.inputs[0]
+    if t.shape[-1] != hidden:
+        raise UnsupportedModel(f"layer {layer}: '{t.name}' is not [B, S, {hidden}]")
+    return t
+
+
 class Moe(Feature):
     name = "moe"
 
     def __init__(self):
         self.found: list = []  # (layer, MoeBlock), read in check (before the build removes the attention Softmaxes)
+        self.tokens: dict = {}  # layer -> the plugin's hidden_states (found in check: the build drops shapes)
 
     def check(self, run, target) -> None:
         found = self.found = blocks(run)
@@ -65,7 +82,8 @@ class Moe(Feature):
                     f"{'renormalized' if b.renormalize else 'not renormalized'}")
             raise UnsupportedModel(f"Mixture-of-Experts layers {', '.join(str(layer) for layer, _ in found)} ({what}) "
                                    f"cannot be written for {name}: {WHY_NOT.get(name, 'no MoE plugin plan for it')}"
-                                   + ("; use --target edgellm-0.11" if b.experts in FP16_EXPERT_COUNTS else ""))
+                                   + ("; use --target edgellm-0.10 or edgellm-0.11" if b.experts in FP16_EXPERT_COUNTS
+                                      else ""))
         if run.options.dtype != "float16":
             raise UnsupportedModel(f"Mixture-of-Experts layers need --dtype float16: {PLANS[name][0]} computes "
                                    f"in fp16 only")
@@ -83,6 +101,8 @@ class Moe(Feature):
             if bad:
                 raise UnsupportedModel(f"layer {layer}: Mixture-of-Experts block cannot be an Fp16MoePlugin: "
                                        + ", ".join(bad))
+        rank = PLANS[name][1]
+        self.tokens = {layer: b.x if rank == 2 else _rank3(b.x, b.hidden, layer) for layer, b in found}
         shapes = {(b.experts, b.top_k, b.inter) for _, b in found}
         if len(shapes) > 1:
             raise UnsupportedModel(f"Mixture-of-Experts layers differ in (experts, top-k, I): {sorted(shapes)}; "
@@ -104,7 +124,7 @@ class Moe(Feature):
             logits = gs.Variable(f"{prefix}/router_logits_fp32", np.float32, b.router_logits.shape)
             g.nodes.append(gs.Node("Cast", f"{prefix}/router_logits_cast", attrs={"to": onnx.TensorProto.FLOAT},
                                    inputs=[b.router_logits], outputs=[logits]))
-            x = b.x
+            x = self.tokens[layer]
             if x.dtype != np.float16:
                 x16 = gs.Variable(f"{prefix}/hidden_fp16", np.float16, b.x.shape)
                 g.nodes.append(gs.Node("Cast", f"{prefix}/hidden_cast", attrs={"to": onnx.TensorProto.FLOAT16},
@@ -119,7 +139,7 @@ class Moe(Feature):
             def fc2(w=b.down):
                 return constant_array(w, base_dir).astype(np.float16)
 
-            out = gs.Variable(f"{prefix}/Fp16MoePlugin_out", np.float16, b.out.shape)
+            out = gs.Variable(f"{prefix}/Fp16MoePlugin_out", np.float16, None)
             g.nodes.append(gs.Node(
                 "Fp16MoePlugin", f"{prefix}/Fp16MoePlugin", domain=domain,
                 inputs=[logits, x, computed_constant(f"{prefix}.fc1_weights", np.float16, (e, 2 * i, h), fc1),
@@ -127,6 +147,12 @@ class Moe(Feature):
                 outputs=[out],
                 attrs={"num_experts": e, "top_k": b.top_k, "hidden_size": h, "moe_inter_size": i,
                        "activation_type": 2, "norm_topk_prob": int(b.renormalize), "max_routed_rows": 0}))
+            if x is not b.x:  # [B, S, H] -> the block's [T, H], which the export reshapes back itself
+                flat = gs.Variable(f"{prefix}/Fp16MoePlugin_tokens", np.float16, b.out.shape)
+                g.nodes.append(gs.Node("Reshape", f"{prefix}/Fp16MoePlugin_reshape",
+                                       inputs=[out, gs.Constant(f"{prefix}/tokens_shape", np.array([-1, h], np.int64))],
+                                       outputs=[flat]))
+                out = flat
             replace_uses(g, b.out, out)
         g.cleanup(remove_unused_graph_inputs=False).toposort()
 

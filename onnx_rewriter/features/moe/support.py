@@ -1,7 +1,7 @@
 """Which MoE plugin each target's runtime has, and the one-line refusals of MoE models read off their config.json
 (contract part 3 §15.1, §15.6; docs/contract.md, "Mixture-of-Experts decoders").
 
-What is written today is one Fp16MoePlugin per routed block on edgellm-0.11 with 128 or 256 experts
+What is written today is one Fp16MoePlugin per routed block on edgellm-0.10 / 0.11 with 128 or 256 experts
 (features/moe/__init__.py, which checks the blocks the pattern read). Before anything is loaded or matched, a
 config.json is refused with the most specific reason that applies:
 
@@ -27,15 +27,15 @@ PLUGINS = {
 }
 FP16_EXPERT_COUNTS = (128, 256)  # Fp16MoePlugin's validateAttributes
 # What onnx_rewriter writes today, per target: the expert counts it takes (Fp16MoePlugin on edgellm-0.11 only).
-WRITTEN = {"edgellm-0.11": FP16_EXPERT_COUNTS}
+WRITTEN = {"edgellm-0.10": FP16_EXPERT_COUNTS, "edgellm-0.11": FP16_EXPERT_COUNTS}
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_vl")
 _WA_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "compressed_tensors", "w8a8", "smoothquant")
 
-NOT_YET = ("not supported yet: onnx_rewriter writes MoE layers only as Fp16MoePlugin on edgellm-0.11, with 128 or "
-           "256 experts (issue 28: the Int4MoePlugin graph and the other targets are not wired yet)")
+NOT_YET = ("not supported yet: onnx_rewriter writes MoE layers only as Fp16MoePlugin on edgellm-0.10 / 0.11, with 128 "
+           "or 256 experts (issue 28: the Int4MoePlugin graph is not written yet)")
 
 
 def _llm(config: dict) -> dict:
