@@ -247,6 +247,7 @@ def test_fp16_moe_plugin_bugs_fail_verify(moe128, tmp_path, monkeypatch):
     (["--target", "edgellm-0.9"], ["Mixture-of-Experts layers 0, 1", "edgellm-0.9", "runtime 0.9.1",
                                    "use --target edgellm-0.10 or edgellm-0.11"]),
     (["--target", "edgellm-0.11", "--dtype", "float32"], ["--dtype float16"]),
+    (["--target", "edgellm-0.11", "--kv-cache", "fp8"], ["--kv-cache fp8", "Mixture-of-Experts", "expert choices"]),
 ])
 def test_fp16_moe_plugin_refusals(moe128, tmp_path, capsys, args, words):
     _, base = moe128
@@ -306,3 +307,20 @@ def test_qwen2_moe_shared_expert_and_no_renormalization_on_011(models, tmp_path)
             a.i = 1
     onnx.save(m, out / "model.onnx")
     assert not onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+
+
+def test_int4_dense_linears_with_fp16_experts_verify(moe128, tmp_path):
+    """--quantize int4: the dense linears that qualify become INT4 GEMMs (here q_proj; the others break the INT4
+    shape rules), the router stays an fp16 GEMM and the experts an Fp16MoePlugin; verify against the dequantized
+    model passes."""
+    import onnx
+
+    import onnx_rewriter
+
+    ckpt, base = moe128
+    out = tmp_path / "out"
+    onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.11", quantize="int4")
+    g = onnx.load(out / "model.onnx", load_external_data=False).graph
+    ops = [n.op_type for n in g.node]
+    assert ops.count("Fp16MoePlugin") == 2 and ops.count("Int4GroupwiseGemmPluginV2") >= 2 and ops.count("Gemm") == 2
+    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
