@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from onnx_rewriter.features.moe import support
@@ -19,7 +20,7 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 1
 
 @pytest.mark.parametrize("config,target,words", [
     (QWEN3_MOE, "edgellm-0.9", ["Mixture-of-Experts", "qwen3_moe: 128 experts, top-8", "not supported yet",
-                                "only as Fp16MoePlugin on edgellm-0.10 / 0.11"]),
+                                "Fp16MoePlugin on edgellm-0.10 / 0.11", "--quantize int4"]),
     ({**QWEN3_MOE, "num_experts": 64}, "edgellm-0.11", ["64 experts", "128 or 256 experts"]),
     ({**QWEN3_MOE, "num_experts_per_tok": 9}, "edgellm-0.11", ["top-9"]),
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
@@ -67,6 +68,9 @@ def test_what_is_written_is_not_refused_before_the_rewrite():
     them)."""
     assert support.refusal(QWEN3_MOE, "edgellm-0.11") is None
     assert support.refusal(QWEN3_MOE, "edgellm-0.10") is None
+    e8 = {**QWEN3_MOE, "num_experts": 8}  # Int4MoePlugin takes any expert count
+    assert support.refusal(e8, "edgellm-0.9", int4=True) is None and support.refusal(e8, "edgellm-0.9") is not None
+    assert support.refusal(e8, "edgellm-0.5", int4=True) is not None
     assert support.refusal({**QWEN3_MOE, "num_experts": 256}, "edgellm-0.11") is None
 
 
@@ -309,9 +313,9 @@ def test_qwen2_moe_shared_expert_and_no_renormalization_on_011(models, tmp_path)
     assert not onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
 
-def test_int4_dense_linears_with_fp16_experts_verify(moe128, tmp_path):
-    """--quantize int4: the dense linears that qualify become INT4 GEMMs (here q_proj; the others break the INT4
-    shape rules), the router stays an fp16 GEMM and the experts an Fp16MoePlugin; verify against the dequantized
+def test_int4_with_128_experts_is_int4_moe_plugin_and_verifies(moe128, tmp_path):
+    """--quantize int4 on the 128-expert model: the dense linears that fit the INT4 rules become INT4 GEMMs, the
+    experts an Int4MoePlugin (not Fp16MoePlugin), the router stays an fp16 Gemm; verify against the dequantized
     model passes."""
     import onnx
 
@@ -319,8 +323,80 @@ def test_int4_dense_linears_with_fp16_experts_verify(moe128, tmp_path):
 
     ckpt, base = moe128
     out = tmp_path / "out"
-    onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.11", quantize="int4")
+    _int4(base, out, "edgellm-0.11")
     g = onnx.load(out / "model.onnx", load_external_data=False).graph
     ops = [n.op_type for n in g.node]
-    assert ops.count("Fp16MoePlugin") == 2 and ops.count("Int4GroupwiseGemmPluginV2") >= 2 and ops.count("Gemm") == 2
+    assert ops.count("Int4MoePlugin") == 2 and "Fp16MoePlugin" not in ops
+    assert ops.count("Int4GroupwiseGemmPluginV2") >= 2 and ops.count("Gemm") == 2
     assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+
+
+# ------------------------------------------------------------------ Int4MoePlugin (--quantize int4), verified
+
+
+def _int4(base, out, target):
+    import onnx_rewriter
+
+    return onnx_rewriter.rewrite(str(base), str(out), target=target, quantize="int4")
+
+
+@pytest.mark.parametrize("target,rank", [("edgellm-0.11", 2), ("edgellm-0.9", 3)])
+def test_int4_moe_plugin_verifies(moe_baseline, tmp_path, target, rank):
+    """The tiny Qwen3-MoE (8 experts: no Fp16MoePlugin) with --quantize int4: one Int4MoePlugin per layer, experts
+    quantized by groupwise RTN (G = 64: I = 64) into Marlin bytes; verify compares with transformers holding the
+    same dequantized experts, computed from its own weights (not from the bytes)."""
+    import onnx
+
+    import onnx_rewriter
+
+    ckpt, base = moe_baseline
+    out = tmp_path / "out"
+    run = _int4(base, out, target)
+    assert run.report.features["moe"]["plugin"] == "Int4MoePlugin"
+    model = onnx.load(out / "model.onnx")
+    plugins = [n for n in model.graph.node if n.op_type == "Int4MoePlugin"]
+    assert len(plugins) == 2
+    assert {a.name: a.i for a in plugins[0].attribute} == {"num_experts": 8, "top_k": 2, "hidden_size": 128,
+                                                          "moe_inter_size": 64, "activation_type": 0,
+                                                          "quantization_group_size": 64}
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert [inits[t] for t in plugins[0].input[2:]] == [[8, 8, 1024], [8, 2, 128], [8, 4, 1024], [8, 1, 128]]
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in list(typed.value_info) + list(typed.input)}
+    assert all(shapes[n.input[1]] == rank for n in plugins)
+    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+
+
+def test_int4_moe_plugin_scale_permutation_bug_fails_verify(moe_baseline, tmp_path, monkeypatch):
+    import onnx_rewriter
+    from onnx_rewriter.features.moe import layout
+
+    ckpt, base = moe_baseline
+    monkeypatch.setattr(layout, "pack_marlin_scales", lambda s: np.asarray(s, np.float16).copy())  # not permuted
+    _int4(base, tmp_path / "out", "edgellm-0.11")
+    assert not onnx_rewriter.verify(str(tmp_path / "out"), model=str(ckpt)).passed
+
+
+@pytest.mark.slow
+def test_int4_moe_plugin_with_topk_mass_on_qwen2_moe(models, tmp_path, monkeypatch):
+    """Qwen2-MoE (norm_topk_prob false, shared expert, layer 0 dense) with --quantize int4: Int4MoePlugin always
+    renormalizes, the graph multiplies by the top-k probability mass; verified on 0.11 and 0.10; without it, fails."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import onnx_rewriter
+    from onnx_rewriter import features
+    from onnx_rewriter.hf.export import export_baseline
+
+    ckpt = models.checkpoint("qwen2_moe")
+    base = tmp_path / "base"
+    base.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, experts_implementation="batched_mm").eval()
+    export_baseline(model, base / "model.onnx")
+    models.copy_side_files(ckpt, base)
+    for target in ("edgellm-0.11", "edgellm-0.10"):
+        _int4(base / "model.onnx", tmp_path / target, target)
+        assert onnx_rewriter.verify(str(tmp_path / target), model=str(ckpt)).passed
+    monkeypatch.setattr(features.moe, "_topk_mass", lambda g, prefix, logits, k, out: out)
+    _int4(base / "model.onnx", tmp_path / "no_mass", "edgellm-0.11")
+    assert not onnx_rewriter.verify(str(tmp_path / "no_mass"), model=str(ckpt)).passed

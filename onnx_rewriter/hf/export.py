@@ -295,7 +295,8 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     safety.check_writes(output_dir, opts.force, protected={"the checkpoint": folder}, read=pipeline.read_paths(opts),
                         keep_baseline=keep_baseline, report=opts.report)
     if folder is not None and (folder / "config.json").is_file():  # MoE: refused by name, before its sizes
-        why = moe_support.refusal(read_config(folder / "config.json"), str(opts.target))
+        why = moe_support.refusal(read_config(folder / "config.json"), str(opts.target),
+                                  int4=getattr(opts, "quantize", None) == "int4")
         if why is not None:
             raise UnsupportedModel(f"'{model}': {why}")
     _check_checkpoint(folder)

@@ -405,7 +405,9 @@ def step_build(run: Run) -> None:
                                   f"cannot build from config.json: {positions} positions, {mib:.2f} MiB")
     g.cleanup()
     normalize(g)
-    leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})
+    router_softmax = {r.softmax for r in moe_graph.routers(g)}  # Int4MoePlugin's top-k mass (features/moe)
+    leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")
+                        and n.name not in router_softmax})
     if leftovers:
         raise RewriteError(f"after the rewrite the graph still has {', '.join(leftovers)} nodes; refusing to "
                            f"write a graph that was only partly understood")

@@ -20,7 +20,12 @@ index, as torch.topk does on CPU *(inference)*.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+
+_DEQUANTIZED: dict = {}  # Int4MoePlugin weights dequantized, per layer (by the bytes' digest), up to _CACHE_BYTES
+_CACHE_BYTES = 256 << 20
 
 # Fp16MoePlugin's FC1 interleave block (rows of up, then of gate, alternately).
 FP16_INTERLEAVE = 64
@@ -246,7 +251,13 @@ def int4_moe_plugin(router_logits, hidden_states, fc_gate_up_qweights, fc_gate_u
     for name, (got, exp) in want.items():
         if tuple(got) != exp:
             raise ValueError(f"Int4MoePlugin: {name} has shape {tuple(got)}, expected {exp}")
-    fc1 = np.stack([dequantize_marlin(gu_q[x], gu_s[x], 2 * i, h) for x in range(e)])  # [E, 2I, H]
-    fc2 = np.stack([dequantize_marlin(dn_q[x], dn_s[x], h, i) for x in range(e)])  # [E, H, I]
+    key = hashlib.sha1(b"".join(np.ascontiguousarray(a).tobytes() for a in (gu_q, gu_s, dn_q, dn_s))).digest()
+    if key not in _DEQUANTIZED:  # a verify run calls each layer's plugin once per step with the same weights
+        fc1 = np.stack([dequantize_marlin(gu_q[x], gu_s[x], 2 * i, h) for x in range(e)])  # [E, 2I, H]
+        fc2 = np.stack([dequantize_marlin(dn_q[x], dn_s[x], h, i) for x in range(e)])  # [E, H, I]
+        if sum(a.nbytes + b.nbytes for a, b in _DEQUANTIZED.values()) + fc1.nbytes + fc2.nbytes > _CACHE_BYTES:
+            _DEQUANTIZED.clear()
+        _DEQUANTIZED[key] = (fc1, fc2)
+    fc1, fc2 = _DEQUANTIZED[key]
     gate, up = int4_fc1_split(fc1, i)
     return moe(router_logits, hidden_states, gate, up, fc2, top_k=k, renormalize=True)

@@ -28,14 +28,15 @@ PLUGINS = {
 FP16_EXPERT_COUNTS = (128, 256)  # Fp16MoePlugin's validateAttributes
 # What onnx_rewriter writes today, per target: the expert counts it takes (Fp16MoePlugin on edgellm-0.11 only).
 WRITTEN = {"edgellm-0.10": FP16_EXPERT_COUNTS, "edgellm-0.11": FP16_EXPERT_COUNTS}
+INT4_WRITTEN = ("edgellm-0.9", "edgellm-0.10", "edgellm-0.11")  # Int4MoePlugin with --quantize int4 (RTN experts)
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_vl")
 _WA_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "compressed_tensors", "w8a8", "smoothquant")
 
-NOT_YET = ("not supported yet: onnx_rewriter writes MoE layers only as Fp16MoePlugin on edgellm-0.10 / 0.11, with 128 "
-           "or 256 experts (issue 28: the Int4MoePlugin graph is not written yet)")
+NOT_YET = ("not supported yet: onnx_rewriter writes MoE layers as Fp16MoePlugin on edgellm-0.10 / 0.11 with 128 or 256 "
+           "experts, or with --quantize int4 as Int4MoePlugin on edgellm-0.9 / 0.10 / 0.11 (issue 28)")
 
 
 def _llm(config: dict) -> dict:
@@ -87,9 +88,10 @@ def _what(cfg: dict, e: int, k: int | None) -> str:
     return f"{cfg.get('model_type') or 'MoE'}: {e} experts, top-{k if k is not None else '?'}"
 
 
-def refusal(config: dict, target: str | None = None, generic: bool = True) -> str | None:
+def refusal(config: dict, target: str | None = None, generic: bool = True, int4: bool = False) -> str | None:
     """The one-line reason an MoE model is refused (most specific first), or None for a dense model.
-    generic=False: only the model-specific reasons (1-3 above), not 'not supported yet'."""
+    generic=False: only the model-specific reasons (1-3 above), not 'not supported yet'; int4: --quantize int4
+    (Int4MoePlugin, any expert count, on the targets of INT4_WRITTEN)."""
     if not isinstance(config, dict):
         return None
     cfg = _llm(config)
@@ -114,7 +116,8 @@ def refusal(config: dict, target: str | None = None, generic: bool = True) -> st
         return (f"Mixture-of-Experts model ({what}) cannot be written for {target}: runtimes 0.4/0.5 have no MoE "
                 f"plugin (Int4MoePlugin from runtime 0.6, Fp16MoePlugin from 0.9.1)")
     e, k = found
-    if not generic or (e in WRITTEN.get(str(target), ()) and (k is None or k <= 8)):
+    if not generic or (int4 and str(target) in INT4_WRITTEN) or (e in WRITTEN.get(str(target), ())
+                                                                  and (k is None or k <= 8)):
         return None  # the rewrite reads the blocks and checks the rest (features/moe)
     return f"Mixture-of-Experts model ({what}): {NOT_YET}"
 
