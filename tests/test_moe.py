@@ -313,6 +313,7 @@ def test_qwen2_moe_shared_expert_and_no_renormalization_on_011(models, tmp_path)
     assert not onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
 
+@pytest.mark.slow  # ~10 s: the reference dequantizes 2 x 128 Marlin experts; the 8-expert rows cover the plugin in CI
 def test_int4_with_128_experts_is_int4_moe_plugin_and_verifies(moe128, tmp_path):
     """--quantize int4 on the 128-expert model: the dense linears that fit the INT4 rules become INT4 GEMMs, the
     experts an Int4MoePlugin (not Fp16MoePlugin), the router stays an fp16 Gemm; verify against the dequantized

@@ -63,7 +63,7 @@ def rtn_experts(w: np.ndarray, group: int) -> tuple[list, list]:
     return us, ss
 WHY_NOT = {
     "edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin",
-    "edgellm-0.9": "Fp16MoePlugin exists only in runtime 0.9.1 and Int4MoePlugin's graph is not written yet",
+    "edgellm-0.9": "Fp16MoePlugin exists only in runtime 0.9.1 (add --quantize int4 for Int4MoePlugin)",
 }
 
 
@@ -131,7 +131,7 @@ class Moe(Feature):
             bad = []
             if not self.int4 and b.experts not in FP16_EXPERT_COUNTS:
                 bad.append(f"{b.experts} experts (Fp16MoePlugin takes {' or '.join(map(str, FP16_EXPERT_COUNTS))}; "
-                           f"the Int4MoePlugin graph is not written yet)")
+                           f"add --quantize int4 for Int4MoePlugin)")
             if not self.int4 and b.top_k > 8:
                 bad.append(f"top-{b.top_k} (at most 8)")
             if b.hidden % 128:
