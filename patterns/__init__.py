@@ -23,6 +23,7 @@ STAGES = {
     "k_transpose": ["k_transpose_3d", "k_transpose_4d"],  # k^T: one 4-D Transpose or a 3-D sandwich
     "attention_core": ["attention_core", "onnx_attention_core"],  # softmax(q k^T * s + mask) v
     "attention_layer": ["attention_layer"],  # the whole layer: projections' outputs in, attention output out
+    "moe": ["moe_block"],  # a routed MoE block (router Softmax -> TopK -> experts): features/moe writes its plugin
 }
 
 # Vision encoders (onnx_rewriter/vision/): a separate library, run only on vision-tower exports.

@@ -264,6 +264,51 @@ MUTANTS = [
     Mutant("vision bilinear taps without align-corners", "onnx_rewriter/vision/host.py", [
         ("np.float32(side - 1) / np.maximum(size - 1, 1)", "np.float32(side) / np.maximum(size, 1)")],
         ["tests/vision/test_host.py::test_bilinear_taps_match_transformers"]),
+    # ---------------------------------------------------------------- MoE experts (issue 28)
+    Mutant("MoE Marlin: word slot of a lane off by one", "onnx_rewriter/reference/moe.py", [
+        ("    col = 128 * nt + 4 * (t % 32) + t // 32 + 0 * kt",
+         "    col = 128 * nt + 4 * (t % 32) + (t // 32 + 1) % 4 + 0 * kt")],
+        ["tests/reference/test_moe.py::test_marlin_bytes_match_nvidia"]),
+    Mutant("MoE Marlin: nibbles 4 and 5 (k + 1 rows) swapped", "onnx_rewriter/reference/moe.py", [
+        ("_MARLIN_OFFSETS = ((0, 0), (8, 0), (0, 8), (8, 8), (1, 0), (9, 0),",
+         "_MARLIN_OFFSETS = ((0, 0), (8, 0), (0, 8), (8, 8), (9, 0), (1, 0),")],
+        ["tests/reference/test_moe.py::test_marlin_bytes_match_nvidia"]),
+    Mutant("MoE Marlin: grouped scale permutation off by one", "onnx_rewriter/reference/moe.py", [
+        ("        return pos - j + (j // 8) + 8 * (j % 8)", "        return pos - j + (j // 8 + 1) % 8 + 8 * (j % 8)")],
+        ["tests/reference/test_moe.py::test_marlin_bytes_match_nvidia"]),
+    Mutant("MoE Marlin: per-channel scale permutation off by one", "onnx_rewriter/reference/moe.py", [
+        ("    o = np.array([0, 1, 8, 9, 16, 17, 24, 25])", "    o = np.array([1, 0, 8, 9, 16, 17, 24, 25])")],
+        ["tests/reference/test_moe.py::test_marlin_bytes_match_nvidia"]),
+    Mutant("MoE Fp16MoePlugin FC1: gate read where up is (reference)", "onnx_rewriter/reference/moe.py", [
+        ("    return blocks[:, :, 1].reshape(e, inter, h), blocks[:, :, 0].reshape(e, inter, h)",
+         "    return blocks[:, :, 0].reshape(e, inter, h), blocks[:, :, 1].reshape(e, inter, h)")],
+        ["tests/reference/test_moe.py::test_fp16_moe_plugin_matches_qwen3_moe_block",
+         "tests/reference/test_moe.py::test_fc1_row_orders"]),
+    Mutant("MoE Fp16MoePlugin FC1: packed gate first (packer)", "onnx_rewriter/features/moe/layout.py", [
+        ("    blocks = np.stack([up.reshape(*lead, inter // b, b, h), gate.reshape(",
+         "    blocks = np.stack([gate.reshape(*lead, inter // b, b, h), up.reshape(")],
+        ["tests/reference/test_moe.py::test_fc1_row_orders"]),
+    Mutant("MoE Int4MoePlugin FC1: up rows before gate", "onnx_rewriter/reference/moe.py", [
+        ("    return w[:, :inter], w[:, inter:]", "    return w[:, inter:], w[:, :inter]")],
+        ["tests/reference/test_moe.py::test_int4_moe_plugin_matches_qwen3_moe_block"]),
+    Mutant("MoE Int4MoePlugin: renormalization dropped", "onnx_rewriter/reference/moe.py", [
+        ("    return moe(router_logits, hidden_states, gate, up, fc2, top_k=k, renormalize=True)",
+         "    return moe(router_logits, hidden_states, gate, up, fc2, top_k=k, renormalize=False)")],
+        ["tests/reference/test_moe.py::test_int4_moe_plugin_matches_qwen3_moe_block"]),
+    Mutant("MoE Fp16MoePlugin: norm_topk_prob ignored", "onnx_rewriter/reference/moe.py", [
+        ('               renormalize=bool(int(attrs.get("norm_topk_prob", 1))))', "               renormalize=True)")],
+        ["tests/reference/test_moe.py::test_fp16_moe_plugin_matches_qwen3_moe_block"]),
+    Mutant("MoE GPTQ experts: zero point offset dropped", "onnx_rewriter/features/moe/layout.py", [
+        ("    u = linear.q - linear.z[np.arange(k) // linear.group] + 8",
+         "    u = linear.q - linear.z[np.arange(k) // linear.group] + 9")],
+        ["tests/reference/test_moe.py::test_checkpoint_experts_become_marlin_bytes_exactly"]),
+    Mutant("MoE feature: Fp16MoePlugin fc1 written gate-first", "onnx_rewriter/features/moe/__init__.py", [
+        ("                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)",
+         "                return layout.int4_fc1(a[:, :i], a[:, i:]).astype(np.float16)")],
+        ["tests/test_moe.py::test_fp16_moe_plugin_verifies[edgellm-0.11-2]"]),
+    Mutant("MoE pattern: every block read as renormalized", "patterns/moe_block.py", [
+        ("        renormalize = bool(sums)", "        renormalize = True")],
+        ["tests/patterns/test_moe_block.py::test_matches_and_reads_the_block"]),
     # ---------------------------------------------------------------- output-path safety
     Mutant("safety: protected folders compared before resolving symlinks", "onnx_rewriter/safety.py", [
         ("        p = resolved(p)\n        if _within(out, p) or _within(p, out):",

@@ -23,8 +23,10 @@ target's code. `selected(options)` turns the options into the feature list (docs
 
 from __future__ import annotations
 
+from onnx_rewriter.analysis.moe import routers
 from onnx_rewriter.features import fp8_kv, int4, lora, reduced_vocab, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
+from onnx_rewriter.features.moe import Moe
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
 
 __all__ = ["OPTIONS", "Feature", "FeatureOptions", "implied", "selected"]
@@ -44,6 +46,8 @@ def implied(run) -> list[Feature]:
         out.append(Vlm())
     if wa_quant.input_qdq(run.source.graph):  # an already quantized export: kept, refused on 0.5
         out.append(wa_quant.QdqInput())
+    if routers(run.source.graph):  # a Mixture-of-Experts router (Softmax -> TopK): the blocks become MoE plugins
+        out.append(Moe())
     if any(f.name == "int4" for f in run.features):
         return out
     if any(n.op == "MatMulNBits" or (n.op == "DequantizeLinear" and n.attrs.get("block_size"))

@@ -30,11 +30,12 @@ import numpy as np
 from onnx_rewriter import safety
 from onnx_rewriter.features import wa_checkpoint, wa_quant
 from onnx_rewriter.features.int4 import checkpoint as quantized_checkpoint
+from onnx_rewriter.features.moe import support as moe_support
 from onnx_rewriter.hf import checkpoint_refs
 from onnx_rewriter.pipeline import steps as pipeline
 
 from .. import progress
-from ..errors import RewriteError
+from ..errors import RewriteError, UnsupportedModel
 from ..features.fp8_kv import has_checkpoint_scales
 from ..modelio.config_file import read_config
 from ..sidefiles.config_json import _get, _llm_part
@@ -95,6 +96,15 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
     except ValueError as exc:
         raise safety.remote_code_error(exc, model) or RewriteError(
             f"unsupported model in '{model}': {str(exc).splitlines()[0][:160]}") from None
+    why = moe_support.refusal(config.to_dict(), generic=False)  # a hub id: its config was not read before
+    if why is not None:
+        raise UnsupportedModel(f"'{model}': {why}")
+    moe = {}
+    if moe_support.experts(config.to_dict()):
+        # transformers' default "grouped_mm" experts do not convert to ONNX and "eager" does not trace; "batched_mm"
+        # exports the form patterns/moe_block.py reads (docs/contract.md, "Mixture-of-Experts decoders")
+        config._experts_implementation = "batched_mm"
+        moe = {"experts_implementation": "batched_mm"}
     if getattr(config, "is_encoder_decoder", False):
         raise RewriteError(f"'{model}' is an encoder-decoder model ({getattr(config, 'model_type', '?')}); "
                            f"onnx_rewriter handles decoder-only causal LMs (Llama, Qwen, Mistral, Phi-3, Gemma, ...)")
@@ -119,7 +129,7 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
                 m = _load_quantized(model, config, dtype, attn_implementation)
             else:
                 m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation,
-                                                         trust_remote_code=trust_remote_code, **hub)
+                                                         trust_remote_code=trust_remote_code, **hub, **moe)
     except ValueError as exc:
         refusal = safety.remote_code_error(exc, model)
         if refusal is not None:
@@ -291,6 +301,11 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     folder = _checkpoint_folder(model)
     safety.check_writes(output_dir, opts.force, protected={"the checkpoint": folder}, read=pipeline.read_paths(opts),
                         keep_baseline=keep_baseline, report=opts.report)
+    if folder is not None and (folder / "config.json").is_file():  # MoE: refused by name, before its sizes
+        why = moe_support.refusal(read_config(folder / "config.json"), str(opts.target),
+                                  int4=getattr(opts, "quantize", None) == "int4")
+        if why is not None:
+            raise UnsupportedModel(f"'{model}': {why}")
     _check_checkpoint(folder)
     return folder
 

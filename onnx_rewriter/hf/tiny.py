@@ -174,6 +174,16 @@ FAMILIES = {
         "GraniteConfig", attention_multiplier=0.0625, embedding_multiplier=12.0, residual_multiplier=0.22,
         logits_scaling=2.0,
     ),
+    # Mixture-of-Experts (issue 28): H 128 and I 64 meet the MoE plugins' H % 128 and I % 64; 8 experts need
+    # --quantize int4 (Int4MoePlugin), the tests' num_experts=128 variant is an Fp16MoePlugin.
+    # Qwen3-MoE: every layer routed, 8 experts, top-2, renormalized top-k weights (norm_topk_prob).
+    "qwen3_moe": lambda: _cfg("Qwen3MoeConfig", hidden_size=128, moe_intermediate_size=64, num_experts=8,
+                              num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+    # Qwen2-MoE: layer 0 a dense MLP (mlp_only_layers), layer 1 routed (top-2 of 8, not renormalized) plus a shared
+    # expert behind a sigmoid gate.
+    "qwen2_moe": lambda: _cfg("Qwen2MoeConfig", _no_head_dim(), hidden_size=128, moe_intermediate_size=64,
+                              shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                              norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0]),
     # Interleaved (GPT-J style) partial rotary, LayerNorm, parallel attention+MLP.
     "gptj": lambda: _cfg(
         "GPTJConfig", {}, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_inner=128, n_positions=256,

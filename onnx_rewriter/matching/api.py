@@ -17,6 +17,7 @@ from onnx_rewriter.matching.results import (
     AttentionLayer,
     KTranspose,
     KVCacheConcat,
+    MoeBlock,
     QKNorm,
     RepeatKV,
     RMSNormCore,
@@ -33,7 +34,7 @@ __all__ = [
     "Reject", "Refuse", "check", "producer", "expect", "const", "scalar", "is_weight", "attr", "split_const",
     "peel_scale", "skip", "static_dim", "slice_bounds", "rope_cos_operand", "rope_sin_operand", "run_subgraph",
     "CASTS",
-    "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "QKNorm", "RepeatKV", "RMSNormCore",
+    "AttentionCore", "AttentionLayer", "KTranspose", "KVCacheConcat", "MoeBlock", "QKNorm", "RepeatKV", "RMSNormCore",
     "RopeApply", "RopeTable", "TokenEmbedding", "VitAttention", "VitRope", "mrope_axes",
 ]
 

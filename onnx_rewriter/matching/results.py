@@ -173,3 +173,22 @@ class VitAttention:
     scale: float
     num_heads: int | None
     head_size: int
+
+
+@dataclass
+class MoeBlock:
+    """A routed Mixture-of-Experts block as transformers' `batched_mm` export computes it (docs/contract.md,
+    "Mixture-of-Experts decoders"): router logits = x @ router^T, softmax, top-k (renormalized or not), each
+    chosen expert's SwiGLU (gate rows first in `gate_up`), weighted and summed over the k choices."""
+
+    x: gs.Tensor  # [T, H]: the tokens the router and the experts read
+    router_logits: gs.Tensor  # [T, E], the router GEMM's output (before the Softmax)
+    router: gs.Constant  # the router weight, [E, H] (Gemm transB=1) or [H, E] (MatMul)
+    gate_up: gs.Constant  # [E, 2I, H]: rows 0..I-1 gate, I..2I-1 up (HF's chunk(2) order)
+    down: gs.Constant  # [E, H, I]
+    experts: int
+    top_k: int
+    inter: int  # I (moe_intermediate_size)
+    hidden: int  # H
+    renormalize: bool  # top-k weights divided by their sum (norm_topk_prob)
+    out: gs.Tensor  # [T, H]: the weighted sum over the k choices

@@ -20,10 +20,12 @@ import onnx_graphsurgeon as gs
 from onnx_rewriter import progress, projections, safety, targets
 from onnx_rewriter.analysis import constants as exact
 from onnx_rewriter.analysis import dims as specmod
+from onnx_rewriter.analysis import moe as moe_graph
 from onnx_rewriter.analysis.mask_probe import MaskProbe
 from onnx_rewriter.errors import PatternMismatch, RewriteError, UnsupportedModel
 from onnx_rewriter.features import OPTIONS as FEATURE_OPTIONS
 from onnx_rewriter.features import implied, selected
+from onnx_rewriter.features.moe import support as moe_support
 from onnx_rewriter.linear_names import name_linears
 from onnx_rewriter.matching import engine
 from onnx_rewriter.matching.results import AttentionLayer, TokenEmbedding
@@ -234,13 +236,43 @@ def step_normalize(run: Run) -> None:
     run.source.graph = normalize(run.source.graph, reinfer=True, weight_transposes=True)
 
 
+def check_moe(run: Run, ctx: engine.Context | None = None) -> None:
+    """Refuse a Mixture-of-Experts model by name (none is written yet). Before matching (`ctx` None): the reasons
+    its config.json gives (GPT-OSS, MLA, FP8/INT8 experts, edgellm-0.5). After: each router in the graph (a Softmax
+    read by a TopK, which would otherwise be reported as an attention layer that does not match), with what the
+    moe_block pattern read there or why it did not match; a config.json saying MoE without any router in the graph
+    is refused too."""
+    target = str(run.options.target)
+    if ctx is None:
+        why = moe_support.refusal(run.hf_config, target, generic=False) if run.hf_config is not None else None
+    else:
+        found = moe_graph.routers(run.source.graph)
+        nodes = {n.name: n for n in run.source.graph.nodes}
+        unread = [r for r in found if ctx.anchor_match("moe", nodes[r.topk]) is None]
+        why = None
+        if unread:  # the blocks the pattern read go on to the moe feature, which refuses what it cannot write
+            r = unread[0]
+            misses = "; ".join(x.describe() for x in ctx.anchor_misses("moe", nodes[r.topk]))
+            why = moe_support.graph_refusal(r.layer, r.softmax, r.topk, r.experts, r.top_k, target,
+                                            why_not=misses or "not recognized")
+            if len(unread) > 1:
+                why += f" (and {len(unread) - 1} more layers)"
+        elif not found and run.hf_config is not None:
+            why = moe_support.refusal(run.hf_config, target)
+    if why is not None:
+        raise UnsupportedModel(why)
+
+
 def step_match(run: Run) -> None:
     g = run.source.graph
+    check_moe(run)
     try:
         run.ctx = engine.run(g, list(STAGES), load_patterns(), info={"opset": run.source.opset})
     except engine.Refuse as exc:
         raise UnsupportedModel(f"{exc.reason}{exc.where()}") from None
-    anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention")]
+    check_moe(run, run.ctx)
+    router_softmax = {r.softmax for r in moe_graph.routers(g)}  # MoE routers are not attention
+    anchors = [n for n in g.nodes if n.op in ("Softmax", "Attention") and n.name not in router_softmax]
     if not anchors:
         raise RewriteError("no attention found in the graph (no Softmax or Attention node); "
                            "is this a decoder LLM export?")
@@ -374,7 +406,9 @@ def step_build(run: Run) -> None:
                                   f"cannot build from config.json: {positions} positions, {mib:.2f} MiB")
     g.cleanup()
     normalize(g)
-    leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")})
+    router_softmax = {r.softmax for r in moe_graph.routers(g)}  # Int4MoePlugin's top-k mass (features/moe)
+    leftovers = sorted({n.op for n in g.nodes if n.op in ("Softmax", "Cos", "Sin", "Attention", "RotaryEmbedding")
+                        and n.name not in router_softmax})
     if leftovers:
         raise RewriteError(f"after the rewrite the graph still has {', '.join(leftovers)} nodes; refusing to "
                            f"write a graph that was only partly understood")

@@ -30,12 +30,13 @@ import onnx.defs
 
 from . import qdq
 from .int4 import int4_gemm
+from .moe import fp16_moe_plugin, int4_moe_plugin
 from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention, paged_batch_attention
 from .vit_attention import vit_attention
 
 # Custom ops a rewritten graph may hold, per name; each is registered for both NVIDIA domains.
-CUSTOM_OPS = ("AttentionPlugin", "Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2", "QkvConcatPlugin",
-              "ViTAttentionPlugin", "DequantizeLinear", "TRT_FP4DynamicQuantize")
+CUSTOM_OPS = ("AttentionPlugin", "Fp16MoePlugin", "Int4GroupwiseGemmPlugin", "Int4GroupwiseGemmPluginV2",
+              "Int4MoePlugin", "QkvConcatPlugin", "ViTAttentionPlugin", "DequantizeLinear", "TRT_FP4DynamicQuantize")
 
 
 def _import_op_run():
@@ -172,6 +173,24 @@ class _Int4Base(OpRun):
                           version=self.version),)
 
 
+class _Fp16MoeBase(OpRun):
+    """``Fp16MoePlugin`` (reference/moe.py): router logits, hidden states, fc1 [E, 2I, H], fc2 [E, H, I]."""
+    op_schema = None
+
+    def _run(self, *inputs, **attrs):
+        return (fp16_moe_plugin(*inputs, **{k: v for k, v in attrs.items() if v is not None}),)
+
+
+class _Int4MoeBase(OpRun):
+    """``Int4MoePlugin`` (reference/moe.py): router logits, hidden states, Marlin FC1 / FC2 bytes and scales."""
+    op_schema = None
+
+    def _run(self, *inputs, **attrs):
+        if len(inputs) != 6:
+            raise ValueError(f"Int4MoePlugin takes 6 inputs, got {len(inputs)}")
+        return (int4_moe_plugin(*inputs, **{k: v for k, v in attrs.items() if v is not None}),)
+
+
 class _QkvConcatBase(OpRun):
     op_schema = None
 
@@ -257,6 +276,7 @@ REFERENCE_OPS = ([TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPlugin", version=1)
                  + _per_domain(_Int4Base, "Int4GroupwiseGemmPluginV2", version=2)
                  + _per_domain(_QkvConcatBase, "QkvConcatPlugin")
+                 + _per_domain(_Fp16MoeBase, "Fp16MoePlugin") + _per_domain(_Int4MoeBase, "Int4MoePlugin")
                  + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin") + [Sigmoid]
                  + [QuantizeLinear, DequantizeLinear, TrtDequantizeLinear, TRT_FP4DynamicQuantize])
 

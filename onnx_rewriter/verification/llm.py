@@ -20,6 +20,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.fp8_kv import graph_scales
 from onnx_rewriter.features.int4 import OPS, int4_nodes, load_dequantized
+from onnx_rewriter.features.moe import int4_moe_nodes, load_dequantized_experts
 from onnx_rewriter.features.wa_quant import wa_linears
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
@@ -262,16 +263,18 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
     if Path(model).is_dir() and wa_checkpoint.detect(model) is not None:
         return None  # an AWQ/GPTQ (or block-FP8) checkpoint: the oracle already holds its dequantized weights
 
-    if not any(n.op_type in OPS.values() for n in graph.graph.node):
+    if not any(n.op_type in (*OPS.values(), "Int4MoePlugin") for n in graph.graph.node):
         return None
+    experts = int4_moe_nodes(graph)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
         onnx.load_external_data_for_model(graph, str(Path(out_dir)))  # the scales int4_nodes reads
     nodes = int4_nodes(graph)
-    if not nodes:
+    if not nodes and not experts:
         return None
     deq = HFOracle(model)
     pairs = load_dequantized(deq.model, nodes)
-    log.info("INT4 weights loaded into: %s", ", ".join(name for _, name in pairs))
+    moe = load_dequantized_experts(deq.model, experts)  # Int4MoePlugin: RTN of the model's own experts
+    log.info("INT4 weights loaded into: %s", ", ".join([name for _, name in pairs] + moe))
     if lora_adapter:
         from peft import PeftModel
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
+from onnx_rewriter.analysis.moe import routers
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
 from onnx_rewriter.features.base import Feature, FeatureOptions, check_choice, fp16_plan, option
 from onnx_rewriter.features.calibration import linear_inputs
@@ -134,7 +135,7 @@ class Int4(Feature):
         if kept:
             run.warn(f"--quantize int4: {len(kept)} of {len(body)} linears stay FP16 (first: "
                      f"{kept[0]['node']}: {kept[0]['reason']}); the report lists each")
-        if not packed:
+        if not packed and not routers(g):  # an MoE model's experts are INT4 all the same (features/moe)
             raise UnsupportedModel(f"--quantize int4: no linear can be INT4 on this target "
                                    f"({entries[0]['reason'] if entries else 'no MatMul with a constant weight'})")
 
