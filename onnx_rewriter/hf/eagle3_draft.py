@@ -253,3 +253,51 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def export_draft_baseline(model, path: Path, opset: int | None = None) -> Path:
+    """The plain export of the draft (dynamo, no KV cache), what `rewrite --eagle-draft` reads:
+    inputs input_ids, attention_mask [B, S], hidden_states_input [B, S, 3·H_t], hidden_states_from_draft [B, S, H];
+    outputs logits [B, S, V_d] and hidden_states [B, S, H] (pre-norm). The embedding table is the base's."""
+    import gc
+    import logging
+    import warnings
+
+    import torch
+
+    from . import checkpoint_refs
+    from .trace import _no_stack_traces, _optimize
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, hidden_states_input, hidden_states_from_draft):
+            return self.m(input_ids, attention_mask, hidden_states_input, hidden_states_from_draft)
+
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    h, ht = model.config.hidden_size, model.target_hidden_size
+    dt = next(model.parameters()).dtype
+    args = (ids, torch.ones_like(ids), torch.zeros((2, 8, 3 * ht), dtype=dt), torch.zeros((2, 8, h), dtype=dt))
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
+    dims = {0: batch, 1: seq}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        with _no_stack_traces():
+            prog = torch.onnx.export(
+                Wrapper(model), args, dynamo=True, optimize=False, opset_version=opset, verbose=False,
+                input_names=["input_ids", "attention_mask", "hidden_states_input", "hidden_states_from_draft"],
+                output_names=["logits", "hidden_states"],
+                dynamic_shapes={"input_ids": dims, "attention_mask": dims, "hidden_states_input": dims,
+                                "hidden_states_from_draft": dims})
+        _optimize(prog)
+        checkpoint_refs.save(prog, Path(path), model, ())
+        del prog
+        gc.collect()
+    from safetensors.torch import save_file
+
+    # what the rewrite writes as d2t.safetensors, beside the baseline where it looks for it
+    save_file({"d2t": model.d2t.detach().to(torch.int64).contiguous()}, str(Path(path).parent / "d2t.safetensors"))
+    return Path(path)
