@@ -90,6 +90,11 @@ def _dense(inputs, attrs, kv_scales=None):
                   head_size=int(attrs["head_size"]),
                   sliding_window_size=int(attrs.get("sliding_window_size", -1)),
                   attention_scale=attrs.get("attention_scale"), kv_scales=kv_scales)
+    if int(attrs.get("enable_tree_attention", 0)):
+        # the tree mask and positions follow the 4 (0.5) or 7 (0.9) plain inputs
+        if len(inputs) not in (7, 9):
+            raise ValueError(f"dense AttentionPlugin with tree attention takes 7 or 9 inputs, got {len(inputs)}")
+        inputs, (kwargs["tree_mask"], kwargs["tree_pos"]) = inputs[:-2], inputs[-2:]
     if len(inputs) == 7:
         return dense_attention(*inputs, **kwargs)
     if len(inputs) == 5:
@@ -132,16 +137,17 @@ class _AttentionPluginBase(OpRun):
     op_schema = None
 
     def _run(self, *inputs, **attrs):
-        _unsupported(enable_tree_attention=attrs.get("enable_tree_attention", 0),
+        batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
+        tree = int(attrs.get("enable_tree_attention", 0))
+        _unsupported(enable_tree_attention=tree and (batch_paged or "plugin_version" in attrs),
                      enable_kv_shared=attrs.get("enable_kv_shared", 0),
                      enable_attention_sink=attrs.get("enable_attention_sink", 0),
                      enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),
                      enable_context_mask_selector=attrs.get("enable_context_mask_selector", 0))
-        batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
         inputs, kv_scales = _kv_scales(list(inputs), attrs, scale_input=not batch_paged)
         if batch_paged:
             return _paged_batch(inputs, attrs, kv_scales)
-        if len(inputs) in (5, 7):
+        if len(inputs) in (5, 7) or (tree and len(inputs) == 9):
             return _dense(inputs, attrs, kv_scales)
         return _paged(inputs, attrs, kv_scales)
 

@@ -1,0 +1,185 @@
+"""EAGLE3 speculative greedy decoding on the CPU reference (batch-major dense targets: edgellm-0.5, 0.9).
+
+The base and draft folders run as the runtime drives them (contract part 2 §11, part 3 §18.2):
+
+1. base prefill of the prompt (n tokens): logits of every row, `hidden_states` [1, n, 3H]; t = argmax of the
+   last row;
+2. draft prefill: row i gets the embedding of token i+1 (the prompt shifted, then t) and the base's hidden
+   row i; its last row gives the first draft log-probs and the root's draft hidden state;
+3. per round, the draft proposes a tree: the top `top_k` tokens under the root, then for `depth - 1` more
+   levels the `top_k` best children (by summed log-prob) of the previous level, each level one tree call of
+   the draft over every node so far (mask: ancestors and itself, position = committed + depth - 1, input
+   hidden = the parent's draft hidden state, ids mapped to the base vocabulary by d2t);
+4. the base verifies root (t) + tree in one tree call (position = committed + depth, row t of the mask set
+   for t and its ancestors, `context_lengths` = committed + S); greedy acceptance walks from the root along
+   the child whose token is the base's argmax; the longest accepted path is committed and the next token is
+   the base's argmax after it;
+5. the base cache is compacted: the path's K/V move from slot committed + index to committed + i (their
+   RoPE positions are already those of the new slots); the draft is fed the accepted tokens with the base's
+   hidden rows of the path (chunked prefill), which overwrites its tree slots.
+
+This decoding is lossless: the tokens are those of plain greedy decoding of the base, whatever the draft
+proposes; the draft only changes how many tokens one base call commits (the accepted length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .plugin import pack_tree_mask
+from .runner import DenseRunner
+
+# Tree shape (our defaults; not the runtime's, which builds wider trees): top-k per level, levels.
+TOP_K, DEPTH = 3, 4
+
+
+@dataclass
+class Node:
+    token: int  # base vocabulary id
+    parent: int  # index in the node list, -1: the root
+    depth: int  # 1 under the root
+    score: float  # summed draft log-probs along the path
+    draft_id: int = 0
+
+
+@dataclass
+class SpecResult:
+    tokens: list[int]
+    accepted: list[int] = field(default_factory=list)  # tokens committed per base call (path incl. root)
+    rows: list[np.ndarray] = field(default_factory=list)  # the base's logits row that chose each token
+
+    @property
+    def mean_accepted(self) -> float:
+        return float(np.mean(self.accepted)) if self.accepted else 0.0
+
+
+def ancestors_mask(parents: list[int]) -> np.ndarray:
+    """[S, S] booleans: token t may attend to j when j is t or an ancestor (parents index earlier tokens)."""
+    s = len(parents)
+    allowed = np.zeros((s, s), dtype=bool)
+    for t in range(s):
+        j = t
+        while j >= 0:
+            allowed[t, j] = True
+            j = parents[j]
+    return allowed
+
+
+class TreeRunner(DenseRunner):
+    """DenseRunner calls with the EAGLE3 inputs: any selected rows, the tree mask and positions, extra inputs;
+    returns (logits [S_sel, V], hidden_states rows)."""
+
+    mask_bit_order = staticmethod(pack_tree_mask)  # tests swap it to show a wrong bit order fails
+
+    def call(self, ids, context_length: int, start: int | None, select, tree=None, extra=None):
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        s = ids.shape[1]
+        if tree is None:  # not a tree step: positions [B, 1] ask for the plain modes
+            pos, mask = np.zeros((1, 1), np.int32), np.zeros((1, 1, 1), np.int32)
+        else:
+            positions, allowed = tree
+            pos = np.asarray(positions, dtype=np.int32).reshape(1, s)
+            mask = self.mask_bit_order(allowed)[None]
+        feeds = {
+            "inputs_embeds": self.s.embed(ids),
+            "context_lengths": np.array([context_length], np.int32),
+            "rope_rotary_cos_sin": self.s.rope_table[None],
+            "kvcache_start_index": (np.zeros((0,), np.int32) if start is None else np.array([start], np.int32)),
+            "last_token_ids": np.asarray(select, dtype=np.int64).reshape(1, -1),
+            "attention_mask": mask, "attention_pos_id": pos,
+            **self.cache_feeds(None), **(extra or {}),
+        }
+        out = self.s.run(feeds)
+        self.keep(out)
+        return np.asarray(out["logits"], np.float32)[0], np.asarray(out["hidden_states"])[0]
+
+    def compact(self, committed: int, path: list[int]) -> None:
+        """Move the accepted tokens' K/V (call slots committed + path[i]) to committed + i, in order."""
+        for c in self.cache:
+            for i, p in enumerate(path):
+                if p != i:
+                    c[:, :, :, committed + i] = c[:, :, :, committed + p]
+
+
+def speculative_greedy(base, draft, d2t: np.ndarray, prompt: list[int], new_tokens: int, *, top_k: int = TOP_K,
+                       depth: int = DEPTH, positions_offset: int = 0) -> SpecResult:
+    """Greedy speculative decoding of `new_tokens` tokens after `prompt` (see the module docstring). `base` and
+    `draft` are reference Sessions (the draft's with the base's embedding); `positions_offset` shifts the tree
+    positions (tests: an off-by-one must fail)."""
+    n = len(prompt)
+    cap = n + new_tokens + top_k * depth + 8
+    b, d = TreeRunner(base, 1, cap), TreeRunner(draft, 1, cap)
+    h = int(draft.config["hidden_size"])
+    fdt = draft.float
+    logits, hid = b.call(prompt, n, None, np.arange(n))
+    result = SpecResult(tokens=[int(np.argmax(logits[-1]))], rows=[logits[-1]])
+    hidden_input = hid[None]
+    dl, dh = d.call(list(prompt[1:]) + [result.tokens[0]], n, None, [n - 1],
+                    extra={"hidden_states_input": hidden_input.astype(fdt),
+                           "hidden_states_from_draft": np.zeros((1, n, h), fdt)})
+    root_logp, root_h = dl[0], dh[0]
+    committed = n  # tokens in both caches (the base's and the draft's), the root not among them
+    while len(result.tokens) < new_tokens:
+        root = result.tokens[-1]
+        nodes = _grow_tree(d, d2t, root_logp, root_h, committed, top_k, depth, h, fdt, positions_offset)
+        # base verification: root + nodes
+        parents = [-1] + [nd.parent + 1 for nd in nodes]
+        tokens = [root] + [nd.token for nd in nodes]
+        pos = [committed + positions_offset] + [committed + nd.depth + positions_offset for nd in nodes]
+        s = len(tokens)
+        logits, hid = b.call(tokens, committed + s, committed, np.arange(s), tree=(pos, ancestors_mask(parents)))
+        path = [0]
+        while True:
+            want = int(np.argmax(logits[path[-1]]))
+            child = next((i for i in range(1, s) if parents[i] == path[-1] and tokens[i] == want), None)
+            if child is None:
+                break
+            result.rows.append(logits[path[-1]])
+            path.append(child)
+        result.rows.append(logits[path[-1]])
+        bonus = int(np.argmax(logits[path[-1]]))
+        b.compact(committed, path)
+        result.tokens += [tokens[i] for i in path[1:]] + [bonus]
+        result.accepted.append(len(path))
+        # the draft catches up: rows committed..committed+len(path)-1 get tokens path[1:] + bonus, base hidden of path
+        m = len(path)
+        ctx = m if m > 1 else committed + 1  # chunked prefill counts this call's tokens; decode the total
+        dl, dh = d.call([tokens[i] for i in path[1:]] + [bonus], ctx, committed, [m - 1],
+                        extra={"hidden_states_input": hid[path][None].astype(fdt),
+                               "hidden_states_from_draft": np.zeros((1, m, h), fdt)})
+        root_logp, root_h = dl[0], dh[0]
+        committed += m
+    result.tokens = result.tokens[:new_tokens]
+    result.rows = result.rows[:new_tokens]
+    return result
+
+
+def _grow_tree(d: TreeRunner, d2t, root_logp, root_h, committed: int, top_k: int, depth: int, h: int, fdt,
+               positions_offset: int) -> list[Node]:
+    """The draft's proposal tree: `top_k` nodes per level, `depth` levels (see the module docstring)."""
+
+    def children(logp, parent: int, score: float, level: int) -> list[Node]:
+        best = np.argsort(-logp, kind="stable")[:top_k]
+        return [Node(int(i + d2t[i]), parent, level, score + float(logp[i]), int(i)) for i in best]
+
+    nodes = children(root_logp, -1, 0.0, 1)
+    hidden = {}  # node index -> its draft hidden state
+    for level in range(1, depth):
+        s = len(nodes)
+        parents = [nd.parent for nd in nodes]
+        from_draft = np.stack([root_h if nd.parent < 0 else hidden[nd.parent] for nd in nodes])
+        pos = [committed + nd.depth - 1 + positions_offset for nd in nodes]
+        frontier = [i for i, nd in enumerate(nodes) if nd.depth == level]
+        dl, dh = d.call([nd.token for nd in nodes], committed + s, committed, frontier,
+                        tree=(pos, ancestors_mask(parents)),
+                        extra={"hidden_states_input": np.zeros((1, s, 3 * (d.s.config.get("base_model_hidden_size",
+                                                                                           3 * h) // 3)), fdt),
+                               "hidden_states_from_draft": from_draft[None].astype(fdt)})
+        for j, i in enumerate(frontier):
+            hidden[i] = dh[j]
+        candidates = [c for j, i in enumerate(frontier) for c in children(dl[j], i, nodes[i].score, level + 1)]
+        candidates.sort(key=lambda c: -c.score)
+        nodes += candidates[:top_k]
+    return nodes
