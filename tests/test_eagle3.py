@@ -2,8 +2,8 @@
 as a pair, the folders' contract, lossless speculative decoding against transformers, and three deliberate bugs
 (tree-mask bit order, hidden-state layers, attention_pos_id off by one) that verify must catch.
 
-Default: one Llama pair on edgellm-0.9 (export ~20 s, verify ~25 s) and short verifies for the bugs; Qwen3 and
-edgellm-0.5 behind --runslow."""
+Default: one Llama pair on edgellm-0.9 and one on edgellm-0.11 (export ~20 s, verify ~7 s each) and short verifies
+for the bugs; Qwen3 (0.9, 0.5) and Llama on edgellm-0.5 behind --runslow."""
 
 from __future__ import annotations
 
@@ -32,9 +32,13 @@ def _pair(models, tmp_path_factory, family: str, target: str):
     return base, draft, root
 
 
-@pytest.fixture(scope="module")
-def llama(models, tmp_path_factory):
-    return _pair(models, tmp_path_factory, "llama", "edgellm-0.9")
+TREE_INPUTS = {"edgellm-0.9": (7, ["attention_mask", "attention_pos_id"]),
+               "edgellm-0.11": (6, ["packed_attention_mask", "attention_position_ids"])}
+
+
+@pytest.fixture(scope="module", params=["edgellm-0.9", "edgellm-0.11"])
+def llama(models, tmp_path_factory, request):
+    return _pair(models, tmp_path_factory, "llama", request.param) + (request.param,)
 
 
 def _io(path):
@@ -43,16 +47,17 @@ def _io(path):
 
 
 def test_pair_contract(llama):
-    _, _, root = llama
+    _, _, root, target = llama
     base_cfg = json.loads((root / "out/base/config.json").read_text())
     assert base_cfg["eagle_hidden_state_layers"] == LAYERS  # the draft's target_layer_ids
-    assert (base_cfg["spec_decode_type"], base_cfg["engine_role"], base_cfg["model_type"]) == (
-        "eagle3", "base", "eagle3_base")
+    assert (base_cfg["spec_decode_type"], base_cfg["engine_role"]) == ("eagle3", "base")
+    assert base_cfg["model_type"] == ("eagle3_base" if target == "edgellm-0.9" else "llm")
     ins, outs, plugins = _io(root / "out/base/model.onnx")
     assert outs[:2] == ["logits", "hidden_states"] and outs[2].startswith("present_key_values_")
-    assert {"attention_mask", "attention_pos_id"} <= set(ins)
-    for p in plugins:  # 0.9: the tree mask at 7, positions at 8
-        assert list(p.input[7:9]) == ["attention_mask", "attention_pos_id"]
+    at, names = TREE_INPUTS[target]
+    assert set(names) <= set(ins)
+    for p in plugins:  # 0.9: the tree mask at 7, positions at 8; 0.11: at 6 and 7
+        assert list(p.input[at:at + 2]) == names
         assert onnx.helper.get_attribute_value(next(a for a in p.attribute if a.name == "enable_tree_attention")) == 1
     d_cfg = json.loads((root / "out/draft/config.json").read_text())
     assert (d_cfg["engine_role"], d_cfg["draft_vocab_size"], d_cfg["base_model_hidden_size"]) == (
@@ -66,7 +71,7 @@ def test_pair_contract(llama):
 
 
 def test_pair_verifies(llama, capsys):
-    base, draft, root = llama
+    base, draft, root, _ = llama
     result = verify_eagle3(root / "out", str(base), str(draft))
     out = capsys.readouterr().out
     assert result.passed, out
@@ -76,7 +81,7 @@ def test_pair_verifies(llama, capsys):
 def test_multi_token_acceptance_is_lossless(llama, monkeypatch, capsys):
     """The random draft rarely proposes the base's token; a proposer that puts the true continuation (with
     distractor siblings) into the tree exercises acceptance of long paths and the cache compaction."""
-    base, draft, root = llama
+    base, draft, root, _ = llama
     from transformers import AutoModelForCausalLM
 
     from onnx_rewriter.reference.runner import Session
@@ -102,7 +107,6 @@ def test_multi_token_acceptance_is_lossless(llama, monkeypatch, capsys):
     monkeypatch.setattr(ref_eagle, "_grow_tree", oracle_tree)
     b = Session(root / "out/base")
     d = Session(root / "out/draft", embedding=b.embedding)
-    d2t = np.load(root / "out/draft/d2t.safetensors", allow_pickle=False) if False else None
     from safetensors.numpy import load_file
 
     d2t = load_file(str(root / "out/draft/d2t.safetensors"))["d2t"].astype(np.int64)
@@ -117,24 +121,25 @@ def _short(root, base, draft, **kw):
 
 
 def test_wrong_bit_order_fails(llama, monkeypatch):
-    base, draft, root = llama
+    base, draft, root, _ = llama
 
     def msb_first(allowed):
         return pack_tree_mask(np.asarray(allowed)[..., ::-1])  # token j as bit (S - 1 - j)
 
-    monkeypatch.setattr(ref_eagle.TreeRunner, "mask_bit_order", staticmethod(msb_first))
+    for runner in (ref_eagle.TreeRunner, ref_eagle.TokenTreeRunner):
+        monkeypatch.setattr(runner, "mask_bit_order", staticmethod(msb_first))
     assert not _short(root, base, draft).passed
 
 
 def test_off_by_one_positions_fail(llama):
-    base, draft, root = llama
+    base, draft, root, _ = llama
     assert not _short(root, base, draft, positions_offset=1).passed
 
 
 def test_wrong_hidden_layers_fail(llama, tmp_path, monkeypatch):
     """A base whose taps are not the layers its config names (the tap of layer i + 1 for i), and one tapping
     other layers than the draft was trained on: both fail."""
-    base, draft, root = llama
+    base, draft, root, target = llama
     from onnx_rewriter.features import eagle3 as feature
 
     real = feature.residual_into
@@ -153,7 +158,8 @@ def test_wrong_hidden_layers_fail(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(feature.Eagle3, "_check_base", check_base)
     out = tmp_path / "bad"
     (out / "base").parent.mkdir(exist_ok=True)
-    onnx_rewriter.rewrite(root / "baseline/model.onnx", out / "base", eagle_base=True, eagle_layers=LAYERS)
+    onnx_rewriter.rewrite(root / "baseline/model.onnx", out / "base", eagle_base=True, eagle_layers=LAYERS,
+                          target=target)
     monkeypatch.undo()
     import shutil
 
@@ -162,28 +168,31 @@ def test_wrong_hidden_layers_fail(llama, tmp_path, monkeypatch):
 
     other = tmp_path / "other"
     other.mkdir()
-    onnx_rewriter.rewrite(root / "baseline/model.onnx", other / "base", eagle_base=True, eagle_layers=[1, 2, 3])
+    onnx_rewriter.rewrite(root / "baseline/model.onnx", other / "base", eagle_base=True, eagle_layers=[1, 2, 3],
+                          target=target)
     shutil.copytree(root / "out/draft", other / "draft")
     r = verify_eagle3(other, str(base), str(draft), new_tokens=4, quiet=True)
     assert not r.passed and any("trained on" in p for p in r.problems)
 
 
-def test_refusals(llama, tmp_path):
-    _, _, root = llama
-    src = root / "baseline/model.onnx"
+def test_refusals(models, tmp_path):
+    src = models.baseline("llama")  # 2 layers
     with pytest.raises(UnsupportedModel, match="edgellm-0.10"):
         onnx_rewriter.rewrite(src, tmp_path / "a", eagle_base=True, target="edgellm-0.10")
-    with pytest.raises(UnsupportedModel, match="edgellm-0.11"):
-        onnx_rewriter.rewrite(src, tmp_path / "b", eagle_base=True, target="edgellm-0.11")
-    with pytest.raises(UnsupportedModel, match="layer 4"):
-        onnx_rewriter.rewrite(src, tmp_path / "c", eagle_base=True, eagle_layers="0,2,4")
+    with pytest.raises(UnsupportedModel, match="q/k norm"):  # 0.11 moves it into the plugin: order not known
+        onnx_rewriter.rewrite(models.baseline("qwen3"), tmp_path / "b", eagle_base=True, eagle_layers="0,1,1",
+                              target="edgellm-0.11")
+    with pytest.raises(UnsupportedModel, match="layer 2 of"):
+        onnx_rewriter.rewrite(src, tmp_path / "c", eagle_base=True, eagle_layers="0,1,2")
+    with pytest.raises(UnsupportedModel, match="layer 2 of"):  # the default [2, L//2, L-4] does not fit 2 layers
+        onnx_rewriter.rewrite(src, tmp_path / "g", eagle_base=True)
     with pytest.raises(RewriteError, match="--eagle-layers needs --eagle-base"):
         onnx_rewriter.rewrite(src, tmp_path / "d", eagle_layers="0,1,2")
     with pytest.raises(RewriteError, match="--dtype float16"):
         onnx_rewriter.rewrite(src, tmp_path / "e", eagle_base=True, dtype="float32")
     with pytest.raises(RewriteError, match="no 'hidden_states_input'"):
         onnx_rewriter.rewrite(src, tmp_path / "f", eagle_draft=True)
-    assert not any((tmp_path / x).exists() for x in "abcdef")
+    assert not any((tmp_path / x).exists() for x in "abcdefg")
 
 
 @pytest.mark.slow

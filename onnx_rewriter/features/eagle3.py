@@ -51,11 +51,7 @@ class Plan:
 PLANS = {
     "edgellm-0.5": Plan(False, 5, 3, ("0.7",), True),
     "edgellm-0.9": Plan(False, 7, 4, ("0.7", "0.8"), True),
-    # Inert until the CPU reference runs 0.11 tree attention: the graph below is written only where verify can
-    # check it against transformers.
-    "edgellm-0.11": Plan(True, 6, 3, ("0.8",), False, eagle3_config=True, note=TOKEN_MAJOR_WARNING,
-                         refused="the CPU reference has no 0.11 (token-major) tree attention yet, so the graph "
-                                 "cannot be verified; use edgellm-0.9 or edgellm-0.5"),
+    "edgellm-0.11": Plan(True, 6, 3, ("0.8",), False, eagle3_config=True, note=TOKEN_MAJOR_WARNING),
 }
 REFUSALS = ("EAGLE3", "has no EAGLE3 support in onnx_rewriter (0.10's paged tree attention is not implemented)",
             "the runtime's hidden_states and tree inputs are fp16")

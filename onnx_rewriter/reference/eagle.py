@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .plugin import pack_tree_mask
+from .paged_runner import CHUNKED, DECODE, PREFILL, PagedRunner
+from .plugin import PAGE_SIZE, pack_tree_mask
 from .runner import DenseRunner
 
 # Tree shape (our defaults; not the runtime's, which builds wider trees): top-k per level, levels.
@@ -103,6 +104,71 @@ class TreeRunner(DenseRunner):
                     c[:, :, :, committed + i] = c[:, :, :, committed + p]
 
 
+class TokenTreeRunner(PagedRunner):
+    """TreeRunner's calls on an edgellm-0.11 folder (one sequence, token-major, paged pool), with the tree inputs
+    as contract part 3 §18.3 infers them: physical query width = the call's tokens, a plain call gets causal bits
+    and positions past + i (the same attention), `attention_sequence_lengths` = committed + width."""
+
+    mask_bit_order = staticmethod(pack_tree_mask)
+
+    def call(self, ids, context_length: int, start: int | None, select, tree=None, extra=None):
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        s = ids.shape[0]
+        past = 0 if start is None else int(start)
+        if tree is None:
+            positions, allowed = past + np.arange(s), np.tril(np.ones((s, s), dtype=bool))
+        else:
+            positions, allowed = tree
+        positions = np.asarray(positions, dtype=np.int64)
+        if past + s > self.pages_per_seq * PAGE_SIZE:
+            raise ValueError(f"sequence longer than the runner's capacity of {self.pages_per_seq * PAGE_SIZE} tokens")
+        phase = DECODE if s == 1 else PREFILL if past == 0 else CHUNKED
+        feeds = {
+            "inputs_embeds": self.s.embed(ids),
+            "rope_rotary_cos_sin": self.s.rope_rows(0, np.maximum(positions, 0)),
+            "positions": np.maximum(positions, 0).astype(np.int32),
+            "query_start_offsets": np.array([0, s], np.int32),
+            "query_lengths": np.array([s], np.int32),
+            "past_lengths": np.array([past], np.int32),
+            "attention_sequence_lengths": np.array([past + s], np.int32),
+            "state_indices": np.zeros(1, np.int32),
+            "execution_phase_marker": np.zeros(phase, np.int32),
+            "context_sequence_count_carrier": np.zeros(0 if phase == DECODE else 1, np.int32),
+            "kv_page_table": self.page_table(np.array([past + s])),
+            "logits_indices": np.asarray(select, dtype=np.int64).reshape(-1),
+            "packed_attention_mask": self.mask_bit_order(allowed),
+            "attention_position_ids": positions.astype(np.int32),
+            "tree_parent_ids": np.zeros(s, np.int32), "tree_depths": np.zeros(s, np.int32),
+            "valid_tree_counts": np.ones(1, np.int32),
+            **{f"past_key_values_{i}": p for i, p in enumerate(self.pools)},
+            **{k: np.asarray(v)[0] for k, v in (extra or {}).items()},  # [1, S, X] -> token-major [S, X]
+        }
+        out = self.s.run(feeds)
+        self.pools = [out[f"present_key_values_{i}"] for i in range(len(self.pools))]
+        return np.asarray(out["logits"], np.float32), np.asarray(out["hidden_states"])
+
+    def compact(self, committed: int, path: list[int]) -> None:
+        for pool in self.pools:
+            flat = pool.reshape(2 * self.num_pages, PAGE_SIZE, *pool.shape[3:])
+            for i, p in enumerate(path):
+                if p == i:
+                    continue
+                src, dst = committed + p, committed + i
+                for kv in range(2):
+                    off = kv * self.num_pages
+                    flat[self.pages[0, dst // PAGE_SIZE] + off, dst % PAGE_SIZE] = \
+                        flat[self.pages[0, src // PAGE_SIZE] + off, src % PAGE_SIZE]
+
+
+def tree_runner(session, capacity: int):
+    """The runner of `session`'s target: dense batch-major (0.5, 0.9) or token-major paged (0.11)."""
+    if "kv_page_table" in session.inputs:
+        if "kvcache_start_index" in session.inputs:
+            raise NotImplementedError("EAGLE3 on edgellm-0.10 is not modelled by the reference")
+        return TokenTreeRunner(session, 1, capacity)
+    return TreeRunner(session, 1, capacity)
+
+
 def speculative_greedy(base, draft, d2t: np.ndarray, prompt: list[int], new_tokens: int, *, top_k: int = TOP_K,
                        depth: int = DEPTH, positions_offset: int = 0) -> SpecResult:
     """Greedy speculative decoding of `new_tokens` tokens after `prompt` (see the module docstring). `base` and
@@ -110,7 +176,7 @@ def speculative_greedy(base, draft, d2t: np.ndarray, prompt: list[int], new_toke
     positions (tests: an off-by-one must fail)."""
     n = len(prompt)
     cap = n + new_tokens + top_k * depth + 8
-    b, d = TreeRunner(base, 1, cap), TreeRunner(draft, 1, cap)
+    b, d = tree_runner(base, cap), tree_runner(draft, cap)
     h = int(draft.config["hidden_size"])
     fdt = draft.float
     logits, hid = b.call(prompt, n, None, np.arange(n))

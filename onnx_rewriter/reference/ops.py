@@ -104,6 +104,13 @@ def _dense(inputs, attrs, kv_scales=None):
 
 def _paged(inputs, attrs, kv_scales=None):
     qk_norm = bool(attrs.get("enable_qk_norm", 0))
+    tree = {}
+    if int(attrs.get("enable_tree_attention", 0)):  # packed_attention_mask at 6, attention_position_ids at 7
+        if qk_norm or len(inputs) != 12:
+            raise NotImplementedError(f"0.11 tree AttentionPlugin: {len(inputs)} inputs with enable_qk_norm="
+                                      f"{int(qk_norm)}; the reference models 12 inputs without q/k norms")
+        inputs = list(inputs)
+        tree = {"tree_mask": inputs.pop(6), "tree_pos": inputs.pop(6)}
     if len(inputs) not in (10, 12) or qk_norm != (len(inputs) == 12):
         raise ValueError(f"paged AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
                          "(expected 10 without q/k-norm, 12 with it)")
@@ -116,7 +123,7 @@ def _paged(inputs, attrs, kv_scales=None):
         head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
         attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
         rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)),
-        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)), kv_scales=kv_scales)
+        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)), kv_scales=kv_scales, **tree)
 
 
 def _paged_batch(inputs, attrs, kv_scales=None):
@@ -139,7 +146,7 @@ class _AttentionPluginBase(OpRun):
     def _run(self, *inputs, **attrs):
         batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
         tree = int(attrs.get("enable_tree_attention", 0))
-        _unsupported(enable_tree_attention=tree and (batch_paged or "plugin_version" in attrs),
+        _unsupported(enable_tree_attention=tree and batch_paged,
                      enable_kv_shared=attrs.get("enable_kv_shared", 0),
                      enable_attention_sink=attrs.get("enable_attention_sink", 0),
                      enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),

@@ -370,8 +370,10 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
                     context_sequence_count_carrier, *, num_q_heads: int, num_kv_heads: int,
                     head_size: int, sliding_window_size: int = -1, attention_scale=None,
                     q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
-                    qk_norm_post_rope: bool = False, kv_scales=None):
+                    qk_norm_post_rope: bool = False, kv_scales=None, tree_mask=None, tree_pos=None):
     """0.11 plugin: token-major packed ``qkv [T,(Hq+2Hkv)·D]``, pool ``[2,num_pages,128,Hkv,D]``.
+    With the tree inputs (``packed_attention_mask [T, W]``, ``attention_position_ids [T]``): see
+    ``_paged_tree_attention`` (contract part 3 §18.3, partly inferred).
 
     Sequence n owns tokens ``query_start_offsets[n] : +query_lengths[n]`` at positions
     ``past_lengths[n] + t``; its token i lives at flat page ``kv_page_table[n, 0|1, i // 128]``
@@ -381,6 +383,14 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
     kernel uses to pick a code path; they carry no extra semantics, so they are not read.
     Returns ``out [T,Hq,D]`` (qkv's dtype) and the updated pool (its own dtype).
     """
+    if tree_mask is not None:
+        if q_norm_weight is not None or k_norm_weight is not None:
+            raise NotImplementedError("AttentionPlugin reference does not model 0.11 tree attention with q/k norms")
+        return _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
+                                     query_start_offsets, attention_sequence_lengths, tree_mask, tree_pos,
+                                     num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                                     sliding_window_size=sliding_window_size, attention_scale=attention_scale,
+                                     kv_scales=kv_scales)
     del attention_sequence_lengths, execution_phase_marker, context_sequence_count_carrier
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
     _head_counts(hq, hkv)
@@ -422,4 +432,60 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
         vpg, vslot = _page_slots(page_table[n, 1], new, flat.shape[0])
         flat[kpg, kslot] = write(kr, 0)
         flat[vpg, vslot] = write(v[tok], 1)
+    return out.astype(qkv.dtype), present
+
+
+def _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
+                          query_start_offsets, attention_sequence_lengths, tree_mask, tree_pos, *, num_q_heads: int,
+                          num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None,
+                          kv_scales=None):
+    """0.11 tree attention, as contract part 3 §18.3 infers it (not yet confirmed on a device). Sequence n owns
+    the Wq = qso[n+1] - qso[n] rows from qso[n] (its physical query width); its committed prefix is
+    P0 = attention_sequence_lengths[n] - Wq cache slots; row i (position ``tree_pos[t]``, -1: padding) attends
+    to the prefix and to the rows of its sequence whose bit is set in its row of ``tree_mask`` (LSB first,
+    columns relative to qso[n]), and its K/V go to slot past_lengths[n] + i. A plain call (causal bits,
+    positions past + i) is the same attention as without the tree inputs. The rope rows are per token."""
+    if sliding_window_size is not None and sliding_window_size > 0:
+        raise NotImplementedError("AttentionPlugin reference does not model tree attention with a sliding window")
+    hq, hkv, d = num_q_heads, num_kv_heads, head_size
+    qkv = np.asarray(qkv)
+    t_all = qkv.shape[0]
+    q, k, v = (x.reshape(t_all, -1, d).astype(_F32) for x in split_qkv(qkv, hq, hkv, d))
+    table = np.asarray(rope_cos_sin, dtype=_F32).reshape(t_all, -1)
+    kv_pool = np.asarray(kv_pool)
+    present = kv_pool.copy()
+    read, write = _cache_codec(kv_scales, kv_pool)
+    flat = present.reshape(2 * kv_pool.shape[1], PAGE_SIZE, hkv, d)
+    page_table = np.asarray(kv_page_table).astype(np.int64)
+    qlen = np.asarray(query_lengths).reshape(-1).astype(np.int64)
+    past_len = np.asarray(past_lengths).reshape(-1).astype(np.int64)
+    asl = np.asarray(attention_sequence_lengths).reshape(-1).astype(np.int64)
+    offsets = np.asarray(query_start_offsets).reshape(-1).astype(np.int64)
+    pos = np.asarray(tree_pos).reshape(-1).astype(np.int64)
+    words = np.asarray(tree_mask)
+    scale = _scale(attention_scale, d)
+    out = np.zeros((t_all, hq, d), dtype=_F32)
+    for n in range(qlen.shape[0]):
+        first = int(offsets[n])
+        wq = int(offsets[n + 1]) - first if n + 1 < offsets.shape[0] else int(qlen[n])
+        if qlen[n] <= 0 or wq <= 0:
+            continue
+        p0 = int(asl[n]) - wq
+        rows = np.arange(first, first + wq)
+        real = rows[pos[rows] >= 0]
+        bits = tree_mask_bits(words[rows], wq)
+        qr, kr = apply_rope(q[rows], table[rows]), apply_rope(k[rows], table[rows])
+        old = np.arange(p0)
+        kpg, kslot = _page_slots(page_table[n, 0], old, flat.shape[0])
+        vpg, vslot = _page_slots(page_table[n, 1], old, flat.shape[0])
+        keys = np.concatenate([read(flat[kpg, kslot], 0), kr])
+        vals = np.concatenate([read(flat[vpg, vslot], 1), v[rows]])
+        allowed = np.concatenate([np.ones((wq, p0), dtype=bool), bits], axis=1)
+        i = real - first
+        out[real] = attend_allowed(qr[i], keys, vals, allowed[i], scale=scale)
+        slots = int(past_len[n]) + i
+        kpg, kslot = _page_slots(page_table[n, 0], slots, flat.shape[0])
+        vpg, vslot = _page_slots(page_table[n, 1], slots, flat.shape[0])
+        flat[kpg, kslot] = write(kr[i], 0)
+        flat[vpg, vslot] = write(v[real], 1)
     return out.astype(qkv.dtype), present

@@ -104,10 +104,10 @@ def verify_eagle3(out_dir, model: str, draft_checkpoint: str | None = None, new_
         return _finish(result, quiet)
 
     # base: taps and logits of a prefill
-    from ..reference.eagle import TreeRunner
+    from ..reference.eagle import tree_runner
 
     p = prompts[0]
-    logits, hidden = TreeRunner(base, 1, len(p) + 4).call(p, len(p), None, np.arange(len(p)))
+    logits, hidden = tree_runner(base, len(p) + 4).call(p, len(p), None, np.arange(len(p)))
     taps, ref_logits = _taps(hf, p, layers)
     _close(result, "base prefill logits", logits, ref_logits)
     _close(result, f"base hidden_states (layers {layers})", hidden, taps)
@@ -143,10 +143,10 @@ def _check_draft(result, draft, torch_draft, prompt, nxt, taps) -> None:
 
     n = len(prompt)
     ids = list(prompt[1:]) + [nxt]
-    from ..reference.eagle import TreeRunner
+    from ..reference.eagle import tree_runner
 
     h = int(draft.config["hidden_size"])
-    logp, hid = TreeRunner(draft, 1, n + 4).call(
+    logp, hid = tree_runner(draft, n + 4).call(
         ids, n, None, np.arange(n), extra={"hidden_states_input": taps[None].astype(draft.float),
                                            "hidden_states_from_draft": np.zeros((1, n, h), draft.float)})
     with torch.no_grad():
