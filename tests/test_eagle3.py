@@ -92,7 +92,7 @@ def test_multi_token_acceptance_is_lossless(llama, monkeypatch, capsys):
     truth, _ = _greedy(hf, prompt, 24)
     n = len(prompt)
 
-    def oracle_tree(d, d2t, root_logp, root_h, committed, top_k, depth, h, fdt, off):
+    def oracle_tree(d, d2t, root_logp, root_h, committed, top_k, depth, h, fdt, off, verify_size):
         done = committed - n + 1  # tokens already produced (the root is the last of them)
         nodes, parent = [], -1
         for level in range(1, depth + 1):

@@ -6,10 +6,10 @@ The base and draft folders run as the runtime drives them (contract part 2 §11,
    last row;
 2. draft prefill: row i gets the embedding of token i+1 (the prompt shifted, then t) and the base's hidden
    row i; its last row gives the first draft log-probs and the root's draft hidden state;
-3. per round, the draft proposes a tree: the top `top_k` tokens under the root, then for `depth - 1` more
-   levels the `top_k` best children (by summed log-prob) of the previous level, each level one tree call of
-   the draft over every node so far (mask: ancestors and itself, position = committed + depth - 1, input
-   hidden = the parent's draft hidden state, ids mapped to the base vocabulary by d2t);
+3. per round, the draft proposes a tree (`_grow_tree`, the runtime's draftingTopK / draftingStep /
+   verifyTreeSize scheme): each level one tree call of the draft over the expanded nodes so far (mask:
+   ancestors and itself, position = committed + depth - 1, input hidden = the parent's draft hidden state, ids
+   mapped to the base vocabulary by d2t);
 4. the base verifies root (t) + tree in one tree call (position = committed + depth, row t of the mask set
    for t and its ancestors, `context_lengths` = committed + S); greedy acceptance walks from the root along
    the child whose token is the base's argmax; the longest accepted path is committed and the next token is
@@ -32,8 +32,8 @@ from .paged_runner import CHUNKED, DECODE, PREFILL, PagedRunner
 from .plugin import PAGE_SIZE, pack_tree_mask
 from .runner import DenseRunner
 
-# Tree shape (our defaults; not the runtime's, which builds wider trees): top-k per level, levels.
-TOP_K, DEPTH = 3, 4
+# The runtime's defaults (llm_inference --eagleDraftTopK 10 --eagleDraftStep 6 --eagleVerifyTreeSize 60).
+TOP_K, DEPTH, VERIFY_SIZE = 10, 6, 60
 
 
 @dataclass
@@ -170,12 +170,12 @@ def tree_runner(session, capacity: int):
 
 
 def speculative_greedy(base, draft, d2t: np.ndarray, prompt: list[int], new_tokens: int, *, top_k: int = TOP_K,
-                       depth: int = DEPTH, positions_offset: int = 0) -> SpecResult:
+                       depth: int = DEPTH, verify_size: int = VERIFY_SIZE, positions_offset: int = 0) -> SpecResult:
     """Greedy speculative decoding of `new_tokens` tokens after `prompt` (see the module docstring). `base` and
     `draft` are reference Sessions (the draft's with the base's embedding); `positions_offset` shifts the tree
     positions (tests: an off-by-one must fail)."""
     n = len(prompt)
-    cap = n + new_tokens + top_k * depth + 8
+    cap = n + new_tokens + max(verify_size, top_k * depth) + 8
     b, d = tree_runner(base, cap), tree_runner(draft, cap)
     h = int(draft.config["hidden_size"])
     fdt = draft.float
@@ -189,7 +189,8 @@ def speculative_greedy(base, draft, d2t: np.ndarray, prompt: list[int], new_toke
     committed = n  # tokens in both caches (the base's and the draft's), the root not among them
     while len(result.tokens) < new_tokens:
         root = result.tokens[-1]
-        nodes = _grow_tree(d, d2t, root_logp, root_h, committed, top_k, depth, h, fdt, positions_offset)
+        nodes = _grow_tree(d, d2t, root_logp, root_h, committed, top_k, depth, h, fdt, positions_offset,
+                           verify_size)
         # base verification: root + nodes
         parents = [-1] + [nd.parent + 1 for nd in nodes]
         tokens = [root] + [nd.token for nd in nodes]
@@ -223,29 +224,47 @@ def speculative_greedy(base, draft, d2t: np.ndarray, prompt: list[int], new_toke
 
 
 def _grow_tree(d: TreeRunner, d2t, root_logp, root_h, committed: int, top_k: int, depth: int, h: int, fdt,
-               positions_offset: int) -> list[Node]:
-    """The draft's proposal tree: `top_k` nodes per level, `depth` levels (see the module docstring)."""
+               positions_offset: int, verify_size: int) -> list[Node]:
+    """The draft's proposal tree, as the runtime drafts it (draftingTopK = top_k, draftingStep = depth,
+    verifyTreeSize = verify_size): level 1 is the root's top_k tokens; each further level expands the top_k
+    best nodes of the previous level (by summed log-prob) into top_k children each (top_k² candidates), one
+    draft tree call over the expanded nodes so far per level; the tree the base verifies is the verify_size best
+    candidates of the whole table (with their ancestors), parents before children."""
 
     def children(logp, parent: int, score: float, level: int) -> list[Node]:
         best = np.argsort(-logp, kind="stable")[:top_k]
         return [Node(int(i + d2t[i]), parent, level, score + float(logp[i]), int(i)) for i in best]
 
-    nodes = children(root_logp, -1, 0.0, 1)
-    hidden = {}  # node index -> its draft hidden state
+    table = children(root_logp, -1, 0.0, 1)
+    expanded = list(range(len(table)))  # level 1: every node is expanded
+    hidden = {}  # table index -> its draft hidden state
     for level in range(1, depth):
-        s = len(nodes)
-        parents = [nd.parent for nd in nodes]
-        from_draft = np.stack([root_h if nd.parent < 0 else hidden[nd.parent] for nd in nodes])
-        pos = [committed + nd.depth - 1 + positions_offset for nd in nodes]
-        frontier = [i for i, nd in enumerate(nodes) if nd.depth == level]
-        dl, dh = d.call([nd.token for nd in nodes], committed + s, committed, frontier,
+        s = len(expanded)
+        where = {t: j for j, t in enumerate(expanded)}
+        parents = [where.get(table[t].parent, -1) for t in expanded]
+        from_draft = np.stack([root_h if table[t].parent < 0 else hidden[table[t].parent] for t in expanded])
+        pos = [committed + table[t].depth - 1 + positions_offset for t in expanded]
+        frontier = [j for j, t in enumerate(expanded) if table[t].depth == level]
+        dl, dh = d.call([table[t].token for t in expanded], committed + s, committed, frontier,
                         tree=(pos, ancestors_mask(parents)),
-                        extra={"hidden_states_input": np.zeros((1, s, 3 * (d.s.config.get("base_model_hidden_size",
-                                                                                           3 * h) // 3)), fdt),
+                        extra={"hidden_states_input": np.zeros((1, s, d.s.config["base_model_hidden_size"]), fdt),
                                "hidden_states_from_draft": from_draft[None].astype(fdt)})
-        for j, i in enumerate(frontier):
-            hidden[i] = dh[j]
-        candidates = [c for j, i in enumerate(frontier) for c in children(dl[j], i, nodes[i].score, level + 1)]
-        candidates.sort(key=lambda c: -c.score)
-        nodes += candidates[:top_k]
-    return nodes
+        candidates = []
+        for j, f in enumerate(frontier):
+            t = expanded[f]
+            hidden[t] = dh[j]
+            candidates += children(dl[j], t, table[t].score, level + 1)
+        first = len(table)
+        table += candidates
+        best = sorted(range(first, len(table)), key=lambda i: -table[i].score)[:top_k]
+        expanded += sorted(best)
+    # the verify tree: the best verify_size of the table, closed under ancestors
+    keep = set()
+    for i in sorted(range(len(table)), key=lambda i: -table[i].score)[:verify_size]:
+        while i >= 0 and i not in keep:
+            keep.add(i)
+            i = table[i].parent
+    order = sorted(keep, key=lambda i: (table[i].depth, i))
+    index = {t: j for j, t in enumerate(order)}
+    return [Node(table[t].token, index.get(table[t].parent, -1), table[t].depth, table[t].score, table[t].draft_id)
+            for t in order]

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 from ..errors import RewriteError
 from ..modelio.config_file import read_config
-from ..reference.eagle import DEPTH, TOP_K, speculative_greedy
+from ..reference.eagle import DEPTH, TOP_K, VERIFY_SIZE, speculative_greedy
 from ..reference.runner import Session
 from .compare import FP16_COSINE, StepResult, compare
 
@@ -80,7 +80,7 @@ def _close(result, name, ours, ref) -> None:
 
 def verify_eagle3(out_dir, model: str, draft_checkpoint: str | None = None, new_tokens: int = NEW_TOKENS,
                   prompts=None, quiet: bool = False, top_k: int = TOP_K, depth: int = DEPTH,
-                  positions_offset: int = 0) -> EagleResult:
+                  verify_size: int = VERIFY_SIZE, positions_offset: int = 0) -> EagleResult:
     from ..hf.eagle3_draft import load_draft, read_draft_config, target_layer_ids
     from ..hf.export import load_model
 
@@ -124,6 +124,7 @@ def verify_eagle3(out_dir, model: str, draft_checkpoint: str | None = None, new_
         _check_draft(result, draft, torch_draft, p, int(np.argmax(ref_logits[-1])), taps)
         for i, prompt in enumerate(prompts):
             spec = speculative_greedy(base, draft, d2t, prompt, new_tokens, top_k=top_k, depth=depth,
+                                      verify_size=verify_size,
                                       positions_offset=positions_offset)
             want, rows = _greedy(hf, prompt, new_tokens)
             if spec.tokens != want:
