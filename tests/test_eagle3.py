@@ -2,8 +2,8 @@
 as a pair, the folders' contract, lossless speculative decoding against transformers, and three deliberate bugs
 (tree-mask bit order, hidden-state layers, attention_pos_id off by one) that verify must catch.
 
-Default: one Llama pair on edgellm-0.9 and one on edgellm-0.11 (export ~20 s, verify ~7 s each) and short verifies
-for the bugs; Qwen3 (0.9, 0.5) and Llama on edgellm-0.5 behind --runslow."""
+Default: one Llama pair on edgellm-0.9 and one on edgellm-0.11 (export ~15 s, verify ~9 s each) and short verifies
+for the bugs; edgellm-0.10 (Llama, Qwen3), Qwen3 on 0.9 / 0.5 and Llama on 0.5 behind --runslow."""
 
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ def _pair(models, tmp_path_factory, family: str, target: str):
 
 
 TREE_INPUTS = {"edgellm-0.9": (7, ["attention_mask", "attention_pos_id"]),
+               "edgellm-0.10": (6, ["attention_mask", "attention_pos_id"]),  # after the 6 plain inputs
                "edgellm-0.11": (6, ["packed_attention_mask", "attention_position_ids"])}
 
 
-@pytest.fixture(scope="module", params=["edgellm-0.9", "edgellm-0.11"])
+@pytest.fixture(scope="module", params=["edgellm-0.9", "edgellm-0.11",
+                                        pytest.param("edgellm-0.10", marks=pytest.mark.slow)])
 def llama(models, tmp_path_factory, request):
     return _pair(models, tmp_path_factory, "llama", request.param) + (request.param,)
 
@@ -52,6 +54,7 @@ def test_pair_contract(llama):
     assert base_cfg["eagle_hidden_state_layers"] == LAYERS  # the draft's target_layer_ids
     assert (base_cfg["spec_decode_type"], base_cfg["engine_role"]) == ("eagle3", "base")
     assert base_cfg["model_type"] == ("eagle3_base" if target == "edgellm-0.9" else "llm")
+    assert base_cfg["edgellm_version"].startswith(target.removeprefix("edgellm-"))
     ins, outs, plugins = _io(root / "out/base/model.onnx")
     assert outs[:2] == ["logits", "hidden_states"] and outs[2].startswith("present_key_values_")
     at, names = TREE_INPUTS[target]
@@ -177,8 +180,6 @@ def test_wrong_hidden_layers_fail(llama, tmp_path, monkeypatch):
 
 def test_refusals(models, tmp_path):
     src = models.baseline("llama")  # 2 layers
-    with pytest.raises(UnsupportedModel, match="edgellm-0.10"):
-        onnx_rewriter.rewrite(src, tmp_path / "a", eagle_base=True, target="edgellm-0.10")
     with pytest.raises(UnsupportedModel, match="q/k norm"):  # 0.11 moves it into the plugin: order not known
         onnx_rewriter.rewrite(models.baseline("qwen3"), tmp_path / "b", eagle_base=True, eagle_layers="0,1,1",
                               target="edgellm-0.11")
@@ -188,16 +189,25 @@ def test_refusals(models, tmp_path):
         onnx_rewriter.rewrite(src, tmp_path / "g", eagle_base=True)
     with pytest.raises(RewriteError, match="--eagle-layers needs --eagle-base"):
         onnx_rewriter.rewrite(src, tmp_path / "d", eagle_layers="0,1,2")
+    with pytest.raises(RewriteError, match="either the base or the draft"):
+        onnx_rewriter.rewrite(src, tmp_path / "a", eagle_base=True, eagle_draft=True)
     with pytest.raises(RewriteError, match="--dtype float16"):
         onnx_rewriter.rewrite(src, tmp_path / "e", eagle_base=True, dtype="float32")
     with pytest.raises(RewriteError, match="no 'hidden_states_input'"):
         onnx_rewriter.rewrite(src, tmp_path / "f", eagle_draft=True)
-    assert not any((tmp_path / x).exists() for x in "abcdefg")
+    with pytest.raises(RewriteError, match="a folder is for export"):
+        onnx_rewriter.rewrite(src, tmp_path / "h", eagle_draft=str(tmp_path))
+    assert not any((tmp_path / x).exists() for x in "abcdefgh")
+    base = models.checkpoint("llama")
+    draft = eagle3_draft.build_tiny_draft(base, tmp_path / "draft")
+    with pytest.raises(RewriteError, match="inside the --eagle-draft checkpoint"):
+        onnx_rewriter.export(model=str(base), output_dir=draft / "out", eagle_draft=str(draft))
+    assert not (draft / "out").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,target", [("qwen3", "edgellm-0.9"), ("llama", "edgellm-0.5"),
-                                           ("qwen3", "edgellm-0.5")])
+                                           ("qwen3", "edgellm-0.5"), ("qwen3", "edgellm-0.10")])
 def test_other_pairs_verify(models, tmp_path_factory, family, target):
     base, draft, root = _pair(models, tmp_path_factory, family, target)
     assert verify_eagle3(root / "out", str(base), str(draft), quiet=True).passed

@@ -39,7 +39,7 @@ TOKEN_MAJOR_WARNING = ("EAGLE3 on edgellm-0.11: the tree-attention semantics of 
 @dataclass(frozen=True)
 class Plan:
     token_major: bool
-    tree_at: int  # plugin input index of the tree mask (the positions follow it)
+    tree_at: int  # plugin input index of the tree mask (the positions follow it); -1: after the others
     last_hidden: int  # default layers: [2, L//2, L - last_hidden]
     config_keys: tuple  # "0.7": model_type eagle3_*; "0.8": spec_decode_type / engine_role
     draft_needs_same_hidden: bool  # the builder sizes hidden_states_input as 3 x the draft's hidden size
@@ -51,9 +51,11 @@ class Plan:
 PLANS = {
     "edgellm-0.5": Plan(False, 5, 3, ("0.7",), True),
     "edgellm-0.9": Plan(False, 7, 4, ("0.7", "0.8"), True),
+    # 0.10: the tree group comes after the q/k-norm gammas (§17.2); the builder honours base_model_hidden_size
+    "edgellm-0.10": Plan(False, -1, 4, ("0.8",), False),
     "edgellm-0.11": Plan(True, 6, 3, ("0.8",), False, eagle3_config=True, note=TOKEN_MAJOR_WARNING),
 }
-REFUSALS = ("EAGLE3", "has no EAGLE3 support in onnx_rewriter (0.10's paged tree attention is not implemented)",
+REFUSALS = ("EAGLE3", "has no EAGLE3 support",
             "the runtime's hidden_states and tree inputs are fp16")
 
 
@@ -286,8 +288,9 @@ class Eagle3(Feature):
             raise RewriteError(f"EAGLE3: the rewritten graph already has a tensor '{clash[0]}'")
         plugins = [n for n in g.nodes if n.op == "AttentionPlugin"]
         for node in plugins:
-            node.inputs.insert(self.plan.tree_at, mask)
-            node.inputs.insert(self.plan.tree_at + 1, pos)
+            at = self.plan.tree_at if self.plan.tree_at >= 0 else len(node.inputs)
+            node.inputs.insert(at, mask)
+            node.inputs.insert(at + 1, pos)
             node.attrs["enable_tree_attention"] = 1
         em_prefix = "eagle3"
         logits = next(t for t in g.outputs if t.name == "logits")

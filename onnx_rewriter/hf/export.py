@@ -282,7 +282,10 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     write (safety.check_writes) and the checkpoint's files against its config. Returns the checkpoint folder."""
     check_device(device)
     folder = _checkpoint_folder(model)
-    safety.check_writes(output_dir, opts.force, protected={"the checkpoint": folder}, read=pipeline.read_paths(opts),
+    protected = {"the checkpoint": folder}
+    if isinstance(opts.eagle_draft, (str, Path)):
+        protected["the --eagle-draft checkpoint"] = Path(opts.eagle_draft)
+    safety.check_writes(output_dir, opts.force, protected=protected, read=pipeline.read_paths(opts),
                         keep_baseline=keep_baseline, report=opts.report)
     _check_checkpoint(folder)
     return folder

@@ -1,4 +1,4 @@
-"""EAGLE3 speculative greedy decoding on the CPU reference (batch-major dense targets: edgellm-0.5, 0.9).
+"""EAGLE3 speculative greedy decoding on the CPU reference (edgellm-0.5, 0.9, 0.10; 0.11 as inferred).
 
 The base and draft folders run as the runtime drives them (contract part 2 §11, part 3 §18.2):
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from .paged_runner import CHUNKED, DECODE, PREFILL, PagedRunner
 from .plugin import PAGE_SIZE, pack_tree_mask
-from .runner import DenseRunner
+from .runner import BatchPagedRunner, DenseRunner
 
 # The runtime's defaults (llm_inference --eagleDraftTopK 10 --eagleDraftStep 6 --eagleVerifyTreeSize 60).
 TOP_K, DEPTH, VERIFY_SIZE = 10, 6, 60
@@ -90,7 +90,7 @@ class TreeRunner(DenseRunner):
             "kvcache_start_index": (np.zeros((0,), np.int32) if start is None else np.array([start], np.int32)),
             "last_token_ids": np.asarray(select, dtype=np.int64).reshape(1, -1),
             "attention_mask": mask, "attention_pos_id": pos,
-            **self.cache_feeds(None), **(extra or {}),
+            **self.cache_feeds(np.array([(0 if start is None else start) + s])), **(extra or {}),
         }
         out = self.s.run(feeds)
         self.keep(out)
@@ -148,23 +148,35 @@ class TokenTreeRunner(PagedRunner):
         return np.asarray(out["logits"], np.float32), np.asarray(out["hidden_states"])
 
     def compact(self, committed: int, path: list[int]) -> None:
-        for pool in self.pools:
-            flat = pool.reshape(2 * self.num_pages, PAGE_SIZE, *pool.shape[3:])
-            for i, p in enumerate(path):
-                if p == i:
-                    continue
-                src, dst = committed + p, committed + i
-                for kv in range(2):
-                    off = kv * self.num_pages
-                    flat[self.pages[0, dst // PAGE_SIZE] + off, dst % PAGE_SIZE] = \
-                        flat[self.pages[0, src // PAGE_SIZE] + off, src % PAGE_SIZE]
+        compact_pools(self, committed, path)
+
+
+def compact_pools(runner, committed: int, path: list[int]) -> None:
+    """compact() over paged pools [2, num_pages, 128, Hkv, D] (sequence 0; V page = K page + num_pages)."""
+    for pool in runner.pools:
+        flat = pool.reshape(2 * runner.num_pages, PAGE_SIZE, *pool.shape[3:])
+        for i, p in enumerate(path):
+            if p == i:
+                continue
+            src, dst = committed + p, committed + i
+            for kv in range(2):
+                off = kv * runner.num_pages
+                flat[runner.pages[0, dst // PAGE_SIZE] + off, dst % PAGE_SIZE] = \
+                    flat[runner.pages[0, src // PAGE_SIZE] + off, src % PAGE_SIZE]
+
+
+class BatchPagedTreeRunner(TreeRunner, BatchPagedRunner):
+    """TreeRunner's calls on an edgellm-0.10 folder (batch-major, paged pool and kv_page_table)."""
+
+    def compact(self, committed: int, path: list[int]) -> None:
+        compact_pools(self, committed, path)
 
 
 def tree_runner(session, capacity: int):
     """The runner of `session`'s target: dense batch-major (0.5, 0.9) or token-major paged (0.11)."""
     if "kv_page_table" in session.inputs:
         if "kvcache_start_index" in session.inputs:
-            raise NotImplementedError("EAGLE3 on edgellm-0.10 is not modelled by the reference")
+            return BatchPagedTreeRunner(session, 1, capacity)
         return TokenTreeRunner(session, 1, capacity)
     return TreeRunner(session, 1, capacity)
 

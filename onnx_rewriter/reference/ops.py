@@ -128,6 +128,10 @@ def _paged(inputs, attrs, kv_scales=None):
 
 def _paged_batch(inputs, attrs, kv_scales=None):
     qk_norm = bool(attrs.get("enable_qk_norm", 0))
+    tree = {}
+    if int(attrs.get("enable_tree_attention", 0)):  # the tree group: after the q/k-norm gammas (§17.2)
+        inputs = list(inputs)
+        tree = {"tree_pos": inputs.pop(), "tree_mask": inputs.pop()}
     if len(inputs) != (8 if qk_norm else 6):
         raise ValueError(f"0.10 AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
                          "(expected 6 without q/k-norm, 8 with it)")
@@ -136,7 +140,7 @@ def _paged_batch(inputs, attrs, kv_scales=None):
         *inputs[:6], num_q_heads=int(attrs["num_q_heads"]), num_kv_heads=int(attrs["num_kv_heads"]),
         head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
         attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
-        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)), kv_scales=kv_scales)
+        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)), kv_scales=kv_scales, **tree)
 
 
 class _AttentionPluginBase(OpRun):
@@ -146,8 +150,7 @@ class _AttentionPluginBase(OpRun):
     def _run(self, *inputs, **attrs):
         batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
         tree = int(attrs.get("enable_tree_attention", 0))
-        _unsupported(enable_tree_attention=tree and batch_paged,
-                     enable_kv_shared=attrs.get("enable_kv_shared", 0),
+        _unsupported(enable_kv_shared=attrs.get("enable_kv_shared", 0),
                      enable_attention_sink=attrs.get("enable_attention_sink", 0),
                      enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),
                      enable_context_mask_selector=attrs.get("enable_context_mask_selector", 0))

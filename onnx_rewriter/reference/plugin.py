@@ -255,7 +255,8 @@ def attend_allowed(q, k, v, allowed, *, scale: float) -> np.ndarray:
 
 
 def _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tree_pos, *, num_q_heads: int,
-                    num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None):
+                    num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None,
+                    q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6):
     """Tree decoding of the batch-major plugins (contract part 3 §18.2). Row b's S tokens follow its committed
     prefix of P0 = context_lengths[b] - S cache slots; token t is roped at table row ``tree_pos[b, t]`` and
     attends to the whole prefix plus the new tokens whose bit is set in its row of ``tree_mask``; a token with
@@ -283,7 +284,8 @@ def _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tr
         if p0 + s > cache.capacity(b) or pos[b].max() >= rows.shape[0]:
             raise ValueError(f"row {b}: tree of {s} after {p0} tokens exceeds the cache or the rope table")
         r = rows[np.maximum(pos[b], 0)]
-        qr, kr = apply_rope(qf[b], r), apply_rope(kf[b], r)
+        qr = _rope_and_norm(qf[b], q_norm_weight, r, rms_norm_eps)
+        kr = _rope_and_norm(kf[b], k_norm_weight, r, rms_norm_eps)
         keys = np.concatenate([cache.past(b, 0, p0), kr])
         vals = np.concatenate([cache.past(b, 1, p0), vf[b]])
         allowed = np.concatenate([np.ones((s, p0), dtype=bool), bits[b]], axis=1)
@@ -318,7 +320,7 @@ def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_sta
 def paged_batch_attention(qkv, kv_pool, context_lengths, rope_cos_sin, kvcache_start_index, kv_page_table, *,
                           num_q_heads: int, num_kv_heads: int, head_size: int, sliding_window_size: int = -1,
                           attention_scale=None, q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
-                          kv_scales=None):
+                          kv_scales=None, tree_mask=None, tree_pos=None):
     """0.10 plugin (contract 3 §17): batch-major packed ``qkv [B,S,(Hq+2Hkv)·D]``, the paged pool
     ``[2,num_pages,128,Hkv,D]`` and ``kv_page_table [B,2,pages]``; 0.9's modes (``_batch_attention``), q/k
     RMSNorm in the plugin before RoPE. Returns ``out [B,S,Hq,D]`` (qkv's dtype) and the pool (its own dtype)."""
@@ -326,6 +328,14 @@ def paged_batch_attention(qkv, kv_pool, context_lengths, rope_cos_sin, kvcache_s
     kv_pool = np.asarray(kv_pool)
     present = kv_pool.copy()
     cache = _PagedCache(present, kv_page_table, *_cache_codec(kv_scales, kv_pool))
+    b_sz, s = np.asarray(q).shape[:2]
+    if tree_pos is not None and np.asarray(kvcache_start_index).size == b_sz and s > 1 \
+            and np.asarray(tree_pos).shape[-1] == s:  # tree decoding, as the dense plugin (§17.2, §18.2)
+        out = _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tree_pos,
+                              num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                              sliding_window_size=sliding_window_size, attention_scale=attention_scale,
+                              q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, rms_norm_eps=rms_norm_eps)
+        return out, present
     out = _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index,
                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
                            sliding_window_size=sliding_window_size, attention_scale=attention_scale,
