@@ -205,6 +205,24 @@ def test_refusals(models, tmp_path):
     assert not (draft / "out").exists()
 
 
+def test_narrow_draft_refused(models, tmp_path):
+    """A draft narrower than its base: 0.5 / 0.9 builders size hidden_states_input as 3 x the draft's own hidden
+    size; on 0.10 / 0.11 such a draft has its own token embedding, which a draft folder does not carry. Refused
+    by name on each, nothing written."""
+    base = models.checkpoint("llama", num_hidden_layers=4)
+    d = eagle3_draft.build_tiny_draft(base, tmp_path / "narrow", with_embedding=True, hidden_size=32, head_dim=8,
+                                      intermediate_size=64)
+    (tmp_path / "dx").mkdir()
+    eagle3_draft.export_draft_baseline(eagle3_draft.load_draft(d), tmp_path / "dx" / "model.onnx")
+    (tmp_path / "dx" / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(UnsupportedModel, match="target_hidden_size 64 != hidden_size 32"):
+        onnx_rewriter.rewrite(tmp_path / "dx" / "model.onnx", tmp_path / "o9", eagle_draft=True)
+    with pytest.raises(UnsupportedModel, match="own token embedding"):
+        onnx_rewriter.rewrite(tmp_path / "dx" / "model.onnx", tmp_path / "o11", eagle_draft=True,
+                              target="edgellm-0.11")
+    assert not (tmp_path / "o9").exists() and not (tmp_path / "o11").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family,target", [("qwen3", "edgellm-0.9"), ("llama", "edgellm-0.5"),
                                            ("qwen3", "edgellm-0.5"), ("qwen3", "edgellm-0.10")])

@@ -242,7 +242,12 @@ class Eagle3(Feature):
         if self.plan.draft_needs_same_hidden and self.target_hidden != self.hidden:
             raise UnsupportedModel(f"EAGLE3 draft on {self.target_name}: target_hidden_size {self.target_hidden} != "
                                    f"hidden_size {self.hidden}; that runtime sizes hidden_states_input as 3 x the "
-                                   f"draft's hidden size: use edgellm-0.11")
+                                   f"draft's hidden size")
+        if self.target_hidden != self.hidden:
+            raise UnsupportedModel(f"EAGLE3 draft: hidden_size {self.hidden} differs from the base's "
+                                   f"{self.target_hidden}; such a draft reads its own token embedding, and how the "
+                                   f"runtime feeds it (a draft folder has no embedding.safetensors) is not known, "
+                                   f"nor can verify check it")
         vocab = int(run.spec["vocab_size"])
         head = run.logits.shape[-1] if run.logits.shape else None
         self.draft_vocab = int(cfg.get("draft_vocab_size") or head or vocab)

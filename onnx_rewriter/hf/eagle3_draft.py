@@ -184,11 +184,12 @@ def load_draft(folder, base_embedding=None, dtype=None):
 
 
 def build_tiny_draft(base_dir, out_dir, *, seed: int = 0, draft_vocab_size: int | None = None,
-                     target_layer_ids: list[int] | None = None, with_embedding: bool = False):
+                     target_layer_ids: list[int] | None = None, with_embedding: bool = False, **overrides):
     """A random EAGLE3 draft for the tiny base model in `base_dir` (hf/tiny.py), in the checkpoint format above.
 
     The draft vocabulary is a random sorted subset of the base vocabulary (half of it by default) that always
-    holds the special tokens; d2t holds offsets, t2d the membership mask."""
+    holds the special tokens; d2t holds offsets, t2d the membership mask. `overrides` are set on the draft's
+    config (a narrower draft needs `with_embedding`: its own table)."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -212,6 +213,7 @@ def build_tiny_draft(base_dir, out_dir, *, seed: int = 0, draft_vocab_size: int 
         "pad_token_id": base.get("pad_token_id"), "tie_word_embeddings": False, "initializer_range": 0.1,
         "dtype": "float32",
     }
+    cfg.update(overrides)  # e.g. a draft narrower than the base (hidden_size != target_hidden_size)
     if target_layer_ids is not None:
         cfg["target_layer_ids"] = [int(i) for i in target_layer_ids]
     torch.manual_seed(seed)
