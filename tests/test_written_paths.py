@@ -46,7 +46,8 @@ ROUTES = {
 # The commands and the options of theirs that write (the rest only read): every one must be in ROUTES.
 WRITTEN_DESTS = {"output_dir": "output", "report": "--report", "keep_baseline": "--keep-baseline"}
 READ_DESTS = {"input", "model", "out_dir", "config", "tokenizer", "vocab_corpus", "keep_tokens", "kv_scales",
-              "calibration", "baseline", "lora_adapter", "fp16_model", "vocab_multiple"}
+              "calibration", "baseline", "lora_adapter", "fp16_model", "vocab_multiple",
+              "eagle_draft"}  # export: the draft checkpoint (protected like the checkpoint); verify: read
 TARGETS = ("input model", "input folder", "config", "output folder", "file in output")
 
 

@@ -48,6 +48,10 @@ def _feeds(graph: gs.Graph, s: int, past: int = 0) -> dict:
             shape = [b if i == 0 else d if isinstance(d, (int, np.integer)) else past
                      for i, d in enumerate(t.shape)]
             feeds[t.name] = np.zeros(shape, dtype=t.dtype)
+        elif t.shape is not None and len(t.shape) == 3 and t.dtype is not None and np.issubdtype(t.dtype, np.floating):
+            # another per-token float input [B, S, X] (an EAGLE3 draft's hidden states): its values never reach
+            # the mask, its shape may
+            feeds[t.name] = np.zeros((b, s, t.shape[-1]), dtype=t.dtype)
     return feeds
 
 

@@ -24,7 +24,7 @@ target's code. `selected(options)` turns the options into the feature list (docs
 from __future__ import annotations
 
 from onnx_rewriter.analysis.moe import routers
-from onnx_rewriter.features import fp8_kv, int4, lora, reduced_vocab, wa_quant
+from onnx_rewriter.features import eagle3, fp8_kv, int4, lora, reduced_vocab, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
 from onnx_rewriter.features.moe import Moe
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
@@ -65,4 +65,5 @@ OPTIONS: list[type[FeatureOptions]] = [
     reduced_vocab.ReducedVocabOptions,
     lora.LoraOptions,
     fp8_kv.Fp8KvOptions,
+    eagle3.Eagle3Options,  # last: it adds inputs to the plugins the others have finished
 ]

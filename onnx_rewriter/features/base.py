@@ -80,6 +80,8 @@ class FeatureOptions:
 
 class Feature:
     name = "feature"
+    writes_embedding = True  # the folder gets embedding.safetensors (an EAGLE3 draft's does not)
+    writes_tokenizer = True  # the folder gets the tokenizer files (an EAGLE3 draft's does not)
 
     def prepare(self, run) -> None:
         pass

@@ -299,7 +299,10 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     write (safety.check_writes) and the checkpoint's files against its config. Returns the checkpoint folder."""
     check_device(device)
     folder = _checkpoint_folder(model)
-    safety.check_writes(output_dir, opts.force, protected={"the checkpoint": folder}, read=pipeline.read_paths(opts),
+    protected = {"the checkpoint": folder}
+    if isinstance(opts.eagle_draft, (str, Path)):
+        protected["the --eagle-draft checkpoint"] = Path(opts.eagle_draft)
+    safety.check_writes(output_dir, opts.force, protected=protected, read=pipeline.read_paths(opts),
                         keep_baseline=keep_baseline, report=opts.report)
     if folder is not None and (folder / "config.json").is_file():  # MoE: refused by name, before its sizes
         why = moe_support.refusal(read_config(folder / "config.json"), str(opts.target),
@@ -339,6 +342,50 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     out = Path(output_dir)
     if vlm_type(model):  # Qwen2.5-VL / Qwen3-VL: the two-part llm/ + visual/ folder
         return export_vlm(model, out, opts, device=device, keep_baseline=keep_baseline)
+    draft = opts.eagle_draft if isinstance(opts.eagle_draft, (str, Path)) else None
+    if opts.eagle_draft is True:
+        raise RewriteError("export --eagle-draft needs the draft checkpoint folder: --eagle-draft DIR")
+    if draft is not None:  # OUT/base and OUT/draft
+        return export_eagle3(model, out, opts, Path(draft), device=device, keep_baseline=keep_baseline)
+    return _export_text(model, out, opts, folder, device, keep_baseline)
+
+
+def export_eagle3(model: str, out: Path, opts, draft: Path, device: str = "cpu", keep_baseline=None):
+    """An EAGLE3 pair: OUT/base (the base with --eagle-base, its hidden_states layers the draft's
+    target_layer_ids when it has them) and OUT/draft (the draft checkpoint exported and rewritten with
+    --eagle-draft), written together (one output folder, renamed into place when both are done)."""
+    import copy
+
+    from ..modelio.output import OutputDir
+    from .eagle3_draft import export_draft_baseline, load_draft, read_draft_config, target_layer_ids
+
+    cfg = read_draft_config(draft)
+    base_opts = copy.copy(opts)
+    base_opts.eagle_base, base_opts.eagle_draft, base_opts.force = True, None, False
+    if base_opts.eagle_layers is None and target_layer_ids(cfg) is not None:
+        base_opts.eagle_layers = target_layer_ids(cfg)
+    draft_opts = copy.copy(opts)
+    draft_opts.eagle_base, draft_opts.eagle_draft, draft_opts.eagle_layers = False, True, None
+    draft_opts.force, draft_opts.tokenizer, draft_opts.report = False, None, None
+    draft_opts.no_tokenizer = True
+    pipeline.make_options(draft_opts)  # the draft's own refusals (target, dtype), before any work
+    folder = _checkpoint_folder(model)
+    with OutputDir(out, force=opts.force) as tmp:
+        run = _export_text(model, tmp / "base", base_opts, folder, device, keep_baseline)
+        m, _ = load_model(model, device, opts.trust_remote_code)
+        emb = m.get_input_embeddings().weight.detach().float().clone()
+        del m
+        with safety.temp_folder("export") as work:
+            d = load_draft(draft, base_embedding=emb)
+            export_draft_baseline(d, work / "model.onnx")
+            del d
+            shutil.copyfile(draft / "config.json", work / "config.json")
+            pipeline.rewrite(work / "model.onnx", tmp / "draft", draft_opts)
+    run.out_dir = out / "base"  # the summary line lists the base folder's files
+    return run
+
+
+def _export_text(model: str, out: Path, opts, folder, device: str, keep_baseline):
     tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
     if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
 
@@ -380,7 +427,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
             advance("rewrite")
             run = pipeline.rewrite(base, out, opts)
             if keep_baseline:
-                _keep(work, keep_baseline, force)
+                _keep(work, keep_baseline, opts.force)
             return run
 
 

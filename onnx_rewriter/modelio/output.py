@@ -71,7 +71,7 @@ class OutputDir:
             safety.write_manifest(self.tmp)
             os.chmod(self.tmp, 0o755)
             for f in self.tmp.iterdir():
-                os.chmod(f, 0o644)
+                os.chmod(f, 0o755 if f.is_dir() else 0o644)  # an EAGLE3 export's base/ and draft/ are folders
             self._replace()
         except BaseException as exc:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -126,6 +126,8 @@ def read_paths(options: Options) -> dict:
     paths = {"the --config file": options.config, "the --tokenizer folder": options.tokenizer,
              "the --calibration file": options.calibration, "the --kv-scales folder": options.kv_scales,
              "the --keep-tokens file": options.keep_tokens}
+    if isinstance(options.eagle_draft, (str, Path)):
+        paths["the --eagle-draft folder"] = options.eagle_draft
     for i, f in enumerate(options.vocab_corpus or []):
         paths[f"the --vocab-corpus file '{f}'" if i else "the --vocab-corpus file"] = f
     return paths
@@ -134,6 +136,9 @@ def read_paths(options: Options) -> dict:
 def check_used(options: Options) -> None:
     """An option that would change nothing is refused, not silently ignored (after `export` has set what a
     quantized checkpoint implies: its INT4 codes)."""
+    if isinstance(options.eagle_draft, (str, Path)):
+        raise RewriteError(f"--eagle-draft '{options.eagle_draft}': a folder is for export (the draft checkpoint); a "
+                           f"rewrite of a draft's plain export takes --eagle-draft without a value")
     if options.int4_plugin_version is not None and options.quantize != "int4":
         raise RewriteError(f"--int4-plugin-version {options.int4_plugin_version} needs --quantize int4 "
                            f"(or an AWQ/GPTQ checkpoint); drop it or add --quantize int4")

@@ -97,6 +97,11 @@ def _dense(inputs, attrs, kv_scales=None):
                   head_size=int(attrs["head_size"]),
                   sliding_window_size=int(attrs.get("sliding_window_size", -1)),
                   attention_scale=attrs.get("attention_scale"), kv_scales=kv_scales)
+    if int(attrs.get("enable_tree_attention", 0)):
+        # the tree mask and positions follow the 4 (0.5) or 7 (0.9) plain inputs
+        if len(inputs) not in (7, 9):
+            raise ValueError(f"dense AttentionPlugin with tree attention takes 7 or 9 inputs, got {len(inputs)}")
+        inputs, (kwargs["tree_mask"], kwargs["tree_pos"]) = inputs[:-2], inputs[-2:]
     if len(inputs) == 7:
         return dense_attention(*inputs, **kwargs)
     if len(inputs) == 5:
@@ -106,6 +111,13 @@ def _dense(inputs, attrs, kv_scales=None):
 
 def _paged(inputs, attrs, kv_scales=None):
     qk_norm = bool(attrs.get("enable_qk_norm", 0))
+    tree = {}
+    if int(attrs.get("enable_tree_attention", 0)):  # packed_attention_mask at 6, attention_position_ids at 7
+        if qk_norm or len(inputs) != 12:
+            raise NotImplementedError(f"0.11 tree AttentionPlugin: {len(inputs)} inputs with enable_qk_norm="
+                                      f"{int(qk_norm)}; the reference models 12 inputs without q/k norms")
+        inputs = list(inputs)
+        tree = {"tree_mask": inputs.pop(6), "tree_pos": inputs.pop(6)}
     if len(inputs) not in (10, 12) or qk_norm != (len(inputs) == 12):
         raise ValueError(f"paged AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
                          "(expected 10 without q/k-norm, 12 with it)")
@@ -118,11 +130,15 @@ def _paged(inputs, attrs, kv_scales=None):
         head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
         attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
         rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)),
-        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)), kv_scales=kv_scales)
+        qk_norm_post_rope=bool(attrs.get("qk_norm_post_rope", 0)), kv_scales=kv_scales, **tree)
 
 
 def _paged_batch(inputs, attrs, kv_scales=None):
     qk_norm = bool(attrs.get("enable_qk_norm", 0))
+    tree = {}
+    if int(attrs.get("enable_tree_attention", 0)):  # the tree group: after the q/k-norm gammas (§17.2)
+        inputs = list(inputs)
+        tree = {"tree_pos": inputs.pop(), "tree_mask": inputs.pop()}
     if len(inputs) != (8 if qk_norm else 6):
         raise ValueError(f"0.10 AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
                          "(expected 6 without q/k-norm, 8 with it)")
@@ -131,7 +147,7 @@ def _paged_batch(inputs, attrs, kv_scales=None):
         *inputs[:6], num_q_heads=int(attrs["num_q_heads"]), num_kv_heads=int(attrs["num_kv_heads"]),
         head_size=int(attrs["head_size"]), sliding_window_size=int(attrs.get("sliding_window_size", -1)),
         attention_scale=attrs.get("attention_scale"), q_norm_weight=q_gamma, k_norm_weight=k_gamma,
-        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)), kv_scales=kv_scales)
+        rms_norm_eps=float(attrs.get("rms_norm_eps", 1e-6)), kv_scales=kv_scales, **tree)
 
 
 class _AttentionPluginBase(OpRun):
@@ -139,16 +155,16 @@ class _AttentionPluginBase(OpRun):
     op_schema = None
 
     def _run(self, *inputs, **attrs):
-        _unsupported(enable_tree_attention=attrs.get("enable_tree_attention", 0),
-                     enable_kv_shared=attrs.get("enable_kv_shared", 0),
+        batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
+        tree = int(attrs.get("enable_tree_attention", 0))
+        _unsupported(enable_kv_shared=attrs.get("enable_kv_shared", 0),
                      enable_attention_sink=attrs.get("enable_attention_sink", 0),
                      enable_vision_block_attention=attrs.get("enable_vision_block_attention", 0),
                      enable_context_mask_selector=attrs.get("enable_context_mask_selector", 0))
-        batch_paged = "enable_qk_norm" in attrs and "plugin_version" not in attrs  # the 0.10 form
         inputs, kv_scales = _kv_scales(list(inputs), attrs, scale_input=not batch_paged)
         if batch_paged:
             return _paged_batch(inputs, attrs, kv_scales)
-        if len(inputs) in (5, 7):
+        if len(inputs) in (5, 7) or (tree and len(inputs) == 9):
             return _dense(inputs, attrs, kv_scales)
         return _paged(inputs, attrs, kv_scales)
 

@@ -219,24 +219,108 @@ def _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_star
     return out.astype(q.dtype)
 
 
+def tree_mask_bits(mask, s: int) -> np.ndarray:
+    """The bit-packed tree mask ``[..., S, W]`` int32 as booleans ``[..., S, S]``: token j is bit (j mod 32) of
+    word j // 32, least significant bit first (contract part 3 §18.2)."""
+    words = np.asarray(mask).astype(np.int64) & 0xFFFFFFFF
+    j = np.arange(s)
+    if words.shape[-1] * 32 < s:
+        raise ValueError(f"tree mask has {words.shape[-1]} words per row for {s} tokens")
+    return ((words[..., j // 32] >> (j % 32)) & 1).astype(bool)
+
+
+def pack_tree_mask(allowed) -> np.ndarray:
+    """Inverse of tree_mask_bits: booleans ``[..., S, S]`` -> int32 ``[..., S, ceil(S/32)]``."""
+    allowed = np.asarray(allowed, dtype=bool)
+    s = allowed.shape[-1]
+    words = np.zeros(allowed.shape[:-1] + ((s + 31) // 32,), dtype=np.int64)
+    for j in range(s):
+        words[..., j // 32] |= allowed[..., j].astype(np.int64) << (j % 32)
+    return words.astype(np.uint32).view(np.int32)
+
+
+def attend_allowed(q, k, v, allowed, *, scale: float) -> np.ndarray:
+    """q ``[Sq, Hq, D]`` over k/v ``[Sk, Hkv, D]`` where ``allowed [Sq, Sk]`` (fp32, GQA by head groups)."""
+    q, k, v = (np.asarray(x, dtype=_F32) for x in (q, k, v))
+    sq, hq, d = q.shape
+    hkv = k.shape[1]
+    group = _head_counts(hq, hkv)
+    scores = np.einsum("qhgd,khd->hgqk", q.reshape(sq, hkv, group, d), k) * _F32(scale)
+    scores = np.where(allowed, scores, -np.inf)
+    peak = scores.max(axis=-1, keepdims=True)
+    prob = np.exp(scores - np.where(np.isfinite(peak), peak, 0.0))
+    denom = prob.sum(axis=-1, keepdims=True)
+    prob = prob / np.where(denom > 0, denom, 1.0)
+    return np.einsum("hgqk,khd->qhgd", prob.astype(_F32), v).reshape(sq, hq, d)
+
+
+def _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tree_pos, *, num_q_heads: int,
+                    num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None,
+                    q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6):
+    """Tree decoding of the batch-major plugins (contract part 3 §18.2). Row b's S tokens follow its committed
+    prefix of P0 = context_lengths[b] - S cache slots; token t is roped at table row ``tree_pos[b, t]`` and
+    attends to the whole prefix plus the new tokens whose bit is set in its row of ``tree_mask``; a token with
+    position -1 is padding (output 0, nothing written). Token t's K/V go to slot P0 + t (sequence order)."""
+    if sliding_window_size is not None and sliding_window_size > 0:
+        raise NotImplementedError("AttentionPlugin reference does not model tree attention with a sliding window")
+    hq, hkv, d = num_q_heads, num_kv_heads, head_size
+    q = np.asarray(q)
+    b_sz, s = q.shape[:2]
+    qf = q.reshape(b_sz, s, hq, d).astype(_F32)
+    kf = np.asarray(k).reshape(b_sz, s, hkv, d).astype(_F32)
+    vf = np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32)
+    ctx = np.asarray(context_lengths).reshape(-1).astype(np.int64)
+    pos = np.asarray(tree_pos).astype(np.int64).reshape(b_sz, s)
+    bits = tree_mask_bits(tree_mask, s).reshape(b_sz, s, s)
+    table = np.asarray(rope_cos_sin, dtype=_F32)
+    scale = _scale(attention_scale, d)
+    out = np.zeros((b_sz, s, hq, d), dtype=_F32)
+    for b in range(b_sz):
+        p0 = int(ctx[b]) - s
+        real = np.flatnonzero(pos[b] >= 0)
+        if p0 < 0 or real.size == 0:
+            continue
+        rows = table[b if table.shape[0] == b_sz else 0]
+        if p0 + s > cache.capacity(b) or pos[b].max() >= rows.shape[0]:
+            raise ValueError(f"row {b}: tree of {s} after {p0} tokens exceeds the cache or the rope table")
+        r = rows[np.maximum(pos[b], 0)]
+        qr = _rope_and_norm(qf[b], q_norm_weight, r, rms_norm_eps)
+        kr = _rope_and_norm(kf[b], k_norm_weight, r, rms_norm_eps)
+        keys = np.concatenate([cache.past(b, 0, p0), kr])
+        vals = np.concatenate([cache.past(b, 1, p0), vf[b]])
+        allowed = np.concatenate([np.ones((s, p0), dtype=bool), bits[b]], axis=1)
+        out[b, real] = attend_allowed(qr[real], keys, vals, allowed[real], scale=scale)
+        for t in real:
+            cache.put(b, 0, p0 + int(t), kr[t:t + 1])
+            cache.put(b, 1, p0 + int(t), vf[b, t:t + 1])
+    return out.astype(q.dtype)
+
+
 def dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
                     num_q_heads: int, num_kv_heads: int, head_size: int,
-                    sliding_window_size: int = -1, attention_scale=None, kv_scales=None):
+                    sliding_window_size: int = -1, attention_scale=None, kv_scales=None,
+                    tree_mask=None, tree_pos=None):
     """0.9 plugin: q ``[B,S,Hq·D]``, k/v ``[B,S,Hkv·D]``, past_kv ``[B,2,Hkv,cap,D]`` (``_batch_attention``).
-    Returns ``out [B,S,Hq,D]`` and ``present`` (past_kv's dtype)."""
+    With the tree inputs (``enable_tree_attention=1``): tree decoding when kvcache_start_index is ``[B]`` and
+    ``tree_pos`` is ``[B, S]`` with S > 1 (``_tree_attention``); otherwise (``[B, 1]`` positions, a decode
+    step, a prefill) the usual modes. Returns ``out [B,S,Hq,D]`` and ``present`` (past_kv's dtype)."""
     past_kv = np.asarray(past_kv)
     present = past_kv.copy()
     cache = _DenseCache(present, *_cache_codec(kv_scales, past_kv))
-    out = _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index,
-                           num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
-                           sliding_window_size=sliding_window_size, attention_scale=attention_scale)
+    kw = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+              sliding_window_size=sliding_window_size, attention_scale=attention_scale)
+    b_sz, s = np.asarray(q).shape[:2]
+    if tree_pos is not None and np.asarray(kvcache_start_index).size == b_sz and s > 1 \
+            and np.asarray(tree_pos).shape[-1] == s:
+        return _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tree_pos, **kw), present
+    out = _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index, **kw)
     return out, present
 
 
 def paged_batch_attention(qkv, kv_pool, context_lengths, rope_cos_sin, kvcache_start_index, kv_page_table, *,
                           num_q_heads: int, num_kv_heads: int, head_size: int, sliding_window_size: int = -1,
                           attention_scale=None, q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
-                          kv_scales=None):
+                          kv_scales=None, tree_mask=None, tree_pos=None):
     """0.10 plugin (contract 3 §17): batch-major packed ``qkv [B,S,(Hq+2Hkv)·D]``, the paged pool
     ``[2,num_pages,128,Hkv,D]`` and ``kv_page_table [B,2,pages]``; 0.9's modes (``_batch_attention``), q/k
     RMSNorm in the plugin before RoPE. Returns ``out [B,S,Hq,D]`` (qkv's dtype) and the pool (its own dtype)."""
@@ -244,6 +328,14 @@ def paged_batch_attention(qkv, kv_pool, context_lengths, rope_cos_sin, kvcache_s
     kv_pool = np.asarray(kv_pool)
     present = kv_pool.copy()
     cache = _PagedCache(present, kv_page_table, *_cache_codec(kv_scales, kv_pool))
+    b_sz, s = np.asarray(q).shape[:2]
+    if tree_pos is not None and np.asarray(kvcache_start_index).size == b_sz and s > 1 \
+            and np.asarray(tree_pos).shape[-1] == s:  # tree decoding, as the dense plugin (§17.2, §18.2)
+        out = _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tree_pos,
+                              num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                              sliding_window_size=sliding_window_size, attention_scale=attention_scale,
+                              q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, rms_norm_eps=rms_norm_eps)
+        return out, present
     out = _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_start_index,
                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
                            sliding_window_size=sliding_window_size, attention_scale=attention_scale,
@@ -262,13 +354,14 @@ def split_qkv(qkv, num_q_heads: int, num_kv_heads: int, head_size: int):
 
 def packed_qkv_dense_attention(qkv, past_kv, context_lengths, rope_cos_sin, kvcache_start_index, *,
                                num_q_heads: int, num_kv_heads: int, head_size: int,
-                               sliding_window_size: int = -1, attention_scale=None, kv_scales=None):
+                               sliding_window_size: int = -1, attention_scale=None, kv_scales=None,
+                               tree_mask=None, tree_pos=None):
     """0.5 plugin: one packed ``qkv [B,S,(Hq+2Hkv)·D]``, then the 4 dense inputs."""
     q, k, v = split_qkv(qkv, num_q_heads, num_kv_heads, head_size)
     return dense_attention(q, k, v, past_kv, context_lengths, rope_cos_sin, kvcache_start_index,
                            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
                            sliding_window_size=sliding_window_size, attention_scale=attention_scale,
-                           kv_scales=kv_scales)
+                           kv_scales=kv_scales, tree_mask=tree_mask, tree_pos=tree_pos)
 
 
 def _page_slots(page_row, positions, n_flat_pages: int):
@@ -287,8 +380,10 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
                     context_sequence_count_carrier, *, num_q_heads: int, num_kv_heads: int,
                     head_size: int, sliding_window_size: int = -1, attention_scale=None,
                     q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
-                    qk_norm_post_rope: bool = False, kv_scales=None):
+                    qk_norm_post_rope: bool = False, kv_scales=None, tree_mask=None, tree_pos=None):
     """0.11 plugin: token-major packed ``qkv [T,(Hq+2Hkv)·D]``, pool ``[2,num_pages,128,Hkv,D]``.
+    With the tree inputs (``packed_attention_mask [T, W]``, ``attention_position_ids [T]``): see
+    ``_paged_tree_attention`` (contract part 3 §18.3, partly inferred).
 
     Sequence n owns tokens ``query_start_offsets[n] : +query_lengths[n]`` at positions
     ``past_lengths[n] + t``; its token i lives at flat page ``kv_page_table[n, 0|1, i // 128]``
@@ -298,6 +393,14 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
     kernel uses to pick a code path; they carry no extra semantics, so they are not read.
     Returns ``out [T,Hq,D]`` (qkv's dtype) and the updated pool (its own dtype).
     """
+    if tree_mask is not None:
+        if q_norm_weight is not None or k_norm_weight is not None:
+            raise NotImplementedError("AttentionPlugin reference does not model 0.11 tree attention with q/k norms")
+        return _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
+                                     query_start_offsets, attention_sequence_lengths, tree_mask, tree_pos,
+                                     num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                                     sliding_window_size=sliding_window_size, attention_scale=attention_scale,
+                                     kv_scales=kv_scales)
     del attention_sequence_lengths, execution_phase_marker, context_sequence_count_carrier
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
     _head_counts(hq, hkv)
@@ -339,4 +442,60 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
         vpg, vslot = _page_slots(page_table[n, 1], new, flat.shape[0])
         flat[kpg, kslot] = write(kr, 0)
         flat[vpg, vslot] = write(v[tok], 1)
+    return out.astype(qkv.dtype), present
+
+
+def _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
+                          query_start_offsets, attention_sequence_lengths, tree_mask, tree_pos, *, num_q_heads: int,
+                          num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None,
+                          kv_scales=None):
+    """0.11 tree attention, as contract part 3 §18.3 infers it (not yet confirmed on a device). Sequence n owns
+    the Wq = qso[n+1] - qso[n] rows from qso[n] (its physical query width); its committed prefix is
+    P0 = attention_sequence_lengths[n] - Wq cache slots; row i (position ``tree_pos[t]``, -1: padding) attends
+    to the prefix and to the rows of its sequence whose bit is set in its row of ``tree_mask`` (LSB first,
+    columns relative to qso[n]), and its K/V go to slot past_lengths[n] + i. A plain call (causal bits,
+    positions past + i) is the same attention as without the tree inputs. The rope rows are per token."""
+    if sliding_window_size is not None and sliding_window_size > 0:
+        raise NotImplementedError("AttentionPlugin reference does not model tree attention with a sliding window")
+    hq, hkv, d = num_q_heads, num_kv_heads, head_size
+    qkv = np.asarray(qkv)
+    t_all = qkv.shape[0]
+    q, k, v = (x.reshape(t_all, -1, d).astype(_F32) for x in split_qkv(qkv, hq, hkv, d))
+    table = np.asarray(rope_cos_sin, dtype=_F32).reshape(t_all, -1)
+    kv_pool = np.asarray(kv_pool)
+    present = kv_pool.copy()
+    read, write = _cache_codec(kv_scales, kv_pool)
+    flat = present.reshape(2 * kv_pool.shape[1], PAGE_SIZE, hkv, d)
+    page_table = np.asarray(kv_page_table).astype(np.int64)
+    qlen = np.asarray(query_lengths).reshape(-1).astype(np.int64)
+    past_len = np.asarray(past_lengths).reshape(-1).astype(np.int64)
+    asl = np.asarray(attention_sequence_lengths).reshape(-1).astype(np.int64)
+    offsets = np.asarray(query_start_offsets).reshape(-1).astype(np.int64)
+    pos = np.asarray(tree_pos).reshape(-1).astype(np.int64)
+    words = np.asarray(tree_mask)
+    scale = _scale(attention_scale, d)
+    out = np.zeros((t_all, hq, d), dtype=_F32)
+    for n in range(qlen.shape[0]):
+        first = int(offsets[n])
+        wq = int(offsets[n + 1]) - first if n + 1 < offsets.shape[0] else int(qlen[n])
+        if qlen[n] <= 0 or wq <= 0:
+            continue
+        p0 = int(asl[n]) - wq
+        rows = np.arange(first, first + wq)
+        real = rows[pos[rows] >= 0]
+        bits = tree_mask_bits(words[rows], wq)
+        qr, kr = apply_rope(q[rows], table[rows]), apply_rope(k[rows], table[rows])
+        old = np.arange(p0)
+        kpg, kslot = _page_slots(page_table[n, 0], old, flat.shape[0])
+        vpg, vslot = _page_slots(page_table[n, 1], old, flat.shape[0])
+        keys = np.concatenate([read(flat[kpg, kslot], 0), kr])
+        vals = np.concatenate([read(flat[vpg, vslot], 1), v[rows]])
+        allowed = np.concatenate([np.ones((wq, p0), dtype=bool), bits], axis=1)
+        i = real - first
+        out[real] = attend_allowed(qr[i], keys, vals, allowed[i], scale=scale)
+        slots = int(past_len[n]) + i
+        kpg, kslot = _page_slots(page_table[n, 0], slots, flat.shape[0])
+        vpg, vslot = _page_slots(page_table[n, 1], slots, flat.shape[0])
+        flat[kpg, kslot] = write(kr[i], 0)
+        flat[vpg, vslot] = write(v[real], 1)
     return out.astype(qkv.dtype), present

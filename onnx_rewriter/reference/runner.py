@@ -34,11 +34,14 @@ def _evaluator(model_path: Path):
 class Session:
     """A loaded output folder: graph, embedding table, config; knows the graph's float dtype."""
 
-    def __init__(self, out_dir, rope_table: np.ndarray | None = None, lora: dict | None = None):
+    def __init__(self, out_dir, rope_table: np.ndarray | None = None, lora: dict | None = None,
+                 embedding: np.ndarray | None = None):
         out_dir = Path(out_dir)
-        self.check_folder(out_dir)
+        self.check_folder(out_dir, embedding is None)
         self.config = read_config(out_dir / "config.json", fix="rewrite the folder again")
-        self.embedding = load_file(str(out_dir / "embedding.safetensors"))["embedding"]
+        # an EAGLE3 draft folder has no table of its own: the base's rows are given
+        self.embedding = embedding if embedding is not None else load_file(
+            str(out_dir / "embedding.safetensors"))["embedding"]
         self.model, self.evaluator = _evaluator(out_dir / "model.onnx")
         inputs = {i.name: i for i in self.model.graph.input}
         self.inputs = inputs
@@ -61,11 +64,11 @@ class Session:
         return int(index) if self.vocab_map is None else int(self.vocab_map[index])
 
     @staticmethod
-    def check_folder(out_dir) -> None:
+    def check_folder(out_dir, embedding: bool = True) -> None:
         out_dir = Path(out_dir)
         if not out_dir.is_dir():
             raise RewriteError(f"'{out_dir}' is not a folder; give a folder written by onnx_rewriter")
-        for name in ("model.onnx", "config.json", "embedding.safetensors"):
+        for name in ("model.onnx", "config.json") + (("embedding.safetensors",) if embedding else ()):
             if not (out_dir / name).is_file():
                 raise RewriteError(f"'{out_dir}' has no {name}; give a folder written by onnx_rewriter "
                                    f"(python -m onnx_rewriter IN.onnx {out_dir})")

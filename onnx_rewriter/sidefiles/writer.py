@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 def write_side_files(run, out_dir: Path) -> list[str]:
     target = run.options.target
     np_float = np.float32 if run.options.dtype == "float32" else np.float16
-    files = [write_embedding(run.embedding.weight, run.source.base_dir, out_dir, np_float)]
+    files = []
+    if all(f.writes_embedding for f in run.features):
+        files.append(write_embedding(run.embedding.weight, run.source.base_dir, out_dir, np_float))
     cfg = config_json.make_config_json(run.spec, run.hf_config, target.edgellm_version)
     for feature in run.features:  # the keys a deployment feature adds (features/)
         feature.config(run, cfg)
@@ -27,6 +29,8 @@ def write_side_files(run, out_dir: Path) -> list[str]:
         files += feature.files(run, out_dir)
     tok_dir = tokenizer_dir(run)
     missing = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", target.chat_template_file]
+    if not all(f.writes_tokenizer for f in run.features):
+        return files
     if run.options.no_tokenizer:
         run.warn(f"--no-tokenizer: not written: {', '.join(missing)} (the runtime needs them: add them by hand)")
         return files

@@ -30,6 +30,7 @@ from onnx_rewriter.verification import wa_check
 from onnx_rewriter.verification.checks import check_baseline, check_steps
 from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare, judge
 from onnx_rewriter.verification.consistency import check_consistency
+from onnx_rewriter.verification.eagle3 import is_eagle_folder, verify_eagle3
 from onnx_rewriter.verification.fp8_oracle import Fp8Oracle
 from onnx_rewriter.verification.rope_check import check_rope
 from onnx_rewriter.verification.vlm import verify_vlm
@@ -97,10 +98,17 @@ def check_rope_tables(result: VerifyResult, out_dir, hf_config, rope) -> np.ndar
 
 def verify(out_dir, model: str | None = None, baseline: str | None = None, steps: int = 8, rope: str = "runtime",
            rows: list[list[int]] | None = None, quiet: bool = False, lora_adapter: str | None = None,
-           fp16_model: str | None = None, trust_remote_code: bool = False) -> VerifyResult:
+           fp16_model: str | None = None, trust_remote_code: bool = False, eagle_draft: str | None = None):
     """`fp16_model`: the unquantized model an AWQ/GPTQ checkpoint (`model`) was made from; the INT4 cost is
-    reported against it."""
+    reported against it. An EAGLE3 folder (base, or base/ + draft/ with `eagle_draft` the draft checkpoint)
+    goes to verification/eagle3.py."""
     check_steps(steps)
+    if is_eagle_folder(out_dir):
+        if model is None:
+            raise RewriteError("verify of an EAGLE3 folder needs --model (the base checkpoint)")
+        return verify_eagle3(out_dir, model, eagle_draft, quiet=quiet)
+    if eagle_draft is not None:
+        raise RewriteError(f"--eagle-draft: '{out_dir}' is not an EAGLE3 folder")
     if model and vlm_type(model) and baseline is None and rows is None:  # image+text and text-only prompts
         return verify_vlm(out_dir, model, steps=steps, quiet=quiet)
     Session.check_folder(out_dir)  # before loading an oracle: a wrong folder fails fast
