@@ -386,6 +386,7 @@ def export_eagle3(model: str, out: Path, opts, draft: Path, device: str = "cpu",
 
 
 def _export_text(model: str, out: Path, opts, folder, device: str, keep_baseline):
+    fmt = check_quantization(folder)  # a W+A checkpoint's codes and scales go into Q/DQ pairs (below)
     tok_dir = opts.tokenizer or (Path(model) if Path(model).is_dir() else None)
     if tok_dir is not None and not opts.no_tokenizer:  # a broken tokenizer fails now, as the rewrite would later
 
