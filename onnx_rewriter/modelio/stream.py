@@ -40,7 +40,9 @@ def numel(t: TensorProto) -> int:
 
 
 # 4-bit types travel as onnx stores them: two codes a byte (element 2i in the low nibble), as uint8 bytes.
-PACKED4 = {TensorProto.FLOAT4E2M1, TensorProto.INT4, TensorProto.UINT4}
+# Only FLOAT4E2M1 (NVFP4 weights, computed by features/wa_quant.py) goes through here; INT4 inputs are decoded
+# by features/int4/onnx_in.py before anything streams them.
+PACKED4 = {TensorProto.FLOAT4E2M1}
 
 
 def stored(t: TensorProto) -> int:
