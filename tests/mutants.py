@@ -168,6 +168,17 @@ MUTANTS = [
     Mutant("INT8-SQ weight scales on the input axis", "onnx_rewriter/features/wa_quant.py", [
         ('                  {"axis": 0})', '                  {"axis": 1})')],
         ["tests/test_wa_quant.py::test_int8_sq_export_verifies_and_holds_the_checkpoint"]),
+    Mutant("NVFP4 graph block scales reversed along K (each 16-block reads another's)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
+        ('                                  lambda: ck.linear(module).tensors["weight_scale"].view(E4M3))',
+         '                                  lambda: ck.linear(module).tensors["weight_scale"][:, ::-1].copy().view(E4M3))')],  # noqa: E501
+        ["tests/test_wa_quant.py::test_nvfp4_export_verifies"]),
+    Mutant("NVFP4 graph weight nibbles swapped (even k in the high nibble)", "onnx_rewriter/features/wa_quant.py", [
+        ('E2M1, (n, k), lambda: ck.linear(module).tensors["weight"])',
+         'E2M1, (n, k), lambda: (lambda w: (w << 4) | (w >> 4))(ck.linear(module).tensors["weight"]))')],
+        ["tests/test_wa_quant.py::test_nvfp4_export_verifies"]),
+    Mutant("NVFP4 activation scale dequantized without its fp16 Cast (fp32 scale)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
+        ('[sx, s16],', '[sx, scale],')],
+        ["tests/test_wa_quant.py::test_nvfp4_export_verifies"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],

@@ -121,7 +121,7 @@ def test_wrong_tensor_dtype_or_shape_is_named(written, tmp_path):
         ck.linear("model.layers.0.self_attn.q_proj")
 
 
-EXPORTED = ("block_fp8", "fp8", "int8_sq")  # fp8, int8_sq: tests/test_wa_quant.py
+EXPORTED = ("block_fp8", "fp8", "int8_sq", "nvfp4")  # fp8, int8_sq, nvfp4: tests/test_wa_quant.py
 REFUSED = [f for f in tiny_quant.FORMS if f not in EXPORTED]
 
 
@@ -141,13 +141,13 @@ def test_modelopt_int4_declared_only_in_hf_quant_config_is_refused(plain, tmp_pa
         check_quantization(ck)
 
 
-def test_cli_export_refuses_an_nvfp4_checkpoint_before_loading(written, tmp_path, capsys):
+def test_cli_export_refuses_an_mxfp8_checkpoint_before_loading(written, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli.main(["export", "--model", str(written["nvfp4"]), "--output-dir", str(out)])
+    code = cli.main(["export", "--model", str(written["mxfp8"]), "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "ModelOpt NVFP4 checkpoint" in last and "not supported" in last
+    assert last.startswith("error: ") and "MXFP8" in last and "not supported" in last
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 

@@ -248,3 +248,107 @@ def test_int8_sq_on_011(int8_ckpt, tmp_path):
     export(str(int8_ckpt), tmp_path / "out", target="edgellm-0.11")
     res = verify(tmp_path / "out", model=str(int8_ckpt), quiet=True)
     assert res.passed, res.table()
+
+
+# ---------------------------------------------------------------------------------------------- NVFP4
+
+
+@pytest.fixture(scope="module")
+def nvfp4_ckpt(models, tmp_path_factory):
+    return tiny_quant.write("nvfp4", models.checkpoint("llama"), tmp_path_factory.mktemp("nvfp4") / "ck",
+                            signal="hf_quant_config")
+
+
+@pytest.fixture(scope="module")
+def nvfp4_out(nvfp4_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nvfp4_out") / "edgellm-0.11"
+    # --external-data: the FLOAT4E2M1 weights (4096 codes, 2048 bytes each) are streamed into model.onnx.data
+    export(str(nvfp4_ckpt), out, target="edgellm-0.11", external_data=True)
+    return out
+
+
+def _nvfp4_base(module: str) -> str:
+    return "/" + module.replace("model.layers.", "model/layers.").replace(".self_attn.", "/self_attn/") \
+        .replace(".mlp.", "/mlp/")
+
+
+def test_nvfp4_export_verifies(nvfp4_out, nvfp4_ckpt):
+    res = verify(nvfp4_out, model=str(nvfp4_ckpt), quiet=True)
+    assert res.passed, res.table() + "\n" + "\n".join(res.problems)
+    assert res.criterion.startswith("W4A4") and not res.problems and res.quantized == "NVFP4 activation"
+    ours = np.mean([1 - s.cosine for s in res.ours_vs_original])
+    twin = np.mean([1 - s.cosine for s in res.quantization])
+    assert ours <= 2 * twin + 0.002 and twin > 0  # measured: 0.0399 vs 0.0382
+
+
+def test_nvfp4_graph_holds_the_checkpoints_bytes_and_scales(nvfp4_out, nvfp4_ckpt):
+    g = onnx.load(str(nvfp4_out / "model.onnx"))  # external data loaded: the stored FP4 bytes are compared
+    assert {(o.domain, o.version) for o in g.opset_import} >= {("", 24), ("trt", 1), ("trt_edgellm", 1)}
+    ops = collections.Counter((n.domain, n.op_type) for n in g.graph.node)
+    # 8 act() chains (q/k/v, o, gate/up, down per layer): FP4DynamicQuantize + 2 trt::DequantizeLinear each;
+    # 14 weights: DequantizeLinear of the block scales, then of the codes; 14 + 1 MatMuls (lm_head fp16)
+    assert ops[("trt", "TRT_FP4DynamicQuantize")] == 8 and ops[("trt", "DequantizeLinear")] == 16
+    assert ops[("", "DequantizeLinear")] == 28 and ops[("", "QuantizeLinear")] == 0 and ops[("", "MatMul")] == 15
+    inits = {t.name: t for t in g.graph.initializer}
+    ck = W.Checkpoint(nvfp4_ckpt, W.detect(nvfp4_ckpt))
+    for module in ck.linears:
+        lin, base = ck.linear(module), _nvfp4_base(module)
+        n, k = lin.shape
+        w = inits[f"{base}/weight"]
+        assert w.data_type == onnx.TensorProto.FLOAT4E2M1 and list(w.dims) == [n, k]
+        # onnx's own unpacking reads the checkpoint's codes (even k in the low nibble)
+        from onnx_rewriter.reference import wa_codecs as C
+        assert np.array_equal(numpy_helper.to_array(w).view(np.uint8), C.unpack_fp4(lin.tensors["weight"]))
+        assert w.raw_data == lin.tensors["weight"].tobytes()  # the checkpoint's packed bytes, verbatim
+        s_blk = inits[f"{base}/weight_scale"]
+        assert s_blk.data_type == onnx.TensorProto.FLOAT8E4M3FN and list(s_blk.dims) == [n, k // 16]
+        assert s_blk.raw_data == lin.tensors["weight_scale"].tobytes()
+        s_g = numpy_helper.to_array(inits[f"{base}/weight_scale_2"])
+        assert s_g.dtype == np.float32 and s_g.shape == () and s_g == lin.tensors["weight_scale_2"].reshape(-1)[0]
+    q = next(n for n in g.graph.node if n.op_type == "TRT_FP4DynamicQuantize")
+    assert {a.name: a.i for a in q.attribute} == {"axis": -1, "block_size": 16, "scale_type": 17}
+    s_in = numpy_helper.to_array(inits[q.input[1]])
+    assert s_in.dtype == np.float32 and s_in.shape == () and s_in == np.float32(4.0 / (6 * 448))
+
+
+def _corrupt_weight(out, dst, module: str, name: str, fix) -> None:
+    shutil.copytree(out, dst)
+    g = onnx.load(str(dst / "model.onnx"))
+    for t in g.graph.initializer:
+        if t.name == f"{_nvfp4_base(module)}/{name}":
+            raw = np.frombuffer(t.raw_data, np.uint8).reshape(t.dims[0], -1)
+            t.raw_data = np.ascontiguousarray(fix(raw)).tobytes()
+    onnx.save(g, str(dst / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+
+
+@pytest.mark.parametrize("what, name, fix", [
+    ("block scale on the wrong 16-block", "weight_scale", lambda s: s[:, ::-1]),
+    ("nibble order swapped", "weight", lambda w: (w << 4) | (w >> 4))])
+def test_nvfp4_corrupted_weight_fails_verify(nvfp4_out, nvfp4_ckpt, tmp_path, what, name, fix):
+    """The blocks of one linear's E4M3 scales reversed, or its FP4 codes with their nibbles swapped: verify names it."""
+    module = "model.layers.1.mlp.down_proj"
+    _corrupt_weight(nvfp4_out, tmp_path / "bad", module, name, fix)
+    res = verify(tmp_path / "bad", model=str(nvfp4_ckpt), quiet=True)
+    assert not res.passed, what
+    assert any(f"NVFP4 linear {module}: the graph's dequantized weight differs" in p for p in res.problems), what
+
+
+@pytest.mark.parametrize("target, words", [
+    ("edgellm-0.5", "target edgellm-0.5 has no weight+activation quantization"),
+    ("edgellm-0.9", "FLOAT4E2M1 weights need opset 23")])
+def test_nvfp4_refused_before_the_load(nvfp4_ckpt, tmp_path, capsys, target, words):
+    out = tmp_path / "out"
+    code = cli.main(["export", "--model", str(nvfp4_ckpt), "--output-dir", str(out), "--target", target])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "export:" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: NVFP4 W4A4 checkpoint") and words in last
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_nvfp4_qwen2_on_010(models, tmp_path):
+    ck = tiny_quant.write("nvfp4", models.checkpoint("qwen2"), tmp_path / "ck")
+    export(str(ck), tmp_path / "out", target="edgellm-0.10")
+    res = verify(tmp_path / "out", model=str(ck), quiet=True)
+    assert res.passed and res.quantized == "NVFP4 activation", res.table() + "\n" + "\n".join(res.problems)

@@ -1,6 +1,7 @@
-"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor and INT8-SmoothQuant
-from ModelOpt checkpoints (`export --model FOLDER`, the formats features/wa_checkpoint.py reads); NVFP4 and the
-calibrated routes from an fp16 model are later pieces (docs/support.md). INT8-SQ's form: `_emit_int8`.
+"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor, INT8-SmoothQuant
+and NVFP4 W4A4 from ModelOpt checkpoints (`export --model FOLDER`, the formats features/wa_checkpoint.py reads); the
+calibrated routes from an fp16 model are later pieces (docs/support.md). INT8-SQ's form: `_emit_int8`; NVFP4's:
+`_emit_nvfp4` (FLOAT4E2M1 weights need opset 23: 0.10 and 0.11 only here, 0.9 is refused by name).
 
 Every decoder linear the checkpoint quantized, `MatMul(x, W[K, N])` in the traced graph (its weight is the
 checkpoint's dequantized value, so its fp16 bytes identify the linear, like INT4 checkpoints), becomes, for FP8
@@ -36,7 +37,8 @@ from onnx_rewriter.modelio.graph import computed_constant, constant_array
 from onnx_rewriter.targets.base import lm_head_input
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-SCHEMES = ("fp8", "int8_sq")  # what this module emits today
+E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
+SCHEMES = ("fp8", "int8_sq", "nvfp4")  # what this module emits today
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,20 @@ PLANS = {
     "edgellm-0.11": Plan(_SM),
 }
 INT8_NOTE = "INT8-SQ runs on every GPU the runtime supports, Jetson Orin included"
-NAMES = {"fp8": "FP8 W8A8 checkpoint", "int8_sq": "INT8-SQ W8A8 checkpoint"}
+NAMES = {"fp8": "FP8 W8A8 checkpoint", "int8_sq": "INT8-SQ W8A8 checkpoint", "nvfp4": "NVFP4 W4A4 checkpoint"}
+# NVFP4 (16.4): FLOAT4E2M1 initializers and DequantizeLinear on them need opset 23; 0.10 / 0.11 write 24, 0.9
+# keeps the input's (20 for dynamo exports), so 0.9 is refused here although the contract allows it there.
+_FP4 = ("FP4 GEMMs are Blackwell-only (SM100/110/120/121: Thor, GB10, RTX 50); Jetson Orin (SM 87) and older "
+        "GPUs cannot build this engine")
+NVFP4_PLANS = {"edgellm-0.10": Plan(_FP4), "edgellm-0.11": Plan(_FP4)}
 
 
 def plan_for(target, dtype: str, scheme: str = "fp8") -> Plan:
+    if scheme == "nvfp4":
+        lacks = ("has no weight+activation quantization (contract part 3, 16.1)" if target.name not in PLANS else
+                 "keeps the input's opset, and FLOAT4E2M1 weights need opset 23: not emitted there yet (use "
+                 "edgellm-0.10 or edgellm-0.11)")
+        return fp16_plan(NVFP4_PLANS, target, dtype, NAMES[scheme], lacks, "its Q/DQ feed fp16 GEMMs")
     return fp16_plan(PLANS, target, dtype, NAMES[scheme],
                      "has no weight+activation quantization (contract part 3, 16.1)", "its Q/DQ feed fp16 GEMMs")
 
@@ -74,10 +86,11 @@ class WaQuant(Feature):
         fmt = wa_checkpoint.detect(self.checkpoint)
         if fmt is None or fmt.scheme not in SCHEMES:
             raise UnsupportedModel(f"'{self.checkpoint}': {fmt.name if fmt else 'not a quantized checkpoint'}; "
-                                   f"the W+A route reads ModelOpt FP8 and INT8-SQ checkpoints only")
+                                   f"the W+A route reads ModelOpt FP8, INT8-SQ and NVFP4 checkpoints only")
         self.scheme = fmt.scheme
         self.plan = plan_for(target, run.options.dtype, fmt.scheme)
-        run.warn(f"FP8 W8A8: {self.plan.note}" if fmt.scheme == "fp8" else f"INT8-SQ W8A8: {INT8_NOTE}")
+        run.warn({"fp8": f"FP8 W8A8: {self.plan.note}", "int8_sq": f"INT8-SQ W8A8: {INT8_NOTE}",
+                  "nvfp4": f"NVFP4 W4A4: {self.plan.note}"}[fmt.scheme])
         self.ck = wa_checkpoint.Checkpoint(self.checkpoint, fmt)
         self.opset = target.opset or run.source.opset
 
@@ -104,6 +117,13 @@ class WaQuant(Feature):
                 self._emit_int8(g, node, module, lin, s_in, chains)
                 entries.append({**entry, "wa": "int8_sq", "linear": module, "input_scale": float(s_in),
                                 "pre_quant_scale": "pre_quant_scale" in lin.tensors})
+                continue
+            if lin.scheme == "nvfp4":
+                s_in = np.float32(lin.tensors["input_scale"].reshape(()))
+                s_g = np.float32(lin.tensors["weight_scale_2"].reshape(-1)[0])
+                self._emit_nvfp4(g, node, module, lin, s_in, s_g, chains)
+                entries.append({**entry, "wa": "nvfp4", "linear": module, "input_scale": float(s_in),
+                                "weight_scale_2": float(s_g)})
                 continue
             s_in = np.float16(lin.tensors["input_scale"].reshape(()))
             s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
@@ -179,10 +199,44 @@ class WaQuant(Feature):
         wt = _var(g, "Transpose", f"{base}/weight_quantizer/Transpose", [wd], np.float16, {"perm": [1, 0]})
         node.inputs[0], node.inputs[1] = chains[key], wt
 
+    def _emit_nvfp4(self, g, node, module, lin, s_in, s_g, chains) -> None:
+        """Contract part 3 16.4: act(x) = trt::DequantizeLinear(x_f4, trt::DequantizeLinear(sx, Cast(s_in, fp16));
+        axis=-1, block_size=16) of trt::TRT_FP4DynamicQuantize(x, s_in fp32 []); the weight FLOAT4E2M1 [N, K]
+        (the checkpoint's packed bytes verbatim) with DequantizeLinear(s_blk E4M3 [N, K/16], s_g fp32 []) as
+        its blocked scale, Cast to fp16, Transpose."""
+        base = node.name.removesuffix("/MatMul")
+        x = node.inputs[0]
+        key = ("nvfp4", x.name, float(s_in))
+        if key not in chains:
+            scale = gs.Constant(f"{base}/input_scale", np.array(s_in, np.float32))
+            xq = gs.Variable(f"{base}/input_quantizer/TRT_FP4DynamicQuantize_out", E2M1)
+            sx = gs.Variable(f"{base}/input_quantizer/TRT_FP4DynamicQuantize_scale", E4M3)
+            g.nodes.append(gs.Node("TRT_FP4DynamicQuantize", name=f"{base}/input_quantizer/TRT_FP4DynamicQuantize",
+                                   domain="trt", inputs=[x, scale], outputs=[xq, sx],
+                                   attrs={"axis": -1, "block_size": 16, "scale_type": 17}))
+            s16 = _var(g, "Cast", f"{base}/input_quantizer/Cast_scale", [scale], np.float16, {"to": 10})
+            d = _var(g, "DequantizeLinear", f"{base}/input_quantizer/DequantizeLinear_scale", [sx, s16],
+                     np.float16, domain="trt")
+            chains[key] = _var(g, "DequantizeLinear", f"{base}/input_quantizer/DequantizeLinear", [xq, d],
+                               np.float16, {"axis": -1, "block_size": 16}, domain="trt")
+        n, k = lin.shape
+        ck = self.ck
+        weight = computed_constant(f"{base}/weight", E2M1, (n, k), lambda: ck.linear(module).tensors["weight"])
+        s_blk = computed_constant(f"{base}/weight_scale", E4M3, (n, k // 16),
+                                  lambda: ck.linear(module).tensors["weight_scale"].view(E4M3))
+        s_g = gs.Constant(f"{base}/weight_scale_2", np.array(s_g, np.float32))
+        blk = _var(g, "DequantizeLinear", f"{base}/weight_quantizer/DequantizeLinear_scale", [s_blk, s_g],
+                   np.float32)
+        wd = _var(g, "DequantizeLinear", f"{base}/weight_quantizer/DequantizeLinear", [weight, blk], np.float32,
+                  {"axis": -1, "block_size": 16})
+        wd = _var(g, "Cast", f"{base}/weight_quantizer/Cast", [wd], np.float16, {"to": 10})
+        wt = _var(g, "Transpose", f"{base}/weight_quantizer/Transpose", [wd], np.float16, {"perm": [1, 0]})
+        node.inputs[0], node.inputs[1] = chains[key], wt
 
-def _var(g, op: str, name: str, inputs, dtype, attrs=None) -> gs.Variable:
+
+def _var(g, op: str, name: str, inputs, dtype, attrs=None, domain: str | None = None) -> gs.Variable:
     out = gs.Variable(f"{name}_out", dtype)
-    g.nodes.append(gs.Node(op, name=name, inputs=inputs, outputs=[out], attrs=attrs or {}))
+    g.nodes.append(gs.Node(op, name=name, inputs=inputs, outputs=[out], attrs=attrs or {}, domain=domain))
     return out
 
 
@@ -236,16 +290,17 @@ class WaQuantOptions(FeatureOptions):
 class WaLinear:
     """One W+A linear as a written graph holds it (read back by verify)."""
 
-    scheme: str  # "fp8" | "int8_sq"
-    input_scale: np.ndarray  # scalar: fp16 (FP8) or fp32 (INT8-SQ)
+    scheme: str  # "fp8" | "int8_sq" | "nvfp4"
+    input_scale: np.ndarray  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4)
     pre_quant_scale: np.ndarray | None  # fp16 [K] (INT8-SQ) or None
     matmul: str  # the MatMul node's name
 
 
 def wa_linears(model) -> dict:
     """{module path: WaLinear} of every W+A linear of a written graph: a MatMul reading [Cast] DequantizeLinear
-    (QuantizeLinear(x', s)), x' = [Cast]([Mul](x, pre_quant_scale)) (node names are path-style:
-    /model/layers.0/self_attn/q_proj/MatMul); the scheme is its weight's type."""
+    (QuantizeLinear(x', s)) (NVFP4: trt::DequantizeLinear(trt::TRT_FP4DynamicQuantize(x, s), ...)),
+    x' = [Cast]([Mul](x, pre_quant_scale)) (node names are path-style: /model/layers.0/self_attn/q_proj/MatMul);
+    the scheme is its weight's type (FLOAT8E4M3FN, INT8, FLOAT4E2M1)."""
     from onnx import TensorProto, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -264,13 +319,14 @@ def wa_linears(model) -> dict:
         if n.op_type != "MatMul" or not n.name.endswith("/MatMul"):
             continue
         dq = up(skip_cast(n.input[0]), "DequantizeLinear")
-        q = up(dq.input[0], "QuantizeLinear") if dq is not None else None
+        q = None if dq is None else (up(dq.input[0], "QuantizeLinear") or up(dq.input[0], "TRT_FP4DynamicQuantize"))
         transpose = up(n.input[1], "Transpose")
         wdq = up(skip_cast(transpose.input[0]), "DequantizeLinear") if transpose is not None else None
         if q is None or wdq is None or wdq.input[0] not in inits:
             continue
         elem = inits[wdq.input[0]].data_type
-        scheme = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8_sq"}.get(elem)
+        scheme = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8_sq",
+                  TensorProto.FLOAT4E2M1: "nvfp4"}.get(elem)
         if scheme is None:
             continue
         mul = up(skip_cast(q.input[0]), "Mul")

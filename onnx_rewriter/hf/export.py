@@ -458,7 +458,7 @@ def _load_quantized(folder, config, dtype, attn_implementation: str):
 
 
 # Quantized checkpoints whose weights this module reads itself (from a hub id's snapshot too)
-READ_HERE = ("block_fp8", "fp8", "int8_sq")
+READ_HERE = ("block_fp8", "fp8", "int8_sq", "nvfp4")
 
 
 def _load_fp16_weights(folder, config, fmt, attn_implementation: str):

@@ -338,8 +338,7 @@ def save(model: onnx.ModelProto, out_path: Path, source_dir: Path, float_type: i
     `external_min`: with `external`, tensors above this many elements go to `<model>.data`."""
     writer = WeightWriter(out_path, source_dir, float_type, external, set(narrow), external_min)
     tensors = list(_all_initializers(model.graph))
-    total = sum(stream.numel(t) * stream.np_dtype(t.data_type).itemsize
-                for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
+    total = sum(stream.nbytes(t) for t in tensors if stream.numel(t) > SMALL_TENSOR_ELEMENTS)
     # Inline output: external-data, derived and computed weights are streamed into model.onnx at the end
     # (stream.save_inline) rather than held in the proto: the proto and its serialized copy would be twice the
     # weights, and every computed (e.g. INT4-packed) weight would be in memory at once.

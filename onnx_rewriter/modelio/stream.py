@@ -27,7 +27,8 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 # copy ran at 1.8 GB/s: the 0.5B rewrite took 0.5 s longer and 1 s more CPU (A/B, 8 runs each).
 CHUNK_BYTES = 4 << 20
 
-_NP = {TensorProto.BFLOAT16: np.dtype(np.uint16)}  # bf16 travels as raw bits
+_NP = {TensorProto.BFLOAT16: np.dtype(np.uint16),  # bf16 travels as raw bits
+       TensorProto.FLOAT4E2M1: np.dtype(np.uint8)}  # FLOAT4E2M1 as packed bytes (PACKED4)
 
 
 def np_dtype(proto_type: int) -> np.dtype:
@@ -36,6 +37,24 @@ def np_dtype(proto_type: int) -> np.dtype:
 
 def numel(t: TensorProto) -> int:
     return int(np.prod(t.dims)) if len(t.dims) else 1
+
+
+# 4-bit types travel as onnx stores them: two codes a byte (element 2i in the low nibble), as uint8 bytes.
+# Only FLOAT4E2M1 (NVFP4 weights, computed by features/wa_quant.py) goes through here; INT4 inputs are decoded
+# by features/int4/onnx_in.py before anything streams them.
+PACKED4 = {TensorProto.FLOAT4E2M1}
+
+
+def stored(t: TensorProto) -> int:
+    """Items of `t`'s stored data: its elements, or its bytes for a 4-bit (packed) type."""
+    return (numel(t) + 1) // 2 if t.data_type in PACKED4 else numel(t)
+
+
+def nbytes(t: TensorProto, want: int | None = None) -> int:
+    """Bytes of `t`'s data stored as `want` (its own type by default)."""
+    want = t.data_type if want is None else want
+    n = numel(t)
+    return (n + 1) // 2 if want in PACKED4 else n * np_dtype(want).itemsize
 
 
 def bf16_bits_to_fp32(bits: np.ndarray) -> np.ndarray:
@@ -93,6 +112,11 @@ def is_computed(t: TensorProto) -> bool:
 def produce(t: TensorProto) -> np.ndarray:
     """A computed tensor's values (its producer runs now, once), checked against its declaration."""
     arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
+    if t.data_type == TensorProto.FLOAT4E2M1:  # produced packed: uint8 [..., K/2]
+        if arr.dtype != np.uint8 or tuple(arr.shape) != (*t.dims[:-1], (t.dims[-1] + 1) // 2):
+            raise RuntimeError(f"computed FLOAT4E2M1 tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared "
+                               f"{tuple(t.dims)} (packed: uint8 with half the last axis)")
+        return arr
     if tuple(arr.shape) != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type:
         raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared {tuple(t.dims)}")
     return arr
@@ -241,7 +265,7 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
     External data is read with readinto into one reused buffer: consume each chunk before the next.
     """
     dt = np_dtype(t.data_type)
-    n = numel(t)
+    n = stored(t)
     step = max(1, (chunk_bytes or CHUNK_BYTES) // dt.itemsize)
     sources = concat_sources(t)
     if sources is not None:
@@ -376,7 +400,7 @@ def write_tensor(t: TensorProto, base_dir: Path, want: int, fh, scale: float | N
 
 def tensor_bytes(t: TensorProto, base_dir: Path, want: int, progress=None) -> bytes:
     """`t` converted to `want` as one bytes object (inline storage: small tensors or no external data)."""
-    out = np.empty(numel(t), np_dtype(want))
+    out = np.empty(stored(t) if want == t.data_type else numel(t), np_dtype(want))
     pos = 0
     for chunk in converted(t, base_dir, want, progress=progress):
         out[pos:pos + chunk.size] = chunk
@@ -504,7 +528,7 @@ def save_inline(model, path: Path, streamed: list, base_dir: Path, progress=None
             doc = "" if derived(src) else src.doc_string
             meta = TensorProto(name=src.name, data_type=want, dims=src.dims, doc_string=doc)
             meta_bytes = meta.SerializeToString()
-            raw_len = numel(src) * np_dtype(want).itemsize
+            raw_len = nbytes(src, want)
             tensor_len = len(meta_bytes) + len(_field_header(_RAW_DATA, raw_len)) + raw_len
             graph_len = len(_field_header(_INITIALIZER, tensor_len)) + tensor_len
             head = (_field_header(_GRAPH, graph_len) + _field_header(_INITIALIZER, tensor_len) + meta_bytes

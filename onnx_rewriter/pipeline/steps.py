@@ -426,6 +426,9 @@ def to_model(run: Run) -> onnx.ModelProto:
     model = gs.export_onnx(g, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(target.domain, 1)])
+    # other custom domains the nodes use (trt:: TensorRT parser ops of NVFP4 on the trt_edgellm targets)
+    model.opset_import.extend(onnx.helper.make_opsetid(d, 1) for d in
+                              sorted({n.domain for n in model.graph.node} - {"", "ai.onnx", target.domain}))
     # The lowest IR version that may declare these opsets (opset 24 needs IR 12), never below the input's.
     model.ir_version = max(run.source.ir_version,
                            onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))

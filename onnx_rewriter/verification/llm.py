@@ -121,10 +121,10 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
-    fp8_wa = wa_linears(graph)  # W+A linears, FP8 or INT8-SQ
+    fp8_wa = wa_linears(graph)  # W+A linears, FP8, INT8-SQ or NVFP4
     int4 = original is not None and not fp8_wa
     result = VerifyResult()
-    wa_name = " + ".join(sorted({"FP8" if s.scheme == "fp8" else "INT8-SQ" for s in fp8_wa.values()}))
+    wa_name = " + ".join(sorted({wa_check.KIND[s.scheme] for s in fp8_wa.values()}))
     if fp8_wa:
         result.quantized = f"{wa_name} activation"
     session = _session(result, out_dir, oracle, rope, lora)
@@ -154,7 +154,7 @@ def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_re
     if wa:  # W+A: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
         if not model:
             raise RewriteError("verify --baseline cannot simulate the folder's activation quantization (FP8 / "
-                               "INT8-SQ); verify with --model (the checkpoint)")
+                               "INT8-SQ / NVFP4); verify with --model (the checkpoint)")
         return wa_check.twin(HFOracle(model, lora_adapter, trust_remote_code), wa, checkpoint=model), oracle
     dequantized = _int4_oracle(graph, out_dir, model, lora_adapter)
     if dequantized is not None:  # compare with the dequantized model; report the INT4 cost separately

@@ -37,6 +37,7 @@ from onnx_rewriter.reference import qdq
 log = logging.getLogger(__name__)
 
 PROBES = 4096
+KIND = {"fp8": "FP8", "int8_sq": "INT8-SQ", "nvfp4": "NVFP4"}
 COST_RATIO = 2.0
 COST_SLACK = 0.002
 
@@ -64,7 +65,24 @@ def fake_quantize_int8(x, s: float, pqs=None):
     return (q * scale).to(torch.float16).to(x.dtype)
 
 
+def fake_quantize_nvfp4(x, s: float):
+    """The twin's NVFP4 act() (contract part 3 16.4), in numpy on the codecs: per 16-block of the last axis of
+    fp16 x, sx = e4m3(amax / (6 s)) and codes e2m1(x / (sx s)) (ties to even) with s the fp32 input scale;
+    then d = fp16(sx * fp16(s)) and x = fp16(e2m1 * d), each product rounded once."""
+    import torch
+
+    from onnx_rewriter.reference import wa_codecs as C
+
+    xn = x.detach().to(torch.float16).numpy()
+    codes, sx = C.fp4_dynamic_quantize(xn, np.float32(s), ties="even")
+    d = (C.e4m3_decode(sx).astype(np.float64) * np.float64(np.float16(np.float32(s)))).astype(np.float16)
+    y = (C.e2m1_decode(codes).astype(np.float64) * np.repeat(d, C.FP4_BLOCK, axis=-1).astype(np.float64))
+    return torch.from_numpy(y.astype(np.float16)).to(x.dtype)
+
+
 def _act(spec: WaLinear):
+    if spec.scheme == "nvfp4":
+        return lambda x: fake_quantize_nvfp4(x, float(spec.input_scale))
     if spec.scheme == "fp8":
         return lambda x: fake_quantize(x, float(spec.input_scale))
     return lambda x: fake_quantize_int8(x, float(spec.input_scale), spec.pre_quant_scale)
@@ -74,7 +92,7 @@ def _checkpoint(path):
     if path is None or not Path(path).is_dir():
         return None
     fmt = wa_checkpoint.detect(path)
-    return wa_checkpoint.Checkpoint(path, fmt) if fmt is not None and fmt.scheme in ("fp8", "int8_sq") else None
+    return wa_checkpoint.Checkpoint(path, fmt) if fmt is not None and fmt.scheme in KIND else None
 
 
 def twin(oracle, specs: dict, checkpoint=None):
@@ -117,12 +135,19 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
     problems = []
     rng = np.random.default_rng(0)
     for name, spec in specs.items():
-        kind = "FP8" if spec.scheme == "fp8" else "INT8-SQ"
+        kind = KIND[spec.scheme]
         src = producer[nodes[spec.matmul].input[1]].input[0]  # the Transpose's input: [Cast] DequantizeLinear
         wdq = producer[src] if producer[src].op_type == "DequantizeLinear" else producer[producer[src].input[0]]
-        axis = next((a.i for a in wdq.attribute if a.name == "axis"), 1)
-        graph_w = qdq.dequantize_linear(numpy_helper.to_array(inits[wdq.input[0]]),
-                                        numpy_helper.to_array(inits[wdq.input[1]]), axis=axis).astype(np.float16)
+        attrs = {a.name: a.i for a in wdq.attribute}
+        axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
+        if wdq.input[1] in inits:
+            w_scale = numpy_helper.to_array(inits[wdq.input[1]])
+        else:  # NVFP4: the blocked scale is DequantizeLinear(s_blk, s_g) of two initializers
+            sdq = producer[wdq.input[1]]
+            w_scale = qdq.dequantize_linear(numpy_helper.to_array(inits[sdq.input[0]]),
+                                            numpy_helper.to_array(inits[sdq.input[1]]))
+        graph_w = qdq.dequantize_linear(numpy_helper.to_array(inits[wdq.input[0]]), w_scale, axis=axis,
+                                        block_size=block).astype(np.float16)
         model_w = modules[name].weight.detach().to(torch.float16).numpy()
         if graph_w.shape != model_w.shape or not np.array_equal(graph_w, model_w):
             bad = "shape" if graph_w.shape != model_w.shape else f"{int((graph_w != model_w).sum())} values"
@@ -143,6 +168,12 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
             x = (rng.standard_normal(PROBES) * 300 * float(spec.input_scale)).astype(np.float16)
             ours = qdq.dequantize_linear(qdq.quantize_linear(x, spec.input_scale, output_dtype=qdq.FLOAT8E4M3FN),
                                          spec.input_scale)
+        elif spec.scheme == "nvfp4":  # blocks of mixed magnitudes, past 6 * 448 * s: saturation of the block scale
+            x = (rng.standard_normal((PROBES // k + 1, k)) * np.exp2(rng.integers(-12, 12, (PROBES // k + 1, k)))
+                 * float(spec.input_scale)).astype(np.float16)
+            xf4, sx = qdq.fp4_dynamic_quantize(x, spec.input_scale)
+            d = qdq.dequantize_linear(sx, np.float16(spec.input_scale))
+            ours = qdq.dequantize_linear(xf4, d, axis=-1, block_size=16)
         else:  # past 127 * s: saturation; the graph's Mul in fp16, then the fp32 Q/DQ, then the Cast
             pqs = spec.pre_quant_scale if spec.pre_quant_scale is not None else np.ones(k, np.float16)
             x = (rng.standard_normal((PROBES // k + 1, k)) * 200 * float(spec.input_scale)
@@ -161,18 +192,22 @@ def _mean_cost(steps) -> float:
     return float(np.mean([1.0 - s.cosine for s in steps])) if steps else float("nan")
 
 
+def _label(result) -> str:
+    return "W4A4" if "NVFP4" in (result.quantized or "") else "W8A8"
+
+
 def cost_line(result) -> str:
     ours, twin = _mean_cost(result.ours_vs_original), _mean_cost(result.quantization)
     worst = min(s.cosine for s in result.ours_vs_original)
-    return (f"W8A8 cost vs the model without activation quantization: folder mean 1 - cosine {ours:.6f} "
+    return (f"{_label(result)} cost vs the model without activation quantization: folder mean 1 - cosine {ours:.6f} "
             f"(min cosine {worst:.6f}), twin {twin:.6f}")
 
 
 def judge(result) -> None:
     """The W+A pass rule (module docstring), on a VerifyResult whose problems hold the per-linear checks."""
     ours, twin = _mean_cost(result.ours_vs_original), _mean_cost(result.quantization)
-    result.criterion = (f"W8A8: every quantized linear's weight equals the model's bit for bit, its input scale the "
-                        f"checkpoint's and its activation quantizer the twin's on {PROBES} values; mean 1 - cosine vs "
-                        f"the model <= {COST_RATIO:g} x the fake-quantized twin's + {COST_SLACK:g}")
+    result.criterion = (f"{_label(result)}: every quantized linear's weight equals the model's bit for bit, its "
+                        f"input scale the checkpoint's and its activation quantizer the twin's on {PROBES} values; "
+                        f"mean 1 - cosine vs the model <= {COST_RATIO:g} x the fake-quantized twin's + {COST_SLACK:g}")
     result.passed = (not result.problems and bool(result.ours_vs_original) and ours <= COST_RATIO * twin + COST_SLACK
                      and all(c.ok for c in result.rope_checks))
