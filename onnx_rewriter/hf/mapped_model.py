@@ -25,6 +25,7 @@ import mmap
 import warnings
 from pathlib import Path
 
+from ..errors import RewriteError
 from . import checkpoint_refs
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def _map_weights(m, entries) -> str | None:
             return (f"the checkpoint holds no {places[0][0]} of shape {tuple(p.shape)} and dtype "
                     f"{str(p.dtype).removeprefix('torch.')}")
         plan.append((places, entry))
+    _check_sizes(entry for _, entry in plan)
     mappings = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer warns that the mapping is read-only: the trace never writes
@@ -112,6 +114,20 @@ def _map_weights(m, entries) -> str | None:
                 owner, _, leaf = name.rpartition(".")
                 m.get_submodule(owner)._parameters[leaf] = weight
     return None
+
+
+def _check_sizes(entries) -> None:
+    """Each file is as long as the tensors mapped from it need (a shard truncated since the checks before the
+    load, or one whose header is whole but data short): a page past the end of a file read through its
+    mapping is a SIGBUS, not an error."""
+    need: dict = {}
+    for e in entries:
+        need[e.file] = max(need.get(e.file, 0), e.offset + e.length)
+    for f, end in sorted(need.items()):
+        size = Path(f).stat().st_size
+        if size < end:
+            raise RewriteError(f"checkpoint file '{f}' is truncated ({size} bytes, its header needs {end}); "
+                               f"download or save it again")
 
 
 def _loaded(files) -> list:
