@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 from onnx_rewriter import cli  # noqa: E402
 from onnx_rewriter.hf import checkpoint_refs, tiny  # noqa: E402
 from onnx_rewriter.hf import export as export_module  # noqa: E402
+from onnx_rewriter.hf import vlm as vlm_module  # noqa: E402
 
 from .test_errors import assert_no_output, assert_refused  # noqa: E402
 
@@ -34,6 +35,7 @@ def _export(ckpt, out, monkeypatch, caplog, mapped: bool, baseline_only: bool = 
     with monkeypatch.context() as m:
         if not mapped:
             m.setattr(export_module, "mapped_model", lambda *a, **k: None)
+            m.setattr(vlm_module, "mapped_model", lambda *a, **k: None)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="onnx_rewriter"):
             if baseline_only:
@@ -129,3 +131,17 @@ def test_damaged_shard_is_one_line_and_no_output(tmp_path, capsys, monkeypatch, 
     words = {"missing": (shard.name, "missing", "download"), "truncated": (shard.name, "truncated")}
     assert_refused(code, err, *words.get(damage, ("truncated",)))
     assert_no_output(out)
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
+def test_vlm_text_decoder_is_traced_mapped(models, tmp_path, monkeypatch, caplog, family):
+    """The VLM route maps the checkpoint too (hf/vlm.py): the same llm/ and visual/ bytes as when it is loaded.
+    (The baselines differ by design: the mapped one references the checkpoint's bytes.)"""
+    ckpt = models.vlm_checkpoint(family)
+    said = _export(ckpt, tmp_path / "mapped", monkeypatch, caplog, mapped=True)
+    assert MAPPED in said and LOADED not in said
+    _export(ckpt, tmp_path / "loaded", monkeypatch, caplog, mapped=False)
+    files = _same_outputs(tmp_path, ("",))
+    assert any(n.startswith("llm/") for n in files) and any(n.startswith("visual/") for n in files)
+    base = _files(tmp_path / "mapped-base")
+    assert any(n.startswith("checkpoint-") for n in base) and "model.onnx.data" not in base

@@ -57,23 +57,31 @@ def params_on_meta():
 
 
 def mapped_model(model: str, config, dtype, files, device: str = "cpu", trust_remote_code: bool = False,
-                 quantized: bool = False, attn_implementation: str = "sdpa"):
-    """`model`'s transformers model with its weights mapped from `files` (safetensors); or None."""
+                 quantized: bool = False, attn_implementation: str | None = "sdpa", auto=None):
+    """`model`'s transformers model with its weights mapped from `files` (safetensors); or None.
+
+    `auto`: the transformers Auto class that builds it (AutoModelForCausalLM by default; the VLM route
+    passes AutoModelForImageTextToText). `attn_implementation` None: the class's default, as from_pretrained
+    without one."""
     why = _refusal(config, files, device, quantized)
     if why is None:
-        from transformers import AutoModelForCausalLM
+        if auto is None:
+            from transformers import AutoModelForCausalLM as auto
 
+        attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         try:
             with warnings.catch_warnings(), params_on_meta():
                 warnings.simplefilter("ignore")
-                m = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
+                m = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **attn)
         except ValueError:  # what from_pretrained would raise too (e.g. no sdpa here): the caller's to handle
             raise
         except Exception as exc:
             why = f"the model cannot be built from its config alone ({type(exc).__name__})"
         else:
-            why = _map_weights(m, checkpoint_refs.index(_loaded(files)))
+            entries = checkpoint_refs.index(_loaded(files))
+            renamed = _renamed(m, entries)
+            why = (_map_weights(m, renamed) if isinstance(renamed, dict)
+                   else renamed or f"transformers converts {type(m).__name__} checkpoints on load")
             if why is None:
                 return m.eval()
     log.info("export: the model is loaded to trace it (%s)", why)
@@ -114,6 +122,23 @@ def _map_weights(m, entries) -> str | None:
                 owner, _, leaf = name.rpartition(".")
                 m.get_submodule(owner)._parameters[leaf] = weight
     return None
+
+
+def _renamed(m, entries: dict):
+    """`entries` under the names transformers gives the checkpoint's keys on load (its renamings, e.g. a
+    Qwen2.5-VL checkpoint's `visual.*` and `model.layers.*` are the model's `model.visual.*` and
+    `model.language_model.layers.*`), the checkpoint's own names kept too; None where transformers does more
+    than rename (a tensor converted: the model is loaded)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        transforms = get_model_conversion_mapping(m)
+        if any(not isinstance(t, WeightRenaming) for t in transforms):
+            return None
+        return {**entries, **{apply_renamings(k, transforms): e for k, e in entries.items()}}
+    except Exception:  # transformers' internals moved: the checkpoint's own names
+        return entries
 
 
 def _check_sizes(entries) -> None:
