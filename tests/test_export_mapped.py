@@ -34,9 +34,8 @@ def _files(folder):
 def _export(ckpt, out, monkeypatch, caplog, mapped: bool, baseline_only: bool = False) -> str:
     """Export `ckpt` into `out` (and its baseline into `out`-base) by either route; the log."""
     with monkeypatch.context() as m:
-        if not mapped:
-            m.setattr(export_module, "mapped_model", lambda *a, **k: None)
-            m.setattr(vlm_module, "mapped_model", lambda *a, **k: None)
+        if not mapped:  # what a user sets to load the model as before
+            m.setenv(mapped_model_module.LOAD_WEIGHTS, "1")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="onnx_rewriter"):
             if baseline_only:
@@ -47,6 +46,8 @@ def _export(ckpt, out, monkeypatch, caplog, mapped: bool, baseline_only: bool = 
                 checkpoint_refs.unmap()
             else:
                 export_module.export(str(ckpt), out, keep_baseline=str(out) + "-base")
+        if not mapped:
+            assert f"is loaded to trace it ({mapped_model_module.LOAD_WEIGHTS} is set)" in caplog.text
         return caplog.text
 
 

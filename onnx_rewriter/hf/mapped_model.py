@@ -12,8 +12,9 @@ peak no longer grows with the model (~2.3 bytes per parameter when loaded).
 `mapped_model` returns None, saying why in the log, where that would not be the loaded model: a
 quantized checkpoint (dequantized on load), a device other than the CPU, no safetensors files, a model
 type transformers converts on load (MoE experts fused, ...), or a parameter the checkpoint holds under
-no name of it, or in another shape or dtype (renamed, computed or cast on load). The caller then loads
-the model as before.
+no name of it, or in another shape or dtype (computed or cast on load; keys transformers only renames on
+load are renamed here too), or when ONNX_REWRITER_LOAD_WEIGHTS is set. The caller then loads the model as
+before.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import json
 import logging
 import mmap
+import os
 import warnings
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from ..errors import RewriteError
 from . import checkpoint_refs
 
 log = logging.getLogger(__name__)
+
+# Set (not "0"): every export loads the model as before the mapping existed (to compare, or to step around it).
+LOAD_WEIGHTS = "ONNX_REWRITER_LOAD_WEIGHTS"
 
 # torch dtype names -> onnx_ir DataType names (those of checkpoint_refs._DTYPES)
 _TORCH = {"torch.bfloat16": "BFLOAT16", "torch.float16": "FLOAT16", "torch.float32": "FLOAT",
@@ -172,6 +177,8 @@ def _loaded(files) -> list:
 def _refusal(config, files, device: str, quantized: bool) -> str | None:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
+    if os.environ.get(LOAD_WEIGHTS, "").strip() not in ("", "0"):
+        return f"{LOAD_WEIGHTS} is set"
     if device != "cpu":
         return f"--device {device}"
     if quantized:
