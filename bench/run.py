@@ -1,8 +1,9 @@
 """`make bench`: wall time and peak memory of our tools against their peers, measured in the same run.
 
-    .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b] [--verify tiny,0.5b] [--no-nvidia]
+    .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b,3b,8b] [--verify tiny,0.5b] [--no-nvidia] [--mem-cap-gb 18]
 
-Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache):
+Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache; 3b and 8b
+sharded like their releases and written shard by shard, bench/big_checkpoint.py):
   (a) rewrite: `python -m onnx_rewriter base.onnx out` (default options) vs onnxscript's `optimize_for_ort`
       (bench/peer_ort.py) on the same fp32 dynamo baseline file;
   (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
@@ -14,7 +15,9 @@ Per size (random-weight bf16 checkpoints with real model dimensions, built once 
   (d) graph: the same baseline rewritten for every target: nodes, nodes per layer and plumbing ops, against
       NVIDIA's 0.11.0 export of the same checkpoint (size `smol`: the real SmolLM2-135M `make demo` builds).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
-from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
+from os.wait4. A watchdog polls the resident set of each child's process tree and kills the tree above
+--mem-cap-gb (the machine is shared): the report then says "killed at N GB after T s". Also counted: layers
+each tool fused (AttentionPlugin nodes, or ORT attention nodes).
 Timings on a shared machine drift; the ratios compare tools measured back to back.
 """
 
