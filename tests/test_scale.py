@@ -85,9 +85,14 @@ def test_transposed_bf16_weight_read_and_converted(tmp_path, chunk_bytes):
     assert np.array_equal(half.view(np.uint16), want.reshape(-1).view(np.uint16))
 
 
-def test_chunks_of_truncated_external_data_fail_with_the_tensor_name(tmp_path):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_chunks_of_truncated_external_data_fail_with_the_tensor_name(tmp_path, transposed):
     arr = np.arange(10_000, dtype=np.float32)
     t = _external(tmp_path, "w", arr)
+    if transposed:  # read through a map of the whole tensor (a weight written transposed)
+        t.doc_string = stream.TRANSPOSED + "1,0"
+        del t.dims[:]
+        t.dims.extend([100, 100])
     with open(tmp_path / "w.bin", "r+b") as fh:
         fh.truncate(128 + 5000 * 4)
     with pytest.raises(OSError, match="external data of 'w' ends early in w.bin"):

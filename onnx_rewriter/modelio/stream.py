@@ -125,8 +125,11 @@ def mapped(t: TensorProto, base_dir: Path) -> np.ndarray:
     dims = tuple(t.dims)
     if perm is not None:  # the source's own shape: dims under the inverse permutation
         dims = tuple(dims[i] for i in np.argsort(perm))
-    mm = np.memmap(Path(base_dir) / info.location, dtype=np_dtype(t.data_type), mode="r", offset=info.offset or 0,
-                   shape=dims or (1,))
+    try:  # a file shorter than the tensor (truncated since the load's checks): an error, never a map past its end
+        mm = np.memmap(Path(base_dir) / info.location, dtype=np_dtype(t.data_type), mode="r", offset=info.offset or 0,
+                       shape=dims or (1,))
+    except ValueError:
+        raise OSError(f"external data of '{t.name}' ends early in {info.location}") from None
     if not dims:
         return mm.reshape(())
     return mm if perm is None else mm.transpose(perm)
