@@ -261,6 +261,10 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
                 col += p.shape[1]
             yield buf.reshape(-1)
         return
+    if (t.data_location == TensorProto.EXTERNAL and transposed(t) == (1, 0)
+            and n * dt.itemsize > TRANSPOSE_MAPPED_BYTES):
+        yield from _transposed_in_passes(t, base_dir, dt, step)
+        return
     if t.data_location == TensorProto.EXTERNAL and transposed(t) is not None:
         # Blocks of output rows, gathered from the memory map into the reused buffer: each source page is
         # faulted in once; the map goes when the tensor is done.
@@ -304,6 +308,41 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
             flat = flat.view(np.uint16) if flat.dtype.itemsize == 2 else flat.astype(np.uint16)
     for start in range(0, n, step):
         yield flat[start:start + step]
+
+
+# A weight written transposed is gathered from one memory map of its source up to this size (each page
+# faulted once, all of them resident by the end); a larger one (an untied lm_head: 1 GB at 8B) in passes
+# over its source (_transposed_in_passes), so the export's peak does not grow with the vocabulary.
+TRANSPOSE_MAPPED_BYTES = 256 << 20
+TRANSPOSE_BLOCK_BYTES = 64 << 20  # the output rows gathered per pass
+
+
+def _transposed_in_passes(t: TensorProto, base_dir: Path, dt: np.dtype, step: int):
+    """A large [rows, cols] weight written as its [cols, rows] transpose, with little memory: each pass
+    reads the whole source, a few MB of rows at a time (readinto, nothing mapped), and gathers the next
+    block of output rows (TRANSPOSE_BLOCK_BYTES) from it. cols / block passes: 16 over the 1 GB lm_head of
+    an 8B model (~16 GB copied from the page cache, a few seconds) instead of the whole source resident."""
+    info = external_data_helper.ExternalDataInfo(t)
+    out_rows, src_rows = int(t.dims[0]), int(t.dims[1])  # output [cols, rows] of the source [rows, cols]
+    src_row_bytes = out_rows * dt.itemsize
+    rows = max(1, min(out_rows, TRANSPOSE_BLOCK_BYTES // max(1, src_rows * dt.itemsize)))  # output rows per pass
+    piece = max(1, CHUNK_BYTES // src_row_bytes)  # source rows per read
+    block = np.empty((rows, src_rows), dt)
+    buf = np.empty((piece, out_rows), dt)
+    with open(Path(base_dir) / info.location, "rb", buffering=0) as fh:
+        for r0 in range(0, out_rows, rows):
+            r1 = min(out_rows, r0 + rows)
+            fh.seek(info.offset or 0)
+            for p0 in range(0, src_rows, piece):
+                p1 = min(src_rows, p0 + piece)
+                view = buf[: p1 - p0]
+                got = fh.readinto(memoryview(view.reshape(-1).view(np.uint8)))
+                if got != view.nbytes:
+                    raise OSError(f"external data of '{t.name}' ends early in {info.location}")
+                np.copyto(block[: r1 - r0, p0:p1], view[:, r0:r1].T)
+            flat = block[: r1 - r0].reshape(-1)
+            for start in range(0, flat.size, step):
+                yield flat[start:start + step]
 
 
 def converted(t: TensorProto, base_dir: Path, want: int, scale: float | None = None, progress=None, into=None):
