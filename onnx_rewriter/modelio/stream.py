@@ -311,9 +311,10 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
 
 
 # A weight written transposed is gathered from one memory map of its source up to this size (each page
-# faulted once, all of them resident by the end); a larger one (an untied lm_head: 1 GB at 8B) in passes
-# over its source (_transposed_in_passes), so the export's peak does not grow with the vocabulary.
-TRANSPOSE_MAPPED_BYTES = 256 << 20
+# faulted once, all of them resident by the end); a larger one (an untied lm_head: 1 GB at 8B; an 8B's
+# 117 MB MLP weights) in passes over its source (_transposed_in_passes), so the export's peak does not
+# grow with the model.
+TRANSPOSE_MAPPED_BYTES = 64 << 20
 TRANSPOSE_BLOCK_BYTES = 64 << 20  # the output rows gathered per pass
 
 
@@ -339,7 +340,11 @@ def _transposed_in_passes(t: TensorProto, base_dir: Path, dt: np.dtype, step: in
                 got = fh.readinto(memoryview(view.reshape(-1).view(np.uint8)))
                 if got != view.nbytes:
                     raise OSError(f"external data of '{t.name}' ends early in {info.location}")
-                np.copyto(block[: r1 - r0, p0:p1], view[:, r0:r1].T)
+                part = _scratch("pass", (p1 - p0) * (r1 - r0), dt).reshape(p1 - p0, r1 - r0)
+                np.copyto(part, view[:, r0:r1])  # runs of r1 - r0 items: then onnxruntime's blocked Transpose
+                tile = _scratch("tile", part.size, dt).reshape(r1 - r0, p1 - p0)
+                _CASTER.transpose(part, tile)
+                block[: r1 - r0, p0:p1] = tile
             flat = block[: r1 - r0].reshape(-1)
             for start in range(0, flat.size, step):
                 yield flat[start:start + step]
