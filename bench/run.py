@@ -1,8 +1,9 @@
 """`make bench`: wall time and peak memory of our tools against their peers, measured in the same run.
 
-    .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b] [--verify tiny,0.5b] [--no-nvidia]
+    .venv/bin/python bench/run.py [--sizes tiny,0.5b,1.5b,3b,8b] [--verify tiny,0.5b] [--no-nvidia] [--mem-cap-gb 18]
 
-Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache):
+Per size (random-weight bf16 checkpoints with real model dimensions, built once into bench/.cache; 3b and 8b
+sharded like their releases and written shard by shard, bench/big_checkpoint.py):
   (a) rewrite: `python -m onnx_rewriter base.onnx out` (default options) vs onnxscript's `optimize_for_ort`
       (bench/peer_ort.py) on the same fp32 dynamo baseline file;
   (b) export: what `make export TARGET=edgellm-0.11` runs (`python -m onnx_rewriter export`) vs NVIDIA's
@@ -14,7 +15,9 @@ Per size (random-weight bf16 checkpoints with real model dimensions, built once 
   (d) graph: the same baseline rewritten for every target: nodes, nodes per layer and plumbing ops, against
       NVIDIA's 0.11.0 export of the same checkpoint (size `smol`: the real SmolLM2-135M `make demo` builds).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
-from os.wait4. Also counted: layers each tool fused (AttentionPlugin nodes, or ORT attention nodes).
+from os.wait4. A watchdog polls the resident set of each child's process tree and kills the tree above
+--mem-cap-gb (the machine is shared): the report then says "killed at N GB after T s". Also counted: layers
+each tool fused (AttentionPlugin nodes, or ORT attention nodes).
 Timings on a shared machine drift; the ratios compare tools measured back to back.
 """
 
@@ -24,8 +27,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +55,18 @@ SIZES = {
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=False, max_position_embeddings=131072,
                  initializer_range=0.02,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # Qwen2.5-3B and Llama-3.1-8B: sharded like their releases (BIG), built shard by shard (big_checkpoint.py)
+    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+               rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
+               rms_norm_eps=1e-5,
+               rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
+# size -> transformers config class of the sharded random checkpoints (bench/big_checkpoint.py, <= 5 GB shards)
+BIG = {"3b": "Qwen2Config", "8b": "LlamaConfig"}
 
 
 def log(msg: str) -> None:
@@ -65,9 +81,63 @@ _LAUNCH = ("import json, os, subprocess, sys; p = subprocess.Popen(sys.argv[2:])
            "ru.ru_utime + ru.ru_stime]))")
 
 
+MEM_CAP_GB = 18.0  # --mem-cap-gb: a tool whose process tree holds more is killed (the machine is shared)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of `root` and all its descendants (from /proc; shared pages count in each process)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                total += int(fh.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            pass
+        todo += children.get(pid, [])
+    return total
+
+
+class Watchdog:
+    """Polls the resident set of a child's process tree every 0.2 s; kills the tree (its own session) above
+    `cap_gb`. `peak` is the largest tree total it saw, `killed` (GB, s) when it killed."""
+
+    def __init__(self, proc: subprocess.Popen, cap_gb: float):
+        self.proc, self.cap, self.peak, self.killed = proc, cap_gb * 2**30, 0, None
+        self.t0 = time.perf_counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            rss = tree_rss(self.proc.pid)
+            self.peak = max(self.peak, rss)
+            if rss > self.cap and self.killed is None:
+                self.killed = (round(rss / 2**30, 1), round(time.perf_counter() - self.t0, 1))
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def measure(name: str, cmd: list, env: dict | None = None) -> dict:
-    """Run `cmd` as a child (through a small launcher, see _LAUNCH); its output goes to
-    bench/.cache/logs/<name>.log."""
+    """Run `cmd` as a child (through a small launcher, see _LAUNCH) under a memory watchdog (MEM_CAP_GB); its
+    output goes to bench/.cache/logs/<name>.log."""
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     usage = logs / f"{name}.rusage.json"
@@ -76,17 +146,32 @@ def measure(name: str, cmd: list, env: dict | None = None) -> dict:
     with open(logs / f"{name}.log", "w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen([PY, "-c", _LAUNCH, usage, *(str(c) for c in cmd)], stdout=fh,
-                                stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **(env or {})))
-        _, status, ru = os.wait4(proc.pid, 0)
+                                stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, **(env or {})),
+                                start_new_session=True)  # its own process group: the watchdog kills all of it
+        dog = Watchdog(proc, MEM_CAP_GB)
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            dog.close()
         wall = time.perf_counter() - t0
     rc, maxrss, cpu = os.waitstatus_to_exitcode(status), ru.ru_maxrss, ru.ru_utime + ru.ru_stime
     if usage.is_file():  # the tool's own numbers (the launcher's are the fallback)
         rc, maxrss, cpu = json.loads(usage.read_text())
     text = (logs / f"{name}.log").read_text(errors="replace")
     res = dict(name=name, rc=rc, wall_s=round(wall, 2), peak_mb=round(maxrss / 1024),
-               cpu_s=round(cpu, 2), log=str(logs / f"{name}.log"), tail=text[-600:])
-    log(f"  {name}: rc={res['rc']} wall {res['wall_s']} s, peak {res['peak_mb']} MB, cpu {res['cpu_s']} s")
+               tree_peak_mb=round(dog.peak / 2**20), cpu_s=round(cpu, 2),
+               log=str(logs / f"{name}.log"), tail=text[-600:])
+    if dog.killed:
+        res["killed"] = f"killed at {dog.killed[0]} GB after {dog.killed[1]} s (--mem-cap-gb {MEM_CAP_GB:g})"
+        log(f"  {name}: {res['killed']}")
+    else:
+        log(f"  {name}: rc={res['rc']} wall {res['wall_s']} s, peak {res['peak_mb']} MB "
+            f"(tree {res['tree_peak_mb']} MB), cpu {res['cpu_s']} s")
     return res
+
+
+def _log_text(r: dict) -> str:
+    return Path(r["log"]).read_text(errors="replace")
 
 
 def _python(code: str, *args) -> list:
@@ -100,14 +185,24 @@ def checkpoint(size: str) -> Path:
         if SIZES[size] is None:
             log(f"building the real {size} checkpoint (make demo's) into {path}")
             r = measure(f"build-{size}", [PY, "-m", "onnx_rewriter.demo", path])
+        elif size in BIG:  # shard by shard, never the whole model in memory
+            log(f"building the {size} checkpoint (random bf16 weights, <= 5 GB shards) into {path}")
+            r = measure(f"build-{size}", [PY, HERE / "big_checkpoint.py", path, BIG[size], json.dumps(SIZES[size])])
         else:
             log(f"building the {size} checkpoint (random bf16 weights) into {path}")
             code = ("import json, sys; from onnx_rewriter.hf import tiny; "
                     "tiny.build_checkpoint('qwen2', sys.argv[1], dtype='bfloat16', **json.loads(sys.argv[2]))")
             r = measure(f"build-{size}", _python(code, path, json.dumps(SIZES[size])))
         if r["rc"]:
-            raise SystemExit(f"could not build the {size} checkpoint:\n{r['tail']}")
+            raise SystemExit(f"could not build the {size} checkpoint:\n{r.get('killed') or r['tail']}")
+    shards = sorted(path.glob("*.safetensors"))
+    log(f"  {size} checkpoint: {sum(f.stat().st_size for f in shards) / 1e9:.2f} GB on disk in {len(shards)} "
+        f"safetensors file(s) ({shutil.disk_usage(CACHE).free / 1e9:.0f} GB free)")
     return path
+
+
+def checkpoint_gb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9, 2)
 
 
 def baseline(size: str, ckpt: Path) -> tuple[Path, dict | None]:
@@ -174,6 +269,8 @@ def drop_outputs(*paths: Path) -> None:
     if not KEEP_OUTPUTS:
         for p in paths:
             shutil.rmtree(p, ignore_errors=True)
+            for tmp in p.parent.glob(f".{p.name}.tmp-*"):  # a killed tool's temporary output folder
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dir_mb(path: Path) -> int:
@@ -278,7 +375,10 @@ def bench_export(size: str, ckpt: Path, nvidia: bool, verify: bool, target: str)
     res = {}
     # What `make export MODEL=... OUT=...` runs.
     ours = measure(f"export-{size}", [PY, "-m", "onnx_rewriter", "export", "--model", ckpt, "--output_dir", ours_out,
-                                      "--target", target, "--dtype", "float16", "-q"])
+                                      "--target", target, "--dtype", "float16", "-v"])
+    # -v: the log says whether the trace mapped the checkpoint's weights or loaded them, and why (hf/mapped_model.py)
+    ours["weights"] = ("mapped" if "weights mapped from the checkpoint" in _log_text(ours)
+                       else "loaded" if "is loaded to trace it" in _log_text(ours) else "?")
     ours["fused"] = count_nodes(ours_out / "model.onnx")
     ours["graph"] = graph_stats(ours_out / "model.onnx")
     ours["out_mb"] = dir_mb(ours_out)
@@ -297,7 +397,9 @@ def bench_export(size: str, ckpt: Path, nvidia: bool, verify: bool, target: str)
         res["peer_skipped"] = why
         return res
     nv = measure(f"nvidia-{size}", [exe, ckpt, nv_out], env={"CUDA_VISIBLE_DEVICES": ""})
-    if nv["rc"]:
+    if nv.get("killed"):
+        res["peer_skipped"] = f"tensorrt-edgellm-export 0.11.0 {nv['killed']}"
+    elif nv["rc"]:
         lines = [l for l in nv["tail"].strip().splitlines() if l.strip()]
         res["peer_skipped"] = f"tensorrt-edgellm-export failed (exit {nv['rc']}): {lines[-1] if lines else '?'}"
         log(f"  {res['peer_skipped']}")
@@ -361,16 +463,21 @@ def ratio(a, b) -> str:
 
 
 def report(results: dict) -> None:
-    rows = [f"{'size':<6}{'what':<34}{'wall s':>8}{'peak MB':>9}{'cpu s':>8}{'out MB':>8}{'fused':>7}"]
+    rows = [f"{'size':<6}{'what':<34}{'wall s':>8}{'peak MB':>9}{'cpu s':>8}{'out MB':>8}{'fused':>7}{'tree MB':>9}"]
 
     def row(size, what, r):
         if r is None:
             return
+        if r.get("killed"):
+            rows.append(f"{size:<6}{what:<34}  {r['killed']}")
+            return
         ok = "" if r.get("rc", 0) == 0 else f"  (exit {r['rc']})"
         rows.append(f"{size:<6}{what:<34}{r['wall_s']:>8}{r['peak_mb']:>9}{r['cpu_s']:>8}{r.get('out_mb', ''):>8}"
-                    f"{str(r.get('fused', '')):>7}{ok}")
+                    f"{str(r.get('fused', '')):>7}{r.get('tree_peak_mb', ''):>9}{ok}")
 
     for size, res in results.items():
+        if res.get("checkpoint_gb"):
+            rows.append(f"{size:<6}checkpoint: {res['checkpoint_gb']} GB of safetensors on disk")
         row(size, "baseline export (fp32, once)", res.get("baseline"))
         if "rewrite" in res:
             a = res["rewrite"]
@@ -392,16 +499,18 @@ def report(results: dict) -> None:
                             f"{a['cosine_min']}, top-1 {a['top1']}")
         if "export" in res:
             b = res["export"]
-            row(size, "make export (ours)", b["ours"])
+            row(size, f"make export (ours, {b['ours'].get('weights', '?')})", b["ours"])
             if "verified" in b["ours"]:
                 rows.append(f"{'':<6}   verify: {b['ours']['verify']}")
             if "peer" in b:
                 row(size, "tensorrt-edgellm-export 0.11.0", b["peer"])
             if "peer_skipped" in b:
                 rows.append(f"{'':<6}-> NVIDIA's exporter not compared: {b['peer_skipped']}")
-            elif b["peer"]["rc"] == 0:
+            elif b["peer"]["rc"] == 0 and b["ours"]["rc"] == 0:
                 rows.append(f"{'':<6}-> ours {ratio(b['peer']['wall_s'], b['ours']['wall_s'])} faster (wall), peak "
-                            f"{b['ours']['peak_mb']} vs {b['peer']['peak_mb']} MB")
+                            f"{b['ours']['peak_mb']} vs {b['peer']['peak_mb']} MB: time ours / NVIDIA's "
+                            f"{b['ours']['wall_s'] / b['peer']['wall_s']:.2f}, peak ours / NVIDIA's "
+                            f"{b['ours']['peak_mb'] / b['peer']['peak_mb']:.2f}")
     for size, res in results.items():
         if "graphs" in res:
             peer = res.get("export", {}).get("peer", {}).get("graph") or res.get("graph_peer")
@@ -421,11 +530,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
     p.add_argument("--repeat", type=int, default=3, help="runs of each rewrite tool (the fastest counts)")
     p.add_argument("--keep-outputs", action="store_true", help="keep what the tools wrote in bench/.cache/out-*")
+    p.add_argument("--mem-cap-gb", type=float, default=18.0,
+                   help="kill a tool whose process tree holds more than this resident (default %(default)s GB)")
     p.add_argument("--export-target", default="edgellm-0.11",
                    help="our export's target (default: the contract NVIDIA's 0.11.0 exporter writes)")
     args = p.parse_args(argv)
-    global KEEP_OUTPUTS
-    KEEP_OUTPUTS = args.keep_outputs
+    global KEEP_OUTPUTS, MEM_CAP_GB
+    KEEP_OUTPUTS, MEM_CAP_GB = args.keep_outputs, args.mem_cap_gb
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     kinds = ("rewrite", "export", "quantize", "graph")
     only = set(kinds) if args.only is None else {k.strip() for k in args.only.split(",") if k.strip()}
@@ -439,7 +550,7 @@ def main(argv=None) -> int:
     for size in sizes:
         log(f"== {size}")
         ckpt = checkpoint(size)
-        res = results[size] = {}
+        res = results[size] = {"checkpoint_gb": checkpoint_gb(ckpt)}
         if "rewrite" in only:
             base, built = baseline(size, ckpt)
             res["baseline"] = built

@@ -13,6 +13,8 @@ pytest.importorskip("torch")
 from onnx_rewriter import cli  # noqa: E402
 from onnx_rewriter.hf import checkpoint_refs, tiny  # noqa: E402
 from onnx_rewriter.hf import export as export_module  # noqa: E402
+from onnx_rewriter.hf import mapped_model as mapped_model_module  # noqa: E402
+from onnx_rewriter.hf import vlm as vlm_module  # noqa: E402
 
 from .test_errors import assert_no_output, assert_refused  # noqa: E402
 
@@ -32,8 +34,8 @@ def _files(folder):
 def _export(ckpt, out, monkeypatch, caplog, mapped: bool, baseline_only: bool = False) -> str:
     """Export `ckpt` into `out` (and its baseline into `out`-base) by either route; the log."""
     with monkeypatch.context() as m:
-        if not mapped:
-            m.setattr(export_module, "mapped_model", lambda *a, **k: None)
+        if not mapped:  # what a user sets to load the model as before
+            m.setenv(mapped_model_module.LOAD_WEIGHTS, "1")
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="onnx_rewriter"):
             if baseline_only:
@@ -44,6 +46,8 @@ def _export(ckpt, out, monkeypatch, caplog, mapped: bool, baseline_only: bool = 
                 checkpoint_refs.unmap()
             else:
                 export_module.export(str(ckpt), out, keep_baseline=str(out) + "-base")
+        if not mapped:
+            assert f"is loaded to trace it ({mapped_model_module.LOAD_WEIGHTS} is set)" in caplog.text
         return caplog.text
 
 
@@ -102,18 +106,32 @@ def test_sharded_checkpoint_streams_from_each_shard(tmp_path, monkeypatch, caplo
     assert len([n for n in loaded if n.startswith("checkpoint-")]) == len(shards)  # linked, not concatenated
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "truncated mid-export"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "truncated before mapping", "truncated mid-export"])
 def test_damaged_shard_is_one_line_and_no_output(tmp_path, capsys, monkeypatch, damage):
+    """Each damage is caught where it can first be seen: before the load (the checks of every file against its
+    header), when the shards are mapped (a file shorter than its header says is never mapped: reading a page
+    past its end would be a SIGBUS, not an error) and when the rewrite streams the weights."""
     ckpt, shards = _sharded(tmp_path)
     shard = shards[1]
 
-    def truncate():
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    def truncate():  # the header whole, the data short
+        data = shard.read_bytes()
+        assert 8 + int.from_bytes(data[:8], "little") < len(data) // 2
+        shard.write_bytes(data[: len(data) // 2])
 
     if damage == "missing":
         shard.unlink()
     elif damage == "truncated":
         truncate()
+    elif damage == "truncated before mapping":  # after the checks, before the model is built and mapped
+        real_load = export_module.load_model
+
+        def truncate_then_load(*a, **k):
+            truncate()
+            return real_load(*a, **k)
+
+        monkeypatch.setattr(export_module, "load_model", truncate_then_load)
+        monkeypatch.setattr(mapped_model_module.mmap, "mmap", lambda *a, **k: pytest.fail("a shard was mapped"))
     else:  # after the trace, before the rewrite streams the weights
         real = export_module.export_baseline
 
@@ -126,6 +144,44 @@ def test_damaged_shard_is_one_line_and_no_output(tmp_path, capsys, monkeypatch, 
     out = tmp_path / "out"
     code = cli.main(["export", "--model", str(ckpt), "--output-dir", str(out)])
     err = capsys.readouterr().err
-    words = {"missing": (shard.name, "missing", "download"), "truncated": (shard.name, "truncated")}
+    words = {"missing": (shard.name, "missing", "download"), "truncated": (shard.name, "truncated"),
+             "truncated before mapping": (shard.name, "truncated", "its header needs", "download")}
     assert_refused(code, err, *words.get(damage, ("truncated",)))
     assert_no_output(out)
+
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+def test_vlm_text_decoder_is_traced_mapped(models, tmp_path, family):
+    """The VLM route maps the checkpoint too (hf/vlm.py; Qwen2.5-VL's checkpoint keys are transformers' legacy
+    names, renamed on load): its text decoder rewrites to the bytes the loaded model's baseline (the shared
+    fixture, what the loaded route exports) rewrites to. Only the trace is extra: the whole folder is the slow
+    test below."""
+    from onnx_rewriter.pipeline import steps as pipeline
+
+    ckpt = models.vlm_checkpoint(family)
+    files = checkpoint_refs.checkpoint_files(str(ckpt))
+    vlm, config = vlm_module.load_vlm(str(ckpt), mapped_files=files)
+    assert checkpoint_refs.maps(vlm)
+    try:
+        base = vlm_module.export_text_baseline(vlm, config, tmp_path / "base" / "model.onnx", checkpoint=files)
+    finally:
+        checkpoint_refs.unmap()
+    del vlm
+    assert "model.onnx.data" not in {p.name for p in base.parent.iterdir()}  # the weights stay in the checkpoint
+    for name, source in (("mapped", base), ("loaded", models.vlm_baseline(family))):
+        pipeline.rewrite(source, tmp_path / name, dtype="float16", tokenizer=ckpt)
+    _same_outputs(tmp_path, ("",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_vlm_export_mapped_writes_the_loaded_routes_folder(models, tmp_path, monkeypatch, caplog, family):
+    """`export` of a VLM, llm/ and visual/: the same bytes whether the text decoder was mapped or loaded."""
+    ckpt = models.vlm_checkpoint(family)
+    said = _export(ckpt, tmp_path / "mapped", monkeypatch, caplog, mapped=True)
+    assert MAPPED in said and LOADED not in said
+    _export(ckpt, tmp_path / "loaded", monkeypatch, caplog, mapped=False)
+    files = _same_outputs(tmp_path, ("",))
+    assert any(n.startswith("llm/") for n in files) and any(n.startswith("visual/") for n in files)
+

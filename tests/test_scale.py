@@ -62,11 +62,23 @@ def test_chunks_from_external_data(tmp_path, monkeypatch, dtype):
     assert np.array_equal(got, arr.reshape(-1))
 
 
+def _in_passes(monkeypatch):
+    """Transposed weights of any size read in passes (stream._transposed_in_passes): 7 output rows per pass,
+    11 source rows per read (short last ones both)."""
+    monkeypatch.setattr(stream, "TRANSPOSE_MAPPED_BYTES", 0)
+    monkeypatch.setattr(stream, "TRANSPOSE_BLOCK_BYTES", 7 * 300 * 2)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 11 * 37 * 2)
+
+
+@pytest.mark.parametrize("passes", [False, True])
 @pytest.mark.parametrize("chunk_bytes", [None, 1000, 7 * 2 * 300])
-def test_transposed_bf16_weight_read_and_converted(tmp_path, chunk_bytes):
+def test_transposed_bf16_weight_read_and_converted(tmp_path, monkeypatch, chunk_bytes, passes):
     """A checkpoint's bf16 [K, N] weight read as its transpose [N, K] (make export's route), in whole-matrix
-    and partial-column chunks (a short last one too): the values are the transpose, bit for bit, and the fp16
+    and partial-column chunks (a short last one too), gathered from one map of the source or, as a large
+    one (an untied lm_head), in passes over it: the values are the transpose, bit for bit, and the fp16
     conversion is numpy's of the widened values (edge values: overflow to inf, subnormals, NaN)."""
+    if passes:
+        _in_passes(monkeypatch)
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((300, 37)) * 10 ** rng.uniform(-8, 5, (300, 37))).astype(np.float32)
     w.reshape(-1)[:EDGES.size] = EDGES
@@ -85,9 +97,16 @@ def test_transposed_bf16_weight_read_and_converted(tmp_path, chunk_bytes):
     assert np.array_equal(half.view(np.uint16), want.reshape(-1).view(np.uint16))
 
 
-def test_chunks_of_truncated_external_data_fail_with_the_tensor_name(tmp_path):
+@pytest.mark.parametrize("transposed", [False, True, "in passes"])
+def test_chunks_of_truncated_external_data_fail_with_the_tensor_name(tmp_path, monkeypatch, transposed):
     arr = np.arange(10_000, dtype=np.float32)
     t = _external(tmp_path, "w", arr)
+    if transposed == "in passes":
+        _in_passes(monkeypatch)
+    if transposed:  # read through a map of the whole tensor (a weight written transposed), or in passes
+        t.doc_string = stream.TRANSPOSED + "1,0"
+        del t.dims[:]
+        t.dims.extend([100, 100])
     with open(tmp_path / "w.bin", "r+b") as fh:
         fh.truncate(128 + 5000 * 4)
     with pytest.raises(OSError, match="external data of 'w' ends early in w.bin"):

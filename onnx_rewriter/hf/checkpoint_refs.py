@@ -80,6 +80,11 @@ def map_tensor(entry: Entry, mapping, torch_dtype):
     return t
 
 
+def maps(model) -> bool:
+    """Whether any parameter of `model` is a tensor of map_tensor (mapped_model.py built it)."""
+    return any(p.data_ptr() in _MAPPED for p in model.parameters())
+
+
 def unmap() -> None:
     """Forget the tensors of map_tensor (their mappings close once no tensor holds them)."""
     _MAPPED.clear()

@@ -12,8 +12,9 @@ peak no longer grows with the model (~2.3 bytes per parameter when loaded).
 `mapped_model` returns None, saying why in the log, where that would not be the loaded model: a
 quantized checkpoint (dequantized on load), a device other than the CPU, no safetensors files, a model
 type transformers converts on load (MoE experts fused, ...), or a parameter the checkpoint holds under
-no name of it, or in another shape or dtype (renamed, computed or cast on load). The caller then loads
-the model as before.
+no name of it, or in another shape or dtype (computed or cast on load; keys transformers only renames on
+load are renamed here too), or when ONNX_REWRITER_LOAD_WEIGHTS is set. The caller then loads the model as
+before.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ import contextlib
 import json
 import logging
 import mmap
+import os
 import warnings
 from pathlib import Path
 
+from ..errors import RewriteError
 from . import checkpoint_refs
 
 log = logging.getLogger(__name__)
+
+# Set (not "0"): every export loads the model as before the mapping existed (to compare, or to step around it).
+LOAD_WEIGHTS = "ONNX_REWRITER_LOAD_WEIGHTS"
 
 # torch dtype names -> onnx_ir DataType names (those of checkpoint_refs._DTYPES)
 _TORCH = {"torch.bfloat16": "BFLOAT16", "torch.float16": "FLOAT16", "torch.float32": "FLOAT",
@@ -56,23 +62,31 @@ def params_on_meta():
 
 
 def mapped_model(model: str, config, dtype, files, device: str = "cpu", trust_remote_code: bool = False,
-                 quantized: bool = False, attn_implementation: str = "sdpa"):
-    """`model`'s transformers model with its weights mapped from `files` (safetensors); or None."""
+                 quantized: bool = False, attn_implementation: str | None = "sdpa", auto=None):
+    """`model`'s transformers model with its weights mapped from `files` (safetensors); or None.
+
+    `auto`: the transformers Auto class that builds it (AutoModelForCausalLM by default; the VLM route
+    passes AutoModelForImageTextToText). `attn_implementation` None: the class's default, as from_pretrained
+    without one."""
     why = _refusal(config, files, device, quantized)
     if why is None:
-        from transformers import AutoModelForCausalLM
+        if auto is None:
+            from transformers import AutoModelForCausalLM as auto
 
+        attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         try:
             with warnings.catch_warnings(), params_on_meta():
                 warnings.simplefilter("ignore")
-                m = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
+                m = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **attn)
         except ValueError:  # what from_pretrained would raise too (e.g. no sdpa here): the caller's to handle
             raise
         except Exception as exc:
             why = f"the model cannot be built from its config alone ({type(exc).__name__})"
         else:
-            why = _map_weights(m, checkpoint_refs.index(_loaded(files)))
+            entries = checkpoint_refs.index(_loaded(files))
+            renamed = _renamed(m, entries)
+            why = (_map_weights(m, renamed) if isinstance(renamed, dict)
+                   else renamed or f"transformers converts {type(m).__name__} checkpoints on load")
             if why is None:
                 return m.eval()
     log.info("export: the model is loaded to trace it (%s)", why)
@@ -99,6 +113,7 @@ def _map_weights(m, entries) -> str | None:
             return (f"the checkpoint holds no {places[0][0]} of shape {tuple(p.shape)} and dtype "
                     f"{str(p.dtype).removeprefix('torch.')}")
         plan.append((places, entry))
+    _check_sizes(entry for _, entry in plan)
     mappings = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer warns that the mapping is read-only: the trace never writes
@@ -112,6 +127,37 @@ def _map_weights(m, entries) -> str | None:
                 owner, _, leaf = name.rpartition(".")
                 m.get_submodule(owner)._parameters[leaf] = weight
     return None
+
+
+def _renamed(m, entries: dict):
+    """`entries` under the names transformers gives the checkpoint's keys on load (its renamings, e.g. a
+    Qwen2.5-VL checkpoint's `visual.*` and `model.layers.*` are the model's `model.visual.*` and
+    `model.language_model.layers.*`), the checkpoint's own names kept too; None where transformers does more
+    than rename (a tensor converted: the model is loaded)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        transforms = get_model_conversion_mapping(m)
+        if any(not isinstance(t, WeightRenaming) for t in transforms):
+            return None
+        return {**entries, **{apply_renamings(k, transforms): e for k, e in entries.items()}}
+    except Exception:  # transformers' internals moved: the checkpoint's own names
+        return entries
+
+
+def _check_sizes(entries) -> None:
+    """Each file is as long as the tensors mapped from it need (a shard truncated since the checks before the
+    load, or one whose header is whole but data short): a page past the end of a file read through its
+    mapping is a SIGBUS, not an error."""
+    need: dict = {}
+    for e in entries:
+        need[e.file] = max(need.get(e.file, 0), e.offset + e.length)
+    for f, end in sorted(need.items()):
+        size = Path(f).stat().st_size
+        if size < end:
+            raise RewriteError(f"checkpoint file '{f}' is truncated ({size} bytes, its header needs {end}); "
+                               f"download or save it again")
 
 
 def _loaded(files) -> list:
@@ -131,6 +177,8 @@ def _loaded(files) -> list:
 def _refusal(config, files, device: str, quantized: bool) -> str | None:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
+    if os.environ.get(LOAD_WEIGHTS, "").strip() not in ("", "0"):
+        return f"{LOAD_WEIGHTS} is set"
     if device != "cpu":
         return f"--device {device}"
     if quantized:

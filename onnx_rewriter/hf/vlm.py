@@ -23,6 +23,8 @@ from ..errors import RewriteError
 from ..features.vlm import check_target
 from ..modelio.config_file import read_config
 from ..modelio.output import OutputDir
+from . import checkpoint_refs
+from .mapped_model import mapped_model
 from .trace import _keep, _light_decomposition, _optimize, check_quantization
 
 log = logging.getLogger(__name__)
@@ -48,8 +50,13 @@ def num_deepstack(config) -> int:
     return len(getattr(vision, "deepstack_visual_indexes", None) or [])
 
 
-def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """The HF VLM (Qwen*VLForConditionalGeneration) and its config, from a local folder, on `device`."""
+def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+             mapped_files=()):
+    """The HF VLM (Qwen*VLForConditionalGeneration) and its config, from a local folder, on `device`.
+
+    `mapped_files`: the checkpoint's safetensors files, to build the model with its weights mapped from them
+    (mapped_model.py: nothing is read until used; the export traces the text decoder without reading it) where
+    they hold each weight in `dtype`; loaded otherwise (a bf16 checkpoint exported in fp32: cast on load)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -62,6 +69,14 @@ def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remo
                            f"export the fp16/bf16 model it was made from")
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True, **trust)
+        m = None
+        if mapped_files:  # attn_implementation None: the class's default, as from_pretrained below picks it
+            quantized = getattr(config, "quantization_config", None) is not None
+            m = mapped_model(model, config, getattr(torch, dtype), mapped_files, device,
+                             trust.get("trust_remote_code", False), quantized, None, auto=AutoModelForImageTextToText)
+        if m is not None:
+            log.info("export: traced with the weights mapped from the checkpoint, not loaded")
+            return m, config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             m = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype), local_files_only=True,
@@ -104,8 +119,11 @@ def text_decoder(vlm):
     return TextDecoder().eval()
 
 
-def export_text_baseline(vlm, config, path: Path) -> Path:
-    """The text decoder's plain dynamo export (fp32) to `path`; config.json written beside it."""
+def export_text_baseline(vlm, config, path: Path, checkpoint=()) -> Path:
+    """The text decoder's plain dynamo export (fp32) to `path`; config.json written beside it.
+
+    `checkpoint`: the safetensors files `vlm`'s weights are mapped from (load_vlm): the baseline references
+    them where they lie (checkpoint_refs.py) instead of reading them into its own data file."""
     import torch
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -128,8 +146,12 @@ def export_text_baseline(vlm, config, path: Path) -> Path:
             prog = torch.onnx.export(text_decoder(vlm), args, dynamo=True, optimize=False,
                                      dynamic_shapes=dyn, input_names=names, output_names=["logits"],
                                      verbose=False)
-        _optimize(prog)
-        prog.save(str(path))
+        if checkpoint:
+            _optimize(prog, keep_weights=True)  # Transpose(weight) left to the rewrite: the weight stays mapped
+            checkpoint_refs.save(prog, path, vlm, checkpoint)
+        else:
+            _optimize(prog)
+            prog.save(str(path))
         del prog
         gc.collect()
     (path.parent / "config.json").write_text(json.dumps(config.to_dict(), default=str))
@@ -146,13 +168,18 @@ def export_vlm(model: str, output_dir, opts, device: str = "cpu", keep_baseline:
     vision_module()  # before the slow steps too: the encoder's exporter is there
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
-        vlm, config = load_vlm(model, device=device, trust_remote_code=opts.trust_remote_code)
+        files = checkpoint_refs.checkpoint_files(model)
+        vlm, config = load_vlm(model, device=device, trust_remote_code=opts.trust_remote_code, mapped_files=files)
+        mapped = checkpoint_refs.maps(vlm)
         _precheck_visual(config, model, opts)  # a missing preprocessor config fails now, not after the LLM
         with safety.temp_folder("vlm") as work:
             advance("export")
             with safety.os_errors(f"cannot write the baseline export in '{work}'",
                                   "free some space there or point TMPDIR at a folder with room"):
-                base = export_text_baseline(vlm, config, work / "model.onnx")
+                try:
+                    base = export_text_baseline(vlm, config, work / "model.onnx", checkpoint=files if mapped else ())
+                finally:
+                    checkpoint_refs.unmap()  # the vision tower's mapped weights stay (they close with `vlm`)
             vlm.to("cpu")  # the vision export and the rewrite's checks run on the CPU
             if opts.tokenizer is None and not opts.no_tokenizer:
                 opts.tokenizer = Path(model)

@@ -102,7 +102,9 @@ def load(path: str | os.PathLike) -> SourceModel:
                 # Our own bounded read rather than onnx's: it refuses linked files, which is how an export
                 # references the checkpoint's weights (checkpoint_refs.py).
                 t.raw_data = np.ascontiguousarray(read_tensor(t, base_dir)).tobytes()
-                t.data_location = TensorProto.DEFAULT
+                # cleared, not set to DEFAULT: the tensor is then written as it would be had the baseline held
+                # it inline (an export that references the checkpoint writes what one that copies it does)
+                t.ClearField("data_location")
                 del t.external_data[:]
     model = _infer_shapes(model, path)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

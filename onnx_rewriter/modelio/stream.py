@@ -149,8 +149,11 @@ def mapped(t: TensorProto, base_dir: Path) -> np.ndarray:
     dims = tuple(t.dims)
     if perm is not None:  # the source's own shape: dims under the inverse permutation
         dims = tuple(dims[i] for i in np.argsort(perm))
-    mm = np.memmap(Path(base_dir) / info.location, dtype=np_dtype(t.data_type), mode="r", offset=info.offset or 0,
-                   shape=dims or (1,))
+    try:  # a file shorter than the tensor (truncated since the load's checks): an error, never a map past its end
+        mm = np.memmap(Path(base_dir) / info.location, dtype=np_dtype(t.data_type), mode="r", offset=info.offset or 0,
+                       shape=dims or (1,))
+    except ValueError:
+        raise OSError(f"external data of '{t.name}' ends early in {info.location}") from None
     if not dims:
         return mm.reshape(())
     return mm if perm is None else mm.transpose(perm)
@@ -282,6 +285,10 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
                 col += p.shape[1]
             yield buf.reshape(-1)
         return
+    if (t.data_location == TensorProto.EXTERNAL and transposed(t) == (1, 0)
+            and n * dt.itemsize > TRANSPOSE_MAPPED_BYTES):
+        yield from _transposed_in_passes(t, base_dir, dt, step)
+        return
     if t.data_location == TensorProto.EXTERNAL and transposed(t) is not None:
         # Blocks of output rows, gathered from the memory map into the reused buffer: each source page is
         # faulted in once; the map goes when the tensor is done.
@@ -325,6 +332,51 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
             flat = flat.view(np.uint16) if flat.dtype.itemsize == 2 else flat.astype(np.uint16)
     for start in range(0, n, step):
         yield flat[start:start + step]
+
+
+# A weight written transposed is gathered from one memory map of its source up to this size (each page
+# faulted once, all of them resident by the end); a larger one (an untied lm_head: 1 GB at 8B; an 8B's
+# 117 MB MLP weights) in passes over its source (_transposed_in_passes), so the export's peak does not
+# grow with the model.
+TRANSPOSE_MAPPED_BYTES = 64 << 20
+TRANSPOSE_BLOCK_BYTES = 128 << 20  # the output rows gathered per pass (an 8B MLP weight: one)
+
+
+def _transposed_in_passes(t: TensorProto, base_dir: Path, dt: np.dtype, step: int):
+    """A large [rows, cols] weight written as its [cols, rows] transpose, with little memory: each pass
+    reads the whole source, a few MB of rows at a time (each mapped alone, unmapped when read), and gathers
+    the next block of output rows (TRANSPOSE_BLOCK_BYTES) from it. output / block passes: 8 over the 1 GB
+    lm_head of an 8B model instead of the whole source resident. (Read with readinto instead, the copies
+    from the page cache cost the 8B export +15 s of system time; with 64 MB blocks, +25 s.)"""
+    info = external_data_helper.ExternalDataInfo(t)
+    out_rows, src_rows = int(t.dims[0]), int(t.dims[1])  # output [cols, rows] of the source [rows, cols]
+    src_row_bytes = out_rows * dt.itemsize
+    rows = max(1, min(out_rows, TRANSPOSE_BLOCK_BYTES // max(1, src_rows * dt.itemsize)))  # output rows per pass
+    piece = max(1, CHUNK_BYTES // src_row_bytes)  # source rows per read
+    block = _scratch("block", rows * src_rows, dt).reshape(rows, src_rows)  # reused: a fresh one faults per page
+    with open(Path(base_dir) / info.location, "rb", buffering=0) as fh:
+        for r0 in range(0, out_rows, rows):
+            r1 = min(out_rows, r0 + rows)
+            for p0 in range(0, src_rows, piece):
+                p1 = min(src_rows, p0 + piece)
+                at = (info.offset or 0) + p0 * src_row_bytes
+                skip = at % mmap.ALLOCATIONGRANULARITY
+                try:  # each piece mapped on its own, as chunks() reads plain weights: faults, no copy
+                    mm = mmap.mmap(fh.fileno(), skip + (p1 - p0) * src_row_bytes, access=mmap.ACCESS_READ,
+                                   offset=at - skip)
+                except ValueError:  # past the end of the file
+                    raise OSError(f"external data of '{t.name}' ends early in {info.location}") from None
+                view = np.frombuffer(mm, dtype=dt, count=(p1 - p0) * out_rows, offset=skip).reshape(p1 - p0, -1)
+                part = _scratch("pass", (p1 - p0) * (r1 - r0), dt).reshape(p1 - p0, r1 - r0)
+                np.copyto(part, view[:, r0:r1])  # runs of r1 - r0 items: then onnxruntime's blocked Transpose
+                del view
+                mm.close()
+                tile = _scratch("tile", part.size, dt).reshape(r1 - r0, p1 - p0)
+                _CASTER.transpose(part, tile)
+                block[: r1 - r0, p0:p1] = tile
+            flat = block[: r1 - r0].reshape(-1)
+            for start in range(0, flat.size, step):
+                yield flat[start:start + step]
 
 
 def converted(t: TensorProto, base_dir: Path, want: int, scale: float | None = None, progress=None, into=None):
