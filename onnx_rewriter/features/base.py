@@ -103,3 +103,16 @@ class Feature:
 
     def files(self, run, out_dir) -> list[str]:
         return []
+
+
+def weight_matmuls(graph):
+    """(node, weight, K, N) of each MatMul of `graph` (a gs.Graph) that multiplies an activation by a constant
+    [K, N] weight: the linears a weight-quantization feature may replace."""
+    import onnx_graphsurgeon as gs
+
+    for node in [n for n in graph.nodes if n.op == "MatMul"]:
+        w = node.inputs[1]
+        if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
+            continue
+        k, n = (int(d) for d in w.shape)
+        yield node, w, k, n

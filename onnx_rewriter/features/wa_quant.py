@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_rewriter.errors import UnsupportedModel
 from onnx_rewriter.features import wa_checkpoint
-from onnx_rewriter.features.base import Feature, FeatureOptions, fp16_plan, option
+from onnx_rewriter.features.base import Feature, FeatureOptions, fp16_plan, option, weight_matmuls
 from onnx_rewriter.modelio.graph import computed_constant, constant_array
 from onnx_rewriter.targets.base import lm_head_input
 
@@ -100,11 +100,7 @@ class WaQuant(Feature):
         by_value = {weight_key(self.ck.linear(m).traced_weight().T): m for m in self.ck.linears}
         chains: dict = {}
         entries = []
-        for node in [n for n in g.nodes if n.op == "MatMul"]:
-            w = node.inputs[1]
-            if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
-                continue
-            k, n = (int(d) for d in w.shape)
+        for node, w, k, n in weight_matmuls(g):
             entry = {"node": node.name, "weight": w.name, "K": k, "N": n}
             module = by_value.get(weight_key(np.asarray(constant_array(w, run.source.base_dir))))
             if module is None:

@@ -22,6 +22,13 @@ PAGE_SIZE = 128  # tokens per KV page (fixed by the 0.10 and 0.11 runtimes)
 _F32 = np.float32
 
 
+
+def _heads_f32(q, k, v, hq: int, hkv: int, d: int):
+    """q [B, S, Hq·D], k and v [B, S, Hkv·D] as fp32 [B, S, heads, D]."""
+    b_sz, s = np.shape(q)[:2]
+    return (np.asarray(q).reshape(b_sz, s, hq, d).astype(_F32), np.asarray(k).reshape(b_sz, s, hkv, d).astype(_F32),
+            np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32))
+
 def _head_counts(num_q_heads: int, num_kv_heads: int) -> int:
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -180,9 +187,7 @@ def _batch_attention(q, k, v, cache, context_lengths, rope_cos_sin, kvcache_star
         raise ValueError("q_norm_weight and k_norm_weight go together")
     q = np.asarray(q)
     b_sz, s = q.shape[:2]
-    qf = q.reshape(b_sz, s, hq, d).astype(_F32)
-    kf = np.asarray(k).reshape(b_sz, s, hkv, d).astype(_F32)
-    vf = np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32)
+    qf, kf, vf = _heads_f32(q, k, v, hq, hkv, d)
     ctx = np.asarray(context_lengths).reshape(-1).astype(np.int64)
     start = np.asarray(kvcache_start_index).reshape(-1).astype(np.int64)
     table = np.asarray(rope_cos_sin, dtype=_F32)
@@ -266,9 +271,7 @@ def _tree_attention(q, k, v, cache, context_lengths, rope_cos_sin, tree_mask, tr
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
     q = np.asarray(q)
     b_sz, s = q.shape[:2]
-    qf = q.reshape(b_sz, s, hq, d).astype(_F32)
-    kf = np.asarray(k).reshape(b_sz, s, hkv, d).astype(_F32)
-    vf = np.asarray(v).reshape(b_sz, s, hkv, d).astype(_F32)
+    qf, kf, vf = _heads_f32(q, k, v, hq, hkv, d)
     ctx = np.asarray(context_lengths).reshape(-1).astype(np.int64)
     pos = np.asarray(tree_pos).astype(np.int64).reshape(b_sz, s)
     bits = tree_mask_bits(tree_mask, s).reshape(b_sz, s, s)

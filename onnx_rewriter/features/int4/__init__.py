@@ -21,7 +21,7 @@ from onnx.defs import OpSchema
 
 from onnx_rewriter.analysis.moe import routers
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
-from onnx_rewriter.features.base import Feature, FeatureOptions, check_choice, fp16_plan, option
+from onnx_rewriter.features.base import Feature, FeatureOptions, check_choice, fp16_plan, option, weight_matmuls
 from onnx_rewriter.features.calibration import linear_inputs
 from onnx_rewriter.features.int4 import awq as int4_awq
 from onnx_rewriter.features.int4 import layout as int4_layout
@@ -105,11 +105,7 @@ class Int4(Feature):
         domain = _domain(g)
         entries = []
         source = self._source(run)
-        for node in [n for n in g.nodes if n.op == "MatMul"]:
-            w = node.inputs[1]
-            if not isinstance(w, gs.Constant) or len(w.shape) != 2 or isinstance(node.inputs[0], gs.Constant):
-                continue
-            k, n = (int(d) for d in w.shape)
+        for node, w, k, n in weight_matmuls(g):
             entry = {"node": node.name, "weight": w.name, "K": k, "N": n}
             reason = "lm_head stays FP16" if node is lm_head else self._breaks(node, k, n)
             prefix = None
