@@ -440,21 +440,28 @@ def _is_bf16(config) -> bool:
 def _load_quantized(folder, config, dtype, attn_implementation: str):
     """The transformers model of a quantized checkpoint, holding its dequantized weights (fp16 values)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     ck = quantized_checkpoint.Checkpoint(folder)
-    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.plain().items()}
     for p in ck.prefixes:
         state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(ck.linear(p).dequantized().T))
+    model, _ = _plain_model(config, dtype, attn_implementation, state, f"quantized checkpoint '{folder}'")
+    return model.to(dtype).eval()
+
+
+def _plain_model(config, dtype, attn_implementation: str, state: dict, what: str):
+    """(model, config) of `config` without its quantization_config (the baseline is a plain model), holding
+    `state`; a state that does not fit the config is refused in one line naming `what`."""
+    from transformers import AutoModelForCausalLM
+
+    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RewriteError(f"quantized checkpoint '{folder}' does not fit its config: missing "
-                           f"{missing[:3]}, unexpected {unexpected[:3]}")
+        raise RewriteError(f"{what} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    return model.to(dtype).eval()
+    return model, config
 
 
 # Quantized checkpoints whose weights this module reads itself (from a hub id's snapshot too)
@@ -469,18 +476,10 @@ def _load_fp16_weights(folder, config, fmt, attn_implementation: str):
     model. An FP8 / INT8-SQ checkpoint's codes and scales then go into the graph (features/wa_quant.py), found
     by these weights' fp16 bytes."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     ck = wa_checkpoint.Checkpoint(folder, fmt)
-    config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in ck.plain().items()}
     for p in ck.linears:
         state[f"{p}.weight"] = torch.from_numpy(ck.linear(p).traced_weight().astype(np.float32))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise RewriteError(f"{fmt.name} '{folder}' does not fit its config: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    model.tie_weights()
+    model, config = _plain_model(config, torch.float32, attn_implementation, state, f"{fmt.name} '{folder}'")
     return model.eval(), config
