@@ -191,13 +191,20 @@ def _int4_experts(e, h, i, g, seed):
     return deq(u_gu, s_gu), deq(u_dn, s_dn), [q_gu, p_gu, q_dn, p_dn]
 
 
-def test_int4_moe_plugin_matches_qwen3_moe_block():
-    e, k, h, i, g = 8, 2, 256, 64, 64  # FC1: 4 scale groups (64-chunk permutation), FC2: 1 group (per-channel)
-    block = _block("Qwen3Moe", e, k, h, i, True, seed=2)
-    gu, dn, packed = _int4_experts(e, h, i, g, seed=2)
+def _int4_block(cls_name, e, k, h, i, g, norm, seed, shared=0):
+    """transformers' MoE block holding random INT4 experts exactly (their dequantized fp16 values), and the
+    plugin inputs of those experts."""
+    block = _block(cls_name, e, k, h, i, norm, seed=seed, shared=shared)
+    gu, dn, packed = _int4_experts(e, h, i, g, seed=seed)
     with torch.no_grad():
         block.experts.gate_up_proj.copy_(torch.from_numpy(gu.astype(np.float32)))
         block.experts.down_proj.copy_(torch.from_numpy(dn.astype(np.float32)))
+    return block, packed
+
+
+def test_int4_moe_plugin_matches_qwen3_moe_block():
+    e, k, h, i, g = 8, 2, 256, 64, 64  # FC1: 4 scale groups (64-chunk permutation), FC2: 1 group (per-channel)
+    block, packed = _int4_block("Qwen3Moe", e, k, h, i, g, True, seed=2)
     x = _x(12, h, 2)
     want, logits = _hf(block, x)
     attrs = dict(num_experts=e, top_k=k, hidden_size=h, moe_inter_size=i, activation_type=0,
@@ -219,11 +226,7 @@ def test_int4_moe_plugin_with_topk_mass_matches_qwen2_moe_block():
     """Qwen2-MoE: norm_topk_prob false and a shared expert. Int4MoePlugin always renormalizes; the graph multiplies
     its output by r = sum of the top-k probabilities (fp16), then adds sigmoid(x W_seg) * shared(x) (§15.5, §15.6)."""
     e, k, h, i, g, shared = 8, 4, 128, 64, 64, 64
-    block = _block("Qwen2Moe", e, k, h, i, False, seed=3, shared=shared)
-    gu, dn, packed = _int4_experts(e, h, i, g, seed=3)
-    with torch.no_grad():
-        block.experts.gate_up_proj.copy_(torch.from_numpy(gu.astype(np.float32)))
-        block.experts.down_proj.copy_(torch.from_numpy(dn.astype(np.float32)))
+    block, packed = _int4_block("Qwen2Moe", e, k, h, i, g, False, seed=3, shared=shared)
     x = _x(10, h, 3)
     want, logits = _hf(block, x)
     attrs = dict(num_experts=e, top_k=k, hidden_size=h, moe_inter_size=i, activation_type=0,
