@@ -59,11 +59,11 @@ def _same_outputs(tmp_path, kinds=("", "-base")):
     return loaded
 
 
-# Every family in fp32 and the fast ones in bf16 too (--runslow); by default one fp32 and one bf16 case with
-# biases (CI time: each case is two exports).
+# Every family in fp32 and the fast ones in bf16 and fp16 too (--runslow); by default one fp32 and one bf16
+# case (CI time: each case is two exports; fp16 is traced and verified in tests/test_int4.py).
 DEFAULT = {("llama", "float32"), ("qwen2", "bfloat16")}
 CASES = [c if c in DEFAULT else pytest.param(*c, marks=pytest.mark.slow)
-         for c in [(f, "float32") for f in FAMILIES] + [(f, "bfloat16") for f in FAST]]
+         for c in [(f, "float32") for f in FAMILIES] + [(f, dt) for f in FAST for dt in ("bfloat16", "float16")]]
 
 
 @pytest.mark.parametrize(("family", "dtype"), CASES)
@@ -77,10 +77,16 @@ def test_mapped_trace_writes_the_loaded_routes_bytes(tmp_path, monkeypatch, capl
 
 
 def test_weights_the_checkpoint_lacks_are_loaded(tmp_path, monkeypatch, caplog):
-    """An fp16 checkpoint is exported in fp32: its weights are cast on load, so the model is loaded."""
+    """An fp16 checkpoint holding one weight in fp32 (as some releases keep their norms): the fp16 model has no
+    mapping for it (it is cast on load), so the model is loaded."""
+    from safetensors.numpy import load_file, save_file
+
     ckpt = tiny.build_checkpoint("llama", tmp_path / "ckpt", dtype="float16")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].astype("float32")
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     said = _export(ckpt, tmp_path / "out", monkeypatch, caplog, mapped=True)
-    assert LOADED in said and "dtype float32" in said and MAPPED not in said
+    assert LOADED in said and "model.norm.weight" in said and "dtype float16" in said and MAPPED not in said
 
 
 def _sharded(tmp_path, family="llama"):
@@ -185,3 +191,25 @@ def test_vlm_export_mapped_writes_the_loaded_routes_folder(models, tmp_path, mon
     files = _same_outputs(tmp_path, ("",))
     assert any(n.startswith("llm/") for n in files) and any(n.startswith("visual/") for n in files)
 
+
+
+def test_bf16_vlm_is_traced_mapped_and_verifies(models, tmp_path, caplog):
+    """A bf16 VLM checkpoint (every real Qwen-VL release) is traced in bf16 with its weights mapped, as the text
+    route traces a bf16 LLM: the text decoder is never loaded (an fp32 trace would cast it on load), and the
+    folder verifies against transformers."""
+    ckpt = models.vlm_checkpoint("qwen2_5_vl", "bfloat16")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="onnx_rewriter"):
+        export_module.export(str(ckpt), out)
+    assert MAPPED in caplog.text and LOADED not in caplog.text
+    assert cli.main(["verify", str(out), "--model", str(ckpt), "--steps", "2"]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
+def test_bf16_vlm_export_mapped_writes_the_loaded_routes_folder(models, tmp_path, monkeypatch, caplog, family):
+    ckpt = models.vlm_checkpoint(family, "bfloat16")
+    said = _export(ckpt, tmp_path / "mapped", monkeypatch, caplog, mapped=True)
+    assert MAPPED in said and LOADED not in said
+    _export(ckpt, tmp_path / "loaded", monkeypatch, caplog, mapped=False)
+    _same_outputs(tmp_path, ("",))

@@ -1,8 +1,8 @@
 """HF checkpoint -> baseline ONNX (plain torch.onnx.export, no KV cache) -> rewrite.
 
 The baseline is `input_ids`, `attention_mask` -> `logits` with dynamic batch and sequence, exported with
-the dynamo exporter in the checkpoint's dtype when that is bf16, else in fp32 (the rewriter converts to
-fp16 tensor by tensor while writing). What makes it fast changes nothing it computes: torch's retracing
+the dynamo exporter in the checkpoint's dtype when that is bf16 or fp16, else in fp32 (the rewriter converts
+to the output dtype tensor by tensor while writing). What makes it fast changes nothing it computes: torch's retracing
 decomposition is skipped where renaming a few ops is exact (lowering.py), onnxscript's quadratic
 multi-output rules are skipped and its other rules are tried only on nodes of their root op type
 (`_optimize`), torch.fx records no Python stack per traced op (the baseline's nodes carry no
@@ -51,6 +51,7 @@ from .trace import (
     _optimize,
     check_device,
     check_quantization,
+    trace_dtype,
 )
 from .vlm import export_vlm, vlm_type
 
@@ -112,8 +113,8 @@ def load_model(model: str, device: str = "cpu", trust_remote_code: bool = False,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dtype = torch.float32 if torch_dtype == "float32" else torch_dtype
-            if torch_dtype == "export":  # what `export` uses: bf16 checkpoints stay bf16, the rest fp32
-                dtype = torch.bfloat16 if _is_bf16(config) else torch.float32
+            if torch_dtype == "export":  # what `export` uses: bf16/fp16 checkpoints stay as they are, the rest fp32
+                dtype = getattr(torch, trace_dtype(config))
             folder = Path(model) if local else _checkpoint_folder(model)  # a hub id: its cached snapshot
             fmt = check_quantization(folder)
             # INT4 from a hub id stays transformers' own load, as before; FP8 / block-FP8 always read here
@@ -430,11 +431,6 @@ def _export_text(model: str, out: Path, opts, folder, device: str, keep_baseline
             if keep_baseline:
                 _keep(work, keep_baseline, opts.force)
             return run
-
-
-def _is_bf16(config) -> bool:
-    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return str(dt).removeprefix("torch.") == "bfloat16"
 
 
 def _load_quantized(folder, config, dtype, attn_implementation: str):

@@ -20,6 +20,7 @@ before.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import mmap
@@ -77,7 +78,8 @@ def mapped_model(model: str, config, dtype, files, device: str = "cpu", trust_re
         try:
             with warnings.catch_warnings(), params_on_meta():
                 warnings.simplefilter("ignore")
-                m = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **attn)
+                # a copy: from_config sets its dtype fields, and the folder echoes the checkpoint's own config
+                m = auto.from_config(copy.deepcopy(config), dtype=dtype, trust_remote_code=trust_remote_code, **attn)
         except ValueError:  # what from_pretrained would raise too (e.g. no sdpa here): the caller's to handle
             raise
         except Exception as exc:

@@ -129,6 +129,13 @@ def _by_root_op(rule):
     return _RootOpRule(rule, op_id[1])
 
 
+def trace_dtype(config) -> str:
+    """What `export` traces a checkpoint in: its own dtype when that is bf16 or fp16 (its weights then mapped
+    from the files, never read or cast: half the memory and bytes of fp32), else fp32."""
+    dt = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).removeprefix("torch.")
+    return dt if dt in ("bfloat16", "float16") else "float32"
+
+
 def check_device(device: str) -> None:
     """--device names a device this torch has (a CPU build has no cuda), before the model is loaded."""
     import re

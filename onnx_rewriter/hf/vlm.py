@@ -25,7 +25,7 @@ from ..modelio.config_file import read_config
 from ..modelio.output import OutputDir
 from . import checkpoint_refs
 from .mapped_model import mapped_model
-from .trace import _keep, _light_decomposition, _optimize, check_quantization
+from .trace import _keep, _light_decomposition, _optimize, check_quantization, trace_dtype
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remo
 
     `mapped_files`: the checkpoint's safetensors files, to build the model with its weights mapped from them
     (mapped_model.py: nothing is read until used; the export traces the text decoder without reading it) where
-    they hold each weight in `dtype`; loaded otherwise (a bf16 checkpoint exported in fp32: cast on load)."""
+    they hold each weight in `dtype`; loaded otherwise. `dtype` "export": the checkpoint's own when bf16 or
+    fp16, else fp32 (trace.trace_dtype)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -69,6 +70,8 @@ def load_vlm(model: str, dtype: str = "float32", device: str = "cpu", trust_remo
                            f"export the fp16/bf16 model it was made from")
     try:
         config = AutoConfig.from_pretrained(model, local_files_only=True, **trust)
+        if dtype == "export":  # what `export` traces in: a bf16/fp16 checkpoint as it is (mapped), else fp32
+            dtype = trace_dtype(config)
         m = None
         if mapped_files:  # attn_implementation None: the class's default, as from_pretrained below picks it
             quantized = getattr(config, "quantization_config", None) is not None
@@ -120,10 +123,11 @@ def text_decoder(vlm):
 
 
 def export_text_baseline(vlm, config, path: Path, checkpoint=()) -> Path:
-    """The text decoder's plain dynamo export (fp32) to `path`; config.json written beside it.
+    """The text decoder's plain dynamo export (fp32, or bf16 for a bf16 checkpoint) to `path`; config.json beside it.
 
-    `checkpoint`: the safetensors files `vlm`'s weights are mapped from (load_vlm): the baseline references
-    them where they lie (checkpoint_refs.py) instead of reading them into its own data file."""
+    `checkpoint`: the model's safetensors files: the baseline references the weights where they lie
+    (checkpoint_refs.py: mapped ones as they are, loaded ones where their bytes are the file's) instead of
+    copying them into its own data file, as the text route's baseline does."""
     import torch
 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -133,7 +137,8 @@ def export_text_baseline(vlm, config, path: Path, checkpoint=()) -> Path:
     ids = torch.ones((2, 8), dtype=torch.int64, device=dev)
     mask = torch.ones_like(ids)
     pos = torch.arange(8, device=dev).view(1, 1, -1).expand(3, 2, -1).contiguous()
-    deep = tuple(torch.zeros((2, 8, hidden), device=dev) for _ in range(nd))
+    float_type = vlm.lm_head.weight.dtype  # fp32, or bf16 where a bf16 checkpoint is traced as it is
+    deep = tuple(torch.zeros((2, 8, hidden), dtype=float_type, device=dev) for _ in range(nd))
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=32768)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {1: batch, 2: seq}}
     args = (ids, mask, pos)
@@ -169,15 +174,14 @@ def export_vlm(model: str, output_dir, opts, device: str = "cpu", keep_baseline:
     with progress.stages(["load", "export", "rewrite", "visual"], "export") as advance:
         advance("load")
         files = checkpoint_refs.checkpoint_files(model)
-        vlm, config = load_vlm(model, device=device, trust_remote_code=opts.trust_remote_code, mapped_files=files)
-        mapped = checkpoint_refs.maps(vlm)
+        vlm, config = load_vlm(model, "export", device, opts.trust_remote_code, mapped_files=files)
         _precheck_visual(config, model, opts)  # a missing preprocessor config fails now, not after the LLM
         with safety.temp_folder("vlm") as work:
             advance("export")
             with safety.os_errors(f"cannot write the baseline export in '{work}'",
                                   "free some space there or point TMPDIR at a folder with room"):
                 try:
-                    base = export_text_baseline(vlm, config, work / "model.onnx", checkpoint=files if mapped else ())
+                    base = export_text_baseline(vlm, config, work / "model.onnx", checkpoint=files)
                 finally:
                     checkpoint_refs.unmap()  # the vision tower's mapped weights stay (they close with `vlm`)
             vlm.to("cpu")  # the vision export and the rewrite's checks run on the CPU
