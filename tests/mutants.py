@@ -179,6 +179,15 @@ MUTANTS = [
     Mutant("NVFP4 activation scale dequantized without its fp16 Cast (fp32 scale)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
         ('[sx, s16],', '[sx, scale],')],
         ["tests/test_wa_quant.py::test_nvfp4_export_verifies"]),
+    # ------------------------------------------------- W+A formats: MIXED_PRECISION, W4A16_NVFP4, checkpoint FP8 KV
+    Mutant("W4A16_NVFP4 linear given an NVFP4 activation quantizer (weight_scale_2 as input scale)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
+        ('            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)',
+         "            self._emit_nvfp4(g, node, module, lin, s_g, s_g, chains)")],
+        ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
+    Mutant("checkpoint k/v scales swapped into the FP8 KV cache", "onnx_rewriter/features/fp8_kv.py", [
+        ('    scales = [(found[(i, "k")], found[(i, "v")]) for i in range(num_layers)]',
+         '    scales = [(found[(i, "v")], found[(i, "k")]) for i in range(num_layers)]')],
+        ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],

@@ -121,7 +121,7 @@ def test_wrong_tensor_dtype_or_shape_is_named(written, tmp_path):
         ck.linear("model.layers.0.self_attn.q_proj")
 
 
-EXPORTED = ("block_fp8", "fp8", "int8_sq", "nvfp4")  # fp8, int8_sq, nvfp4: tests/test_wa_quant.py
+EXPORTED = ("block_fp8", "fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mixed")  # test_wa_quant.py, test_wa_formats.py
 REFUSED = [f for f in tiny_quant.FORMS if f not in EXPORTED]
 
 

@@ -124,18 +124,20 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     fp8_wa = wa_linears(graph)  # W+A linears, FP8, INT8-SQ or NVFP4
     int4 = original is not None and not fp8_wa
     result = VerifyResult()
-    wa_name = " + ".join(sorted({wa_check.KIND[s.scheme] for s in fp8_wa.values()}))
+    wa_name = wa_check.described(fp8_wa)
     if fp8_wa:
-        result.quantized = f"{wa_name} activation"
+        result.quantized = wa_name
     session = _session(result, out_dir, oracle, rope, lora)
     rows = rows or prompts(session.config["vocab_size"])
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
-        result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} activation + FP8 KV cache" if fp8_wa
+        result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} + FP8 KV cache" if fp8_wa
                             else "FP8 KV cache")
     _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
+    result.problems += wa_check.check_kv_scales(fp8_scales, model)  # a checkpoint's own k/v scales, if any
+    result.passed = result.passed and not result.problems
     if fp8_wa:  # the W+A rule (verification/wa_check.py)
         result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
                                                   fp8_wa, checkpoint=model)
