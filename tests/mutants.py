@@ -184,6 +184,10 @@ MUTANTS = [
         ('            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)',
          "            self._emit_nvfp4(g, node, module, lin, s_g, s_g, chains)")],
         ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
+    Mutant("MXFP8 E8M0 scale read with bias 128 (every block halved)", "onnx_rewriter/reference/wa_codecs.py", [
+        ("    step = np.where(s == 255, np.nan, np.exp2(s - 127))",
+         "    step = np.where(s == 255, np.nan, np.exp2(s - 128))")],
+        ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
     Mutant("checkpoint k/v scales swapped into the FP8 KV cache", "onnx_rewriter/features/fp8_kv.py", [
         ('    scales = [(found[(i, "k")], found[(i, "v")]) for i in range(num_layers)]',
          '    scales = [(found[(i, "v")], found[(i, "k")]) for i in range(num_layers)]')],

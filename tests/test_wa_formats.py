@@ -7,6 +7,7 @@ KV cache) carries the default rows; the other targets and forms are slow."""
 from __future__ import annotations
 
 import collections
+import json
 import shutil
 
 import numpy as np
@@ -19,11 +20,11 @@ from onnx_rewriter.features import wa_checkpoint as W
 from onnx_rewriter.hf import tiny_quant
 from onnx_rewriter.verification.llm import verify
 
-# layer 0: attention FP8, MLP INT8-SQ; layer 1: attention NVFP4, gate/up W4A16_NVFP4, down_proj excluded (fp16)
-MIX = (("*.layers.0.self_attn.*", "fp8"), ("*.layers.0.mlp.*", "int8_sq"), ("*.layers.1.self_attn.*", "nvfp4"),
-       ("*", "w4a16_nvfp4"))
+# layer 0: attention FP8, MLP INT8-SQ; layer 1: q/k/v NVFP4, o_proj MXFP8, gate/up W4A16_NVFP4, down_proj excluded
+MIX = (("*.layers.0.self_attn.*", "fp8"), ("*.layers.0.mlp.*", "int8_sq"), ("*.layers.1.self_attn.o_proj", "mxfp8"),
+       ("*.layers.1.self_attn.*", "nvfp4"), ("*", "w4a16_nvfp4"))
 EXCLUDED = "model.layers.1.mlp.down_proj"
-ELEM = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int8_sq": onnx.TensorProto.INT8,
+ELEM = {"fp8": onnx.TensorProto.FLOAT8E4M3FN, "int8_sq": onnx.TensorProto.INT8, "mxfp8": onnx.TensorProto.FLOAT8E4M3FN,
         "nvfp4": onnx.TensorProto.FLOAT4E2M1, "w4a16_nvfp4": onnx.TensorProto.FLOAT4E2M1}
 
 
@@ -49,7 +50,8 @@ def test_mixed_checkpoint_is_read_per_layer(mixed_ckpt):
     fmt = W.detect(mixed_ckpt)
     assert fmt.scheme == "mixed" and fmt.exclude == ("lm_head", EXCLUDED)
     ck = W.Checkpoint(mixed_ckpt, fmt)
-    assert collections.Counter(ck.linears.values()) == {"fp8": 4, "int8_sq": 3, "nvfp4": 4, "w4a16_nvfp4": 2}
+    assert collections.Counter(ck.linears.values()) == {"fp8": 4, "int8_sq": 3, "nvfp4": 3, "mxfp8": 1,
+                                                        "w4a16_nvfp4": 2}
     assert EXCLUDED not in ck.linears and fmt.scheme_for(EXCLUDED) is None
 
 
@@ -57,7 +59,7 @@ def test_mixed_on_09_verifies_each_linear_in_its_scheme(mixed_out, mixed_ckpt):
     out, run = mixed_out
     res = verify(out, model=str(mixed_ckpt), quiet=True)
     assert res.passed, res.table() + "\n" + "\n".join(res.problems)
-    assert res.quantized == "FP8 + INT8-SQ + NVFP4 activation, NVFP4 weight-only + FP8 KV cache"
+    assert res.quantized == "FP8 + INT8-SQ + MXFP8 + NVFP4 activation, NVFP4 weight-only + FP8 KV cache"
     assert res.criterion.startswith("mixed W+A") and not res.problems
     entries = {e["node"]: e for e in run.report.features["wa_quant"]["linears"]}
     assert entries[f"{_base(EXCLUDED)}/MatMul"]["reason"] == "not quantized in the checkpoint"
@@ -73,8 +75,9 @@ def test_mixed_graph_holds_each_schemes_bytes_at_opset_23(mixed_out, mixed_ckpt)
     assert {(o.domain, o.version) for o in g.opset_import} == {("", 23), ("trt", 1)} and g.ir_version == 11
     onnx.checker.check_model(str(out / "model.onnx"))
     ops = collections.Counter((n.domain, n.op_type) for n in g.graph.node)
-    # act() chains: FP8 q/k/v + o (2), INT8 gate/up + down (2), NVFP4 q/k/v + o (2); weight-only gate/up none
-    assert ops[("", "QuantizeLinear")] == 4 and ops[("trt", "TRT_FP4DynamicQuantize")] == 2
+    # act() chains: FP8 q/k/v + o (2), INT8 gate/up + down (2), NVFP4 q/k/v (1), MXFP8 o (1); weight-only none
+    assert ops[("", "QuantizeLinear")] == 4 and ops[("trt", "TRT_FP4DynamicQuantize")] == 1
+    assert ops[("trt", "TRT_MXFP8DynamicQuantize")] == 1 and ops[("trt", "TRT_MXFP8DequantizeLinear")] == 2
     assert ops[("", "MatMul")] == 15  # q/k/v stay three MatMuls; the excluded down_proj and lm_head fp16
     inits = {t.name: t for t in g.graph.initializer}
     ck = W.Checkpoint(mixed_ckpt, W.detect(mixed_ckpt))
@@ -104,7 +107,7 @@ def test_swapped_kv_scales_and_a_requantized_weight_only_linear_fail_verify(mixe
     a = next(a for a in plugin.attribute if a.name == "qkv_scales")
     a.floats[1], a.floats[2] = a.floats[2], a.floats[1]
     nodes = {n.name: n for n in g.graph.node}
-    nodes["/model/layers.1/mlp/gate_proj/MatMul"].input[0] = nodes["/model/layers.1/self_attn/o_proj/MatMul"].input[0]
+    nodes["/model/layers.1/mlp/gate_proj/MatMul"].input[0] = nodes["/model/layers.1/self_attn/q_proj/MatMul"].input[0]
     onnx.save(g, str(bad / "model.onnx"))
     res = verify(bad, model=str(mixed_ckpt), quiet=True)
     assert not res.passed
@@ -115,13 +118,17 @@ def test_swapped_kv_scales_and_a_requantized_weight_only_linear_fail_verify(mixe
 
 
 def test_mixed_with_an_unemitted_layer_is_refused_by_name(models, tmp_path, capsys):
-    ck = tiny_quant.write("mixed", models.checkpoint("llama"), tmp_path / "ck",
-                          mixed=(("*.layers.1.mlp.*", "mxfp8"), ("*", "fp8")))
+    """A layer listed as W4A16_AWQ (INT4) inside MIXED_PRECISION: named, before the load."""
+    ck = tiny_quant.write("mixed", models.checkpoint("llama"), tmp_path / "ck", signal="hf_quant_config",
+                          mixed=(("*", "fp8"),))
+    cfg = json.loads((ck / "hf_quant_config.json").read_text())
+    cfg["quantization"]["quantized_layers"]["model.layers.1.mlp.down_proj"] = {"quant_algo": "W4A16_AWQ"}
+    (ck / "hf_quant_config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     code = cli.main(["export", "--model", str(ck), "--output-dir", str(out), "--target", "edgellm-0.11"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ModelOpt MIXED_PRECISION checkpoint")
-    assert "model.layers.1.mlp.down_proj is MXFP8, which the W+A route does not emit" in last
+    assert "model.layers.1.mlp.down_proj is INT4, which the W+A route does not emit" in last
     assert not out.exists()
 
 
@@ -165,3 +172,26 @@ def test_nvfp4_on_09(models, tmp_path):
     export(str(ck), tmp_path / "out", target="edgellm-0.9", kv_cache="fp8")
     res = verify(tmp_path / "out", model=str(ck), quiet=True)
     assert res.passed and res.quantized == "NVFP4 activation + FP8 KV cache", res.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.11"])
+def test_mxfp8(models, tmp_path, target):
+    """MXFP8 (contract 16.5): trt::TRT_MXFP8DynamicQuantize / TRT_MXFP8DequantizeLinear, block 32, E8M0 scales."""
+    ck = tiny_quant.write("mxfp8", models.checkpoint("qwen2"), tmp_path / "ck")
+    run = export(str(ck), tmp_path / "out", target=target)
+    assert any("MXFP8 W8A8" in w for w in run.report.warnings)
+    res = verify(tmp_path / "out", model=str(ck), quiet=True)
+    assert res.passed and res.quantized == "MXFP8 activation", res.table() + "\n" + "\n".join(res.problems)
+
+
+@pytest.mark.slow
+def test_block_fp8_requantized_to_int4(models, tmp_path):
+    """Block-FP8 with --quantize int4: RTN INT4 of the exactly dequantized fp16 weights (the linears whose K is a
+    multiple of 128: down_proj here), said in the report; verify's INT4 oracle re-quantizes the same weights."""
+    ck = tiny_quant.write("block_fp8", models.checkpoint("llama"), tmp_path / "ck")
+    run = export(str(ck), tmp_path / "out", target="edgellm-0.11", quantize="int4")
+    assert any("block-FP8" in w and "re-quantized" in w for w in run.report.warnings)
+    assert sum(1 for e in run.report.features["int4"]["linears"] if e.get("int4")) == 2
+    res = verify(tmp_path / "out", model=str(ck), quiet=True)
+    assert res.passed and res.quantization, res.table()

@@ -237,7 +237,7 @@ class QuantLinear:
         if self.scheme == "fp8":
             s = np.float16(self.tensors["weight_scale"].reshape(()))
             return (wa_codecs.e4m3_decode(self.tensors["weight"]).astype(np.float64) * np.float64(s)).astype(np.float16)
-        if self.scheme == "block_fp8":
+        if self.scheme in ("block_fp8", "mxfp8"):  # MXFP8: fp16 out of TRT_MXFP8DequantizeLinear, rounded once
             return self.dequantized(np.float16)
         if self.scheme == "int8_sq":  # Cast(DequantizeLinear(W, s_w fp32, axis=0), fp16): fp32 product, then fp16
             return self.dequantized(np.float32).astype(np.float16)

@@ -1,9 +1,10 @@
 """Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor, INT8-SmoothQuant,
-NVFP4 W4A4, W4A16_NVFP4 (weight-only) and MIXED_PRECISION of those from ModelOpt checkpoints (`export --model
-FOLDER`, the formats features/wa_checkpoint.py reads); the calibrated routes from an fp16 model are later pieces
-(docs/support.md). One emitter per scheme, `_emit_linear` picks each linear's (MIXED_PRECISION: per layer):
-INT8-SQ's form `_emit_int8`; NVFP4's `_emit_nvfp4`; W4A16_NVFP4's `_nvfp4_weight` alone. FLOAT4E2M1 weights
-need opset 23: 0.10 / 0.11 write 24, a 0.9 graph (which keeps the input's, 20) is raised to 23 (`run.min_opset`).
+NVFP4 W4A4, W4A16_NVFP4 (weight-only), MXFP8 and MIXED_PRECISION of those from ModelOpt checkpoints (`export
+--model FOLDER`, the formats features/wa_checkpoint.py reads); the calibrated routes from an fp16 model are later
+pieces (docs/support.md). One emitter per scheme, `_emit_linear` picks each linear's (MIXED_PRECISION: per layer):
+INT8-SQ's form `_emit_int8`; NVFP4's `_emit_nvfp4`; W4A16_NVFP4's `_nvfp4_weight` alone; MXFP8's `_emit_mxfp8`.
+FLOAT4E2M1 weights need opset 23: 0.10 / 0.11 write 24, a 0.9 graph (which keeps the input's, 20) is raised to 23
+(`run.min_opset`).
 
 Every decoder linear the checkpoint quantized, `MatMul(x, W[K, N])` in the traced graph (its weight is the
 checkpoint's dequantized value, so its fp16 bytes identify the linear, like INT4 checkpoints), becomes, for FP8
@@ -42,7 +43,7 @@ from onnx_rewriter.targets.base import lm_head_input
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
 # what this module emits today; "mixed" (MIXED_PRECISION) is each linear in its own of the others
-SCHEMES = ("fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mixed")
+SCHEMES = ("fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")
 FP4_OPSET = 23  # FLOAT4E2M1 initializers and DequantizeLinear on them (onnx opset 23, IR 11)
 # Standard ops whose meaning (not only their types) changed between opset 20 and FP4_OPSET: a graph holding one
 # is not relabelled (onnx's changelog: 21-23 added int4 / fp4 / bf16 types to the others)
@@ -64,7 +65,7 @@ PLANS = {
 INT8_NOTE = "INT8-SQ runs on every GPU the runtime supports, Jetson Orin included"
 INT8_PLANS = {t: Plan(INT8_NOTE) for t in PLANS}
 NAMES = {"fp8": "FP8 W8A8 checkpoint", "int8_sq": "INT8-SQ W8A8 checkpoint", "nvfp4": "NVFP4 W4A4 checkpoint",
-         "w4a16_nvfp4": "NVFP4 weight-only (W4A16_NVFP4) checkpoint"}
+         "w4a16_nvfp4": "NVFP4 weight-only (W4A16_NVFP4) checkpoint", "mxfp8": "MXFP8 checkpoint"}
 # NVFP4 (16.4): FLOAT4E2M1 initializers and DequantizeLinear on them need opset 23; 0.10 / 0.11 write 24, 0.9
 # keeps the input's (20 for dynamo exports) and is raised to 23 where FP4 weights are written.
 _FP4 = ("FP4 GEMMs are Blackwell-only (SM100/110/120/121: Thor, GB10, RTX 50); Jetson Orin (SM 87) and older "
@@ -78,8 +79,17 @@ _A16 = ("weight-only FP4: DequantizeLinear'd FP4 weights feed fp16 GEMMs (NVIDIA
 _A16_PLUGIN = "; this target's Nvfp4A16GemmPlugin (Marlin layout, SM 80+) is not emitted yet"
 A16_PLANS = {"edgellm-0.9": Plan(_A16 + _RAISED), "edgellm-0.10": Plan(_A16 + _A16_PLUGIN),
              "edgellm-0.11": Plan(_A16 + _A16_PLUGIN)}
-SCHEME_PLANS = {"fp8": PLANS, "int8_sq": INT8_PLANS, "nvfp4": NVFP4_PLANS, "w4a16_nvfp4": A16_PLANS}
-_WARN = {"fp8": "FP8 W8A8", "int8_sq": "INT8-SQ W8A8", "nvfp4": "NVFP4 W4A4", "w4a16_nvfp4": "NVFP4 W4A16"}
+# MXFP8 (16.5): trt:: MX ops, block 32, E8M0 scales, no calibration; "offer on 0.10/0.11 behind a warning", 0.9 warns
+# that the engine build fails on Thor with 0.9.x (NVIDIA issue 137)
+_MX = ("MXFP8 GEMMs are a Blackwell feature (inferred); the activation's E8M0 scale rule (2^ceil(log2(amax/448)) "
+       "per 32 values) is inferred from NVIDIA's recipe, not read from TensorRT")
+MXFP8_PLANS = {"edgellm-0.9": Plan(_MX + "; NVIDIA reports MXFP8 engine builds failing on Thor with runtime 0.9.x "
+                                         "(TensorRT-Edge-LLM issue 137)"),
+               "edgellm-0.10": Plan(_MX), "edgellm-0.11": Plan(_MX)}
+SCHEME_PLANS = {"fp8": PLANS, "int8_sq": INT8_PLANS, "nvfp4": NVFP4_PLANS, "w4a16_nvfp4": A16_PLANS,
+                "mxfp8": MXFP8_PLANS}
+_WARN = {"fp8": "FP8 W8A8", "int8_sq": "INT8-SQ W8A8", "nvfp4": "NVFP4 W4A4", "w4a16_nvfp4": "NVFP4 W4A16",
+         "mxfp8": "MXFP8 W8A8"}
 
 
 def plan_for(target, dtype: str, scheme: str = "fp8", name: str | None = None) -> Plan:
@@ -127,7 +137,7 @@ class WaQuant(Feature):
         fmt = wa_checkpoint.detect(self.checkpoint)
         if fmt is None or fmt.scheme not in SCHEMES:
             raise UnsupportedModel(f"'{self.checkpoint}': {fmt.name if fmt else 'not a quantized checkpoint'}; "
-                                   f"the W+A route reads ModelOpt FP8, INT8-SQ, NVFP4, W4A16_NVFP4 and "
+                                   f"the W+A route reads ModelOpt FP8, INT8-SQ, NVFP4, W4A16_NVFP4, MXFP8 and "
                                    f"MIXED_PRECISION checkpoints only")
         self.scheme = fmt.scheme
         plans = check_target(target, run.options.dtype, fmt)
@@ -183,6 +193,9 @@ class WaQuant(Feature):
             s_g = np.float32(t["weight_scale_2"].reshape(-1)[0])
             node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)
             return {"weight_scale_2": float(s_g)}
+        if lin.scheme == "mxfp8":
+            self._emit_mxfp8(g, node, module, lin, chains)
+            return {}
         if lin.scheme == "fp8":
             s_in = np.float16(lin.tensors["input_scale"].reshape(()))
             s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
@@ -274,6 +287,33 @@ class WaQuant(Feature):
                                np.float16, {"axis": -1, "block_size": 16}, domain="trt")
         node.inputs[0], node.inputs[1] = chains[key], self._nvfp4_weight(g, base, module, lin, s_g)
 
+    def _emit_mxfp8(self, g, node, module, lin, chains) -> None:
+        """Contract part 3 16.5: act(x) = trt::TRT_MXFP8DequantizeLinear(trt::TRT_MXFP8DynamicQuantize(x)) (the
+        quantizer's two outputs, E4M3 values and E8M0 scales, both read by the dequantizer), block 32 on the last
+        axis, fp16 out; the weight FLOAT8E4M3FN [N, K] and its E8M0 scales uint8 [N, K/32] (checkpoint bytes)
+        through trt::TRT_MXFP8DequantizeLinear to fp16, Transposed."""
+        base = node.name.removesuffix("/MatMul")
+        x = node.inputs[0]
+        mx = {"axis": -1, "block_size": 32}
+        key = ("mxfp8", x.name)
+        if key not in chains:
+            xq = gs.Variable(f"{base}/input_quantizer/TRT_MXFP8DynamicQuantize_out", E4M3)
+            sx = gs.Variable(f"{base}/input_quantizer/TRT_MXFP8DynamicQuantize_scale", np.uint8)
+            g.nodes.append(gs.Node("TRT_MXFP8DynamicQuantize", name=f"{base}/input_quantizer/TRT_MXFP8DynamicQuantize",
+                                   domain="trt", inputs=[x], outputs=[xq, sx], attrs={**mx, "output_dtype": 17}))
+            chains[key] = _var(g, "TRT_MXFP8DequantizeLinear", f"{base}/input_quantizer/TRT_MXFP8DequantizeLinear",
+                               [xq, sx], np.float16, {**mx, "output_dtype": 10}, domain="trt")
+        n, k = lin.shape
+        ck = self.ck
+        weight = computed_constant(f"{base}/weight", E4M3, (n, k),
+                                   lambda: ck.linear(module).tensors["weight"].view(E4M3))
+        scale = computed_constant(f"{base}/weight_scale", np.uint8, (n, k // 32),
+                                  lambda: ck.linear(module).tensors["weight_scale"])
+        wd = _var(g, "TRT_MXFP8DequantizeLinear", f"{base}/weight_quantizer/TRT_MXFP8DequantizeLinear",
+                  [weight, scale], np.float16, {**mx, "output_dtype": 10}, domain="trt")
+        wt = _var(g, "Transpose", f"{base}/weight_quantizer/Transpose", [wd], np.float16, {"perm": [1, 0]})
+        node.inputs[0], node.inputs[1] = chains[key], wt
+
     def _nvfp4_weight(self, g, base, module, lin, s_g) -> gs.Variable:
         """16.4's wdq: the FP4 weight [N, K] (checkpoint bytes) dequantized with DequantizeLinear(s_blk, s_g) as
         its blocked scale, Cast to fp16, Transposed to [K, N] (NVFP4, and W4A16_NVFP4 without the act())."""
@@ -347,8 +387,8 @@ class WaQuantOptions(FeatureOptions):
 class WaLinear:
     """One W+A linear as a written graph holds it (read back by verify)."""
 
-    scheme: str  # "fp8" | "int8_sq" | "nvfp4" | "w4a16_nvfp4" (weight-only: no activation quantizer)
-    input_scale: np.ndarray | None  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4); None for weight-only
+    scheme: str  # "fp8" | "int8_sq" | "nvfp4" | "mxfp8" | "w4a16_nvfp4" (weight-only: no activation quantizer)
+    input_scale: np.ndarray | None  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4); None: MXFP8, weight-only
     pre_quant_scale: np.ndarray | None  # fp16 [K] (INT8-SQ) or None
     matmul: str  # the MatMul node's name
 
@@ -376,11 +416,17 @@ def wa_linears(model) -> dict:
     for n in model.graph.node:
         if n.op_type != "MatMul" or not n.name.endswith("/MatMul"):
             continue
-        dq = up(skip_cast(n.input[0]), "DequantizeLinear")
-        q = None if dq is None else (up(dq.input[0], "QuantizeLinear") or up(dq.input[0], "TRT_FP4DynamicQuantize"))
+        dq = up(skip_cast(n.input[0]), "DequantizeLinear") or up(n.input[0], "TRT_MXFP8DequantizeLinear")
+        q = None if dq is None else (up(dq.input[0], "QuantizeLinear") or up(dq.input[0], "TRT_FP4DynamicQuantize")
+                                     or up(dq.input[0], "TRT_MXFP8DynamicQuantize"))
         transpose = up(n.input[1], "Transpose")
-        wdq = up(skip_cast(transpose.input[0]), "DequantizeLinear") if transpose is not None else None
+        wdq = None if transpose is None else (up(skip_cast(transpose.input[0]), "DequantizeLinear")
+                                              or up(transpose.input[0], "TRT_MXFP8DequantizeLinear"))
         if wdq is None or wdq.input[0] not in inits:
+            continue
+        if wdq.op_type == "TRT_MXFP8DequantizeLinear":  # MXFP8: dynamic E8M0 scales, no input scale
+            if q is not None and q.op_type == "TRT_MXFP8DynamicQuantize":
+                out[module_of(n.name)] = WaLinear("mxfp8", None, None, n.name)
             continue
         elem = inits[wdq.input[0]].data_type
         if q is None:
@@ -389,7 +435,7 @@ def wa_linears(model) -> dict:
             continue
         scheme = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8_sq",
                   TensorProto.FLOAT4E2M1: "nvfp4"}.get(elem)
-        if scheme is None:
+        if scheme is None or len(q.input) < 2 or q.input[1] not in inits:  # no form of ours (e.g. an MX act())
             continue
         mul = up(skip_cast(q.input[0]), "Mul")
         pqs = None

@@ -427,6 +427,11 @@ def _export_text(model: str, out: Path, opts, folder, device: str, keep_baseline
                     opts.kv_scales = str(model)
             advance("rewrite")
             run = pipeline.rewrite(base, out, opts)
+            if fmt is not None and fmt.scheme == "block_fp8":  # what was done with its weights, in the report
+                run.warn(f"{fmt.name}: weights dequantized exactly to fp16 (fp8 x weight_scale_inv of their 128x128 "
+                         f"block; no FP8 GEMM: the checkpoint has no activation scales)"
+                         + ("; then --quantize int4 re-quantized those fp16 weights (the INT4 rows of the report)"
+                            if opts.quantize == "int4" else ""))
             if keep_baseline:
                 _keep(work, keep_baseline, opts.force)
             return run
@@ -465,7 +470,7 @@ def _plain_model(config, dtype, attn_implementation: str, state: dict, what: str
 
 
 # Quantized checkpoints whose weights this module reads itself (from a hub id's snapshot too)
-READ_HERE = ("block_fp8", "fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mixed")
+READ_HERE = ("block_fp8", "fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")
 
 
 def _load_fp16_weights(folder, config, fmt, attn_implementation: str):

@@ -107,11 +107,8 @@ def quantize_linear(form: str, w: np.ndarray, input_amax: float, rng, pqs=None) 
         return {"weight": C.int8_quantize(wp, s[:, None]), "weight_scale": s, "pre_quant_scale": pqs,
                 "input_scale": np.array(input_amax * float(pqs.max()) / 127, np.float32)}  # amax of x * pqs
     if form == "mxfp8":
-        amax = np.abs(w).reshape(n, k // 32, 32).max(-1)
-        e = np.ceil(np.log2(np.maximum(amax, 1e-30) / C.E4M3_MAX)).astype(np.int64)
-        scale = (e + 127).clip(0, 254).astype(np.uint8)
-        return {"weight": _e4m3(C.e4m3_encode(w / np.repeat(np.exp2(e.astype(np.float32)), 32, axis=1))),
-                "weight_scale": scale}
+        codes, scale = C.mxfp8_quantize(w)
+        return {"weight": _e4m3(codes), "weight_scale": scale}
     if form == "block_fp8":
         bn, bk = -(-n // BLOCK_FP8), -(-k // BLOCK_FP8)
         pad = np.zeros((bn * BLOCK_FP8, bk * BLOCK_FP8), np.float32)

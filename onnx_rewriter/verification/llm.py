@@ -270,8 +270,10 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
     A LoRA adapter is merged after the dequantized weights are in: the graph adds x·A·B to the INT4 GEMM."""
     if not model:
         return None
-    if Path(model).is_dir() and wa_checkpoint.detect(model) is not None:
-        return None  # an AWQ/GPTQ (or block-FP8) checkpoint: the oracle already holds its dequantized weights
+    fmt = wa_checkpoint.detect(model) if Path(model).is_dir() else None
+    if fmt is not None and fmt.scheme != "block_fp8":
+        return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
+    # (block-FP8 with --quantize int4: the INT4 plugins hold RTN codes of its dequantized fp16 weights, as below)
 
     if not any(n.op_type in (*OPS.values(), "Int4MoePlugin") for n in graph.graph.node):
         return None

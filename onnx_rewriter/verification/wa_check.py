@@ -37,7 +37,9 @@ from onnx_rewriter.reference import qdq
 log = logging.getLogger(__name__)
 
 PROBES = 4096
-KIND = {"fp8": "FP8", "int8_sq": "INT8-SQ", "nvfp4": "NVFP4", "w4a16_nvfp4": "NVFP4 weight-only"}
+KIND = {"fp8": "FP8", "int8_sq": "INT8-SQ", "nvfp4": "NVFP4", "mxfp8": "MXFP8", "w4a16_nvfp4": "NVFP4 weight-only"}
+WEIGHT_ONLY = ("w4a16_nvfp4",)  # no activation quantizer
+NO_INPUT_SCALE = ("mxfp8", "w4a16_nvfp4")  # MXFP8's activation scales are dynamic (E8M0 per 32 values)
 COST_RATIO = 2.0
 COST_SLACK = 0.002
 
@@ -82,14 +84,27 @@ def fake_quantize_nvfp4(x, s: float):
 
 def described(specs: dict) -> str:
     """What the twin quantizes, e.g. "FP8 activation", "FP8 + NVFP4 activation, NVFP4 weight-only"."""
-    act = sorted({KIND[s.scheme] for s in specs.values() if s.input_scale is not None})
-    only = sorted({KIND[s.scheme] for s in specs.values() if s.input_scale is None})
+    act = sorted({KIND[s.scheme] for s in specs.values() if s.scheme not in WEIGHT_ONLY})
+    only = sorted({KIND[s.scheme] for s in specs.values() if s.scheme in WEIGHT_ONLY})
     return ", ".join(([f"{' + '.join(act)} activation"] if act else []) + only)
 
 
+def fake_quantize_mxfp8(x):
+    """The twin's MXFP8 act() in numpy on the codecs: per 32-block of the last axis of fp16 x, the E8M0 scale
+    2^ceil(log2(amax / 448)) and e4m3(x / scale) (wa_codecs.mxfp8_quantize, inferred), then fp16(e4m3 * scale)."""
+    import torch
+
+    from onnx_rewriter.reference import wa_codecs as C
+
+    codes, scales = C.mxfp8_quantize(x.detach().to(torch.float16).numpy())
+    return torch.from_numpy(C.mxfp8_dequantize(codes, scales).astype(np.float16)).to(x.dtype)
+
+
 def _act(spec: WaLinear):
-    if spec.input_scale is None:  # weight-only: the input stays fp16
+    if spec.scheme in WEIGHT_ONLY:  # the input stays fp16
         return None
+    if spec.scheme == "mxfp8":
+        return fake_quantize_mxfp8
     if spec.scheme == "nvfp4":
         return lambda x: fake_quantize_nvfp4(x, float(spec.input_scale))
     if spec.scheme == "fp8":
@@ -148,7 +163,8 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
     for name, spec in specs.items():
         kind = KIND[spec.scheme]
         src = producer[nodes[spec.matmul].input[1]].input[0]  # the Transpose's input: [Cast] DequantizeLinear
-        wdq = producer[src] if producer[src].op_type == "DequantizeLinear" else producer[producer[src].input[0]]
+        dqs = ("DequantizeLinear", "TRT_MXFP8DequantizeLinear")
+        wdq = producer[src] if producer[src].op_type in dqs else producer[producer[src].input[0]]
         attrs = {a.name: a.i for a in wdq.attribute}
         axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
         if wdq.input[1] in inits:
@@ -157,8 +173,11 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
             sdq = producer[wdq.input[1]]
             w_scale = qdq.dequantize_linear(numpy_helper.to_array(inits[sdq.input[0]]),
                                             numpy_helper.to_array(inits[sdq.input[1]]))
-        graph_w = qdq.dequantize_linear(numpy_helper.to_array(inits[wdq.input[0]]), w_scale, axis=axis,
-                                        block_size=block).astype(np.float16)
+        w = numpy_helper.to_array(inits[wdq.input[0]])
+        if wdq.op_type == "TRT_MXFP8DequantizeLinear":  # E8M0 scales, fp16 out
+            graph_w = qdq.mxfp8_dequantize_linear(w, w_scale, axis=axis, block_size=block)
+        else:
+            graph_w = qdq.dequantize_linear(w, w_scale, axis=axis, block_size=block).astype(np.float16)
         model_w = modules[name].weight.detach().to(torch.float16).numpy()
         if graph_w.shape != model_w.shape or not np.array_equal(graph_w, model_w):
             bad = "shape" if graph_w.shape != model_w.shape else f"{int((graph_w != model_w).sum())} values"
@@ -169,21 +188,24 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
                 problems.append(f"{kind} linear {name}: the checkpoint's is "
                                 f"{'not quantized' if lin is None else KIND.get(lin.scheme, lin.scheme)}")
                 continue
-            if spec.input_scale is None:  # weight-only: nothing quantizes the input
-                continue
-            stored = lin.tensors["input_scale"].reshape(())
-            if stored.astype(spec.input_scale.dtype) != spec.input_scale:
+            # weight-only or dynamic (MXFP8): no input scale stored
+            stored = None if spec.scheme in NO_INPUT_SCALE else lin.tensors["input_scale"].reshape(())
+            if stored is not None and stored.astype(spec.input_scale.dtype) != spec.input_scale:
                 problems.append(f"{kind} linear {name}: the graph's input scale {float(spec.input_scale)} is not "
                                 f"the checkpoint's")
-            pqs = None if lin is None else lin.tensors.get("pre_quant_scale")
+            pqs = lin.tensors.get("pre_quant_scale")
             if (pqs is None) != (spec.pre_quant_scale is None) or (
                     pqs is not None and not np.array_equal(np.asarray(pqs, np.float16).reshape(-1),
                                                            spec.pre_quant_scale)):
                 problems.append(f"{kind} linear {name}: the graph's pre_quant_scale is not the checkpoint's")
         k = model_w.shape[1]
-        if spec.input_scale is None:
+        if spec.scheme in WEIGHT_ONLY:
             continue
-        if spec.scheme == "fp8":  # past 448 * s: saturation
+        if spec.scheme == "mxfp8":  # blocks of mixed magnitudes, fp16's whole range
+            x = (rng.standard_normal((PROBES // k + 1, k)) * np.exp2(rng.integers(-14, 15, (PROBES // k + 1, k)))
+                 ).astype(np.float16)
+            ours = qdq.mxfp8_dequantize_linear(*qdq.mxfp8_dynamic_quantize(x))
+        elif spec.scheme == "fp8":  # past 448 * s: saturation
             x = (rng.standard_normal(PROBES) * 300 * float(spec.input_scale)).astype(np.float16)
             ours = qdq.dequantize_linear(qdq.quantize_linear(x, spec.input_scale, output_dtype=qdq.FLOAT8E4M3FN),
                                          spec.input_scale)
