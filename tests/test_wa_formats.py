@@ -144,6 +144,24 @@ def test_refused_on_05_before_the_load(models, tmp_path, capsys, form, words):
     assert not out.exists()
 
 
+def test_mxfp8_codec_and_reference_ops():
+    """E8M0 = 127 + ceil(log2(amax / 448)) per 32 values (no value saturates), 0 for an all-zero block; the reference
+    ops (trt::TRT_MXFP8DynamicQuantize, TRT_MXFP8DequantizeLinear) round once to fp16."""
+    from onnx_rewriter.reference import qdq
+    from onnx_rewriter.reference import wa_codecs as C
+
+    x = np.zeros((4, 32), np.float32)
+    x[0, 0], x[1, 5], x[2, :] = 448.0, -449.0, np.linspace(-3.0, 3.0, 32)
+    codes, scales = C.mxfp8_quantize(x)
+    assert scales[:, 0].tolist() == [127, 128, 120, 0]  # 448 -> 2^0; 449 -> 2^1; 3 -> 2^-7 (3 / 448 > 2^-8); zeros
+    assert codes[0, 0] == 126 and codes[1, 5] == 0x80 | 0x76  # 448 itself; -449 / 2 = -224.5 -> -224 (1.75 * 2^7)
+    y = C.mxfp8_dequantize(codes, scales)
+    assert y[0, 0] == 448.0 and y[1, 5] == -448.0 and np.allclose(y[2], x[2], rtol=2 ** -4)
+    xq, sx = qdq.mxfp8_dynamic_quantize(x.astype(np.float16))
+    out = qdq.mxfp8_dequantize_linear(xq, sx)
+    assert out.dtype == np.float16 and np.array_equal(out, y.astype(np.float16))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["edgellm-0.10", "edgellm-0.11"])
 def test_mixed_on_010_011(mixed_ckpt, tmp_path, target):
