@@ -147,16 +147,17 @@ class WaQuant(Feature):
         self.ck = wa_checkpoint.Checkpoint(self.checkpoint, fmt)
         self.opset = target.opset or run.source.opset
         if self.opset < FP4_OPSET and {"nvfp4", "w4a16_nvfp4"} & set(plans):  # edgellm-0.9 keeps the input's
+            # relabelled, not converted: refused where an op of the input means something else at FP4_OPSET
+            changed = sorted({n.op for n in run.source.graph.nodes if n.op in _CHANGED_MEANING and not n.domain})
+            if changed:
+                raise UnsupportedModel(f"{NAMES.get(fmt.scheme, 'MIXED_PRECISION checkpoint')}: FLOAT4E2M1 weights "
+                                       f"need opset {FP4_OPSET} and target {target.name} keeps the input's "
+                                       f"({self.opset}), where {changed[0]} means something else; use edgellm-0.10 "
+                                       f"or edgellm-0.11")
             self.opset = run.min_opset = max(run.min_opset, FP4_OPSET)
 
     def apply(self, run, build) -> None:
         g = build.graph
-        if self.opset > (run.options.target.opset or run.source.opset):  # relabelled, not converted: same meaning
-            changed = sorted({n.op for n in g.nodes if n.op in _CHANGED_MEANING and n.domain in ("", None)})
-            if changed:
-                raise UnsupportedModel(f"{NAMES.get(self.scheme, 'MIXED_PRECISION checkpoint')}: the graph's opset "
-                                       f"is raised to {self.opset} for FLOAT4E2M1 weights, and {changed[0]} means "
-                                       f"something else there; use edgellm-0.10 or edgellm-0.11")
         lm_head, _ = lm_head_input(build.logits)
         by_value = {weight_key(self.ck.linear(m).traced_weight().T): m for m in self.ck.linears}
         chains: dict = {}
