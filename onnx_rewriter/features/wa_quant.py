@@ -179,31 +179,6 @@ class WaQuant(Feature):
                                    f"graph as a MatMul with their weight (first: {missing[0]})")
         run.report.features[self.name] = {"scheme": self.scheme, "linears": entries, "act_chains": len(chains)}
 
-    def _emit_linear(self, g, node, module, lin, chains) -> dict:
-        """One linear in its own scheme (`lin.scheme`); returns what the report says of it."""
-        t = lin.tensors
-        if lin.scheme == "int8_sq":
-            s_in = np.float32(t["input_scale"].reshape(()))
-            self._emit_int8(g, node, module, lin, s_in, chains)
-            return {"input_scale": float(s_in), "pre_quant_scale": "pre_quant_scale" in t}
-        if lin.scheme == "nvfp4":
-            s_in, s_g = np.float32(t["input_scale"].reshape(())), np.float32(t["weight_scale_2"].reshape(-1)[0])
-            self._emit_nvfp4(g, node, module, lin, s_in, s_g, chains)
-            return {"input_scale": float(s_in), "weight_scale_2": float(s_g)}
-        if lin.scheme == "w4a16_nvfp4":
-            s_g = np.float32(t["weight_scale_2"].reshape(-1)[0])
-            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)
-            return {"weight_scale_2": float(s_g)}
-        if lin.scheme == "mxfp8":
-            self._emit_mxfp8(g, node, module, lin, chains)
-            return {}
-        if lin.scheme == "fp8":
-            s_in = np.float16(lin.tensors["input_scale"].reshape(()))
-            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
-            self._emit(g, node, module, lin, s_in, s_w, chains)
-            return {"input_scale": float(s_in), "weight_scale": float(s_w)}
-        raise UnsupportedModel(f"{module}: {wa_checkpoint.SCHEME_NAMES.get(lin.scheme, lin.scheme)} is not emitted")
-
     def _emit(self, g, node, module, lin, s_in, s_w, chains) -> None:
         base = node.name.removesuffix("/MatMul")
         x = node.inputs[0]
@@ -232,6 +207,31 @@ class WaQuant(Feature):
         g.nodes.append(gs.Node("Transpose", name=f"{base}/weight_quantizer/Transpose", inputs=[wd], outputs=[wt],
                                attrs={"perm": [1, 0]}))
         node.inputs[0], node.inputs[1] = chains[key], wt
+
+    def _emit_linear(self, g, node, module, lin, chains) -> dict:
+        """One linear in its own scheme (`lin.scheme`); returns what the report says of it."""
+        t = lin.tensors
+        if lin.scheme == "int8_sq":
+            s_in = np.float32(t["input_scale"].reshape(()))
+            self._emit_int8(g, node, module, lin, s_in, chains)
+            return {"input_scale": float(s_in), "pre_quant_scale": "pre_quant_scale" in t}
+        if lin.scheme == "nvfp4":
+            s_in, s_g = np.float32(t["input_scale"].reshape(())), np.float32(t["weight_scale_2"].reshape(-1)[0])
+            self._emit_nvfp4(g, node, module, lin, s_in, s_g, chains)
+            return {"input_scale": float(s_in), "weight_scale_2": float(s_g)}
+        if lin.scheme == "w4a16_nvfp4":
+            s_g = np.float32(t["weight_scale_2"].reshape(-1)[0])
+            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)
+            return {"weight_scale_2": float(s_g)}
+        if lin.scheme == "mxfp8":
+            self._emit_mxfp8(g, node, module, lin, chains)
+            return {}
+        if lin.scheme == "fp8":
+            s_in = np.float16(lin.tensors["input_scale"].reshape(()))
+            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
+            self._emit(g, node, module, lin, s_in, s_w, chains)
+            return {"input_scale": float(s_in), "weight_scale": float(s_w)}
+        raise UnsupportedModel(f"{module}: {wa_checkpoint.SCHEME_NAMES.get(lin.scheme, lin.scheme)} is not emitted")
 
     def _emit_int8(self, g, node, module, lin, s_in, chains) -> None:
         """Contract part 3 16.5: Mul(x, pre_quant_scale), int8 Q/DQ with an fp32 scale, Cast to fp16; the weight
