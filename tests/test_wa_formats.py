@@ -213,3 +213,27 @@ def test_block_fp8_requantized_to_int4(models, tmp_path):
     assert sum(1 for e in run.report.features["int4"]["linears"] if e.get("int4")) == 2
     res = verify(tmp_path / "out", model=str(ck), quiet=True)
     assert res.passed and res.quantization, res.table()
+
+
+def test_fp4_opset_raise_on_09_refuses_an_op_whose_meaning_changed(mixed_ckpt):
+    """0.9 graphs are relabelled to opset 23, not converted: an input holding GroupNormalization (changed at 21) is
+    refused by name; without it the feature asks for opset 23 (run.min_opset)."""
+    from types import SimpleNamespace
+
+    import onnx_graphsurgeon as gs
+
+    from onnx_rewriter.errors import UnsupportedModel
+    from onnx_rewriter.features.wa_quant import WaQuant
+    from onnx_rewriter.targets import TARGETS
+
+    def run_with(*ops):
+        graph = gs.Graph(nodes=[gs.Node(op, name=op) for op in ops])
+        return SimpleNamespace(options=SimpleNamespace(dtype="float16"), warn=lambda msg: None, min_opset=0,
+                               source=SimpleNamespace(graph=graph, opset=20))
+
+    target = TARGETS["edgellm-0.9"]
+    with pytest.raises(UnsupportedModel, match="keeps the input's \\(20\\), where GroupNormalization means"):
+        WaQuant(str(mixed_ckpt)).check(run_with("MatMul", "GroupNormalization"), target)
+    run = run_with("MatMul")
+    WaQuant(str(mixed_ckpt)).check(run, target)
+    assert run.min_opset == 23
