@@ -145,6 +145,19 @@ MUTANTS = [
     Mutant("QuantizeLinear divides in fp16 (rounds twice)", "onnx_rewriter/reference/qdq.py", [
         ("    y = x.astype(np.float32) / s  # fp32 division", "    y = (x / s.astype(x.dtype)).astype(np.float32)  #")],
         ["tests/reference/test_qdq.py::test_fp8_quantize_rounds_once_from_the_fp32_quotient"]),
+    # ------------------------------------------------- W+A formats: MIXED_PRECISION, W4A16_NVFP4, checkpoint FP8 KV
+    Mutant("W4A16_NVFP4 linear given an NVFP4 activation quantizer (weight_scale_2 as input scale)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
+        ('            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)',
+         "            self._emit_nvfp4(g, node, module, lin, s_g, s_g, chains)")],
+        ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
+    Mutant("MXFP8 E8M0 scale read with bias 128 (every block halved)", "onnx_rewriter/reference/wa_codecs.py", [
+        ("    step = np.where(s == 255, np.nan, np.exp2(s - 127))",
+         "    step = np.where(s == 255, np.nan, np.exp2(s - 128))")],
+        ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
+    Mutant("checkpoint k/v scales swapped into the FP8 KV cache", "onnx_rewriter/features/fp8_kv.py", [
+        ('    scales = [(found[(i, "k")], found[(i, "v")]) for i in range(num_layers)]',
+         '    scales = [(found[(i, "v")], found[(i, "k")]) for i in range(num_layers)]')],
+        ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
     # ---------------------------------------------------------------- FP8 W8A8 (wa_quant, verification/wa_check)
     Mutant("FP8 weight scale taken from input_scale", "onnx_rewriter/features/wa_quant.py", [
         ('            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))',

@@ -121,7 +121,7 @@ def test_wrong_tensor_dtype_or_shape_is_named(written, tmp_path):
         ck.linear("model.layers.0.self_attn.q_proj")
 
 
-EXPORTED = ("block_fp8", "fp8", "int8_sq", "nvfp4")  # fp8, int8_sq, nvfp4: tests/test_wa_quant.py
+EXPORTED = ("block_fp8", "fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")  # test_wa_quant/formats.py
 REFUSED = [f for f in tiny_quant.FORMS if f not in EXPORTED]
 
 
@@ -141,13 +141,13 @@ def test_modelopt_int4_declared_only_in_hf_quant_config_is_refused(plain, tmp_pa
         check_quantization(ck)
 
 
-def test_cli_export_refuses_an_mxfp8_checkpoint_before_loading(written, tmp_path, capsys):
+def test_cli_export_refuses_an_mxfp8_checkpoint_on_05_before_loading(written, tmp_path, capsys):
     out = tmp_path / "out"
-    code = cli.main(["export", "--model", str(written["mxfp8"]), "--output-dir", str(out)])
+    code = cli.main(["export", "--model", str(written["mxfp8"]), "--output-dir", str(out), "--target", "edgellm-0.5"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "MXFP8" in last and "not supported" in last
+    assert last.startswith("error: MXFP8 checkpoint: target edgellm-0.5 has no weight+activation quantization")
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 

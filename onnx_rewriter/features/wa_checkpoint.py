@@ -237,11 +237,11 @@ class QuantLinear:
         if self.scheme == "fp8":
             s = np.float16(self.tensors["weight_scale"].reshape(()))
             return (wa_codecs.e4m3_decode(self.tensors["weight"]).astype(np.float64) * np.float64(s)).astype(np.float16)
-        if self.scheme == "block_fp8":
+        if self.scheme in ("block_fp8", "mxfp8"):  # MXFP8: fp16 out of TRT_MXFP8DequantizeLinear, rounded once
             return self.dequantized(np.float16)
         if self.scheme == "int8_sq":  # Cast(DequantizeLinear(W, s_w fp32, axis=0), fp16): fp32 product, then fp16
             return self.dequantized(np.float32).astype(np.float16)
-        if self.scheme == "nvfp4":  # Cast(DequantizeLinear(W, DequantizeLinear(s_blk, s_g) fp32), fp16) (16.4)
+        if self.scheme in ("nvfp4", "w4a16_nvfp4"):  # Cast(DequantizeLinear(W, DequantizeLinear(s_blk, s_g)), fp16)
             step = (wa_codecs.e4m3_decode(self.tensors["weight_scale"]).astype(np.float64)
                     * np.float64(np.float32(self.tensors["weight_scale_2"].reshape(-1)[0]))).astype(np.float32)
             codes = wa_codecs.e2m1_decode(wa_codecs.unpack_fp4(self.tensors["weight"])).astype(np.float64)

@@ -1,7 +1,10 @@
-"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor, INT8-SmoothQuant
-and NVFP4 W4A4 from ModelOpt checkpoints (`export --model FOLDER`, the formats features/wa_checkpoint.py reads); the
-calibrated routes from an fp16 model are later pieces (docs/support.md). INT8-SQ's form: `_emit_int8`; NVFP4's:
-`_emit_nvfp4` (FLOAT4E2M1 weights need opset 23: 0.10 and 0.11 only here, 0.9 is refused by name).
+"""Weight+activation quantized linears (contract part 3, section 16): today FP8 W8A8 per tensor, INT8-SmoothQuant,
+NVFP4 W4A4, W4A16_NVFP4 (weight-only), MXFP8 and MIXED_PRECISION of those from ModelOpt checkpoints (`export
+--model FOLDER`, the formats features/wa_checkpoint.py reads); the calibrated routes from an fp16 model are later
+pieces (docs/support.md). One emitter per scheme, `_emit_linear` picks each linear's (MIXED_PRECISION: per layer):
+INT8-SQ's form `_emit_int8`; NVFP4's `_emit_nvfp4`; W4A16_NVFP4's `_nvfp4_weight` alone; MXFP8's `_emit_mxfp8`.
+FLOAT4E2M1 weights need opset 23: 0.10 / 0.11 write 24, a 0.9 graph (which keeps the input's, 20) is raised to 23
+(`run.min_opset`).
 
 Every decoder linear the checkpoint quantized, `MatMul(x, W[K, N])` in the traced graph (its weight is the
 checkpoint's dequantized value, so its fp16 bytes identify the linear, like INT4 checkpoints), becomes, for FP8
@@ -17,8 +20,9 @@ with an FLOAT8E4M3FN zero-point 0 below (0.9 keeps its input's opset, 20 for dyn
 Linears reading one input with one scale share one act() chain (q/k/v, gate/up). q/k/v stay three MatMuls.
 lm_head stays fp16 unless the checkpoint quantized it (ModelOpt excludes it by default).
 
-Per target (`PLANS`): edgellm-0.5 has none of it (refused by name); 0.9, 0.10 and 0.11 take both. FP8 GEMMs need
-SM 89+ (Ada, Hopper, Blackwell): a warning says Jetson Orin (SM 87) cannot build the engine; INT8-SQ runs there.
+Per target (`SCHEME_PLANS`): edgellm-0.5 has none of it (refused by name); 0.9, 0.10 and 0.11 take every scheme.
+FP8 GEMMs need SM 89+ (Ada, Hopper, Blackwell): a warning says Jetson Orin (SM 87) cannot build the engine; INT8-SQ
+runs there; FP4 is Blackwell only (a warning each).
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from onnx_rewriter.targets.base import lm_head_input
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
-SCHEMES = ("fp8", "int8_sq", "nvfp4")  # what this module emits today
+# what this module emits today; "mixed" (MIXED_PRECISION) is each linear in its own of the others
+SCHEMES = ("fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")
+FP4_OPSET = 23  # FLOAT4E2M1 initializers and DequantizeLinear on them (onnx opset 23, IR 11)
+# Standard ops whose meaning (not only their types) changed between opset 20 and FP4_OPSET: a graph holding one
+# is not relabelled (onnx's changelog: 21-23 added int4 / fp4 / bf16 types to the others)
+_CHANGED_MEANING = ("GroupNormalization",)
 
 
 @dataclass(frozen=True)
@@ -54,22 +63,64 @@ PLANS = {
     "edgellm-0.11": Plan(_SM),
 }
 INT8_NOTE = "INT8-SQ runs on every GPU the runtime supports, Jetson Orin included"
-NAMES = {"fp8": "FP8 W8A8 checkpoint", "int8_sq": "INT8-SQ W8A8 checkpoint", "nvfp4": "NVFP4 W4A4 checkpoint"}
+INT8_PLANS = {t: Plan(INT8_NOTE) for t in PLANS}
+NAMES = {"fp8": "FP8 W8A8 checkpoint", "int8_sq": "INT8-SQ W8A8 checkpoint", "nvfp4": "NVFP4 W4A4 checkpoint",
+         "w4a16_nvfp4": "NVFP4 weight-only (W4A16_NVFP4) checkpoint", "mxfp8": "MXFP8 checkpoint"}
 # NVFP4 (16.4): FLOAT4E2M1 initializers and DequantizeLinear on them need opset 23; 0.10 / 0.11 write 24, 0.9
-# keeps the input's (20 for dynamo exports), so 0.9 is refused here although the contract allows it there.
+# keeps the input's (20 for dynamo exports) and is raised to 23 where FP4 weights are written.
 _FP4 = ("FP4 GEMMs are Blackwell-only (SM100/110/120/121: Thor, GB10, RTX 50); Jetson Orin (SM 87) and older "
         "GPUs cannot build this engine")
-NVFP4_PLANS = {"edgellm-0.10": Plan(_FP4), "edgellm-0.11": Plan(_FP4)}
+_RAISED = f"; the graph's opset is raised to {FP4_OPSET} for its FLOAT4E2M1 weights (TensorRT >= 10.8 inferred)"
+NVFP4_PLANS = {"edgellm-0.9": Plan(_FP4 + _RAISED), "edgellm-0.10": Plan(_FP4), "edgellm-0.11": Plan(_FP4)}
+# W4A16_NVFP4 (16.7): the 16.4 wdq with no activation Q/DQ, fp16 GEMMs on the dequantized weight (NVIDIA's
+# --no-quantize-activations form). 0.10 / 0.11 also have Nvfp4A16GemmPlugin (Marlin bytes, 16.5): not emitted.
+_A16 = ("weight-only FP4: DequantizeLinear'd FP4 weights feed fp16 GEMMs (NVIDIA's --no-quantize-activations "
+        "form: correct, not fast); TensorRT's FP4 types are a Blackwell feature (inferred)")
+_A16_PLUGIN = "; this target's Nvfp4A16GemmPlugin (Marlin layout, SM 80+) is not emitted yet"
+A16_PLANS = {"edgellm-0.9": Plan(_A16 + _RAISED), "edgellm-0.10": Plan(_A16 + _A16_PLUGIN),
+             "edgellm-0.11": Plan(_A16 + _A16_PLUGIN)}
+# MXFP8 (16.5): trt:: MX ops, block 32, E8M0 scales, no calibration; "offer on 0.10/0.11 behind a warning", 0.9 warns
+# that the engine build fails on Thor with 0.9.x (NVIDIA issue 137)
+_MX = ("MXFP8 GEMMs are a Blackwell feature (inferred); the activation's E8M0 scale rule (2^ceil(log2(amax/448)) "
+       "per 32 values) is inferred from NVIDIA's recipe, not read from TensorRT")
+MXFP8_PLANS = {"edgellm-0.9": Plan(_MX + "; NVIDIA reports MXFP8 engine builds failing on Thor with runtime 0.9.x "
+                                         "(TensorRT-Edge-LLM issue 137)"),
+               "edgellm-0.10": Plan(_MX), "edgellm-0.11": Plan(_MX)}
+SCHEME_PLANS = {"fp8": PLANS, "int8_sq": INT8_PLANS, "nvfp4": NVFP4_PLANS, "w4a16_nvfp4": A16_PLANS,
+                "mxfp8": MXFP8_PLANS}
+_WARN = {"fp8": "FP8 W8A8", "int8_sq": "INT8-SQ W8A8", "nvfp4": "NVFP4 W4A4", "w4a16_nvfp4": "NVFP4 W4A16",
+         "mxfp8": "MXFP8 W8A8"}
 
 
-def plan_for(target, dtype: str, scheme: str = "fp8") -> Plan:
-    if scheme == "nvfp4":
-        lacks = ("has no weight+activation quantization (contract part 3, 16.1)" if target.name not in PLANS else
-                 "keeps the input's opset, and FLOAT4E2M1 weights need opset 23: not emitted there yet (use "
-                 "edgellm-0.10 or edgellm-0.11)")
-        return fp16_plan(NVFP4_PLANS, target, dtype, NAMES[scheme], lacks, "its Q/DQ feed fp16 GEMMs")
-    return fp16_plan(PLANS, target, dtype, NAMES[scheme],
+def plan_for(target, dtype: str, scheme: str = "fp8", name: str | None = None) -> Plan:
+    return fp16_plan(SCHEME_PLANS[scheme], target, dtype, name or NAMES[scheme],
                      "has no weight+activation quantization (contract part 3, 16.1)", "its Q/DQ feed fp16 GEMMs")
+
+
+def linear_schemes(fmt) -> dict:
+    """{scheme: first module} of the linears a checkpoint format quantizes (MIXED_PRECISION: per layer, the
+    excluded ones left out; otherwise the format's one scheme)."""
+    if fmt.scheme != "mixed":
+        return {fmt.scheme: None}
+    out: dict = {}
+    for module, scheme in sorted(fmt.layers.items()):
+        if not fmt.excluded(module):
+            out.setdefault(scheme, module)
+    return out
+
+
+def check_target(target, dtype: str, fmt) -> dict:
+    """{scheme: Plan} of every scheme the checkpoint holds, or the one-line refusal (UnsupportedModel): a scheme
+    not emitted (named with its first linear for MIXED_PRECISION), a target without it, a dtype not fp16."""
+    plans = {}
+    for scheme, module in linear_schemes(fmt).items():
+        if scheme not in SCHEME_PLANS:
+            where = f"{module} is " if module else ""
+            raise UnsupportedModel(f"{fmt.name}: {where}{wa_checkpoint.SCHEME_NAMES.get(scheme, scheme)}, which "
+                                   f"the W+A route does not emit (docs/support.md, 'Quantized checkpoints')")
+        name = NAMES[scheme] if fmt.scheme != "mixed" else f"MIXED_PRECISION checkpoint ({_WARN[scheme]} layers)"
+        plans[scheme] = plan_for(target, dtype, scheme, name)
+    return plans
 
 
 def weight_key(w) -> str:
@@ -86,13 +137,24 @@ class WaQuant(Feature):
         fmt = wa_checkpoint.detect(self.checkpoint)
         if fmt is None or fmt.scheme not in SCHEMES:
             raise UnsupportedModel(f"'{self.checkpoint}': {fmt.name if fmt else 'not a quantized checkpoint'}; "
-                                   f"the W+A route reads ModelOpt FP8, INT8-SQ and NVFP4 checkpoints only")
+                                   f"the W+A route reads ModelOpt FP8, INT8-SQ, NVFP4, W4A16_NVFP4, MXFP8 and "
+                                   f"MIXED_PRECISION checkpoints only")
         self.scheme = fmt.scheme
-        self.plan = plan_for(target, run.options.dtype, fmt.scheme)
-        run.warn({"fp8": f"FP8 W8A8: {self.plan.note}", "int8_sq": f"INT8-SQ W8A8: {INT8_NOTE}",
-                  "nvfp4": f"NVFP4 W4A4: {self.plan.note}"}[fmt.scheme])
+        plans = check_target(target, run.options.dtype, fmt)
+        self.plan = next(iter(plans.values()))
+        for scheme, plan in plans.items():
+            run.warn(f"{_WARN[scheme]}: {plan.note}")
         self.ck = wa_checkpoint.Checkpoint(self.checkpoint, fmt)
         self.opset = target.opset or run.source.opset
+        if self.opset < FP4_OPSET and {"nvfp4", "w4a16_nvfp4"} & set(plans):  # edgellm-0.9 keeps the input's
+            # relabelled, not converted: refused where an op of the input means something else at FP4_OPSET
+            changed = sorted({n.op for n in run.source.graph.nodes if n.op in _CHANGED_MEANING and not n.domain})
+            if changed:
+                raise UnsupportedModel(f"{NAMES.get(fmt.scheme, 'MIXED_PRECISION checkpoint')}: FLOAT4E2M1 weights "
+                                       f"need opset {FP4_OPSET} and target {target.name} keeps the input's "
+                                       f"({self.opset}), where {changed[0]} means something else; use edgellm-0.10 "
+                                       f"or edgellm-0.11")
+            self.opset = run.min_opset = max(run.min_opset, FP4_OPSET)
 
     def apply(self, run, build) -> None:
         g = build.graph
@@ -108,24 +170,8 @@ class WaQuant(Feature):
                 entries.append({**entry, "wa": None, "reason": why})
                 continue
             lin = self.ck.linear(module)
-            if lin.scheme == "int8_sq":
-                s_in = np.float32(lin.tensors["input_scale"].reshape(()))
-                self._emit_int8(g, node, module, lin, s_in, chains)
-                entries.append({**entry, "wa": "int8_sq", "linear": module, "input_scale": float(s_in),
-                                "pre_quant_scale": "pre_quant_scale" in lin.tensors})
-                continue
-            if lin.scheme == "nvfp4":
-                s_in = np.float32(lin.tensors["input_scale"].reshape(()))
-                s_g = np.float32(lin.tensors["weight_scale_2"].reshape(-1)[0])
-                self._emit_nvfp4(g, node, module, lin, s_in, s_g, chains)
-                entries.append({**entry, "wa": "nvfp4", "linear": module, "input_scale": float(s_in),
-                                "weight_scale_2": float(s_g)})
-                continue
-            s_in = np.float16(lin.tensors["input_scale"].reshape(()))
-            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
-            self._emit(g, node, module, lin, s_in, s_w, chains)
-            entries.append({**entry, "wa": "fp8", "linear": module, "input_scale": float(s_in),
-                            "weight_scale": float(s_w)})
+            entries.append({**entry, "wa": lin.scheme, "linear": module,
+                            **self._emit_linear(g, node, module, lin, chains)})
         done = [e for e in entries if e["wa"]]
         missing = sorted(set(self.ck.linears) - {e["linear"] for e in done})
         if missing:
@@ -161,6 +207,31 @@ class WaQuant(Feature):
         g.nodes.append(gs.Node("Transpose", name=f"{base}/weight_quantizer/Transpose", inputs=[wd], outputs=[wt],
                                attrs={"perm": [1, 0]}))
         node.inputs[0], node.inputs[1] = chains[key], wt
+
+    def _emit_linear(self, g, node, module, lin, chains) -> dict:
+        """One linear in its own scheme (`lin.scheme`); returns what the report says of it."""
+        t = lin.tensors
+        if lin.scheme == "int8_sq":
+            s_in = np.float32(t["input_scale"].reshape(()))
+            self._emit_int8(g, node, module, lin, s_in, chains)
+            return {"input_scale": float(s_in), "pre_quant_scale": "pre_quant_scale" in t}
+        if lin.scheme == "nvfp4":
+            s_in, s_g = np.float32(t["input_scale"].reshape(())), np.float32(t["weight_scale_2"].reshape(-1)[0])
+            self._emit_nvfp4(g, node, module, lin, s_in, s_g, chains)
+            return {"input_scale": float(s_in), "weight_scale_2": float(s_g)}
+        if lin.scheme == "w4a16_nvfp4":
+            s_g = np.float32(t["weight_scale_2"].reshape(-1)[0])
+            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)
+            return {"weight_scale_2": float(s_g)}
+        if lin.scheme == "mxfp8":
+            self._emit_mxfp8(g, node, module, lin, chains)
+            return {}
+        if lin.scheme == "fp8":
+            s_in = np.float16(lin.tensors["input_scale"].reshape(()))
+            s_w = np.float16(lin.tensors["weight_scale"].reshape(()))
+            self._emit(g, node, module, lin, s_in, s_w, chains)
+            return {"input_scale": float(s_in), "weight_scale": float(s_w)}
+        raise UnsupportedModel(f"{module}: {wa_checkpoint.SCHEME_NAMES.get(lin.scheme, lin.scheme)} is not emitted")
 
     def _emit_int8(self, g, node, module, lin, s_in, chains) -> None:
         """Contract part 3 16.5: Mul(x, pre_quant_scale), int8 Q/DQ with an fp32 scale, Cast to fp16; the weight
@@ -215,6 +286,38 @@ class WaQuant(Feature):
                      np.float16, domain="trt")
             chains[key] = _var(g, "DequantizeLinear", f"{base}/input_quantizer/DequantizeLinear", [xq, d],
                                np.float16, {"axis": -1, "block_size": 16}, domain="trt")
+        node.inputs[0], node.inputs[1] = chains[key], self._nvfp4_weight(g, base, module, lin, s_g)
+
+    def _emit_mxfp8(self, g, node, module, lin, chains) -> None:
+        """Contract part 3 16.5: act(x) = trt::TRT_MXFP8DequantizeLinear(trt::TRT_MXFP8DynamicQuantize(x)) (the
+        quantizer's two outputs, E4M3 values and E8M0 scales, both read by the dequantizer), block 32 on the last
+        axis, fp16 out; the weight FLOAT8E4M3FN [N, K] and its E8M0 scales uint8 [N, K/32] (checkpoint bytes)
+        through trt::TRT_MXFP8DequantizeLinear to fp16, Transposed."""
+        base = node.name.removesuffix("/MatMul")
+        x = node.inputs[0]
+        mx = {"axis": -1, "block_size": 32}
+        key = ("mxfp8", x.name)
+        if key not in chains:
+            xq = gs.Variable(f"{base}/input_quantizer/TRT_MXFP8DynamicQuantize_out", E4M3)
+            sx = gs.Variable(f"{base}/input_quantizer/TRT_MXFP8DynamicQuantize_scale", np.uint8)
+            g.nodes.append(gs.Node("TRT_MXFP8DynamicQuantize", name=f"{base}/input_quantizer/TRT_MXFP8DynamicQuantize",
+                                   domain="trt", inputs=[x], outputs=[xq, sx], attrs={**mx, "output_dtype": 17}))
+            chains[key] = _var(g, "TRT_MXFP8DequantizeLinear", f"{base}/input_quantizer/TRT_MXFP8DequantizeLinear",
+                               [xq, sx], np.float16, {**mx, "output_dtype": 10}, domain="trt")
+        n, k = lin.shape
+        ck = self.ck
+        weight = computed_constant(f"{base}/weight", E4M3, (n, k),
+                                   lambda: ck.linear(module).tensors["weight"].view(E4M3))
+        scale = computed_constant(f"{base}/weight_scale", np.uint8, (n, k // 32),
+                                  lambda: ck.linear(module).tensors["weight_scale"])
+        wd = _var(g, "TRT_MXFP8DequantizeLinear", f"{base}/weight_quantizer/TRT_MXFP8DequantizeLinear",
+                  [weight, scale], np.float16, {**mx, "output_dtype": 10}, domain="trt")
+        wt = _var(g, "Transpose", f"{base}/weight_quantizer/Transpose", [wd], np.float16, {"perm": [1, 0]})
+        node.inputs[0], node.inputs[1] = chains[key], wt
+
+    def _nvfp4_weight(self, g, base, module, lin, s_g) -> gs.Variable:
+        """16.4's wdq: the FP4 weight [N, K] (checkpoint bytes) dequantized with DequantizeLinear(s_blk, s_g) as
+        its blocked scale, Cast to fp16, Transposed to [K, N] (NVFP4, and W4A16_NVFP4 without the act())."""
         n, k = lin.shape
         ck = self.ck
         weight = computed_constant(f"{base}/weight", E2M1, (n, k), lambda: ck.linear(module).tensors["weight"])
@@ -226,8 +329,7 @@ class WaQuant(Feature):
         wd = _var(g, "DequantizeLinear", f"{base}/weight_quantizer/DequantizeLinear", [weight, blk], np.float32,
                   {"axis": -1, "block_size": 16})
         wd = _var(g, "Cast", f"{base}/weight_quantizer/Cast", [wd], np.float16, {"to": 10})
-        wt = _var(g, "Transpose", f"{base}/weight_quantizer/Transpose", [wd], np.float16, {"perm": [1, 0]})
-        node.inputs[0], node.inputs[1] = chains[key], wt
+        return _var(g, "Transpose", f"{base}/weight_quantizer/Transpose", [wd], np.float16, {"perm": [1, 0]})
 
 
 def _var(g, op: str, name: str, inputs, dtype, attrs=None, domain: str | None = None) -> gs.Variable:
@@ -286,8 +388,8 @@ class WaQuantOptions(FeatureOptions):
 class WaLinear:
     """One W+A linear as a written graph holds it (read back by verify)."""
 
-    scheme: str  # "fp8" | "int8_sq" | "nvfp4"
-    input_scale: np.ndarray  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4)
+    scheme: str  # "fp8" | "int8_sq" | "nvfp4" | "mxfp8" | "w4a16_nvfp4" (weight-only: no activation quantizer)
+    input_scale: np.ndarray | None  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4); None: MXFP8, weight-only
     pre_quant_scale: np.ndarray | None  # fp16 [K] (INT8-SQ) or None
     matmul: str  # the MatMul node's name
 
@@ -296,7 +398,8 @@ def wa_linears(model) -> dict:
     """{module path: WaLinear} of every W+A linear of a written graph: a MatMul reading [Cast] DequantizeLinear
     (QuantizeLinear(x', s)) (NVFP4: trt::DequantizeLinear(trt::TRT_FP4DynamicQuantize(x, s), ...)),
     x' = [Cast]([Mul](x, pre_quant_scale)) (node names are path-style: /model/layers.0/self_attn/q_proj/MatMul);
-    the scheme is its weight's type (FLOAT8E4M3FN, INT8, FLOAT4E2M1)."""
+    the scheme is its weight's type (FLOAT8E4M3FN, INT8, FLOAT4E2M1). A FLOAT4E2M1 weight read by a MatMul whose
+    input is not quantized is W4A16_NVFP4's weight-only linear."""
     from onnx import TensorProto, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -314,16 +417,26 @@ def wa_linears(model) -> dict:
     for n in model.graph.node:
         if n.op_type != "MatMul" or not n.name.endswith("/MatMul"):
             continue
-        dq = up(skip_cast(n.input[0]), "DequantizeLinear")
-        q = None if dq is None else (up(dq.input[0], "QuantizeLinear") or up(dq.input[0], "TRT_FP4DynamicQuantize"))
+        dq = up(skip_cast(n.input[0]), "DequantizeLinear") or up(n.input[0], "TRT_MXFP8DequantizeLinear")
+        q = None if dq is None else (up(dq.input[0], "QuantizeLinear") or up(dq.input[0], "TRT_FP4DynamicQuantize")
+                                     or up(dq.input[0], "TRT_MXFP8DynamicQuantize"))
         transpose = up(n.input[1], "Transpose")
-        wdq = up(skip_cast(transpose.input[0]), "DequantizeLinear") if transpose is not None else None
-        if q is None or wdq is None or wdq.input[0] not in inits:
+        wdq = None if transpose is None else (up(skip_cast(transpose.input[0]), "DequantizeLinear")
+                                              or up(transpose.input[0], "TRT_MXFP8DequantizeLinear"))
+        if wdq is None or wdq.input[0] not in inits:
+            continue
+        if wdq.op_type == "TRT_MXFP8DequantizeLinear":  # MXFP8: dynamic E8M0 scales, no input scale
+            if q is not None and q.op_type == "TRT_MXFP8DynamicQuantize":
+                out[module_of(n.name)] = WaLinear("mxfp8", None, None, n.name)
             continue
         elem = inits[wdq.input[0]].data_type
+        if q is None:
+            if elem == TensorProto.FLOAT4E2M1:
+                out[module_of(n.name)] = WaLinear("w4a16_nvfp4", None, None, n.name)
+            continue
         scheme = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8_sq",
                   TensorProto.FLOAT4E2M1: "nvfp4"}.get(elem)
-        if scheme is None:
+        if scheme is None or len(q.input) < 2 or q.input[1] not in inits:  # no form of ours (e.g. an MX act())
             continue
         mul = up(skip_cast(q.input[0]), "Mul")
         pqs = None

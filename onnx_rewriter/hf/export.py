@@ -336,7 +336,7 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     folder = precheck(model, output_dir, opts, device, keep_baseline)
     fmt = check_quantization(folder)
     if fmt is not None and fmt.scheme in wa_quant.SCHEMES:  # the target's refusal (0.5, not fp16), before the load
-        wa_quant.plan_for(opts.target, opts.dtype, fmt.scheme)
+        wa_quant.check_target(opts.target, opts.dtype, fmt)
         if opts.kv_cache != "fp8" and has_checkpoint_scales(folder):
             log.warning("the checkpoint holds k/v scales: add --kv-cache fp8 to store the KV cache in FP8 with "
                         "them (NVIDIA's exporter does so whenever they exist); the KV cache stays fp16")
@@ -428,6 +428,11 @@ def _export_text(model: str, out: Path, opts, folder, device: str, keep_baseline
                     opts.kv_scales = str(model)
             advance("rewrite")
             run = pipeline.rewrite(base, out, opts)
+            if fmt is not None and fmt.scheme == "block_fp8":  # what was done with its weights, in the report
+                run.warn(f"{fmt.name}: weights dequantized exactly to fp16 (fp8 x weight_scale_inv of their 128x128 "
+                         f"block; no FP8 GEMM: the checkpoint has no activation scales)"
+                         + ("; then --quantize int4 re-quantized those fp16 weights (the INT4 rows of the report)"
+                            if opts.quantize == "int4" else ""))
             if keep_baseline:
                 _keep(work, keep_baseline, opts.force)
             return run
@@ -461,7 +466,7 @@ def _plain_model(config, dtype, attn_implementation: str, state: dict, what: str
 
 
 # Quantized checkpoints whose weights this module reads itself (from a hub id's snapshot too)
-READ_HERE = ("block_fp8", "fp8", "int8_sq", "nvfp4")
+READ_HERE = ("block_fp8", "fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")
 
 
 def _load_fp16_weights(folder, config, fmt, attn_implementation: str):

@@ -5,8 +5,9 @@ No ModelOpt, no GPU, no torch: the decoder linears (q/k/v/o, gate/up/down) of a 
 the other tensors, config.json and the tokenizer are copied. lm_head stays fp (ModelOpt's default
 `exclude_modules`). Same arguments, same bytes.
 
-Forms (`FORMS`): fp8, nvfp4, w4a16_nvfp4, int8_sq, mxfp8, mixed (layer 0 FP8, the others NVFP4, via
-MIXED_PRECISION quantized_layers), block_fp8 (`weight_scale_inv` 128x128, `quant_method: fp8`),
+Forms (`FORMS`): fp8, nvfp4, w4a16_nvfp4, int8_sq, mxfp8, mixed (MIXED_PRECISION quantized_layers: by default
+layer 0 FP8, the others NVFP4; `mixed=[(glob, form), ...]` picks each linear's form, first match), block_fp8
+(`weight_scale_inv` 128x128, `quant_method: fp8`),
 compressed_tensors (the config only; FP8 tensors in ModelOpt's names). `signal`: where the ModelOpt forms
 say what they are: "hf_quant_config" (hf_quant_config.json only), "config" (config.json
 `quantization_config` only), "both" (as recent ModelOpt exports), "none" (quantized tensors, no config).
@@ -15,12 +16,14 @@ Activation scales: `input_amax` (one value for every linear) stands for the amax
 found, or `calibrated_amax(src)` measures each linear's (`--calibrate`: transformers on the bundled prompts);
 input_scale = input_amax / 448 (FP8), / (6 * 448) (NVFP4), / 127 (INT8).
 `kv_scales`: (k_scale, v_scale) written as `k_proj.k_scale` / `v_proj.v_scale` for every layer (FP8 forms).
+`exclude`: globs of decoder linears kept fp16 (a plain `.weight`) and listed in `exclude_modules` beside lm_head.
 
     python -m onnx_rewriter.hf.tiny_quant FORM SRC DST [--signal S] [--input-amax A | --calibrate] [--kv-scales K V]
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -38,6 +41,7 @@ FORMS = ("fp8", "nvfp4", "w4a16_nvfp4", "int8_sq", "mxfp8", "mixed", "block_fp8"
 ALGO = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16_nvfp4": "W4A16_NVFP4", "int8_sq": "W8A8_SQ_PER_CHANNEL",
         "mxfp8": "MXFP8", "mixed": "MIXED_PRECISION"}
 SIGNALS = ("hf_quant_config", "config", "both", "none")
+MIXED = (("*.layers.0.*", "fp8"), ("*", "nvfp4"))  # the mixed form's default: (module glob, form), first match
 _LINEAR = re.compile(r"^(.*\.layers\.(\d+)\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.weight$")
 _DTYPE_OUT = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int8): "I8",
               np.dtype(np.uint8): "U8"}
@@ -103,11 +107,8 @@ def quantize_linear(form: str, w: np.ndarray, input_amax: float, rng, pqs=None) 
         return {"weight": C.int8_quantize(wp, s[:, None]), "weight_scale": s, "pre_quant_scale": pqs,
                 "input_scale": np.array(input_amax * float(pqs.max()) / 127, np.float32)}  # amax of x * pqs
     if form == "mxfp8":
-        amax = np.abs(w).reshape(n, k // 32, 32).max(-1)
-        e = np.ceil(np.log2(np.maximum(amax, 1e-30) / C.E4M3_MAX)).astype(np.int64)
-        scale = (e + 127).clip(0, 254).astype(np.uint8)
-        return {"weight": _e4m3(C.e4m3_encode(w / np.repeat(np.exp2(e.astype(np.float32)), 32, axis=1))),
-                "weight_scale": scale}
+        codes, scale = C.mxfp8_quantize(w)
+        return {"weight": _e4m3(codes), "weight_scale": scale}
     if form == "block_fp8":
         bn, bk = -(-n // BLOCK_FP8), -(-k // BLOCK_FP8)
         pad = np.zeros((bn * BLOCK_FP8, bk * BLOCK_FP8), np.float32)
@@ -143,7 +144,7 @@ def calibrated_amax(src, prompts=None) -> dict:
 
 
 def write(form: str, src, dst, signal: str = "both", input_amax: float | dict = 4.0, kv_scales=None,
-          seed: int = 0) -> Path:
+          seed: int = 0, mixed=MIXED, exclude=()) -> Path:
     """Write `src` (a plain checkpoint folder) quantized in `form` into `dst`. Returns dst. `input_amax`: one
     value for every linear, or {module: amax} (calibrated_amax)."""
     if form not in FORMS:
@@ -162,8 +163,11 @@ def write(form: str, src, dst, signal: str = "both", input_amax: float | dict = 
         if not m:
             out[name] = arr.astype(np.float16) if arr.dtype == np.float32 else arr
             continue
-        module, layer = m.group(1), int(m.group(2))
-        lform = ("fp8" if layer == 0 else "nvfp4") if form == "mixed" else form
+        module = m.group(1)
+        if any(fnmatch.fnmatchcase(module, p) for p in exclude):  # left fp16, as ModelOpt stores it
+            out[name] = arr.astype(np.float16)
+            continue
+        lform = next(f for p, f in mixed if fnmatch.fnmatchcase(module, p)) if form == "mixed" else form
         layers[module] = ALGO.get(lform, lform)
         amax = input_amax.get(module, 0.0) if isinstance(input_amax, dict) else input_amax
         # q/k/v and gate/up read one input: one pre_quant_scale each (as ModelOpt's SmoothQuant stores them)
@@ -176,11 +180,11 @@ def write(form: str, src, dst, signal: str = "both", input_amax: float | dict = 
             kv = module[-6]
             out[f"{module}.{kv}_scale"] = np.array(kv_scales[0 if kv == "k" else 1], np.float32)
     save_safetensors(dst / "model.safetensors", out)
-    _write_config(form, dst, signal, layers, kv_scales is not None)
+    _write_config(form, dst, signal, layers, kv_scales is not None, list(exclude))
     return dst
 
 
-def _write_config(form: str, dst: Path, signal: str, layers: dict, kv: bool) -> None:
+def _write_config(form: str, dst: Path, signal: str, layers: dict, kv: bool, exclude: list) -> None:
     config = read_config(dst / "config.json")
     config["dtype"] = "float16"
     config.pop("torch_dtype", None)
@@ -193,7 +197,7 @@ def _write_config(form: str, dst: Path, signal: str, layers: dict, kv: bool) -> 
                                              "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}}
     else:
         section = {"quant_algo": ALGO[form], "kv_cache_quant_algo": "FP8" if kv else None,
-                   "exclude_modules": ["lm_head"]}
+                   "exclude_modules": ["lm_head", *exclude]}
         if form in ("nvfp4", "w4a16_nvfp4"):
             section["group_size"] = 16
         if form == "mixed":

@@ -164,13 +164,13 @@ def _checkpoint_folder(model: str) -> Path | None:
 
 
 # Quantized checkpoints the export routes read (features/wa_checkpoint.py names the others; they are refused).
-EXPORTED_QUANT = ("int4", "block_fp8", "fp8", "int8_sq", "nvfp4")
+EXPORTED_QUANT = ("int4", "block_fp8", "fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")
 _QUANT_FIX = {
     "compressed_tensors": "dequantize it to fp16/bf16 first (NVIDIA's exporter would read it as fp16, wrongly)",
     "unknown": "export the fp16/bf16 model it was made from",
 }
-_WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8, INT8-SQ and NVFP4 are exported yet (not "
-           "W4A16_NVFP4, MXFP8, MIXED_PRECISION): export the fp16/bf16 model it was made from")
+_WA_FIX = ("of the weight+activation quantized checkpoints only ModelOpt FP8, INT8-SQ, NVFP4, W4A16_NVFP4, MXFP8 "
+           "and MIXED_PRECISION are exported: export the fp16/bf16 model it was made from")
 
 
 def check_quantization(folder: Path | None) -> wa_checkpoint.Format | None:

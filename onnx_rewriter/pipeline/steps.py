@@ -180,6 +180,7 @@ class Run:
     narrow: set = field(default_factory=set)  # weights the writer converts to the output float type
     weights_float_type: int = onnx.TensorProto.FLOAT  # the input's weights: how finely its constants are rounded
     features: list = field(default_factory=list)  # features.Feature objects, their hooks run in order
+    min_opset: int = 0  # a feature's nodes need at least this opset (FLOAT4E2M1 weights on edgellm-0.9: 23)
 
     def warn(self, msg: str) -> None:
         self.report.warnings.append(msg)
@@ -422,7 +423,7 @@ def step_build(run: Run) -> None:
 def to_model(run: Run) -> onnx.ModelProto:
     target = run.options.target
     g = run.source.graph
-    opset = target.opset or run.source.opset
+    opset = max(target.opset or run.source.opset, run.min_opset)
     model = gs.export_onnx(g, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(target.domain, 1)])

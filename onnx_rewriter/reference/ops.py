@@ -20,7 +20,8 @@ input ``k_v_scale_quant_orig`` fp32 [2] (6 inputs).
 Weight+activation quantization (contract part 3, section 16; reference/qdq.py): ``QuantizeLinear`` and
 ``DequantizeLinear`` replace onnx's own (x / scale divided in fp32, FLOAT8E4M3FN / FLOAT4E2M1 / int8 inputs,
 per-tensor, per-axis and blocked scales), and TensorRT's parser ops ``trt::TRT_FP4DynamicQuantize`` and
-``trt::DequantizeLinear`` are added.
+``trt::DequantizeLinear`` are added, and MXFP8's ``trt::TRT_MXFP8DynamicQuantize`` /
+``trt::TRT_MXFP8DequantizeLinear``.
 """
 
 from __future__ import annotations
@@ -280,6 +281,24 @@ class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 (the op's name)
                                         scale_type=int(scale_type))
 
 
+class TRT_MXFP8DynamicQuantize(OpRun):  # noqa: N801 (the op's name)
+    op_domain = "trt"
+    op_schema = None
+
+    def _run(self, x, axis=-1, block_size=32, output_dtype=17):
+        return qdq.mxfp8_dynamic_quantize(x, axis=int(axis), block_size=int(block_size),
+                                          output_dtype=int(output_dtype))
+
+
+class TRT_MXFP8DequantizeLinear(OpRun):  # noqa: N801 (the op's name)
+    op_domain = "trt"
+    op_schema = None
+
+    def _run(self, x, scale, axis=-1, block_size=32, output_dtype=10):
+        return (qdq.mxfp8_dequantize_linear(x, scale, axis=int(axis), block_size=int(block_size),
+                                            output_dtype=int(output_dtype)),)
+
+
 def _per_domain(base, name: str, **fields) -> list:
     classes = []
     for domain in ("trt", "trt_edgellm"):
@@ -294,7 +313,8 @@ REFERENCE_OPS = ([TrtAttentionPlugin, TrtEdgeLLMAttentionPlugin]
                  + _per_domain(_QkvConcatBase, "QkvConcatPlugin")
                  + _per_domain(_Fp16MoeBase, "Fp16MoePlugin") + _per_domain(_Int4MoeBase, "Int4MoePlugin")
                  + _per_domain(_ViTAttentionBase, "ViTAttentionPlugin") + [Sigmoid]
-                 + [QuantizeLinear, DequantizeLinear, TrtDequantizeLinear, TRT_FP4DynamicQuantize])
+                 + [QuantizeLinear, DequantizeLinear, TrtDequantizeLinear, TRT_FP4DynamicQuantize]
+                 + [TRT_MXFP8DynamicQuantize, TRT_MXFP8DequantizeLinear])
 
 
 def reference_evaluator(model, **kwargs):

@@ -108,3 +108,28 @@ def fp4_dynamic_quantize(x, scale, axis: int = -1, block_size: int = 16, scale_t
         raise ValueError(f"TRT_FP4DynamicQuantize takes a 2-D or 3-D input (TensorRT's rule), got rank {x.ndim}")
     codes, sx = C.fp4_dynamic_quantize(x, np.float32(np.asarray(scale, np.float32).reshape(())), ties="even")
     return codes.view(E2M1), sx.view(E4M3)
+
+
+def _mx_form(op: str, x, axis: int, block_size: int) -> None:
+    if axis not in (-1, np.ndim(x) - 1) or block_size != C.MX_BLOCK:
+        raise NotImplementedError(f"{op} reference: axis={axis}, block_size={block_size} not modelled (the "
+                                  f"contract's form: -1, 32)")
+
+
+def mxfp8_dynamic_quantize(x, axis: int = -1, block_size: int = 32, output_dtype: int = FLOAT8E4M3FN):
+    """trt::TRT_MXFP8DynamicQuantize: (x_q FLOAT8E4M3FN [..., K], E8M0 scales uint8 [..., K/32]) of fp16 x, the
+    scale rule of wa_codecs.mxfp8_quantize *(inference)*."""
+    x = np.asarray(x)
+    _mx_form("TRT_MXFP8DynamicQuantize", x, axis, block_size)
+    if output_dtype != FLOAT8E4M3FN:
+        raise NotImplementedError(f"TRT_MXFP8DynamicQuantize reference: output_dtype {output_dtype} not modelled")
+    codes, scales = C.mxfp8_quantize(x)
+    return codes.view(E4M3), scales
+
+
+def mxfp8_dequantize_linear(x, scale, axis: int = -1, block_size: int = 32, output_dtype: int = 10) -> np.ndarray:
+    """trt::TRT_MXFP8DequantizeLinear: e4m3(x) * 2^(scale - 127) per 32-block, rounded once to `output_dtype`."""
+    x = np.asarray(x)
+    _mx_form("TRT_MXFP8DequantizeLinear", x, axis, block_size)
+    y = C.mxfp8_dequantize(x.view(np.uint8), np.asarray(scale, np.uint8))
+    return y.astype({10: np.float16, 1: np.float32}[int(output_dtype)])

@@ -167,3 +167,28 @@ def int8_quantize(x, scale) -> np.ndarray:
 
 def int8_dequantize(q, scale) -> np.ndarray:
     return np.asarray(q, np.float32) * np.asarray(scale, np.float32)
+
+
+MX_BLOCK = 32  # MXFP8: one E8M0 scale per 32 values of the last axis
+
+
+def mxfp8_quantize(x):
+    """(E4M3 codes [..., K] uint8, E8M0 scales [..., K/32] uint8) of x: per 32-block the power of two
+    2^ceil(log2(amax / 448)) rounded up so that no value saturates (NVIDIA's MXFP8 recipe, cuDNN's
+    "quantize_round_up(amax / vmax)"; stored biased by 127, clipped to 0..254; an all-zero block gets 2^-127), codes
+    e4m3(x / 2^e), round to nearest even. The weights of tiny_quant's MXFP8 form, and the activation quantizer
+    of trt::TRT_MXFP8DynamicQuantize *(inference: TensorRT does not document its scale rule)*."""
+    xb = _blocks(np.asarray(x, np.float32), MX_BLOCK).astype(np.float64)
+    amax = np.max(np.abs(xb), axis=-1)
+    with np.errstate(divide="ignore"):
+        e = np.where(amax > 0, np.ceil(np.log2(amax / E4M3_MAX)), -127.0)
+    biased = np.clip(e + 127, 0, 254)
+    codes = e4m3_encode((xb / np.exp2(biased - 127)[..., None]).astype(np.float32))
+    return codes.reshape(np.shape(x)), biased.astype(np.uint8)
+
+
+def mxfp8_dequantize(codes, scales) -> np.ndarray:
+    """float64 e4m3(code) * 2^(scale - 127), the E8M0 scale of each 32-block (255 is NaN in E8M0)."""
+    s = np.asarray(scales).astype(np.float64)
+    step = np.where(s == 255, np.nan, np.exp2(s - 127))
+    return e4m3_decode(codes).astype(np.float64) * np.repeat(step, MX_BLOCK, axis=-1)

@@ -124,18 +124,20 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     fp8_wa = wa_linears(graph)  # W+A linears, FP8, INT8-SQ or NVFP4
     int4 = original is not None and not fp8_wa
     result = VerifyResult()
-    wa_name = " + ".join(sorted({wa_check.KIND[s.scheme] for s in fp8_wa.values()}))
+    wa_name = wa_check.described(fp8_wa)
     if fp8_wa:
-        result.quantized = f"{wa_name} activation"
+        result.quantized = wa_name
     session = _session(result, out_dir, oracle, rope, lora)
     rows = rows or prompts(session.config["vocab_size"])
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
-        result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} activation + FP8 KV cache" if fp8_wa
+        result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} + FP8 KV cache" if fp8_wa
                             else "FP8 KV cache")
     _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
+    result.problems += wa_check.check_kv_scales(fp8_scales, model)  # a checkpoint's own k/v scales, if any
+    result.passed = result.passed and not result.problems
     if fp8_wa:  # the W+A rule (verification/wa_check.py)
         result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
                                                   fp8_wa, checkpoint=model)
@@ -268,8 +270,10 @@ def _int4_oracle(graph, out_dir, model, lora_adapter=None):
     A LoRA adapter is merged after the dequantized weights are in: the graph adds x·A·B to the INT4 GEMM."""
     if not model:
         return None
-    if Path(model).is_dir() and wa_checkpoint.detect(model) is not None:
-        return None  # an AWQ/GPTQ (or block-FP8) checkpoint: the oracle already holds its dequantized weights
+    fmt = wa_checkpoint.detect(model) if Path(model).is_dir() else None
+    if fmt is not None and fmt.scheme != "block_fp8":
+        return None  # an AWQ/GPTQ checkpoint: the oracle already holds its dequantized weights
+    # (block-FP8 with --quantize int4: the INT4 plugins hold RTN codes of its dequantized fp16 weights, as below)
 
     if not any(n.op_type in (*OPS.values(), "Int4MoePlugin") for n in graph.graph.node):
         return None

@@ -37,7 +37,9 @@ from onnx_rewriter.reference import qdq
 log = logging.getLogger(__name__)
 
 PROBES = 4096
-KIND = {"fp8": "FP8", "int8_sq": "INT8-SQ", "nvfp4": "NVFP4"}
+KIND = {"fp8": "FP8", "int8_sq": "INT8-SQ", "nvfp4": "NVFP4", "mxfp8": "MXFP8", "w4a16_nvfp4": "NVFP4 weight-only"}
+WEIGHT_ONLY = ("w4a16_nvfp4",)  # no activation quantizer
+NO_INPUT_SCALE = ("mxfp8", "w4a16_nvfp4")  # MXFP8's activation scales are dynamic (E8M0 per 32 values)
 COST_RATIO = 2.0
 COST_SLACK = 0.002
 
@@ -80,7 +82,29 @@ def fake_quantize_nvfp4(x, s: float):
     return torch.from_numpy(y.astype(np.float16)).to(x.dtype)
 
 
+def described(specs: dict) -> str:
+    """What the twin quantizes, e.g. "FP8 activation", "FP8 + NVFP4 activation, NVFP4 weight-only"."""
+    act = sorted({KIND[s.scheme] for s in specs.values() if s.scheme not in WEIGHT_ONLY})
+    only = sorted({KIND[s.scheme] for s in specs.values() if s.scheme in WEIGHT_ONLY})
+    return ", ".join(([f"{' + '.join(act)} activation"] if act else []) + only)
+
+
+def fake_quantize_mxfp8(x):
+    """The twin's MXFP8 act() in numpy on the codecs: per 32-block of the last axis of fp16 x, the E8M0 scale
+    2^ceil(log2(amax / 448)) and e4m3(x / scale) (wa_codecs.mxfp8_quantize, inferred), then fp16(e4m3 * scale)."""
+    import torch
+
+    from onnx_rewriter.reference import wa_codecs as C
+
+    codes, scales = C.mxfp8_quantize(x.detach().to(torch.float16).numpy())
+    return torch.from_numpy(C.mxfp8_dequantize(codes, scales).astype(np.float16)).to(x.dtype)
+
+
 def _act(spec: WaLinear):
+    if spec.scheme in WEIGHT_ONLY:  # the input stays fp16
+        return None
+    if spec.scheme == "mxfp8":
+        return fake_quantize_mxfp8
     if spec.scheme == "nvfp4":
         return lambda x: fake_quantize_nvfp4(x, float(spec.input_scale))
     if spec.scheme == "fp8":
@@ -92,7 +116,8 @@ def _checkpoint(path):
     if path is None or not Path(path).is_dir():
         return None
     fmt = wa_checkpoint.detect(path)
-    return wa_checkpoint.Checkpoint(path, fmt) if fmt is not None and fmt.scheme in KIND else None
+    ok = fmt is not None and (fmt.scheme in KIND or fmt.scheme == "mixed")
+    return wa_checkpoint.Checkpoint(path, fmt) if ok else None
 
 
 def twin(oracle, specs: dict, checkpoint=None):
@@ -116,7 +141,8 @@ def twin(oracle, specs: dict, checkpoint=None):
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(ck.linear(name).fp16_weight()))
         act = _act(spec)
-        m.register_forward_pre_hook(lambda module, args, act=act: (act(args[0]),) + args[1:])
+        if act is not None:
+            m.register_forward_pre_hook(lambda module, args, act=act: (act(args[0]),) + args[1:])
     log.info("activation quantization on: %s", ", ".join(specs))
     return oracle
 
@@ -137,7 +163,8 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
     for name, spec in specs.items():
         kind = KIND[spec.scheme]
         src = producer[nodes[spec.matmul].input[1]].input[0]  # the Transpose's input: [Cast] DequantizeLinear
-        wdq = producer[src] if producer[src].op_type == "DequantizeLinear" else producer[producer[src].input[0]]
+        dqs = ("DequantizeLinear", "TRT_MXFP8DequantizeLinear")
+        wdq = producer[src] if producer[src].op_type in dqs else producer[producer[src].input[0]]
         attrs = {a.name: a.i for a in wdq.attribute}
         axis, block = attrs.get("axis", 1), attrs.get("block_size", 0)
         if wdq.input[1] in inits:
@@ -146,25 +173,39 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
             sdq = producer[wdq.input[1]]
             w_scale = qdq.dequantize_linear(numpy_helper.to_array(inits[sdq.input[0]]),
                                             numpy_helper.to_array(inits[sdq.input[1]]))
-        graph_w = qdq.dequantize_linear(numpy_helper.to_array(inits[wdq.input[0]]), w_scale, axis=axis,
-                                        block_size=block).astype(np.float16)
+        w = numpy_helper.to_array(inits[wdq.input[0]])
+        if wdq.op_type == "TRT_MXFP8DequantizeLinear":  # E8M0 scales, fp16 out
+            graph_w = qdq.mxfp8_dequantize_linear(w, w_scale, axis=axis, block_size=block)
+        else:
+            graph_w = qdq.dequantize_linear(w, w_scale, axis=axis, block_size=block).astype(np.float16)
         model_w = modules[name].weight.detach().to(torch.float16).numpy()
         if graph_w.shape != model_w.shape or not np.array_equal(graph_w, model_w):
             bad = "shape" if graph_w.shape != model_w.shape else f"{int((graph_w != model_w).sum())} values"
             problems.append(f"{kind} linear {name}: the graph's dequantized weight differs from the model's ({bad})")
         if ck is not None:
             lin = ck.linear(name) if name in ck.linears else None
-            stored = None if lin is None else lin.tensors["input_scale"].reshape(())
-            if stored is None or stored.astype(spec.input_scale.dtype) != spec.input_scale:
+            if lin is None or lin.scheme != spec.scheme:  # MIXED_PRECISION: each linear in its own scheme
+                problems.append(f"{kind} linear {name}: the checkpoint's is "
+                                f"{'not quantized' if lin is None else KIND.get(lin.scheme, lin.scheme)}")
+                continue
+            # weight-only or dynamic (MXFP8): no input scale stored
+            stored = None if spec.scheme in NO_INPUT_SCALE else lin.tensors["input_scale"].reshape(())
+            if stored is not None and stored.astype(spec.input_scale.dtype) != spec.input_scale:
                 problems.append(f"{kind} linear {name}: the graph's input scale {float(spec.input_scale)} is not "
                                 f"the checkpoint's")
-            pqs = None if lin is None else lin.tensors.get("pre_quant_scale")
+            pqs = lin.tensors.get("pre_quant_scale")
             if (pqs is None) != (spec.pre_quant_scale is None) or (
                     pqs is not None and not np.array_equal(np.asarray(pqs, np.float16).reshape(-1),
                                                            spec.pre_quant_scale)):
                 problems.append(f"{kind} linear {name}: the graph's pre_quant_scale is not the checkpoint's")
         k = model_w.shape[1]
-        if spec.scheme == "fp8":  # past 448 * s: saturation
+        if spec.scheme in WEIGHT_ONLY:
+            continue
+        if spec.scheme == "mxfp8":  # blocks of mixed magnitudes, fp16's whole range
+            x = (rng.standard_normal((PROBES // k + 1, k)) * np.exp2(rng.integers(-14, 15, (PROBES // k + 1, k)))
+                 ).astype(np.float16)
+            ours = qdq.mxfp8_dequantize_linear(*qdq.mxfp8_dynamic_quantize(x))
+        elif spec.scheme == "fp8":  # past 448 * s: saturation
             x = (rng.standard_normal(PROBES) * 300 * float(spec.input_scale)).astype(np.float16)
             ours = qdq.dequantize_linear(qdq.quantize_linear(x, spec.input_scale, output_dtype=qdq.FLOAT8E4M3FN),
                                          spec.input_scale)
@@ -188,12 +229,38 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
     return problems
 
 
+def check_kv_scales(graph_kv: list, checkpoint) -> list[str]:
+    """The folder's FP8 KV scales (k, v per layer, features/fp8_kv.graph_scales) against the checkpoint's own
+    `k_proj.k_scale` / `v_proj.v_scale` when `checkpoint` is a folder holding them, read here by
+    wa_checkpoint (not by fp8_kv, which wrote them): the twin rounds its cache with the graph's scales, so a
+    swapped or misplaced scale would pass the numbers unseen."""
+    if not graph_kv or checkpoint is None or not Path(checkpoint).is_dir():
+        return []
+    fmt = wa_checkpoint.detect(checkpoint) or wa_checkpoint.Format("fp16", "unquantized checkpoint")
+    stored = wa_checkpoint.Checkpoint(checkpoint, fmt).kv_scales()
+    if not stored:
+        return []
+    problems = []
+    for i, ours in enumerate(graph_kv):
+        theirs = (stored.get((i, "k")), stored.get((i, "v")))
+        if any(b is None or np.float32(a) != np.float32(b) for a, b in zip(ours, theirs)):
+            problems.append(f"FP8 KV layer {i}: the graph's (k, v) scales {tuple(ours)} are not the checkpoint's "
+                            f"{theirs}")
+    return problems
+
+
 def _mean_cost(steps) -> float:
     return float(np.mean([1.0 - s.cosine for s in steps])) if steps else float("nan")
 
 
 def _label(result) -> str:
-    return "W4A4" if "NVFP4" in (result.quantized or "") else "W8A8"
+    q = result.quantized or ""
+    if " activation" not in q:
+        return "W4A16"
+    act = q.split(" activation")[0]
+    if "+" in act or q.startswith(act + " activation, "):
+        return "mixed W+A"
+    return "W4A4" if "NVFP4" in act else "W8A8"
 
 
 def cost_line(result) -> str:
@@ -205,6 +272,10 @@ def cost_line(result) -> str:
 
 def judge(result) -> None:
     """The W+A pass rule (module docstring), on a VerifyResult whose problems hold the per-linear checks."""
+    if _label(result) == "W4A16":  # no activation quantized: the fp16 rule against the twin, and the weights
+        result.criterion += "; every FP4 weight-only linear's weight equals the model's bit for bit"
+        result.passed = result.passed and not result.problems
+        return
     ours, twin = _mean_cost(result.ours_vs_original), _mean_cost(result.quantization)
     result.criterion = (f"{_label(result)}: every quantized linear's weight equals the model's bit for bit, its "
                         f"input scale the checkpoint's and its activation quantizer the twin's on {PROBES} values; "
