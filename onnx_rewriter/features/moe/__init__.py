@@ -29,6 +29,7 @@ from onnx_rewriter.errors import UnsupportedModel
 from onnx_rewriter.features.base import Feature
 from onnx_rewriter.features.int4 import layout as int4_layout
 from onnx_rewriter.features.moe import layout
+from onnx_rewriter.features.moe.checkpoint import CheckpointExperts
 from onnx_rewriter.features.moe.support import FP16_EXPERT_COUNTS
 from onnx_rewriter.modelio.graph import computed_constant, constant_array
 from onnx_rewriter.modelio.normalize import replace_uses
@@ -104,11 +105,12 @@ class Moe(Feature):
         name = str(target)
         int4 = [f for f in run.features if f.name == "int4"]
         self.int4 = bool(int4)
-        if int4 and (getattr(int4[0], "checkpoint", None) or getattr(int4[0], "onnx_codes", None)):
-            raise UnsupportedModel("Mixture-of-Experts layers from an INT4 checkpoint or INT4 ONNX: their experts' own "
-                                   "codes are not written into Int4MoePlugin yet (features/moe/layout.py reads GPTQ / "
-                                   "AutoAWQ experts exactly; the wiring is not done), and re-quantizing them is not "
-                                   "what the checkpoint means")
+        if int4 and getattr(int4[0], "onnx_codes", None):
+            raise UnsupportedModel("Mixture-of-Experts layers from an INT4 ONNX (MatMulNBits / blocked "
+                                   "DequantizeLinear): their experts' own codes are not read into Int4MoePlugin, and "
+                                   "re-quantizing them is not what the input means")
+        # an AWQ / GPTQ checkpoint (set by export): its experts' own codes, exact or refused (moe/checkpoint.py)
+        self.checkpoint = CheckpointExperts(int4[0].checkpoint) if int4 and int4[0].checkpoint else None
         plans = INT4_PLANS if self.int4 else PLANS
         if name not in plans:
             b = found[0][1]
@@ -141,6 +143,8 @@ class Moe(Feature):
             if bad:
                 raise UnsupportedModel(f"layer {layer}: Mixture-of-Experts block cannot be an {plans[name][0]}: "
                                        + ", ".join(bad))
+        self.groups = {layer: (self.checkpoint.check(layer, b) if self.checkpoint else int4_group(b.hidden, b.inter))
+                       for layer, b in found} if self.int4 else {}
         rank = plans[name][1]
         self.tokens = {layer: b.x if rank == 2 else _rank3(b.x, b.hidden, layer) for layer, b in found}
         shapes = {(b.experts, b.top_k, b.inter) for _, b in found}
@@ -151,6 +155,9 @@ class Moe(Feature):
                                           "experts": found[0][1].experts, "top_k": found[0][1].top_k,
                                           "moe_intermediate_size": found[0][1].inter,
                                           "norm_topk_prob": found[0][1].renormalize}
+        if self.int4:
+            run.report.features[self.name]["experts_from"] = (f"{self.checkpoint.method} checkpoint codes"
+                                                              if self.checkpoint else "RTN")
 
     def apply(self, run, build) -> None:
         found = self.found
@@ -187,7 +194,7 @@ class Moe(Feature):
             op = "Int4MoePlugin" if self.int4 else "Fp16MoePlugin"
             out = gs.Variable(f"{prefix}/{op}_out", np.float16, None)
             if self.int4:
-                inputs, attrs = self._int4_inputs(b, prefix, base_dir)
+                inputs, attrs = self._int4_inputs(layer, b, prefix, base_dir)
             else:
                 inputs = [computed_constant(f"{prefix}.fc1_weights", np.float16, (e, 2 * i, h), fc1),
                           computed_constant(f"{prefix}.fc2_weights", np.float16, (e, h, i), fc2)]
@@ -206,18 +213,22 @@ class Moe(Feature):
             replace_uses(g, b.out, out)
         g.cleanup(remove_unused_graph_inputs=False).toposort()
 
-    def _int4_inputs(self, b, prefix: str, base_dir) -> tuple[list, dict]:
-        """Int4MoePlugin's four expert inputs (Marlin bytes and scales, computed at write time) and attributes."""
+    def _int4_inputs(self, layer: int, b, prefix: str, base_dir) -> tuple[list, dict]:
+        """Int4MoePlugin's four expert inputs (Marlin bytes and scales, computed at write time) and attributes: the
+        checkpoint's own codes where there is one, else groupwise RTN of the traced experts."""
         e, h, i = b.experts, b.hidden, b.inter
-        group = int4_group(h, i)
+        group = self.groups[layer]
         cache: dict = {}
 
         def part(k):
             if not cache:
                 gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = Int4MoePlugin's order
                 dn = constant_array(b.down, base_dir)  # [E, H, I]
-                cache.update(enumerate((*layout.pack_int4_experts(*rtn_experts(gu, group)),
-                                        *layout.pack_int4_experts(*rtn_experts(dn, group)))))
+                if self.checkpoint is not None:
+                    cache.update(enumerate(self.checkpoint.packed(layer, b, group, gu, dn)))
+                else:
+                    cache.update(enumerate((*layout.pack_int4_experts(*rtn_experts(gu, group)),
+                                            *layout.pack_int4_experts(*rtn_experts(dn, group)))))
             return cache.pop(k)
 
         inputs = [computed_constant(f"{prefix}.fc_gate_up_qweights", np.int8, (e, h // 16, 16 * i), lambda: part(0)),

@@ -84,6 +84,13 @@ def _quant(cfg: dict) -> str | None:
     return None
 
 
+def int4_checkpoint(config: dict) -> bool:
+    """An AutoAWQ / GPTQ 4-bit checkpoint: `export` writes its experts' own codes into Int4MoePlugin."""
+    qc = _llm(config).get("quantization_config") if isinstance(config, dict) else None
+    return (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("awq", "gptq")
+            and qc.get("bits", qc.get("w_bit", 4)) == 4)
+
+
 def _what(cfg: dict, e: int, k: int | None) -> str:
     return f"{cfg.get('model_type') or 'MoE'}: {e} experts, top-{k if k is not None else '?'}"
 
