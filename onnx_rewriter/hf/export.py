@@ -308,7 +308,8 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     if folder is not None and (folder / "config.json").is_file():  # MoE: refused by name, before its sizes
         config = read_config(folder / "config.json")
         why = moe_support.refusal(config, str(opts.target),
-                                  int4=getattr(opts, "quantize", None) == "int4" or moe_support.int4_checkpoint(config))
+                                  int4=getattr(opts, "quantize", None) == "int4" or moe_support.int4_checkpoint(config),
+                                  dense=bool(getattr(opts, "moe_dense", False)))
         if why is not None:
             raise UnsupportedModel(f"'{model}': {why}")
     _check_checkpoint(folder)

@@ -20,15 +20,17 @@ per target, the refusals of MoE models before anything is loaded). The CPU refer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
-from onnx_rewriter.errors import UnsupportedModel
-from onnx_rewriter.features.base import Feature
+from onnx_rewriter.errors import RewriteError, UnsupportedModel
+from onnx_rewriter.features.base import Feature, FeatureOptions, option
 from onnx_rewriter.features.int4 import layout as int4_layout
-from onnx_rewriter.features.moe import layout
+from onnx_rewriter.features.moe import dense, layout
 from onnx_rewriter.features.moe.checkpoint import CheckpointExperts
 from onnx_rewriter.features.moe.support import FP16_EXPERT_COUNTS
 from onnx_rewriter.modelio.graph import computed_constant, constant_array
@@ -37,6 +39,7 @@ from onnx_rewriter.modelio.normalize import replace_uses
 # What each target writes for a routed block: the plugin and the rank of its hidden states; None: not wired yet.
 # Runtimes up to 0.10 check hidden_states has rank 3 ([B, S, H], router rows B·S); 0.11 wants rank 2 ([T, H]).
 PLANS = {
+    "edgellm-0.9": ("Fp16MoePlugin", 3),  # runtime 0.9.1 only: written with a warning that says so
     "edgellm-0.10": ("Fp16MoePlugin", 3),
     "edgellm-0.11": ("Fp16MoePlugin", 2),
 }
@@ -62,10 +65,11 @@ def rtn_experts(w: np.ndarray, group: int) -> tuple[list, list]:
         us.append(u)
         ss.append(sc)
     return us, ss
-WHY_NOT = {
-    "edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin",
-    "edgellm-0.9": "Fp16MoePlugin exists only in runtime 0.9.1 (add --quantize int4 for Int4MoePlugin)",
-}
+# --moe-dense: no plugin, every expert computed (moe/dense.py); on the targets with MoE at all
+DENSE_PLANS = {t: ("dense (no MoE plugin)", 2) for t in ("edgellm-0.9", "edgellm-0.10", "edgellm-0.11")}
+WHY_NOT = {"edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin"}
+FP16_ON_09 = ("Fp16MoePlugin on edgellm-0.9 needs runtime 0.9.1: the plugin does not exist in 0.6-0.9.0 (their engine "
+              "build fails on the node); for any 0.6-0.9 runtime use --quantize int4 (Int4MoePlugin)")
 
 
 def blocks(run) -> list:
@@ -111,7 +115,8 @@ class Moe(Feature):
                                    "re-quantizing them is not what the input means")
         # an AWQ / GPTQ checkpoint (set by export): its experts' own codes, exact or refused (moe/checkpoint.py)
         self.checkpoint = CheckpointExperts(int4[0].checkpoint) if int4 and int4[0].checkpoint else None
-        plans = INT4_PLANS if self.int4 else PLANS
+        self.dense = bool(getattr(run.options, "moe_dense", False))
+        plans = DENSE_PLANS if self.dense else INT4_PLANS if self.int4 else PLANS
         if name not in plans:
             b = found[0][1]
             what = (f"{b.experts} experts, top-{b.top_k}, I = {b.inter}, top-k weights "
@@ -129,11 +134,12 @@ class Moe(Feature):
         if run.options.dtype != "float16":
             raise UnsupportedModel(f"Mixture-of-Experts layers need --dtype float16: {plans[name][0]} computes "
                                    f"in fp16 only")
-        for layer, b in found:
+        for layer, b in found if not self.dense else ():  # the plugins' limits; the dense form has none
             bad = []
             if not self.int4 and b.experts not in FP16_EXPERT_COUNTS:
                 bad.append(f"{b.experts} experts (Fp16MoePlugin takes {' or '.join(map(str, FP16_EXPERT_COUNTS))}; "
-                           f"add --quantize int4 for Int4MoePlugin)")
+                           f"add --quantize int4 for Int4MoePlugin, or --moe-dense for the plugin-free form, "
+                           f"E/k = {b.experts / b.top_k:g} times the expert compute)")
             if not self.int4 and b.top_k > 8:
                 bad.append(f"top-{b.top_k} (at most 8)")
             if b.hidden % 128:
@@ -155,6 +161,15 @@ class Moe(Feature):
                                           "experts": found[0][1].experts, "top_k": found[0][1].top_k,
                                           "moe_intermediate_size": found[0][1].inter,
                                           "norm_topk_prob": found[0][1].renormalize}
+        if self.dense:
+            c = run.report.features[self.name]["dense_cost"] = dense.cost(found[0][1])
+            run.warn(f"--moe-dense: Mixture-of-Experts layers {', '.join(str(x) for x, _ in found)} written without a "
+                     f"MoE plugin, every expert computed: {c['factor']:g}x the expert compute of a plugin "
+                     f"({c['dense_mflop_per_token']:g} vs {c['plugin_mflop_per_token']:g} MFLOP per token and "
+                     f"layer) and every expert's weights read at each decode step ({c['dense_decode_mb_read']:g} vs "
+                     f"at most {c['plugin_decode_mb_read']:g} MB per layer)")
+        elif name == "edgellm-0.9" and not self.int4:
+            run.warn(FP16_ON_09)
         if self.int4:
             run.report.features[self.name]["experts_from"] = (f"{self.checkpoint.method} checkpoint codes"
                                                               if self.checkpoint else "RTN")
@@ -191,6 +206,9 @@ class Moe(Feature):
             def fc2(w=b.down):
                 return constant_array(w, base_dir).astype(np.float16)
 
+            if self.dense:
+                replace_uses(g, b.out, dense.emit(g, prefix, b, x, base_dir))
+                continue
             op = "Int4MoePlugin" if self.int4 else "Fp16MoePlugin"
             out = gs.Variable(f"{prefix}/{op}_out", np.float16, None)
             if self.int4:
@@ -275,6 +293,20 @@ def _topk_mass(g, prefix: str, logits, k: int, out):
                 outputs=[mass16]),
         gs.Node("Mul", f"{prefix}/Int4MoePlugin_scale", inputs=[out, mass16], outputs=[scaled])]
     return scaled
+
+
+@dataclass
+class MoeOptions(FeatureOptions):
+    """The MoE feature is implied by a router in the graph; its one option chooses the plugin-free form."""
+
+    moe_dense: bool = option(False, "--moe-dense", "Mixture-of-Experts blocks without a MoE plugin: every expert "
+                             "computed and weighted by its top-k routing weight (E/k times the expert compute; for "
+                             "FP16 experts no plugin takes, e.g. Qwen2-MoE's 60)", action="store_true")
+
+    def validate(self, target, options) -> None:
+        if self.moe_dense and getattr(options, "quantize", None):
+            raise RewriteError("--moe-dense writes FP16 experts without a plugin; with --quantize int4 the experts "
+                               "are an Int4MoePlugin (any expert count): drop one of the two")
 
 
 # ---------------------------------------------------------------------- verify: the same numbers in transformers
