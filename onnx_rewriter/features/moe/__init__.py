@@ -33,7 +33,7 @@ from onnx_rewriter.features.int4 import layout as int4_layout
 from onnx_rewriter.features.moe import dense, layout
 from onnx_rewriter.features.moe.checkpoint import CheckpointExperts
 from onnx_rewriter.features.moe.support import FP16_EXPERT_COUNTS
-from onnx_rewriter.modelio.graph import computed_constant, constant_array
+from onnx_rewriter.modelio.graph import computed_constant, constant_array, constant_row_blocks
 from onnx_rewriter.modelio.normalize import replace_uses
 
 # What each target writes for a routed block: the plugin and the rank of its hidden states; None: not wired yet.
@@ -238,15 +238,19 @@ class Moe(Feature):
         group = self.groups[layer]
         cache: dict = {}
 
+        def rtn_packed(w):  # one expert at a time from the source: the peak is the packed layer, not its fp32
+            packed = [layout.pack_int4_experts(*rtn_experts(block, group))
+                      for _, block in constant_row_blocks(w, base_dir, 1, np.float16)]
+            return np.concatenate([q for q, _ in packed]), np.concatenate([s for _, s in packed])
+
         def part(k):
             if not cache:
-                gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = Int4MoePlugin's order
-                dn = constant_array(b.down, base_dir)  # [E, H, I]
                 if self.checkpoint is not None:
+                    gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = the plugin's order
+                    dn = constant_array(b.down, base_dir)  # [E, H, I]
                     cache.update(enumerate(self.checkpoint.packed(layer, b, group, gu, dn)))
                 else:
-                    cache.update(enumerate((*layout.pack_int4_experts(*rtn_experts(gu, group)),
-                                            *layout.pack_int4_experts(*rtn_experts(dn, group)))))
+                    cache.update(enumerate((*rtn_packed(b.gate_up), *rtn_packed(b.down))))
             return cache.pop(k)
 
         inputs = [computed_constant(f"{prefix}.fc_gate_up_qweights", np.int8, (e, h // 16, 16 * i), lambda: part(0)),
