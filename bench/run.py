@@ -222,7 +222,7 @@ def baseline(size: str, ckpt: Path, torch_dtype: str = "float32") -> tuple[Path,
     path = CACHE / (f"base-{size}" if torch_dtype == "float32" else f"base-{size}-{torch_dtype}")
     if (path / "model.onnx").is_file():
         return path / "model.onnx", None
-    log(f"exporting the {size} baseline (fp32, dynamo) into {path}")
+    log(f"exporting the {size} baseline ({'fp32' if torch_dtype == 'float32' else 'bf16'}, dynamo) into {path}")
     shutil.rmtree(path, ignore_errors=True)
     code = ("import sys, shutil, pathlib; from onnx_rewriter.hf.export import load_model, export_baseline; "
             "src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); out.mkdir(parents=True); "

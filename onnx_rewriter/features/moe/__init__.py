@@ -199,12 +199,12 @@ class Moe(Feature):
                 x = x16
             i, e, h = b.inter, b.experts, b.hidden
 
-            def fc1(w=b.gate_up, i=i):
-                a = constant_array(w, base_dir)
-                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)
+            def fc1(w=b.gate_up, i=i):  # one fp16 expert at a time from the source, not the layer in fp32
+                return np.concatenate([layout.fp16_fc1(a[:, :i], a[:, i:])
+                                       for _, a in constant_row_blocks(w, base_dir, 1)])
 
             def fc2(w=b.down):
-                return constant_array(w, base_dir).astype(np.float16)
+                return np.concatenate([a for _, a in constant_row_blocks(w, base_dir, 1)])
 
             if self.dense:
                 replace_uses(g, b.out, dense.emit(g, prefix, b, x, base_dir))
