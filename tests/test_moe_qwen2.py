@@ -97,3 +97,13 @@ def test_int4_experts_verify(qwen2_moe60, tmp_path, target):
     plugins = [n for n in g.node if n.op_type == "Int4MoePlugin"]
     assert len(plugins) == 1 and {a.name: a.i for a in plugins[0].attribute}["num_experts"] == 60
     assert "/model/layers.1/mlp/experts/Int4MoePlugin_scale" in {n.name for n in g.node}  # the top-k mass
+
+
+@pytest.mark.slow  # ~10 s alone: export + verify of the tiny Mixtral
+def test_mixtral_int4_verifies_with_an_unvalidated_warning(models, tmp_path):
+    """Mixtral (contract §15.6: INT4 behind an "unvalidated" warning): 8 experts, top-2, renormalized; its FP16
+    experts are refused like any E no FP16 plugin takes (tests/test_moe.py refusal rows)."""
+    run, res = _export(models.checkpoint("mixtral"), tmp_path / "out", "edgellm-0.11", quantize="int4")
+    assert res.passed, res.table()
+    assert run.report.features["moe"]["plugin"] == "Int4MoePlugin"
+    assert any(w.startswith("Mixtral: unvalidated on the runtime") for w in run.report.warnings)

@@ -68,6 +68,10 @@ def rtn_experts(w: np.ndarray, group: int) -> tuple[list, list]:
 # --moe-dense: no plugin, every expert computed (moe/dense.py); on the targets with MoE at all
 DENSE_PLANS = {t: ("dense (no MoE plugin)", 2) for t in ("edgellm-0.9", "edgellm-0.10", "edgellm-0.11")}
 WHY_NOT = {"edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin"}
+# Contract §15.6: Mixtral maps onto Int4MoePlugin (w1 gate, w3 up, w2 down; softmax-top-k-renormalize) by inference
+MIXTRAL = ("Mixtral: unvalidated on the runtime: its MoE blocks map onto the plugin like Qwen3-MoE's (w1 = gate, w3 = "
+           "up, w2 = down, top-k renormalized), checked by verify on the CPU reference only; NVIDIA's exporter never "
+           "writes Mixtral, so no EdgeLLM engine of it is known to have run")
 FP16_ON_09 = ("Fp16MoePlugin on edgellm-0.9 needs runtime 0.9.1: the plugin does not exist in 0.6-0.9.0 (their engine "
               "build fails on the node); for any 0.6-0.9 runtime use --quantize int4 (Int4MoePlugin)")
 
@@ -170,6 +174,8 @@ class Moe(Feature):
                      f"at most {c['plugin_decode_mb_read']:g} MB per layer)")
         elif name == "edgellm-0.9" and not self.int4:
             run.warn(FP16_ON_09)
+        if isinstance(run.hf_config, dict) and run.hf_config.get("model_type") == "mixtral":
+            run.warn(MIXTRAL)
         if self.int4:
             run.report.features[self.name]["experts_from"] = (f"{self.checkpoint.method} checkpoint codes"
                                                               if self.checkpoint else "RTN")
