@@ -314,8 +314,7 @@ MUTANTS = [
          "    u = linear.q - linear.z[np.arange(k) // linear.group] + 9")],
         ["tests/reference/test_moe.py::test_checkpoint_experts_become_marlin_bytes_exactly"]),
     Mutant("MoE feature: Fp16MoePlugin fc1 written gate-first", "onnx_rewriter/features/moe/__init__.py", [
-        ("                return np.concatenate([layout.fp16_fc1(a[:, :i], a[:, i:])",
-         "                return np.concatenate([layout.int4_fc1(a[:, :i], a[:, i:])")],
+        ("lambda a: (layout.fp16_fc1(a[:i], a[i:]),))[0]", "lambda a: (layout.int4_fc1(a[:i], a[i:]),))[0]")],
         ["tests/test_moe.py::test_fp16_moe_plugin_verifies[edgellm-0.11-2]"]),
     Mutant("MoE pattern: every block read as renormalized", "patterns/moe_block.py", [
         ("        renormalize = bool(sums)", "        renormalize = True")],

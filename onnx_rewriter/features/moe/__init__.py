@@ -205,12 +205,11 @@ class Moe(Feature):
                 x = x16
             i, e, h = b.inter, b.experts, b.hidden
 
-            def fc1(w=b.gate_up, i=i):  # one fp16 expert at a time from the source, not the layer in fp32
-                return np.concatenate([layout.fp16_fc1(a[:, :i], a[:, i:])
-                                       for _, a in constant_row_blocks(w, base_dir, 1)])
+            def fc1(w=b.gate_up, i=i, e=e):  # one fp16 expert at a time from the source, not the layer in fp32
+                return per_expert(w, e, base_dir, lambda a: (layout.fp16_fc1(a[:i], a[i:]),))[0]
 
-            def fc2(w=b.down):
-                return np.concatenate([a for _, a in constant_row_blocks(w, base_dir, 1)])
+            def fc2(w=b.down, e=e):
+                return per_expert(w, e, base_dir, lambda a: (a,))[0]
 
             if self.dense:
                 replace_uses(g, b.out, dense.emit(g, prefix, b, x, base_dir))
@@ -245,9 +244,8 @@ class Moe(Feature):
         cache: dict = {}
 
         def rtn_packed(w):  # one expert at a time from the source: the peak is the packed layer, not its fp32
-            packed = [layout.pack_int4_experts(*rtn_experts(block, group))
-                      for _, block in constant_row_blocks(w, base_dir, 1, np.float16)]
-            return np.concatenate([q for q, _ in packed]), np.concatenate([s for _, s in packed])
+            return per_expert(w, e, base_dir,
+                              lambda a: tuple(x[0] for x in layout.pack_int4_experts(*rtn_experts(a[None], group))))
 
         def part(k):
             if not cache:
@@ -281,6 +279,19 @@ class Moe(Feature):
                  ints),
                 ("Int4MoePlugin", ["router_logits", "hidden_states", "fc_gate_up_qweights", "fc_gate_up_scales",
                                    "fc_down_qweights", "fc_down_scales"], ["output"], int4)]
+
+
+def per_expert(w, experts: int, base_dir, fn) -> tuple:
+    """fn(one expert's fp16 weight [N, K]) -> arrays, stacked into [E, ...] outputs allocated once: one expert read
+    from the source at a time (the peak is the layer's output, not its fp32 source nor a list of copies)."""
+    outs = None
+    for e, block in constant_row_blocks(w, base_dir, 1):
+        parts = fn(block[0])
+        if outs is None:
+            outs = tuple(np.empty((experts, *p.shape), p.dtype) for p in parts)
+        for o, p in zip(outs, parts):
+            o[e] = p
+    return outs
 
 
 def _topk_mass(g, prefix: str, logits, k: int, out):
