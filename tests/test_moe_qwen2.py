@@ -59,22 +59,16 @@ def test_moe_dense_writes_the_plugin_free_form_and_verifies(qwen2_moe60, tmp_pat
     assert dims["/model/layers.1/mlp/experts.dense_fc2"] == [60 * 64, 128]
 
 
-def test_moe_dense_renormalized_and_its_bugs(models, tmp_path, monkeypatch):
-    """The dense form of a renormalizing model (tiny Qwen3-MoE, 8 experts, top-2) on edgellm-0.10 verifies; with
-    the renormalization dropped, verify fails."""
+def test_moe_dense_renormalized(models, tmp_path):
+    """The dense form of a renormalizing model (tiny Qwen3-MoE, 8 experts, top-2) on edgellm-0.10 verifies (with the
+    renormalization dropped it fails: mutant "MoE dense form: renormalization dropped", tests/mutants.py)."""
     import onnx_rewriter
-    from onnx_rewriter.features.moe import dense
 
     base = models.baseline("qwen3_moe", refs=True)
-    ckpt = models.checkpoint("qwen3_moe")
     out = tmp_path / "ok"
-    onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.10", moe_dense=True)
-    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
-    with monkeypatch.context() as mp:
-        real = dense.emit
-        mp.setattr(dense, "emit", lambda g, p, b, x, d: real(g, p, type(b)(**{**vars(b), "renormalize": False}), x, d))
-        onnx_rewriter.rewrite(str(base), str(tmp_path / "norenorm"), target="edgellm-0.10", moe_dense=True)
-    assert not onnx_rewriter.verify(str(tmp_path / "norenorm"), model=str(ckpt)).passed
+    run = onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.10", moe_dense=True)
+    assert run.report.features["moe"]["dense_cost"]["factor"] == 4.0
+    assert onnx_rewriter.verify(str(out), model=str(models.checkpoint("qwen3_moe"))).passed
 
 
 def test_moe_dense_with_int4_is_refused(models, tmp_path, capsys):
