@@ -333,7 +333,7 @@ MUTANTS = [
         ["tests/test_moe_checkpoint.py::test_router_behind_a_cast_is_a_router"]),
     Mutant("MoE dense form: renormalization dropped", "onnx_rewriter/features/moe/dense.py", [
         ("    if b.renormalize:", "    if False:")],
-        ["tests/test_moe_qwen2.py::test_moe_dense_renormalized"]),
+        ["tests/test_moe.py::test_moe_dense_renormalized"]),
     Mutant("MoE GPTQ checkpoint: FC1 scales up before gate", "onnx_rewriter/features/moe/checkpoint.py", [
         ("np.concatenate([gs, us], axis=1)", "np.concatenate([us, gs], axis=1)")],
         ["tests/test_moe_checkpoint.py::test_gptq_moe_export_verifies_with_the_checkpoint_codes"]),

@@ -226,6 +226,7 @@ def test_fp16_moe_plugin_verifies(moe128, tmp_path, target, rank):
     assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
 
+@pytest.mark.slow  # ~5 s; the same bugs are mutants caught by default tests (tests/mutants.py, "MoE ...")
 def test_fp16_moe_plugin_bugs_fail_verify(moe128, tmp_path, monkeypatch):
     """fc1 in Int4MoePlugin's row order (gate first), or norm_topk_prob flipped: verify must fail."""
     import onnx
@@ -378,6 +379,7 @@ def test_int4_moe_plugin_verifies(moe_baseline, tmp_path, target, rank):
     assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
 
+@pytest.mark.slow  # ~2.5 s; the mutant "MoE Marlin: grouped scale permutation off by one" is caught by default tests
 def test_int4_moe_plugin_scale_permutation_bug_fails_verify(moe_baseline, tmp_path, monkeypatch):
     import onnx_rewriter
     from onnx_rewriter.features.moe import layout
@@ -411,3 +413,15 @@ def test_int4_moe_plugin_with_topk_mass_on_qwen2_moe(models, tmp_path, monkeypat
     monkeypatch.setattr(features.moe, "_topk_mass", lambda g, prefix, logits, k, out: out)
     _int4(base / "model.onnx", tmp_path / "no_mass", "edgellm-0.11")
     assert not onnx_rewriter.verify(str(tmp_path / "no_mass"), model=str(ckpt)).passed
+
+
+def test_moe_dense_renormalized(moe_baseline, tmp_path):
+    """--moe-dense on a renormalizing model (the tiny Qwen3-MoE, 8 experts, top-2) on edgellm-0.10: the plugin-free
+    form (features/moe/dense.py) verifies; with the renormalization dropped it fails (mutant "MoE dense form")."""
+    import onnx_rewriter
+
+    ckpt, base = moe_baseline
+    out = tmp_path / "out"
+    run = onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.10", moe_dense=True)
+    assert run.report.features["moe"]["dense_cost"]["factor"] == 4.0
+    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed

@@ -59,20 +59,9 @@ def test_moe_dense_writes_the_plugin_free_form_and_verifies(qwen2_moe60, tmp_pat
     assert dims["/model/layers.1/mlp/experts.dense_fc2"] == [60 * 64, 128]
 
 
-def test_moe_dense_renormalized(models, tmp_path):
-    """The dense form of a renormalizing model (tiny Qwen3-MoE, 8 experts, top-2) on edgellm-0.10 verifies (with the
-    renormalization dropped it fails: mutant "MoE dense form: renormalization dropped", tests/mutants.py)."""
-    import onnx_rewriter
-
-    base = models.baseline("qwen3_moe", refs=True)
-    out = tmp_path / "ok"
-    run = onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.10", moe_dense=True)
-    assert run.report.features["moe"]["dense_cost"]["factor"] == 4.0
-    assert onnx_rewriter.verify(str(out), model=str(models.checkpoint("qwen3_moe"))).passed
-
-
-def test_moe_dense_with_int4_is_refused(models, tmp_path, capsys):
-    base = models.baseline("qwen3_moe", refs=True)
+def test_moe_dense_with_int4_is_refused(tmp_path, capsys):
+    base = tmp_path / "model.onnx"  # refused with the options, before the input is read
+    base.write_bytes(b"")
     code, _, err = run_cli(capsys, base, tmp_path / "out", "--moe-dense", "--quantize", "int4")
     assert_refused(code, err, "--moe-dense", "--quantize int4", "drop one")
     assert_no_output(tmp_path / "out")
