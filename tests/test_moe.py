@@ -425,3 +425,18 @@ def test_moe_dense_renormalized(moe_baseline, tmp_path):
     run = onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.10", moe_dense=True)
     assert run.report.features["moe"]["dense_cost"]["factor"] == 4.0
     assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+
+
+def test_verify_reports_the_experts_each_layer_used(moe_baseline, tmp_path, capsys):
+    """verify names, per MoE plugin node, how many of the E experts some row was routed to over its run (a verify
+    where most experts were never chosen proves little about their weights)."""
+    import onnx_rewriter
+
+    ckpt, base = moe_baseline
+    out = tmp_path / "out"
+    _int4(base, out, "edgellm-0.11")
+    res = onnx_rewriter.verify(str(out), model=str(ckpt))
+    assert res.passed
+    assert [(n.split("/")[2], e) for n, e, _ in res.expert_usage] == [("layers.0", 8), ("layers.1", 8)]
+    assert all(used >= 6 for _, _, used in res.expert_usage)  # measured: 8/8 on both layers
+    assert "MoE experts used over the run (of E, per plugin node): layers.0 " in capsys.readouterr().out
