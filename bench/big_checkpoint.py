@@ -1,4 +1,4 @@
-"""A random-weight bf16 checkpoint of a real model's dimensions, written shard by shard (bench sizes 3b, 8b).
+"""A random-weight bf16 checkpoint of a real model's dimensions, written shard by shard (bench sizes 3b, 8b, moe).
 
     .venv/bin/python bench/big_checkpoint.py OUT CONFIG_CLASS '{"hidden_size": ...}' [--shard-gb 5]
 
@@ -40,8 +40,22 @@ def plan(config) -> list[tuple[str, tuple]]:
         if id(p) in seen:  # tied: lm_head.weight is model.embed_tokens.weight
             continue
         seen.add(id(p))
-        out.append((name, tuple(p.shape)))
+        out.extend(_per_expert(name, tuple(p.shape)))
     return out
+
+
+def _per_expert(name: str, shape: tuple) -> list[tuple[str, tuple]]:
+    """transformers 5 holds MoE experts stacked (`experts.gate_up_proj` [E, 2I, H], `experts.down_proj` [E, H, I]);
+    save_pretrained and the releases store them per expert (`experts.{e}.gate_proj.weight`, ...), which loading
+    stacks again: written per expert here too."""
+    if name.endswith("experts.gate_up_proj"):
+        e, two_i, h = shape
+        base = name.removesuffix("gate_up_proj")
+        return [(f"{base}{x}.{p}.weight", (two_i // 2, h)) for x in range(e) for p in ("gate_proj", "up_proj")]
+    if name.endswith("experts.down_proj"):
+        e, h, i = shape
+        return [(f"{name.removesuffix('down_proj')}{x}.down_proj.weight", (h, i)) for x in range(e)]
+    return [(name, shape)]
 
 
 def shards(tensors, shard_bytes: int) -> list[list[tuple[str, tuple]]]:

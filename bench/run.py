@@ -64,9 +64,20 @@ SIZES = {
                rms_norm_eps=1e-5,
                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Qwen3-30B-A3B's layer dimensions (128 experts of I = 768, top-8, 32 / 4 heads of 128), 2 of its 48 layers;
+    # moe-dense: a dense Qwen3 of the same size (its MLP as wide as all 128 experts), the FP16 reference (--only moe)
+    "moe": dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                intermediate_size=6144, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+                tie_word_embeddings=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    "moe-dense": dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
+                      head_dim=128, intermediate_size=128 * 768, vocab_size=151936, tie_word_embeddings=False,
+                      max_position_embeddings=40960, rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 # size -> transformers config class of the sharded random checkpoints (bench/big_checkpoint.py, <= 5 GB shards)
-BIG = {"3b": "Qwen2Config", "8b": "LlamaConfig"}
+BIG = {"3b": "Qwen2Config", "8b": "LlamaConfig", "moe": "Qwen3MoeConfig", "moe-dense": "Qwen3Config"}
 
 
 def log(msg: str) -> None:
@@ -205,19 +216,20 @@ def checkpoint_gb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9, 2)
 
 
-def baseline(size: str, ckpt: Path) -> tuple[Path, dict | None]:
-    """The fp32 dynamo export both rewriters read (config and tokenizer beside it, as users have them)."""
-    path = CACHE / f"base-{size}"
+def baseline(size: str, ckpt: Path, torch_dtype: str = "float32") -> tuple[Path, dict | None]:
+    """The fp32 dynamo export both rewriters read (config and tokenizer beside it, as users have them);
+    torch_dtype "export": the checkpoint's own bf16."""
+    path = CACHE / (f"base-{size}" if torch_dtype == "float32" else f"base-{size}-{torch_dtype}")
     if (path / "model.onnx").is_file():
         return path / "model.onnx", None
-    log(f"exporting the {size} baseline (fp32, dynamo) into {path}")
+    log(f"exporting the {size} baseline ({'fp32' if torch_dtype == 'float32' else 'bf16'}, dynamo) into {path}")
     shutil.rmtree(path, ignore_errors=True)
     code = ("import sys, shutil, pathlib; from onnx_rewriter.hf.export import load_model, export_baseline; "
             "src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); out.mkdir(parents=True); "
-            "m, _ = load_model(str(src), torch_dtype='float32'); export_baseline(m, out / 'model.onnx'); "
+            "m, _ = load_model(str(src), torch_dtype=sys.argv[3]); export_baseline(m, out / 'model.onnx'); "
             "[shutil.copy(f, out / f.name) for f in src.iterdir() "
             " if f.suffix in ('.json', '.jinja') and f.name != 'generation_config.json']")
-    r = measure(f"baseline-{size}", _python(code, ckpt, path))
+    r = measure(f"baseline-{size}", _python(code, ckpt, path, torch_dtype))
     if r["rc"]:
         raise SystemExit(f"could not export the {size} baseline:\n{r['tail']}")
     return path / "model.onnx", r
@@ -331,6 +343,34 @@ def bench_quantize(size: str, base: Path, ckpt: Path) -> dict:
                                                    *(f"{k}={CACHE / f'out-{k}-{size}'}" for k in ("int4", "int4-awq"))])
     res["agreement"] = json.loads(agree["tail"].strip().splitlines()[-1]) if agree["rc"] == 0 else None
     drop_outputs(*(CACHE / f"out-{k}-{size}" for k, _ in runs))
+    return res
+
+
+# ---------------------------------------------------------------- (e) MoE: experts streamed like dense weights
+
+
+def bench_moe() -> dict:
+    """`moe` (Qwen3-30B-A3B layers) rewritten with --quantize int4 (Int4MoePlugin, RTN experts) and FP16
+    (Fp16MoePlugin), against `moe-dense` (a dense model of the same size) rewritten FP16 and INT4: wall, peak
+    RSS, output size. Both baselines are bf16 dynamo exports (the checkpoints' dtype; fp32 would double the
+    baseline export's memory for nothing the rewrite measures)."""
+    res = {}
+    for size, runs in (("moe", (("int4", ["--quantize", "int4"]), ("fp16", []))),
+                       ("moe-dense", (("fp16", []), ("int4", ["--quantize", "int4"])))):
+        ckpt = checkpoint(size)
+        res[f"{size}-checkpoint_gb"] = checkpoint_gb(ckpt)
+        base, built = baseline(size, ckpt, torch_dtype="export")
+        res[f"{size}-baseline"] = built
+        for key, extra in runs:
+            out = CACHE / f"out-{key}-{size}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = res[f"{size}-{key}"] = measure(f"moe-{key}-{size}", [PY, "-m", "onnx_rewriter", base, out,
+                                                                     "--external-data", "-q", "--target",
+                                                                     "edgellm-0.11", *extra])
+            r["out_mb"] = dir_mb(out)
+            r["fused"] = count_nodes(out / "model.onnx", "Int4MoePlugin" if size == "moe" and extra else
+                                     "Fp16MoePlugin" if size == "moe" else "AttentionPlugin")
+            drop_outputs(out)
     return res
 
 
@@ -511,6 +551,21 @@ def report(results: dict) -> None:
                             f"{b['ours']['peak_mb']} vs {b['peer']['peak_mb']} MB: time ours / NVIDIA's "
                             f"{b['ours']['wall_s'] / b['peer']['wall_s']:.2f}, peak ours / NVIDIA's "
                             f"{b['ours']['peak_mb'] / b['peer']['peak_mb']:.2f}")
+    for res in results.values():
+        m = res.get("moe")
+        if not m:
+            continue
+        for s in ("moe", "moe-dense"):
+            rows.append(f"{s:<10}checkpoint: {m[f'{s}-checkpoint_gb']} GB of safetensors on disk")
+            row(s, "baseline export (bf16, once)", m.get(f"{s}-baseline"))
+        row("moe", "rewrite --quantize int4 (Int4MoePlugin)", m["moe-int4"])
+        row("moe", "rewrite FP16 (Fp16MoePlugin)", m["moe-fp16"])
+        row("dense", "rewrite FP16 (same size, dense)", m["moe-dense-fp16"])
+        row("dense", "rewrite --quantize int4 (dense)", m["moe-dense-int4"])
+        moe, dense = m["moe-int4"], m["moe-dense-fp16"]
+        rows.append(f"{'':<6}-> INT4 MoE rewrite peak {moe['peak_mb'] / max(dense['peak_mb'], 1):.2f}x the FP16 dense "
+                    f"rewrite's, time {moe['wall_s'] / max(dense['wall_s'], 1e-9):.2f}x ('fused' = MoE plugins, or "
+                    f"AttentionPlugins for the dense model)")
     for size, res in results.items():
         if "graphs" in res:
             peer = res.get("export", {}).get("peer", {}).get("graph") or res.get("graph_peer")
@@ -525,7 +580,8 @@ def report(results: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,0.5b", help=f"comma list of {', '.join(SIZES)}")
-    p.add_argument("--only", help="comma list of comparisons: rewrite, export, quantize, graph (default: all)")
+    p.add_argument("--only", help="comma list of comparisons: rewrite, export, quantize, graph (default: all); "
+                   "moe alone: the MoE row (its own checkpoints moe and moe-dense)")
     p.add_argument("--verify", default="tiny,0.5b", help="sizes whose export output is also verified")
     p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
     p.add_argument("--repeat", type=int, default=3, help="runs of each rewrite tool (the fastest counts)")
@@ -538,7 +594,7 @@ def main(argv=None) -> int:
     global KEEP_OUTPUTS, MEM_CAP_GB
     KEEP_OUTPUTS, MEM_CAP_GB = args.keep_outputs, args.mem_cap_gb
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    kinds = ("rewrite", "export", "quantize", "graph")
+    kinds = ("rewrite", "export", "quantize", "graph", "moe")
     only = set(kinds) if args.only is None else {k.strip() for k in args.only.split(",") if k.strip()}
     if only - set(kinds):
         p.error(f"unknown comparison(s) {sorted(only - set(kinds))}; choose from {', '.join(kinds)}")
@@ -547,6 +603,11 @@ def main(argv=None) -> int:
         p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = {}
+    if only == {"moe"}:  # its own two checkpoints (sizes moe, moe-dense), whatever --sizes says
+        results["moe"] = {"moe": bench_moe()}
+        (CACHE / "results.json").write_text(json.dumps(results, indent=1))
+        report(results)
+        return 0
     for size in sizes:
         log(f"== {size}")
         ckpt = checkpoint(size)

@@ -327,12 +327,29 @@ MUTANTS = [
          "    u = linear.q - linear.z[np.arange(k) // linear.group] + 9")],
         ["tests/reference/test_moe.py::test_checkpoint_experts_become_marlin_bytes_exactly"]),
     Mutant("MoE feature: Fp16MoePlugin fc1 written gate-first", "onnx_rewriter/features/moe/__init__.py", [
-        ("                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)",
-         "                return layout.int4_fc1(a[:, :i], a[:, i:]).astype(np.float16)")],
+        ("lambda a: (layout.fp16_fc1(a[:i], a[i:]),))[0]", "lambda a: (layout.int4_fc1(a[:i], a[i:]),))[0]")],
         ["tests/test_moe.py::test_fp16_moe_plugin_verifies[edgellm-0.11-2]"]),
     Mutant("MoE pattern: every block read as renormalized", "patterns/moe_block.py", [
         ("        renormalize = bool(sums)", "        renormalize = True")],
         ["tests/patterns/test_moe_block.py::test_matches_and_reads_the_block"]),
+    Mutant("MoE feature: shared expert added twice (NVIDIA I#158)", "onnx_rewriter/features/moe/__init__.py", [
+        ("            replace_uses(g, b.out, out)\n",
+         "            replace_uses(g, b.out, out)\n"
+         "            for n in [n for n in list(g.nodes) if n.op == 'Add' and out in n.inputs]:\n"
+         "                twice = gs.Variable(f'{prefix}/twice', np.float16, None)\n"
+         "                g.nodes.append(gs.Node('Add', f'{prefix}/twice',"
+         " inputs=[out, n.inputs[1 - n.inputs.index(out)]], outputs=[twice]))\n"
+         "                n.inputs[n.inputs.index(out)] = twice\n")],
+        ["tests/test_moe_qwen2.py::test_int4_experts_verify[edgellm-0.9]"]),
+    Mutant("MoE routers: a Cast between Softmax and TopK not looked through", "onnx_rewriter/analysis/moe.py", [
+        ('        readers += [r for c in readers if c.op == "Cast" for r in c.outputs[0].outputs]\n', "")],
+        ["tests/test_moe_checkpoint.py::test_router_behind_a_cast_is_a_router"]),
+    Mutant("MoE dense form: renormalization dropped", "onnx_rewriter/features/moe/dense.py", [
+        ("    if b.renormalize:", "    if False:")],
+        ["tests/test_moe.py::test_moe_dense_renormalized"]),
+    Mutant("MoE GPTQ checkpoint: FC1 scales up before gate", "onnx_rewriter/features/moe/checkpoint.py", [
+        ("np.concatenate([gs, us], axis=1)", "np.concatenate([us, gs], axis=1)")],
+        ["tests/test_moe_checkpoint.py::test_gptq_moe_export_verifies_with_the_checkpoint_codes"]),
     # ---------------------------------------------------------------- output-path safety
     Mutant("safety: protected folders compared before resolving symlinks", "onnx_rewriter/safety.py", [
         ("        p = resolved(p)\n        if _within(out, p) or _within(p, out):",

@@ -19,8 +19,9 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 1
 
 
 @pytest.mark.parametrize("config,target,words", [
-    (QWEN3_MOE, "edgellm-0.9", ["Mixture-of-Experts", "qwen3_moe: 128 experts, top-8", "not supported yet",
-                                "Fp16MoePlugin on edgellm-0.10 / 0.11", "--quantize int4"]),
+    ({**QWEN3_MOE, "num_experts": 64}, "edgellm-0.9", ["Mixture-of-Experts", "qwen3_moe: 64 experts, top-8",
+                                                        "no MoE plugin takes these FP16 experts", "--quantize int4",
+                                                        "--moe-dense"]),
     ({**QWEN3_MOE, "num_experts": 64}, "edgellm-0.11", ["64 experts", "128 or 256 experts"]),
     ({**QWEN3_MOE, "num_experts_per_tok": 9}, "edgellm-0.11", ["top-9"]),
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts
@@ -44,7 +45,7 @@ QWEN3_MOE = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 1
      ["ModelOpt FP8"]),
     ({**QWEN3_MOE, "quantization_config": {"quant_method": "gptq", "bits": 8}}, "edgellm-0.10", ["INT8 (gptq"]),
     # a VLM's decoder (Qwen3-VL-MoE keeps it in text_config)
-    ({"model_type": "qwen3_vl_moe", "text_config": QWEN3_MOE}, "edgellm-0.9", ["128 experts"]),
+    ({"model_type": "qwen3_vl_moe", "text_config": {**QWEN3_MOE, "num_experts": 64}}, "edgellm-0.9", ["64 experts"]),
 ])
 def test_refusal_names_moe_and_the_reason(config, target, words):
     why = support.refusal(config, target)
@@ -68,6 +69,7 @@ def test_what_is_written_is_not_refused_before_the_rewrite():
     them)."""
     assert support.refusal(QWEN3_MOE, "edgellm-0.11") is None
     assert support.refusal(QWEN3_MOE, "edgellm-0.10") is None
+    assert support.refusal(QWEN3_MOE, "edgellm-0.9") is None  # Fp16MoePlugin of runtime 0.9.1, with a warning
     e8 = {**QWEN3_MOE, "num_experts": 8}  # Int4MoePlugin takes any expert count
     assert support.refusal(e8, "edgellm-0.9", int4=True) is None and support.refusal(e8, "edgellm-0.9") is not None
     assert support.refusal(e8, "edgellm-0.5", int4=True) is not None
@@ -117,7 +119,7 @@ def test_export_of_the_tiny_qwen3_moe_is_refused(models, moe_baseline, tmp_path,
     ckpt, _ = moe_baseline
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "export", "--model", ckpt, "--output-dir", out, "--target", target)
-    words = ["no MoE plugin", "edgellm-0.5"] if target == "edgellm-0.5" else ["not supported yet"]
+    words = ["no MoE plugin", "edgellm-0.5"] if target == "edgellm-0.5" else ["no MoE plugin takes these FP16"]
     assert_refused(code, err, "Mixture-of-Experts", "qwen3_moe: 8 experts, top-2", *words)
     assert_no_output(out)
 
@@ -132,14 +134,14 @@ def test_plain_moe_export_is_refused_naming_what_it_read(moe_baseline, tmp_path,
     (bare / "model.onnx").symlink_to(base)
     (bare / "model.onnx.data").symlink_to(base.with_name("model.onnx.data"))
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer")  # edgellm-0.9
+    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer", "--target", "edgellm-0.5")
     last = assert_refused(code, err, "Mixture-of-Experts layers 0, 1", "8 experts, top-2, I = 64",
-                          "top-k weights renormalized", "edgellm-0.9", "runtime 0.9.1")
+                          "top-k weights renormalized", "edgellm-0.5", "no MoE plugin")
     assert "expected MatMul" not in last
+    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer")  # edgellm-0.9
+    assert_refused(code, err, "layer 0", "8 experts (Fp16MoePlugin takes 128 or 256", "--moe-dense")
     code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer", "--target", "edgellm-0.11")
     assert_refused(code, err, "layer 0", "8 experts (Fp16MoePlugin takes 128 or 256")
-    code, _, err = run_cli(capsys, bare / "model.onnx", out, "--no-tokenizer", "--target", "edgellm-0.5")
-    assert_refused(code, err, "edgellm-0.5", "no MoE plugin")
     # with its config.json beside it: the config's reason where it has one, before matching; inspect: exit code 1
     code, _, err = run_cli(capsys, base, out, "--target", "edgellm-0.5")
     assert_refused(code, err, "Mixture-of-Experts model (qwen3_moe: 8 experts, top-2)", "edgellm-0.5")
@@ -224,6 +226,7 @@ def test_fp16_moe_plugin_verifies(moe128, tmp_path, target, rank):
     assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
 
+@pytest.mark.slow  # ~5 s; the same bugs are mutants caught by default tests (tests/mutants.py, "MoE ...")
 def test_fp16_moe_plugin_bugs_fail_verify(moe128, tmp_path, monkeypatch):
     """fc1 in Int4MoePlugin's row order (gate first), or norm_topk_prob flipped: verify must fail."""
     import onnx
@@ -247,9 +250,17 @@ def test_fp16_moe_plugin_bugs_fail_verify(moe128, tmp_path, monkeypatch):
     assert not onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
 
+def test_fp16_moe_plugin_on_09_warns_naming_runtime_091(moe128, tmp_path):
+    """edgellm-0.9 covers runtimes 0.6-0.9.x and Fp16MoePlugin exists only in 0.9.1: written ([B, S, H], as 0.10)
+    with a warning that says so and what works on every 0.9 runtime."""
+    _, base = moe128
+    run = _rewrite_011(base, tmp_path / "out", "edgellm-0.9")
+    assert run.report.features["moe"]["plugin"] == "Fp16MoePlugin"
+    warned = [w for w in run.report.warnings if "Fp16MoePlugin" in w]
+    assert len(warned) == 1 and "runtime 0.9.1" in warned[0] and "--quantize int4" in warned[0]
+
+
 @pytest.mark.parametrize("args,words", [
-    (["--target", "edgellm-0.9"], ["Mixture-of-Experts layers 0, 1", "edgellm-0.9", "runtime 0.9.1",
-                                   "use --target edgellm-0.10 or edgellm-0.11"]),
     (["--target", "edgellm-0.11", "--dtype", "float32"], ["--dtype float16"]),
     (["--target", "edgellm-0.11", "--kv-cache", "fp8"], ["--kv-cache fp8", "Mixture-of-Experts", "expert choices"]),
 ])
@@ -365,9 +376,14 @@ def test_int4_moe_plugin_verifies(moe_baseline, tmp_path, target, rank):
     typed = onnx.shape_inference.infer_shapes(model).graph
     shapes = {v.name: len(v.type.tensor_type.shape.dim) for v in list(typed.value_info) + list(typed.input)}
     assert all(shapes[n.input[1]] == rank for n in plugins)
-    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+    res = onnx_rewriter.verify(str(out), model=str(ckpt))
+    assert res.passed
+    # verify says how many of the E experts each plugin routed some row to (measured: 8/8 in both layers)
+    assert [(n.split("/")[2], e) for n, e, _ in res.expert_usage] == [("layers.0", 8), ("layers.1", 8)]
+    assert all(used >= 6 for _, _, used in res.expert_usage)
 
 
+@pytest.mark.slow  # ~2.5 s; the mutant "MoE Marlin: grouped scale permutation off by one" is caught by default tests
 def test_int4_moe_plugin_scale_permutation_bug_fails_verify(moe_baseline, tmp_path, monkeypatch):
     import onnx_rewriter
     from onnx_rewriter.features.moe import layout
@@ -401,3 +417,16 @@ def test_int4_moe_plugin_with_topk_mass_on_qwen2_moe(models, tmp_path, monkeypat
     monkeypatch.setattr(features.moe, "_topk_mass", lambda g, prefix, logits, k, out: out)
     _int4(base / "model.onnx", tmp_path / "no_mass", "edgellm-0.11")
     assert not onnx_rewriter.verify(str(tmp_path / "no_mass"), model=str(ckpt)).passed
+
+
+def test_moe_dense_renormalized(moe_baseline, tmp_path):
+    """--moe-dense on a renormalizing model (the tiny Qwen3-MoE, 8 experts, top-2) on edgellm-0.10: the plugin-free
+    form (features/moe/dense.py) verifies; with the renormalization dropped it fails (mutant "MoE dense form")."""
+    import onnx_rewriter
+
+    ckpt, base = moe_baseline
+    out = tmp_path / "out"
+    run = onnx_rewriter.rewrite(str(base), str(out), target="edgellm-0.10", moe_dense=True)
+    assert run.report.features["moe"]["dense_cost"]["factor"] == 4.0
+    assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
+

@@ -1,7 +1,7 @@
 """Mixture-of-Experts routers in a graph: a Softmax whose output a TopK reads (contract part 3 §15.2).
 
 Attention's Softmax never feeds a TopK; an MoE router does (transformers' Qwen3-MoE / Qwen2-MoE exports:
-`Gemm(x, mlp.gate.weight) -> Softmax -> TopK(k)`, docs/contract.md, "Mixture-of-Experts"). `routers` lists
+`Gemm(x, mlp.gate.weight) -> Softmax [-> Cast] -> TopK(k)`, docs/contract.md, "Mixture-of-Experts"). `routers` lists
 them with the decoder layer they sit in (counted by the attention Softmaxes before them): the rewrite takes
 their Softmaxes out of the attention anchors, implies the moe feature, and names the layer of a block the
 moe_block pattern did not read.
@@ -36,7 +36,11 @@ def routers(graph: gs.Graph) -> list[Router]:
     for node in graph.nodes:  # topological order
         if node.op != "Softmax":
             continue
-        topks = [c for c in node.outputs[0].outputs if c.op == "TopK"]
+        # bf16 / fp16 exports cast the probabilities to fp32 first (Softmax -> Cast -> TopK): looked through, or
+        # such a model's MoE blocks were left as exported, unrewritten and unreported
+        readers = [c for c in node.outputs[0].outputs]
+        readers += [r for c in readers if c.op == "Cast" for r in c.outputs[0].outputs]
+        topks = [c for c in readers if c.op == "TopK"]
         if not topks:
             attention += 1
             continue

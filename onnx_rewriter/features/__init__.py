@@ -26,7 +26,7 @@ from __future__ import annotations
 from onnx_rewriter.analysis.moe import routers
 from onnx_rewriter.features import eagle3, fp8_kv, int4, lora, reduced_vocab, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
-from onnx_rewriter.features.moe import Moe
+from onnx_rewriter.features.moe import Moe, MoeOptions
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
 
 __all__ = ["OPTIONS", "Feature", "FeatureOptions", "implied", "selected"]
@@ -66,4 +66,5 @@ OPTIONS: list[type[FeatureOptions]] = [
     lora.LoraOptions,
     fp8_kv.Fp8KvOptions,
     eagle3.Eagle3Options,  # last: it adds inputs to the plugins the others have finished
+    MoeOptions,  # --moe-dense only: the Moe feature itself is implied by a router (implied())
 ]

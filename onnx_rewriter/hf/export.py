@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import socket
 import threading
@@ -306,8 +307,10 @@ def precheck(model: str, output_dir, opts, device: str = "cpu", keep_baseline=No
     safety.check_writes(output_dir, opts.force, protected=protected, read=pipeline.read_paths(opts),
                         keep_baseline=keep_baseline, report=opts.report)
     if folder is not None and (folder / "config.json").is_file():  # MoE: refused by name, before its sizes
-        why = moe_support.refusal(read_config(folder / "config.json"), str(opts.target),
-                                  int4=getattr(opts, "quantize", None) == "int4")
+        config = read_config(folder / "config.json")
+        why = moe_support.refusal(config, str(opts.target),
+                                  int4=getattr(opts, "quantize", None) == "int4" or moe_support.int4_checkpoint(config),
+                                  dense=bool(getattr(opts, "moe_dense", False)))
         if why is not None:
             raise UnsupportedModel(f"'{model}': {why}")
     _check_checkpoint(folder)
@@ -443,11 +446,41 @@ def _load_quantized(folder, config, dtype, attn_implementation: str):
     import torch
 
     ck = quantized_checkpoint.Checkpoint(folder)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ck.plain().items()}
+    state = dict(ck.plain())
     for p in ck.prefixes:
-        state[f"{p}.weight"] = torch.from_numpy(np.ascontiguousarray(ck.linear(p).dequantized().T))
+        state[f"{p}.weight"] = np.ascontiguousarray(ck.linear(p).dequantized().T)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stack_experts(state).items()}
     model, _ = _plain_model(config, dtype, attn_implementation, state, f"quantized checkpoint '{folder}'")
     return model.to(dtype).eval()
+
+
+# A checkpoint's per-expert linears (Qwen2/3-MoE gate/up/down_proj, Mixtral w1/w3/w2), which transformers 5 stacks
+# on load; _plain_model loads a state as it is, so the stacking is done here.
+_EXPERT_LINEAR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_EXPERT_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def stack_experts(state: dict) -> dict:
+    """Per-expert weights `...experts.{e}.gate_proj.weight` ([I, H]) -> transformers 5's stacked experts:
+    `...experts.gate_up_proj` [E, 2I, H] (gate rows first, as its chunk(2) reads them), `...experts.down_proj`
+    [E, H, I]. Other tensors pass through; a block whose experts are incomplete is left as it is (the model's
+    load then names what is missing)."""
+    blocks: dict = {}
+    for key in list(state):
+        m = _EXPERT_LINEAR.match(key)
+        if m:
+            blocks.setdefault(m.group(1), {})[(int(m.group(2)), _EXPERT_PART[m.group(3)])] = key
+    out = dict(state)
+    for prefix, parts in blocks.items():
+        n = 1 + max(e for e, _ in parts)
+        if set(parts) != {(e, p) for e in range(n) for p in ("gate", "up", "down")}:
+            continue
+        out[f"{prefix}.gate_up_proj"] = np.stack([np.concatenate([state[parts[(e, "gate")]], state[parts[(e, "up")]]])
+                                                  for e in range(n)])
+        out[f"{prefix}.down_proj"] = np.stack([state[parts[(e, "down")]] for e in range(n)])
+        for key in parts.values():
+            del out[key]
+    return out
 
 
 def _plain_model(config, dtype, attn_implementation: str, state: dict, what: str):
@@ -455,7 +488,10 @@ def _plain_model(config, dtype, attn_implementation: str, state: dict, what: str
     `state`; a state that does not fit the config is refused in one line naming `what`."""
     from transformers import AutoModelForCausalLM
 
+    experts = getattr(config, "_experts_implementation", None)  # MoE: batched_mm (load_model), kept
     config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    if experts is not None:
+        config._experts_implementation = experts
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]

@@ -184,6 +184,9 @@ FAMILIES = {
     "qwen2_moe": lambda: _cfg("Qwen2MoeConfig", _no_head_dim(), hidden_size=128, moe_intermediate_size=64,
                               shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                               norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0]),
+    # Mixtral: every layer routed, 8 experts (w1 gate, w3 up, w2 down) of I = intermediate_size, top-2, renormalized.
+    "mixtral": lambda: _cfg("MixtralConfig", hidden_size=128, intermediate_size=64, num_local_experts=8,
+                            num_experts_per_tok=2),
     # Interleaved (GPT-J style) partial rotary, LayerNorm, parallel attention+MLP.
     "gptj": lambda: _cfg(
         "GPTJConfig", {}, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_inner=128, n_positions=256,

@@ -242,19 +242,21 @@ def constant_array(c: gs.Constant, base_dir: Path) -> np.ndarray:
 
 
 def constant_row_blocks(c: gs.Constant, base_dir: Path, rows: int, dtype=np.float16):
-    """Yield (row, block) of a 2-D constant, `rows` rows at a time, converted to `dtype`: read in chunks
-    (stream.chunks), never the whole tensor at once. Each block is a fresh array."""
+    """Yield (row, block) of a constant along its first axis, `rows` rows at a time, converted to `dtype`: read
+    in chunks (stream.chunks), never the whole tensor at once. Each block is a fresh array (a 3-D constant's
+    blocks are [rows, d1, d2]: MoE experts one or a few at a time)."""
     proto = lazy_proto(c)
     if proto is None:
         arr = np.asarray(c.values)
         for start in range(0, arr.shape[0], rows):
             yield start, arr[start:start + rows].astype(dtype)
         return
-    width = int(proto.dims[1])
+    inner = tuple(int(d) for d in proto.dims[1:])
+    width = int(np.prod(inner))
     start = 0
     for chunk in stream.chunks(proto, base_dir, chunk_bytes=rows * width * stream.np_dtype(proto.data_type).itemsize):
         block = convert_float(chunk, proto.data_type, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-        yield start, np.array(block, dtype=dtype).reshape(-1, width)
+        yield start, np.array(block, dtype=dtype).reshape(-1, *inner)
         start += chunk.size // width
 
 

@@ -24,6 +24,8 @@ import hashlib
 
 import numpy as np
 
+# node name -> (E, the experts it routed some row to): filled while a graph runs, read and cleared by verify
+EXPERTS_USED: dict = {}
 _DEQUANTIZED: dict = {}  # Int4MoePlugin weights dequantized, per layer (by the bytes' digest), up to _CACHE_BYTES
 _CACHE_BYTES = 256 << 20
 
@@ -58,6 +60,13 @@ def topk_mass(router_logits: np.ndarray, top_k: int) -> np.ndarray:
     routing weights back into plain ones (Qwen2-MoE's norm_topk_prob false on Int4MoePlugin, contract §15.6)."""
     _, w = route(router_logits, top_k, renormalize=False)
     return w.sum(axis=-1, keepdims=True, dtype=np.float32)
+
+
+def record_use(node: str, router_logits, top_k: int) -> None:
+    """Note which experts node `node` routed rows to (verify reports how many of E each layer used)."""
+    idx, _ = route(router_logits, top_k, renormalize=False)
+    e = np.asarray(router_logits).shape[-1]
+    EXPERTS_USED.setdefault(node, (e, set()))[1].update(int(i) for i in np.unique(idx))
 
 
 # ------------------------------------------------------------------ one expert, fp16 like the kernels

@@ -31,7 +31,7 @@ import onnx.defs
 
 from . import qdq
 from .int4 import int4_gemm
-from .moe import fp16_moe_plugin, int4_moe_plugin
+from .moe import fp16_moe_plugin, int4_moe_plugin, record_use
 from .plugin import dense_attention, packed_qkv_dense_attention, paged_attention, paged_batch_attention
 from .vit_attention import vit_attention
 
@@ -195,6 +195,7 @@ class _Fp16MoeBase(OpRun):
     op_schema = None
 
     def _run(self, *inputs, **attrs):
+        record_use(self.onnx_node.name, inputs[0], int(attrs["top_k"]))
         return (fp16_moe_plugin(*inputs, **{k: v for k, v in attrs.items() if v is not None}),)
 
 
@@ -205,6 +206,7 @@ class _Int4MoeBase(OpRun):
     def _run(self, *inputs, **attrs):
         if len(inputs) != 6:
             raise ValueError(f"Int4MoePlugin takes 6 inputs, got {len(inputs)}")
+        record_use(self.onnx_node.name, inputs[0], int(attrs["top_k"]))
         return (int4_moe_plugin(*inputs, **{k: v for k, v in attrs.items() if v is not None}),)
 
 

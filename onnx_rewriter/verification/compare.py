@@ -44,6 +44,8 @@ class VerifyResult:
     # W+A folders: our logits against the original (unquantized-activation) model, per step (wa_check.py)
     ours_vs_original: list[StepResult] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # consistency.py: the folder's files disagree
+    # MoE plugin nodes: (node, E, experts some row was routed to over the run); a verify that used few proves little
+    expert_usage: list = field(default_factory=list)
 
     def quantization_line(self) -> str:
         q = self.quantization

@@ -24,6 +24,7 @@ from onnx_rewriter.features.moe import int4_moe_nodes, load_dequantized_experts
 from onnx_rewriter.features.wa_quant import wa_linears
 from onnx_rewriter.hf.export import load_model
 from onnx_rewriter.hf.vlm import vlm_type
+from onnx_rewriter.reference import moe as moe_reference
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
 from onnx_rewriter.verification import wa_check
@@ -134,7 +135,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
         result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} + FP8 KV cache" if fp8_wa
                             else "FP8 KV cache")
+    moe_reference.EXPERTS_USED.clear()
     _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
+    result.expert_usage = [(n, e, len(used)) for n, (e, used) in sorted(moe_reference.EXPERTS_USED.items())]
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
     result.problems += wa_check.check_kv_scales(fp8_scales, model)  # a checkpoint's own k/v scales, if any
     result.passed = result.passed and not result.problems
@@ -244,6 +247,9 @@ def print_result(result: VerifyResult, out=None) -> None:
         print(wa_check.cost_line(result), file=out)
     for problem in result.problems:  # the W+A per-linear checks (wa_check.py)
         print(f"FAIL: {problem}", file=out)
+    if result.expert_usage:
+        used = (f"{n.removeprefix('/model/').split('/')[0]} {k}/{e}" for n, e, k in result.expert_usage)
+        print(f"MoE experts used over the run (of E, per plugin node): {', '.join(used)}", file=out)
     if result.reduced_vocab:
         print(f"reduced vocabulary: logits compared at the {result.reduced_vocab[0]} kept ids of "
               f"{result.reduced_vocab[1]}; greedy tokens mapped through vocab_map", file=out)

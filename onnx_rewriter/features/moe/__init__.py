@@ -20,22 +20,26 @@ per target, the refusals of MoE models before anything is loaded). The CPU refer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx.defs import OpSchema
 
-from onnx_rewriter.errors import UnsupportedModel
-from onnx_rewriter.features.base import Feature
+from onnx_rewriter.errors import RewriteError, UnsupportedModel
+from onnx_rewriter.features.base import Feature, FeatureOptions, option
 from onnx_rewriter.features.int4 import layout as int4_layout
-from onnx_rewriter.features.moe import layout
+from onnx_rewriter.features.moe import dense, layout
+from onnx_rewriter.features.moe.checkpoint import CheckpointExperts
 from onnx_rewriter.features.moe.support import FP16_EXPERT_COUNTS
-from onnx_rewriter.modelio.graph import computed_constant, constant_array
+from onnx_rewriter.modelio.graph import computed_constant, constant_array, constant_row_blocks
 from onnx_rewriter.modelio.normalize import replace_uses
 
 # What each target writes for a routed block: the plugin and the rank of its hidden states; None: not wired yet.
 # Runtimes up to 0.10 check hidden_states has rank 3 ([B, S, H], router rows B·S); 0.11 wants rank 2 ([T, H]).
 PLANS = {
+    "edgellm-0.9": ("Fp16MoePlugin", 3),  # runtime 0.9.1 only: written with a warning that says so
     "edgellm-0.10": ("Fp16MoePlugin", 3),
     "edgellm-0.11": ("Fp16MoePlugin", 2),
 }
@@ -61,10 +65,15 @@ def rtn_experts(w: np.ndarray, group: int) -> tuple[list, list]:
         us.append(u)
         ss.append(sc)
     return us, ss
-WHY_NOT = {
-    "edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin",
-    "edgellm-0.9": "Fp16MoePlugin exists only in runtime 0.9.1 (add --quantize int4 for Int4MoePlugin)",
-}
+# --moe-dense: no plugin, every expert computed (moe/dense.py); on the targets with MoE at all
+DENSE_PLANS = {t: ("dense (no MoE plugin)", 2) for t in ("edgellm-0.9", "edgellm-0.10", "edgellm-0.11")}
+WHY_NOT = {"edgellm-0.5": "runtimes 0.4/0.5 have no MoE plugin"}
+# Contract §15.6: Mixtral maps onto Int4MoePlugin (w1 gate, w3 up, w2 down; softmax-top-k-renormalize) by inference
+MIXTRAL = ("Mixtral: unvalidated on the runtime: its MoE blocks map onto the plugin like Qwen3-MoE's (w1 = gate, w3 = "
+           "up, w2 = down, top-k renormalized), checked by verify on the CPU reference only; NVIDIA's exporter never "
+           "writes Mixtral, so no EdgeLLM engine of it is known to have run")
+FP16_ON_09 = ("Fp16MoePlugin on edgellm-0.9 needs runtime 0.9.1: the plugin does not exist in 0.6-0.9.0 (their engine "
+              "build fails on the node); for any 0.6-0.9 runtime use --quantize int4 (Int4MoePlugin)")
 
 
 def blocks(run) -> list:
@@ -104,12 +113,14 @@ class Moe(Feature):
         name = str(target)
         int4 = [f for f in run.features if f.name == "int4"]
         self.int4 = bool(int4)
-        if int4 and (getattr(int4[0], "checkpoint", None) or getattr(int4[0], "onnx_codes", None)):
-            raise UnsupportedModel("Mixture-of-Experts layers from an INT4 checkpoint or INT4 ONNX: their experts' own "
-                                   "codes are not written into Int4MoePlugin yet (features/moe/layout.py reads GPTQ / "
-                                   "AutoAWQ experts exactly; the wiring is not done), and re-quantizing them is not "
-                                   "what the checkpoint means")
-        plans = INT4_PLANS if self.int4 else PLANS
+        if int4 and getattr(int4[0], "onnx_codes", None):
+            raise UnsupportedModel("Mixture-of-Experts layers from an INT4 ONNX (MatMulNBits / blocked "
+                                   "DequantizeLinear): their experts' own codes are not read into Int4MoePlugin, and "
+                                   "re-quantizing them is not what the input means")
+        # an AWQ / GPTQ checkpoint (set by export): its experts' own codes, exact or refused (moe/checkpoint.py)
+        self.checkpoint = CheckpointExperts(int4[0].checkpoint) if int4 and int4[0].checkpoint else None
+        self.dense = bool(getattr(run.options, "moe_dense", False))
+        plans = DENSE_PLANS if self.dense else INT4_PLANS if self.int4 else PLANS
         if name not in plans:
             b = found[0][1]
             what = (f"{b.experts} experts, top-{b.top_k}, I = {b.inter}, top-k weights "
@@ -127,11 +138,12 @@ class Moe(Feature):
         if run.options.dtype != "float16":
             raise UnsupportedModel(f"Mixture-of-Experts layers need --dtype float16: {plans[name][0]} computes "
                                    f"in fp16 only")
-        for layer, b in found:
+        for layer, b in found if not self.dense else ():  # the plugins' limits; the dense form has none
             bad = []
             if not self.int4 and b.experts not in FP16_EXPERT_COUNTS:
                 bad.append(f"{b.experts} experts (Fp16MoePlugin takes {' or '.join(map(str, FP16_EXPERT_COUNTS))}; "
-                           f"add --quantize int4 for Int4MoePlugin)")
+                           f"add --quantize int4 for Int4MoePlugin, or --moe-dense for the plugin-free form, "
+                           f"E/k = {b.experts / b.top_k:g} times the expert compute)")
             if not self.int4 and b.top_k > 8:
                 bad.append(f"top-{b.top_k} (at most 8)")
             if b.hidden % 128:
@@ -141,6 +153,8 @@ class Moe(Feature):
             if bad:
                 raise UnsupportedModel(f"layer {layer}: Mixture-of-Experts block cannot be an {plans[name][0]}: "
                                        + ", ".join(bad))
+        self.groups = {layer: (self.checkpoint.check(layer, b) if self.checkpoint else int4_group(b.hidden, b.inter))
+                       for layer, b in found} if self.int4 else {}
         rank = plans[name][1]
         self.tokens = {layer: b.x if rank == 2 else _rank3(b.x, b.hidden, layer) for layer, b in found}
         shapes = {(b.experts, b.top_k, b.inter) for _, b in found}
@@ -151,6 +165,20 @@ class Moe(Feature):
                                           "experts": found[0][1].experts, "top_k": found[0][1].top_k,
                                           "moe_intermediate_size": found[0][1].inter,
                                           "norm_topk_prob": found[0][1].renormalize}
+        if self.dense:
+            c = run.report.features[self.name]["dense_cost"] = dense.cost(found[0][1])
+            run.warn(f"--moe-dense: Mixture-of-Experts layers {', '.join(str(x) for x, _ in found)} written without a "
+                     f"MoE plugin, every expert computed: {c['factor']:g}x the expert compute of a plugin "
+                     f"({c['dense_mflop_per_token']:g} vs {c['plugin_mflop_per_token']:g} MFLOP per token and "
+                     f"layer) and every expert's weights read at each decode step ({c['dense_decode_mb_read']:g} vs "
+                     f"at most {c['plugin_decode_mb_read']:g} MB per layer)")
+        elif name == "edgellm-0.9" and not self.int4:
+            run.warn(FP16_ON_09)
+        if isinstance(run.hf_config, dict) and run.hf_config.get("model_type") == "mixtral":
+            run.warn(MIXTRAL)
+        if self.int4:
+            run.report.features[self.name]["experts_from"] = (f"{self.checkpoint.method} checkpoint codes"
+                                                              if self.checkpoint else "RTN")
 
     def apply(self, run, build) -> None:
         found = self.found
@@ -177,17 +205,19 @@ class Moe(Feature):
                 x = x16
             i, e, h = b.inter, b.experts, b.hidden
 
-            def fc1(w=b.gate_up, i=i):
-                a = constant_array(w, base_dir)
-                return layout.fp16_fc1(a[:, :i], a[:, i:]).astype(np.float16)
+            def fc1(w=b.gate_up, i=i, e=e):  # one fp16 expert at a time from the source, not the layer in fp32
+                return per_expert(w, e, base_dir, lambda a: (layout.fp16_fc1(a[:i], a[i:]),))[0]
 
-            def fc2(w=b.down):
-                return constant_array(w, base_dir).astype(np.float16)
+            def fc2(w=b.down, e=e):
+                return per_expert(w, e, base_dir, lambda a: (a,))[0]
 
+            if self.dense:
+                replace_uses(g, b.out, dense.emit(g, prefix, b, x, base_dir))
+                continue
             op = "Int4MoePlugin" if self.int4 else "Fp16MoePlugin"
             out = gs.Variable(f"{prefix}/{op}_out", np.float16, None)
             if self.int4:
-                inputs, attrs = self._int4_inputs(b, prefix, base_dir)
+                inputs, attrs = self._int4_inputs(layer, b, prefix, base_dir)
             else:
                 inputs = [computed_constant(f"{prefix}.fc1_weights", np.float16, (e, 2 * i, h), fc1),
                           computed_constant(f"{prefix}.fc2_weights", np.float16, (e, h, i), fc2)]
@@ -206,18 +236,25 @@ class Moe(Feature):
             replace_uses(g, b.out, out)
         g.cleanup(remove_unused_graph_inputs=False).toposort()
 
-    def _int4_inputs(self, b, prefix: str, base_dir) -> tuple[list, dict]:
-        """Int4MoePlugin's four expert inputs (Marlin bytes and scales, computed at write time) and attributes."""
+    def _int4_inputs(self, layer: int, b, prefix: str, base_dir) -> tuple[list, dict]:
+        """Int4MoePlugin's four expert inputs (Marlin bytes and scales, computed at write time) and attributes: the
+        checkpoint's own codes where there is one, else groupwise RTN of the traced experts."""
         e, h, i = b.experts, b.hidden, b.inter
-        group = int4_group(h, i)
+        group = self.groups[layer]
         cache: dict = {}
+
+        def rtn_packed(w):  # one expert at a time from the source: the peak is the packed layer, not its fp32
+            return per_expert(w, e, base_dir,
+                              lambda a: tuple(x[0] for x in layout.pack_int4_experts(*rtn_experts(a[None], group))))
 
         def part(k):
             if not cache:
-                gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = Int4MoePlugin's order
-                dn = constant_array(b.down, base_dir)  # [E, H, I]
-                cache.update(enumerate((*layout.pack_int4_experts(*rtn_experts(gu, group)),
-                                        *layout.pack_int4_experts(*rtn_experts(dn, group)))))
+                if self.checkpoint is not None:
+                    gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = the plugin's order
+                    dn = constant_array(b.down, base_dir)  # [E, H, I]
+                    cache.update(enumerate(self.checkpoint.packed(layer, b, group, gu, dn)))
+                else:
+                    cache.update(enumerate((*rtn_packed(b.gate_up), *rtn_packed(b.down))))
             return cache.pop(k)
 
         inputs = [computed_constant(f"{prefix}.fc_gate_up_qweights", np.int8, (e, h // 16, 16 * i), lambda: part(0)),
@@ -244,6 +281,19 @@ class Moe(Feature):
                                    "fc_down_qweights", "fc_down_scales"], ["output"], int4)]
 
 
+def per_expert(w, experts: int, base_dir, fn) -> tuple:
+    """fn(one expert's fp16 weight [N, K]) -> arrays, stacked into [E, ...] outputs allocated once: one expert read
+    from the source at a time (the peak is the layer's output, not its fp32 source nor a list of copies)."""
+    outs = None
+    for e, block in constant_row_blocks(w, base_dir, 1):
+        parts = fn(block[0])
+        if outs is None:
+            outs = tuple(np.empty((experts, *p.shape), p.dtype) for p in parts)
+        for o, p in zip(outs, parts):
+            o[e] = p
+    return outs
+
+
 def _topk_mass(g, prefix: str, logits, k: int, out):
     """out [T, H] * fp16(sum of the top-k softmax probabilities) [T, 1]: Int4MoePlugin always renormalizes, so a
     model that does not (norm_topk_prob false, Qwen2-MoE) gets the mass back (contract §15.6; linear in the
@@ -264,6 +314,20 @@ def _topk_mass(g, prefix: str, logits, k: int, out):
                 outputs=[mass16]),
         gs.Node("Mul", f"{prefix}/Int4MoePlugin_scale", inputs=[out, mass16], outputs=[scaled])]
     return scaled
+
+
+@dataclass
+class MoeOptions(FeatureOptions):
+    """The MoE feature is implied by a router in the graph; its one option chooses the plugin-free form."""
+
+    moe_dense: bool = option(False, "--moe-dense", "Mixture-of-Experts blocks without a MoE plugin: every expert "
+                             "computed and weighted by its top-k routing weight (E/k times the expert compute; for "
+                             "FP16 experts no plugin takes, e.g. Qwen2-MoE's 60)", action="store_true")
+
+    def validate(self, target, options) -> None:
+        if self.moe_dense and getattr(options, "quantize", None):
+            raise RewriteError("--moe-dense writes FP16 experts without a plugin; with --quantize int4 the experts "
+                               "are an Int4MoePlugin (any expert count): drop one of the two")
 
 
 # ---------------------------------------------------------------------- verify: the same numbers in transformers

@@ -1,8 +1,10 @@
 """Which MoE plugin each target's runtime has, and the one-line refusals of MoE models read off their config.json
 (contract part 3 §15.1, §15.6; docs/contract.md, "Mixture-of-Experts decoders").
 
-What is written today is one Fp16MoePlugin per routed block on edgellm-0.10 / 0.11 with 128 or 256 experts
-(features/moe/__init__.py, which checks the blocks the pattern read). Before anything is loaded or matched, a
+What is written: one Fp16MoePlugin per routed block with 128 or 256 experts (edgellm-0.10 / 0.11; 0.9 with a warning
+naming runtime 0.9.1), Int4MoePlugin with --quantize int4 or from a GPTQ checkpoint (any expert count), the
+plugin-free form with --moe-dense (features/moe/__init__.py, which checks the blocks the pattern read).
+Before anything is loaded or matched, a
 config.json is refused with the most specific reason that applies:
 
 1. models no EdgeLLM plugin can run at all: GPT-OSS (expert biases), DeepSeek-V2/V3 / Kimi (MLA attention);
@@ -26,8 +28,9 @@ PLUGINS = {
     "edgellm-0.11": ("Int4MoePlugin", "Fp16MoePlugin"),
 }
 FP16_EXPERT_COUNTS = (128, 256)  # Fp16MoePlugin's validateAttributes
-# What onnx_rewriter writes today, per target: the expert counts it takes (Fp16MoePlugin on edgellm-0.11 only).
-WRITTEN = {"edgellm-0.10": FP16_EXPERT_COUNTS, "edgellm-0.11": FP16_EXPERT_COUNTS}
+# What onnx_rewriter writes as Fp16MoePlugin, per target: the expert counts it takes.
+WRITTEN = {"edgellm-0.9": FP16_EXPERT_COUNTS, "edgellm-0.10": FP16_EXPERT_COUNTS,
+           "edgellm-0.11": FP16_EXPERT_COUNTS}  # 0.9: with a warning naming runtime 0.9.1
 INT4_WRITTEN = ("edgellm-0.9", "edgellm-0.10", "edgellm-0.11")  # Int4MoePlugin with --quantize int4 (RTN experts)
 
 _EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -35,8 +38,10 @@ _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 _MLA_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_vl")
 _WA_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "compressed_tensors", "w8a8", "smoothquant")
 
-NOT_YET = ("not supported yet: onnx_rewriter writes MoE layers as Fp16MoePlugin on edgellm-0.10 / 0.11 with 128 or 256 "
-           "experts, or with --quantize int4 as Int4MoePlugin on edgellm-0.9 / 0.10 / 0.11 (issue 28)")
+NOT_YET = ("no MoE plugin takes these FP16 experts: onnx_rewriter writes MoE layers as Fp16MoePlugin (edgellm-0.10 / "
+           "0.11; 0.9 for runtime 0.9.1) with 128 or 256 experts, top-k <= 8, or with --quantize int4 (or from a GPTQ "
+           "checkpoint) as Int4MoePlugin on edgellm-0.9 / 0.10 / 0.11 with any expert count; --moe-dense writes the "
+           "plugin-free form (every expert computed, E/k times the expert compute)")
 
 
 def _llm(config: dict) -> dict:
@@ -84,14 +89,22 @@ def _quant(cfg: dict) -> str | None:
     return None
 
 
+def int4_checkpoint(config: dict) -> bool:
+    """An AutoAWQ / GPTQ 4-bit checkpoint: `export` writes its experts' own codes into Int4MoePlugin."""
+    qc = _llm(config).get("quantization_config") if isinstance(config, dict) else None
+    return (isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() in ("awq", "gptq")
+            and qc.get("bits", qc.get("w_bit", 4)) == 4)
+
+
 def _what(cfg: dict, e: int, k: int | None) -> str:
     return f"{cfg.get('model_type') or 'MoE'}: {e} experts, top-{k if k is not None else '?'}"
 
 
-def refusal(config: dict, target: str | None = None, generic: bool = True, int4: bool = False) -> str | None:
+def refusal(config: dict, target: str | None = None, generic: bool = True, int4: bool = False,
+            dense: bool = False) -> str | None:
     """The one-line reason an MoE model is refused (most specific first), or None for a dense model.
     generic=False: only the model-specific reasons (1-3 above), not 'not supported yet'; int4: --quantize int4
-    (Int4MoePlugin, any expert count, on the targets of INT4_WRITTEN)."""
+    (Int4MoePlugin, any expert count, on the targets of INT4_WRITTEN); dense: --moe-dense (no plugin, same targets)."""
     if not isinstance(config, dict):
         return None
     cfg = _llm(config)
@@ -116,7 +129,7 @@ def refusal(config: dict, target: str | None = None, generic: bool = True, int4:
         return (f"Mixture-of-Experts model ({what}) cannot be written for {target}: runtimes 0.4/0.5 have no MoE "
                 f"plugin (Int4MoePlugin from runtime 0.6, Fp16MoePlugin from 0.9.1)")
     e, k = found
-    if not generic or (int4 and str(target) in INT4_WRITTEN) or (e in WRITTEN.get(str(target), ())
+    if not generic or ((int4 or dense) and str(target) in INT4_WRITTEN) or (e in WRITTEN.get(str(target), ())
                                                                   and (k is None or k <= 8)):
         return None  # the rewrite reads the blocks and checks the rest (features/moe)
     return f"Mixture-of-Experts model ({what}): {NOT_YET}"
