@@ -110,3 +110,16 @@ def test_export_verifies_on_every_allowed_target(models, tmp_path, quantize, tar
     assert all(e["wa"] for e in run.report.features["wa_quant"]["linears"])
     res = verify(tmp_path / "out", model=str(ck), steps=2, quiet=True)
     assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)
+
+
+def test_fp8_weight_codes_are_the_reference_codecs():
+    """quantize_block's fast cast (ml_dtypes, on the fp32 quotient) gives wa_codecs.e4m3_encode's codes: ties to
+    even, subnormals, saturation past 448."""
+    rng = np.random.default_rng(1)
+    vals = WC.C.E4M3_VALUES[np.isfinite(WC.C.E4M3_VALUES)].astype(np.float64)
+    ties = (vals[1:126] + vals[2:127]) / 2
+    x = np.concatenate([rng.standard_normal(200_000) * 100, vals, ties, -ties, [500.0, -6e4, 0.0, 2.0 ** -10]])
+    x = x.astype(np.float16)[None, :]
+    small = {"weight_scale": np.array(1.0, np.float32)}
+    got = WC.quantize_block("fp8", x, small)["weight"]
+    assert np.array_equal(got, WC.C.e4m3_encode(x.astype(np.float32)))
