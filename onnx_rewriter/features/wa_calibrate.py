@@ -82,7 +82,7 @@ def weight_small(scheme: str, amax: float, row_amax: np.ndarray | None = None) -
 
 def quantize_block(scheme: str, w_nk: np.ndarray, small: dict, pqs: np.ndarray | None = None) -> dict:
     """The big tensors of a block of input channels: w_nk [N, kb] (fp16 values), kb a multiple of 16."""
-    if scheme == "fp8":  # e4m3(fp32(w / s)) as ModelOpt computes it; ml_dtypes' cast is e4m3_encode's on fp32, 20x faster
+    if scheme == "fp8":  # e4m3(fp32(w / s)) as ModelOpt computes it; ml_dtypes' cast: e4m3_encode's codes, 20x faster
         q = np.asarray(w_nk, np.float32) / np.float32(small["weight_scale"])
         return {"weight": np.clip(q, -C.E4M3_MAX, C.E4M3_MAX).astype(wa_quant.E4M3).view(np.uint8)}
     w = np.asarray(w_nk, np.float64)
