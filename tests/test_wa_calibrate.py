@@ -123,3 +123,15 @@ def test_fp8_weight_codes_are_the_reference_codecs():
     small = {"weight_scale": np.array(1.0, np.float32)}
     got = WC.quantize_block("fp8", x, small)["weight"]
     assert np.array_equal(got, WC.C.e4m3_encode(x.astype(np.float32)))
+
+
+def test_input_scales_are_the_calibrated_amax(rewritten, models):
+    """Each linear's input scale is its input's amax over the bundled prompts / 448 (FP8), / (6 * 448) (NVFP4), as
+    transformers measures it (hf/tiny_quant.calibrated_amax): verify alone cannot see a badly calibrated scale (the
+    twin takes the graph's)."""
+    amax = tiny_quant.calibrated_amax(models.checkpoint("llama"))
+    for quantize, div in (("fp8", 448.0), ("nvfp4", 6 * 448.0)):
+        out, run = rewritten[next(k for k in FAST if k[0] == quantize)]
+        for e in run.report.features["wa_quant"]["linears"]:
+            if e["wa"]:
+                assert e["input_scale"] == pytest.approx(amax[e["linear"]] / div, rel=2e-3), e["linear"]
