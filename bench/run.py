@@ -12,6 +12,9 @@ sharded like their releases and written shard by shard, bench/big_checkpoint.py)
   (c) quantize: the same baseline rewritten FP16, with `--quantize int4` (RTN) and with `--int4-method awq`
       (time, peak RSS, output size), and the logit agreement of RTN and AWQ with the model on held-out
       prompts (bench/int4_agreement.py).
+  (e) wa: the same baseline rewritten FP16 and with `--quantize fp8` / `nvfp4` (calibrated W+A, edgellm-0.11):
+      time, peak RSS, output size; on smol also INT8-SQ with the smoothing search off / on and each folder's
+      agreement with the model on held-out prompts (bench/wa_agreement.py).
   (d) graph: the same baseline rewritten for every target: nodes, nodes per layer and plumbing ops, against
       NVIDIA's 0.11.0 export of the same checkpoint (size `smol`: the real SmolLM2-135M `make demo` builds).
 Every tool runs in a child process; wall time, peak RSS (largest process of its tree) and CPU time come
@@ -374,6 +377,33 @@ def bench_moe() -> dict:
     return res
 
 
+# ---------------------------------------------------------------- (f) --quantize fp8 / nvfp4 / int8-sq vs FP16
+
+
+def bench_wa(size: str, base: Path, ckpt: Path) -> dict:
+    """The same baseline rewritten FP16 and with the calibrated W+A schemes (features/wa_calibrate.py, bundled
+    prompts, edgellm-0.11): wall, peak RSS (weights quantized one at a time from blocks of input channels, the
+    calibration run segment by segment: flat in model size), output size; on the real model (smol) also INT8-SQ
+    without smoothing and each folder's agreement with the model on held-out prompts (bench/wa_agreement.py)."""
+    res = {}
+    runs = [("fp16", []), ("fp8", ["--quantize", "fp8"]), ("nvfp4", ["--quantize", "nvfp4"])]
+    if size == "smol":
+        runs += [("int8-sq-off", ["--quantize", "int8-sq", "--smoothquant-alpha", "off"]),
+                 ("int8-sq", ["--quantize", "int8-sq"])]
+    for key, extra in runs:
+        out = CACHE / f"out-wa-{key}-{size}"
+        shutil.rmtree(out, ignore_errors=True)
+        res[key] = measure(f"wa-{key}-{size}", [PY, "-m", "onnx_rewriter", base, out, "--external-data", "-q",
+                                                "--target", "edgellm-0.11", *extra])
+        res[key]["out_mb"] = dir_mb(out)
+    if size == "smol":
+        agree = measure(f"wa-agreement-{size}", [PY, HERE / "wa_agreement.py", ckpt,
+                                                 *(f"{k}={CACHE / f'out-wa-{k}-{size}'}" for k, _ in runs[1:])])
+        res["agreement"] = json.loads(agree["tail"].strip().splitlines()[-1]) if agree["rc"] == 0 else None
+    drop_outputs(*(CACHE / f"out-wa-{k}-{size}" for k, _ in runs))
+    return res
+
+
 # ---------------------------------------------------------------- (b) make export vs NVIDIA's exporter
 
 
@@ -537,6 +567,18 @@ def report(results: dict) -> None:
             for k, a in (c.get("agreement") or {}).items():
                 rows.append(f"{'':<6}-> {k} vs the model, held-out prompts: cosine mean {a['cosine_mean']}, min "
                             f"{a['cosine_min']}, top-1 {a['top1']}")
+        if "wa" in res:
+            c = res["wa"]
+            for k, r in c.items():
+                if k != "agreement":
+                    row(size, "rewrite FP16" if k == "fp16" else f"rewrite --quantize {k}", r)
+            for k in ("fp8", "nvfp4"):
+                if c.get(k) and c[k].get("peak_mb"):
+                    rows.append(f"{'':<6}-> {k}: peak {c[k]['peak_mb'] / c['fp16']['peak_mb']:.2f}x the FP16 "
+                                f"rewrite's, output {c[k]['out_mb'] / max(c['fp16']['out_mb'], 1):.2f}x")
+            for k, a in (c.get("agreement") or {}).items():
+                rows.append(f"{'':<6}-> {k} vs the model, held-out prompts: cosine mean {a['cosine_mean']}, min "
+                            f"{a['cosine_min']}, top-1 {a['top1']}")
         if "export" in res:
             b = res["export"]
             row(size, f"make export (ours, {b['ours'].get('weights', '?')})", b["ours"])
@@ -580,7 +622,7 @@ def report(results: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,0.5b", help=f"comma list of {', '.join(SIZES)}")
-    p.add_argument("--only", help="comma list of comparisons: rewrite, export, quantize, graph (default: all); "
+    p.add_argument("--only", help="comma list of comparisons: rewrite, export, quantize, graph, wa (default: all); "
                    "moe alone: the MoE row (its own checkpoints moe and moe-dense)")
     p.add_argument("--verify", default="tiny,0.5b", help="sizes whose export output is also verified")
     p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
@@ -594,7 +636,7 @@ def main(argv=None) -> int:
     global KEEP_OUTPUTS, MEM_CAP_GB
     KEEP_OUTPUTS, MEM_CAP_GB = args.keep_outputs, args.mem_cap_gb
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    kinds = ("rewrite", "export", "quantize", "graph", "moe")
+    kinds = ("rewrite", "export", "quantize", "graph", "moe", "wa")
     only = set(kinds) if args.only is None else {k.strip() for k in args.only.split(",") if k.strip()}
     if only - set(kinds):
         p.error(f"unknown comparison(s) {sorted(only - set(kinds))}; choose from {', '.join(kinds)}")
@@ -618,6 +660,8 @@ def main(argv=None) -> int:
             res["rewrite"] = bench_rewrite(size, base, args.repeat)
         if "quantize" in only:
             res["quantize"] = bench_quantize(size, baseline(size, ckpt)[0], ckpt)
+        if "wa" in only:
+            res["wa"] = bench_wa(size, baseline(size, ckpt)[0], ckpt)
         if "export" in only:
             res["export"] = bench_export(size, ckpt, not args.no_nvidia, size in args.verify.split(","),
                                          args.export_target)

@@ -66,7 +66,8 @@ def _rewrite_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tokenizer", action="store_true",
                    help="write no tokenizer files (a warning says which are missing) instead of requiring them")
     p.add_argument("--calibration", metavar="FILE",
-                   help="calibration prompts, one a line, for --int4-method awq and --kv-cache fp8 "
+                   help="calibration prompts, one a line, for --int4-method awq, --kv-cache fp8 and --quantize "
+                        "fp8/nvfp4/int8-sq "
                         "(default: a small bundled set)")
     # deployment features (onnx_rewriter/features/): each feature's options dataclass adds its own flags,
     # dest = the pipeline.Options field of the same name

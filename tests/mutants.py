@@ -192,6 +192,18 @@ MUTANTS = [
     Mutant("NVFP4 activation scale dequantized without its fp16 Cast (fp32 scale)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
         ('[sx, s16],', '[sx, scale],')],
         ["tests/test_wa_quant.py::test_nvfp4_export_verifies"]),
+    # ---------------------------------------------------------------- W+A from an fp16 model (wa_calibrate)
+    Mutant("SmoothQuant scale applied to the weight, not divided from the activation", "onnx_rewriter/features/wa_calibrate.py", [  # noqa: E501
+        ('                small["pre_quant_scale"] = pqs', '                pass')],
+        ["tests/test_wa_calibrate.py::test_calibrated_folder_verifies[int8-sq-edgellm-0.10]"]),
+    Mutant("calibrated FP8 input scale 4x too small (activations saturate)", "onnx_rewriter/features/wa_calibrate.py", [  # noqa: E501
+        ("        return np.array(_fp16_ceil(a / C.E4M3_MAX), np.float32)",
+         "        return np.array(_fp16_ceil(a / C.E4M3_MAX / 4), np.float32)")],
+        ["tests/test_wa_calibrate.py::test_input_scales_are_the_calibrated_amax"]),
+    Mutant("SmoothQuant weight multiplied by pre_quant_scale instead of divided", "onnx_rewriter/features/wa_calibrate.py", [  # noqa: E501
+        ("        w = w / pqs.astype(np.float64)[None, :]\n    return {\"weight\": C.int8_quantize(",
+         "        w = w * pqs.astype(np.float64)[None, :]\n    return {\"weight\": C.int8_quantize(")],
+        ["tests/test_wa_calibrate.py::test_calibrated_folder_verifies[int8-sq-edgellm-0.10]"]),
     # ---------------------------------------------------------------- reduced vocabulary
     Mutant("reduced vocab accepts an EOS id equal to V", "onnx_rewriter/features/reduced_vocab.py", [
         ("if not 0 <= i < vocab)", "if not 0 <= i <= vocab)")],

@@ -39,7 +39,7 @@ def test_every_feature_flag_is_on_the_rewrite_and_export_command_lines_with_its_
             assert flag in a.option_strings and a.help
             assert a.choices == f.metadata["argparse"].get("choices")
     text = cli.build_parser("rewrite").format_help()
-    for needle in ("--quantize {int4}", "--int4-plugin-version {1,2}", "--int4-method {rtn,awq}",
+    for needle in ("--quantize {int4,fp8,nvfp4,int8-sq}", "--int4-plugin-version {1,2}", "--int4-method {rtn,awq}",
                    "--kv-cache {fp16,fp8}", "--reduce-vocab", "--vocab-corpus", "--lora", "--kv-scales"):
         assert needle in text
 

@@ -24,7 +24,7 @@ target's code. `selected(options)` turns the options into the feature list (docs
 from __future__ import annotations
 
 from onnx_rewriter.analysis.moe import routers
-from onnx_rewriter.features import eagle3, fp8_kv, int4, lora, reduced_vocab, wa_quant
+from onnx_rewriter.features import eagle3, fp8_kv, int4, lora, reduced_vocab, wa_calibrate, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
 from onnx_rewriter.features.moe import Moe, MoeOptions
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
@@ -62,6 +62,7 @@ def implied(run) -> list[Feature]:
 OPTIONS: list[type[FeatureOptions]] = [
     int4.Int4Options,
     wa_quant.WaQuantOptions,
+    wa_calibrate.WaCalibrateOptions,  # --quantize fp8 / nvfp4 / int8-sq from an fp16 model
     reduced_vocab.ReducedVocabOptions,
     lora.LoraOptions,
     fp8_kv.Fp8KvOptions,

@@ -84,7 +84,10 @@ class Baseline:
     with the same session settings, so the values are those of one session (tests/test_calibration.py).
     """
 
-    def __init__(self, path: Path, names: list[str], skip_missing: bool = False):
+    def __init__(self, path: Path, names: list[str], skip_missing: bool = False, segment_bytes: int | None = None,
+                 lean: bool = False):
+        """`segment_bytes`: weights per session (default SEGMENT_BYTES); `lean`: no MatMul prepacking and no
+        memory arena (less memory; the activations' last bits may differ, which ranges do not notice)."""
         model = onnx.load(str(path), load_external_data=False)
         known = {o for n in model.graph.node for o in n.output}
         missing = [n for n in names if n not in known]
@@ -98,7 +101,8 @@ class Baseline:
         inputs = {i.name for i in model.graph.input}
         self.row_reads = [n for n in model.graph.node if _row_read(n, self.inits, inputs)]
         nodes = [n for n in model.graph.node if not any(n is r for r in self.row_reads)]
-        self.segments = _segments(nodes, self.inits, set(self.names))
+        self.segments = _segments(nodes, self.inits, set(self.names), segment_bytes or SEGMENT_BYTES)
+        self.lean = lean
 
     def run(self, rows: list[list[int]]):
         """Yield (prompt index, {name: value}) for every prompt, segment after segment (so each name's
@@ -117,6 +121,9 @@ class Baseline:
         for seg in self.segments:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            if self.lean:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                opts.enable_cpu_mem_arena = False
             # The weights stay in the baseline's files, memory-mapped and handed to onnxruntime by name.
             maps = [np.memmap(self.dir / f, dtype=np.uint8, mode="r") for f in files]
             if files:
@@ -156,7 +163,7 @@ def _row_read(node, inits, inputs) -> bool:
         and inits[node.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def _segments(nodes, inits, wanted: set) -> list[_Segment]:
+def _segments(nodes, inits, wanted: set, segment_bytes: int = SEGMENT_BYTES) -> list[_Segment]:
     """Split the (topologically sorted) nodes after a wanted tensor's producer once a segment holds
     SEGMENT_BYTES of weights."""
     groups, cur, nbytes, seen = [], [], 0, set()
@@ -166,7 +173,7 @@ def _segments(nodes, inits, wanted: set) -> list[_Segment]:
             if name in inits and name not in seen:
                 seen.add(name)
                 nbytes += stream.numel(inits[name]) * stream.np_dtype(inits[name].data_type).itemsize
-        if nbytes >= SEGMENT_BYTES and any(o in wanted for o in node.output):
+        if nbytes >= segment_bytes and any(o in wanted for o in node.output):
             groups.append(cur)
             cur, nbytes, seen = [], 0, set()
     if cur:

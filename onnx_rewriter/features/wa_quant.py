@@ -159,15 +159,14 @@ class WaQuant(Feature):
     def apply(self, run, build) -> None:
         g = build.graph
         lm_head, _ = lm_head_input(build.logits)
-        by_value = {weight_key(self.ck.linear(m).traced_weight().T): m for m in self.ck.linears}
+        find = self.finder(run, lm_head)
         chains: dict = {}
         entries = []
         for node, w, k, n in weight_matmuls(g):
             entry = {"node": node.name, "weight": w.name, "K": k, "N": n}
-            module = by_value.get(weight_key(np.asarray(constant_array(w, run.source.base_dir))))
+            module = find(node, w)
             if module is None:
-                why = "lm_head stays fp16" if node is lm_head else "not quantized in the checkpoint"
-                entries.append({**entry, "wa": None, "reason": why})
+                entries.append({**entry, "wa": None, "reason": self.kept_fp16(node, lm_head)})
                 continue
             lin = self.ck.linear(module)
             entries.append({**entry, "wa": lin.scheme, "linear": module,
@@ -178,6 +177,16 @@ class WaQuant(Feature):
             raise UnsupportedModel(f"{NAMES[self.scheme]}: {len(missing)} quantized linear(s) are not in the "
                                    f"graph as a MatMul with their weight (first: {missing[0]})")
         run.report.features[self.name] = {"scheme": self.scheme, "linears": entries, "act_chains": len(chains)}
+
+    def finder(self, run, lm_head):
+        """(node, weight) -> the module of `self.ck.linears` a MatMul computes, or None. From a checkpoint: the
+        traced weight is the checkpoint's dequantized value, so its fp16 bytes identify it (features/wa_calibrate.py
+        has its own: the calibrated linears of an fp16 model)."""
+        by_value = {weight_key(self.ck.linear(m).traced_weight().T): m for m in self.ck.linears}
+        return lambda node, w: by_value.get(weight_key(np.asarray(constant_array(w, run.source.base_dir))))
+
+    def kept_fp16(self, node, lm_head) -> str:
+        return "lm_head stays fp16" if node is lm_head else "not quantized in the checkpoint"
 
     def _emit(self, g, node, module, lin, s_in, s_w, chains) -> None:
         base = node.name.removesuffix("/MatMul")

@@ -338,6 +338,9 @@ def export(model: str, output_dir, target: str | None = None, dtype: str = "floa
     opts.trust_remote_code = opts.trust_remote_code or trust_remote_code
     folder = precheck(model, output_dir, opts, device, keep_baseline)
     fmt = check_quantization(folder)
+    if fmt is not None and opts.quantize in ("fp8", "nvfp4", "int8-sq"):  # never quantized twice, nor ignored
+        raise UnsupportedModel(f"--quantize {opts.quantize}: '{model}' is already a {fmt.name}; export it without "
+                               f"--quantize")
     if fmt is not None and fmt.scheme in wa_quant.SCHEMES:  # the target's refusal (0.5, not fp16), before the load
         wa_quant.check_target(opts.target, opts.dtype, fmt)
         if opts.kv_cache != "fp8" and has_checkpoint_scales(folder):

@@ -145,10 +145,12 @@ def check_used(options: Options) -> None:
     if options.calibration is not None:
         kv = options.kv_cache == "fp8" and options.kv_scales is None
         awq = options.quantize == "int4" and options.int4_method == "awq"
-        if not (kv or awq):
+        wa = options.quantize in ("fp8", "nvfp4", "int8-sq") and not options.wa_checkpoint
+        if not (kv or awq or wa):
             why = " (its scales come from --kv-scales)" if options.kv_cache == "fp8" else ""
             raise RewriteError(f"--calibration '{options.calibration}' is used only to calibrate --kv-cache fp8 "
-                               f"scales or --int4-method awq; nothing here calibrates{why}: drop --calibration")
+                               f"scales, --int4-method awq or --quantize fp8/nvfp4/int8-sq; nothing here "
+                               f"calibrates{why}: drop --calibration")
 
 
 def check_paths(in_path: Path, out_dir: Path, options: Options) -> None:

@@ -143,7 +143,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     result.passed = result.passed and not result.problems
     if fp8_wa:  # the W+A rule (verification/wa_check.py)
         result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
-                                                  fp8_wa, checkpoint=model)
+                                                  fp8_wa, checkpoint=model, original=original.model)
         wa_check.judge(result)
     if not quiet:
         print_result(result)

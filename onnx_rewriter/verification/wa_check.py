@@ -30,7 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_rewriter.errors import RewriteError
-from onnx_rewriter.features import wa_checkpoint
+from onnx_rewriter.features import wa_calibrate, wa_checkpoint
 from onnx_rewriter.features.wa_quant import WaLinear
 from onnx_rewriter.reference import qdq
 
@@ -134,8 +134,11 @@ def twin(oracle, specs: dict, checkpoint=None):
         if not isinstance(m, torch.nn.Linear):
             raise RewriteError(f"verify: the folder's quantized linear '{name}' is not a Linear of the model; was "
                                f"the folder made from this checkpoint?")
-        if spec.scheme == "int8_sq":
-            if ck is None or name not in ck.linears:
+        if ck is None:  # an fp16 model (--quantize): its weights quantized as the folder's (features/wa_calibrate)
+            w = wa_calibrate.twin_weight(spec.scheme, m.weight.detach().to(torch.float16).numpy(), spec.pre_quant_scale)
+            m.weight = torch.nn.Parameter(torch.from_numpy(w).to(m.weight.dtype), requires_grad=False)  # untied
+        elif spec.scheme == "int8_sq":
+            if name not in ck.linears:
                 raise RewriteError(f"verify: the folder's INT8-SQ linear '{name}' needs --model to be the INT8-SQ "
                                    f"checkpoint it was made from")
             with torch.no_grad():
@@ -147,9 +150,11 @@ def twin(oracle, specs: dict, checkpoint=None):
     return oracle
 
 
-def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
+def check_linears(out_dir, model, specs: dict, checkpoint=None, original=None) -> list[str]:
     """The exact per-linear checks (1. above) of the folder's W+A linears against the twin's `model` (and, given
-    the `checkpoint` folder, each input scale and pre_quant_scale against its own); one problem line per failure."""
+    the `checkpoint` folder, each input scale and pre_quant_scale against its own; given an fp16 `original` model
+    instead, each weight against the original's within the scheme's rounding, wa_calibrate.fidelity); one problem
+    line per failure."""
     import torch
 
     ck = _checkpoint(checkpoint)
@@ -182,6 +187,12 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None) -> list[str]:
         if graph_w.shape != model_w.shape or not np.array_equal(graph_w, model_w):
             bad = "shape" if graph_w.shape != model_w.shape else f"{int((graph_w != model_w).sum())} values"
             problems.append(f"{kind} linear {name}: the graph's dequantized weight differs from the model's ({bad})")
+        if ck is None and original is not None:
+            w0 = dict(original.named_modules())[name].weight.detach().to(torch.float16).numpy()
+            bad = wa_calibrate.fidelity(spec.scheme, graph_w, w_scale, w0, spec.pre_quant_scale)
+            if bad:
+                problems.append(f"{kind} linear {name}: {bad} weights of the graph lie further from the fp16 "
+                                f"model's than the quantization's rounding allows")
         if ck is not None:
             lin = ck.linear(name) if name in ck.linears else None
             if lin is None or lin.scheme != spec.scheme:  # MIXED_PRECISION: each linear in its own scheme

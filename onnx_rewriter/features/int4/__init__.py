@@ -297,8 +297,10 @@ def _qkv_concat_plugins(g: gs.Graph, domain: str) -> None:
 
 @dataclass
 class Int4Options(FeatureOptions):
-    quantize: str | None = option(None, "--quantize", "int4: INT4 weight-only linears (groupwise RTN, G=128)",
-                                  choices=["int4"])
+    # one --quantize for every scheme: fp8 / nvfp4 / int8-sq select features/wa_calibrate.py (its own options)
+    quantize: str | None = option(None, "--quantize", "int4: INT4 weight-only linears (groupwise RTN, G=128); fp8, "
+                                  "nvfp4, int8-sq: weight+activation Q/DQ, calibrated (--calibration)",
+                                  choices=["int4", "fp8", "nvfp4", "int8-sq"])
     int4_plugin_version: int | None = option(None, "--int4-plugin-version", "INT4 plugin layout on edgellm-0.10 / 0.11 "
                                              "(default 2, Int4GroupwiseGemmPluginV2)", type=int, choices=[1, 2])
     int4_method: str = option("rtn", "--int4-method", "awq: activation-aware per-channel scales searched on the "
@@ -307,17 +309,17 @@ class Int4Options(FeatureOptions):
     int4_checkpoint: str | None = None
 
     def enabled(self) -> bool:
-        return bool(self.quantize)
+        return self.quantize == "int4"
 
     def validate(self, target, options) -> None:
         check_choice(self.int4_method, "--int4-method", ("rtn", "awq"))
         if self.int4_method != "rtn" and self.quantize != "int4":
             raise RewriteError(f"--int4-method {self.int4_method} needs --quantize int4")
         if self.quantize:
-            check_choice(self.quantize, "--quantize", ("int4",), UnsupportedModel)
+            check_choice(self.quantize, "--quantize", ("int4", "fp8", "nvfp4", "int8-sq"), UnsupportedModel)
         if self.int4_plugin_version is not None:
             check_choice(self.int4_plugin_version, "--int4-plugin-version", tuple(OPS))
-        if self.quantize:
+        if self.quantize == "int4":
             plan_for(target, options.dtype, self.int4_plugin_version)  # the target's refusals, before any work
 
     def feature(self, options) -> Int4:
