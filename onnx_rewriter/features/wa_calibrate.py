@@ -340,7 +340,7 @@ class Calibrated(wa_quant.WaQuant):
         self.plan = plan(target, run.options.dtype, self.scheme)
         note = wa_quant.INT8_NOTE if self.scheme == "int8_sq" else self.plan.note
         run.warn(f"--quantize {_flag(self.scheme)}: {note}")
-        self.opset = target.opset or run.source.opset
+        self.set_opset(run, target, {self.scheme}, f"--quantize {_flag(self.scheme)}")
         self.ck = CalibratedLinears(self.scheme, run.source.base_dir, self.alpha)
         # by weight name: the build rewires some linears' inputs (o_proj reads the plugin), never their weights
         linears = list(weight_matmuls(run.source.graph))

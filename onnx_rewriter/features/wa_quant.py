@@ -145,15 +145,18 @@ class WaQuant(Feature):
         for scheme, plan in plans.items():
             run.warn(f"{_WARN[scheme]}: {plan.note}")
         self.ck = wa_checkpoint.Checkpoint(self.checkpoint, fmt)
+        self.set_opset(run, target, set(plans), NAMES.get(fmt.scheme, "MIXED_PRECISION checkpoint"))
+
+    def set_opset(self, run, target, schemes, what: str) -> None:
+        """The output's opset: the target's (or the input's); raised to FP4_OPSET where FP4 weights need it."""
         self.opset = target.opset or run.source.opset
-        if self.opset < FP4_OPSET and {"nvfp4", "w4a16_nvfp4"} & set(plans):  # edgellm-0.9 keeps the input's
+        if self.opset < FP4_OPSET and {"nvfp4", "w4a16_nvfp4"} & set(schemes):  # edgellm-0.9 keeps the input's
             # relabelled, not converted: refused where an op of the input means something else at FP4_OPSET
             changed = sorted({n.op for n in run.source.graph.nodes if n.op in _CHANGED_MEANING and not n.domain})
             if changed:
-                raise UnsupportedModel(f"{NAMES.get(fmt.scheme, 'MIXED_PRECISION checkpoint')}: FLOAT4E2M1 weights "
-                                       f"need opset {FP4_OPSET} and target {target.name} keeps the input's "
-                                       f"({self.opset}), where {changed[0]} means something else; use edgellm-0.10 "
-                                       f"or edgellm-0.11")
+                raise UnsupportedModel(f"{what}: FLOAT4E2M1 weights need opset {FP4_OPSET} and target "
+                                       f"{target.name} keeps the input's ({self.opset}), where {changed[0]} means "
+                                       f"something else; use edgellm-0.10 or edgellm-0.11")
             self.opset = run.min_opset = max(run.min_opset, FP4_OPSET)
 
     def apply(self, run, build) -> None:
