@@ -305,7 +305,13 @@ def train(args) -> int:
     cfg = draft_config(base_cfg, vd, data["layers"])
     draft = build_module(cfg)
     base_state = load_file(str(Path(args.base) / "model.safetensors"))
-    init_from_base(draft, base_state, torch.from_numpy(vocab_ids), int(base_cfg["num_hidden_layers"]))
+    if args.init:  # go on training a draft this script wrote (the same data: the same vocabulary)
+        state = load_file(str(Path(args.init) / WEIGHTS))
+        if not torch.equal(state["d2t"], torch.from_numpy(vocab_ids - np.arange(vd))):
+            raise SystemExit(f"--init {args.init}: its draft vocabulary is not this data's")
+        draft.load_state_dict({**draft.state_dict(), **{k: v for k, v in state.items() if k not in ("d2t", "t2d")}})
+    else:
+        init_from_base(draft, base_state, torch.from_numpy(vocab_ids), int(base_cfg["num_hidden_layers"]))
     embed = torch.nn.Embedding.from_pretrained(base_state["model.embed_tokens.weight"].float(), freeze=True)
     params = [p for n, p in draft.named_parameters() if not n.startswith("embed_tokens")]
     for n, p in draft.named_parameters():
@@ -383,6 +389,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", metavar="DRAFT", help="start from a draft this script wrote instead of the base")
     p.add_argument("--evaluate", metavar="PAIR", help="an exported pair (export --eagle-draft OUT): measure it instead")
     p.add_argument("--prompts", type=int, default=len(HELD_OUT_PROMPTS), help="with --evaluate: held-out prompts")
     p.add_argument("--eval-tokens", type=int, default=32, help="with --evaluate: speculative tokens per prompt")
