@@ -356,6 +356,15 @@ MUTANTS = [
     Mutant("MoE routers: a Cast between Softmax and TopK not looked through", "onnx_rewriter/analysis/moe.py", [
         ('        readers += [r for c in readers if c.op == "Cast" for r in c.outputs[0].outputs]\n', "")],
         ["tests/test_moe_checkpoint.py::test_router_behind_a_cast_is_a_router"]),
+    Mutant("EAGLE3 0.11: tree inputs before the q/k-norm gammas", "onnx_rewriter/features/eagle3.py", [
+        ('            if self.plan.token_major and int(node.attrs.get("enable_qk_norm", 0)):\n                at += 2',
+         '            if False:\n                at += 2')],
+        ["tests/test_eagle3.py::test_qk_norm_base_on_011_puts_the_tree_after_the_gammas"]),
+    Mutant("0.11 tree reference: q/k norms dropped", "onnx_rewriter/reference/plugin.py", [
+        ("        qr = _rope_and_norm(q[rows], q_norm_weight, table[rows], rms_norm_eps, qk_norm_post_rope)\n"
+         "        kr = _rope_and_norm(k[rows], k_norm_weight, table[rows], rms_norm_eps, qk_norm_post_rope)",
+         "        qr, kr = apply_rope(q[rows], table[rows]), apply_rope(k[rows], table[rows])")],
+        ["tests/reference/test_tree_attention.py::test_paged_tree_with_qk_norms_equals_plain_call"]),
     Mutant("MoE dense form: renormalization dropped", "onnx_rewriter/features/moe/dense.py", [
         ("    if b.renormalize:", "    if False:")],
         ["tests/test_moe.py::test_moe_dense_renormalized"]),

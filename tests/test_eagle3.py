@@ -178,11 +178,20 @@ def test_wrong_hidden_layers_fail(llama, tmp_path, monkeypatch):
     assert not r.passed and any("trained on" in p for p in r.problems)
 
 
+def test_qk_norm_base_on_011_puts_the_tree_after_the_gammas(models, tmp_path):
+    """Qwen3 on 0.11: the plugin's 6 required inputs, the q/k-norm gammas, then the tree mask and positions (the
+    order of NVIDIA's 0.11.0 exporter); the pair verifies in the slow test_other_pairs_verify."""
+    onnx_rewriter.rewrite(models.baseline("qwen3"), tmp_path / "b", eagle_base=True, eagle_layers="0,1,1",
+                          target="edgellm-0.11")
+    g = onnx.load(str(tmp_path / "b/model.onnx"), load_external_data=False).graph
+    consts = {t.name for t in g.initializer}
+    for p in (n for n in g.node if n.op_type == "AttentionPlugin"):
+        assert len(p.input) == 14 and set(p.input[6:8]) <= consts
+        assert list(p.input[8:10]) == ["packed_attention_mask", "attention_position_ids"]
+
+
 def test_refusals(models, tmp_path):
     src = models.baseline("llama")  # 2 layers
-    with pytest.raises(UnsupportedModel, match="q/k norm"):  # 0.11 moves it into the plugin: order not known
-        onnx_rewriter.rewrite(models.baseline("qwen3"), tmp_path / "b", eagle_base=True, eagle_layers="0,1,1",
-                              target="edgellm-0.11")
     with pytest.raises(UnsupportedModel, match="layer 2 of"):
         onnx_rewriter.rewrite(src, tmp_path / "c", eagle_base=True, eagle_layers="0,1,2")
     with pytest.raises(UnsupportedModel, match="layer 2 of"):  # the default [2, L//2, L-4] does not fit 2 layers
@@ -225,7 +234,8 @@ def test_narrow_draft_refused(models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,target", [("qwen3", "edgellm-0.9"), ("llama", "edgellm-0.5"),
-                                           ("qwen3", "edgellm-0.5"), ("qwen3", "edgellm-0.10")])
+                                           ("qwen3", "edgellm-0.5"), ("qwen3", "edgellm-0.10"),
+                                           ("qwen3", "edgellm-0.11")])
 def test_other_pairs_verify(models, tmp_path_factory, family, target):
     base, draft, root = _pair(models, tmp_path_factory, family, target)
     assert verify_eagle3(root / "out", str(base), str(draft), quiet=True).passed

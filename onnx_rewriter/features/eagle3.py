@@ -186,12 +186,6 @@ class Eagle3(Feature):
         self.target_name = target.name
         if self.plan.note:
             run.warn(self.plan.note)
-        if self.plan.token_major:
-            normed = [l.index for l in run.layers if l.q_norm is not None or l.k_norm is not None]
-            if normed:
-                raise UnsupportedModel(f"EAGLE3 on {target.name}: layer {normed[0]} has a per-head q/k norm, which "
-                                       f"0.11 moves into the plugin; where its gammas go among the tree inputs is not "
-                                       f"known: use edgellm-0.9")
         if self.role == "base":
             self._check_base(run)
         else:
@@ -291,6 +285,9 @@ class Eagle3(Feature):
         plugins = [n for n in g.nodes if n.op == "AttentionPlugin"]
         for node in plugins:
             at = self.plan.tree_at if self.plan.tree_at >= 0 else len(node.inputs)
+            if self.plan.token_major and int(node.attrs.get("enable_qk_norm", 0)):
+                at += 2  # 0.11: the tree group follows the q/k-norm gammas (NVIDIA's 0.11.0 exporter compacts
+                # the plugin's inputs as: 6 required, gammas, context-mask selector, tree mask and positions, ...)
             node.inputs.insert(at, mask)
             node.inputs.insert(at + 1, pos)
             node.attrs["enable_tree_attention"] = 1

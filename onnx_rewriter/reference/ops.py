@@ -115,12 +115,13 @@ def _dense(inputs, attrs, kv_scales=None):
 def _paged(inputs, attrs, kv_scales=None):
     qk_norm = bool(attrs.get("enable_qk_norm", 0))
     tree = {}
-    if int(attrs.get("enable_tree_attention", 0)):  # packed_attention_mask at 6, attention_position_ids at 7
-        if qk_norm or len(inputs) != 12:
-            raise NotImplementedError(f"0.11 tree AttentionPlugin: {len(inputs)} inputs with enable_qk_norm="
-                                      f"{int(qk_norm)}; the reference models 12 inputs without q/k norms")
+    if int(attrs.get("enable_tree_attention", 0)):  # the mask and positions after the 6 (+2 gammas) first inputs
+        at = 8 if qk_norm else 6
+        if len(inputs) != at + 6:
+            raise ValueError(f"0.11 tree AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
+                             f"(expected {at + 6})")
         inputs = list(inputs)
-        tree = {"tree_mask": inputs.pop(6), "tree_pos": inputs.pop(6)}
+        tree = {"tree_mask": inputs.pop(at), "tree_pos": inputs.pop(at)}
     if len(inputs) not in (10, 12) or qk_norm != (len(inputs) == 12):
         raise ValueError(f"paged AttentionPlugin: {len(inputs)} inputs with enable_qk_norm={int(qk_norm)} "
                          "(expected 10 without q/k-norm, 12 with it)")

@@ -397,13 +397,12 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
     Returns ``out [T,Hq,D]`` (qkv's dtype) and the updated pool (its own dtype).
     """
     if tree_mask is not None:
-        if q_norm_weight is not None or k_norm_weight is not None:
-            raise NotImplementedError("AttentionPlugin reference does not model 0.11 tree attention with q/k norms")
         return _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
                                      query_start_offsets, attention_sequence_lengths, tree_mask, tree_pos,
                                      num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
                                      sliding_window_size=sliding_window_size, attention_scale=attention_scale,
-                                     kv_scales=kv_scales)
+                                     kv_scales=kv_scales, q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+                                     rms_norm_eps=rms_norm_eps, qk_norm_post_rope=qk_norm_post_rope)
     del attention_sequence_lengths, execution_phase_marker, context_sequence_count_carrier
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
     _head_counts(hq, hkv)
@@ -451,13 +450,15 @@ def paged_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_
 def _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_lengths, kv_page_table,
                           query_start_offsets, attention_sequence_lengths, tree_mask, tree_pos, *, num_q_heads: int,
                           num_kv_heads: int, head_size: int, sliding_window_size: int = -1, attention_scale=None,
-                          kv_scales=None):
+                          kv_scales=None, q_norm_weight=None, k_norm_weight=None, rms_norm_eps: float = 1e-6,
+                          qk_norm_post_rope: bool = False):
     """0.11 tree attention, as contract part 3 §18.3 infers it (not yet confirmed on a device). Sequence n owns
     the Wq = qso[n+1] - qso[n] rows from qso[n] (its physical query width); its committed prefix is
     P0 = attention_sequence_lengths[n] - Wq cache slots; row i (position ``tree_pos[t]``, -1: padding) attends
     to the prefix and to the rows of its sequence whose bit is set in its row of ``tree_mask`` (LSB first,
     columns relative to qso[n]), and its K/V go to slot past_lengths[n] + i. A plain call (causal bits,
-    positions past + i) is the same attention as without the tree inputs. The rope rows are per token."""
+    positions past + i) is the same attention as without the tree inputs. The rope rows are per token; q/k norms
+    (Qwen3) as in the plain call: per head, then RoPE (or after it, ``qk_norm_post_rope``)."""
     if sliding_window_size is not None and sliding_window_size > 0:
         raise NotImplementedError("AttentionPlugin reference does not model tree attention with a sliding window")
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
@@ -487,7 +488,8 @@ def _paged_tree_attention(qkv, kv_pool, query_lengths, rope_cos_sin, past_length
         rows = np.arange(first, first + wq)
         real = rows[pos[rows] >= 0]
         bits = tree_mask_bits(words[rows], wq)
-        qr, kr = apply_rope(q[rows], table[rows]), apply_rope(k[rows], table[rows])
+        qr = _rope_and_norm(q[rows], q_norm_weight, table[rows], rms_norm_eps, qk_norm_post_rope)
+        kr = _rope_and_norm(k[rows], k_norm_weight, table[rows], rms_norm_eps, qk_norm_post_rope)
         old = np.arange(p0)
         kpg, kslot = _page_slots(page_table[n, 0], old, flat.shape[0])
         vpg, vslot = _page_slots(page_table[n, 1], old, flat.shape[0])

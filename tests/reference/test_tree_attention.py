@@ -75,3 +75,30 @@ def test_positions_one_wide_is_chunked_prefill():
     plain, _ = _run(*x, cache, 3, [2])
     tree, _ = _run(*x, cache, 3, [2], np.zeros((1, 1, 1), np.int32), np.zeros((1, 1), np.int32))
     np.testing.assert_array_equal(plain, tree)
+
+
+def test_paged_tree_with_qk_norms_equals_plain_call():
+    """0.11 with per-head q/k norms (Qwen3) and the tree inputs: a causal mask at positions past + i is the plain
+    call, norms included (each row normed per head, then roped, as without the tree)."""
+    from onnx_rewriter.reference.plugin import PAGE_SIZE, paged_attention
+
+    rng = np.random.default_rng(5)
+    hq, hkv, d, past, s = 4, 2, 16, 5, 3
+    qkv = rng.standard_normal((s, (hq + 2 * hkv) * d)).astype(np.float16)
+    pool = np.zeros((2, 2, PAGE_SIZE, hkv, d), np.float16)
+    pool[:, :, :past] = rng.standard_normal((2, 2, past, hkv, d))
+    ang = np.arange(past, past + s)[:, None] * 0.1 * (np.arange(d // 2) + 1)[None]
+    rope = np.concatenate([np.cos(ang), np.sin(ang)], axis=-1).astype(np.float32)
+    gq, gk = (rng.uniform(0.5, 1.5, d).astype(np.float16) for _ in range(2))
+    args = (qkv, pool, np.array([s], np.int32), rope, np.array([past], np.int32), np.array([[[0], [1]]], np.int32),
+            np.array([0], np.int32), np.array([past + s], np.int32), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_size=d, q_norm_weight=gq, k_norm_weight=gk)
+    plain, plain_pool = paged_attention(*args, **kw)
+    tree, tree_pool = paged_attention(*args, **kw, tree_mask=pack_tree_mask(np.tril(np.ones((s, s), bool))),
+                                      tree_pos=np.arange(past, past + s, dtype=np.int32))
+    np.testing.assert_array_equal(tree, plain)
+    np.testing.assert_array_equal(tree_pool, plain_pool)
+    unnormed, _ = paged_attention(*args, num_q_heads=hq, num_kv_heads=hkv, head_size=d,
+                                  tree_mask=pack_tree_mask(np.tril(np.ones((s, s), bool))),
+                                  tree_pos=np.arange(past, past + s, dtype=np.int32))
+    assert not np.allclose(unnormed, tree, atol=1e-3)  # the norms are applied, not dropped
