@@ -80,7 +80,9 @@ SIZES = {
                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
 }
 # size -> transformers config class of the sharded random checkpoints (bench/big_checkpoint.py, <= 5 GB shards)
-BIG = {"3b": "Qwen2Config", "8b": "LlamaConfig", "moe": "Qwen3MoeConfig", "moe-dense": "Qwen3Config"}
+SIZES["moe-4l"] = {**SIZES["moe"], "num_hidden_layers": 4}  # twice the layers: the INT4 MoE peak must not move
+BIG = {"3b": "Qwen2Config", "8b": "LlamaConfig", "moe": "Qwen3MoeConfig", "moe-dense": "Qwen3Config",
+       "moe-4l": "Qwen3MoeConfig"}
 
 
 def log(msg: str) -> None:
@@ -352,14 +354,17 @@ def bench_quantize(size: str, base: Path, ckpt: Path) -> dict:
 # ---------------------------------------------------------------- (e) MoE: experts streamed like dense weights
 
 
-def bench_moe() -> dict:
+def bench_moe(flat_only: bool = False) -> dict:
     """`moe` (Qwen3-30B-A3B layers) rewritten with --quantize int4 (Int4MoePlugin, RTN experts) and FP16
     (Fp16MoePlugin), against `moe-dense` (a dense model of the same size) rewritten FP16 and INT4: wall, peak
     RSS, output size. Both baselines are bf16 dynamo exports (the checkpoints' dtype; fp32 would double the
-    baseline export's memory for nothing the rewrite measures)."""
+    baseline export's memory for nothing the rewrite measures). `flat_only` (--only moe-flat): the INT4 MoE
+    rewrite of `moe` and of `moe-4l` (twice the layers) alone, the flatness check."""
     res = {}
-    for size, runs in (("moe", (("int4", ["--quantize", "int4"]), ("fp16", []))),
-                       ("moe-dense", (("fp16", []), ("int4", ["--quantize", "int4"])))):
+    int4 = ("int4", ["--quantize", "int4"])
+    plan = ((("moe", (int4,)), ("moe-4l", (int4,))) if flat_only else
+            (("moe", (int4, ("fp16", []))), ("moe-dense", (("fp16", []), int4))))
+    for size, runs in plan:
         ckpt = checkpoint(size)
         res[f"{size}-checkpoint_gb"] = checkpoint_gb(ckpt)
         base, built = baseline(size, ckpt, torch_dtype="export")
@@ -371,8 +376,9 @@ def bench_moe() -> dict:
                                                                      "--external-data", "-q", "--target",
                                                                      "edgellm-0.11", *extra])
             r["out_mb"] = dir_mb(out)
-            r["fused"] = count_nodes(out / "model.onnx", "Int4MoePlugin" if size == "moe" and extra else
-                                     "Fp16MoePlugin" if size == "moe" else "AttentionPlugin")
+            moe = size.startswith("moe") and size != "moe-dense"
+            r["fused"] = count_nodes(out / "model.onnx", "Int4MoePlugin" if moe and extra else
+                                     "Fp16MoePlugin" if moe else "AttentionPlugin")
             drop_outputs(out)
     return res
 
@@ -597,10 +603,18 @@ def report(results: dict) -> None:
         m = res.get("moe")
         if not m:
             continue
-        for s in ("moe", "moe-dense"):
-            rows.append(f"{s:<10}checkpoint: {m[f'{s}-checkpoint_gb']} GB of safetensors on disk")
-            row(s, "baseline export (bf16, once)", m.get(f"{s}-baseline"))
+        for s in ("moe", "moe-dense", "moe-4l"):
+            if f"{s}-checkpoint_gb" in m:
+                rows.append(f"{s:<10}checkpoint: {m[f'{s}-checkpoint_gb']} GB of safetensors on disk")
+                row(s, "baseline export (bf16, once)", m.get(f"{s}-baseline"))
         row("moe", "rewrite --quantize int4 (Int4MoePlugin)", m["moe-int4"])
+        if "moe-4l-int4" in m:  # --only moe-flat
+            two, four = m["moe-int4"], m["moe-4l-int4"]
+            row("moe-4l", "rewrite --quantize int4 (Int4MoePlugin)", four)
+            rows.append(f"{'':<6}-> INT4 MoE rewrite, 4 layers vs 2: peak "
+                        f"{four['peak_mb'] / max(two['peak_mb'], 1):.2f}x, "
+                        f"time {four['wall_s'] / max(two['wall_s'], 1e-9):.2f}x")
+            continue
         row("moe", "rewrite FP16 (Fp16MoePlugin)", m["moe-fp16"])
         row("dense", "rewrite FP16 (same size, dense)", m["moe-dense-fp16"])
         row("dense", "rewrite --quantize int4 (dense)", m["moe-dense-int4"])
@@ -623,7 +637,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,0.5b", help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--only", help="comma list of comparisons: rewrite, export, quantize, graph, wa (default: all); "
-                   "moe alone: the MoE row (its own checkpoints moe and moe-dense)")
+                   "moe alone: the MoE row (its own checkpoints moe and moe-dense); moe-flat alone: the INT4 MoE "
+                   "rewrite at 2 and 4 layers")
     p.add_argument("--verify", default="tiny,0.5b", help="sizes whose export output is also verified")
     p.add_argument("--no-nvidia", action="store_true", help="skip NVIDIA's exporter")
     p.add_argument("--repeat", type=int, default=3, help="runs of each rewrite tool (the fastest counts)")
@@ -636,7 +651,7 @@ def main(argv=None) -> int:
     global KEEP_OUTPUTS, MEM_CAP_GB
     KEEP_OUTPUTS, MEM_CAP_GB = args.keep_outputs, args.mem_cap_gb
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    kinds = ("rewrite", "export", "quantize", "graph", "moe", "wa")
+    kinds = ("rewrite", "export", "quantize", "graph", "moe", "moe-flat", "wa")
     only = set(kinds) if args.only is None else {k.strip() for k in args.only.split(",") if k.strip()}
     if only - set(kinds):
         p.error(f"unknown comparison(s) {sorted(only - set(kinds))}; choose from {', '.join(kinds)}")
@@ -645,8 +660,8 @@ def main(argv=None) -> int:
         p.error(f"unknown size(s) {unknown}; choose from {list(SIZES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = {}
-    if only == {"moe"}:  # its own two checkpoints (sizes moe, moe-dense), whatever --sizes says
-        results["moe"] = {"moe": bench_moe()}
+    if only in ({"moe"}, {"moe-flat"}):  # its own checkpoints (moe, moe-dense or moe-4l), whatever --sizes says
+        results["moe"] = {"moe": bench_moe(flat_only=only == {"moe-flat"})}
         (CACHE / "results.json").write_text(json.dumps(results, indent=1))
         report(results)
         return 0
