@@ -430,3 +430,21 @@ def test_moe_dense_renormalized(moe_baseline, tmp_path):
     assert run.report.features["moe"]["dense_cost"]["factor"] == 4.0
     assert onnx_rewriter.verify(str(out), model=str(ckpt)).passed
 
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="open (issue 28): a bf16 Qwen3-MoE with E=128, top-8, --quantize int4 on "
+                   "edgellm-0.11 fails verify for seeds 0 and 2 (the folder's rows leave the dequantized twin from the "
+                   "prefill on, as a routing flip would); the fp32 checkpoints of the same seeds pass, and so does "
+                   "0.9 (FP16 attention at these dims) and dense INT4 from bf16 on 0.11. Not diagnosed yet.")
+@pytest.mark.parametrize("seed", [0, 2])
+def test_bf16_top8_int4_on_011(tmp_path, seed):
+    from onnx_rewriter import export
+    from onnx_rewriter.hf import tiny
+    from onnx_rewriter.verification.llm import verify
+
+    ckpt = tiny.build_checkpoint("qwen3_moe", tmp_path / "ck", dtype="bfloat16", seed=seed, num_experts=128,
+                                 num_experts_per_tok=8)
+    export(str(ckpt), tmp_path / "out", target="edgellm-0.11", quantize="int4")
+    res = verify(tmp_path / "out", model=str(ckpt), quiet=True)
+    assert res.passed, res.table()
