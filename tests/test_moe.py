@@ -433,13 +433,13 @@ def test_moe_dense_renormalized(moe_baseline, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open (issue 28): a bf16 Qwen3-MoE with E=128, top-8, --quantize int4 on "
-                   "edgellm-0.11 fails verify for seeds 0 and 2 (the folder's rows leave the dequantized twin from the "
-                   "prefill on, as a routing flip would); the fp32 checkpoints of the same seeds pass, and so do "
-                   "0.9 (FP16 attention at these dims) and dense INT4 from bf16 on 0.11; the same values saved as "
-                   "fp32 fail the same way. Most likely routing near-ties: on 96 random tokens the fp32 twin's 8th "
-                   "and 9th router probabilities of seed 2 differ by 3.7e-6 (relative) in layer 1, far below the fp16 and "
-                   "INT4-attention noise; verify has no routing-tie-aware rule for MoE yet.")
+@pytest.mark.xfail(strict=False, reason=(
+    "open (issue 28): a bf16 Qwen3-MoE with E=128, top-8, --quantize int4 on edgellm-0.11 fails verify for seeds 0 "
+    "and 2 (the folder's rows leave the dequantized twin from the prefill on, as a routing flip would); the fp32 "
+    "checkpoints of the same seeds pass, and so do 0.9 (FP16 attention at these dims) and dense INT4 from bf16 on "
+    "0.11; the same values saved as fp32 fail the same way. Most likely routing near-ties: on 96 random tokens the "
+    "fp32 twin's 8th and 9th router probabilities of seed 2 differ by 3.7e-6 (relative) in layer 1, far below the "
+    "fp16 and INT4-attention noise; verify has no routing-tie-aware rule for MoE yet."))
 @pytest.mark.parametrize("seed", [0, 2])
 def test_bf16_top8_int4_on_011(tmp_path, seed):
     from onnx_rewriter import export
