@@ -21,10 +21,14 @@ from onnx_rewriter.verification.llm import verify
 TARGETS = ["edgellm-0.11", "edgellm-0.9"]
 
 
+def _modelopt_ckpt(models, tmp_path_factory, form: str, **kw):
+    """The tiny Llama written as a ModelOpt `form` checkpoint (hf/tiny_quant.py), for a module's fixtures."""
+    return tiny_quant.write(form, models.checkpoint("llama"), tmp_path_factory.mktemp(form) / "ck", **kw)
+
+
 @pytest.fixture(scope="module")
 def fp8_ckpt(models, tmp_path_factory):
-    return tiny_quant.write("fp8", models.checkpoint("llama"), tmp_path_factory.mktemp("fp8") / "ck",
-                            signal="hf_quant_config")
+    return _modelopt_ckpt(models, tmp_path_factory, "fp8", signal="hf_quant_config")
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +202,7 @@ def test_qdq_in_the_input_graph_is_kept_or_refused(models, tmp_path):
 
 @pytest.fixture(scope="module")
 def int8_ckpt(models, tmp_path_factory):
-    return tiny_quant.write("int8_sq", models.checkpoint("llama"), tmp_path_factory.mktemp("int8") / "ck")
+    return _modelopt_ckpt(models, tmp_path_factory, "int8_sq")
 
 
 @pytest.fixture(scope="module")
@@ -255,8 +259,7 @@ def test_int8_sq_on_011(int8_ckpt, tmp_path):
 
 @pytest.fixture(scope="module")
 def nvfp4_ckpt(models, tmp_path_factory):
-    return tiny_quant.write("nvfp4", models.checkpoint("llama"), tmp_path_factory.mktemp("nvfp4") / "ck",
-                            signal="hf_quant_config")
+    return _modelopt_ckpt(models, tmp_path_factory, "nvfp4", signal="hf_quant_config")
 
 
 @pytest.fixture(scope="module")
