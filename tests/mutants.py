@@ -371,6 +371,13 @@ MUTANTS = [
     Mutant("MoE GPTQ checkpoint: FC1 scales up before gate", "onnx_rewriter/features/moe/checkpoint.py", [
         ("np.concatenate([gs, us], axis=1)", "np.concatenate([us, gs], axis=1)")],
         ["tests/test_moe_checkpoint.py::test_gptq_moe_export_verifies_with_the_checkpoint_codes"]),
+    Mutant("MoE verify: any routing flip followed, however far the router is off",
+           "onnx_rewriter/verification/moe_routing.py", [
+        ("            if eps > ROUTER_NOISE * max(", "            if False and eps > ROUTER_NOISE * max(")],
+        ["tests/test_moe_routing.py::test_a_router_off_by_more_than_the_noise_is_an_error"]),
+    Mutant("MoE verify: a followed flip keeps unrenormalized weights", "onnx_rewriter/verification/moe_routing.py", [
+        ('            if getattr(module, "norm_topk_prob", False):', "            if False:")],
+        ["tests/test_moe_routing.py::test_a_flip_within_the_router_noise_is_followed"]),
     # ---------------------------------------------------------------- output-path safety
     Mutant("safety: protected folders compared before resolving symlinks", "onnx_rewriter/safety.py", [
         ("        p = resolved(p)\n        if _within(out, p) or _within(p, out):",

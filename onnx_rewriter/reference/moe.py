@@ -26,6 +26,8 @@ import numpy as np
 
 # node name -> (E, the experts it routed some row to): filled while a graph runs, read and cleared by verify
 EXPERTS_USED: dict = {}
+# None, or a list verify reads (verification/moe_routing.py): (node, router logits) per plugin call
+ROUTER_LOG: list | None = None
 _DEQUANTIZED: dict = {}  # Int4MoePlugin weights dequantized, per layer (by the bytes' digest), up to _CACHE_BYTES
 _CACHE_BYTES = 256 << 20
 
@@ -67,6 +69,8 @@ def record_use(node: str, router_logits, top_k: int) -> None:
     idx, _ = route(router_logits, top_k, renormalize=False)
     e = np.asarray(router_logits).shape[-1]
     EXPERTS_USED.setdefault(node, (e, set()))[1].update(int(i) for i in np.unique(idx))
+    if ROUTER_LOG is not None:
+        ROUTER_LOG.append((node, np.array(router_logits, dtype=np.float32)))
 
 
 # ------------------------------------------------------------------ one expert, fp16 like the kernels

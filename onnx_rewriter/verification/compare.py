@@ -46,6 +46,7 @@ class VerifyResult:
     problems: list[str] = field(default_factory=list)  # consistency.py: the folder's files disagree
     # MoE plugin nodes: (node, E, experts some row was routed to over the run); a verify that used few proves little
     expert_usage: list = field(default_factory=list)
+    routing_ties: str | None = None  # MoE: the routing near-ties the oracle followed (moe_routing.py), if any
 
     def quantization_line(self) -> str:
         q = self.quantization

@@ -33,6 +33,7 @@ from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare
 from onnx_rewriter.verification.consistency import check_consistency
 from onnx_rewriter.verification.eagle3 import is_eagle_folder, verify_eagle3
 from onnx_rewriter.verification.fp8_oracle import Fp8Oracle
+from onnx_rewriter.verification.moe_routing import RoutingFollower
 from onnx_rewriter.verification.rope_check import check_rope
 from onnx_rewriter.verification.vlm import verify_vlm
 
@@ -130,15 +131,25 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         result.quantized = wa_name
     session = _session(result, out_dir, oracle, rope, lora)
     rows = rows or prompts(session.config["vocab_size"])
+    follower = None
+    if any(n.op_type in ("Int4MoePlugin", "Fp16MoePlugin") for n in graph.graph.node) and hasattr(oracle, "model"):
+        oracle = follower = RoutingFollower(oracle, oracle.model)  # routing near-ties (moe_routing.py)
     fp8_scales = graph_scales(graph)
     if fp8_scales:  # the oracle rounds the cache as the runtime does; the FP8 cost is reported apart
         oracle, original = _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code)
         result.quantized = ("INT4 + FP8 KV cache" if int4 else f"{wa_name} + FP8 KV cache" if fp8_wa
                             else "FP8 KV cache")
     moe_reference.EXPERTS_USED.clear()
-    _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa))
+    try:
+        _run_steps(result, session, oracle, original, rows, steps, wa=bool(fp8_wa), follower=follower)
+    finally:
+        if follower is not None:
+            follower.close()
     result.expert_usage = [(n, e, len(used)) for n, (e, used) in sorted(moe_reference.EXPERTS_USED.items())]
     _judge(result, session, fp8_kv_cost=bool(fp8_scales) and not int4)
+    if follower is not None:
+        result.routing_ties = follower.line()
+        result.problems += list(follower.errors.values())
     result.problems += wa_check.check_kv_scales(fp8_scales, model)  # a checkpoint's own k/v scales, if any
     result.passed = result.passed and not result.problems
     if fp8_wa:  # the W+A rule (verification/wa_check.py)
@@ -196,15 +207,19 @@ def _fp8_oracles(oracle, original, fp8_scales, rows, model, trust_remote_code):
     return Fp8Oracle(oracle, fp8_scales, rows), original
 
 
-def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int, wa: bool = False) -> None:
+def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, steps: int, wa: bool = False,
+               follower: RoutingFollower | None = None) -> None:
     """Prefill `rows`, then `steps` greedy decode steps following the oracle's tokens; per step and row, our
     logits against the oracle's (result.steps) and the oracle's against the original's (result.quantization).
-    With a reduced vocabulary our logits are the oracle's at the kept ids, and greedy picks among those."""
+    With a reduced vocabulary our logits are the oracle's at the kept ids, and greedy picks among those.
+    `follower` (MoE) is told after each call which tokens the reference just routed."""
+    note = follower.collect if follower is not None else (lambda seqs, new: None)
     cut = (lambda x: x) if session.vocab_map is None else (lambda x: x[..., session.vocab_map])
     runner = runner_for(session, len(rows), capacity=max(map(len, rows)) + steps + 1)
     seqs = [list(r) for r in rows]
     pb = progress.bar(total=steps + 1, desc="verify")  # prefill + decode steps, on a terminal only
     ours = runner.prefill(seqs)
+    note(seqs, [len(s) for s in seqs])
     for k in range(steps + 1):
         refs = cut(np.stack([oracle(s) for s in seqs]))
         pb.update()
@@ -221,6 +236,7 @@ def _run_steps(result: VerifyResult, session: Session, oracle, original, rows, s
         for s, t in zip(seqs, nxt):
             s.append(t)
         ours = runner.decode(nxt)
+        note(seqs, [1] * len(seqs))
     pb.close()
 
 
@@ -247,6 +263,8 @@ def print_result(result: VerifyResult, out=None) -> None:
         print(wa_check.cost_line(result), file=out)
     for problem in result.problems:  # the W+A per-linear checks (wa_check.py)
         print(f"FAIL: {problem}", file=out)
+    if result.routing_ties:
+        print(result.routing_ties, file=out)
     if result.expert_usage:
         used = (f"{n.removeprefix('/model/').split('/')[0]} {k}/{e}" for n, e, k in result.expert_usage)
         print(f"MoE experts used over the run (of E, per plugin node): {', '.join(used)}", file=out)
