@@ -107,6 +107,14 @@ MUTANTS = [
     Mutant("FP8 scales amax / 224 instead of amax / 448", "onnx_rewriter/features/calibration.py", [
         ("amax / fp8.E4M3_MAX, 1.0)", "amax / (fp8.E4M3_MAX / 2), 1.0)")],
         [C + "test_fp8_kv_scales_are_amax_of_roped_k_and_of_v_over_448"]),
+    Mutant("calibration: a streamed MatMul keeps only its last block's product",
+           "onnx_rewriter/features/calibration.py", [
+        ("                    y[..., c:c + cols] += part", "                    y[..., c:c + cols] = part")],
+        ["tests/test_calibration.py::test_lean_runs_stream_big_matmuls_in_groups_of_prompts"]),
+    Mutant("W+A calibrated INT8 codes: each row block scaled by the first block's row scales",
+           "onnx_rewriter/features/wa_calibrate.py", [
+        ('weight_scale=small["weight_scale"][n0 + r0:n0 + r1]', 'weight_scale=small["weight_scale"][r0:r1]')],
+        ["tests/test_wa_calibrate.py::test_codes_streamed_in_row_blocks_equal_the_whole_linear"]),
     Mutant("FP8 qkv_scales attribute [1, v, k]", "onnx_rewriter/features/fp8_kv.py", [
         ('                node.attrs["qkv_scales"] = [1.0, k, v]', '                node.attrs["qkv_scales"] = [1.0, v, k]')],  # noqa: E501
         ["tests/test_fp8_kv.py::test_fp8_kv_verifies[llama-edgellm-0.11]"]),

@@ -69,3 +69,26 @@ def test_graph_is_cut_to_what_the_tensors_need(external_baseline):
     assert ops.count("Softmax") == 1 and ops.count("MatMul") == 5  # q, k, v, q @ k, p @ v
     assert len(ops) < len(full.graph.node) / 2
     assert [o.name for o in base.model.graph.output] == [first_o]
+
+
+def test_lean_runs_stream_big_matmuls_in_groups_of_prompts(external_baseline, monkeypatch):
+    """Lean runs (the W+A calibration): every MatMul by an external weight of at least STREAM_MATMUL_BYTES runs
+    in numpy from blocks of the weight's rows, and prompts go through in groups of up to GROUP_TOKENS tokens.
+    Each value still comes once per prompt and equals one session's to fp32 summation-order rounding."""
+    names = _wanted(external_baseline)
+    monkeypatch.setattr(calibration, "STREAM_MATMUL_BYTES", 1)
+    monkeypatch.setattr(calibration, "STREAM_BLOCK_BYTES", 40 * 256 * 4)  # 40 rows of a [128, 256] weight: 4 blocks
+    monkeypatch.setattr(calibration, "STREAM_COLUMNS", 100)  # partial products of 100, 100 and 56 columns
+    monkeypatch.setattr(calibration, "GROUP_TOKENS", 12)  # PROMPTS of 8, 3 and 14 tokens: groups [0, 1], [2]
+    base = calibration.Baseline(external_baseline, names, segment_bytes=1, lean=True)
+    streamed = [s.nodes[0].name for s in base.segments if s.streamed]
+    assert len(streamed) == 2 * 7  # q, k, v, o, gate, up, down per layer (lm_head is cut: no wanted tensor needs it)
+    want = _one_session(external_baseline, names)
+    seen = []
+    for p, out in base.run(PROMPTS):
+        for name, value in out.items():
+            seen.append((p, name))
+            assert value.dtype == want[p][name].dtype
+            np.testing.assert_allclose(value, want[p][name], rtol=1e-4, atol=1e-5, err_msg=f"{p} {name}")
+    assert sorted(seen) == sorted((p, n) for p in range(len(PROMPTS)) for n in names)
+    assert [p for p, _ in seen[:2]] == [0, 1]  # the first group's prompts, before the second's

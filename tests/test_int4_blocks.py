@@ -100,22 +100,22 @@ def test_quantized_weights_are_made_one_at_a_time(models, tmp_path, monkeypatch,
                            num_key_value_heads=8)
     monkeypatch.setattr(graphio, "SMALL_TENSOR_ELEMENTS", 1024)
     written, seen, alive = [0], [], []
-    produce, commit = stream.produce, stream.AsyncWriter.commit
+    produce_blocks, commit = stream.produce_blocks, stream.AsyncWriter.commit
 
     def counting(self, buf, n):
         written[0] += n
         commit(self, buf, n)
 
     def tracked(t):
-        arr = produce(t)
-        if arr.size > 1024:
-            alive[:] = [r for r in alive if r() is not None]
-            seen.append((written[0], len(alive)))
-            alive.append(weakref.ref(arr))
-        return arr
+        for arr in produce_blocks(t):
+            if arr.size > 1024:
+                alive[:] = [r for r in alive if r() is not None]
+                seen.append((written[0], len(alive)))
+                alive.append(weakref.ref(arr))
+            yield arr
 
     monkeypatch.setattr(stream.AsyncWriter, "commit", counting)
-    monkeypatch.setattr(stream, "produce", tracked)
+    monkeypatch.setattr(stream, "produce_blocks", tracked)
     pipeline.rewrite(base, tmp_path / "out", target="edgellm-0.9", quantize="int4", external_data=external)
     assert len(seen) == 14, seen  # 2 layers x 7 linears: one qweight each
     assert all(a < b for (a, _), (b, _) in zip(seen, seen[1:])), seen

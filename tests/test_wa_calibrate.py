@@ -133,3 +133,48 @@ def test_input_scales_are_the_calibrated_amax(rewritten, models):
         for e in run.report.features["wa_quant"]["linears"]:
             if e["wa"]:
                 assert e["input_scale"] == pytest.approx(amax[e["linear"]] / div, rel=2e-3), e["linear"]
+
+
+@pytest.mark.parametrize("scheme,alpha,keys", [("fp8", "off", ["weight"]), ("int8_sq", 0.5, ["weight"]),
+                                              ("nvfp4", "off", ["weight", "weight_scale"]),
+                                              ("nvfp4", "off", ["weight_scale", "weight"])])
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.BFLOAT16])
+def test_codes_streamed_in_row_blocks_equal_the_whole_linear(tmp_path, monkeypatch, scheme, alpha, keys, dtype):
+    """A weight the graph reads from a file: codes (and NVFP4's block scales, in either order the writer reads
+    them) are made in blocks of output rows (strips gathered in passes over the weight's rows) and must equal
+    those of the whole linear made at once."""
+    from onnx_rewriter.modelio.graph import lazy_constant
+
+    rng = np.random.default_rng(3)
+    k, n = 64, 200
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    if dtype == onnx.TensorProto.BFLOAT16:
+        raw = (w.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    else:
+        raw = w.tobytes()
+    (tmp_path / "w.bin").write_bytes(raw)
+    proto = onnx.TensorProto(name="w", data_type=dtype, dims=(k, n), data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(len(raw)))):
+        proto.external_data.add(key=key, value=value)
+    x = rng.normal(size=(32, k)).astype(np.float32)
+
+    def made(stream_rows: bool):
+        lin = WC.CalibratedLinears(scheme, tmp_path, alpha)
+        lin.add("m", lazy_constant("w", proto), "x")
+        lin.stats["x"] = WC.InputStats(np.abs(x).max(axis=0), x)
+        assert lin._streams_codes(lin._weights["m"][0]) == stream_rows
+        out = {}
+        for key in keys:
+            got = lin._tensor("m", key)
+            out[key] = got if isinstance(got, np.ndarray) else np.concatenate(list(got))
+        assert not lin._scales  # nothing kept once both were read
+        return out
+
+    monkeypatch.setattr(WC, "STRIP_BYTES", 2 * k * 96)  # strips of 96 output rows: 96, 96, 8
+    monkeypatch.setattr(WC, "CODE_BLOCK_BYTES", 4 * k * 40)  # quantized 40 rows at a time: 40, 40, 16, ...
+    streamed = made(True)
+    monkeypatch.setattr(WC.CalibratedLinears, "_streams_codes", lambda self, w: False)
+    whole = made(False)
+    assert streamed["weight"].shape == (n, k // 2 if scheme == "nvfp4" else k)
+    for key in keys:
+        assert np.array_equal(streamed[key], whole[key]), key

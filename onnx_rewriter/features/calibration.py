@@ -14,6 +14,7 @@ import onnx
 
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio import stream
+from onnx_rewriter.modelio.graph import convert_float
 from onnx_rewriter.reference import fp8
 from onnx_rewriter.reference.plugin import apply_rope
 from onnx_rewriter.sidefiles.writer import tokenizer_dir
@@ -71,6 +72,13 @@ def token_rows(run, texts: list[str]) -> list[list[int]]:
 # Weight bytes per onnxruntime session: onnxruntime copies every initializer it is given (the memory-mapped
 # files included), so the baseline runs in segments of about this much, one session alive at a time.
 SEGMENT_BYTES = 64 << 20
+# Lean runs: a MatMul by an external weight of at least this many bytes runs in numpy instead, the weight read
+# from the file a block of rows at a time (stream.chunks) and never whole: at 1.5B dims one MLP weight is 55 MB
+# of fp32, which onnxruntime's copy plus the mapped pages doubled (bench/README.md, issue 29).
+STREAM_MATMUL_BYTES = 1 << 20
+STREAM_BLOCK_BYTES = 2 << 20
+STREAM_COLUMNS = 1024  # output columns per partial product (its temporary: tokens x 1024 fp32)
+GROUP_TOKENS = 96  # lean runs: prompts per pass through the segments, by their tokens (Baseline.run)
 
 
 class Baseline:
@@ -101,12 +109,26 @@ class Baseline:
         inputs = {i.name for i in model.graph.input}
         self.row_reads = [n for n in model.graph.node if _row_read(n, self.inits, inputs)]
         nodes = [n for n in model.graph.node if not any(n is r for r in self.row_reads)]
-        self.segments = _segments(nodes, self.inits, set(self.names), segment_bytes or SEGMENT_BYTES)
+        streamed = {id(n) for n in nodes if lean and _streamed(n, self.inits)}
+        self.segments = _segments(nodes, self.inits, set(self.names), segment_bytes or SEGMENT_BYTES, streamed)
         self.lean = lean
 
     def run(self, rows: list[list[int]]):
         """Yield (prompt index, {name: value}) for every prompt, segment after segment (so each name's
-        values come prompt by prompt, in order)."""
+        values come prompt by prompt, in order). Lean runs go through the segments once per group of prompts
+        of up to GROUP_TOKENS tokens: the activations carried between segments are a group's, not all
+        prompts' (at 1.5B dims the MLP's [tokens, 8960] fp32 intermediates of ~600 tokens were 36 MB)."""
+        groups, cur = [], []
+        for i, ids in enumerate(rows):
+            if cur and self.lean and sum(len(rows[j]) for j in cur) + len(ids) > GROUP_TOKENS:
+                groups.append(cur)
+                cur = []
+            cur.append(i)
+        for group in [*groups, cur] if cur else groups:
+            for k, out in self._run_group([rows[i] for i in group]):
+                yield group[k], out
+
+    def _run_group(self, rows: list[list[int]]):
         import onnxruntime as ort
 
         graph = self.model.graph
@@ -119,6 +141,9 @@ class Baseline:
             del table
         files = sorted({e.value for t in graph.initializer for e in t.external_data if e.key == "location"})
         for seg in self.segments:
+            if seg.streamed:
+                yield from self._run_streamed(seg, carried)
+                continue
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
             if self.lean:
@@ -141,9 +166,52 @@ class Baseline:
                     del values[n]
 
 
+    def _run_streamed(self, seg, carried):
+        """One MatMul x @ W in numpy for every prompt, W [K, N] streamed in blocks of rows: fp32 products
+        summed block by block (the last bits differ from onnxruntime's order; ranges do not notice)."""
+        node = seg.nodes[0]
+        w = self.inits[node.input[1]]
+        k, n = (int(d) for d in w.dims)
+        rows = max(1, STREAM_BLOCK_BYTES // (n * stream.np_dtype(w.data_type).itemsize))
+        xs = [np.asarray(values[node.input[0]]) for values in carried]
+        ys = [np.zeros((*x.shape[:-1], n), np.float32) for x in xs]
+        cols = min(n, STREAM_COLUMNS)
+        tmp = [np.empty((*x.shape[:-1], cols), np.float32) for x in xs]  # a product's columns before the sum
+        start = 0
+        for chunk in stream.chunks(w, self.dir, chunk_bytes=rows * n * stream.np_dtype(w.data_type).itemsize):
+            block = convert_float(chunk, w.data_type, onnx.TensorProto.FLOAT).reshape(-1, n)
+            stop = start + block.shape[0]
+            for x, y, t in zip(xs, ys, tmp):
+                xb = x[..., start:stop].astype(np.float32, copy=False)
+                for c in range(0, n, cols):
+                    part = t[..., :min(cols, n - c)]
+                    np.matmul(xb, block[:, c:c + cols], out=part)
+                    y[..., c:c + cols] += part
+            start = stop
+        del tmp
+        if start != k:
+            raise RewriteError(f"calibration: weight '{w.name}' streamed {start} of its {k} rows")
+        for i, (values, x, y) in enumerate(zip(carried, xs, ys)):
+            values[node.output[0]] = y.astype(x.dtype)
+            yield i, {o: values[o] for o in seg.outputs if o in seg.wanted}
+        for values in carried:
+            for name in [name for name in values if name not in seg.later]:
+                del values[name]
+
+
 class _Segment:
-    def __init__(self, nodes, inputs, outputs, wanted, later):
+    def __init__(self, nodes, inputs, outputs, wanted, later, streamed=False):
         self.nodes, self.inputs, self.outputs, self.wanted, self.later = nodes, inputs, outputs, wanted, later
+        self.streamed = streamed  # one MatMul run in numpy (Baseline._run_streamed)
+
+
+def _streamed(node, inits) -> bool:
+    """A MatMul of an activation by a big external 2-D float weight (Baseline._run_streamed runs it)."""
+    w = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+    return w is not None and node.input[0] not in inits and w.data_location == onnx.TensorProto.EXTERNAL \
+        and len(w.dims) == 2 and w.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                 onnx.TensorProto.BFLOAT16) \
+        and stream.nbytes(w) >= STREAM_MATMUL_BYTES
 
 
 def _inline_small(graph: onnx.GraphProto, base_dir: Path) -> None:
@@ -163,11 +231,18 @@ def _row_read(node, inits, inputs) -> bool:
         and inits[node.input[0]].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def _segments(nodes, inits, wanted: set, segment_bytes: int = SEGMENT_BYTES) -> list[_Segment]:
+def _segments(nodes, inits, wanted: set, segment_bytes: int = SEGMENT_BYTES, streamed: set = frozenset()
+              ) -> list[_Segment]:
     """Split the (topologically sorted) nodes after a wanted tensor's producer once a segment holds
-    SEGMENT_BYTES of weights."""
+    SEGMENT_BYTES of weights; each node of `streamed` (ids) is a segment of its own."""
     groups, cur, nbytes, seen = [], [], 0, set()
     for node in nodes:
+        if id(node) in streamed:
+            if cur:
+                groups.append(cur)
+            groups.append([node])
+            cur, nbytes, seen = [], 0, set()
+            continue
         cur.append(node)
         for name in [*node.input, *_outer_names(node)]:
             if name in inits and name not in seen:
@@ -186,7 +261,8 @@ def _segments(nodes, inits, wanted: set, segment_bytes: int = SEGMENT_BYTES) -> 
         produced = set(made)
         outputs = [o for o in made if o in wanted or o in later]
         inputs = sorted(reads[j] - produced)
-        segments.append(_Segment(group, inputs, outputs, wanted & produced, later))
+        segments.append(_Segment(group, inputs, outputs, wanted & produced, later,
+                                 streamed=len(group) == 1 and id(group[0]) in streamed))
     return segments
 
 

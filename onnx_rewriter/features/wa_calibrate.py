@@ -37,7 +37,7 @@ import numpy as np
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
 from onnx_rewriter.features import calibration, wa_checkpoint, wa_quant
 from onnx_rewriter.features.base import FeatureOptions, check_choice, option, weight_matmuls
-from onnx_rewriter.modelio.graph import constant_array, constant_row_blocks
+from onnx_rewriter.modelio.graph import constant_array, constant_row_blocks, lazy_proto
 from onnx_rewriter.reference import wa_codecs as C
 
 FLAGS = {"fp8": "fp8", "nvfp4": "nvfp4", "int8-sq": "int8_sq"}  # --quantize value -> scheme
@@ -45,6 +45,8 @@ ALPHAS = tuple(np.round(np.arange(0.3, 1.01, 0.1), 2))  # SmoothQuant migration 
 MAX_EXP = 8  # |log2 p| <= 8: x * p and W / p stay well inside fp16's range
 ROWS = 128  # calibration rows kept per input for the SmoothQuant search
 BLOCK_BYTES = 4 << 20  # float64 bytes of one block of input channels the quantizer holds (its temporaries: a few)
+STRIP_BYTES = 8 << 20  # fp16 bytes of output rows gathered per pass over a weight (_code_rows)
+CODE_BLOCK_BYTES = 1 << 20  # fp32 bytes of the output rows quantized at once (_code_rows)
 
 
 def _fp16_ceil(x: float) -> np.float32:
@@ -259,6 +261,8 @@ class CalibratedLinears:
         self._group_pqs: dict = {}  # input name -> pre_quant_scale or None
         self.smoothing: dict = {}  # input name -> the search's outcome (report)
         self._last: tuple = (None, None)  # one linear's big tensors, for its two computed constants (NVFP4)
+        self._scales: dict = {}  # module -> NVFP4 block scales made while its codes streamed (_code_rows)
+        self._scales_read: set = set()  # modules whose block scales the writer took first
         self.stats: dict = {}
         self.groups: dict = {}  # input name -> [module]
 
@@ -298,8 +302,54 @@ class CalibratedLinears:
             self._small[module] = small
         return self._small[module]
 
+    def _code_rows(self, module: str, key: str = "weight"):
+        """A linear's codes ("weight": FP8 / INT8 [N, K], NVFP4 packed [N, K/2]) or NVFP4 block scales
+        ("weight_scale" [N, K/16]) in blocks of output rows, for the writer to stream (stream.produce_blocks), so
+        no whole linear's codes are held (13.7 MB of FP8 at 1.5B dims, and NVFP4's float64 temporaries). Output
+        rows are the graph's [K, N] weight's columns: each strip of STRIP_BYTES (fp16) is gathered in one pass
+        over the weight's row blocks, then quantized CODE_BLOCK_BYTES (fp32) at a time. NVFP4's block scales
+        come out of the same quantization: kept while the codes stream, for the writer's next read."""
+        w, x_name = self._weights[module]
+        small = self._small_of(module)
+        pqs = self._pre_quant_scale(x_name) if self.scheme == "int8_sq" else None
+        if key == "weight_scale" and module in self._scales:
+            yield from self._scales.pop(module)
+            return
+        k, n = (int(d) for d in w.shape)
+        rows = max(1, STRIP_BYTES // (2 * k))
+        sub = max(1, CODE_BLOCK_BYTES // (4 * k))
+        per_row = np.ndim(small.get("weight_scale")) == 1  # INT8: one scale per output row
+        scales = None
+        if self.scheme == "nvfp4" and key == "weight" and module not in self._scales_read:
+            scales = self._scales[module] = []
+        if key == "weight_scale":  # read before the codes: made here, and not kept when the codes stream
+            self._scales_read.add(module)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            strip = np.empty((n1 - n0, k), np.float16)
+            for k0, block in constant_row_blocks(w, self.base_dir, _block_rows(n)):  # [kb, N]
+                strip[:, k0:k0 + block.shape[0]] = block[:, n0:n1].T
+            for r0 in range(0, n1 - n0, sub):
+                r1 = min(n1 - n0, r0 + sub)
+                part = dict(small, weight_scale=small["weight_scale"][n0 + r0:n0 + r1]) if per_row else small
+                got = quantize_block(self.scheme, strip[r0:r1], part, pqs)
+                if scales is not None:
+                    scales.append(got["weight_scale"])
+                yield got[key]
+
+    def _streams_codes(self, w) -> bool:
+        """Codes made in blocks of output rows (_code_rows): weights the graph reads from a file."""
+        return lazy_proto(w) is not None
+
+    def _tensor(self, module: str, key: str):
+        if self._streams_codes(self._weights[module][0]):
+            return self._code_rows(module, key)
+        return self._big(module)[key]
+
     def _big(self, module: str) -> dict:
+        """A linear's big tensors whole, for weights held in memory (no file to stream them from)."""
         if self._last[0] != module:
+            self._last = (None, None)  # the previous linear's codes go before this one's are made
             w, _ = self._weights[module]
             k, n = (int(d) for d in w.shape)
             small = self._small_of(module)
@@ -323,7 +373,7 @@ class CalibratedLinears:
         w, _ = self._weights[module]
         k, n = (int(d) for d in w.shape)
         return CalibratedLinear(module, self.scheme, _LazyTensors(self._small_of(module),
-                                                                   lambda key: self._big(module)[key]), (n, k))
+                                                                   lambda key: self._tensor(module, key)), (n, k))
 
 
 _PATH = re.compile(r"^/(?:[^/]+/)+MatMul$")

@@ -41,6 +41,11 @@ from onnx_rewriter.modelio.graph import computed_constant, constant_array
 from onnx_rewriter.targets.base import lm_head_input
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def as_e4m3(codes):
+    """uint8 E4M3 codes as float8 values: an array, or blocks of rows (wa_calibrate streams them)."""
+    return codes.view(E4M3) if isinstance(codes, np.ndarray) else (b.view(E4M3) for b in codes)
 E2M1 = np.dtype(ml_dtypes.float4_e2m1fn)
 # what this module emits today; "mixed" (MIXED_PRECISION) is each linear in its own of the others
 SCHEMES = ("fp8", "int8_sq", "nvfp4", "w4a16_nvfp4", "mxfp8", "mixed")
@@ -210,7 +215,7 @@ class WaQuant(Feature):
         n, k = lin.shape
         ck = self.ck
         weight = computed_constant(f"{base}/weight", E4M3, (n, k),
-                                   lambda: ck.linear(module).tensors["weight"].view(E4M3))
+                                   lambda: as_e4m3(ck.linear(module).tensors["weight"]))
         wd = gs.Variable(f"{base}/weight_dequantized", np.float16)
         wt = gs.Variable(f"{base}/weight_transposed", np.float16)
         g.nodes.append(gs.Node("DequantizeLinear", name=f"{base}/weight_quantizer/DequantizeLinear",
@@ -319,7 +324,7 @@ class WaQuant(Feature):
         n, k = lin.shape
         ck = self.ck
         weight = computed_constant(f"{base}/weight", E4M3, (n, k),
-                                   lambda: ck.linear(module).tensors["weight"].view(E4M3))
+                                   lambda: as_e4m3(ck.linear(module).tensors["weight"]))
         scale = computed_constant(f"{base}/weight_scale", np.uint8, (n, k // 32),
                                   lambda: ck.linear(module).tensors["weight_scale"])
         wd = _var(g, "TRT_MXFP8DequantizeLinear", f"{base}/weight_quantizer/TRT_MXFP8DequantizeLinear",

@@ -111,15 +111,28 @@ def is_computed(t: TensorProto) -> bool:
 
 def produce(t: TensorProto) -> np.ndarray:
     """A computed tensor's values (its producer runs now, once), checked against its declaration."""
-    arr = np.ascontiguousarray(_PRODUCERS.pop(t.doc_string[len(COMPUTED):])())
-    if t.data_type == TensorProto.FLOAT4E2M1:  # produced packed: uint8 [..., K/2]
-        if arr.dtype != np.uint8 or tuple(arr.shape) != (*t.dims[:-1], (t.dims[-1] + 1) // 2):
-            raise RuntimeError(f"computed FLOAT4E2M1 tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared "
-                               f"{tuple(t.dims)} (packed: uint8 with half the last axis)")
-        return arr
-    if tuple(arr.shape) != tuple(t.dims) or helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type:
-        raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared {tuple(t.dims)}")
-    return arr
+    blocks = list(produce_blocks(t))
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
+def produce_blocks(t: TensorProto):
+    """A computed tensor's values as its producer gives them: one array, or blocks of leading-axis rows in order
+    (an iterator: a quantized weight made a few MB at a time), each checked against the declaration."""
+    got = _PRODUCERS.pop(t.doc_string[len(COMPUTED):])()
+    packed = t.data_type == TensorProto.FLOAT4E2M1  # produced packed: uint8 [..., K/2]
+    dims = (*t.dims[:-1], (t.dims[-1] + 1) // 2) if packed else tuple(t.dims)
+    rows = 0
+    for arr in [got] if isinstance(got, np.ndarray) else got:
+        arr = np.ascontiguousarray(arr)
+        kind = np.dtype(np.uint8) if packed else None
+        if (arr.dtype != kind if packed else helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type) \
+                or tuple(arr.shape[1:]) != tuple(dims[1:]):
+            raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared "
+                               f"{tuple(t.dims)}" + (" (packed: uint8 with half the last axis)" if packed else ""))
+        rows += arr.shape[0] if arr.ndim else 1
+        yield arr
+    if rows != (dims[0] if dims else 1):
+        raise RuntimeError(f"computed tensor '{t.name}' came out with {rows} rows, declared {tuple(t.dims)}")
 
 
 def derived(t: TensorProto) -> bool:
@@ -323,8 +336,12 @@ def chunks(t: TensorProto, base_dir: Path, chunk_bytes: int | None = None):
                 del view
         return
     if is_computed(t):
-        flat = produce(t).reshape(-1)
-    elif t.HasField("raw_data"):
+        for block in produce_blocks(t):
+            flat = block.reshape(-1)
+            for start in range(0, flat.size, step):
+                yield flat[start:start + step]
+        return
+    if t.HasField("raw_data"):
         flat = np.frombuffer(t.raw_data, dtype=dt)
     else:
         flat = numpy_helper.to_array(t).reshape(-1)
