@@ -178,3 +178,27 @@ def test_codes_streamed_in_row_blocks_equal_the_whole_linear(tmp_path, monkeypat
     assert streamed["weight"].shape == (n, k // 2 if scheme == "nvfp4" else k)
     for key in keys:
         assert np.array_equal(streamed[key], whole[key]), key
+
+
+@pytest.mark.parametrize("quantize", ["fp8", "nvfp4"])
+def test_weights_read_from_files_stream_their_codes_and_verify(models, tmp_path, monkeypatch, quantize):
+    """The baseline's weights in an external file (as every real export): the codes stream to the writer in row
+    blocks (_code_rows; small strips so each linear takes several) and the folder verifies."""
+    base = tmp_path / "base" / "model.onnx"
+    base.parent.mkdir()
+    onnx.save(onnx.load(str(models.baseline("llama"))), str(base), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    models.copy_side_files(models.checkpoint("llama"), base.parent)
+    from onnx_rewriter.modelio import graph as graphio
+
+    monkeypatch.setattr(graphio, "SMALL_TENSOR_ELEMENTS", 1024)  # the tiny weights stay in their file, as big ones
+    monkeypatch.setattr(WC, "STRIP_BYTES", 1 << 14)
+    made = []
+    rows = WC.CalibratedLinears._code_rows
+    monkeypatch.setattr(WC.CalibratedLinears, "_code_rows", lambda self, m, key="weight": made.append(key) or
+                        rows(self, m, key))
+    out = tmp_path / "out"
+    pipeline.rewrite(base, out, target="edgellm-0.11", quantize=quantize)
+    assert made.count("weight") == 14 and made.count("weight_scale") == (14 if quantize == "nvfp4" else 0)
+    res = verify(out, model=str(models.checkpoint("llama")), steps=1, quiet=True)
+    assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)

@@ -339,7 +339,7 @@ class WaQuant(Feature):
         ck = self.ck
         weight = computed_constant(f"{base}/weight", E2M1, (n, k), lambda: ck.linear(module).tensors["weight"])
         s_blk = computed_constant(f"{base}/weight_scale", E4M3, (n, k // 16),
-                                  lambda: ck.linear(module).tensors["weight_scale"].view(E4M3))
+                                  lambda: as_e4m3(ck.linear(module).tensors["weight_scale"]))
         s_g = gs.Constant(f"{base}/weight_scale_2", np.array(s_g, np.float32))
         blk = _var(g, "DequantizeLinear", f"{base}/weight_quantizer/DequantizeLinear_scale", [s_blk, s_g],
                    np.float32)
