@@ -98,6 +98,8 @@ def test_fp8_qdq_input_becomes_the_contract_form_and_verifies_against_itself(qdq
     res = verify(tmp_path / "out", baseline=str(src), quiet=True)
     assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)
     assert "against the Q/DQ baseline" in res.criterion and res.quantized == "FP8 activation"
+    # the cost reference is the baseline without its activation Q/DQ: the baseline's own cost is not zero
+    assert np.mean([1 - s.cosine for s in res.quantization]) > 1e-3  # measured 0.0041 (ours 0.0039)
     # the oracle is the quantized baseline itself: our steps are close to it (fp16 vs fp32 activations flip a few
     # E4M3 codes), closer than the baseline is to its unquantized-activation self
     assert min(s.cosine for s in res.steps) > 0.99
@@ -212,3 +214,18 @@ def test_onnxruntime_fp8_quantize_rounds_and_saturates_as_the_reference():
                         [-1e9, np.inf, -np.inf, 464.0, 2.0 ** -10]]).astype(np.float32)
     ours = np.asarray(sess.run(None, {"x": x})[0]).view(np.uint8)
     assert np.array_equal(ours, C.e4m3_encode(x))
+
+
+def test_miswired_linear_fails_verify_against_the_qdq_baseline(qdq_inputs, tmp_path):
+    """o_proj of layer 0 reading the q/k/v chain: its input scale is no longer its baseline linear's, and the cost
+    rule fails it on its own too."""
+    src = qdq_inputs["fp8"]
+    rewrite(src, tmp_path / "out", target="edgellm-0.11")
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    nodes = {n.name: n for n in g.graph.node}
+    layer0 = "/model/layers.0/self_attn"
+    nodes[f"{layer0}/o_proj/MatMul"].input[0] = nodes[f"{layer0}/q_proj/MatMul"].input[0]
+    onnx.save(g, str(tmp_path / "out" / "model.onnx"))
+    res = verify(tmp_path / "out", baseline=str(src), quiet=True)
+    assert not res.passed and [p for p in res.problems if "o_proj" in p] == res.problems
+    assert np.mean([1 - s.cosine for s in res.ours_vs_original]) > 0.1
