@@ -229,3 +229,14 @@ def test_miswired_linear_fails_verify_against_the_qdq_baseline(qdq_inputs, tmp_p
     res = verify(tmp_path / "out", baseline=str(src), quiet=True)
     assert not res.passed and [p for p in res.problems if "o_proj" in p] == res.problems
     assert np.mean([1 - s.cosine for s in res.ours_vs_original]) > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme,target", [("fp8", "edgellm-0.9"), ("fp8", "edgellm-0.10"), ("int8_sq", "edgellm-0.10"),
+                                           ("int8_sq", "edgellm-0.11")])
+def test_every_allowed_target(qdq_inputs, tmp_path, scheme, target):
+    """The cells the default tests leave out (FP8 on 0.11, INT8-SQ on 0.9 and the fake-quantized weight on 0.10 are
+    there): each rewrite verifies against its Q/DQ baseline."""
+    rewrite(qdq_inputs[scheme], tmp_path / "out", target=target)
+    res = verify(tmp_path / "out", baseline=str(qdq_inputs[scheme]), quiet=True)
+    assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)

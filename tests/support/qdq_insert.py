@@ -143,3 +143,4 @@ def _toposort(g) -> None:
         pending = rest
     del g.node[:]
     g.node.extend(done)
+
