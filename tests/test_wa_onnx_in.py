@@ -181,12 +181,18 @@ def _on_a_non_linear(m):
     _toposort(m.graph)
 
 
+def _trt_domain(m):
+    next(n for n in m.graph.node if n.name == "qdq3_wdq").domain = "trt"
+    m.opset_import.append(h.make_opsetid("trt", 1))
+
+
 @pytest.mark.parametrize("edit,reason", [
     (_uint8_activation, r"QuantizeLinear 'qdq3_q': uint8 activation \(onnxruntime's asymmetric default\)"),
     (_per_channel_activation, r"QuantizeLinear 'qdq3_q': a per-channel activation scale \[64\]"),
     (_weight_only, r"MatMul '.*': only its weight is quantized"),
     (_on_a_non_linear, r"QuantizeLinear 'odd_q': not on a linear's input \(its pair feeds Sigmoid\)"),
-], ids=["uint8", "per_channel_act", "weight_only", "non_linear"])
+    (_trt_domain, r"DequantizeLinear 'qdq3_wdq': a trt:: Q/DQ op .*export the ModelOpt checkpoint instead"),
+], ids=["uint8", "per_channel_act", "weight_only", "non_linear", "trt"])
 def test_qdq_it_does_not_understand_is_refused_by_name(qdq_inputs, tmp_path, edit, reason):
     src = _edited(qdq_inputs["fp8"], tmp_path / "in", edit)
     with pytest.raises(UnsupportedModel, match=reason):
@@ -239,4 +245,14 @@ def test_every_allowed_target(qdq_inputs, tmp_path, scheme, target):
     there): each rewrite verifies against its Q/DQ baseline."""
     rewrite(qdq_inputs[scheme], tmp_path / "out", target=target)
     res = verify(tmp_path / "out", baseline=str(qdq_inputs[scheme]), quiet=True)
+    assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["fp8", "int8_sq"])
+def test_fp16_graph_with_fp16_scales(models, tmp_path, scheme):
+    """An fp16 export (ModelOpt's ONNX path exports fp16 LLMs): Q/DQ on fp16 activations with fp16 scales."""
+    src = insert_qdq(models.baseline("llama", dtype="float16", native_dtype=True), tmp_path / "in", scheme)
+    rewrite(src, tmp_path / "out", target="edgellm-0.11")
+    res = verify(tmp_path / "out", baseline=str(src), quiet=True)
     assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)

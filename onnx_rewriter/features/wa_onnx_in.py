@@ -94,10 +94,16 @@ def _zero_point_zero(node) -> None:
 def _form(node, kind_of: str, code: int | None = None) -> str:
     """FP8 or INT8 of a Q or DQ node (`code`: its quantized type when known from its pair), or the refusal
     (type, saturate, block_size, zero point)."""
+    if node.domain not in ("", "ai.onnx", None):
+        _refuse(node, f"a {node.domain}:: Q/DQ op (NVFP4 / MXFP8 graphs use trt::); Q/DQ ONNX input is read for "
+                      f"FP8 and INT8-SQ only: export the ModelOpt checkpoint instead (`export --model FOLDER`)")
+    code = _pair_type(node) if code is None else code
+    if code == TensorProto.FLOAT4E2M1:
+        _refuse(node, "FLOAT4E2M1 (NVFP4) Q/DQ; Q/DQ ONNX input is read for FP8 and INT8-SQ only: export the "
+                      "ModelOpt NVFP4 checkpoint instead (`export --model FOLDER`)")
     if node.attrs.get("block_size"):
         _refuse(node, f"block_size {node.attrs['block_size']} on the {kind_of}; the contract's FP8 / INT8-SQ pairs "
                       f"are per tensor (per output channel for INT8 weights), not blocked")
-    code = _pair_type(node) if code is None else code
     if code == TensorProto.UINT8:
         _refuse(node, f"uint8 {kind_of} (onnxruntime's asymmetric default); the contract's INT8-SQ quantizes to "
                       f"int8 with no zero point (re-quantize with QuantType.QInt8, symmetric)")
@@ -125,6 +131,8 @@ def _activation(t, mm) -> _Act | None:
     dq = producer(_skip_cast(t))
     if dq is None or dq.op != "DequantizeLinear":
         return None
+    if dq.domain not in ("", "ai.onnx", None):
+        _form(dq, "activation")  # the refusal naming its domain
     q = producer(dq.inputs[0])
     if q is None or q.op != "QuantizeLinear":
         _refuse(dq, f"on the activation input of MatMul '{mm.name}' without a QuantizeLinear before it")

@@ -68,10 +68,11 @@ def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False) -> 
     drop = set()
     for i, (mm, w_init) in enumerate(lins):
         w = numpy_helper.to_array(w_init).astype(np.float32)  # [K, N]
+        f = numpy_helper.to_array(w_init).dtype.type  # scales in the graph's float type (x and scale: one type)
         x, tag = mm.input[0], f"qdq{i}"
         if scheme == "fp8":
-            s_in = np.float32(amax[x].max() / C.E4M3_MAX)
-            s_w = np.float32(np.abs(w).max() / C.E4M3_MAX)
+            s_in = f(amax[x].max() / C.E4M3_MAX)
+            s_w = f(np.abs(w).max() / C.E4M3_MAX)
             inits += [numpy_helper.from_array(np.array(s_in), f"{tag}_s_in"),
                       numpy_helper.from_array(np.array(s_w), f"{tag}_s_w"),
                       h.make_tensor(f"{tag}_zp", T.FLOAT8E4M3FN, [], [0])]
@@ -85,7 +86,7 @@ def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False) -> 
                                       name=f"{tag}_wdq")]
                 wt = f"{tag}_wd"
             else:
-                codes = C.e4m3_encode(w.T / s_w)  # [N, K]
+                codes = C.e4m3_encode(w.T / np.float32(s_w))  # [N, K]
                 inits.append(h.make_tensor(f"{tag}_w", T.FLOAT8E4M3FN, list(codes.shape), codes.tobytes(), raw=True))
                 nodes += [h.make_node("DequantizeLinear", [f"{tag}_w", f"{tag}_s_w"], [f"{tag}_wd"], name=f"{tag}_wdq"),
                           h.make_node("Transpose", [f"{tag}_wd"], [f"{tag}_wt"], perm=[1, 0], name=f"{tag}_wt")]
@@ -94,11 +95,11 @@ def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False) -> 
         else:
             a_w = np.maximum(np.abs(w).max(axis=1), 1e-6)  # [K]
             p = np.sqrt(np.maximum(amax[x], 1e-6)) / np.sqrt(a_w)
-            pqs = (1 / (p / np.exp(np.log(p).mean()))).astype(np.float16).astype(np.float32)
-            s_in = np.float32((amax[x] * pqs).max() / 127)
-            wp = w / pqs[:, None]
-            s_w = (np.abs(wp).max(axis=0) / 127).astype(np.float32)  # [N]
-            codes = np.clip(np.rint(wp / s_w[None, :]), -128, 127).astype(np.int8)  # [K, N]
+            pqs = (1 / (p / np.exp(np.log(p).mean()))).astype(np.float16).astype(f)
+            s_in = f((amax[x] * pqs).max() / 127)
+            wp = w / pqs.astype(np.float32)[:, None]
+            s_w = (np.abs(wp).max(axis=0) / 127).astype(f)  # [N]
+            codes = np.clip(np.rint(wp / s_w.astype(np.float32)[None, :]), -128, 127).astype(np.int8)  # [K, N]
             inits += [numpy_helper.from_array(pqs, f"{tag}_pqs"),
                       numpy_helper.from_array(np.array(s_in), f"{tag}_s_in"),
                       numpy_helper.from_array(np.array(0, np.int8), f"{tag}_zp"),
