@@ -141,6 +141,13 @@ def test_edgellm_05_refuses_a_qdq_input_by_name(qdq_inputs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["fp8", "int4"])
+def test_quantize_on_a_qdq_input_is_refused(qdq_inputs, tmp_path, flag):
+    with pytest.raises(UnsupportedModel, match=f"--quantize {flag}: the input graph is already quantized"):
+        rewrite(qdq_inputs["fp8"], tmp_path / "out", target="edgellm-0.11", quantize=flag)
+    assert not (tmp_path / "out").exists()
+
+
 def _edited(src, dst, edit):
     shutil.copytree(src.parent, dst)
     m = onnx.load(str(src))

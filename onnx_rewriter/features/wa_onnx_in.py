@@ -309,13 +309,12 @@ class QdqOnnx(wa_quant.WaQuant):
         self.by_weight: dict = {}
 
     def prepare(self, run) -> None:
+        if any(f is not self and f.name in ("int4", "wa_quant") for f in run.features):  # before any calibration
+            raise UnsupportedModel(f"--quantize {run.options.quantize}: the input graph is already quantized (it "
+                                   f"holds Q/DQ nodes) and would be quantized again; drop --quantize")
         self.by_weight = convert(run.source.graph, run.source.base_dir)
 
     def check(self, run, target) -> None:
-        others = [f.name for f in run.features if f is not self and f.name in ("int4", "wa_quant")]
-        if others:
-            raise UnsupportedModel(f"the input graph is already quantized (Q/DQ linears); {others[0]} would "
-                                   f"quantize it again: drop --quantize")
         schemes = sorted({lin.scheme for lin in self.by_weight.values()})
         self.scheme = schemes[0] if len(schemes) == 1 else "mixed"
         for scheme in schemes:
