@@ -256,10 +256,12 @@ def test_every_allowed_target(qdq_inputs, tmp_path, scheme, target):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["fp8", "int8_sq"])
-def test_fp16_graph_with_fp16_scales(models, tmp_path, scheme):
-    """An fp16 export (ModelOpt's ONNX path exports fp16 LLMs): Q/DQ on fp16 activations with fp16 scales."""
-    src = insert_qdq(models.baseline("llama", dtype="float16", native_dtype=True), tmp_path / "in", scheme)
+@pytest.mark.parametrize("scheme,fp32_qdq", [("fp8", False), ("int8_sq", False), ("int8_sq", True)])
+def test_fp16_graph_with_fp16_scales(models, tmp_path, scheme, fp32_qdq):
+    """An fp16 export (ModelOpt's ONNX path exports fp16 LLMs): Q/DQ on fp16 activations with fp16 scales, or (INT8)
+    in fp32 between Casts with fp32 scales."""
+    src = insert_qdq(models.baseline("llama", dtype="float16", native_dtype=True), tmp_path / "in", scheme,
+                     fp32_qdq=fp32_qdq)
     rewrite(src, tmp_path / "out", target="edgellm-0.11")
     res = verify(tmp_path / "out", baseline=str(src), quiet=True)
     assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)

@@ -126,8 +126,14 @@ class _Act:
         self.x, self.kind, self.scale, self.pqs = x, kind, scale, pqs
 
 
-def _activation(t, mm) -> _Act | None:
-    """The act() chain on a MatMul's input, None where there is none, or the refusal."""
+def _same_type(a, b) -> bool:
+    return a.dtype is None or b.dtype is None or np.dtype(a.dtype) == np.dtype(b.dtype)
+
+
+def _activation(t, mm, k: int | None) -> _Act | None:
+    """The act() chain on a MatMul's input (`k`: the weight's input channels), None where there is none, or the
+    refusal. x is the tensor before the chain's Casts where its type is the MatMul's (fp16 x -> Cast fp32 -> Q/DQ
+    -> Cast fp16), else the Q's own input."""
     dq = producer(_skip_cast(t))
     if dq is None or dq.op != "DequantizeLinear":
         return None
@@ -145,11 +151,12 @@ def _activation(t, mm) -> _Act | None:
     if s_dq.shape != s_q.shape or not np.array_equal(s_q, s_dq):
         _refuse(dq, f"its scale differs from its QuantizeLinear's ('{q.name}'): not one Q/DQ pair")
     x, pqs = _skip_cast(q.inputs[0]), None
+    if not _same_type(x, t):
+        x = q.inputs[0]
     mul = producer(x)
     if kind == INT8 and mul is not None and mul.op == "Mul":
         c = mul.inputs[1]
-        k = mm.inputs[1].shape[-2] if mm.inputs[1].shape else None
-        if isinstance(c, gs.Constant) and len(c.shape) == 1 and k is not None and int(c.shape[0]) == int(k):
+        if isinstance(c, gs.Constant) and len(c.shape) == 1 and k is not None and int(c.shape[0]) == k:
             pqs, x = np.asarray(constant_array(c, None), np.float32), mul.inputs[0]
     return _Act(x, kind, np.float32(s_q.reshape(())), pqs)
 
@@ -197,6 +204,7 @@ def _weight(t, mm, base_dir) -> _Weight | None:
         if scale.ndim != 1 or axis != n_axis or scale.shape[0] != n:
             _refuse(node, f"weight scales {list(scale.shape)} on axis {axis}; INT8-SQ scales one value per output "
                           f"channel (axis {n_axis} of this [{'N, K' if transposed else 'K, N'}] weight)")
+    scale_dtype = np.dtype(np.float16 if scale.dtype == np.float16 else np.float32)
     scale = np.asarray(scale, np.float32)
 
     # what the writer needs later, held now: the build disconnects these nodes
@@ -211,7 +219,8 @@ def _weight(t, mm, base_dir) -> _Weight | None:
         c = c.view(np.uint8) if kind == FP8 else c.astype(np.int8)
         return np.ascontiguousarray(c if transposed else c.T)
 
-    out_dtype = np.float32 if scale.dtype == np.float32 else np.float16
+    # the weight W' takes the type the MatMul read (a DequantizeLinear's Cast after it included)
+    out_dtype = np.dtype(t.dtype) if t.dtype is not None else scale_dtype
     return _Weight(kind, n, k, scale, codes, out_dtype)
 
 
@@ -249,8 +258,8 @@ def convert(graph: gs.Graph, base_dir) -> dict:
     naming the node) what it does not understand, and any Q/DQ node left on no linear's input."""
     out = {}
     for mm in [n for n in graph.nodes if n.op == "MatMul"]:
-        act = _activation(mm.inputs[0], mm)
         w = _weight(mm.inputs[1], mm, base_dir)
+        act = _activation(mm.inputs[0], mm, None if w is None else w.k)
         if act is None and w is None:
             continue
         if act is None or w is None:

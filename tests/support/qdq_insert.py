@@ -54,9 +54,10 @@ def _amax(path: Path, names: list[str], vocab: int, rows: int = 2) -> dict:
     return out
 
 
-def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False) -> Path:
+def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False, fp32_qdq: bool = False) -> Path:
     """A copy of the baseline folder `src` (its model.onnx) in `dst` with every linear quantized: scheme "fp8" or
-    "int8_sq". Returns dst / "model.onnx"."""
+    "int8_sq". `fp32_qdq` (INT8-SQ of an fp16 export): the pairs in fp32 between Casts, fp32 scales (the form of
+    QuantizeLinear below opset 23, whose x and scale share one type). Returns dst / "model.onnx"."""
     import json
 
     shutil.copytree(Path(src).parent, dst)
@@ -96,21 +97,27 @@ def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False) -> 
             a_w = np.maximum(np.abs(w).max(axis=1), 1e-6)  # [K]
             p = np.sqrt(np.maximum(amax[x], 1e-6)) / np.sqrt(a_w)
             pqs = (1 / (p / np.exp(np.log(p).mean()))).astype(np.float16).astype(f)
-            s_in = f((amax[x] * pqs).max() / 127)
+            f_q = np.float32 if fp32_qdq else f
+            s_in = f_q((amax[x] * pqs).max() / 127)
             wp = w / pqs.astype(np.float32)[:, None]
-            s_w = (np.abs(wp).max(axis=0) / 127).astype(f)  # [N]
+            s_w = (np.abs(wp).max(axis=0) / 127).astype(f_q)  # [N]
             codes = np.clip(np.rint(wp / s_w.astype(np.float32)[None, :]), -128, 127).astype(np.int8)  # [K, N]
             inits += [numpy_helper.from_array(pqs, f"{tag}_pqs"),
                       numpy_helper.from_array(np.array(s_in), f"{tag}_s_in"),
                       numpy_helper.from_array(np.array(0, np.int8), f"{tag}_zp"),
                       numpy_helper.from_array(s_w, f"{tag}_s_w"), numpy_helper.from_array(codes, f"{tag}_w")]
+            c = "_c" if fp32_qdq else ""  # the Cast-wrapped tensors' suffix
             nodes += [h.make_node("Mul", [x, f"{tag}_pqs"], [f"{tag}_xs"], name=f"{tag}_smooth"),
-                      h.make_node("QuantizeLinear", [f"{tag}_xs", f"{tag}_s_in", f"{tag}_zp"], [f"{tag}_xq"],
+                      h.make_node("QuantizeLinear", [f"{tag}_xs{c}", f"{tag}_s_in", f"{tag}_zp"], [f"{tag}_xq"],
                                   name=f"{tag}_q"),
-                      h.make_node("DequantizeLinear", [f"{tag}_xq", f"{tag}_s_in", f"{tag}_zp"], [f"{tag}_xd"],
+                      h.make_node("DequantizeLinear", [f"{tag}_xq", f"{tag}_s_in", f"{tag}_zp"], [f"{tag}_xd{c}"],
                                   name=f"{tag}_dq"),
-                      h.make_node("DequantizeLinear", [f"{tag}_w", f"{tag}_s_w"], [f"{tag}_wt"], axis=1,
+                      h.make_node("DequantizeLinear", [f"{tag}_w", f"{tag}_s_w"], [f"{tag}_wt{c}"], axis=1,
                                   name=f"{tag}_wdq")]
+            if fp32_qdq:
+                nodes += [h.make_node("Cast", [f"{tag}_xs"], [f"{tag}_xs_c"], to=T.FLOAT, name=f"{tag}_cast_in"),
+                          h.make_node("Cast", [f"{tag}_xd_c"], [f"{tag}_xd"], to=T.FLOAT16, name=f"{tag}_cast_out"),
+                          h.make_node("Cast", [f"{tag}_wt_c"], [f"{tag}_wt"], to=T.FLOAT16, name=f"{tag}_cast_w")]
             wt = f"{tag}_wt"
             drop.add(w_init.name)
         mm.input[0], mm.input[1] = f"{tag}_xd", wt
