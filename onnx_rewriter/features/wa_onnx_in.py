@@ -30,9 +30,11 @@ scales are cast; INT8 scales stay fp32; pre_quant_scale fp16).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from onnx_rewriter.errors import UnsupportedModel
 from onnx_rewriter.features import wa_checkpoint, wa_quant
@@ -66,8 +68,6 @@ def _elem_type(t) -> int | None:
     dt = getattr(t, "dtype", None)
     if dt is None:
         return None
-    from onnx import helper
-
     try:
         return helper.np_dtype_to_tensor_dtype(np.dtype(dt))
     except (TypeError, KeyError, ValueError):
@@ -121,9 +121,12 @@ def _skip_cast(t):
     return p.inputs[0] if p is not None and p.op == "Cast" else t
 
 
+@dataclass
 class _Act:
-    def __init__(self, x, kind: str, scale: np.ndarray, pqs: np.ndarray | None):
-        self.x, self.kind, self.scale, self.pqs = x, kind, scale, pqs
+    x: gs.Tensor  # what the MatMul reads once the chain is gone (before a pre_quant_scale Mul)
+    kind: str  # FP8 | INT8
+    scale: np.float32  # s_in, as the input holds it
+    pqs: np.ndarray | None  # pre_quant_scale [K] (INT8-SQ) or None
 
 
 def _same_type(a, b) -> bool:
@@ -161,9 +164,14 @@ def _activation(t, mm, k: int | None) -> _Act | None:
     return _Act(x, kind, np.float32(s_q.reshape(())), pqs)
 
 
+@dataclass
 class _Weight:
-    def __init__(self, kind, n, k, scale, codes, dtype):
-        self.kind, self.n, self.k, self.scale, self.codes, self.dtype = kind, n, k, scale, codes, dtype
+    kind: str  # FP8 | INT8
+    n: int
+    k: int
+    scale: np.ndarray  # s_w: [] or [N], fp32
+    codes: object  # () -> the codes [N, K] (E4M3 bytes as uint8, or int8), read at write time
+    dtype: np.dtype  # the type of the weight the MatMul read
 
 
 def _weight(t, mm, base_dir) -> _Weight | None:
