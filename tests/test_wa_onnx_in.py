@@ -19,7 +19,7 @@ from onnx_rewriter import rewrite
 from onnx_rewriter.errors import UnsupportedModel
 from onnx_rewriter.reference import wa_codecs as C
 from onnx_rewriter.verification.llm import verify
-from tests.support.qdq_insert import insert_qdq
+from tests.support.qdq_insert import insert_qdq, ort_quantized
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +132,20 @@ def test_fake_quantized_fp32_weight_is_read_through_its_own_quantizer(models, tm
     codes = C.e4m3_encode(w.T / a["qdq0_s_w"])
     assert any(o["codes"].tobytes() == codes.tobytes() for o in _output_linears(tmp_path / "out"))
     assert verify(tmp_path / "out", baseline=str(src), quiet=True).passed
+
+
+def test_onnxruntime_quantize_static_output_verifies(models, tmp_path):
+    """A real third-party Q/DQ graph: onnxruntime's quantize_static (QDQ, int8 symmetric, per-channel weights [K, N]
+    on axis 1, one activation pair per input tensor shared by q/k/v and gate/up) becomes INT8-SQ without
+    pre_quant_scale and verifies against itself; its default (the linears' outputs quantized too) is refused."""
+    src = ort_quantized(models.baseline("llama"), tmp_path / "in")
+    rewrite(src, tmp_path / "out", target="edgellm-0.9")
+    assert len(_output_linears(tmp_path / "out")) == 14
+    res = verify(tmp_path / "out", baseline=str(src), quiet=True)
+    assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)
+    both = ort_quantized(models.baseline("llama"), tmp_path / "in_outputs", outputs=True)
+    with pytest.raises(UnsupportedModel, match=r"it quantizes the output of MatMul '.*'.*OpTypesToExcludeOutput"):
+        rewrite(both, tmp_path / "out2", target="edgellm-0.9")
 
 
 def test_edgellm_05_refuses_a_qdq_input_by_name(qdq_inputs, tmp_path):

@@ -293,8 +293,13 @@ def convert(graph: gs.Graph, base_dir) -> dict:
         if node.op == "QuantizeLinear" and users and all(u.op == "DequantizeLinear" for u in users):
             users = [u for dq in users for o in dq.outputs for u in o.outputs]  # what the pair feeds
         ops = sorted({u.op for u in users}) or ["nothing"]
-        _refuse(node, f"not on a linear's input (its pair feeds {', '.join(ops)}); only the Q/DQ pairs of MatMul "
-                      f"linears map to the contract's W+A forms")
+        src = producer(node.inputs[0]) if node.inputs else None
+        hint = ""
+        if src is not None and src.op == "MatMul":  # a linear's output: onnxruntime's quantize_static does that
+            hint = (f"; it quantizes the output of MatMul '{src.name}', which the contract never does (onnxruntime's "
+                    f"quantize_static: extra_options OpTypesToExcludeOutputQuantization=['MatMul'])")
+        _refuse(node, f"not on a linear's input (its pair feeds {', '.join(ops)}){hint}; only the Q/DQ pairs on "
+                      f"MatMul linears' inputs map to the contract's W+A forms")
     return out
 
 

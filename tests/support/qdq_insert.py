@@ -152,3 +152,35 @@ def _toposort(g) -> None:
     del g.node[:]
     g.node.extend(done)
 
+
+
+def ort_quantized(src: Path, dst: Path, outputs: bool = False) -> Path:
+    """The baseline folder `src` (its model.onnx) through onnxruntime's own static quantizer into `dst`: QDQ format,
+    int8 symmetric activations (per tensor) and weights (per output channel), the decoder's linear MatMuls only
+    (not lm_head), two calibration rows. `outputs`: onnxruntime's default, the linears' outputs quantized too."""
+    import json
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    shutil.copytree(Path(src).parent, dst)
+    for f in dst.glob("model.onnx*"):
+        f.unlink()
+    vocab = int(json.loads((dst / "config.json").read_text())["vocab_size"])
+    names = [n.name for n, _ in _linears(onnx.load(str(src), load_external_data=False), vocab)]
+
+    class Rows(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(7)
+            ids = [rng.integers(3, vocab, (1, 9)) for _ in range(2)]
+            self.rows = iter([{"input_ids": i, "attention_mask": np.ones_like(i)} for i in ids])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if not outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
+    quantize_static(str(src), str(dst / "model.onnx"), Rows(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    nodes_to_quantize=names, op_types_to_quantize=["MatMul"], extra_options=extra)
+    return dst / "model.onnx"
