@@ -279,3 +279,14 @@ def test_fp16_graph_with_fp16_scales(models, tmp_path, scheme, fp32_qdq):
     rewrite(src, tmp_path / "out", target="edgellm-0.11")
     res = verify(tmp_path / "out", baseline=str(src), quiet=True)
     assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)
+
+
+@pytest.mark.slow
+def test_fp8_and_int8_linears_in_one_graph(models, tmp_path):
+    """Layer 0 FP8, layer 1 INT8-SQ (a mixed input): each linear in its own scheme, both targets' notes warned."""
+    src = insert_qdq(models.baseline("llama"), tmp_path / "in", lambda i: "fp8" if i < 7 else "int8_sq")
+    run = rewrite(src, tmp_path / "out", target="edgellm-0.10")
+    assert run.report.features["wa_quant"]["scheme"] == "mixed"
+    assert sum("Q/DQ ONNX input" in w for w in run.report.warnings) == 2
+    res = verify(tmp_path / "out", baseline=str(src), quiet=True)
+    assert res.passed and res.quantized == "FP8 + INT8-SQ activation", res.table()

@@ -54,10 +54,11 @@ def _amax(path: Path, names: list[str], vocab: int, rows: int = 2) -> dict:
     return out
 
 
-def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False, fp32_qdq: bool = False) -> Path:
+def insert_qdq(src: Path, dst: Path, scheme, fake_weight: bool = False, fp32_qdq: bool = False) -> Path:
     """A copy of the baseline folder `src` (its model.onnx) in `dst` with every linear quantized: scheme "fp8" or
-    "int8_sq". `fp32_qdq` (INT8-SQ of an fp16 export): the pairs in fp32 between Casts, fp32 scales (the form of
-    QuantizeLinear below opset 23, whose x and scale share one type). Returns dst / "model.onnx"."""
+    "int8_sq" (or a function of the linear's index returning one: a mixed graph). `fp32_qdq` (INT8-SQ of an fp16
+    export): the pairs in fp32 between Casts, fp32 scales (the form of QuantizeLinear below opset 23, whose x and
+    scale share one type). Returns dst / "model.onnx"."""
     import json
 
     shutil.copytree(Path(src).parent, dst)
@@ -71,7 +72,7 @@ def insert_qdq(src: Path, dst: Path, scheme: str, fake_weight: bool = False, fp3
         w = numpy_helper.to_array(w_init).astype(np.float32)  # [K, N]
         f = numpy_helper.to_array(w_init).dtype.type  # scales in the graph's float type (x and scale: one type)
         x, tag = mm.input[0], f"qdq{i}"
-        if scheme == "fp8":
+        if (scheme(i) if callable(scheme) else scheme) == "fp8":
             s_in = f(amax[x].max() / C.E4M3_MAX)
             s_w = f(np.abs(w).max() / C.E4M3_MAX)
             inits += [numpy_helper.from_array(np.array(s_in), f"{tag}_s_in"),
