@@ -178,11 +178,11 @@ def _weight(t, mm, base_dir) -> _Weight | None:
     """The wdq() chain on a MatMul's weight input, None where there is none, or the refusal. `codes()` reads the
     codes as [N, K] (uint8 E4M3 bytes or int8) when called (at write time)."""
     node, transposed = producer(t), False
-    if node is not None and node.op == "Transpose":
-        if list(node.attrs.get("perm", [1, 0])) != [1, 0]:
-            return None
-        transposed, node = True, producer(node.inputs[0])
-    if node is not None and node.op == "Cast":
+    while node is not None and node.op in ("Transpose", "Cast"):  # either order: DQ -> Cast -> Transpose or back
+        if node.op == "Transpose":
+            if transposed or list(node.attrs.get("perm", [1, 0])) != [1, 0]:
+                return None
+            transposed = True
         node = producer(node.inputs[0])
     if node is None or node.op != "DequantizeLinear":
         return None
