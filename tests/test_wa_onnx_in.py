@@ -148,6 +148,21 @@ def test_onnxruntime_quantize_static_output_verifies(models, tmp_path):
         rewrite(both, tmp_path / "out2", target="edgellm-0.9")
 
 
+def test_onnxruntime_dynamic_quantization_is_refused(models, tmp_path):
+    """quantize_dynamic's QOperator graph (DynamicQuantizeLinear + MatMulInteger) is no Q/DQ pair: refused by node,
+    not passed through as unknown integer ops."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = models.baseline("llama")
+    shutil.copytree(src.parent, tmp_path / "in")
+    (tmp_path / "in" / "model.onnx").unlink()
+    quantize_dynamic(str(src), str(tmp_path / "in" / "model.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"])
+    with pytest.raises(UnsupportedModel, match=r"onnxruntime's QOperator / dynamic quantization format"):
+        rewrite(tmp_path / "in" / "model.onnx", tmp_path / "out", target="edgellm-0.11")
+    assert not (tmp_path / "out").exists()
+
+
 def test_edgellm_05_refuses_a_qdq_input_by_name(qdq_inputs, tmp_path):
     with pytest.raises(UnsupportedModel, match=r"Q/DQ ONNX input \(INT8-SQ W8A8\): target edgellm-0.5 has no "
                                                r"weight\+activation quantization"):
@@ -207,13 +222,20 @@ def _trt_domain(m):
     m.opset_import.append(h.make_opsetid("trt", 1))
 
 
+def _trt_fp8_op(m):
+    q = next(n for n in m.graph.node if n.name == "qdq3_q")
+    q.op_type, q.domain = "TRT_FP8QuantizeLinear", "trt"
+    m.opset_import.append(h.make_opsetid("trt", 1))
+
+
 @pytest.mark.parametrize("edit,reason", [
     (_uint8_activation, r"QuantizeLinear 'qdq3_q': uint8 activation \(onnxruntime's asymmetric default\)"),
     (_per_channel_activation, r"QuantizeLinear 'qdq3_q': a per-channel activation scale \[64\]"),
     (_weight_only, r"MatMul '.*': only its weight is quantized"),
     (_on_a_non_linear, r"QuantizeLinear 'odd_q': not on a linear's input \(its pair feeds Sigmoid\)"),
     (_trt_domain, r"DequantizeLinear 'qdq3_wdq': a trt:: Q/DQ op .*export the ModelOpt checkpoint instead"),
-], ids=["uint8", "per_channel_act", "weight_only", "non_linear", "trt"])
+    (_trt_fp8_op, r"TRT_FP8QuantizeLinear 'qdq3_q': a trt::TRT_FP8QuantizeLinear node, not a standard Q/DQ pair"),
+], ids=["uint8", "per_channel_act", "weight_only", "non_linear", "trt", "trt_fp8_op"])
 def test_qdq_it_does_not_understand_is_refused_by_name(qdq_inputs, tmp_path, edit, reason):
     src = _edited(qdq_inputs["fp8"], tmp_path / "in", edit)
     with pytest.raises(UnsupportedModel, match=reason):

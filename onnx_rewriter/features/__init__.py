@@ -44,7 +44,7 @@ def implied(run) -> list[Feature]:
     out: list[Feature] = []
     if is_mrope_graph(run.source.graph):
         out.append(Vlm())
-    if wa_quant.input_qdq(run.source.graph):  # an already quantized export: its Q/DQ linears, emitted as ours
+    if wa_onnx_in.qdq_nodes(run.source.graph):  # an already quantized export: its Q/DQ linears, emitted as ours
         out.append(wa_onnx_in.QdqOnnx())
     if routers(run.source.graph):  # a Mixture-of-Experts router (Softmax -> TopK): the blocks become MoE plugins
         out.append(Moe())

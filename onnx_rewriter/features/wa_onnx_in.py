@@ -47,6 +47,32 @@ _TYPE_NAMES = {TensorProto.FLOAT8E4M3FN: "FLOAT8E4M3FN", TensorProto.INT8: "int8
 _KINDS = {TensorProto.FLOAT8E4M3FN: FP8, TensorProto.INT8: INT8}
 
 
+# onnxruntime's QOperator and dynamic quantization formats: integer ops the contract has no form for
+_ORT_INTEGER = {"QLinearMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulIntegerToFloat", "QGemm",
+                "DynamicQuantizeMatMul", "QLinearConv", "ConvInteger", "QAttention", "QLinearAdd", "QLinearMul"}
+
+
+def qdq_nodes(graph) -> list:
+    """The quantization nodes of an input graph this module reads or refuses: QuantizeLinear / DequantizeLinear
+    other than INT4's blocked weights (features/int4/onnx_in.py converts those: a block_size), onnxruntime's
+    integer ops, and any other op whose name says it quantizes (TensorRT's TRT_FP8QuantizeLinear, ...)."""
+    return [n for n in graph.nodes if n.op == "QuantizeLinear" or n.op in _ORT_INTEGER
+            or (n.op == "DequantizeLinear" and not n.attrs.get("block_size"))
+            or ("quantize" in n.op.lower() and n.op not in ("QuantizeLinear", "DequantizeLinear"))]
+
+
+def _foreign(graph) -> None:
+    """The refusal of quantization ops that are no Q/DQ pair: onnxruntime's integer ops, custom Q/DQ ops."""
+    for n in graph.nodes:
+        if n.op in _ORT_INTEGER:
+            _refuse(n, "onnxruntime's QOperator / dynamic quantization format (integer ops), which the contract has "
+                       "no form for; quantize with quant_format=QuantFormat.QDQ (static, QInt8, symmetric)")
+        if "quantize" in n.op.lower() and n.op not in ("QuantizeLinear", "DequantizeLinear"):
+            _refuse(n, f"a {n.domain + '::' if n.domain else ''}{n.op} node, not a standard Q/DQ pair; Q/DQ ONNX input "
+                       f"is read for FP8 and INT8-SQ QuantizeLinear / DequantizeLinear only (for ModelOpt's NVFP4 / "
+                       f"MXFP8 graphs export the checkpoint instead: `export --model FOLDER`)")
+
+
 def _refuse(node, why: str):
     raise UnsupportedModel(f"{node.op} '{node.name}': {why} (docs/support.md, 'Already-quantized Q/DQ ONNX')")
 
@@ -264,6 +290,7 @@ def _quant_linear(name: str, act: _Act, w: _Weight) -> CalibratedLinear:
 def convert(graph: gs.Graph, base_dir) -> dict:
     """Every Q/DQ linear of `graph` -> MatMul(x, W'), in place; returns {W' name: QuantLinear}. Refuses (one line
     naming the node) what it does not understand, and any Q/DQ node left on no linear's input."""
+    _foreign(graph)
     out = {}
     for mm in [n for n in graph.nodes if n.op == "MatMul"]:
         w = _weight(mm.inputs[1], mm, base_dir)
@@ -286,7 +313,7 @@ def convert(graph: gs.Graph, base_dir) -> dict:
         mm.inputs[0], mm.inputs[1] = act.x, weight
     if out:
         graph.cleanup().toposort()
-    left = wa_quant.input_qdq(graph)
+    left = qdq_nodes(graph)
     if left:
         node = left[0]
         users = [u for o in node.outputs for u in o.outputs]

@@ -350,13 +350,6 @@ def _var(g, op: str, name: str, inputs, dtype, attrs=None, domain: str | None = 
     return out
 
 
-def input_qdq(graph) -> list:
-    """QuantizeLinear / DequantizeLinear nodes of an input graph other than INT4's blocked weights (a block_size:
-    features/int4/onnx_in.py converts those); features/wa_onnx_in.py reads them or refuses them."""
-    return [n for n in graph.nodes if n.op == "QuantizeLinear"
-            or (n.op == "DequantizeLinear" and not n.attrs.get("block_size"))]
-
-
 @dataclass
 class WaQuantOptions(FeatureOptions):
     # A ModelOpt FP8 checkpoint folder whose codes and scales the graph takes (set by `export`; no flag)
