@@ -386,6 +386,22 @@ MUTANTS = [
     Mutant("MoE verify: a followed flip keeps unrenormalized weights", "onnx_rewriter/verification/moe_routing.py", [
         ('            if getattr(module, "norm_topk_prob", False):', "            if False:")],
         ["tests/test_moe_routing.py::test_a_flip_within_the_router_noise_is_followed"]),
+    # ---------------------------------------------------------------- already-quantized Q/DQ ONNX in (wa_onnx_in)
+    Mutant("Q/DQ input: activation scale taken from the weight's DequantizeLinear", "onnx_rewriter/features/wa_onnx_in.py", [  # noqa: E501
+        ('    small = {"input_scale": np.array(act.scale, np.float32)}',
+         '    small = {"input_scale": np.array(w.scale.reshape(-1)[0], np.float32)}')],
+        ["tests/test_wa_onnx_in.py::test_fp8_qdq_input_becomes_the_contract_form_and_verifies_against_itself"]),
+    Mutant("Q/DQ input: INT8 [K, N] codes reshaped to [N, K] instead of transposed", "onnx_rewriter/features/wa_onnx_in.py", [  # noqa: E501
+        ("        return np.ascontiguousarray(c if transposed else c.T)",
+         "        return np.ascontiguousarray(c if transposed else c.reshape(c.shape[::-1]))")],
+        ["tests/test_wa_onnx_in.py::test_int8_sq_qdq_input_on_09_keeps_codes_scales_and_smoothing"]),
+    Mutant("Q/DQ input: per-channel INT8 weight scales in reverse channel order", "onnx_rewriter/features/wa_onnx_in.py", [  # noqa: E501
+        ('        small["weight_scale"] = np.broadcast_to(w.scale.reshape(-1), (w.n,)).astype(np.float32)',
+         '        small["weight_scale"] = np.broadcast_to(w.scale.reshape(-1)[::-1], (w.n,)).astype(np.float32)')],
+        ["tests/test_wa_onnx_in.py::test_int8_sq_qdq_input_on_09_keeps_codes_scales_and_smoothing"]),
+    Mutant("Q/DQ baseline verify: the cost reference keeps the activation Q/DQ", "onnx_rewriter/verification/wa_baseline.py", [  # noqa: E501
+        ("        bypass[n.output[0]] = x\n", "        pass\n")],
+        ["tests/test_wa_onnx_in.py::test_fp8_qdq_input_becomes_the_contract_form_and_verifies_against_itself"]),
     # ---------------------------------------------------------------- output-path safety
     Mutant("safety: protected folders compared before resolving symlinks", "onnx_rewriter/safety.py", [
         ("        p = resolved(p)\n        if _within(out, p) or _within(p, out):",

@@ -24,7 +24,7 @@ target's code. `selected(options)` turns the options into the feature list (docs
 from __future__ import annotations
 
 from onnx_rewriter.analysis.moe import routers
-from onnx_rewriter.features import eagle3, fp8_kv, int4, lora, reduced_vocab, wa_calibrate, wa_quant
+from onnx_rewriter.features import eagle3, fp8_kv, int4, lora, reduced_vocab, wa_calibrate, wa_onnx_in, wa_quant
 from onnx_rewriter.features.base import Feature, FeatureOptions
 from onnx_rewriter.features.moe import Moe, MoeOptions
 from onnx_rewriter.features.vlm import Vlm, is_mrope_graph
@@ -40,12 +40,12 @@ def selected(options) -> list[Feature]:
 def implied(run) -> list[Feature]:
     """Features the input itself needs, unless already selected: MatMulNBits / blocked DequantizeLinear
     weights need INT4; a [3, B, S] position_ids input (M-RoPE) is a VLM text decoder; other Q/DQ nodes are
-    checked against the target (wa_quant.QdqInput)."""
+    read as the contract's FP8 / INT8-SQ linears (wa_onnx_in.QdqOnnx) or refused."""
     out: list[Feature] = []
     if is_mrope_graph(run.source.graph):
         out.append(Vlm())
-    if wa_quant.input_qdq(run.source.graph):  # an already quantized export: kept, refused on 0.5
-        out.append(wa_quant.QdqInput())
+    if wa_onnx_in.qdq_nodes(run.source.graph):  # an already quantized export: its Q/DQ linears, emitted as ours
+        out.append(wa_onnx_in.QdqOnnx())
     if routers(run.source.graph):  # a Mixture-of-Experts router (Softmax -> TopK): the blocks become MoE plugins
         out.append(Moe())
     if any(f.name == "int4" for f in run.features):

@@ -355,33 +355,6 @@ def _var(g, op: str, name: str, inputs, dtype, attrs=None, domain: str | None = 
     return out
 
 
-def input_qdq(graph) -> list:
-    """QuantizeLinear / DequantizeLinear nodes of an input graph other than INT4's blocked weights (a block_size:
-    features/int4/onnx_in.py converts those)."""
-    return [n for n in graph.nodes if n.op == "QuantizeLinear"
-            or (n.op == "DequantizeLinear" and not n.attrs.get("block_size"))]
-
-
-class QdqInput(Feature):
-    """Implied by an input graph that already holds Q/DQ nodes (an FP8 / INT8 quantized export): they are kept
-    as they are, never folded into fp16 weights; a target without W+A quantization (edgellm-0.5) refuses them,
-    the others warn that the pairs are not checked against the contract."""
-
-    name = "qdq_input"
-
-    def check(self, run, target) -> None:
-        nodes = input_qdq(run.source.graph)
-        if not nodes:
-            return
-        if target.name not in PLANS:
-            raise UnsupportedModel(f"the input graph holds {len(nodes)} QuantizeLinear/DequantizeLinear nodes "
-                                   f"(first: '{nodes[0].name}'): target {target.name} has no weight+activation "
-                                   f"quantization (contract part 3, 16.1)")
-        run.warn(f"the input graph holds {len(nodes)} QuantizeLinear/DequantizeLinear nodes (first: "
-                 f"'{nodes[0].name}'): kept as they are, not checked against the contract's Q/DQ forms; for a "
-                 f"ModelOpt FP8 checkpoint use `export --model FOLDER` (docs/contract.md)")
-
-
 @dataclass
 class WaQuantOptions(FeatureOptions):
     # A ModelOpt FP8 checkpoint folder whose codes and scales the graph takes (set by `export`; no flag)

@@ -27,7 +27,7 @@ from onnx_rewriter.hf.vlm import vlm_type
 from onnx_rewriter.reference import moe as moe_reference
 from onnx_rewriter.reference.lora import adapter_feeds, lora_inputs
 from onnx_rewriter.reference.runner import Session, runner_for
-from onnx_rewriter.verification import wa_check
+from onnx_rewriter.verification import wa_baseline, wa_check
 from onnx_rewriter.verification.checks import check_baseline, check_steps
 from onnx_rewriter.verification.compare import FP8_COSINE, VerifyResult, compare, judge
 from onnx_rewriter.verification.consistency import check_consistency
@@ -56,7 +56,7 @@ class HFOracle:
 
 
 class OnnxOracle:
-    def __init__(self, path: str):
+    def __init__(self, path: str, qdq_fusions: bool = True):
         from pathlib import Path
 
         import onnxruntime as ort
@@ -68,6 +68,9 @@ class OnnxOracle:
         # ORT fuses int4 DequantizeLinear + MatMul into MatMulNBits computing with int8 activations by
         # default (2% off the graph's own math); the oracle must compute what the graph says.
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if not qdq_fusions:  # W+A baselines: onnxruntime's Q/DQ rewrites (propagated through Transposes, fused
+            # into integer MatMuls) give FP8 graphs it cannot run; unoptimized, it computes what the graph says
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.sess.get_inputs()]
 
@@ -152,7 +155,10 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
         result.problems += list(follower.errors.values())
     result.problems += wa_check.check_kv_scales(fp8_scales, model)  # a checkpoint's own k/v scales, if any
     result.passed = result.passed and not result.problems
-    if fp8_wa:  # the W+A rule (verification/wa_check.py)
+    if fp8_wa and model is None:  # rewritten from a Q/DQ baseline, its own oracle (verification/wa_baseline.py)
+        result.problems += wa_baseline.check_linears(out_dir, baseline, fp8_wa)
+        wa_baseline.judge(result)
+    elif fp8_wa:  # the W+A rule (verification/wa_check.py)
         result.problems += wa_check.check_linears(out_dir, oracle.oracle.model if fp8_scales else oracle.model,
                                                   fp8_wa, checkpoint=model, original=original.model)
         wa_check.judge(result)
@@ -165,13 +171,18 @@ def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_re
     """(the oracle our logits are compared with, the original model for a quantization cost or None). With INT4
     GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
     the original of an AWQ/GPTQ checkpoint."""
-    oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
     wa = wa_linears(graph)
     if wa:  # W+A: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
+        oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else None
         if not model:
+            if baseline is not None and wa_baseline.carries_qdq(baseline):  # the Q/DQ input: it is the oracle
+                both = wa_baseline.BaselineOracles(baseline, OnnxOracle)
+                return both.oracle, both.original
             raise RewriteError("verify --baseline cannot simulate the folder's activation quantization (FP8 / "
-                               "INT8-SQ / NVFP4); verify with --model (the checkpoint)")
+                               "INT8-SQ / NVFP4) unless the baseline carries the same Q/DQ pairs; verify with "
+                               "--model (the checkpoint)")
         return wa_check.twin(HFOracle(model, lora_adapter, trust_remote_code), wa, checkpoint=model), oracle
+    oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else OnnxOracle(baseline)
     dequantized = _int4_oracle(graph, out_dir, model, lora_adapter)
     if dequantized is not None:  # compare with the dequantized model; report the INT4 cost separately
         return dequantized, oracle
