@@ -37,6 +37,7 @@ import numpy as np
 from onnx_rewriter.errors import RewriteError, UnsupportedModel
 from onnx_rewriter.features import calibration, wa_checkpoint, wa_quant
 from onnx_rewriter.features.base import FeatureOptions, check_choice, option, weight_matmuls
+from onnx_rewriter.modelio import heap
 from onnx_rewriter.modelio.graph import constant_array, constant_row_blocks, lazy_proto
 from onnx_rewriter.reference import wa_codecs as C
 
@@ -45,8 +46,8 @@ ALPHAS = tuple(np.round(np.arange(0.3, 1.01, 0.1), 2))  # SmoothQuant migration 
 MAX_EXP = 8  # |log2 p| <= 8: x * p and W / p stay well inside fp16's range
 ROWS = 128  # calibration rows kept per input for the SmoothQuant search
 BLOCK_BYTES = 4 << 20  # float64 bytes of one block of input channels the quantizer holds (its temporaries: a few)
-STRIP_BYTES = 8 << 20  # fp16 bytes of output rows gathered per pass over a weight (_code_rows)
-CODE_BLOCK_BYTES = 1 << 20  # fp32 bytes of the output rows quantized at once (_code_rows)
+STRIP_BYTES = 4 << 20  # fp16 bytes of output rows gathered per pass over a weight (_code_rows)
+CODE_BLOCK_BYTES = 256 << 10  # fp32 bytes of the output rows quantized at once (_code_rows; NVFP4 works in float64)
 
 
 def _fp16_ceil(x: float) -> np.float32:
@@ -166,6 +167,7 @@ def input_stats(run, path, names: list[str], keep_rows: bool, splits: list[str] 
             amax[name] = a if name not in amax else np.maximum(amax[name], a)
             if keep_rows:
                 kept.setdefault(name, []).append(x[mine])
+    heap.release()  # the calibration's freed activations
     empty = lambda k: np.zeros((0, k), np.float32)  # noqa: E731
     return {n: InputStats(a, np.concatenate(kept[n]) if keep_rows else empty(a.size)) for n, a in amax.items()}, count
 
@@ -336,6 +338,8 @@ class CalibratedLinears:
                 if scales is not None:
                     scales.append(got["weight_scale"])
                 yield got[key]
+        del strip
+        heap.release()  # the quantizer's freed temporaries (modelio/heap.py)
 
     def _streams_codes(self, w) -> bool:
         """Codes made in blocks of output rows (_code_rows): weights the graph reads from a file."""
