@@ -39,7 +39,7 @@ def main(argv) -> int:
     del base
     out = {}
     for name, folder in folders.items():
-        specs = wa_linears(onnx.load(f"{folder}/model.onnx", load_external_data=False))
+        specs = wa_linears(onnx.load(f"{folder}/model.onnx", load_external_data=False), folder)
         twin = wa_check.twin(HFOracle(ckpt), specs)
         cos, agree, total = [], 0, 0
         for a, b in zip(original, logits(twin.model)):

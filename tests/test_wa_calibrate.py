@@ -180,10 +180,11 @@ def test_codes_streamed_in_row_blocks_equal_the_whole_linear(tmp_path, monkeypat
         assert np.array_equal(streamed[key], whole[key]), key
 
 
-@pytest.mark.parametrize("quantize", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("quantize", ["fp8", "nvfp4", "int8-sq"])
 def test_weights_read_from_files_stream_their_codes_and_verify(models, tmp_path, monkeypatch, quantize):
     """The baseline's weights in an external file (as every real export): the codes stream to the writer in row
-    blocks (_code_rows; small strips so each linear takes several) and the folder verifies."""
+    blocks (_code_rows; small strips so each linear takes several) and the folder, written with --external-data
+    (its pre_quant_scales in the data file too), verifies."""
     base = tmp_path / "base" / "model.onnx"
     base.parent.mkdir()
     onnx.save(onnx.load(str(models.baseline("llama"))), str(base), save_as_external_data=True,
@@ -192,13 +193,14 @@ def test_weights_read_from_files_stream_their_codes_and_verify(models, tmp_path,
     from onnx_rewriter.modelio import graph as graphio
 
     monkeypatch.setattr(graphio, "SMALL_TENSOR_ELEMENTS", 1024)  # the tiny weights stay in their file, as big ones
+    monkeypatch.setattr(graphio, "EXPLICIT_EXTERNAL_MIN", 16)  # and pre_quant_scale [K] goes to the output's file
     monkeypatch.setattr(WC, "STRIP_BYTES", 1 << 14)
     made = []
     rows = WC.CalibratedLinears._code_rows
     monkeypatch.setattr(WC.CalibratedLinears, "_code_rows", lambda self, m, key="weight": made.append(key) or
                         rows(self, m, key))
     out = tmp_path / "out"
-    pipeline.rewrite(base, out, target="edgellm-0.11", quantize=quantize)
+    pipeline.rewrite(base, out, target="edgellm-0.11", quantize=quantize, external_data=True)
     assert made.count("weight") == 14 and made.count("weight_scale") == (14 if quantize == "nvfp4" else 0)
     res = verify(out, model=str(models.checkpoint("llama")), steps=1, quiet=True)
     assert res.passed and not res.problems, res.table() + "\n" + "\n".join(res.problems)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -37,7 +38,7 @@ import onnx_graphsurgeon as gs
 from onnx_rewriter.errors import UnsupportedModel
 from onnx_rewriter.features import wa_checkpoint
 from onnx_rewriter.features.base import Feature, FeatureOptions, fp16_plan, option, weight_matmuls
-from onnx_rewriter.modelio.graph import computed_constant, constant_array
+from onnx_rewriter.modelio.graph import computed_constant, constant_array, values_of
 from onnx_rewriter.targets.base import lm_head_input
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -384,15 +385,22 @@ class WaLinear:
     matmul: str  # the MatMul node's name
 
 
-def wa_linears(model) -> dict:
+def wa_linears(model, base_dir=None) -> dict:
     """{module path: WaLinear} of every W+A linear of a written graph: a MatMul reading [Cast] DequantizeLinear
     (QuantizeLinear(x', s)) (NVFP4: trt::DequantizeLinear(trt::TRT_FP4DynamicQuantize(x, s), ...)),
     x' = [Cast]([Mul](x, pre_quant_scale)) (node names are path-style: /model/layers.0/self_attn/q_proj/MatMul);
     the scheme is its weight's type (FLOAT8E4M3FN, INT8, FLOAT4E2M1). A FLOAT4E2M1 weight read by a MatMul whose
-    input is not quantized is W4A16_NVFP4's weight-only linear."""
-    from onnx import TensorProto, numpy_helper
+    input is not quantized is W4A16_NVFP4's weight-only linear. `base_dir`: the folder, for scales a graph loaded
+    without its external data keeps there (pre_quant_scale is, in --external-data folders)."""
+    from onnx import TensorProto
 
     inits = {t.name: t for t in model.graph.initializer}
+
+    def value(name):
+        t = inits[name]
+        if t.data_location == TensorProto.EXTERNAL and base_dir is None:
+            raise ValueError(f"wa_linears: '{name}' is in the folder's external data; pass the folder")
+        return np.array(values_of(t, Path(base_dir or ".")))
     producer = {o: n for n in model.graph.node for o in n.output}
 
     def up(name, op):
@@ -431,8 +439,8 @@ def wa_linears(model) -> dict:
         mul = up(skip_cast(q.input[0]), "Mul")
         pqs = None
         if mul is not None and mul.input[1] in inits:
-            pqs = numpy_helper.to_array(inits[mul.input[1]])
-        out[module_of(n.name)] = WaLinear(scheme, numpy_helper.to_array(inits[q.input[1]]), pqs, n.name)
+            pqs = value(mul.input[1])
+        out[module_of(n.name)] = WaLinear(scheme, value(q.input[1]), pqs, n.name)
     return out
 
 

@@ -126,7 +126,7 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
     oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
-    fp8_wa = wa_linears(graph)  # W+A linears, FP8, INT8-SQ or NVFP4
+    fp8_wa = wa_linears(graph, out_dir)  # W+A linears, FP8, INT8-SQ or NVFP4
     int4 = original is not None and not fp8_wa
     result = VerifyResult()
     wa_name = wa_check.described(fp8_wa)
@@ -171,7 +171,7 @@ def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_re
     """(the oracle our logits are compared with, the original model for a quantization cost or None). With INT4
     GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
     the original of an AWQ/GPTQ checkpoint."""
-    wa = wa_linears(graph)
+    wa = wa_linears(graph, out_dir)
     if wa:  # W+A: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
         oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else None
         if not model:
