@@ -347,8 +347,13 @@ MUTANTS = [
          "    u = linear.q - linear.z[np.arange(k) // linear.group] + 9")],
         ["tests/reference/test_moe.py::test_checkpoint_experts_become_marlin_bytes_exactly"]),
     Mutant("MoE feature: Fp16MoePlugin fc1 written gate-first", "onnx_rewriter/features/moe/__init__.py", [
-        ("lambda a: (layout.fp16_fc1(a[:i], a[i:]),))[0]", "lambda a: (layout.int4_fc1(a[:i], a[i:]),))[0]")],
+        ("(layout.fp16_fc1(a[:i], a[i:])[None] for", "(layout.int4_fc1(a[:i], a[i:])[None] for")],
         ["tests/test_moe.py::test_fp16_moe_plugin_verifies[edgellm-0.11-2]"]),
+    Mutant("MoE feature: RTN expert scales streamed from the wrong projection",
+           "onnx_rewriter/features/moe/__init__.py", [
+        ("            w, which = (b.gate_up, 0) if k < 2 else (b.down, 2)",
+         "            w, which = (b.gate_up, 0) if k < 1 else (b.down, 2)")],
+        ["tests/test_moe.py::test_int4_moe_plugin_verifies[edgellm-0.11-2]"]),
     Mutant("MoE pattern: every block read as renormalized", "patterns/moe_block.py", [
         ("        renormalize = bool(sums)", "        renormalize = True")],
         ["tests/patterns/test_moe_block.py::test_matches_and_reads_the_block"]),

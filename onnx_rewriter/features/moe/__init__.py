@@ -205,11 +205,11 @@ class Moe(Feature):
                 x = x16
             i, e, h = b.inter, b.experts, b.hidden
 
-            def fc1(w=b.gate_up, i=i, e=e):  # one fp16 expert at a time from the source, not the layer in fp32
-                return per_expert(w, e, base_dir, lambda a: (layout.fp16_fc1(a[:i], a[i:]),))[0]
+            def fc1(w=b.gate_up, i=i):  # one fp16 expert at a time, from the source to the writer
+                return (layout.fp16_fc1(a[:i], a[i:])[None] for a in expert_blocks(w, base_dir))
 
-            def fc2(w=b.down, e=e):
-                return per_expert(w, e, base_dir, lambda a: (a,))[0]
+            def fc2(w=b.down):
+                return (a[None] for a in expert_blocks(w, base_dir))
 
             if self.dense:
                 replace_uses(g, b.out, dense.emit(g, prefix, b, x, base_dir))
@@ -243,18 +243,34 @@ class Moe(Feature):
         group = self.groups[layer]
         cache: dict = {}
 
-        def rtn_packed(w):  # one expert at a time from the source: the peak is the packed layer, not its fp32
-            return per_expert(w, e, base_dir,
-                              lambda a: tuple(x[0] for x in layout.pack_int4_experts(*rtn_experts(a[None], group))))
+        scales: dict = {}  # RTN: part -> the scales made while its qweights streamed, for the writer's next read
+
+        def rtn_part(k):
+            """Part k (0, 2: qweights; 1, 3: scales) of RTN experts, one expert at a time from the source to the
+            writer: qweights and scales come out of the same quantization, so the scales made while the
+            qweights stream are kept (small) for their own read; read first, they are made by a pass of their own."""
+            w, which = (b.gate_up, 0) if k < 2 else (b.down, 2)
+            if k % 2 and which in scales:
+                yield from scales.pop(which)
+                return
+            kept = scales.setdefault(which, []) if k % 2 == 0 and which not in read_first else None
+            if k % 2:
+                read_first.add(which)
+            for a in expert_blocks(w, base_dir):
+                packed = layout.pack_int4_experts(*rtn_experts(a[None], group))
+                if kept is not None:
+                    kept.append(packed[1])
+                yield packed[k % 2]
+
+        read_first: set = set()
 
         def part(k):
+            if self.checkpoint is None:
+                return rtn_part(k)
             if not cache:
-                if self.checkpoint is not None:
-                    gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = the plugin's order
-                    dn = constant_array(b.down, base_dir)  # [E, H, I]
-                    cache.update(enumerate(self.checkpoint.packed(layer, b, group, gu, dn)))
-                else:
-                    cache.update(enumerate((*rtn_packed(b.gate_up), *rtn_packed(b.down))))
+                gu = constant_array(b.gate_up, base_dir)  # [E, 2I, H]: gate rows, then up = the plugin's order
+                dn = constant_array(b.down, base_dir)  # [E, H, I]
+                cache.update(enumerate(self.checkpoint.packed(layer, b, group, gu, dn)))
             return cache.pop(k)
 
         inputs = [computed_constant(f"{prefix}.fc_gate_up_qweights", np.int8, (e, h // 16, 16 * i), lambda: part(0)),
@@ -281,17 +297,11 @@ class Moe(Feature):
                                    "fc_down_qweights", "fc_down_scales"], ["output"], int4)]
 
 
-def per_expert(w, experts: int, base_dir, fn) -> tuple:
-    """fn(one expert's fp16 weight [N, K]) -> arrays, stacked into [E, ...] outputs allocated once: one expert read
-    from the source at a time (the peak is the layer's output, not its fp32 source nor a list of copies)."""
-    outs = None
-    for e, block in constant_row_blocks(w, base_dir, 1):
-        parts = fn(block[0])
-        if outs is None:
-            outs = tuple(np.empty((experts, *p.shape), p.dtype) for p in parts)
-        for o, p in zip(outs, parts):
-            o[e] = p
-    return outs
+def expert_blocks(w, base_dir):
+    """One expert's fp16 weight [N, K] at a time, read from the source (constant_row_blocks): what the writer
+    streams expert by expert (stream.produce_blocks), so the peak is one expert, not the layer."""
+    for _, block in constant_row_blocks(w, base_dir, 1):
+        yield block[0]
 
 
 def _topk_mass(g, prefix: str, logits, k: int, out):
