@@ -206,3 +206,11 @@ def test_lora_with_plugin_linears_is_refused(a16_011):
     with pytest.raises(UnsupportedModel, match=words):
         WaQuant(str(ck)).check(run, TARGETS["edgellm-0.11"])
     WaQuant(str(ck)).check(run, TARGETS["edgellm-0.9"])  # the DequantizeLinear form: MatMuls
+
+
+def test_packing_in_slices_of_k_is_the_same_bytes(monkeypatch):
+    packed, sblk, sg = _checkpoint_linear(*VECTORS[1][0])
+    whole = P.pack(packed, sblk, sg)[0]
+    monkeypatch.setattr(P, "PACK_CODES", 256 * 48)  # slices of 48 input channels
+    assert np.array_equal(P.pack(packed, sblk, sg)[0], whole)
+    assert hashlib.sha256(whole.tobytes()).hexdigest() == VECTORS[1][2]

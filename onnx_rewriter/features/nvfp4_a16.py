@@ -22,6 +22,8 @@ OP = "Nvfp4A16GemmPlugin"
 N_ALIGN, K_ALIGN, BLOCK = 128, 64, 16
 SHIFT = 2.0 ** 7  # the kernel's E2M1 / E4M3 bit moves leave the product 2^7 small (reference/nvfp4_a16.py)
 _FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)
+# codes packed at a time: Marlin's index arrays take ~17 bytes a code (a 1536 x 8960 MLP weight at once: ~230 MB)
+PACK_CODES = 1 << 20
 
 
 def padded(n: int) -> int:
@@ -68,5 +70,8 @@ def pack(weight: np.ndarray, scale_bytes: np.ndarray, weight_scale_2) -> tuple:
     n_p = padded(n)
     full = np.zeros((n_p, k), np.uint8)
     full[:n] = codes
-    return pack_marlin(full)[None], pack_block_scales(np.asarray(scale_bytes, np.uint8), n_p), global_scale(
+    # a row of Marlin words (16 input channels) depends on those 16 channels only: pack slices of K
+    step = max(16, PACK_CODES // n_p // 16 * 16)
+    qweights = np.concatenate([pack_marlin(full[:, k0:k0 + step]) for k0 in range(0, k, step)])
+    return qweights[None], pack_block_scales(np.asarray(scale_bytes, np.uint8), n_p), global_scale(
         weight_scale_2)

@@ -434,7 +434,7 @@ class WaLinear:
     scheme: str  # "fp8" | "int8_sq" | "nvfp4" | "mxfp8" | "w4a16_nvfp4" (weight-only: no activation quantizer)
     input_scale: np.ndarray | None  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4); None: MXFP8, weight-only
     pre_quant_scale: np.ndarray | None  # fp16 [K] (INT8-SQ) or None
-    matmul: str  # the MatMul node's name
+    matmul: str  # the MatMul node's name (W4A16_NVFP4 on 0.10 / 0.11: the Nvfp4A16GemmPlugin's)
 
 
 def wa_linears(model) -> dict:
