@@ -214,3 +214,17 @@ def test_packing_in_slices_of_k_is_the_same_bytes(monkeypatch):
     monkeypatch.setattr(P, "PACK_CODES", 256 * 48)  # slices of 48 input channels
     assert np.array_equal(P.pack(packed, sblk, sg)[0], whole)
     assert hashlib.sha256(whole.tobytes()).hexdigest() == VECTORS[1][2]
+
+
+@pytest.mark.slow
+def test_k_not_a_multiple_of_64_is_refused_in_one_line(models, tmp_path, capsys):
+    """Tiny SmolLM (hidden 144): the plugin checks gemm_k % 64; refused naming the first linear, nothing written."""
+    from onnx_rewriter import cli
+
+    ck = tiny_quant.write("w4a16_nvfp4", models.checkpoint("smollm"), tmp_path / "ck")
+    out = tmp_path / "out"
+    code = cli.main(["export", "--model", str(ck), "--output-dir", str(out), "--target", "edgellm-0.11"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("error: NVFP4 weight-only (W4A16_NVFP4) checkpoint: model.layers.0."), last
+    assert "Nvfp4A16GemmPlugin needs K % 64 == 0 (the plugin's own check), K = 144" in last
+    assert not out.exists()
