@@ -84,9 +84,9 @@ NVFP4_PLANS = {"edgellm-0.9": Plan(_FP4 + _RAISED), "edgellm-0.10": Plan(_FP4), 
 _A16 = ("weight-only FP4: DequantizeLinear'd FP4 weights feed fp16 GEMMs (NVIDIA's --no-quantize-activations "
         "form: correct, not fast; this runtime has no Nvfp4A16GemmPlugin); TensorRT's FP4 types are a Blackwell "
         "feature (inferred)")
-_A16_PLUGIN = ("weight-only FP4 as Nvfp4A16GemmPlugin (Marlin layout, fp16 activations; SM 80 or newer, Jetson Orin "
-               "included (inferred from NVIDIA's 'requires SM80 or newer')); the Blackwell variant (--target-sm 110) "
-               "is not emitted")
+_A16_PLUGIN = ("weight-only FP4 as Nvfp4A16GemmPlugin (Marlin layout, fp16 activations; SM 80 or newer per NVIDIA's "
+               "Marlin kernel; whether Jetson Orin, which NVIDIA says runs no FP4 engines, builds it is not known); "
+               "the Blackwell variant (--target-sm 110) is not emitted")
 A16_PLUGIN_TARGETS = ("edgellm-0.10", "edgellm-0.11")
 A16_PLANS = {"edgellm-0.9": Plan(_A16 + _RAISED), **{t: Plan(_A16_PLUGIN) for t in A16_PLUGIN_TARGETS}}
 # MXFP8 (16.5): trt:: MX ops, block 32, E8M0 scales, no calibration; "offer on 0.10/0.11 behind a warning", 0.9 warns
