@@ -62,15 +62,22 @@ def dequantize(codes, scale_bytes, global_scale) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def nvfp4_a16_gemm(x, qweights, block_scales, global_scale, *, gemm_n: int, gemm_k: int, max_m: int = 0):
-    """The plugin: fp16 x [..., K] -> fp16 [..., N_p]."""
+def weight(qweights, block_scales, global_scale, *, gemm_n: int, gemm_k: int, max_m: int = 0) -> np.ndarray:
+    """The plugin's attributes and weight inputs checked -> W [N_p, K] fp32 (what `nvfp4_a16_gemm` multiplies by)."""
     if gemm_n <= 0 or gemm_n % N_ALIGN or gemm_k <= 0 or gemm_k % K_ALIGN or max_m < 0:
         raise ValueError(f"Nvfp4A16GemmPlugin: gemm_n={gemm_n} (% {N_ALIGN}), gemm_k={gemm_k} (% {K_ALIGN}), "
                          f"max_m={max_m}")
+    if np.asarray(global_scale).dtype != np.float16 or np.asarray(global_scale).shape != (1,):
+        raise ValueError("Nvfp4A16GemmPlugin: global_scale must be fp16 [1]")
+    return dequantize(*unpack(qweights, block_scales, gemm_n, gemm_k), global_scale)
+
+
+def nvfp4_a16_gemm(x, qweights, block_scales, global_scale, *, gemm_n: int, gemm_k: int, max_m: int = 0,
+                   w: np.ndarray | None = None):
+    """The plugin: fp16 x [..., K] -> fp16 [..., N_p]. `w`: `weight(...)` of these inputs, if already made."""
     x = np.asarray(x)
     if x.dtype != np.float16 or x.shape[-1] != gemm_k:
         raise ValueError(f"Nvfp4A16GemmPlugin: input {x.dtype} {x.shape}, expected fp16 [..., {gemm_k}]")
-    if np.asarray(global_scale).dtype != np.float16 or np.asarray(global_scale).shape != (1,):
-        raise ValueError("Nvfp4A16GemmPlugin: global_scale must be fp16 [1]")
-    w = dequantize(*unpack(qweights, block_scales, gemm_n, gemm_k), global_scale)
+    if w is None:
+        w = weight(qweights, block_scales, global_scale, gemm_n=gemm_n, gemm_k=gemm_k, max_m=max_m)
     return (x.astype(np.float32) @ w.T).astype(np.float16)
