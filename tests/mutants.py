@@ -158,6 +158,13 @@ MUTANTS = [
         ('            node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)',
          "            self._emit_nvfp4(g, node, module, lin, s_g, s_g, chains)")],
         ["tests/test_wa_formats.py::test_mixed_on_09_verifies_each_linear_in_its_scheme"]),
+    Mutant("NVFP4-A16 block scales packed in 15.4's fp16 Marlin scale order", "onnx_rewriter/features/nvfp4_a16.py", [
+        ("    place = m - m % 64 + 8 * (m % 8) + ((r & 4) | ((r & 1) << 1) | ((r >> 1) & 1))",
+         "    place = m - m % 64 + 8 * (m % 8) + r")],
+        ["tests/test_nvfp4_a16.py::test_export_011_emits_the_plugin_and_verifies"]),
+    Mutant("NVFP4-A16 reference plugin drops the global scale's 2^7", "onnx_rewriter/reference/nvfp4_a16.py", [
+        ("GLOBAL_SCALE_SHIFT = 2.0 ** 7", "GLOBAL_SCALE_SHIFT = 1.0")],
+        ["tests/test_nvfp4_a16.py::test_export_011_emits_the_plugin_and_verifies"]),
     Mutant("MXFP8 E8M0 scale read with bias 128 (every block halved)", "onnx_rewriter/reference/wa_codecs.py", [
         ("    step = np.where(s == 255, np.nan, np.exp2(s - 127))",
          "    step = np.where(s == 255, np.nan, np.exp2(s - 128))")],

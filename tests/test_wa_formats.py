@@ -166,6 +166,8 @@ def test_mxfp8_codec_and_reference_ops():
 @pytest.mark.parametrize("target", ["edgellm-0.10", "edgellm-0.11"])
 def test_mixed_on_010_011(mixed_ckpt, tmp_path, target):
     export(str(mixed_ckpt), tmp_path / "out", target=target, kv_cache="fp8")
+    g = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Nvfp4A16GemmPlugin" for n in g.graph.node) == 2  # layer 1's gate/up (W4A16_NVFP4)
     res = verify(tmp_path / "out", model=str(mixed_ckpt), quiet=True)
     assert res.passed, res.table() + "\n" + "\n".join(res.problems)
 
@@ -173,12 +175,14 @@ def test_mixed_on_010_011(mixed_ckpt, tmp_path, target):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["edgellm-0.9", "edgellm-0.10", "edgellm-0.11"])
 def test_w4a16_nvfp4(models, tmp_path, target):
-    """Weight-only: no activation quantizer; the fp16 rule against the twin, every FP4 weight bit for bit."""
+    """Weight-only: no activation quantizer; the fp16 rule against the twin, every FP4 weight bit for bit
+    (0.10 / 0.11: as Nvfp4A16GemmPlugin, tests/test_nvfp4_a16.py; 0.9: the DequantizeLinear form)."""
     ck = tiny_quant.write("w4a16_nvfp4", models.checkpoint("qwen2"), tmp_path / "ck")
     run = export(str(ck), tmp_path / "out", target=target)
     g = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
     assert not any(n.op_type in ("QuantizeLinear", "TRT_FP4DynamicQuantize") for n in g.graph.node)
     assert sum(e["wa"] == "w4a16_nvfp4" for e in run.report.features["wa_quant"]["linears"]) == 14
+    assert sum(n.op_type == "Nvfp4A16GemmPlugin" for n in g.graph.node) == (0 if target == "edgellm-0.9" else 14)
     res = verify(tmp_path / "out", model=str(ck), quiet=True)
     assert res.passed and res.quantized == "NVFP4 weight-only", res.table() + "\n" + "\n".join(res.problems)
     assert "weight-only linear's weight equals the model's bit for bit" in res.criterion

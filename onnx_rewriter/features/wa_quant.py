@@ -2,7 +2,8 @@
 NVFP4 W4A4, W4A16_NVFP4 (weight-only), MXFP8 and MIXED_PRECISION of those from ModelOpt checkpoints (`export
 --model FOLDER`, the formats features/wa_checkpoint.py reads); the calibrated routes from an fp16 model are later
 pieces (docs/support.md). One emitter per scheme, `_emit_linear` picks each linear's (MIXED_PRECISION: per layer):
-INT8-SQ's form `_emit_int8`; NVFP4's `_emit_nvfp4`; W4A16_NVFP4's `_nvfp4_weight` alone; MXFP8's `_emit_mxfp8`.
+INT8-SQ's form `_emit_int8`; NVFP4's `_emit_nvfp4`; W4A16_NVFP4's `_emit_a16` (Nvfp4A16GemmPlugin on 0.10 / 0.11,
+features/nvfp4_a16.py) or `_nvfp4_weight` alone (0.9); MXFP8's `_emit_mxfp8`.
 FLOAT4E2M1 weights need opset 23: 0.10 / 0.11 write 24, a 0.9 graph (which keeps the input's, 20) is raised to 23
 (`run.min_opset`).
 
@@ -34,9 +35,10 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx.defs import OpSchema
 
 from onnx_rewriter.errors import UnsupportedModel
-from onnx_rewriter.features import wa_checkpoint
+from onnx_rewriter.features import nvfp4_a16, wa_checkpoint
 from onnx_rewriter.features.base import Feature, FeatureOptions, fp16_plan, option, weight_matmuls
 from onnx_rewriter.modelio.graph import computed_constant, constant_array, values_of
 from onnx_rewriter.targets.base import lm_head_input
@@ -78,13 +80,16 @@ _FP4 = ("FP4 GEMMs are Blackwell-only (SM100/110/120/121: Thor, GB10, RTX 50); J
         "GPUs cannot build this engine")
 _RAISED = f"; the graph's opset is raised to {FP4_OPSET} for its FLOAT4E2M1 weights (TensorRT >= 10.8 inferred)"
 NVFP4_PLANS = {"edgellm-0.9": Plan(_FP4 + _RAISED), "edgellm-0.10": Plan(_FP4), "edgellm-0.11": Plan(_FP4)}
-# W4A16_NVFP4 (16.7): the 16.4 wdq with no activation Q/DQ, fp16 GEMMs on the dequantized weight (NVIDIA's
-# --no-quantize-activations form). 0.10 / 0.11 also have Nvfp4A16GemmPlugin (Marlin bytes, 16.5): not emitted.
+# W4A16_NVFP4 (16.5 / 16.7): 0.10 / 0.11 run trt_edgellm::Nvfp4A16GemmPlugin (Marlin bytes, fp16 activations);
+# 0.9 has no plugin: the 16.4 wdq with no activation Q/DQ feeds fp16 GEMMs (NVIDIA's --no-quantize-activations form).
 _A16 = ("weight-only FP4: DequantizeLinear'd FP4 weights feed fp16 GEMMs (NVIDIA's --no-quantize-activations "
-        "form: correct, not fast); TensorRT's FP4 types are a Blackwell feature (inferred)")
-_A16_PLUGIN = "; this target's Nvfp4A16GemmPlugin (Marlin layout, SM 80+) is not emitted yet"
-A16_PLANS = {"edgellm-0.9": Plan(_A16 + _RAISED), "edgellm-0.10": Plan(_A16 + _A16_PLUGIN),
-             "edgellm-0.11": Plan(_A16 + _A16_PLUGIN)}
+        "form: correct, not fast; this runtime has no Nvfp4A16GemmPlugin); TensorRT's FP4 types are a Blackwell "
+        "feature (inferred)")
+_A16_PLUGIN = ("weight-only FP4 as Nvfp4A16GemmPlugin (Marlin layout, fp16 activations; SM 80 or newer per NVIDIA's "
+               "Marlin kernel; whether Jetson Orin, which NVIDIA says runs no FP4 engines, builds it is not known); "
+               "the Blackwell variant (--target-sm 110) is not emitted")
+A16_PLUGIN_TARGETS = ("edgellm-0.10", "edgellm-0.11")
+A16_PLANS = {"edgellm-0.9": Plan(_A16 + _RAISED), **{t: Plan(_A16_PLUGIN) for t in A16_PLUGIN_TARGETS}}
 # MXFP8 (16.5): trt:: MX ops, block 32, E8M0 scales, no calibration; "offer on 0.10/0.11 behind a warning", 0.9 warns
 # that the engine build fails on Thor with 0.9.x (NVIDIA issue 137)
 _MX = ("MXFP8 GEMMs are a Blackwell feature (inferred); the activation's E8M0 scale rule (2^ceil(log2(amax/448)) "
@@ -135,6 +140,7 @@ def weight_key(w) -> str:
 
 class WaQuant(Feature):
     name = "wa_quant"
+    a16_plugin = False  # W4A16_NVFP4 linears as Nvfp4A16GemmPlugin (check: the target has it)
 
     def __init__(self, checkpoint: str):
         self.checkpoint = checkpoint
@@ -151,7 +157,13 @@ class WaQuant(Feature):
         for scheme, plan in plans.items():
             run.warn(f"{_WARN[scheme]}: {plan.note}")
         self.ck = wa_checkpoint.Checkpoint(self.checkpoint, fmt)
-        self.set_opset(run, target, set(plans), NAMES.get(fmt.scheme, "MIXED_PRECISION checkpoint"))
+        self.a16_plugin, self.domain = target.name in A16_PLUGIN_TARGETS, target.domain
+        if self.a16_plugin and "w4a16_nvfp4" in plans and any(f.name == "lora" for f in run.features):
+            # lora.py binds MatMuls and the INT4 plugins only: these linears would silently get no slot
+            raise UnsupportedModel(f"--lora: the {_WARN['w4a16_nvfp4']} linears are Nvfp4A16GemmPlugin on "
+                                   f"{target.name}, which --lora attaches no LoRA slot to (not written yet)")
+        schemes = set(plans) - ({"w4a16_nvfp4"} if self.a16_plugin else set())  # the plugin holds no FP4 type
+        self.set_opset(run, target, schemes, NAMES.get(fmt.scheme, "MIXED_PRECISION checkpoint"))
 
     def set_opset(self, run, target, schemes, what: str) -> None:
         """The output's opset: the target's (or the input's); raised to FP4_OPSET where FP4 weights need it."""
@@ -239,6 +251,8 @@ class WaQuant(Feature):
             return {"input_scale": float(s_in), "weight_scale_2": float(s_g)}
         if lin.scheme == "w4a16_nvfp4":
             s_g = np.float32(t["weight_scale_2"].reshape(-1)[0])
+            if self.a16_plugin:
+                return {"weight_scale_2": float(s_g), **self._emit_a16(g, node, module, lin, s_g)}
             node.inputs[1] = self._nvfp4_weight(g, node.name.removesuffix("/MatMul"), module, lin, s_g)
             return {"weight_scale_2": float(s_g)}
         if lin.scheme == "mxfp8":
@@ -250,6 +264,45 @@ class WaQuant(Feature):
             self._emit(g, node, module, lin, s_in, s_w, chains)
             return {"input_scale": float(s_in), "weight_scale": float(s_w)}
         raise UnsupportedModel(f"{module}: {wa_checkpoint.SCHEME_NAMES.get(lin.scheme, lin.scheme)} is not emitted")
+
+    def _emit_a16(self, g, node, module, lin, s_g) -> dict:
+        """Contract part 3 16.5: Nvfp4A16GemmPlugin(x fp16 [.., K], qweights, block_scales, global_scale; gemm_n=N_p,
+        gemm_k=K, max_m=0) -> fp16 [.., N_p], Sliced back to N where N_p (N rounded up to 128) is larger. The
+        checkpoint's codes and E4M3 bytes repacked (features/nvfp4_a16.py); refused by name where the plugin
+        cannot hold the linear exactly."""
+        n, k = lin.shape
+        why = nvfp4_a16.refusal(module, n, k, s_g)
+        if why:
+            raise UnsupportedModel(f"{NAMES['w4a16_nvfp4']}: {why}")
+        base, n_p, ck = node.name.removesuffix("/MatMul"), nvfp4_a16.padded(n), self.ck
+        cache: dict = {}
+
+        def part(i):  # the three inputs come from one read of the linear
+            if not cache:
+                t = ck.linear(module).tensors
+                cache.update(enumerate(nvfp4_a16.pack(t["weight"], t["weight_scale"], t["weight_scale_2"])))
+            return cache.pop(i)
+
+        qweights = computed_constant(f"{base}/qweights", np.int8, (1, k // 16, 8 * n_p), lambda: part(0))
+        scales = computed_constant(f"{base}/block_scales", np.int8, (1, k // 16, n_p), lambda: part(1))
+        glob = gs.Constant(f"{base}/global_scale", nvfp4_a16.global_scale(s_g))
+        x, out = node.inputs[0], node.outputs[0]
+        y = out if n_p == n else gs.Variable(f"{base}/{nvfp4_a16.OP}_out", np.float16)
+        g.nodes.append(gs.Node(nvfp4_a16.OP, name=f"{base}/{nvfp4_a16.OP}", domain=self.domain,
+                               inputs=[x, qweights, scales, glob], outputs=[y],
+                               attrs={"gemm_n": n_p, "gemm_k": k, "max_m": 0}))
+        if n_p != n:  # zero rows past N: the plugin's N_p columns Sliced back
+            consts = [gs.Constant(f"{base}/{nvfp4_a16.OP}_{a}", np.array([v], np.int64))
+                      for a, v in (("starts", 0), ("ends", n), ("axes", -1))]
+            g.nodes.append(gs.Node("Slice", name=f"{base}/{nvfp4_a16.OP}_slice", inputs=[y, *consts], outputs=[out]))
+        out.dtype = np.float16
+        node.inputs.clear()
+        node.outputs.clear()
+        return {"plugin": nvfp4_a16.OP, "gemm_n": n_p}
+
+    def schemas(self) -> list:
+        ints = {a: OpSchema.AttrType.INT for a in ("gemm_n", "gemm_k", "max_m")}
+        return [(nvfp4_a16.OP, ["activation", "qweights", "block_scales", "global_scale"], ["output"], ints)]
 
     def _emit_int8(self, g, node, module, lin, s_in, chains) -> None:
         """Contract part 3 16.5: Mul(x, pre_quant_scale), int8 Q/DQ with an fp32 scale, Cast to fp16; the weight
@@ -382,7 +435,7 @@ class WaLinear:
     scheme: str  # "fp8" | "int8_sq" | "nvfp4" | "mxfp8" | "w4a16_nvfp4" (weight-only: no activation quantizer)
     input_scale: np.ndarray | None  # scalar: fp16 (FP8) or fp32 (INT8-SQ, NVFP4); None: MXFP8, weight-only
     pre_quant_scale: np.ndarray | None  # fp16 [K] (INT8-SQ) or None
-    matmul: str  # the MatMul node's name
+    matmul: str  # the MatMul node's name (W4A16_NVFP4 on 0.10 / 0.11: the Nvfp4A16GemmPlugin's)
 
 
 def wa_linears(model, base_dir=None) -> dict:
@@ -390,8 +443,9 @@ def wa_linears(model, base_dir=None) -> dict:
     (QuantizeLinear(x', s)) (NVFP4: trt::DequantizeLinear(trt::TRT_FP4DynamicQuantize(x, s), ...)),
     x' = [Cast]([Mul](x, pre_quant_scale)) (node names are path-style: /model/layers.0/self_attn/q_proj/MatMul);
     the scheme is its weight's type (FLOAT8E4M3FN, INT8, FLOAT4E2M1). A FLOAT4E2M1 weight read by a MatMul whose
-    input is not quantized is W4A16_NVFP4's weight-only linear. `base_dir`: the folder, for scales a graph loaded
-    without its external data keeps there (pre_quant_scale is, in --external-data folders)."""
+    input is not quantized is W4A16_NVFP4's weight-only linear, and so is an Nvfp4A16GemmPlugin (`matmul` then
+    names the plugin node: /model/layers.0/mlp/up_proj/Nvfp4A16GemmPlugin). `base_dir`: the folder, for scales a
+    graph loaded without its external data keeps there (pre_quant_scale is, in --external-data folders)."""
     from onnx import TensorProto
 
     inits = {t.name: t for t in model.graph.initializer}
@@ -413,6 +467,9 @@ def wa_linears(model, base_dir=None) -> dict:
 
     out = {}
     for n in model.graph.node:
+        if n.op_type == nvfp4_a16.OP and n.name.endswith(f"/{nvfp4_a16.OP}"):
+            out[module_of(n.name.removesuffix(f"/{nvfp4_a16.OP}"))] = WaLinear("w4a16_nvfp4", None, None, n.name)
+            continue
         if n.op_type != "MatMul" or not n.name.endswith("/MatMul"):
             continue
         dq = up(skip_cast(n.input[0]), "DequantizeLinear") or up(n.input[0], "TRT_MXFP8DequantizeLinear")

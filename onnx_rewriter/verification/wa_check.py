@@ -33,6 +33,7 @@ from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.features import wa_calibrate, wa_checkpoint
 from onnx_rewriter.features.wa_quant import WaLinear
 from onnx_rewriter.reference import qdq
+from onnx_rewriter.verification import nvfp4_a16_check as a16
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,12 @@ def twin(oracle, specs: dict, checkpoint=None):
         if ck is None:  # an fp16 model (--quantize): its weights quantized as the folder's (features/wa_calibrate)
             w = wa_calibrate.twin_weight(spec.scheme, m.weight.detach().to(torch.float16).numpy(), spec.pre_quant_scale)
             m.weight = torch.nn.Parameter(torch.from_numpy(w).to(m.weight.dtype), requires_grad=False)  # untied
+        elif a16.is_plugin(spec):  # Nvfp4A16GemmPlugin: its fp16 global scale (verification/nvfp4_a16_check.py)
+            if ck.linears.get(name) != "w4a16_nvfp4":
+                raise RewriteError(f"verify: the folder's Nvfp4A16GemmPlugin '{name}' needs --model to be the "
+                                   f"W4A16_NVFP4 checkpoint it was made from")
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(a16.twin_weight(ck.linear(name))))
         elif spec.scheme == "int8_sq":
             if name not in ck.linears:
                 raise RewriteError(f"verify: the folder's INT8-SQ linear '{name}' needs --model to be the INT8-SQ "
@@ -167,6 +174,11 @@ def check_linears(out_dir, model, specs: dict, checkpoint=None, original=None) -
     rng = np.random.default_rng(0)
     for name, spec in specs.items():
         kind = KIND[spec.scheme]
+        if a16.is_plugin(spec):  # no DequantizeLinear: the plugin's bytes, unpacked, against the checkpoint's
+            lin = ck.linear(name) if ck is not None and name in ck.linears else None
+            problems += a16.check(name, nodes[spec.matmul], inits,
+                                  modules[name].weight.detach().to(torch.float16).numpy(), lin)
+            continue
         src = producer[nodes[spec.matmul].input[1]].input[0]  # the Transpose's input: [Cast] DequantizeLinear
         dqs = ("DequantizeLinear", "TRT_MXFP8DequantizeLinear")
         wdq = producer[src] if producer[src].op_type in dqs else producer[producer[src].input[0]]
@@ -284,7 +296,8 @@ def cost_line(result) -> str:
 def judge(result) -> None:
     """The W+A pass rule (module docstring), on a VerifyResult whose problems hold the per-linear checks."""
     if _label(result) == "W4A16":  # no activation quantized: the fp16 rule against the twin, and the weights
-        result.criterion += "; every FP4 weight-only linear's weight equals the model's bit for bit"
+        result.criterion += ("; every FP4 weight-only linear's weight equals the model's bit for bit (an "
+                             "Nvfp4A16GemmPlugin's unpacked codes, block scales and global scale the checkpoint's)")
         result.passed = result.passed and not result.problems
         return
     ours, twin = _mean_cost(result.ours_vs_original), _mean_cost(result.quantization)
