@@ -197,8 +197,8 @@ MUTANTS = [
         ('                  {"axis": 0})', '                  {"axis": 1})')],
         ["tests/test_wa_quant.py::test_int8_sq_export_verifies_and_holds_the_checkpoint"]),
     Mutant("NVFP4 graph block scales reversed along K (each 16-block reads another's)", "onnx_rewriter/features/wa_quant.py", [  # noqa: E501
-        ('                                  lambda: ck.linear(module).tensors["weight_scale"].view(E4M3))',
-         '                                  lambda: ck.linear(module).tensors["weight_scale"][:, ::-1].copy().view(E4M3))')],  # noqa: E501
+        ('                                  lambda: as_e4m3(ck.linear(module).tensors["weight_scale"]))',
+         '                                  lambda: as_e4m3(ck.linear(module).tensors["weight_scale"][:, ::-1].copy()))')],  # noqa: E501
         ["tests/test_wa_quant.py::test_nvfp4_export_verifies"]),
     Mutant("NVFP4 graph weight nibbles swapped (even k in the high nibble)", "onnx_rewriter/features/wa_quant.py", [
         ('E2M1, (n, k), lambda: ck.linear(module).tensors["weight"])',
