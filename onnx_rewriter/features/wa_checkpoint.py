@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import RewriteError
 from ..modelio.config_file import read_config
-from ..modelio.safetensors_header import read_header
+from ..modelio.safetensors_header import TensorIndex, read_header
 from ..reference import wa_codecs
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
@@ -286,12 +286,8 @@ class Checkpoint:
 
     def __init__(self, folder, fmt: Format):
         self.folder, self.format = Path(folder), fmt
-        self._entries: dict = {}
-        for f in sorted(self.folder.glob("*.safetensors")):
-            header = read_header(f)
-            for name, info in header.tensors.items():
-                start, end = info["data_offsets"]
-                self._entries[name] = (f, info["dtype"], tuple(info["shape"]), header.data_start + start, end - start)
+        self._index = TensorIndex(self.folder)
+        self._entries = self._index.entries
         marker = ".weight_scale_inv" if fmt.scheme == "block_fp8" else ".weight_scale"
         prefixes = sorted(k[: -len(marker)] for k in self._entries if k.endswith(marker))
         self.linears = {p: fmt.scheme_for(p) for p in prefixes}
@@ -304,13 +300,13 @@ class Checkpoint:
         return list(self._entries)
 
     def tensor(self, name: str) -> np.ndarray:
-        f, dtype, shape, offset, length = self._entries[name]
-        raw = np.fromfile(f, dtype=np.uint8, count=length, offset=offset)
-        if dtype == "BF16":
-            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        if dtype not in _NP:
-            raise RewriteError(f"'{f.name}': {name} has dtype {dtype}, which onnx_rewriter does not read")
-        return raw.view(_NP[dtype]).reshape(shape)
+        e = self._entries[name]
+        if e.dtype != "BF16" and e.dtype not in _NP:
+            raise RewriteError(f"'{e.file.name}': {name} has dtype {e.dtype}, which onnx_rewriter does not read")
+        raw = self._index.raw(name)
+        if e.dtype == "BF16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(e.shape)
+        return raw.view(_NP[e.dtype]).reshape(e.shape)
 
     def linear(self, module: str) -> QuantLinear:
         """One linear's tensors, checked against the scheme's table (dtypes, shapes): RewriteError naming
@@ -328,7 +324,7 @@ class Checkpoint:
                     continue
                 raise RewriteError(f"{self.format.name}: {name} is missing ({SCHEME_NAMES[scheme]} stores "
                                    f"{', '.join(spec)} per linear)")
-            dtype = self._entries[name][1]
+            dtype = self._entries[name].dtype
             if dtype not in allowed:
                 raise RewriteError(f"{self.format.name}: {name} is {dtype}, expected {' or '.join(allowed)}")
             tensors[suffix], dtypes[suffix] = self.tensor(name), dtype

@@ -37,3 +37,37 @@ def read_header(path) -> Header:
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
     return Header({k: v for k, v in header.items() if k != "__metadata__"}, 8 + n)
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    dtype: str  # safetensors' name: "F32", "BF16", "I32", ...
+    shape: tuple
+    offset: int  # file offset of its first byte
+    length: int
+
+
+class TensorIndex:
+    """Every tensor of a folder's *.safetensors files, each header parsed once: where a tensor's bytes lie, and
+    the bytes themselves read without the library (whose safe_open re-parses a whole header per call: thousands
+    of entries in an MoE checkpoint)."""
+
+    def __init__(self, folder):
+        self.entries: dict[str, Entry] = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            header = read_header(f)
+            for name, info in header.tensors.items():
+                start, end = info["data_offsets"]
+                self.entries[name] = Entry(f, info["dtype"], tuple(info["shape"]), header.data_start + start,
+                                           end - start)
+
+    def raw(self, name: str):
+        """The tensor's bytes, a uint8 array (OSError when the file ends before them)."""
+        import numpy as np
+
+        e = self.entries[name]
+        raw = np.fromfile(e.file, dtype=np.uint8, count=e.length, offset=e.offset)
+        if raw.size != e.length:
+            raise OSError(f"'{e.file.name}': tensor '{name}' ends past the end of the file")
+        return raw

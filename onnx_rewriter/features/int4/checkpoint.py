@@ -29,7 +29,7 @@ import numpy as np
 
 from onnx_rewriter.errors import RewriteError
 from onnx_rewriter.modelio.config_file import read_config
-from onnx_rewriter.modelio.safetensors_header import read_header
+from onnx_rewriter.modelio.safetensors_header import TensorIndex
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])  # nibble slot j holds channel 8c + AWQ_ORDER[j]
 SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -183,43 +183,30 @@ class Checkpoint:
     """The quantized linears of a local checkpoint folder, read lazily from its safetensors."""
 
     def __init__(self, folder):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.qc = quantization(read_config(self.folder / "config.json"))
-        self._where: dict = {}
-        self._headers: dict = {}  # file -> its safetensors header (modelio/safetensors_header.py)
-        for f in sorted(self.folder.glob("*.safetensors")):
-            with safe_open(str(f), "np") as fh:
-                for key in fh.keys():
-                    self._where[key] = f
+        self._index = TensorIndex(self.folder)
+        self._where = self._index.entries
         self.modelopt = str(self.qc.get("quant_method", "")).lower() == "modelopt"
         marker = ".weight_scale" if self.modelopt else ".qweight"
         self.prefixes = sorted(k[: -len(marker)] for k in self._where if k.endswith(marker))
 
     def tensor(self, key: str) -> np.ndarray:
-        """One tensor, read straight from its file's bytes (each file's header parsed once: an MoE checkpoint's
-        is thousands of entries, and safe_open parsing it per tensor took 32 of a 55 s tiny export)."""
+        """One tensor, read straight from its file's bytes (TensorIndex: each header parsed once; safe_open parsing
+        an MoE checkpoint's thousands of entries per tensor took 32 of a 55 s tiny export)."""
         from safetensors import safe_open
 
-        f = self._where[key]
-        if f not in self._headers:
-            self._headers[f] = read_header(f)
-        header = self._headers[f]
-        info = header.tensors[key]
-        dtype = _SAFETENSORS_NP.get(info["dtype"])
+        e = self._where[key]
+        dtype = _SAFETENSORS_NP.get(e.dtype)
         if dtype is None:  # bf16, fp8 and the like: the library's own conversion
-            with safe_open(str(f), "np") as fh:
+            with safe_open(str(e.file), "np") as fh:
                 return fh.get_tensor(key)
-        start, stop = info["data_offsets"]
-        arr = np.empty(info["shape"], dtype)
-        if arr.nbytes != stop - start:
-            raise RewriteError(f"{f.name}: tensor '{key}' holds {stop - start} bytes, not {arr.nbytes}")
-        with open(f, "rb") as fh:
-            fh.seek(header.data_start + start)
-            if fh.readinto(arr.reshape(-1).view(np.uint8)) != arr.nbytes:
-                raise RewriteError(f"{f.name}: tensor '{key}' ends past the end of the file")
-        return arr
+        if e.length != int(np.prod(e.shape)) * np.dtype(dtype).itemsize:
+            raise RewriteError(f"{e.file.name}: tensor '{key}' holds {e.length} bytes, not {e.shape} of {e.dtype}")
+        try:
+            return self._index.raw(key).view(dtype).reshape(e.shape)
+        except OSError as exc:
+            raise RewriteError(str(exc)) from None
 
     def linear(self, prefix: str) -> Linear | ModelOptLinear:
         suffixes = MODELOPT_SUFFIXES if self.modelopt else SUFFIXES
