@@ -118,13 +118,14 @@ class Baseline:
         values come prompt by prompt, in order). Lean runs go through the segments once per group of prompts
         of up to GROUP_TOKENS tokens: the activations carried between segments are a group's, not all
         prompts' (at 1.5B dims the MLP's [tokens, 8960] fp32 intermediates of ~600 tokens were 36 MB)."""
-        groups, cur = [], []
+        groups, tokens = [[]], 0
         for i, ids in enumerate(rows):
-            if cur and self.lean and sum(len(rows[j]) for j in cur) + len(ids) > GROUP_TOKENS:
-                groups.append(cur)
-                cur = []
-            cur.append(i)
-        for group in [*groups, cur] if cur else groups:
+            if groups[-1] and self.lean and tokens + len(ids) > GROUP_TOKENS:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(i)
+            tokens += len(ids)
+        for group in filter(None, groups):  # (no prompts: no group)
             for k, out in self._run_group([rows[i] for i in group]):
                 yield group[k], out
 
@@ -161,9 +162,7 @@ class Baseline:
                 values.update(got)
                 yield i, {n: v for n, v in got.items() if n in seg.wanted}
             sess = None
-            for values in carried:  # what no later segment reads
-                for n in [n for n in values if n not in seg.later]:
-                    del values[n]
+            _drop_unread(carried, seg)
 
 
     def _run_streamed(self, seg, carried):
@@ -172,13 +171,13 @@ class Baseline:
         node = seg.nodes[0]
         w = self.inits[node.input[1]]
         k, n = (int(d) for d in w.dims)
-        rows = max(1, STREAM_BLOCK_BYTES // (n * stream.np_dtype(w.data_type).itemsize))
+        row_bytes = n * stream.np_dtype(w.data_type).itemsize
         xs = [np.asarray(values[node.input[0]]) for values in carried]
         ys = [np.zeros((*x.shape[:-1], n), np.float32) for x in xs]
         cols = min(n, STREAM_COLUMNS)
         tmp = [np.empty((*x.shape[:-1], cols), np.float32) for x in xs]  # a product's columns before the sum
         start = 0
-        for chunk in stream.chunks(w, self.dir, chunk_bytes=rows * n * stream.np_dtype(w.data_type).itemsize):
+        for chunk in stream.chunks(w, self.dir, chunk_bytes=max(1, STREAM_BLOCK_BYTES // row_bytes) * row_bytes):
             block = convert_float(chunk, w.data_type, onnx.TensorProto.FLOAT).reshape(-1, n)
             stop = start + block.shape[0]
             for x, y, t in zip(xs, ys, tmp):
@@ -194,9 +193,14 @@ class Baseline:
         for i, (values, x, y) in enumerate(zip(carried, xs, ys)):
             values[node.output[0]] = y.astype(x.dtype)
             yield i, {o: values[o] for o in seg.outputs if o in seg.wanted}
-        for values in carried:
-            for name in [name for name in values if name not in seg.later]:
-                del values[name]
+        _drop_unread(carried, seg)
+
+
+def _drop_unread(carried: list, seg) -> None:
+    """Forget, for every prompt, the values no segment after `seg` reads."""
+    for values in carried:
+        for name in [name for name in values if name not in seg.later]:
+            del values[name]
 
 
 class _Segment:

@@ -124,9 +124,8 @@ def produce_blocks(t: TensorProto):
     rows = 0
     for arr in [got] if isinstance(got, np.ndarray) else got:
         arr = np.ascontiguousarray(arr)
-        kind = np.dtype(np.uint8) if packed else None
-        if (arr.dtype != kind if packed else helper.np_dtype_to_tensor_dtype(arr.dtype) != t.data_type) \
-                or tuple(arr.shape[1:]) != tuple(dims[1:]):
+        typed = arr.dtype == np.uint8 if packed else helper.np_dtype_to_tensor_dtype(arr.dtype) == t.data_type
+        if not typed or tuple(arr.shape[1:]) != tuple(dims[1:]):
             raise RuntimeError(f"computed tensor '{t.name}' came out {arr.dtype}{arr.shape}, declared "
                                f"{tuple(t.dims)}" + (" (packed: uint8 with half the last axis)" if packed else ""))
         rows += arr.shape[0] if arr.ndim else 1
