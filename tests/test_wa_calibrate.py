@@ -142,7 +142,7 @@ def test_input_scales_are_the_calibrated_amax(rewritten, models):
 def test_codes_streamed_in_row_blocks_equal_the_whole_linear(tmp_path, monkeypatch, scheme, alpha, keys, dtype):
     """A weight the graph reads from a file: codes (and NVFP4's block scales, in either order the writer reads
     them) are made in blocks of output rows (strips gathered in passes over the weight's rows) and must equal
-    those of the whole linear made at once."""
+    those of the whole linear quantized at once."""
     from onnx_rewriter.modelio.graph import lazy_constant
 
     rng = np.random.default_rng(3)
@@ -158,23 +158,18 @@ def test_codes_streamed_in_row_blocks_equal_the_whole_linear(tmp_path, monkeypat
         proto.external_data.add(key=key, value=value)
     x = rng.normal(size=(32, k)).astype(np.float32)
 
-    def made(stream_rows: bool):
-        lin = WC.CalibratedLinears(scheme, tmp_path, alpha)
-        lin.add("m", lazy_constant("w", proto), "x")
-        lin.stats["x"] = WC.InputStats(np.abs(x).max(axis=0), x)
-        assert lin._streams_codes(lin._weights["m"][0]) == stream_rows
-        out = {}
-        for key in keys:
-            got = lin._tensor("m", key)
-            out[key] = got if isinstance(got, np.ndarray) else np.concatenate(list(got))
-        assert not lin._scales  # nothing kept once both were read
-        return out
-
+    lin = WC.CalibratedLinears(scheme, tmp_path, alpha)
+    lin.add("m", lazy_constant("w", proto), "x")
+    lin.stats["x"] = WC.InputStats(np.abs(x).max(axis=0), x)
     monkeypatch.setattr(WC, "STRIP_BYTES", 2 * k * 96)  # strips of 96 output rows: 96, 96, 8
     monkeypatch.setattr(WC, "CODE_BLOCK_BYTES", 4 * k * 40)  # quantized 40 rows at a time: 40, 40, 16, ...
-    streamed = made(True)
-    monkeypatch.setattr(WC.CalibratedLinears, "_streams_codes", lambda self, w: False)
-    whole = made(False)
+    streamed = {key: np.concatenate(list(lin.linear("m").tensors[key])) for key in keys}
+    assert not lin._scales  # nothing kept once both were read
+    # the whole linear at once: the graph's fp16 weight [N, K] (a bf16 source widened, then narrowed)
+    w_fp16 = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(k, n) \
+        if dtype == onnx.TensorProto.BFLOAT16 else w
+    pqs = lin._pre_quant_scale("x") if scheme == "int8_sq" else None
+    whole = WC.quantize_block(scheme, w_fp16.astype(np.float16).T, lin._small_of("m"), pqs)
     assert streamed["weight"].shape == (n, k // 2 if scheme == "nvfp4" else k)
     for key in keys:
         assert np.array_equal(streamed[key], whole[key]), key

@@ -38,7 +38,7 @@ from onnx_rewriter.errors import RewriteError, UnsupportedModel
 from onnx_rewriter.features import calibration, wa_checkpoint, wa_quant
 from onnx_rewriter.features.base import FeatureOptions, check_choice, option, weight_matmuls
 from onnx_rewriter.modelio import heap
-from onnx_rewriter.modelio.graph import constant_array, constant_row_blocks, lazy_proto
+from onnx_rewriter.modelio.graph import constant_array, constant_row_blocks
 from onnx_rewriter.reference import wa_codecs as C
 
 FLAGS = {"fp8": "fp8", "nvfp4": "nvfp4", "int8-sq": "int8_sq"}  # --quantize value -> scheme
@@ -262,7 +262,6 @@ class CalibratedLinears:
         self._small: dict = {}
         self._group_pqs: dict = {}  # input name -> pre_quant_scale or None
         self.smoothing: dict = {}  # input name -> the search's outcome (report)
-        self._last: tuple = (None, None)  # one linear's big tensors, for its two computed constants (NVFP4)
         self._scales: dict = {}  # module -> NVFP4 block scales made while its codes streamed (_code_rows)
         self._scales_read: set = set()  # modules whose block scales the writer took first
         self.stats: dict = {}
@@ -306,11 +305,12 @@ class CalibratedLinears:
 
     def _code_rows(self, module: str, key: str = "weight"):
         """A linear's codes ("weight": FP8 / INT8 [N, K], NVFP4 packed [N, K/2]) or NVFP4 block scales
-        ("weight_scale" [N, K/16]) in blocks of output rows, for the writer to stream (stream.produce_blocks), so
-        no whole linear's codes are held (13.7 MB of FP8 at 1.5B dims, and NVFP4's float64 temporaries). Output
-        rows are the graph's [K, N] weight's columns: each strip of STRIP_BYTES (fp16) is gathered in one pass
-        over the weight's row blocks, then quantized CODE_BLOCK_BYTES (fp32) at a time. NVFP4's block scales
-        come out of the same quantization: kept while the codes stream, for the writer's next read."""
+        ("weight_scale" [N, K/16]) in blocks of output rows, for the writer to stream (stream.produce_blocks), from
+        the file or from memory alike, so no whole linear's codes are held (13.7 MB of FP8 at 1.5B dims, and
+        NVFP4's float64 temporaries). Output rows are the graph's [K, N] weight's columns: each strip of
+        STRIP_BYTES (fp16) is gathered in one pass over the weight's row blocks, then quantized CODE_BLOCK_BYTES
+        (fp32) at a time. NVFP4's block scales come out of the same quantization: kept while the codes stream, for
+        the writer's next read."""
         w, x_name = self._weights[module]
         small = self._small_of(module)
         pqs = self._pre_quant_scale(x_name) if self.scheme == "int8_sq" else None
@@ -341,43 +341,11 @@ class CalibratedLinears:
         del strip
         heap.release()  # the quantizer's freed temporaries (modelio/heap.py)
 
-    def _streams_codes(self, w) -> bool:
-        """Codes made in blocks of output rows (_code_rows): weights the graph reads from a file."""
-        return lazy_proto(w) is not None
-
-    def _tensor(self, module: str, key: str):
-        if self._streams_codes(self._weights[module][0]):
-            return self._code_rows(module, key)
-        return self._big(module)[key]
-
-    def _big(self, module: str) -> dict:
-        """A linear's big tensors whole, for weights held in memory (no file to stream them from)."""
-        if self._last[0] != module:
-            self._last = (None, None)  # the previous linear's codes go before this one's are made
-            w, _ = self._weights[module]
-            k, n = (int(d) for d in w.shape)
-            small = self._small_of(module)
-            pqs = self._pre_quant_scale(self._weights[module][1]) if self.scheme == "int8_sq" else None
-            if self.scheme == "nvfp4":
-                out = {"weight": np.empty((n, k // 2), np.uint8), "weight_scale": np.empty((n, k // 16), np.uint8)}
-            else:
-                out = {"weight": np.empty((n, k), np.uint8 if self.scheme == "fp8" else np.int8)}
-            for k0, block in self._blocks(w):
-                k1 = k0 + block.shape[1]
-                part = quantize_block(self.scheme, block, small, None if pqs is None else pqs[k0:k1])
-                if self.scheme == "nvfp4":
-                    out["weight"][:, k0 // 2:k1 // 2] = part["weight"]
-                    out["weight_scale"][:, k0 // 16:k1 // 16] = part["weight_scale"]
-                else:
-                    out["weight"][:, k0:k1] = part["weight"]
-            self._last = (module, out)
-        return self._last[1]
-
     def linear(self, module: str) -> CalibratedLinear:
         w, _ = self._weights[module]
         k, n = (int(d) for d in w.shape)
         return CalibratedLinear(module, self.scheme, _LazyTensors(self._small_of(module),
-                                                                   lambda key: self._tensor(module, key)), (n, k))
+                                                                   lambda key: self._code_rows(module, key)), (n, k))
 
 
 _PATH = re.compile(r"^/(?:[^/]+/)+MatMul$")
