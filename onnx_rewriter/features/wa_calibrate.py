@@ -144,24 +144,20 @@ class InputStats:
     rows: np.ndarray  # [m, K] rows kept for the SmoothQuant search (none unless asked)
 
 
-def input_stats(run, path, names: list[str], keep_rows: bool, splits: list[str] = ()) -> tuple[dict, int]:
-    """({input tensor name: InputStats}, tokens) over the calibration prompts, the baseline run in onnxruntime;
-    `splits`: more tensors to end an onnxruntime session after (the linears' outputs: one weight per session)."""
+def input_stats(run, path, names: list[str], keep_rows: bool) -> tuple[dict, int]:
+    """({input tensor name: InputStats}, tokens) over the calibration prompts, the baseline run lean
+    (calibration.Baseline: big MatMuls in numpy from streamed weights, the rest in onnxruntime)."""
     rows = calibration.token_rows(run, calibration.prompts(path))
     count = sum(map(len, rows))
     pick = np.linspace(0, count - 1, min(ROWS, count)).astype(int)
     starts = np.cumsum([0, *map(len, rows)])
     amax: dict = {}
     kept: dict = {}
-    # a session per wanted tensor, lean: the peak stays near the rewrite's own (one linear's weights in onnxruntime)
-    wanted = set(names)
-    baseline = calibration.Baseline(run.in_path, sorted(wanted | set(splits)), skip_missing=True, segment_bytes=1,
-                                    lean=True)
+    # a session per wanted tensor, lean: the peak stays near the rewrite's own
+    baseline = calibration.Baseline(run.in_path, names, skip_missing=True, segment_bytes=1, lean=True)
     for p, out in baseline.run(rows):
         mine = pick[(pick >= starts[p]) & (pick < starts[p + 1])] - starts[p]
         for name, x in out.items():
-            if name not in wanted:
-                continue
             x = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
             a = np.abs(x).max(axis=0)
             amax[name] = a if name not in amax else np.maximum(amax[name], a)
@@ -365,12 +361,9 @@ class Calibrated(wa_quant.WaQuant):
         self.set_opset(run, target, {self.scheme}, f"--quantize {_flag(self.scheme)}")
         self.ck = CalibratedLinears(self.scheme, run.source.base_dir, self.alpha)
         # by weight name: the build rewires some linears' inputs (o_proj reads the plugin), never their weights
-        linears = list(weight_matmuls(run.source.graph))
-        self.input_of = {w.name: node.inputs[0].name for node, w, k, n in linears}
-        vocab = int(run.spec.get("vocab_size") or 0)  # never lm_head's output: it would pull lm_head in
-        splits = [node.outputs[0].name for node, w, k, n in linears if n != vocab]
+        self.input_of = {w.name: node.inputs[0].name for node, w, k, n in weight_matmuls(run.source.graph)}
         self.ck.stats, self.tokens = input_stats(run, self.calibration, sorted(set(self.input_of.values())),
-                                                 self.scheme == "int8_sq", splits)
+                                                 self.scheme == "int8_sq")
 
     def finder(self, run, lm_head):
         def find(node, w):
