@@ -125,8 +125,9 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     # the graph once, without external weights: LoRA inputs, FP8 scales and INT4 nodes are read from it
     graph = onnx.load(str(Path(out_dir) / "model.onnx"), load_external_data=False)
     lora = _lora_feeds(graph, out_dir, model, lora_adapter)
-    oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code)
     fp8_wa = wa_linears(graph, out_dir)  # W+A linears, FP8, INT8-SQ or NVFP4
+    oracle, original = _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code,
+                                fp8_wa)
     int4 = original is not None and not fp8_wa
     result = VerifyResult()
     wa_name = wa_check.described(fp8_wa)
@@ -167,11 +168,10 @@ def verify(out_dir, model: str | None = None, baseline: str | None = None, steps
     return result
 
 
-def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code):
+def _oracles(graph, out_dir, model, baseline, lora_adapter, fp16_model, trust_remote_code, wa: dict):
     """(the oracle our logits are compared with, the original model for a quantization cost or None). With INT4
     GEMMs the oracle holds the same dequantized weights and the model becomes the original; `fp16_model` is
-    the original of an AWQ/GPTQ checkpoint."""
-    wa = wa_linears(graph, out_dir)
+    the original of an AWQ/GPTQ checkpoint; `wa` the folder's W+A linears (wa_linears)."""
     if wa:  # W+A: the model (its weights are the checkpoint's) with its linears' inputs fake-quantized
         oracle = HFOracle(model, lora_adapter, trust_remote_code) if model else None
         if not model:
